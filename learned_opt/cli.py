@@ -1,0 +1,61 @@
+"""The ``learned-opt`` command: one argparse subcommand per job.
+
+Each subcommand lives in the module that does the work; that module exposes ``configure(parser)``
+(adds its arguments) and ``main(args) -> int``. Errors of the package's own type become a one-line
+message on stderr and exit code 2; nothing else is swallowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from . import __version__
+from .errors import LearnedOptError
+
+# name -> (module, one-line help). Modules are imported only to build their own subparser.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "corpus": ("pretrain.corpus", "train many networks at once and store their checkpoints"),
+    "train": ("pretrain.train", "train a generator on a checkpoint corpus"),
+    "eval": ("pretrain.evaluate", "evaluate a generator against SGD and Adam"),
+    "demo": ("learned_opt.demo", "one generative update of a random network, compared with Adam and SGD"),
+    "bench": ("learned_opt.bench", "measure GptOptimizer against its base optimizer"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="learned-opt",
+        description="Train networks with a generative model of neural-network checkpoints.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:  # a real missing dependency inside the module
+                raise
+            continue  # subcommand not available in this installation
+        p = sub.add_parser(name, help=help_text, description=module.__doc__.strip().splitlines()[0])
+        module.configure(p)
+        p.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._main(args) or 0)
+    except LearnedOptError as exc:
+        print(f"learned-opt {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"learned-opt {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The package's own exception types.
+
+Every error a user can provoke with bad input is a :class:`LearnedOptError`, so a caller can catch
+the package's failures in one place, and the command line turns them into a one-line message and a
+non-zero exit code instead of a traceback. Messages say what went wrong *and* what to do.
+"""
+
+from __future__ import annotations
+
+
+class LearnedOptError(Exception):
+    """Base class of every error raised on purpose by learned-opt."""
+
+
+class UnknownTaskError(LearnedOptError, KeyError):
+    """A task name that is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DataNotFoundError(LearnedOptError, FileNotFoundError):
+    """A dataset is not where the data root says it should be."""
+
+
+class ArchitectureMismatchError(LearnedOptError, ValueError):
+    """A model's parameters do not match an architecture signature."""
+
+
+class StoreError(LearnedOptError):
+    """A checkpoint corpus on disk is missing, corrupt, or written for something else."""
+
+
+class WeightsError(LearnedOptError):
+    """Generator weights or their manifest are missing, corrupt, or of the wrong version."""
+
+
+class GenerationError(LearnedOptError):
+    """A generative update could not be made (invalid sample, metric unavailable, ...)."""

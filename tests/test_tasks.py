@@ -1,0 +1,95 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from learned_opt import DataNotFoundError, UnknownTaskError, tasks
+
+
+def test_registry_lists_and_gets_tasks():
+    assert "mnist-mlp" in tasks.names()
+    assert tasks.get("mnist-mlp").name == "mnist-mlp"
+    with pytest.raises(UnknownTaskError, match="unknown task 'nope'.*mnist-mlp"):
+        tasks.get("nope")
+
+
+def test_mnist_model_matches_gpt_architecture():
+    task = tasks.get("mnist-mlp")
+    assert task.signature == (
+        ("fc1.weight", (10, 784)),
+        ("fc1.bias", (10,)),
+        ("fc2.weight", (10, 10)),
+        ("fc2.bias", (10,)),
+    )
+    assert task.num_params == 7960
+    model = task.build_model()
+    assert list(model.state_dict()) == [n for n, _ in task.signature]
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+
+
+def test_build_model_follows_the_global_seed():
+    task = tasks.get("mnist-mlp")
+    torch.manual_seed(7)
+    a = task.layout().flatten_module(task.build_model())
+    torch.manual_seed(7)
+    b = task.layout().flatten_module(task.build_model())
+    c = task.layout().flatten_module(task.build_model())
+    assert torch.equal(a, b) and not torch.equal(b, c)
+
+
+def test_mnist_data_is_normalised(mnist_data):
+    assert mnist_data.train_x.shape == (60000, 1, 28, 28)
+    assert mnist_data.test_x.shape == (10000, 1, 28, 28)
+    assert abs(mnist_data.train_x.mean().item()) < 0.01
+    assert abs(mnist_data.train_x.std().item() - 1.0) < 0.01
+
+
+def test_batched_evaluation_equals_one_model_at_a_time(mnist_data):
+    task = tasks.get("mnist-mlp")
+    layout = task.layout()
+    torch.manual_seed(0)
+    models = [task.build_model() for _ in range(5)]
+    flat = torch.stack([layout.flatten_module(m) for m in models])
+    got = task.evaluate(flat, mnist_data)
+    for i, m in enumerate(models):
+        with torch.no_grad():
+            logits = m(mnist_data.test_x)
+            loss = F.cross_entropy(logits, mnist_data.test_y).item()
+            err = (logits.argmax(1) != mnist_data.test_y).float().mean().item() * 100
+            train = F.cross_entropy(m(mnist_data.train_x[:10000]), mnist_data.train_y[:10000]).item()
+        assert got["test_loss"][i].item() == pytest.approx(loss, rel=1e-5)
+        assert got["test_error"][i].item() == pytest.approx(err, abs=1e-3)
+        assert got["train_loss"][i].item() == pytest.approx(train, rel=1e-5)
+    # a random init sits near chance
+    assert (got["test_error"] > 70).all()
+
+
+def test_evaluate_rejects_unknown_metric(mnist_data):
+    task = tasks.get("mnist-mlp")
+    with pytest.raises(UnknownTaskError, match="no metric 'accuracy'"):
+        task.evaluate(torch.zeros(1, task.num_params), mnist_data, metrics=["accuracy"])
+
+
+def test_permuted_network_computes_the_same_outputs():
+    task = tasks.get("mnist-mlp")
+    layout = task.layout()
+    torch.manual_seed(1)
+    flat = torch.stack([layout.flatten_module(task.build_model()) for _ in range(4)])
+    perms = task.random_permutations(4, torch.Generator().manual_seed(0))
+    permuted = task.permute(flat, perms)
+    assert not torch.equal(permuted, flat)
+    x = torch.randn(32, 1, 28, 28)
+    out = tasks.batched_forward(task.build_model(), layout, flat, x)
+    out_p = tasks.batched_forward(task.build_model(), layout, permuted, x)
+    torch.testing.assert_close(out_p, out, rtol=1e-5, atol=1e-5)
+    # hidden units really moved: the first layer's rows are a permutation of the original's
+    w, wp = layout.unflatten(flat)["fc1.weight"], layout.unflatten(permuted)["fc1.weight"]
+    assert torch.equal(wp[0], w[0][perms[0][0]])
+
+
+def test_missing_data_root_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.delenv("LEARNED_OPT_DATA", raising=False)
+    task = tasks.get("mnist-mlp")
+    with pytest.raises(DataNotFoundError, match="LEARNED_OPT_DATA"):
+        task.load_data(None)
+    with pytest.raises(DataNotFoundError, match="MNIST not found under"):
+        task.load_data(tmp_path)

@@ -1,0 +1,449 @@
+"""Generator weights on disk: the manifest, the sha256 check, safetensors loading, the registry.
+
+A generator is two files side by side:
+
+* ``{name}.safetensors`` — the transformer's ``state_dict`` (fp32, contiguous); never pickle;
+* ``{name}.json`` — the manifest: format version, task, architecture signature, metric and its
+  range, normalisation, tokenisation, model and diffusion config, corpus and training summary,
+  and the sha256 of the weights file.
+
+``load_generator`` reads the manifest, checks its format version, hashes the weights file and
+only then parses it, so a corrupt, truncated or swapped file raises :class:`WeightsError` before
+any tensor is built. Generators shipped with the package live in ``learned_opt/weights/`` and are
+found through ``importlib.resources``, so they load from an installed wheel as from a checkout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timezone
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from .errors import WeightsError
+from .layout import Layout, signature_from_json, signature_to_json
+from .normalization import Normalization
+
+if TYPE_CHECKING:  # imported lazily at run time: keeps this module importable on its own
+    from .diffusion import Diffusion, DiffusionConfig
+    from .generator import Gpt
+
+MANIFEST_FORMAT_VERSION = 1
+
+# Keys every manifest must hold (the writer below adds all of them).
+REQUIRED_KEYS = (
+    "format_version",
+    "name",
+    "task",
+    "signature",
+    "num_params",
+    "metric",
+    "metric_direction",
+    "metric_range",
+    "best_prompt",
+    "normalization",
+    "tokenisation",
+    "model_config",
+    "diffusion_config",
+    "weights_file",
+    "weights_sha256",
+)
+
+
+# ---------------------------------------------------------------------- small helpers
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename into place, so readers never see a partial file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _package_version() -> str:
+    from . import __version__  # lazy: the package imports this module while initialising
+
+    return __version__
+
+
+def _weights_dir():
+    """The shipped weights folder inside the installed package (a Traversable)."""
+    return resources.files("learned_opt") / "weights"
+
+
+# ---------------------------------------------------------------------- writing
+
+
+def build_manifest(
+    name: str,
+    model: "Gpt",
+    diffusion: "DiffusionConfig",
+    normalization: Normalization,
+    *,
+    task: str,
+    metric: str,
+    best_prompt: float,
+    corpus: Mapping | None = None,
+    training: Mapping | None = None,
+    extra: Mapping | None = None,
+    metric_direction: str | None = None,
+) -> dict:
+    """The manifest of a generator, without the weights' file name and hash.
+
+    ``metric_direction`` defaults to the registered task's metric direction.
+    """
+    if metric_direction is None:
+        from . import tasks
+
+        metric_direction = tasks.get(task).metric(metric).direction
+    if metric_direction not in ("min", "max"):
+        raise ValueError(f"metric_direction must be 'min' or 'max', got {metric_direction!r}")
+    layout: Layout = model.layout
+    manifest = {
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "name": name,
+        "task": task,
+        "signature": signature_to_json(layout.signature),
+        "num_params": layout.num_params,
+        "metric": metric,
+        "metric_direction": metric_direction,
+        "metric_range": [float(normalization.metric_lo), float(normalization.metric_hi)],
+        "best_prompt": float(best_prompt),
+        "normalization": normalization.to_dict(),
+        "tokenisation": {"chunk_size": layout.chunk_size, "num_tokens": layout.num_tokens},
+        "model_config": asdict(model.config),
+        "diffusion_config": asdict(diffusion) if is_dataclass(diffusion) else dict(diffusion),
+        "corpus": dict(corpus or {}),
+        "training": dict(training or {}),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "package_version": _package_version(),
+    }
+    if extra:
+        manifest["extra"] = dict(extra)
+    return manifest
+
+
+def save_generator(
+    out_dir: str | os.PathLike,
+    name: str,
+    model: "Gpt",
+    diffusion: "DiffusionConfig",
+    normalization: Normalization,
+    *,
+    task: str,
+    metric: str,
+    best_prompt: float,
+    corpus: dict,
+    training: dict,
+    extra: dict | None = None,
+) -> Path:
+    """Write ``out_dir/{name}.safetensors`` and ``out_dir/{name}.json``; return the manifest's path.
+
+    Each file is written atomically (temporary file + ``os.replace``), the weights first, so a
+    manifest on disk always describes a complete weights file. ``corpus`` and ``training`` are
+    JSON-able summaries (sizes, epochs, final loss, ...) recorded as they are.
+    """
+    from safetensors.torch import save_file
+
+    if not name or any(c in name for c in "/\\") or name.startswith("."):
+        raise ValueError(f"invalid generator name {name!r}: use letters, digits, '-', '_' and '.'")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = build_manifest(
+        name, model, diffusion, normalization,
+        task=task, metric=metric, best_prompt=best_prompt, corpus=corpus, training=training, extra=extra,
+    )
+    # Own, contiguous fp32 copies: safetensors refuses shared storage and non-contiguous tensors.
+    tensors = {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in model.state_dict().items()}
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise WeightsError(f"refusing to save generator {name!r}: non-finite values in {bad[:5]}")
+    weights_path, manifest_path = out / f"{name}.safetensors", out / f"{name}.json"
+    _atomic_write(weights_path, lambda p: save_file(tensors, str(p), metadata={"name": name}))
+    manifest["weights_file"] = weights_path.name
+    manifest["weights_sha256"] = sha256_file(weights_path)
+    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    _atomic_write(manifest_path, lambda p: p.write_text(text, encoding="utf-8"))
+    return manifest_path
+
+
+# ---------------------------------------------------------------------- the loaded generator
+
+
+class LoadedGenerator:
+    """A generator ready to sample: the model, its diffusion, its units and its manifest.
+
+    ``sample`` takes and returns raw units (the model's own parameter values and metric values);
+    the normalisation to the generator's units happens inside.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        manifest: Mapping[str, Any],
+        model: "Gpt",
+        diffusion: "Diffusion",
+        normalization: Normalization,
+        sha256: str,
+    ):
+        self.name = name
+        self.manifest = dict(manifest)
+        self.model = model
+        self.layout: Layout = model.layout
+        self.diffusion = diffusion
+        self.normalization = normalization
+        self.sha256 = sha256
+        self.task: str = self.manifest.get("task", "")
+        self.metric_name: str = self.manifest["metric"]
+        self.metric_direction: str = self.manifest.get("metric_direction", "min")
+        self.best_prompt = float(self.manifest["best_prompt"])
+        lo, hi = self.manifest.get("metric_range", (normalization.metric_lo, normalization.metric_hi))
+        self.metric_range: tuple[float, float] = (float(lo), float(hi))
+
+    @classmethod
+    def from_model(
+        cls,
+        model: "Gpt",
+        diffusion: "DiffusionConfig",
+        normalization: Normalization,
+        *,
+        name: str = "in-memory",
+        task: str,
+        metric: str,
+        best_prompt: float,
+        metric_direction: str | None = None,
+    ) -> "LoadedGenerator":
+        """Wrap an in-memory model (a generator being trained, a test's tiny one) without files.
+
+        Its ``sha256`` is the hash of its current weights, so optimizer states can still tell
+        generators apart.
+        """
+        from .diffusion import Diffusion
+
+        manifest = build_manifest(
+            name, model, diffusion, normalization,
+            task=task, metric=metric, best_prompt=best_prompt, metric_direction=metric_direction,
+        )
+        h = hashlib.sha256()
+        for k, v in model.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return cls(name, manifest, model, Diffusion(diffusion), normalization, h.hexdigest())
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device: torch.device | str) -> "LoadedGenerator":
+        """Move the model to ``device`` (in place) and return ``self``."""
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def sample(
+        self,
+        theta: torch.Tensor,
+        metric: torch.Tensor,
+        prompt: torch.Tensor,
+        *,
+        steps: int = 50,
+        method: str = "ddim",
+        generator: torch.Generator,
+    ) -> torch.Tensor:
+        """θ′ for parameters ``theta`` [B, P] at ``metric`` [B], prompted with ``prompt`` [B]."""
+        norm = self.normalization
+        dtype = next(self.model.parameters()).dtype
+        x = norm.params(theta.to(dtype))  # [B, P] generator units
+        cond = dict(theta=x, metric=norm.metric(metric.to(dtype)), target=norm.metric(prompt.to(dtype)))
+        out = self.diffusion.sample(
+            self.model, cond, tuple(x.shape), method=method, steps=steps, generator=generator
+        )  # [B, P]
+        return norm.unparams(out).to(theta.dtype)
+
+    def __repr__(self) -> str:
+        return (
+            f"LoadedGenerator({self.name!r}, task={self.task!r}, metric={self.metric_name!r}, "
+            f"params={self.layout.num_params}, sha256={self.sha256[:12]})"
+        )
+
+
+# ---------------------------------------------------------------------- reading
+
+
+def _read_manifest(text: str, where: str) -> dict:
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"manifest {where} is not valid JSON ({exc}); re-download or re-save it") from None
+    if not isinstance(manifest, dict):
+        raise WeightsError(f"manifest {where} is not a JSON object")
+    version = manifest.get("format_version")
+    if version != MANIFEST_FORMAT_VERSION:
+        raise WeightsError(
+            f"manifest {where} has format_version {version!r}; this learned-opt reads version "
+            f"{MANIFEST_FORMAT_VERSION}. Use the learned-opt release that wrote it, or re-save the generator."
+        )
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise WeightsError(f"manifest {where} lacks {missing}; it is incomplete or not a generator manifest")
+    return manifest
+
+
+def _resolve(source) -> tuple[str, Any, Any]:
+    """``(where, manifest Traversable/Path, folder)`` for a registry name or a path."""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.suffix in (".json", ".safetensors") or os.sep in str(source) or "/" in str(source):
+            manifest_path = path.with_suffix(".json")
+            if not manifest_path.is_file():
+                raise WeightsError(
+                    f"no generator manifest at {manifest_path}: pass a path to a .json manifest or its "
+                    f".safetensors weights (the two files must sit side by side), or a registry name"
+                )
+            return str(manifest_path), manifest_path, manifest_path.parent
+        folder = _weights_dir()
+        candidate = folder / f"{source}.json"
+        if not candidate.is_file():
+            known = [g["name"] for g in list_pretrained()]
+            raise WeightsError(
+                f"unknown generator {source!r}; shipped generators: {', '.join(known) or 'none yet'}. "
+                f"Pass one of these names, or a path to a generator's .json manifest."
+            )
+        return f"{source!r} (shipped)", candidate, folder
+    raise WeightsError(
+        f"cannot load a generator from {type(source).__name__}: pass a registry name, a path or a LoadedGenerator"
+    )
+
+
+def load_generator(source, *, device: torch.device | str | None = None) -> LoadedGenerator:
+    """A :class:`LoadedGenerator` from a registry name, a manifest/weights path, or a loaded one.
+
+    The weights file's sha256 is checked before it is parsed; any problem raises
+    :class:`WeightsError` and builds nothing.
+    """
+    if isinstance(source, LoadedGenerator):
+        return source.to(device) if device is not None else source
+    where, manifest_file, folder = _resolve(source)
+    try:
+        text = manifest_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WeightsError(f"cannot read manifest {where}: {exc}") from None
+    manifest = _read_manifest(text, where)
+    weights_name = str(manifest["weights_file"])
+    if Path(weights_name).name != weights_name:
+        raise WeightsError(f"manifest {where} names weights file {weights_name!r} outside its folder")
+    weights_file = folder / weights_name
+    try:
+        blob = weights_file.read_bytes()
+    except OSError as exc:
+        raise WeightsError(
+            f"weights file {weights_name} of manifest {where} is missing or unreadable ({exc}); "
+            f"keep the .safetensors file beside its .json manifest"
+        ) from None
+    digest = sha256_bytes(blob)
+    if digest != manifest["weights_sha256"]:
+        raise WeightsError(
+            f"weights file {weights_name} of {where} has sha256 {digest[:16]}..., the manifest expects "
+            f"{str(manifest['weights_sha256'])[:16]}...: the file is corrupt, truncated or from another "
+            f"generator. Re-download or re-save it."
+        )
+    return _build(manifest, blob, where, digest, device)
+
+
+def _build(manifest: dict, blob: bytes, where: str, digest: str, device) -> LoadedGenerator:
+    from safetensors import SafetensorsError
+    from safetensors.torch import load as load_safetensors
+
+    from .diffusion import Diffusion, DiffusionConfig
+    from .generator import GptConfig, build_generator
+
+    try:
+        tensors = load_safetensors(blob)
+    except (SafetensorsError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"weights of {where} are not a valid safetensors file ({exc})") from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise WeightsError(f"weights of {where} contain NaN or Inf in {bad[:5]}; the generator is unusable")
+    try:
+        tok = manifest["tokenisation"]
+        layout = Layout(signature_from_json(manifest["signature"]), tok.get("chunk_size"))
+        if layout.num_params != int(manifest["num_params"]):
+            raise ValueError(f"signature has {layout.num_params} parameters, num_params says {manifest['num_params']}")
+        model = build_generator(layout, GptConfig(**manifest["model_config"]))
+        model.load_state_dict(tensors, strict=True)
+        diffusion = Diffusion(DiffusionConfig(**manifest["diffusion_config"]))
+        normalization = Normalization(**manifest["normalization"])
+        lo, hi = (float(v) for v in manifest["metric_range"])
+        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+            raise ValueError(f"metric_range {manifest['metric_range']} is not a finite interval lo < hi")
+    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
+        raise WeightsError(f"generator {where} does not match its manifest: {exc}") from None
+    model.eval()
+    model.requires_grad_(False)
+    loaded = LoadedGenerator(manifest["name"], manifest, model, diffusion, normalization, digest)
+    return loaded.to(device) if device is not None else loaded
+
+
+def list_pretrained() -> list[dict]:
+    """The generators shipped with the package: name, task, metric, architecture, sha256.
+
+    Reads manifests only (weights are not hashed or parsed); an unreadable manifest is skipped
+    with a warning.
+    """
+    folder = _weights_dir()
+    out = []
+    if not folder.is_dir():
+        return out
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".json"):
+            continue
+        try:
+            m = _read_manifest(entry.read_text(encoding="utf-8"), entry.name)
+        except (WeightsError, OSError, UnicodeDecodeError) as exc:
+            warnings.warn(f"skipping shipped generator manifest {entry.name}: {exc}", stacklevel=2)
+            continue
+        sig = signature_from_json(m["signature"])
+        out.append(
+            {
+                "name": m["name"],
+                "task": m["task"],
+                "metric": m["metric"],
+                "metric_direction": m["metric_direction"],
+                "best_prompt": m["best_prompt"],
+                "architecture": {
+                    "num_params": m["num_params"],
+                    "num_tensors": len(sig),
+                    "signature": ", ".join(f"{n}{list(s)}" for n, s in sig),
+                    "model_config": m["model_config"],
+                },
+                "sha256": m["weights_sha256"],
+            }
+        )
+    return out

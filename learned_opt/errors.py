@@ -37,3 +37,19 @@ class WeightsError(LearnedOptError):
 
 class GenerationError(LearnedOptError):
     """A generative update could not be made (invalid sample, metric unavailable, ...)."""
+
+
+class ConfigError(LearnedOptError, ValueError):
+    """A configuration value (generator preset, diffusion schedule, ...) that is invalid or unknown."""
+
+
+class EnvironmentStepError(LearnedOptError, RuntimeError):
+    """A reinforcement-learning environment failed to step or returned invalid observations."""
+
+
+class OptimizerStateError(LearnedOptError, ValueError):
+    """An optimizer ``state_dict`` that does not belong to this optimizer or its generator."""
+
+
+class TrainingError(LearnedOptError):
+    """Generator training cannot start, resume or export as asked (another configuration, no checkpoint, ...)."""

@@ -1,0 +1,120 @@
+"""``cartpole-mlp``: a CartPole-v1 policy, MLP 4-32-32-2 with tanh (1,282 parameters).
+
+Parameters, in signature order: ``fc1.weight`` [32, 4], ``fc1.bias`` [32], ``fc2.weight`` [32, 32],
+``fc2.bias`` [32], ``fc3.weight`` [2, 32], ``fc3.bias`` [2]. The forward takes observations
+``[N, 4]`` and returns action logits ``[N, 2]``.
+
+Metric ``return``: the mean undiscounted return of the *greedy* policy (argmax of the logits) over
+``EPISODES`` = 10 episodes of gymnasium's ``CartPole-v1`` (capped at 500 steps). The 10 starting
+states are drawn once from ``numpy.random.default_rng(EPISODE_SEED)`` with CartPole's own reset
+distribution (uniform in ±0.05), and every policy is evaluated from the same 10 states, so a
+parameter vector always gets the same return, whatever batch it is evaluated in.
+
+Many policies are evaluated at once in one gymnasium vector environment (``CartPoleVectorEnv``,
+``B x EPISODES`` sub-environments). Gymnasium 1.x resets a finished sub-environment on the *next*
+step ("next-step" autoreset); rewards are therefore counted only until an episode's first
+``terminated or truncated``, and the rollout stops once every episode has ended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import EnvironmentStepError
+from .base import MLP, Metric, Task, permute_mlp
+
+EPISODES = 10
+EPISODE_SEED = 2022
+MAX_STEPS = 500
+
+
+@dataclass(frozen=True)
+class CartPoleData:
+    """What evaluation needs: the starting states of the evaluation episodes."""
+
+    start_states: np.ndarray  # [EPISODES, 4] float64
+    max_steps: int = MAX_STEPS
+
+
+def evaluation_start_states(episodes: int = EPISODES, seed: int = EPISODE_SEED) -> np.ndarray:
+    return np.random.default_rng(seed).uniform(-0.05, 0.05, size=(episodes, 4))
+
+
+class CartPoleMLP(Task):
+    name = "cartpole-mlp"
+    description = "CartPole-v1 policy, MLP 4-32-32-2 tanh (1,282 parameters), metric greedy return"
+    metrics = {
+        "return": Metric("return", "max", 500.0, f"mean greedy return over {EPISODES} fixed episodes"),
+    }
+    default_metric = "return"
+    sizes = (4, 32, 32, 2)
+
+    def build_model(self) -> MLP:
+        return MLP(self.sizes, activation=nn.Tanh, flatten=False)
+
+    def load_data(self, root=None, *, download: bool = False) -> CartPoleData:
+        """CartPole needs no dataset: returns the fixed evaluation episodes (``root`` is ignored)."""
+        return CartPoleData(evaluation_start_states())
+
+    def hidden_sizes(self) -> tuple[int, ...]:
+        return self.sizes[1:-1]
+
+    def permute(self, flat: torch.Tensor, perms: Sequence[torch.Tensor]) -> torch.Tensor:
+        return permute_mlp(self.layout(), flat, perms)
+
+    @torch.no_grad()
+    def rollout(self, flat: torch.Tensor, data: CartPoleData | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        """Greedy rollouts of ``B`` policies on the evaluation episodes.
+
+        Returns ``(returns [B, E], pole_angles [T, B, E])``; angles after an episode ends are NaN.
+        """
+        import gymnasium as gym
+
+        data = data or self.load_data()
+        flat = flat.detach().float().cpu()
+        b, e = flat.shape[0], data.start_states.shape[0]
+        model, layout = self.build_model(), self.layout()
+        params = layout.unflatten(flat)
+
+        def policy(p, obs):  # obs [E, 4] -> actions [E]
+            return torch.func.functional_call(model, p, (obs,)).argmax(-1)
+
+        act = torch.func.vmap(policy)
+        env = gym.make_vec("CartPole-v1", num_envs=b * e, vectorization_mode="vector_entry_point")
+        try:
+            env.reset(seed=0)
+            base = env.unwrapped
+            base.state = np.tile(data.start_states, (b, 1)).T.copy()  # [4, B*E]
+            obs = base.state.T.astype(np.float32)
+            alive = np.ones(b * e, dtype=bool)
+            returns = np.zeros(b * e)
+            angles = []
+            for _ in range(data.max_steps):
+                if not np.isfinite(obs).all():
+                    raise EnvironmentStepError(
+                        "CartPole returned non-finite observations; check the gymnasium installation"
+                    )
+                angles.append(np.where(alive, obs[:, 2], np.nan))
+                actions = act(params, torch.from_numpy(obs).view(b, e, 4)).reshape(-1).numpy()
+                try:
+                    obs, reward, terminated, truncated, _ = env.step(actions)
+                except Exception as exc:  # a broken environment must not look like a bad policy
+                    raise EnvironmentStepError(f"CartPole failed to step: {exc}") from exc
+                returns += np.where(alive, reward, 0.0)
+                alive &= ~(terminated | truncated)
+                if not alive.any():
+                    break
+        finally:
+            env.close()
+        return torch.from_numpy(returns).float().view(b, e), np.stack(angles).reshape(-1, b, e)
+
+    def evaluate(self, flat: torch.Tensor, data: CartPoleData | None = None, metrics: Sequence[str] | None = None):
+        for m in metrics or self.metrics:
+            self.metric(m)
+        returns, _ = self.rollout(flat, data)
+        return {"return": returns.mean(-1)}

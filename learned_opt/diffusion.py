@@ -1,0 +1,228 @@
+"""The diffusion process: noise schedules, the x0-prediction loss, DDPM and DDIM sampling.
+
+A Gaussian diffusion over plain tensors (Ho et al. 2020, arXiv:2006.11239): the forward process
+noises a clean ``x0`` to ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε``; the model predicts ``x0`` from
+``x_t`` (G.pt's parameterisation) and is trained with an MSE loss. Sampling runs either
+
+* ``"ddpm"``: ancestral sampling through all ``num_steps`` steps (what G.pt does per update), or
+* ``"ddim"``: DDIM (Song et al. 2021, arXiv:2010.02502) on ``steps`` evenly strided timesteps,
+  deterministic for ``eta=0``; ``eta=1`` with ``steps == num_steps`` is the same law as DDPM.
+
+The model is any callable ``model(x_t, t, **cond) -> x0_hat``; this module knows nothing about
+parameters or tokens. All sampling noise comes from a caller's ``torch.Generator``; the global RNG
+is never touched.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import ConfigError
+
+SCHEDULES = ("linear", "cosine")
+METHODS = ("ddim", "ddpm")
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise schedule of a :class:`Diffusion`; JSON-able via ``dataclasses.asdict``."""
+
+    num_steps: int = 1000  # G.pt: 1000
+    schedule: str = "linear"  # "linear" (G.pt, DDPM) or "cosine" (Nichol & Dhariwal 2021)
+    beta_start: float = 1e-4  # linear schedule only
+    beta_end: float = 0.02  # linear schedule only
+    cosine_offset: float = 0.008  # cosine schedule only: the small offset s of ᾱ(t) = cos²((t/T + s)/(1 + s) π/2)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ConfigError(f"DiffusionConfig.num_steps must be a positive integer, got {self.num_steps!r}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(
+                f"unknown noise schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}"
+            )
+        if not 0.0 < self.beta_start <= self.beta_end < 1.0:
+            raise ConfigError(
+                f"need 0 < beta_start <= beta_end < 1, got beta_start={self.beta_start}, beta_end={self.beta_end}"
+            )
+        if not self.cosine_offset >= 0.0:
+            raise ConfigError(f"DiffusionConfig.cosine_offset must be >= 0, got {self.cosine_offset}")
+
+
+def make_betas(config: DiffusionConfig) -> torch.Tensor:
+    """``[num_steps]`` float64 betas of the configured schedule."""
+    n = config.num_steps
+    if config.schedule == "linear":
+        return torch.linspace(config.beta_start, config.beta_end, n, dtype=torch.float64)
+    # cosine: betas from ratios of ᾱ(t), clipped below 1 so the last step stays invertible
+    s = config.cosine_offset
+    steps = torch.arange(n + 1, dtype=torch.float64) / n
+    alpha_bar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    betas = 1.0 - alpha_bar[1:] / alpha_bar[:-1]
+    return betas.clamp(min=1e-8, max=0.999)
+
+
+def ddim_timesteps(num_steps: int, steps: int) -> list[int]:
+    """``steps`` distinct timesteps evenly strided from ``num_steps - 1`` down to 0 (one step: the last)."""
+    if not 1 <= steps <= num_steps:
+        raise ConfigError(f"DDIM needs 1 <= steps <= num_steps ({num_steps}), got steps={steps}")
+    if steps == 1:
+        return [num_steps - 1]
+    return [round(i * (num_steps - 1) / (steps - 1)) for i in range(steps - 1, -1, -1)]
+
+
+class Diffusion:
+    """Forward noising, training loss and samplers for one noise schedule."""
+
+    def __init__(self, config: DiffusionConfig | None = None) -> None:
+        self.config = config if config is not None else DiffusionConfig()
+        self.betas = make_betas(self.config)  # [N] float64
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)  # [N] float64, ᾱ_t
+        self._abar = self.alphas_cumprod.tolist()  # Python floats for the samplers' scalar maths
+        self._coef_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def num_steps(self) -> int:
+        return self.config.num_steps
+
+    def __repr__(self) -> str:
+        return f"Diffusion({self.config})"
+
+    # ------------------------------------------------------------------ forward process
+
+    def _coefs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(ᾱ_t) and sqrt(1 - ᾱ_t) at ``t`` [B], shaped ``[B, 1, ...]`` to broadcast over ``like``."""
+        key = (like.device, like.dtype)
+        if key not in self._coef_cache:
+            ab = self.alphas_cumprod
+            self._coef_cache[key] = (
+                ab.sqrt().to(device=like.device, dtype=like.dtype),
+                (1.0 - ab).sqrt().to(device=like.device, dtype=like.dtype),
+            )
+        signal, noise = self._coef_cache[key]
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        t = t.to(like.device)
+        return signal[t].view(shape), noise[t].view(shape)
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Forward noising: ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) noise``; ``t`` is ``[B]``, x0 ``[B, ...]``."""
+        signal, sigma = self._coefs(t, x0)
+        return signal * x0 + sigma * noise
+
+    def training_loss(
+        self,
+        model: Callable[..., torch.Tensor],
+        x0: torch.Tensor,
+        cond: Mapping[str, torch.Tensor],
+        *,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """MSE between ``model(x_t, t, **cond)`` and ``x0`` at uniformly drawn t; a scalar.
+
+        ``t`` and the noise come from ``generator`` (or the global RNG when it is None).
+        """
+        b = x0.shape[0]
+        device = generator.device if generator is not None else x0.device
+        t = torch.randint(0, self.num_steps, (b,), generator=generator, device=device).to(x0.device)  # [B]
+        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype).to(x0.device)
+        x_t = self.q_sample(x0, t, noise)
+        pred = model(x_t, t, **cond)
+        return F.mse_loss(pred.float(), x0.float())
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: Callable[..., torch.Tensor],
+        cond: Mapping[str, torch.Tensor],
+        shape: Sequence[int],
+        *,
+        method: str = "ddim",
+        steps: int = 50,
+        eta: float = 0.0,
+        generator: torch.Generator,
+        x_T: torch.Tensor | None = None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Draw ``x0`` of ``shape`` (``[B, ...]``) by reverse diffusion.
+
+        ``method="ddim"`` uses ``steps`` evenly strided timesteps and DDIM's ``eta`` (0: deterministic
+        given x_T); ``method="ddpm"`` is ancestral sampling through all ``num_steps`` steps (``steps``
+        and ``eta`` are ignored). Tensors live on the device of ``x_T`` or of the first tensor in
+        ``cond`` (else the generator's); noise is drawn on the generator's device and moved there.
+        A module ``model`` is put in eval mode for the duration and restored after.
+        """
+        if method not in METHODS:
+            raise ConfigError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
+        if method == "ddim" and not eta >= 0.0:
+            raise ConfigError(f"DDIM needs eta >= 0, got {eta}")
+        shape = tuple(int(s) for s in shape)
+        device, dtype = _placement(cond, x_T, generator)
+
+        def randn() -> torch.Tensor:
+            return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+        x = randn() if x_T is None else x_T.to(device=device, dtype=dtype)
+        if tuple(x.shape) != shape:
+            raise ConfigError(f"x_T has shape {list(x.shape)}, expected {list(shape)}")
+        if method == "ddpm":
+            timesteps = list(range(self.num_steps - 1, -1, -1))
+        else:
+            timesteps = ddim_timesteps(self.num_steps, steps)
+        t_batch = torch.tensor(timesteps, dtype=torch.long, device=device)[:, None].expand(-1, shape[0])
+
+        was_training = isinstance(model, nn.Module) and model.training
+        if was_training:
+            model.eval()
+        try:
+            for i, t in enumerate(tqdm(timesteps, desc=f"{method} sampling", disable=not progress, leave=False)):
+                x0_hat = model(x, t_batch[i], **cond)
+                if i == len(timesteps) - 1:
+                    x = x0_hat  # the last step lands on ᾱ = 1: the clean prediction itself
+                    break
+                if method == "ddpm":
+                    x = self._ddpm_step(x, x0_hat, t, randn)
+                else:
+                    x = self._ddim_step(x, x0_hat, t, timesteps[i + 1], eta, randn)
+        finally:
+            if was_training:
+                model.train()
+        return x
+
+    def _ddpm_step(self, x: torch.Tensor, x0_hat: torch.Tensor, t: int, randn) -> torch.Tensor:
+        """One ancestral step t -> t-1: a draw from the posterior q(x_{t-1} | x_t, x0_hat)."""
+        abar_t, abar_prev = self._abar[t], self._abar[t - 1]
+        beta_t = 1.0 - abar_t / abar_prev
+        c_x0 = math.sqrt(abar_prev) * beta_t / (1.0 - abar_t)
+        c_xt = math.sqrt(1.0 - beta_t) * (1.0 - abar_prev) / (1.0 - abar_t)
+        var = beta_t * (1.0 - abar_prev) / (1.0 - abar_t)
+        return c_x0 * x0_hat + c_xt * x + math.sqrt(var) * randn()
+
+    def _ddim_step(
+        self, x: torch.Tensor, x0_hat: torch.Tensor, t: int, t_prev: int, eta: float, randn
+    ) -> torch.Tensor:
+        """One DDIM step t -> t_prev (t_prev < t)."""
+        abar_t, abar_prev = self._abar[t], self._abar[t_prev]
+        eps = (x - math.sqrt(abar_t) * x0_hat) / math.sqrt(1.0 - abar_t)
+        sigma = eta * math.sqrt((1.0 - abar_prev) / (1.0 - abar_t) * (1.0 - abar_t / abar_prev))
+        x = math.sqrt(abar_prev) * x0_hat + math.sqrt(max(1.0 - abar_prev - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            x = x + sigma * randn()
+        return x
+
+
+def _placement(
+    cond: Mapping[str, torch.Tensor], x_T: torch.Tensor | None, generator: torch.Generator
+) -> tuple[torch.device, torch.dtype]:
+    """Device and floating dtype for sampling: from x_T, else the conditioning, else the generator."""
+    tensors = ([x_T] if x_T is not None else []) + [v for v in cond.values() if isinstance(v, torch.Tensor)]
+    device = tensors[0].device if tensors else generator.device
+    dtype = next((v.dtype for v in tensors if v.is_floating_point()), torch.float32)
+    return device, dtype

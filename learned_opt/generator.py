@@ -1,0 +1,300 @@
+"""G.pt's transformer over network parameters (Peebles et al. 2022, arXiv:2209.12892).
+
+The model reads a sequence of ``2T + 4`` tokens and predicts clean parameters θ′:
+
+* ``T`` tokens of the starting parameters θ and ``T`` tokens of the noised target x_t, each token
+  a chunk of at most ``M`` parameters within one layer (cut by :class:`~learned_opt.layout.Layout`),
+  each with its **own** linear encoder (no sharing between tokens);
+* one token each for the diffusion timestep t, the current metric l, the prompted metric l′ and
+  their difference l′ − l, through sinusoidal frequency embeddings and a small MLP.
+
+Learned position embeddings are added, a stack of pre-LayerNorm transformer blocks (non-causal,
+``F.scaled_dot_product_attention``) mixes the tokens, and a per-token linear decoder maps the
+output tokens at the x_t positions back to parameter chunks. The decoders start at zero and the
+prediction is ``θ + decoded``, so an untrained model returns θ exactly.
+
+The model knows nothing of the noise schedule: it takes the integer step ``t`` as given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ArchitectureMismatchError, ConfigError
+from .layout import Layout
+
+NUM_SCALAR_TOKENS = 4  # timestep, metric l, prompted metric l', difference l' - l
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+@dataclass
+class GptConfig:
+    """Size and shape of a :class:`Gpt`; JSON-able via ``dataclasses.asdict``."""
+
+    d_model: int  # width of every token
+    n_layers: int  # transformer blocks
+    n_heads: int  # attention heads (must divide d_model)
+    mlp_ratio: float = 4.0  # hidden width of each block's MLP, as a multiple of d_model
+    dropout: float = 0.0  # on attention weights and residual branches (training only)
+    num_frequencies: int = 128  # sinusoidal frequencies per scalar (G.pt: 128)
+    metric_max_log2_frequency: float = 14.0  # metric frequencies pi * 2^0 .. pi * 2^14 (G.pt: up to 2^14)
+    timestep_max_period: float = 10000.0  # timestep frequencies 1 .. 1/max_period (t is an integer step)
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "num_frequencies"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"GptConfig.{name} must be a positive integer, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                f"GptConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}); "
+                "pick a head count that divides the width"
+            )
+        if not self.mlp_ratio > 0:
+            raise ConfigError(f"GptConfig.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"GptConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+# Named sizes. Parameter counts are for the mnist-mlp layout (T=11 tokens of M=1000): there the
+# per-token encoders and decoders alone hold 3 * T * M * d_model = 33,000 * d_model parameters.
+PRESETS: dict[str, GptConfig] = {
+    # tests and smoke runs: ~1.1M on mnist-mlp (almost all encoders), a few 10K on toy layouts
+    "tiny": GptConfig(d_model=32, n_layers=2, n_heads=2),
+    # CPU training: ~9.3M on mnist-mlp (6.3M encoders/decoders + 2.7M transformer)
+    "small": GptConfig(d_model=192, n_layers=6, n_heads=6),
+    # one GPU: ~111M on mnist-mlp
+    "base": GptConfig(d_model=768, n_layers=12, n_heads=12),
+    # G.pt's scale (width 1536, 12 layers): ~390M on mnist-mlp
+    "large": GptConfig(d_model=1536, n_layers=12, n_heads=16),
+}
+
+
+def get_config(preset: str | GptConfig) -> GptConfig:
+    """A copy of a named preset, or the given config itself."""
+    if isinstance(preset, GptConfig):
+        return preset
+    if isinstance(preset, str) and preset in PRESETS:
+        return dataclasses.replace(PRESETS[preset])
+    raise ConfigError(
+        f"unknown generator preset {preset!r}; known presets: {', '.join(sorted(PRESETS))} "
+        "(or pass a GptConfig)"
+    )
+
+
+# ---------------------------------------------------------------------------------- layers
+
+
+class TokenLinear(nn.Module):
+    """A separate linear map per token, applied to all tokens in one batched matmul.
+
+    ``weight`` is ``[T, in, out]``; ``x`` is ``[B, T, in]`` and the result ``[B, T, out]``.
+    """
+
+    def __init__(self, num_tokens: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_tokens, in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(num_tokens, out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [T, B, in] @ [T, in, out] + [T, 1, out] -> [T, B, out]
+        y = torch.baddbmm(self.bias.unsqueeze(1), x.transpose(0, 1), self.weight)
+        return y.transpose(0, 1)  # [B, T, out]
+
+    def extra_repr(self) -> str:
+        t, i, o = self.weight.shape
+        return f"tokens={t}, in_features={i}, out_features={o}"
+
+
+class ScalarEmbedding(nn.Module):
+    """A scalar per sample -> one token: sinusoidal features at fixed frequencies, then an MLP."""
+
+    def __init__(self, frequencies: torch.Tensor, d_model: int) -> None:
+        super().__init__()
+        self.register_buffer("frequencies", frequencies.float(), persistent=False)  # [F]
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * frequencies.numel(), d_model), nn.SiLU(), nn.Linear(d_model, d_model)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        angles = x.float().unsqueeze(-1) * self.frequencies  # [B, F]
+        features = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)  # [B, 2F]
+        return self.mlp(features.to(self.mlp[0].weight.dtype))  # [B, D]
+
+
+class Attention(nn.Module):
+    """Non-causal multi-head self-attention."""
+
+    def __init__(self, config: GptConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.dropout = config.dropout
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        qkv = self.qkv(x).view(b, n, 3, self.n_heads, d // self.n_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, hd]
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(b, n, d)  # [B, N, D]
+        return self.proj(y)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GptConfig) -> None:
+        super().__init__()
+        hidden = int(round(config.mlp_ratio * config.d_model))
+        self.ln1 = nn.LayerNorm(config.d_model)
+        self.attn = Attention(config)
+        self.ln2 = nn.LayerNorm(config.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.d_model, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, config.d_model)
+        )
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x)))
+        x = x + self.drop(self.mlp(self.ln2(x)))
+        return x
+
+
+# ---------------------------------------------------------------------------------- model
+
+
+class Gpt(nn.Module):
+    """G.pt: predicts clean parameters θ′ from (x_t, t, θ, l, l′). See the module docstring."""
+
+    def __init__(self, layout: Layout, config: GptConfig) -> None:
+        super().__init__()
+        self.layout = layout
+        self.config = config
+        t, m, d = layout.num_tokens, layout.token_dim, config.d_model
+        self.num_tokens = t
+
+        # Gather index [T, M] into the flat vector padded with one zero at position P, and the
+        # inverse index [P] into the flattened [T * M] tokens; both derived from the layout.
+        gather = layout.to_tokens(torch.arange(1, layout.num_params + 1)) - 1  # padding -> -1
+        gather = torch.where(gather < 0, torch.full_like(gather, layout.num_params), gather)
+        scatter = torch.nonzero(layout.token_mask.reshape(-1)).squeeze(1)
+        self.register_buffer("token_index", gather, persistent=False)  # [T, M]
+        self.register_buffer("flat_index", scatter, persistent=False)  # [P]
+
+        self.theta_encoder = TokenLinear(t, m, d)
+        self.noised_encoder = TokenLinear(t, m, d)
+        metric_freqs = math.pi * 2.0 ** torch.linspace(0.0, config.metric_max_log2_frequency, config.num_frequencies)
+        time_freqs = torch.exp(
+            -math.log(config.timestep_max_period) * torch.arange(config.num_frequencies) / config.num_frequencies
+        )
+        self.timestep_embedding = ScalarEmbedding(time_freqs, d)
+        self.metric_embedding = ScalarEmbedding(metric_freqs, d)
+        self.target_embedding = ScalarEmbedding(metric_freqs, d)
+        self.delta_embedding = ScalarEmbedding(metric_freqs, d)
+        self.pos_embedding = nn.Parameter(torch.zeros(1, 2 * t + NUM_SCALAR_TOKENS, d))
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.ln_f = nn.LayerNorm(d)
+        self.decoder = TokenLinear(t, d, m)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Initialise: per-token encoders scaled by each token's real width, zero decoders."""
+        real = self.layout.token_mask.to(self.theta_encoder.weight.device)  # [T, M]
+        fan_in = real.sum(1).clamp(min=1).float()  # [T]
+        for enc in (self.theta_encoder, self.noised_encoder):
+            w = torch.randn_like(enc.weight) / fan_in.sqrt()[:, None, None]
+            enc.weight.copy_(w * real.unsqueeze(-1))  # padding rows stay zero
+            enc.bias.zero_()
+        nn.init.normal_(self.pos_embedding, std=0.02)
+        for block in self.blocks:
+            # GPT-2 style: shrink the residual branches' output projections with depth.
+            std = 0.02 / math.sqrt(2 * self.config.n_layers)
+            nn.init.normal_(block.attn.proj.weight, std=std)
+            nn.init.normal_(block.mlp[2].weight, std=std)
+        self.decoder.weight.zero_()
+        self.decoder.bias.zero_()
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        theta: torch.Tensor,
+        metric: torch.Tensor,
+        target: torch.Tensor,
+    ) -> torch.Tensor:
+        """Predict clean θ′.
+
+        x_t: ``[B, P]`` noised θ′ (normalised units); t: ``[B]`` diffusion step (long,
+        ``0..num_steps-1``); theta: ``[B, P]`` starting parameters (normalised units); metric,
+        target: ``[B]`` the current metric l and the prompted metric l′, normalised to ~[0, 1].
+        Returns ``[B, P]`` = theta + decoded output.
+        """
+        p = self.layout.num_params
+        if x_t.shape[-1] != p or theta.shape != x_t.shape or x_t.dim() != 2:
+            raise ArchitectureMismatchError(
+                f"Gpt expects x_t and theta of shape [B, {p}], got {list(x_t.shape)} and "
+                f"{list(theta.shape)}; flatten parameters with the generator's layout"
+            )
+        b = x_t.shape[0]
+        t, metric, target = (v.reshape(b) for v in (t, metric, target))
+
+        theta_tok = self._tokens(theta)  # [B, T, M]
+        noised_tok = self._tokens(x_t)  # [B, T, M]
+        scalars = torch.stack(
+            [
+                self.timestep_embedding(t),
+                self.metric_embedding(metric),
+                self.target_embedding(target),
+                self.delta_embedding(target - metric),
+            ],
+            dim=1,
+        )  # [B, 4, D]
+        h = torch.cat([self.theta_encoder(theta_tok), self.noised_encoder(noised_tok), scalars], dim=1)
+        h = self.drop(h + self.pos_embedding)  # [B, 2T + 4, D]
+        for block in self.blocks:
+            h = block(h)
+        h = self.ln_f(h[:, self.num_tokens : 2 * self.num_tokens])  # [B, T, D] at the x_t positions
+        out = self.decoder(h)  # [B, T, M]
+        return theta + out.reshape(b, -1)[:, self.flat_index].to(theta.dtype)  # [B, P]
+
+    def _tokens(self, flat: torch.Tensor) -> torch.Tensor:
+        """``[B, P]`` -> ``[B, T, M]`` (zero padded); same result as ``layout.to_tokens``."""
+        padded = F.pad(flat, (0, 1))  # [B, P + 1]
+        return padded[:, self.token_index].to(self.theta_encoder.weight.dtype)
+
+    def num_parameters(self) -> int:
+        """Number of learned parameters."""
+        return sum(p.numel() for p in self.parameters())
+
+    def optim_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups: decay on matrices (dim >= 2), none on biases and norms."""
+        decay = [p for p in self.parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.dim() < 2]
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+
+def build_generator(layout: Layout, preset: str | GptConfig) -> Gpt:
+    """A freshly initialised :class:`Gpt` for ``layout`` from a preset name or a config.
+
+    Raises :class:`~learned_opt.errors.ConfigError` (a ``ValueError``) for an unknown preset,
+    listing the known ones.
+    """
+    return Gpt(layout, get_config(preset))

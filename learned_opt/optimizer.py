@@ -1,0 +1,511 @@
+"""``GptOptimizer``: a drop-in ``torch.optim.Optimizer`` with generative parameter updates.
+
+A base optimizer (Adam by default) takes the ordinary steps; a pretrained generator of checkpoints
+(G.pt, Peebles et al. 2022, https://arxiv.org/abs/2209.12892) proposes whole new parameter vectors
+θ′ on demand (``generate``) or every ``k`` steps (``every=k``, periodic "nowcasting" in the spirit
+of NiNo, Knyazev et al. 2025, https://arxiv.org/abs/2409.04434).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from .errors import ConfigError, GenerationError, OptimizerStateError
+from .layout import check_signature
+from .pretrained import LoadedGenerator, load_generator
+
+__all__ = ["GenerationReport", "GptOptimizer"]
+
+MetricValue = float | torch.Tensor | Mapping[str, Any]
+COUNTERS = ("steps", "attempted", "accepted", "rejected", "failed")
+# Prefixes that wrappers add to parameter names (DistributedDataParallel, torch.compile).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+@dataclass
+class GenerationReport:
+    """What one generative update did.
+
+    ``accepted`` is True only when θ′ was copied into the parameters. ``failed`` marks a broken
+    sample (the generator raised, or returned a non-finite, wrongly shaped or exploding θ′);
+    ``reason`` says why an update was not accepted. ``update_ratio`` is ‖θ′−θ‖ divided by the trust
+    reference (see :class:`GptOptimizer`); the update is refused above ``max_update_ratio``.
+    """
+
+    accepted: bool
+    reason: str | None
+    metric_before: float
+    metric_after: float | None
+    prompt: float
+    update_ratio: float | None
+    seconds: float
+    step: int
+    failed: bool = False
+
+
+class GptOptimizer(torch.optim.Optimizer):
+    """A base optimizer plus generative updates from a pretrained checkpoint generator.
+
+    Usage::
+
+        opt = GptOptimizer(model.parameters(), generator="mnist-mlp", lr=1e-3)
+        report = opt.generate(lambda: test_loss(model))   # one prompted generative update
+        loss = opt.step(closure)                          # an ordinary base step
+
+    **A true optimizer.** ``param_groups`` and ``state`` are the *same objects* as the base
+    optimizer's (``opt.param_groups is opt.base.param_groups``), so LR schedulers, ``GradScaler``,
+    hooks and ``zero_grad`` work unchanged, and with no generative update the result equals the
+    base optimizer's bit for bit. ``step(closure)`` is the base step (the closure is the usual loss
+    closure, passed to the base); a step that ``GradScaler`` skips for inf/NaN gradients never
+    reaches ``step`` and changes nothing. ``base_kwargs`` (``lr``, ``betas``, ...) go to ``base``.
+
+    **Parameters.** All of the model's parameters, in ``named_parameters()`` order (several groups
+    are concatenated in order), on one device. ``model.named_parameters()`` is accepted too and
+    then the names are checked as well (a ``module.`` / ``_orig_mod.`` prefix is ignored). The
+    signature must equal the generator's, else :class:`ArchitectureMismatchError` lists the
+    differences before anything is built. The generator runs on the parameters' device.
+
+    **Metrics.** A metric closure returns the metric the generator is conditioned on
+    (``generator.metric_name``, e.g. MNIST test loss) as a number or a one-element tensor (a
+    tensor with grad is fine), or a mapping that contains that name. Metric closures run under
+    ``torch.no_grad()``. ``generate(closure)`` calls it before and after the update;
+    ``generate(metric=m)`` takes the current value directly (then there is no guard).
+    Periodic mode (``every=k``) evaluates ``metric_closure`` (a constructor argument) every k base
+    steps; ``every`` without ``metric_closure`` is refused at construction.
+
+    **Prompts.** ``prompt=None`` uses the generator's recommended ``best_prompt``; a number is used
+    as is; a callable maps the current metric to a prompt. A prompt outside the generator's metric
+    range (as seen in its corpus) is clamped into it with a warning.
+
+    **Transactions.** An update samples θ′ with the private RNG, then validates it: the right shape,
+    all finite, and ``‖θ′−θ‖ <= max_update_ratio * max(‖θ‖, ‖θ_corpus‖)`` where ``‖θ_corpus‖ =
+    sqrt(P) * 0.538 / param_scale`` is the typical norm of a corpus checkpoint (so an update from
+    a near-zero init is not refused). With a closure and ``guard=True`` θ′ is copied in, the metric
+    re-measured, and θ restored unless the metric is not worse (``<=`` for minimised metrics,
+    ``>=`` for maximised ones). Any refusal leaves parameters, gradients and the base optimizer's
+    state exactly unchanged; only the counters ``attempted`` and ``rejected`` / ``failed`` move.
+    A broken sample does not raise: it returns a report with ``failed=True`` and warns. Bad input
+    (no metric, a NaN metric) raises :class:`GenerationError` before anything happens.
+
+    **After an accepted update** the base optimizer's state (Adam's moments and step count) is
+    kept as it was, as NiNo does; gradients are left as they were (zero them as usual).
+
+    **state_dict** is the base optimizer's, plus a ``"gpt"`` entry: the counters, the generator's
+    name and sha256 and the private RNG's state (a uint8 tensor), so it round-trips through
+    ``torch.load(weights_only=True)`` and a resumed run repeats an uninterrupted one, generative
+    updates included. It never holds the generator's weights. ``load_state_dict`` does not mutate
+    its input and refuses (:class:`OptimizerStateError`) a state saved with another generator
+    (different sha256). A plain base-optimizer state (no ``"gpt"`` entry) loads with zero counters.
+
+    **Randomness.** Sampling draws only from a private ``torch.Generator`` on the parameters'
+    device seeded with ``seed``; the global RNG is never touched.
+
+    **Distributed.** When ``torch.distributed`` is initialised, rank 0's θ′ and its accept
+    decision are broadcast, so every rank ends with identical parameters (all ranks must call
+    ``generate`` / ``step`` together, as with any collective).
+
+    Copies: ``copy.deepcopy`` and pickling keep a working optimizer (the generator is copied along;
+    a lambda ``metric_closure`` or ``prompt`` cannot be pickled).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict] | Iterable[tuple[str, torch.Tensor]],
+        generator: str | LoadedGenerator | Any,
+        *,
+        base: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
+        every: int | None = None,
+        prompt: float | Callable[[float], float] | None = None,
+        sampling_steps: int = 50,
+        sampling_method: str = "ddim",
+        seed: int = 0,
+        metric_closure: Callable[[], MetricValue] | None = None,
+        guard: bool = True,
+        max_update_ratio: float = 10.0,
+        **base_kwargs: Any,
+    ) -> None:
+        _check_args(params, every, sampling_steps, seed, metric_closure, prompt, max_update_ratio)
+        params = _materialize(params)
+        self.generator = load_generator(generator)  # WeightsError for unknown names / bad files
+        tensors, names = _flat_params(params)
+        device = tensors[0].device
+        if any(t.device != device for t in tensors):
+            raise ConfigError("all parameters must be on one device for GptOptimizer; move the model first")
+        _check_architecture(self.generator, tensors, names)
+        self.generator.to(device)
+
+        self.base = base(params, **base_kwargs)
+        # Optimizer.__init__ sets up hooks and profiling; then share the base's groups and state.
+        super().__init__(self.base.param_groups, self.base.defaults)
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        self.defaults = self.base.defaults
+
+        self.every = every
+        self.prompt = prompt
+        self.sampling_steps = sampling_steps
+        self.sampling_method = sampling_method
+        self.seed = seed
+        self.metric_closure = metric_closure
+        self.guard = guard
+        self.max_update_ratio = float(max_update_ratio)
+        self.counters = {k: 0 for k in COUNTERS}
+        self.last_report: GenerationReport | None = None
+        self._rng = torch.Generator(device=device)
+        self._rng.manual_seed(seed)
+
+    # ------------------------------------------------------------------ the base step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One base step (the closure is the usual loss closure); with ``every=k`` also a
+        generative update after every k-th step (its report is in ``last_report``)."""
+        if closure is None:
+            loss = self.base.step()
+        else:
+            with torch.enable_grad():
+                loss = self.base.step(closure)
+        self.counters["steps"] += 1
+        if self.every is not None and self.counters["steps"] % self.every == 0:
+            self.last_report = self.generate(self.metric_closure)
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------ generative updates
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The parameters in generator signature order (the groups' parameters concatenated)."""
+        return [p for g in self.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        closure: Callable[[], MetricValue] | None = None,
+        *,
+        metric: MetricValue | None = None,
+        prompt: float | Callable[[float], float] | None = None,
+    ) -> GenerationReport:
+        """One prompted generative update; see the class docstring for what is checked.
+
+        ``closure`` returns the generator's metric for the current parameters (measured before
+        and, with ``guard``, after the update); ``metric`` gives the current value directly.
+        ``prompt`` overrides the optimizer's prompt for this update.
+        """
+        start = time.perf_counter()
+        if metric is not None:
+            before = self._metric_value(metric, "metric=")
+        elif closure is not None:
+            before = self._metric_value(closure(), "the closure")
+        else:
+            raise GenerationError(
+                f"a generative update needs the current {self.generator.metric_name!r}: pass a closure that "
+                f"returns it, or metric=<value>"
+            )
+        target = self._resolve_prompt(self.prompt if prompt is None else prompt, before)
+        self.counters["attempted"] += 1
+        params = self.params
+
+        def finish(accepted: bool, reason: str | None, after=None, ratio=None, failed=False) -> GenerationReport:
+            key = "accepted" if accepted else ("failed" if failed else "rejected")
+            self.counters[key] += 1
+            report = GenerationReport(
+                accepted, reason, before, after, target, ratio, time.perf_counter() - start,
+                self.counters["steps"], failed,
+            )
+            if failed:
+                warnings.warn(f"generative update failed and was skipped: {reason}", RuntimeWarning, stacklevel=3)
+            return report
+
+        layout = self.generator.layout
+        theta = layout.flatten([p.detach() for p in params])  # [P]
+        new, error = self._sample(theta, before, target)  # [P] or None
+        new, error = _agree(new, error, theta)
+        if error is not None:
+            return finish(False, error, failed=True)
+        ratio, error = self._validate(theta, new)
+        if error is not None:
+            return finish(False, error, ratio=ratio, failed=True)
+
+        backup = [p.detach().clone() for p in params]
+        layout.load_into(new.to(theta.dtype), params)
+        after = None
+        if closure is not None and self.guard:
+            try:
+                after = self._metric_value(closure(), "the closure")
+                accept = math.isfinite(after) and not _worse(after, before, self.generator.metric_direction)
+                reason = None if accept else f"{self.generator.metric_name} went from {before:.6g} to {after:.6g}"
+            except Exception as exc:  # θ′ broke the closure: restore, count, report
+                accept, reason = False, f"the closure failed on the sampled parameters: {exc!r}"
+            accept = _broadcast_flag(accept, theta.device)
+            if not accept:
+                for p, b in zip(params, backup):
+                    p.copy_(b)
+                return finish(False, reason or "rank 0 rejected the update", after=after, ratio=ratio)
+        return finish(True, None, after=after, ratio=ratio)
+
+    def _sample(self, theta: torch.Tensor, before: float, target: float) -> tuple[torch.Tensor | None, str | None]:
+        """θ′ [P] from the generator, or the reason it could not be drawn."""
+        gen = self.generator
+        dtype = torch.float32
+        try:
+            out = gen.sample(
+                theta.to(dtype)[None],  # [1, P]
+                torch.tensor([before], dtype=dtype, device=theta.device),
+                torch.tensor([target], dtype=dtype, device=theta.device),
+                steps=self.sampling_steps,
+                method=self.sampling_method,
+                generator=self._rng,
+            )
+        except Exception as exc:  # a broken generator must not break training
+            return None, f"the generator raised {exc!r}"
+        if not isinstance(out, torch.Tensor) or out.numel() != theta.numel() or out.dim() > 2:
+            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            return None, f"the generator returned shape {shape}, expected [1, {theta.numel()}]"
+        if out.dim() == 2 and out.shape[0] != 1:
+            return None, f"the generator returned shape {list(out.shape)}, expected [1, {theta.numel()}]"
+        return out.reshape(-1).to(theta.device, torch.float32), None
+
+    def _validate(self, theta: torch.Tensor, new: torch.Tensor) -> tuple[float | None, str | None]:
+        """``(update_ratio, reason)``: reason is None when θ′ passes the finite and trust checks."""
+        if not torch.isfinite(new).all():
+            return None, "the sampled parameters contain NaN or Inf"
+        theta32 = theta.float()
+        corpus_norm = math.sqrt(theta.numel()) * 0.538 / self.generator.normalization.param_scale
+        reference = max(float(theta32.norm()), corpus_norm)
+        ratio = float((new - theta32).norm()) / reference
+        if not ratio <= self.max_update_ratio:
+            return ratio, (
+                f"the update's norm is {ratio:.3g} times the reference norm, above max_update_ratio="
+                f"{self.max_update_ratio:g}"
+            )
+        return ratio, None
+
+    def _metric_value(self, value: MetricValue, where: str) -> float:
+        name = self.generator.metric_name
+        if isinstance(value, Mapping):
+            if name not in value:
+                raise GenerationError(
+                    f"{where} returned metrics {sorted(map(str, value))}, but the generator "
+                    f"{self.generator.name!r} is conditioned on {name!r}; return that metric"
+                )
+            value = value[name]
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise GenerationError(f"{where} returned a tensor of shape {list(value.shape)}; return one {name!r} value")
+            value = value.detach().item()
+        if not isinstance(value, Real):
+            raise GenerationError(f"{where} returned {type(value).__name__}; return the {name!r} as a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise GenerationError(f"{where} returned {name}={value}; a generative update needs a finite metric")
+        return value
+
+    def _resolve_prompt(self, prompt, metric: float) -> float:
+        gen = self.generator
+        if prompt is None:
+            prompt = gen.best_prompt
+        elif callable(prompt):
+            prompt = prompt(metric)
+        prompt = float(prompt.item() if isinstance(prompt, torch.Tensor) else prompt)
+        if not math.isfinite(prompt):
+            raise GenerationError(f"the prompt is {prompt}; give a finite {gen.metric_name!r} to aim for")
+        lo, hi = gen.metric_range
+        if not lo <= prompt <= hi:
+            clamped = min(max(prompt, lo), hi)
+            warnings.warn(
+                f"prompt {prompt:g} is outside the generator's {gen.metric_name} range [{lo:g}, {hi:g}]; "
+                f"using {clamped:g}",
+                UserWarning,
+                stacklevel=4,
+            )
+            prompt = clamped
+        return prompt
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state plus ``"gpt"``: counters, generator name + sha256, RNG state."""
+        sd = super().state_dict()
+        sd["gpt"] = {
+            "counters": dict(self.counters),
+            "generator_name": self.generator.name,
+            "generator_sha256": self.generator.sha256,
+            "rng_state": self._rng.get_state(),  # uint8 tensor, a fresh copy
+            "seed": self.seed,
+        }
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (the input is copied, never mutated)."""
+        state_dict = copy.deepcopy(dict(state_dict))
+        gpt = state_dict.pop("gpt", None)
+        if gpt is not None and gpt.get("generator_sha256") != self.generator.sha256:
+            raise OptimizerStateError(
+                f"this state was saved with generator {gpt.get('generator_name')!r} (sha256 "
+                f"{str(gpt.get('generator_sha256'))[:12]}...), but the optimizer uses {self.generator.name!r} "
+                f"(sha256 {self.generator.sha256[:12]}...); load it with the same generator"
+            )
+        if gpt is not None:
+            unknown = set(gpt.get("counters", {})) - set(COUNTERS)
+            if unknown:
+                raise OptimizerStateError(f"unknown counters {sorted(unknown)} in the state; it is not a GptOptimizer state")
+        self.base.load_state_dict(state_dict)  # rebinds the base's groups and state: share them again
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        if gpt is None:
+            self.counters = {k: 0 for k in COUNTERS}
+            return
+        self.counters = {k: int(gpt["counters"].get(k, 0)) for k in COUNTERS}
+        self._rng.set_state(gpt["rng_state"].to("cpu", torch.uint8))
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Optimizer.__getstate__ keeps only defaults/state/param_groups; a GptOptimizer needs all.
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)  # restores hooks and the profiled step
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+
+    def __repr__(self) -> str:
+        c = self.counters
+        return (
+            f"GptOptimizer(base={type(self.base).__name__}, generator={self.generator.name!r}, "
+            f"metric={self.generator.metric_name!r}, every={self.every}, prompt={self.prompt!r}, "
+            f"sampling_steps={self.sampling_steps}, seed={self.seed}, groups={len(self.param_groups)}, "
+            f"steps={c['steps']}, generative updates accepted/rejected/failed="
+            f"{c['accepted']}/{c['rejected']}/{c['failed']})"
+        )
+
+
+# ---------------------------------------------------------------------- construction helpers
+
+
+def _check_args(params, every, sampling_steps, seed, metric_closure, prompt, max_update_ratio) -> None:
+    if isinstance(params, torch.Tensor):
+        raise ConfigError(
+            "params must be an iterable of tensors or parameter-group dicts, got a single tensor; "
+            "pass model.parameters() or [tensor]"
+        )
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ConfigError(f"Invalid every: {every!r} (use None for no periodic updates, or an int >= 1)")
+    if every is not None and metric_closure is None:
+        raise ConfigError(
+            f"every={every} needs metric_closure=<callable returning the generator's metric>, so that periodic "
+            f"updates know the current metric; or use every=None and call generate() yourself"
+        )
+    if isinstance(sampling_steps, bool) or not isinstance(sampling_steps, int) or sampling_steps < 1:
+        raise ConfigError(f"Invalid sampling_steps: {sampling_steps!r} (must be an int >= 1)")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"Invalid seed: {seed!r} (must be an int)")
+    if metric_closure is not None and not callable(metric_closure):
+        raise ConfigError("metric_closure must be a callable that returns the generator's metric")
+    if prompt is not None and not callable(prompt) and not isinstance(prompt, Real):
+        raise ConfigError(f"Invalid prompt: {prompt!r} (None, a number, or a callable metric -> prompt)")
+    if not (isinstance(max_update_ratio, Real) and max_update_ratio > 0):
+        raise ConfigError(f"Invalid max_update_ratio: {max_update_ratio!r} (must be > 0; math.inf disables the bound)")
+
+
+def _materialize(params) -> list:
+    """A list of tensors, ``(name, tensor)`` pairs or group dicts; refuses duplicates and empties."""
+    params = [
+        dict(g, params=[g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"]))
+        if isinstance(g, dict) else g
+        for g in params
+    ]
+    if not params:
+        raise ConfigError("GptOptimizer got an empty parameter list; pass model.parameters()")
+    seen: set[int] = set()
+    for t in _flat_params(params)[0]:
+        if not isinstance(t, torch.Tensor):
+            raise ConfigError(f"params must hold tensors, got {type(t).__name__}")
+        if id(t) in seen:
+            raise ConfigError(f"a parameter of shape {list(t.shape)} is listed twice; list each parameter once")
+        seen.add(id(t))
+    return params
+
+
+def _flat_params(params: list) -> tuple[list[torch.Tensor], list[str] | None]:
+    """All tensors in order, and their names when every one is named (else None)."""
+    tensors: list[torch.Tensor] = []
+    names: list[str | None] = []
+
+    def add(items) -> None:
+        if isinstance(items, torch.Tensor):
+            items = [items]
+        for item in items:
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                names.append(item[0])
+                tensors.append(item[1])
+            else:
+                names.append(None)
+                tensors.append(item)
+
+    for item in params:
+        if isinstance(item, dict):
+            add(item["params"])
+        else:
+            add([item])
+    return tensors, (None if any(n is None for n in names) else names)  # type: ignore[return-value]
+
+
+def _check_architecture(gen: LoadedGenerator, tensors: list[torch.Tensor], names: list[str] | None) -> None:
+    expected = gen.layout.signature
+    if names is None:  # positional: take the generator's names for the shapes we were given
+        exp_names = [n for n, _ in expected]
+        names = [exp_names[i] if i < len(exp_names) else f"<extra parameter #{i}>" for i in range(len(tensors))]
+    else:
+        names = [_strip_prefix(n) for n in names]
+    actual = tuple((n, tuple(t.shape)) for n, t in zip(names, tensors))
+    check_signature(expected, actual, what=f"the parameters given to GptOptimizer (generator {gen.name!r})")
+
+
+def _strip_prefix(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+
+
+# ---------------------------------------------------------------------- update helpers
+
+
+def _worse(after: float, before: float, direction: str) -> bool:
+    return after > before if direction == "min" else after < before
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def _agree(new: torch.Tensor | None, error: str | None, theta: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
+    """Under torch.distributed: fail everywhere if any rank failed, else take rank 0's θ′."""
+    if not _distributed():
+        return new, error
+    dist = torch.distributed
+    ok = torch.tensor([0 if error is not None else 1], device=theta.device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if not bool(ok.item()):
+        return None, error or "the generator failed on another rank"
+    dist.broadcast(new, src=0)
+    return new, None
+
+
+def _broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's decision on every rank (the flag itself when not distributed)."""
+    if not _distributed():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.broadcast(t, src=0)
+    return bool(t.item())

@@ -378,7 +378,7 @@ def load_generator(source, *, device: torch.device | str | None = None) -> Loade
 
 
 def _build(manifest: dict, blob: bytes, where: str, digest: str, device) -> LoadedGenerator:
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
     from .diffusion import Diffusion, DiffusionConfig
@@ -386,7 +386,7 @@ def _build(manifest: dict, blob: bytes, where: str, digest: str, device) -> Load
 
     try:
         tensors = load_safetensors(blob)
-    except (SafetensorsError, ValueError, RuntimeError) as exc:
+    except (SafetensorError, ValueError, RuntimeError) as exc:
         raise WeightsError(f"weights of {where} are not a valid safetensors file ({exc})") from None
     bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:

@@ -1,0 +1,235 @@
+"""The weights format: save/load round trip, the registry, and every way a weights file can be bad."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from learned_opt import pretrained, tasks
+from learned_opt.diffusion import DiffusionConfig
+from learned_opt.errors import WeightsError
+from learned_opt.generator import build_generator
+from learned_opt.normalization import Normalization
+from learned_opt.pretrained import (
+    MANIFEST_FORMAT_VERSION,
+    LoadedGenerator,
+    list_pretrained,
+    load_generator,
+    save_generator,
+    sha256_file,
+)
+
+NORM = Normalization.from_stats(0.1, 0.0, 2.5)
+DIFF = DiffusionConfig(num_steps=100)
+
+
+def _save(folder: Path, name: str = "mnist-tiny", perturb: bool = True) -> Path:
+    torch.manual_seed(0)
+    model = build_generator(tasks.get("mnist-mlp").layout(), "tiny")
+    if perturb:
+        with torch.no_grad():
+            model.decoder.bias.normal_(0, 0.01)
+    return save_generator(
+        folder, name, model, DIFF, NORM, task="mnist-mlp", metric="test_loss", best_prompt=0.0,
+        corpus={"runs": 3}, training={"epochs": 1}, extra={"note": "test"},
+    )
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    return _save(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture
+def copy_of(saved, tmp_path):
+    """A fresh copy of the saved pair, safe to damage."""
+    for suffix in (".json", ".safetensors"):
+        (tmp_path / f"mnist-tiny{suffix}").write_bytes(saved.with_suffix(suffix).read_bytes())
+    return tmp_path / "mnist-tiny.json"
+
+
+def test_save_writes_manifest_with_every_field(saved):
+    m = json.loads(saved.read_text())
+    for key in pretrained.REQUIRED_KEYS + ("corpus", "training", "created", "package_version", "extra"):
+        assert key in m, key
+    assert m["format_version"] == MANIFEST_FORMAT_VERSION
+    assert m["num_params"] == 7960 and m["metric_direction"] == "min"
+    assert m["metric_range"] == [0.0, 2.5] and m["tokenisation"] == {"chunk_size": 1000, "num_tokens": 11}
+    assert m["weights_sha256"] == sha256_file(saved.with_name(m["weights_file"]))
+    assert not [p for p in saved.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_round_trip_same_weights_and_samples(saved):
+    a = load_generator(saved)
+    b = load_generator(saved.with_suffix(".safetensors"))
+    assert load_generator(a) is a
+    assert a.sha256 == b.sha256 and a.metric_name == "test_loss" and a.metric_range == (0.0, 2.5)
+    for (ka, va), (kb, vb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    theta = torch.randn(2, 7960) * 0.1
+    metric, prompt = torch.tensor([2.0, 1.0]), torch.tensor([0.0, 0.5])
+    sa = a.sample(theta, metric, prompt, steps=3, generator=torch.Generator().manual_seed(1))
+    sb = b.sample(theta, metric, prompt, steps=3, generator=torch.Generator().manual_seed(1))
+    assert sa.shape == (2, 7960) and torch.equal(sa, sb) and not torch.equal(sa, theta)
+
+
+def test_untrained_generator_returns_theta(tmp_path):
+    gen = load_generator(_save(tmp_path, perturb=False))
+    theta = torch.randn(1, 7960) * 0.05
+    out = gen.sample(theta, torch.tensor([1.0]), torch.tensor([0.0]), steps=2, generator=torch.Generator())
+    torch.testing.assert_close(out, theta)
+
+
+def test_registry_lists_and_loads_by_name(saved, monkeypatch):
+    monkeypatch.setattr(pretrained, "_weights_dir", lambda: saved.parent)
+    (listed,) = list_pretrained()
+    assert listed["name"] == "mnist-tiny" and listed["task"] == "mnist-mlp" and listed["metric"] == "test_loss"
+    assert listed["architecture"]["num_params"] == 7960 and "fc1.weight[10, 784]" in listed["architecture"]["signature"]
+    assert listed["sha256"] == load_generator("mnist-tiny").sha256
+
+
+def test_unknown_name_lists_known_ones(saved, monkeypatch):
+    monkeypatch.setattr(pretrained, "_weights_dir", lambda: saved.parent)
+    with pytest.raises(WeightsError, match="unknown generator 'nope'.*mnist-tiny"):
+        load_generator("nope")
+
+
+def test_shipped_folder_lists_without_error():
+    assert isinstance(list_pretrained(), list)
+
+
+# ---------------------------------------------------------------------- bad files
+
+
+def _rewrite_manifest(path: Path, **changes) -> None:
+    m = json.loads(path.read_text())
+    m.update(changes)
+    path.write_text(json.dumps(m))
+
+
+def _corrupt(p: Path) -> None:
+    data = bytearray(p.with_suffix(".safetensors").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    p.with_suffix(".safetensors").write_bytes(bytes(data))
+
+
+def _truncate(p: Path) -> None:
+    w = p.with_suffix(".safetensors")
+    w.write_bytes(w.read_bytes()[:1000])
+
+
+def _wrong_hash(p: Path) -> None:
+    _rewrite_manifest(p, weights_sha256="0" * 64)
+
+
+def _wrong_version(p: Path) -> None:
+    _rewrite_manifest(p, format_version=MANIFEST_FORMAT_VERSION + 1)
+
+
+def _nan_weights(p: Path) -> None:
+    """NaN inside a well-formed file whose hash the manifest matches: only the NaN check can catch it."""
+    w = p.with_suffix(".safetensors")
+    tensors = load_generator(p).model.state_dict()
+    tensors = {k: v.clone().contiguous() for k, v in tensors.items()}
+    tensors["decoder.bias"][0, 0] = float("nan")
+    save_file(tensors, str(w))
+    _rewrite_manifest(p, weights_sha256=sha256_file(w))
+
+
+def _missing_weights(p: Path) -> None:
+    p.with_suffix(".safetensors").unlink()
+
+
+def _bad_json(p: Path) -> None:
+    p.write_text("{not json")
+
+
+def _missing_key(p: Path) -> None:
+    m = json.loads(p.read_text())
+    del m["signature"]
+    p.write_text(json.dumps(m))
+
+
+def _garbage_with_matching_hash(p: Path) -> None:
+    w = p.with_suffix(".safetensors")
+    w.write_bytes(struct.pack("<Q", 10**9) + b"junk")
+    _rewrite_manifest(p, weights_sha256=sha256_file(w))
+
+
+def _wrong_config(p: Path) -> None:
+    m = json.loads(p.read_text())
+    m["model_config"]["d_model"] = 64
+    p.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (_corrupt, "sha256"),
+        (_truncate, "sha256"),
+        (_wrong_hash, "sha256"),
+        (_wrong_version, "format_version"),
+        (_nan_weights, "NaN"),
+        (_missing_weights, "missing"),
+        (_bad_json, "not valid JSON"),
+        (_missing_key, "lacks"),
+        (_garbage_with_matching_hash, "safetensors"),
+        (_wrong_config, "does not match"),
+    ],
+)
+def test_bad_files_raise_weights_error_and_change_nothing(copy_of, damage, message):
+    damage(copy_of)
+    before = {p.name: p.read_bytes() for p in copy_of.parent.iterdir()}
+    with pytest.raises(WeightsError, match=message):
+        load_generator(copy_of)
+    assert {p.name: p.read_bytes() for p in copy_of.parent.iterdir()} == before
+
+
+def test_hash_checked_before_parsing(copy_of, monkeypatch):
+    import safetensors.torch
+
+    _corrupt(copy_of)
+    monkeypatch.setattr(safetensors.torch, "load", lambda *a, **k: pytest.fail("parsed before the hash check"))
+    with pytest.raises(WeightsError, match="sha256"):
+        load_generator(copy_of)
+
+
+def test_never_calls_torch_load(saved, monkeypatch):
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called"))
+    assert isinstance(load_generator(saved), LoadedGenerator)
+
+
+def test_missing_manifest_and_bad_source(tmp_path):
+    with pytest.raises(WeightsError, match="no generator manifest"):
+        load_generator(tmp_path / "absent.json")
+    with pytest.raises(WeightsError, match="cannot load a generator from int"):
+        load_generator(3)
+
+
+def test_save_refuses_nan_and_bad_names(tmp_path):
+    model = build_generator(tasks.get("mnist-mlp").layout(), "tiny")
+    kw = dict(task="mnist-mlp", metric="test_loss", best_prompt=0.0, corpus={}, training={})
+    with pytest.raises(ValueError, match="invalid generator name"):
+        save_generator(tmp_path, "../x", model, DIFF, NORM, **kw)
+    with torch.no_grad():
+        model.decoder.bias.fill_(float("nan"))
+    with pytest.raises(WeightsError, match="non-finite"):
+        save_generator(tmp_path, "nan", model, DIFF, NORM, **kw)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_to_device_and_overwrite(tmp_path):
+    first = _save(tmp_path)
+    sha = json.loads(first.read_text())["weights_sha256"]
+    torch.manual_seed(1)
+    model = build_generator(tasks.get("mnist-mlp").layout(), "tiny")
+    save_generator(tmp_path, "mnist-tiny", model, DIFF, NORM, task="mnist-mlp", metric="test_loss",
+                   best_prompt=0.0, corpus={}, training={})
+    gen = load_generator(first, device="cpu")
+    assert gen.sha256 != sha and gen.device.type == "cpu"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist-tiny.json", "mnist-tiny.safetensors"]

@@ -62,6 +62,7 @@ class FnGenerator(LoadedGenerator):
 
     def sample(self, theta, metric, prompt, *, steps=50, method="ddim", generator):
         self.calls += 1
+        self.last_call = dict(theta=theta.clone(), metric=metric.clone(), prompt=prompt.clone(), steps=steps)
         return self.fn(theta)
 
 

@@ -1,0 +1,287 @@
+"""GptOptimizer as a torch.optim.Optimizer: construction, base-optimizer equivalence, state, copies."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from gpt_helpers import assert_same, snapshot, tiny_generator, toy_loss, toy_model
+from torch import nn
+
+from learned_opt.errors import ArchitectureMismatchError, ConfigError, OptimizerStateError, WeightsError
+from learned_opt.optimizer import GptOptimizer
+from learned_opt.tasks import MLP
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return tiny_generator()
+
+
+def _train(model, opt, steps: int, *, scheduler=None, data=None) -> list[float]:
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = toy_loss(model, data)
+        loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+# ---------------------------------------------------------------------- construction tables
+
+
+def _valid_configs(model):
+    named = list(model.named_parameters())
+    p = list(model.parameters())
+    return {
+        "defaults": dict(params=model.parameters()),
+        "named": dict(params=model.named_parameters()),
+        "groups": dict(params=[{"params": p[:2], "lr": 1e-2}, {"params": p[2:], "weight_decay": 0.1}]),
+        "named groups": dict(params=[{"params": named[:2]}, {"params": named[2:]}]),
+        "sgd": dict(params=p, base=torch.optim.SGD, lr=0.1, momentum=0.9),
+        "periodic": dict(params=p, every=5, metric_closure=lambda: 1.0, prompt=lambda m: m / 2),
+        "prompt": dict(params=p, prompt=0.5, sampling_steps=3, seed=7, guard=False),
+    }
+
+
+@pytest.mark.parametrize("name", ["defaults", "named", "groups", "named groups", "sgd", "periodic", "prompt"])
+def test_valid_configurations(gen, name):
+    model = toy_model()
+    opt = GptOptimizer(generator=gen, **_valid_configs(model)[name])
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is opt.base.param_groups and opt.state is opt.base.state
+    assert [id(p) for p in opt.params] == [id(p) for p in model.parameters()]
+    _train(model, opt, 2)
+
+
+def _invalid(model):
+    p = list(model.parameters())
+    return [
+        (dict(params=p, lr=-1.0), ValueError, "learning rate"),
+        (dict(params=p, every=0, metric_closure=lambda: 1.0), ConfigError, "Invalid every"),
+        (dict(params=p, every=-3, metric_closure=lambda: 1.0), ConfigError, "Invalid every"),
+        (dict(params=p, every=1.5, metric_closure=lambda: 1.0), ConfigError, "Invalid every"),
+        (dict(params=p, every=True, metric_closure=lambda: 1.0), ConfigError, "Invalid every"),
+        (dict(params=p, every=10), ConfigError, "needs metric_closure"),
+        (dict(params=p, sampling_steps=0), ConfigError, "sampling_steps"),
+        (dict(params=p, seed="0"), ConfigError, "seed"),
+        (dict(params=p, prompt="low"), ConfigError, "prompt"),
+        (dict(params=p, max_update_ratio=0), ConfigError, "max_update_ratio"),
+        (dict(params=p[0]), ConfigError, "single tensor"),
+        (dict(params=[]), ConfigError, "empty"),
+        (dict(params=p + p[:1]), ConfigError, "listed twice"),
+        (dict(params=p, generator="no-such-generator"), WeightsError, "unknown generator"),
+        (dict(params=p, generator="/nowhere/gen.json"), WeightsError, "no generator manifest"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(15))
+def test_invalid_configurations_raise_clear_errors(gen, case):
+    model = toy_model()
+    kwargs, error, message = _invalid(model)[case]
+    kwargs.setdefault("generator", gen)
+    before = snapshot(model)
+    with pytest.raises(error, match=message):
+        GptOptimizer(**kwargs)
+    assert_same(snapshot(model), before)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: MLP((8, 7, 3)).parameters(), "has shape \\[7, 8\\], expected \\[6, 8\\]"),
+        (lambda: list(toy_model().parameters())[:-1], "missing parameter 'fc2.bias'"),
+        (lambda: [*toy_model().parameters(), nn.Parameter(torch.zeros(2))], "unexpected parameter"),
+        (lambda: list(toy_model().parameters())[::-1], "fc1.weight"),
+        (lambda: list(toy_model().named_parameters())[::-1], "in order"),
+        (lambda: [(f"x.{n}", p) for n, p in toy_model().named_parameters()], "missing parameter 'fc1.weight'"),
+    ],
+    ids=["width", "missing", "extra", "order", "named order", "names"],
+)
+def test_architecture_mismatch_fails_before_touching_anything(gen, make, message):
+    params = list(make())
+    tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+    before = [t.detach().clone() for t in tensors]
+    with pytest.raises(ArchitectureMismatchError, match=message):
+        GptOptimizer(params, gen)
+    assert all(torch.equal(t, b) and t.grad is None for t, b in zip(tensors, before))
+
+
+def test_wrapped_model_names_are_accepted(gen):
+    wrapped = nn.Module()
+    wrapped.module = toy_model()
+    GptOptimizer(wrapped.named_parameters(), gen)
+
+
+# ---------------------------------------------------------------------- equals the base optimizer
+
+
+@pytest.mark.parametrize(
+    "base, kwargs",
+    [(torch.optim.Adam, dict(lr=1e-2, weight_decay=1e-3)), (torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
+     (torch.optim.AdamW, dict(lr=1e-2, amsgrad=True))],
+    ids=["adam", "sgd", "adamw"],
+)
+def test_bit_identical_to_base_without_generative_updates(gen, base, kwargs):
+    a, b = toy_model(), toy_model()
+    opt_a = GptOptimizer(a.parameters(), gen, base=base, **kwargs)
+    opt_b = base(b.parameters(), **kwargs)
+    _train(a, opt_a, 15)
+    _train(b, opt_b, 15)
+    assert_same(snapshot(a, opt_a), snapshot(b, opt_b))
+
+
+def test_param_groups_grad_none_zero_and_frozen_like_base(gen):
+    def build():
+        m = toy_model()
+        m.fc2.bias.requires_grad_(False)  # frozen: never gets a grad
+        groups = [
+            {"params": [m.fc1.weight, m.fc1.bias], "lr": 3e-2, "weight_decay": 0.1},
+            {"params": [m.fc2.weight, m.fc2.bias], "lr": 1e-3},
+        ]
+        return m, groups
+
+    (a, ga), (b, gb) = build(), build()
+    opt_a, opt_b = GptOptimizer(ga, gen, lr=1e-2), torch.optim.Adam(gb, lr=1e-2)
+    for step in range(6):
+        for m, opt in ((a, opt_a), (b, opt_b)):
+            opt.zero_grad()
+            toy_loss(m).backward()
+            if step % 2:
+                m.fc1.bias.grad.zero_()  # zero gradients
+            if step == 3:
+                m.fc2.weight.grad = None  # grad None for one step
+            opt.step()
+    assert_same(snapshot(a, opt_a), snapshot(b, opt_b))
+    assert opt_a.param_groups[0]["lr"] == 3e-2 and opt_a.param_groups[1]["weight_decay"] == 0.0
+
+
+def test_loss_decreases_with_lr_scheduler(gen):
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), gen, lr=3e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.5)
+    losses = _train(model, opt, 30, scheduler=sched)
+    assert losses[-1] < 0.8 * losses[0]
+    assert opt.param_groups[0]["lr"] == pytest.approx(3e-2 / 8)
+    assert opt.base.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
+
+
+def test_closure_step_hooks_and_zero_grad(gen):
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), gen, lr=1e-2)
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+
+    def closure():
+        opt.zero_grad()
+        loss = toy_loss(model)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert torch.is_tensor(loss) and calls == ["pre", "post"] and opt.counters["steps"] == 1
+    opt.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_grad_scaler_skipped_step_changes_nothing(gen):
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), gen, lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    for poison in (False, True):
+        opt.zero_grad()
+        scaler.scale(toy_loss(model)).backward()
+        if poison:
+            model.fc1.weight.grad[0, 0] = float("inf")
+            before = snapshot(model, opt)
+            counters = dict(opt.counters)
+        scaler.step(opt)
+        scaler.update()
+    after = snapshot(model, opt)
+    after["grads"], before["grads"] = [], []  # unscale_ legitimately divides the grads
+    assert_same(after, before)
+    assert opt.counters == counters and counters["steps"] == 1
+    assert scaler.get_scale() == 2.0**3
+
+
+# ---------------------------------------------------------------------- state, copies, repr
+
+
+def _roundtrip(sd: dict) -> dict:
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def test_state_dict_round_trip_resumes_exactly_and_input_is_not_mutated(gen):
+    straight = toy_model()
+    opt = GptOptimizer(straight.parameters(), gen, lr=1e-2)
+    _train(straight, opt, 10)
+
+    first = toy_model()
+    opt1 = GptOptimizer(first.parameters(), gen, lr=1e-2)
+    _train(first, opt1, 5)
+    sd = _roundtrip(opt1.state_dict())
+    assert sd["gpt"]["rng_state"].dtype == torch.uint8 and "model" not in str(sd["gpt"].keys())
+    pristine = copy.deepcopy(sd)
+    resumed = toy_model()
+    resumed.load_state_dict(first.state_dict())
+    opt2 = GptOptimizer(resumed.parameters(), gen, lr=1e-2)
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups is opt2.base.param_groups and opt2.state is opt2.base.state
+    _train(resumed, opt2, 5)
+    assert_same(snapshot(resumed, opt2), snapshot(straight, opt))
+    assert opt2.counters == opt.counters
+    assert_same(sd, pristine)
+
+
+def test_load_state_from_other_generator_is_refused(gen):
+    model = toy_model()
+    sd = GptOptimizer(model.parameters(), tiny_generator(perturb=0.1, name="other"), lr=1e-2).state_dict()
+    opt = GptOptimizer(model.parameters(), gen, lr=1e-2)
+    before = opt.state_dict()
+    with pytest.raises(OptimizerStateError, match="saved with generator 'other'"):
+        opt.load_state_dict(sd)
+    assert_same(opt.state_dict(), before)
+
+
+def test_plain_base_state_loads_with_zero_counters(gen):
+    a, b = toy_model(), toy_model()
+    adam = torch.optim.Adam(a.parameters(), lr=1e-2)
+    _train(a, adam, 3)
+    opt = GptOptimizer(b.parameters(), gen, lr=1e-2)
+    opt.load_state_dict(adam.state_dict())
+    assert opt.counters["steps"] == 0 and len(opt.state) == 4
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_keep_a_working_optimizer(gen, how):
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), gen, lr=1e-2, seed=3, sampling_steps=4)
+    _train(model, opt, 2)
+    clone = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
+    assert clone.param_groups is clone.base.param_groups and clone.state is clone.base.state
+    assert clone.counters == opt.counters and torch.equal(clone._rng.get_state(), opt._rng.get_state())
+    params = clone.params
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    clone.step()
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))
+    assert clone.generate(metric=1.0).accepted
+
+
+def test_repr_is_informative(gen):
+    text = repr(GptOptimizer(toy_model().parameters(), gen, lr=1e-2, every=4, metric_closure=lambda: 1.0))
+    for part in ("GptOptimizer", "Adam", "toy-tiny", "every=4", "loss", "accepted/rejected/failed=0/0/0"):
+        assert part in text
+

@@ -1,0 +1,693 @@
+"""Train a generator on a checkpoint corpus (``learned-opt train``).
+
+G.pt's recipe: the diffusion transformer learns to predict θ′ from noised θ′, θ and the metrics
+of both (:mod:`pretrain.dataset` makes the pairs), with AdamW (decay on matrices only), a cosine
+learning rate after a linear warmup, gradient clipping and an EMA copy of the weights, which is
+what gets exported. bf16 autocast on CUDA.
+
+Everything a job writes lives in ``--out``:
+
+* ``checkpoint.pt`` — model, EMA, optimizer, scheduler, step, RNG states, config, split and
+  normalisation; tensors and plain containers only (``torch.load(weights_only=True)``), written
+  atomically. ``--resume`` continues it exactly: N steps in one go equal N/2 + resume + N/2, bit
+  for bit on CPU. The data position is the step number (pairs are drawn from a generator seeded
+  by ``(seed, step)``), so nothing about the data needs replaying;
+* ``log.jsonl`` — one record per ``--log-every`` steps (loss, lr, grad norm, samples/s, held-out
+  loss of the model and of its EMA every ``--eval-every`` steps) and ``loss.png`` drawn from it;
+* ``{name}.safetensors`` + ``{name}.json`` — the exported EMA generator
+  (:func:`learned_opt.pretrained.save_generator`), written when training reaches ``--steps``, or
+  from the checkpoint with ``--export-only``.
+
+Under ``torchrun --nproc_per_node N`` the job runs DistributedDataParallel (gloo on CPU, NCCL on
+GPU): every rank draws the same global batch of ``--batch-size`` pairs and trains on its own
+stride of it; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from learned_opt.diffusion import Diffusion, DiffusionConfig
+from learned_opt.errors import ConfigError, TrainingError
+from learned_opt.generator import PRESETS, Gpt, GptConfig, build_generator
+from learned_opt.layout import Layout, signature_from_json, signature_to_json
+from learned_opt.normalization import Normalization
+
+from .dataset import PairConfig, PairCorpus, PairSampler, Split, open_pairs, seeded_generator
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.jsonl"
+PLOT_NAME = "loss.png"
+CHECKPOINT_FORMAT = "learned-opt/generator-training"
+CHECKPOINT_VERSION = 1
+
+
+# ---------------------------------------------------------------------------------- config
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a generator training job (G.pt's values where it had one)."""
+
+    store: str = ""  # the corpus store to train on
+    out: str = "generator-run"  # where checkpoint, logs and exported weights go
+    task: str | None = None  # the task the store must hold; None: whatever it holds
+    metric: str | None = None  # conditioning metric; None: the task's default_metric
+    preset: str = "tiny"  # generator size (learned_opt.generator.PRESETS)
+    chunk_size: int = 1000  # parameters per token (G.pt: <= 1000)
+    steps: int = 1000  # optimizer steps in total
+    batch_size: int = 64  # pairs per step, over all ranks together
+    lr: float = 4e-4  # G.pt: 4e-4
+    weight_decay: float = 0.1  # G.pt: 0.1, on matrices only
+    warmup: int = 100  # linear warmup steps, then cosine to min_lr_ratio * lr
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 switches clipping off
+    ema_decay: float = 0.9999  # G.pt: 0.9999; ramped up as min(decay, (1+n)/(10+n)) over the first steps
+    seed: int = 0  # model init, pair sampling, noise
+    max_gap: int = 199  # pairs θ_i -> θ_j with 1 <= j - i <= max_gap (G.pt: 199)
+    heldout_fraction: float = 0.1  # share of runs held out (by run id)
+    augment: bool = True  # random hidden-unit permutation per pair
+    diffusion_steps: int = 1000  # G.pt: 1000
+    schedule: str = "linear"  # G.pt: linear betas 1e-4..0.02
+    amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
+    device: str = "auto"  # "auto": cuda:LOCAL_RANK when CUDA is there, else cpu
+    log_every: int = 10
+    eval_every: int = 200  # held-out loss every so many steps (0: only at the end)
+    eval_batches: int = 2  # held-out batches per evaluation (fixed pairs, fixed noise)
+    checkpoint_every: int = 500
+    stop_after: int | None = None  # stop (with a checkpoint) at this step, e.g. before a preemption
+    name: str | None = None  # export name; None: "{task}-{metric}-{preset}"
+    export: bool = True  # export the EMA generator when training reaches `steps`
+    resume: bool = False  # continue the checkpoint in `out` (start fresh when there is none)
+
+    def validate(self, world: int = 1) -> None:
+        """Raise :class:`ConfigError` for values that cannot work."""
+        positive = ("steps", "batch_size", "chunk_size", "log_every", "checkpoint_every", "diffusion_steps", "max_gap")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.store:
+            raise ConfigError("no corpus given: pass --store DIR (a store built by `learned-opt corpus`)")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup < 0 or self.eval_every < 0:
+            raise ConfigError("--weight-decay, --grad-clip, --warmup and --eval-every must be >= 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.batch_size % world:
+            raise ConfigError(
+                f"--batch-size {self.batch_size} is the global batch and must be divisible by the "
+                f"number of processes ({world})"
+            )
+        if self.stop_after is not None and self.stop_after < 1:
+            raise ConfigError(f"--stop-after must be a positive step number, got {self.stop_after}")
+
+    def pair_config(self) -> PairConfig:
+        return PairConfig(
+            metric=self.metric, max_gap=self.max_gap, heldout_fraction=self.heldout_fraction,
+            split_seed=self.seed, augment=self.augment,
+        )
+
+    def diffusion_config(self) -> DiffusionConfig:
+        return DiffusionConfig(num_steps=self.diffusion_steps, schedule=self.schedule)
+
+
+# Settings a resumed job may change; every other field must equal the checkpoint's.
+RESUMABLE_CHANGES = frozenset(
+    {"store", "out", "steps", "stop_after", "log_every", "eval_every", "eval_batches",
+     "checkpoint_every", "device", "amp", "name", "export", "resume"}
+)
+# Checked first and named in the error: they change what the model *is*.
+IDENTITY_FIELDS = ("task", "metric", "preset", "chunk_size", "diffusion_steps", "schedule")
+
+
+def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
+    """Refuse (with :class:`TrainingError`) to resume ``saved`` under an incompatible ``config``."""
+    now = asdict(config)
+    diffs = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+    # task/metric may be None in one and resolved in the other: compare resolved values
+    diffs = [k for k in diffs if not (k in ("task", "metric") and now[k] is None)]
+    if diffs:
+        key = [k for k in diffs if k in IDENTITY_FIELDS] or diffs
+        what = ", ".join(f"{k}={saved.get(k)!r} (asked: {now[k]!r})" for k in key)
+        raise TrainingError(
+            f"cannot resume {path}: it was trained with {what}; resume with the checkpoint's settings "
+            "(leave those options out) or train into a new --out"
+        )
+
+
+# ---------------------------------------------------------------------------------- pieces
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in a (possibly one-process) job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # whether this module initialised the process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun job when there is one (gloo on CPU, NCCL on CUDA) and pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world == 1 and not dist.is_initialized():
+        return DistInfo(device=dev)
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        owns = True
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns)
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
+    """Linear warmup over ``warmup`` steps, then cosine from 1 to ``min_ratio`` at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: Gpt, config: TrainConfig) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over decay / no-decay groups and its warmup-cosine schedule."""
+    opt = torch.optim.AdamW(model.optim_groups(config.weight_decay), lr=config.lr, betas=(0.9, 0.999))
+
+    def factor(step: int) -> float:  # a plain function: LambdaLR's state_dict then holds no callables
+        return lr_factor(step, config.warmup, config.steps, config.min_lr_ratio)
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class Ema:
+    """An exponential moving average of a model's weights (the copy that gets exported)."""
+
+    def __init__(self, model: Gpt, decay: float) -> None:
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+
+    def decay_at(self, step: int) -> float:
+        """``decay``, ramped in over the first steps so a short run's EMA is not its initialisation."""
+        return min(self.decay, (1.0 + step) / (10.0 + step))
+
+    @torch.no_grad()
+    def update(self, model: Gpt, step: int) -> None:
+        weight = 1.0 - self.decay_at(step)
+        torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), weight)
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+def atomic_torch_save(obj: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, checked for format and version (:class:`TrainingError` otherwise)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise TrainingError(f"no training checkpoint at {path}: train first, or point --out at a training run") from None
+    except Exception as exc:
+        raise TrainingError(
+            f"cannot read the training checkpoint {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "it is corrupt or not a training checkpoint: "
+            "restore it from a copy or train into a new --out"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path} is not a learned-opt generator training checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise TrainingError(
+            f"{path} has checkpoint version {state.get('version')}, this learned-opt reads version "
+            f"{CHECKPOINT_VERSION}; use the learned-opt version that wrote it"
+        )
+    return state
+
+
+def hardware_summary(info: DistInfo) -> dict:
+    """Where training ran, for the manifest."""
+    dev = info.device
+    return {
+        "device": dev.type,
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "world_size": info.world,
+        "cpu_count": os.cpu_count(),
+        "torch": str(torch.__version__),
+        "platform": platform.platform(),
+    }
+
+
+# ---------------------------------------------------------------------------------- logging
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    return out
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Drop log records after ``last_step`` (written after the checkpoint a job resumes from)."""
+    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def plot_losses(log_path: Path, png_path: Path) -> str | None:
+    """Draw the loss curve from the JSONL log; returns a note when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no loss-curve PNG (pip install 'learned-opt[dev]')"
+    records = read_jsonl(log_path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("heldout_loss", "held-out"), ("heldout_loss_ema", "held-out (EMA)")):
+        pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=label, marker="." if len(pts) < 50 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("diffusion loss (x0 MSE)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = png_path.with_name(f".{png_path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return None
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` hands back."""
+
+    model: Gpt  # the trained weights (not the DDP wrapper)
+    ema: Gpt  # the EMA weights (what gets exported)
+    step: int
+    last: dict  # the last log record
+    checkpoint: Path | None
+    manifest: Path | None  # the exported manifest, when exported
+    notes: list[str]
+
+
+@torch.no_grad()
+def heldout_loss(models: dict[str, Gpt], diffusion: Diffusion, corpus: PairCorpus, config: TrainConfig,
+                 info: DistInfo, autocast) -> dict[str, float]:
+    """Diffusion loss of each model on fixed held-out pairs with fixed noise (averaged over ranks)."""
+    sampler = PairSampler(len(corpus.heldout), config.batch_size, config.seed, corpus.task, augment=False)
+    totals = torch.zeros(len(models), dtype=torch.float64)
+    for b in range(config.eval_batches):
+        idx, _ = sampler.global_batch(b, stream="heldout")
+        idx, _ = PairSampler.shard(idx, None, info.rank, info.world)
+        batch = corpus.heldout.batch(idx).to(info.device)
+        for k, model in enumerate(models.values()):
+            gen = seeded_generator("heldout-noise", config.seed, b, info.rank, device=info.device)
+            with autocast():
+                totals[k] += diffusion.training_loss(model, batch.theta_next, batch.cond(), generator=gen).item()
+    totals = _mean_over_ranks(totals / config.eval_batches, info)
+    return {name: float(v) for name, v in zip(models, totals)}
+
+
+def _rng_states(info: DistInfo) -> dict:
+    """The global torch RNG state of every rank (dropout draws from it)."""
+    mine = {"cpu": torch.get_rng_state()}
+    if info.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(info.device)
+    if info.world == 1:
+        return {"ranks": [mine]}
+    gathered: list = [None] * info.world
+    dist.all_gather_object(gathered, mine)
+    return {"ranks": gathered}
+
+
+def _restore_rng(states: dict, info: DistInfo, seed: int) -> None:
+    ranks = states.get("ranks", [])
+    if len(ranks) == info.world:
+        mine = ranks[info.rank]
+        torch.set_rng_state(mine["cpu"])
+        if info.device.type == "cuda" and "cuda" in mine:
+            torch.cuda.set_rng_state(mine["cuda"], info.device)
+    else:  # another world size: a fresh, still deterministic stream per rank
+        torch.manual_seed(seed + 1000 * (info.rank + 1))
+
+
+def train(config: TrainConfig, *, command: str | None = None) -> TrainResult:
+    """Run (or resume) a training job as ``config`` says; see the module docstring."""
+    info = setup_distributed(config.device)
+    try:
+        return _train(config, info, command or shlex.join(sys.argv))
+    finally:
+        if info.owns_group:
+            dist.destroy_process_group()
+
+
+def _mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean of a CPU tensor over all ranks (through the device: NCCL reduces only CUDA tensors)."""
+    if info.world == 1:
+        return value
+    on_device = value.to(info.device)
+    dist.all_reduce(on_device)
+    return on_device.cpu() / info.world
+
+
+def _train(config: TrainConfig, info: DistInfo, command: str) -> TrainResult:
+    config = dataclasses.replace(config)  # resolved task/metric are filled in below
+    config.validate(info.world)
+    out = Path(config.out)
+    ckpt_path, log_path, png_path = out / CHECKPOINT_NAME, out / LOG_NAME, out / PLOT_NAME
+    notes: list[str] = []
+
+    # ---- what we start from: nothing, or a checkpoint (checked before anything is written)
+    state = None
+    if ckpt_path.exists():
+        if not config.resume:
+            raise TrainingError(
+                f"{out} already holds a training checkpoint: pass --resume to continue it, or choose another --out"
+            )
+        state = load_checkpoint(ckpt_path)
+        check_resumable(state["config"], config, ckpt_path)
+    corpus = open_pairs(
+        config.store, config.pair_config(),
+        task=state["corpus"]["task"] if state else config.task,
+        split=Split.from_dict(state["corpus"]["split"]) if state else None,
+        normalization=Normalization(**state["normalization"]) if state else None,
+    )
+    if state and state["corpus"]["metric"] != corpus.metric:
+        raise TrainingError(f"cannot resume {ckpt_path}: it conditions on {state['corpus']['metric']!r}, not {corpus.metric!r}")
+    notes += corpus.notes
+    config.task, config.metric = corpus.task.name, corpus.metric  # resolved, as recorded
+    name = config.name or f"{corpus.task.name}-{corpus.metric}-{config.preset}"
+
+    # ---- model, EMA, optimizer, schedule
+    layout = Layout(corpus.store.signature, config.chunk_size)
+    torch.manual_seed(config.seed)  # identical initialisation on every rank
+    model = build_generator(layout, config.preset).to(info.device)
+    if state and state["model_config"] != asdict(model.config):
+        raise TrainingError(
+            f"cannot resume {ckpt_path}: preset {config.preset!r} now means {asdict(model.config)}, the "
+            f"checkpoint holds {state['model_config']}; train into a new --out"
+        )
+    ema = Ema(model, config.ema_decay)
+    opt, sched = make_optimizer(model, config)
+    step, wall_before, commands = 0, 0.0, [command]
+    if state:
+        model.load_state_dict(state["model"])
+        ema.module.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, wall_before = int(state["step"]), float(state["wall_time_s"])
+        commands = list(state.get("commands", [])) + [command]
+        _restore_rng(state["rng"], info, config.seed)
+    del state
+    ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
+        if info.world > 1 else model
+    diffusion = Diffusion(config.diffusion_config())
+    sampler = PairSampler(len(corpus.train), config.batch_size, config.seed, corpus.task, config.augment)
+    use_amp = config.amp and info.device.type == "cuda"
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
+
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if step > 0:
+            truncate_log(log_path, step)
+        else:
+            log_path.write_text("", encoding="utf-8")
+
+    def save(step: int, last: dict) -> None:
+        rng = _rng_states(info)  # a collective: every rank takes part
+        if not info.is_main:
+            return
+        atomic_torch_save(
+            {
+                "format": CHECKPOINT_FORMAT,
+                "version": CHECKPOINT_VERSION,
+                "step": step,
+                "config": asdict(config),
+                "model_config": asdict(model.config),
+                "diffusion_config": asdict(diffusion.config),
+                "signature": signature_to_json(layout.signature),
+                "normalization": corpus.normalization.to_dict(),
+                "corpus": corpus.summary(),
+                "model": model.state_dict(),
+                "ema": ema.module.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "rng": rng,
+                "wall_time_s": wall_before + time.perf_counter() - t_start,
+                "last": last,
+                "hardware": hardware_summary(info),
+                "commands": commands,  # every invocation of this job, the first one first
+                "name": name,
+            },
+            ckpt_path,
+        )
+        note = plot_losses(log_path, png_path)
+        if note and note not in notes:
+            notes.append(note)
+
+    # ---- the loop
+    end = min(config.steps, config.stop_after or config.steps)
+    t_start = time.perf_counter()
+    t_log, loss_sum, n_sum, last = time.perf_counter(), torch.zeros((), dtype=torch.float64), 0, {}
+    bar = tqdm(total=config.steps, initial=step, desc="train", unit="step", disable=not info.is_main, dynamic_ncols=True)
+    model.train()
+    while step < end:
+        indices, perms = sampler.global_batch(step)
+        indices, perms = PairSampler.shard(indices, perms, info.rank, info.world)
+        batch = corpus.train.batch(indices, perms).to(info.device, non_blocking=True)
+        noise = seeded_generator("noise", config.seed, step, info.rank, device=info.device)
+        with autocast():
+            loss = diffusion.training_loss(ddp, batch.theta_next, batch.cond(), generator=noise)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        ema.update(model, step)
+        loss_sum += loss.detach().double().cpu()
+        n_sum += 1
+        bar.update(1)
+
+        evaluate = corpus.heldout is not None and len(corpus.heldout) > 0 and (
+            step == end or (config.eval_every and step % config.eval_every == 0)
+        )
+        if step % config.log_every == 0 or step == end or evaluate:
+            loss_sum = _mean_over_ranks(loss_sum, info)
+            now = time.perf_counter()
+            last = {
+                "step": step,
+                "loss": float(loss_sum) / n_sum,
+                "lr": sched.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "samples_per_s": n_sum * config.batch_size / max(now - t_log, 1e-9),
+                "elapsed_s": wall_before + now - t_start,
+            }
+            if evaluate:
+                losses = heldout_loss({"heldout_loss": model, "heldout_loss_ema": ema.module},
+                                      diffusion, corpus, config, info, autocast)
+                last.update(losses)
+                model.train()
+            if info.is_main:
+                append_jsonl(log_path, last)
+            bar.set_postfix(loss=f"{last['loss']:.4g}", samples_s=f"{last['samples_per_s']:.0f}")
+            t_log, loss_sum, n_sum = time.perf_counter(), torch.zeros((), dtype=torch.float64), 0
+        if step % config.checkpoint_every == 0 or step == end:
+            save(step, last)
+    bar.close()
+
+    # ---- export
+    manifest = None
+    if step >= config.steps and config.export and info.is_main:
+        manifest = export_checkpoint(ckpt_path, out, name=name)
+    elif step < config.steps and info.is_main:
+        notes.append(f"stopped at step {step} of {config.steps}: continue with --resume")
+    if info.world > 1:
+        dist.barrier()
+    return TrainResult(model, ema.module, step, last, ckpt_path if step > 0 else None, manifest, notes)
+
+
+# ---------------------------------------------------------------------------------- export
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+                      name: str | None = None) -> Path:
+    """Export a training checkpoint's EMA weights as ``{name}.safetensors`` + ``{name}.json``."""
+    from learned_opt import tasks
+    from learned_opt.pretrained import save_generator
+
+    path = Path(checkpoint)
+    state = load_checkpoint(path)
+    cfg, corpus = state["config"], state["corpus"]
+    layout = Layout(signature_from_json(state["signature"]), cfg["chunk_size"])
+    model = build_generator(layout, GptConfig(**state["model_config"]))
+    model.load_state_dict(state["ema"])
+    task = tasks.get(corpus["task"])
+    last = state.get("last") or {}
+    training = {
+        "steps": int(state["step"]),
+        "steps_planned": cfg["steps"],
+        "complete": int(state["step"]) >= cfg["steps"],
+        "batch_size": cfg["batch_size"],
+        "pairs_seen": int(state["step"]) * cfg["batch_size"],
+        "lr": cfg["lr"],
+        "weight_decay": cfg["weight_decay"],
+        "warmup": cfg["warmup"],
+        "min_lr_ratio": cfg["min_lr_ratio"],
+        "grad_clip": cfg["grad_clip"],
+        "ema_decay": cfg["ema_decay"],
+        "seed": cfg["seed"],
+        "augment": cfg["augment"],
+        "weights": "ema",
+        "final_loss": last.get("loss"),
+        "final_heldout_loss": last.get("heldout_loss"),
+        "final_heldout_loss_ema": last.get("heldout_loss_ema"),
+        "wall_time_s": float(state["wall_time_s"]),
+        "hardware": state.get("hardware"),
+        "commands": state.get("commands"),
+    }
+    return save_generator(
+        Path(out_dir) if out_dir is not None else path.parent,
+        name or state.get("name") or f"{corpus['task']}-{corpus['metric']}-{cfg['preset']}",
+        model,
+        DiffusionConfig(**state["diffusion_config"]),
+        Normalization(**state["normalization"]),
+        task=corpus["task"],
+        metric=corpus["metric"],
+        best_prompt=task.metric(corpus["metric"]).best_prompt,
+        corpus=corpus,
+        training=training,
+    )
+
+
+# ---------------------------------------------------------------------------------- command line
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``learned-opt train``. Options left out take the defaults, or on ``--resume``
+    the checkpoint's values."""
+    S = argparse.SUPPRESS
+    d = TrainConfig()
+    add = parser.add_argument
+    add("--store", default=S, help="corpus store to train on (built by `learned-opt corpus`)")
+    add("--out", required=True, help="output folder: checkpoint, log.jsonl, loss.png, exported weights")
+    add("--task", default=S, help="refuse a store of any other task")
+    add("--metric", default=S, help="conditioning metric (default: the task's default metric)")
+    add("--preset", default=S, choices=list(PRESETS), help=f"generator size (default {d.preset})")
+    add("--chunk-size", type=int, default=S, help=f"parameters per token (default {d.chunk_size})")
+    add("--steps", type=int, default=S, help=f"optimizer steps (default {d.steps})")
+    add("--batch-size", type=int, default=S, help=f"pairs per step over all processes (default {d.batch_size})")
+    add("--lr", type=float, default=S, help=f"peak learning rate (default {d.lr})")
+    add("--weight-decay", type=float, default=S, help=f"AdamW weight decay on matrices (default {d.weight_decay})")
+    add("--warmup", type=int, default=S, help=f"linear warmup steps (default {d.warmup})")
+    add("--min-lr-ratio", type=float, default=S, help="final lr of the cosine, as a share of --lr (default 0)")
+    add("--grad-clip", type=float, default=S, help=f"max gradient norm, 0 for none (default {d.grad_clip})")
+    add("--ema-decay", type=float, default=S, help=f"EMA decay (default {d.ema_decay})")
+    add("--seed", type=int, default=S, help="seed of initialisation, split, pairs and noise (default 0)")
+    add("--max-gap", type=int, default=S, help=f"largest checkpoint gap of a pair (default {d.max_gap})")
+    add("--heldout-fraction", type=float, default=S, help=f"share of runs held out (default {d.heldout_fraction})")
+    add("--no-augment", dest="augment", action="store_false", default=S, help="no hidden-unit permutations")
+    add("--diffusion-steps", type=int, default=S, help=f"diffusion steps (default {d.diffusion_steps})")
+    add("--schedule", default=S, choices=["linear", "cosine"], help=f"noise schedule (default {d.schedule})")
+    add("--no-amp", dest="amp", action="store_false", default=S, help="no bf16 autocast on CUDA")
+    add("--device", default=S, help="cpu, cuda, cuda:N or auto (default)")
+    add("--log-every", type=int, default=S, help=f"steps per log record (default {d.log_every})")
+    add("--eval-every", type=int, default=S, help=f"steps per held-out evaluation (default {d.eval_every})")
+    add("--eval-batches", type=int, default=S, help=f"held-out batches per evaluation (default {d.eval_batches})")
+    add("--checkpoint-every", type=int, default=S, help=f"steps per checkpoint (default {d.checkpoint_every})")
+    add("--stop-after", type=int, default=S, help="stop at this step with a checkpoint (resume later)")
+    add("--name", default=S, help="name of the exported generator (default TASK-METRIC-PRESET)")
+    add("--no-export", dest="export", action="store_false", default=S, help="do not export at the end")
+    add("--resume", action="store_true", default=S, help="continue the checkpoint in --out (fresh start if none)")
+    add("--export-only", action="store_true", default=False, help="export the checkpoint in --out and exit")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A :class:`TrainConfig` from parsed arguments: the checkpoint's settings on ``--resume``,
+    else the defaults, with every option given on the command line on top."""
+    given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    ckpt = Path(args.out) / CHECKPOINT_NAME
+    if given.get("resume") and ckpt.exists():
+        base = {k: v for k, v in load_checkpoint(ckpt)["config"].items() if k in {f.name for f in fields(TrainConfig)}}
+        base.pop("stop_after", None)  # a stop is for one invocation, not for the job
+        return TrainConfig(**{**base, **given})
+    return TrainConfig(**given)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.export_only:
+        manifest = export_checkpoint(Path(args.out) / CHECKPOINT_NAME, args.out, name=getattr(args, "name", None))
+        print(f"exported {manifest}")
+        return 0
+    result = train(config_from_args(args))
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in result.notes:
+            print(f"note: {note}", file=sys.stderr)
+        if result.last:
+            print(json.dumps(result.last))
+        if result.manifest:
+            print(f"exported {result.manifest}")
+    return 0

@@ -1,0 +1,46 @@
+"""torchrun worker for tests/test_ddp_optimizer.py: two gloo ranks, one GptOptimizer each.
+
+Each rank sees different data and uses a different sampling seed, so only the optimizer's
+broadcast of rank 0's θ′ and accept decision can leave the ranks with identical parameters.
+Writes ``{out}/rank{r}.pt`` (final parameters and counters) for the test to compare.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gpt_helpers import tiny_generator, toy_data, toy_loss, toy_model  # noqa: E402
+
+from learned_opt.optimizer import GptOptimizer  # noqa: E402
+
+
+def main(out: str) -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.set_num_threads(1)
+    data = toy_data(seed=10 + rank)  # rank-specific data: different grads and metrics
+    model = DistributedDataParallel(toy_model())
+    opt = GptOptimizer(
+        model.parameters(), tiny_generator(perturb=0.05), lr=1e-2, seed=rank, sampling_steps=3,
+        every=3, metric_closure=lambda: toy_loss(model, data), max_update_ratio=100.0,
+    )
+    for _ in range(6):  # two periodic updates, guarded by rank-specific metrics
+        opt.zero_grad()
+        toy_loss(model, data).backward()
+        opt.step()
+    report = opt.generate(metric=1.0 + rank)  # unguarded, different conditioning per rank
+    assert report.accepted, report
+    params = [p.detach().clone() for p in model.module.parameters()]
+    torch.save({"params": params, "counters": opt.counters}, Path(out) / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -11,6 +11,8 @@ from .errors import (
     WeightsError,
 )
 from .layout import Layout, Signature, compare_signatures, signature_of
+from .optimizer import GenerationReport, GptOptimizer
+from .pretrained import list_pretrained, load_generator
 
 __version__ = "0.1.0.dev0"
 
@@ -18,6 +20,8 @@ __all__ = [
     "ArchitectureMismatchError",
     "DataNotFoundError",
     "GenerationError",
+    "GenerationReport",
+    "GptOptimizer",
     "Layout",
     "LearnedOptError",
     "Signature",
@@ -25,6 +29,8 @@ __all__ = [
     "UnknownTaskError",
     "WeightsError",
     "compare_signatures",
+    "list_pretrained",
+    "load_generator",
     "signature_of",
     "tasks",
 ]

@@ -403,9 +403,9 @@ def train(config: TrainConfig, *, command: str | None = None) -> TrainResult:
 
 
 def _mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """The mean of a CPU tensor over all ranks (through the device: NCCL reduces only CUDA tensors)."""
+    """The mean of a tensor over all ranks, on the CPU (reduced on the device: NCCL needs CUDA tensors)."""
     if info.world == 1:
-        return value
+        return value.cpu()
     on_device = value.to(info.device)
     dist.all_reduce(on_device)
     return on_device.cpu() / info.world
@@ -511,53 +511,53 @@ def _train(config: TrainConfig, info: DistInfo, command: str) -> TrainResult:
     # ---- the loop
     end = min(config.steps, config.stop_after or config.steps)
     t_start = time.perf_counter()
-    t_log, loss_sum, n_sum, last = time.perf_counter(), torch.zeros((), dtype=torch.float64), 0, {}
-    bar = tqdm(total=config.steps, initial=step, desc="train", unit="step", disable=not info.is_main, dynamic_ncols=True)
-    model.train()
-    while step < end:
-        indices, perms = sampler.global_batch(step)
-        indices, perms = PairSampler.shard(indices, perms, info.rank, info.world)
-        batch = corpus.train.batch(indices, perms).to(info.device, non_blocking=True)
-        noise = seeded_generator("noise", config.seed, step, info.rank, device=info.device)
-        with autocast():
-            loss = diffusion.training_loss(ddp, batch.theta_next, batch.cond(), generator=noise)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        ema.update(model, step)
-        loss_sum += loss.detach().double().cpu()
-        n_sum += 1
-        bar.update(1)
+    zero = lambda: torch.zeros((), dtype=torch.float64, device=info.device)  # noqa: E731 (summed on device: no sync per step)
+    t_log, loss_sum, n_sum, last = time.perf_counter(), zero(), 0, {}
+    with tqdm(total=config.steps, initial=step, desc="train", unit="step", disable=not info.is_main, dynamic_ncols=True) as bar:
+        model.train()
+        while step < end:
+            indices, perms = sampler.global_batch(step)
+            indices, perms = PairSampler.shard(indices, perms, info.rank, info.world)
+            batch = corpus.train.batch(indices, perms).to(info.device, non_blocking=True)
+            noise = seeded_generator("noise", config.seed, step, info.rank, device=info.device)
+            with autocast():
+                loss = diffusion.training_loss(ddp, batch.theta_next, batch.cond(), generator=noise)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            ema.update(model, step)
+            loss_sum += loss.detach().double()
+            n_sum += 1
+            bar.update(1)
 
-        evaluate = corpus.heldout is not None and len(corpus.heldout) > 0 and (
-            step == end or (config.eval_every and step % config.eval_every == 0)
-        )
-        if step % config.log_every == 0 or step == end or evaluate:
-            loss_sum = _mean_over_ranks(loss_sum, info)
-            now = time.perf_counter()
-            last = {
-                "step": step,
-                "loss": float(loss_sum) / n_sum,
-                "lr": sched.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "samples_per_s": n_sum * config.batch_size / max(now - t_log, 1e-9),
-                "elapsed_s": wall_before + now - t_start,
-            }
-            if evaluate:
-                losses = heldout_loss({"heldout_loss": model, "heldout_loss_ema": ema.module},
-                                      diffusion, corpus, config, info, autocast)
-                last.update(losses)
-                model.train()
-            if info.is_main:
-                append_jsonl(log_path, last)
-            bar.set_postfix(loss=f"{last['loss']:.4g}", samples_s=f"{last['samples_per_s']:.0f}")
-            t_log, loss_sum, n_sum = time.perf_counter(), torch.zeros((), dtype=torch.float64), 0
-        if step % config.checkpoint_every == 0 or step == end:
-            save(step, last)
-    bar.close()
+            evaluate = corpus.heldout is not None and len(corpus.heldout) > 0 and (
+                step == end or (config.eval_every and step % config.eval_every == 0)
+            )
+            if step % config.log_every == 0 or step == end or evaluate:
+                loss_sum = _mean_over_ranks(loss_sum, info)
+                now = time.perf_counter()
+                last = {
+                    "step": step,
+                    "loss": float(loss_sum) / n_sum,
+                    "lr": sched.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "samples_per_s": n_sum * config.batch_size / max(now - t_log, 1e-9),
+                    "elapsed_s": wall_before + now - t_start,
+                }
+                if evaluate:
+                    losses = heldout_loss({"heldout_loss": model, "heldout_loss_ema": ema.module},
+                                          diffusion, corpus, config, info, autocast)
+                    last.update(losses)
+                    model.train()
+                if info.is_main:
+                    append_jsonl(log_path, last)
+                bar.set_postfix(loss=f"{last['loss']:.4g}", samples_s=f"{last['samples_per_s']:.0f}")
+                t_log, loss_sum, n_sum = time.perf_counter(), zero(), 0
+            if step % config.checkpoint_every == 0 or step == end:
+                save(step, last)
 
     # ---- export
     manifest = None

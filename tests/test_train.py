@@ -1,0 +1,291 @@
+"""Generator training: exact resume, bad input that loses nothing, export, schedule, EMA, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+from train_helpers import make_store, state_hash
+
+from learned_opt import cli
+from learned_opt.errors import ConfigError, StoreError, TrainingError
+from learned_opt.pretrained import load_generator, sha256_file
+from pretrain import train as train_mod
+from pretrain.dataset import PairDataset
+from pretrain.train import (
+    CHECKPOINT_NAME,
+    LOG_NAME,
+    Ema,
+    TrainConfig,
+    export_checkpoint,
+    load_checkpoint,
+    lr_factor,
+    train,
+)
+
+TIMING_KEYS = {"samples_per_s", "elapsed_s"}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors on a shared 2-core machine: one intra-op thread is many times faster.
+    torch.set_num_threads(1)
+    yield
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train") / "store"
+    make_store(root, runs=4, checkpoints=5)
+    return root
+
+
+def tiny(store_dir, out, **kw) -> TrainConfig:
+    base = dict(store=str(store_dir), out=str(out), steps=6, batch_size=4, warmup=2, log_every=2,
+                eval_every=3, eval_batches=1, checkpoint_every=3, diffusion_steps=50, export=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def file_hash(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def log_without_timing(out) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in train_mod.read_jsonl(out / LOG_NAME)]
+
+
+def assert_same_training_state(a, b) -> None:
+    """Checkpoints ``a`` and ``b`` hold bitwise identical model, EMA, optimizer and schedule."""
+    sa, sb = load_checkpoint(a / CHECKPOINT_NAME), load_checkpoint(b / CHECKPOINT_NAME)
+    assert sa["step"] == sb["step"]
+    for key in ("model", "ema"):
+        assert sa[key].keys() == sb[key].keys()
+        for name in sa[key]:
+            assert torch.equal(sa[key][name], sb[key][name]), f"{key}.{name} differs"
+    for pid, st in sa["optimizer"]["state"].items():
+        for k, v in st.items():
+            assert torch.equal(v, sb["optimizer"]["state"][pid][k]), f"optimizer state {pid}.{k} differs"
+    assert sa["scheduler"] == sb["scheduler"]
+
+
+# ------------------------------------------------------------------------------ exact resume
+
+
+@pytest.fixture(scope="module")
+def straight(store_dir, tmp_path_factory):
+    """An uninterrupted 6-step run (shared by the resume tests)."""
+    out = tmp_path_factory.mktemp("straight")
+    torch.set_num_threads(1)
+    result = train(tiny(store_dir, out))
+    return out, result
+
+
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(store_dir, straight, tmp_path):
+    out, result = straight
+    first = train(tiny(store_dir, tmp_path, stop_after=3))
+    assert first.step == 3 and any("--resume" in n for n in first.notes)
+    resumed = train(tiny(store_dir, tmp_path, resume=True))
+    assert resumed.step == 6
+    assert state_hash(resumed.model) == state_hash(result.model)
+    assert state_hash(resumed.ema) == state_hash(result.ema)
+    assert_same_training_state(out, tmp_path)
+    assert log_without_timing(tmp_path) == log_without_timing(out)
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["commands"][-1]
+
+
+def test_killed_run_resumes_from_its_last_checkpoint_and_equals_an_uninterrupted_one(
+    store_dir, straight, tmp_path, monkeypatch
+):
+    out, _ = straight
+    calls, original = [0], PairDataset.batch
+
+    def dies_at_step_5(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 6:  # steps 1-3, the held-out batch at step 3, step 4, then step 5
+            raise KeyboardInterrupt("killed")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PairDataset, "batch", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny(store_dir, tmp_path))
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 3
+    assert max(r["step"] for r in train_mod.read_jsonl(tmp_path / LOG_NAME)) == 4  # logged past the checkpoint
+    monkeypatch.setattr(PairDataset, "batch", original)
+    train(tiny(store_dir, tmp_path, resume=True))
+    assert_same_training_state(out, tmp_path)
+    assert log_without_timing(tmp_path) == log_without_timing(out)  # no step logged twice
+
+
+def test_checkpoint_is_plain_tensors_and_containers(straight):
+    out, _ = straight
+    state = torch.load(out / CHECKPOINT_NAME, weights_only=True)
+    assert {"model", "ema", "optimizer", "scheduler", "rng", "config", "corpus", "normalization"} <= set(state)
+    assert state["corpus"]["split"]["train"] and state["step"] == 6
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+
+
+# ------------------------------------------------------------------------------ bad input loses nothing
+
+
+def test_existing_checkpoint_without_resume_is_refused_and_kept(store_dir, straight):
+    out, _ = straight
+    before = {p.name: file_hash(p) for p in out.iterdir()}
+    with pytest.raises(TrainingError, match="pass --resume"):
+        train(tiny(store_dir, out))
+    assert {p.name: file_hash(p) for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"preset": "small"}, "preset='tiny' \\(asked: 'small'\\)"),
+        ({"chunk_size": 500}, "chunk_size=1000 \\(asked: 500\\)"),
+        ({"metric": "train_loss"}, "metric='test_loss' \\(asked: 'train_loss'\\)"),
+        ({"task": "cartpole-mlp"}, "task='mnist-mlp'"),
+        ({"lr": 1e-3}, "lr=0.0004"),
+    ],
+)
+def test_resume_with_another_configuration_is_refused_and_changes_nothing(store_dir, straight, change, message):
+    out, _ = straight
+    before = {p.name: file_hash(p) for p in out.iterdir()}
+    with pytest.raises(TrainingError, match=message):
+        train(tiny(store_dir, out, resume=True, steps=8, **change))
+    assert {p.name: file_hash(p) for p in out.iterdir()} == before
+
+
+def test_bad_stores_are_refused_before_anything_is_written(store_dir, tmp_path):
+    make_store(tmp_path / "cp", task="cartpole-mlp", runs=2, checkpoints=3)
+    with pytest.raises(StoreError, match="holds runs of task 'cartpole-mlp', not 'mnist-mlp'"):
+        train(tiny(tmp_path / "cp", tmp_path / "a", task="mnist-mlp"))
+    from pretrain.store import Store
+
+    Store.create(tmp_path / "empty", "mnist-mlp")
+    with pytest.raises(StoreError, match="holds no runs"):
+        train(tiny(tmp_path / "empty", tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_corrupt_run_file_on_resume_keeps_the_checkpoint(tmp_path):
+    store = make_store(tmp_path / "s", runs=3, checkpoints=4)
+    out = tmp_path / "out"
+    train(tiny(tmp_path / "s", out, stop_after=3))
+    before = {p.name: file_hash(p) for p in out.iterdir()}
+    path = store.run_path(store.run_ids()[0])
+    path.write_bytes(path.read_bytes()[:-64])
+    with pytest.raises(StoreError, match="is truncated"):
+        train(tiny(tmp_path / "s", out, resume=True))
+    assert {p.name: file_hash(p) for p in out.iterdir()} == before
+
+
+def test_corrupt_checkpoint_is_refused(store_dir, tmp_path):
+    (tmp_path / CHECKPOINT_NAME).write_bytes(b"not a checkpoint")
+    with pytest.raises(TrainingError, match="corrupt"):
+        train(tiny(store_dir, tmp_path, resume=True))
+    assert (tmp_path / CHECKPOINT_NAME).read_bytes() == b"not a checkpoint"
+
+
+@pytest.mark.parametrize("change", [{"batch_size": 0}, {"preset": "huge"}, {"lr": -1.0}, {"ema_decay": 1.0}, {"store": ""}])
+def test_invalid_settings_are_refused(store_dir, tmp_path, change):
+    with pytest.raises(ConfigError):
+        train(tiny(store_dir, tmp_path, **change))
+
+
+# ------------------------------------------------------------------------------ export
+
+
+def test_export_writes_the_ema_weights_with_a_complete_manifest(store_dir, straight, tmp_path):
+    out, result = straight
+    manifest_path = export_checkpoint(out / CHECKPOINT_NAME, tmp_path, name="probe")
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["weights_sha256"] == sha256_file(tmp_path / "probe.safetensors")
+    assert manifest["task"] == "mnist-mlp" and manifest["metric"] == "test_loss"
+    assert manifest["corpus"]["runs_train"] + manifest["corpus"]["runs_heldout"] == 4
+    assert manifest["training"]["steps"] == 6 and manifest["training"]["weights"] == "ema"
+    assert manifest["training"]["final_loss"] == pytest.approx(result.last["loss"])
+    assert manifest["tokenisation"] == {"chunk_size": 1000, "num_tokens": 11}
+    loaded = load_generator(manifest_path)
+    assert state_hash(loaded.model) == state_hash(result.ema) != state_hash(result.model)
+    lo, hi = loaded.metric_range
+    assert lo < hi and loaded.normalization.param_scale > 0
+    theta = torch.randn(2, 7960) * 0.1
+    gen = torch.Generator().manual_seed(0)
+    new = loaded.sample(theta, torch.tensor([2.0, 1.0]), torch.tensor([0.5, 0.5]), steps=2, generator=gen)
+    assert new.shape == theta.shape and torch.isfinite(new).all()
+
+
+def test_training_to_the_end_exports_and_export_only_reproduces_it(store_dir, tmp_path):
+    cfg = tiny(store_dir, tmp_path, steps=2, log_every=1, checkpoint_every=2, export=True, name="end")
+    result = train(cfg)
+    assert result.manifest == tmp_path / "end.json" and (tmp_path / "loss.png").stat().st_size > 0
+    first = json.loads(result.manifest.read_text())["weights_sha256"]
+    (tmp_path / "end.safetensors").unlink()
+    assert cli.main(["train", "--out", str(tmp_path), "--export-only", "--name", "end"]) == 0
+    assert json.loads((tmp_path / "end.json").read_text())["weights_sha256"] == first
+
+
+# ------------------------------------------------------------------------------ pieces
+
+
+def test_lr_warms_up_linearly_then_follows_a_cosine():
+    f = [lr_factor(s, warmup=4, total=20, min_ratio=0.1) for s in range(21)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert f[4] == 1.0 and f[20] == pytest.approx(0.1) and f[12] == pytest.approx(0.55)
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+
+
+def test_optimizer_decays_matrices_only(store_dir):
+    from learned_opt.generator import build_generator
+    from learned_opt.layout import Layout
+    from pretrain.store import Store
+
+    model = build_generator(Layout(Store.open(store_dir).signature), "tiny")
+    opt, sched = train_mod.make_optimizer(model, tiny(store_dir, "unused", steps=10))
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert opt.param_groups[0]["lr"] == pytest.approx(4e-4 * 0.5)  # first warmup step of 2
+
+
+def test_ema_ramps_in_and_follows_the_weights():
+    model = torch.nn.Linear(3, 2)
+    ema = Ema(model, decay=0.9999)
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(10**7) == 0.9999
+    before = ema.module.weight.clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update(model, step=1)
+    d = ema.decay_at(1)
+    torch.testing.assert_close(ema.module.weight, d * before + (1 - d) * model.weight)
+    assert not ema.module.weight.requires_grad
+
+
+@pytest.mark.slow
+def test_training_lowers_the_diffusion_loss(store_dir, tmp_path):
+    cfg = tiny(store_dir, tmp_path, steps=120, batch_size=8, lr=2e-3, warmup=10, log_every=20,
+               eval_every=120, checkpoint_every=120)
+    train(cfg)
+    log = train_mod.read_jsonl(tmp_path / LOG_NAME)
+    assert log[-1]["loss"] < 0.85 * log[0]["loss"], [r["loss"] for r in log]
+    assert all(math.isfinite(r["loss"]) for r in log)
+
+
+def test_command_line_resume_takes_the_checkpoints_settings(store_dir, tmp_path, capsys):
+    args = ["train", "--store", str(store_dir), "--out", str(tmp_path), "--steps", "4", "--batch-size", "4",
+            "--warmup", "1", "--log-every", "2", "--checkpoint-every", "2", "--diffusion-steps", "50",
+            "--no-export", "--stop-after", "2"]
+    assert cli.main(args) == 0
+    assert cli.main(["train", "--store", str(store_dir), "--out", str(tmp_path), "--resume"]) == 0
+    assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 4
+    assert cli.main(["train", "--out", str(tmp_path), "--resume", "--preset", "small"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("learned-opt train: error: cannot resume") and "preset='tiny'" in err
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = TrainConfig(store="s", out="o", preset="small", stop_after=5)
+    assert TrainConfig(**dataclasses.asdict(cfg)) == cfg

@@ -1,0 +1,38 @@
+"""Generator training under torchrun: two CPU processes (gloo) end with identical weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from train_helpers import make_store
+
+from pretrain.train import CHECKPOINT_NAME, LOG_NAME, load_checkpoint, read_jsonl
+
+HELPER = Path(__file__).with_name("train_helpers.py")
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_cpu_processes_end_with_identical_weights(tmp_path):
+    make_store(tmp_path / "store", runs=4, checkpoints=5)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HELPER), str(tmp_path / "store"), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    hashes = [(out / f"hash-rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert hashes[0] == hashes[1]  # model and EMA, bit for bit
+    state = load_checkpoint(out / CHECKPOINT_NAME)
+    assert state["step"] == 4 and state["hardware"]["world_size"] == 2
+    assert len(state["rng"]["ranks"]) == 2
+    steps = [r["step"] for r in read_jsonl(out / LOG_NAME)]
+    assert steps == [2, 4]  # one writer: no record twice
+    manifest = json.loads((out / "mnist-mlp-test_loss-tiny.json").read_text())
+    assert manifest["training"]["hardware"]["world_size"] == 2

@@ -89,7 +89,7 @@ def get_config(preset: str | GptConfig) -> GptConfig:
     if isinstance(preset, str) and preset in PRESETS:
         return dataclasses.replace(PRESETS[preset])
     raise ConfigError(
-        f"unknown generator preset {preset!r}; known presets: {', '.join(sorted(PRESETS))} "
+        f"unknown generator preset {preset!r}; known presets: {', '.join(PRESETS)} "
         "(or pass a GptConfig)"
     )
 

@@ -1,0 +1,168 @@
+"""The G.pt transformer: identity at initialisation, shapes, token plumbing, presets, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from learned_opt import tasks
+from learned_opt.errors import ArchitectureMismatchError, ConfigError, LearnedOptError
+from learned_opt.generator import PRESETS, Gpt, GptConfig, build_generator, get_config
+from learned_opt.layout import Layout
+
+# A toy MLP 5-6-3 cut into chunks of 16: w1 -> 2 tokens, b1 -> 1, w2 -> 2, b2 -> 1 (T=6, M=16).
+TOY = Layout((("w1", (6, 5)), ("b1", (6,)), ("w2", (3, 6)), ("b2", (3,))), chunk_size=16)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Toy-sized tensors: one intra-op thread is fastest, and far faster on a loaded machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def inputs(layout: Layout, batch: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    p = layout.num_params
+    return dict(
+        x_t=torch.randn(batch, p, generator=g) * 3,
+        t=torch.randint(0, 1000, (batch,), generator=g),
+        theta=torch.randn(batch, p, generator=g),
+        metric=torch.rand(batch, generator=g),
+        target=torch.rand(batch, generator=g) * 2 - 0.5,
+    )
+
+
+def test_untrained_model_returns_theta_exactly():
+    torch.manual_seed(0)
+    model = build_generator(TOY, "tiny")
+    for seed, batch in [(0, 1), (1, 5), (2, 3)]:
+        x = inputs(TOY, batch, seed)
+        out = model(**x)
+        assert out.shape == (batch, TOY.num_params)
+        assert out.dtype == torch.float32
+        assert torch.equal(out, x["theta"])
+
+
+def test_untrained_model_returns_theta_on_mnist_layout_in_train_mode_with_dropout():
+    layout = tasks.get("mnist-mlp").layout(chunk_size=1000)
+    torch.manual_seed(0)
+    model = build_generator(layout, dataclasses.replace(PRESETS["tiny"], dropout=0.5)).train()
+    x = inputs(layout, 2)
+    assert torch.equal(model(**x), x["theta"])
+    assert layout.num_tokens == 11 and model.pos_embedding.shape[1] == 26  # G.pt's 26 tokens
+
+
+def test_tokens_match_the_layout_and_decoder_maps_back_through_the_layout():
+    torch.manual_seed(0)
+    model = build_generator(TOY, "tiny")
+    x = inputs(TOY, 4)
+    assert torch.equal(model._tokens(x["theta"]), TOY.to_tokens(x["theta"]))
+    # A decoder that outputs a known pattern per token entry must land where the layout says.
+    pattern = torch.randn(TOY.num_tokens, TOY.token_dim)  # [T, M]
+    with torch.no_grad():
+        model.decoder.bias.copy_(pattern)
+    out = model(**x)
+    expected = x["theta"] + TOY.from_tokens(pattern).unsqueeze(0)
+    torch.testing.assert_close(out, expected)
+
+
+def test_encoders_and_decoders_are_per_token_and_padding_rows_start_at_zero():
+    torch.manual_seed(0)
+    model = build_generator(TOY, "tiny")
+    t, m, d = TOY.num_tokens, TOY.token_dim, model.config.d_model
+    assert model.theta_encoder.weight.shape == (t, m, d)
+    assert model.noised_encoder.weight.shape == (t, m, d)
+    assert model.decoder.weight.shape == (t, d, m)
+    pad = ~TOY.token_mask  # [T, M]
+    assert pad.any()
+    assert torch.all(model.theta_encoder.weight[pad] == 0)
+    assert torch.all(model.theta_encoder.weight[~pad] != 0)
+
+
+def test_conditioning_changes_the_output_once_trained():
+    """After one optimizer step the output depends on x_t, t and both metrics (all inputs are wired in)."""
+    torch.manual_seed(0)
+    model = build_generator(TOY, "tiny")
+    x = inputs(TOY, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    loss = (model(**x) - torch.randn(4, TOY.num_params)).pow(2).mean()
+    loss.backward()
+    assert model.decoder.weight.grad.abs().sum() > 0
+    opt.step()
+    with torch.no_grad():
+        base = model(**x)
+        assert not torch.equal(base, x["theta"])
+        for key, change in [("x_t", 1.0), ("t", 7), ("metric", 0.3), ("target", 0.3)]:
+            other = dict(x)
+            other[key] = x[key] + change
+            assert not torch.allclose(model(**other), base), key
+
+
+def test_state_dict_holds_only_learned_tensors_and_round_trips():
+    torch.manual_seed(0)
+    model = build_generator(TOY, "tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    state = model.state_dict()
+    assert set(state) == {n for n, _ in model.named_parameters()}
+    assert all(v.dtype == torch.float32 for v in state.values())
+    config = GptConfig(**json.loads(json.dumps(dataclasses.asdict(model.config))))
+    assert config == model.config
+    clone = Gpt(TOY, config)
+    clone.load_state_dict(state)
+    x = inputs(TOY, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(clone(**x), model(**x), rtol=0, atol=0)
+
+
+def test_presets_and_their_sizes():
+    assert {"tiny", "small", "base"} <= set(PRESETS)
+    layout = tasks.get("mnist-mlp").layout(chunk_size=1000)
+    assert build_generator(TOY, "tiny").num_parameters() < 200_000
+    small = build_generator(layout, "small").num_parameters()
+    assert 5_000_000 <= small <= 10_000_000
+    assert PRESETS["base"].d_model > PRESETS["small"].d_model
+    # get_config hands out copies: editing one does not change the preset
+    cfg = get_config("tiny")
+    cfg.dropout = 0.3
+    assert PRESETS["tiny"].dropout == 0.0
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="tiny.*small") as err:
+        build_generator(TOY, "huge")
+    assert isinstance(err.value, ValueError) and isinstance(err.value, LearnedOptError)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(d_model=30, n_layers=1, n_heads=4), dict(d_model=32, n_layers=0, n_heads=2),
+     dict(d_model=32, n_layers=1, n_heads=2, dropout=1.0), dict(d_model=32, n_layers=1, n_heads=2, mlp_ratio=0)],
+)
+def test_invalid_configs_raise(kwargs):
+    with pytest.raises(ConfigError):
+        GptConfig(**kwargs)
+
+
+def test_wrong_input_width_names_the_expected_shape():
+    model = build_generator(TOY, "tiny")
+    x = inputs(TOY, 2)
+    x["x_t"] = x["x_t"][:, :-1]
+    with pytest.raises(ArchitectureMismatchError, match=rf"\[B, {TOY.num_params}\]"):
+        model(**x)
+
+
+def test_one_token_per_layer_layout():
+    layout = Layout(TOY.signature, chunk_size=None)
+    torch.manual_seed(0)
+    model = build_generator(layout, "tiny")
+    x = inputs(layout, 2)
+    assert torch.equal(model(**x), x["theta"])
+    assert model.theta_encoder.weight.shape[:2] == (4, 30)

@@ -188,6 +188,10 @@ class PairBatch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "PairBatch":
         return PairBatch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
 
+    def pin_memory(self) -> "PairBatch":
+        """Page-locked copies (``DataLoader(pin_memory=True)`` calls this), for fast host-to-GPU copies."""
+        return PairBatch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+
     def cond(self) -> dict[str, torch.Tensor]:
         """The generator's conditioning: ``model(x_t, t, **batch.cond())``."""
         return {"theta": self.theta, "metric": self.metric, "target": self.target}
@@ -344,6 +348,24 @@ class PairSampler:
         return indices[rank::world], None if perms is None else [q[rank::world] for q in perms]
 
 
+class StepBatches(Dataset):
+    """Item ``k`` is this rank's batch of step ``start + k``: wrap it in a ``DataLoader`` whose
+    workers build batches ahead of the training loop. Each batch is a pure function of its step, so
+    the number of workers never changes what the model sees."""
+
+    def __init__(self, dataset: PairDataset, sampler: PairSampler, start: int, end: int, rank: int = 0, world: int = 1):
+        self.dataset, self.sampler = dataset, sampler
+        self.start, self.end, self.rank, self.world = int(start), int(end), int(rank), int(world)
+
+    def __len__(self) -> int:
+        return max(self.end - self.start, 0)
+
+    def __getitem__(self, k: int) -> PairBatch:
+        indices, perms = self.sampler.global_batch(self.start + k)
+        indices, perms = PairSampler.shard(indices, perms, self.rank, self.world)
+        return self.dataset.batch(indices, perms)
+
+
 # ---------------------------------------------------------------------------- the corpus as pairs
 
 
@@ -495,6 +517,7 @@ __all__ = [
     "PairDataset",
     "PairSampler",
     "Split",
+    "StepBatches",
     "derive_seed",
     "num_pairs_in_run",
     "open_pairs",

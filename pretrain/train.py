@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from learned_opt.diffusion import Diffusion, DiffusionConfig
@@ -50,7 +51,7 @@ from learned_opt.generator import PRESETS, Gpt, GptConfig, build_generator
 from learned_opt.layout import Layout, signature_from_json, signature_to_json
 from learned_opt.normalization import Normalization
 
-from .dataset import PairConfig, PairCorpus, PairSampler, Split, open_pairs, seeded_generator
+from .dataset import PairConfig, PairCorpus, PairSampler, Split, StepBatches, open_pairs, seeded_generator
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
@@ -87,6 +88,7 @@ class TrainConfig:
     diffusion_steps: int = 1000  # G.pt: 1000
     schedule: str = "linear"  # G.pt: linear betas 1e-4..0.02
     amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
+    workers: int = -1  # processes building batches ahead of the loop; -1: 0 on CPU, up to 4 on CUDA
     device: str = "auto"  # "auto": cuda:LOCAL_RANK when CUDA is there, else cpu
     log_every: int = 10
     eval_every: int = 200  # held-out loss every so many steps (0: only at the end)
@@ -136,7 +138,7 @@ class TrainConfig:
 # Settings a resumed job may change; every other field must equal the checkpoint's.
 RESUMABLE_CHANGES = frozenset(
     {"store", "out", "steps", "stop_after", "log_every", "eval_every", "eval_batches",
-     "checkpoint_every", "device", "amp", "name", "export", "resume"}
+     "checkpoint_every", "device", "amp", "workers", "name", "export", "resume"}
 )
 # Checked first and named in the error: they change what the model *is*.
 IDENTITY_FIELDS = ("task", "metric", "preset", "chunk_size", "diffusion_steps", "schedule")
@@ -450,7 +452,7 @@ def _train(config: TrainConfig, info: DistInfo, command: str) -> TrainResult:
         )
     ema = Ema(model, config.ema_decay)
     opt, sched = make_optimizer(model, config)
-    step, wall_before, commands = 0, 0.0, [command]
+    step, wall_before, commands, last = 0, 0.0, [command], {}
     if state:
         model.load_state_dict(state["model"])
         ema.module.load_state_dict(state["ema"])
@@ -458,6 +460,7 @@ def _train(config: TrainConfig, info: DistInfo, command: str) -> TrainResult:
         sched.load_state_dict(state["scheduler"])
         step, wall_before = int(state["step"]), float(state["wall_time_s"])
         commands = list(state.get("commands", [])) + [command]
+        last = dict(state.get("last") or {})
         _restore_rng(state["rng"], info, config.seed)
     del state
     ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
@@ -512,13 +515,18 @@ def _train(config: TrainConfig, info: DistInfo, command: str) -> TrainResult:
     end = min(config.steps, config.stop_after or config.steps)
     t_start = time.perf_counter()
     zero = lambda: torch.zeros((), dtype=torch.float64, device=info.device)  # noqa: E731 (summed on device: no sync per step)
-    t_log, loss_sum, n_sum, last = time.perf_counter(), zero(), 0, {}
+    t_log, loss_sum, n_sum = time.perf_counter(), zero(), 0
+    workers = config.workers if config.workers >= 0 else (
+        0 if info.device.type == "cpu" else max(0, min(4, (os.cpu_count() or 1) // info.world - 1))
+    )
+    batches = DataLoader(
+        StepBatches(corpus.train, sampler, step, end, info.rank, info.world), batch_size=None, shuffle=False,
+        num_workers=workers, pin_memory=info.device.type == "cuda", prefetch_factor=4 if workers else None,
+    )
     with tqdm(total=config.steps, initial=step, desc="train", unit="step", disable=not info.is_main, dynamic_ncols=True) as bar:
         model.train()
-        while step < end:
-            indices, perms = sampler.global_batch(step)
-            indices, perms = PairSampler.shard(indices, perms, info.rank, info.world)
-            batch = corpus.train.batch(indices, perms).to(info.device, non_blocking=True)
+        for batch in batches:
+            batch = batch.to(info.device, non_blocking=True)
             noise = seeded_generator("noise", config.seed, step, info.rank, device=info.device)
             with autocast():
                 loss = diffusion.training_loss(ddp, batch.theta_next, batch.cond(), generator=noise)
@@ -653,6 +661,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--diffusion-steps", type=int, default=S, help=f"diffusion steps (default {d.diffusion_steps})")
     add("--schedule", default=S, choices=["linear", "cosine"], help=f"noise schedule (default {d.schedule})")
     add("--no-amp", dest="amp", action="store_false", default=S, help="no bf16 autocast on CUDA")
+    add("--workers", type=int, default=S, help="processes building batches ahead (default: 0 on CPU, up to 4 on CUDA)")
     add("--device", default=S, help="cpu, cuda, cuda:N or auto (default)")
     add("--log-every", type=int, default=S, help=f"steps per log record (default {d.log_every})")
     add("--eval-every", type=int, default=S, help=f"steps per held-out evaluation (default {d.eval_every})")

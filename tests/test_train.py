@@ -289,3 +289,10 @@ def test_command_line_resume_takes_the_checkpoints_settings(store_dir, tmp_path,
 def test_config_round_trips_through_a_dict():
     cfg = TrainConfig(store="s", out="o", preset="small", stop_after=5)
     assert TrainConfig(**dataclasses.asdict(cfg)) == cfg
+
+
+def test_batch_workers_do_not_change_what_the_model_sees(store_dir, straight, tmp_path):
+    out, result = straight
+    parallel = train(tiny(store_dir, tmp_path, workers=2))
+    assert state_hash(parallel.model) == state_hash(result.model)
+    assert log_without_timing(tmp_path) == log_without_timing(out)

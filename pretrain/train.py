@@ -51,7 +51,7 @@ from learned_opt.generator import PRESETS, Gpt, GptConfig, build_generator
 from learned_opt.layout import Layout, signature_from_json, signature_to_json
 from learned_opt.normalization import Normalization
 
-from .dataset import PairConfig, PairCorpus, PairSampler, Split, StepBatches, open_pairs, seeded_generator
+from .dataset import PairBatch, PairConfig, PairSampler, Split, StepBatches, open_pairs, seeded_generator
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
@@ -353,22 +353,225 @@ class TrainResult:
     notes: list[str]
 
 
-@torch.no_grad()
-def heldout_loss(models: dict[str, Gpt], diffusion: Diffusion, corpus: PairCorpus, config: TrainConfig,
-                 info: DistInfo, autocast) -> dict[str, float]:
-    """Diffusion loss of each model on fixed held-out pairs with fixed noise (averaged over ranks)."""
-    sampler = PairSampler(len(corpus.heldout), config.batch_size, config.seed, corpus.task, augment=False)
-    totals = torch.zeros(len(models), dtype=torch.float64)
-    for b in range(config.eval_batches):
-        idx, _ = sampler.global_batch(b, stream="heldout")
-        idx, _ = PairSampler.shard(idx, None, info.rank, info.world)
-        batch = corpus.heldout.batch(idx).to(info.device)
-        for k, model in enumerate(models.values()):
-            gen = seeded_generator("heldout-noise", config.seed, b, info.rank, device=info.device)
-            with autocast():
-                totals[k] += diffusion.training_loss(model, batch.theta_next, batch.cond(), generator=gen).item()
-    totals = _mean_over_ranks(totals / config.eval_batches, info)
-    return {name: float(v) for name, v in zip(models, totals)}
+def train(config: TrainConfig, *, command: str | None = None) -> TrainResult:
+    """Run (or resume) a training job as ``config`` says; see the module docstring."""
+    info = setup_distributed(config.device)
+    try:
+        return Trainer(config, info, command or shlex.join(sys.argv)).run()
+    finally:
+        if info.owns_group:
+            dist.destroy_process_group()
+
+
+class Trainer:
+    """One training job: set up from a config (and the checkpoint in ``out`` when resuming).
+
+    Everything that can refuse (an existing checkpoint, another configuration, a bad store) is
+    checked in the constructor, before anything is written.
+    """
+
+    def __init__(self, config: TrainConfig, info: DistInfo, command: str) -> None:
+        config = dataclasses.replace(config)  # task and metric get resolved below
+        config.validate(info.world)
+        self.info, self.out = info, Path(config.out)
+        self.ckpt_path, self.log_path = self.out / CHECKPOINT_NAME, self.out / LOG_NAME
+        self.notes: list[str] = []
+
+        # ---- what we start from: nothing, or a checkpoint
+        state = None
+        if self.ckpt_path.exists():
+            if not config.resume:
+                raise TrainingError(
+                    f"{self.out} already holds a training checkpoint: pass --resume to continue it, "
+                    "or choose another --out"
+                )
+            state = load_checkpoint(self.ckpt_path)
+            check_resumable(state["config"], config, self.ckpt_path)
+        self.corpus = open_pairs(
+            config.store, config.pair_config(),
+            task=state["corpus"]["task"] if state else config.task,
+            split=Split.from_dict(state["corpus"]["split"]) if state else None,
+            normalization=Normalization(**state["normalization"]) if state else None,
+        )
+        self.notes += self.corpus.notes
+        config.task, config.metric = self.corpus.task.name, self.corpus.metric  # resolved, as recorded
+        self.config = config
+        self.name = config.name or f"{config.task}-{config.metric}-{config.preset}"
+
+        # ---- model, EMA, optimizer, schedule
+        self.layout = Layout(self.corpus.store.signature, config.chunk_size)
+        torch.manual_seed(config.seed)  # the same initialisation on every rank
+        self.model = build_generator(self.layout, config.preset).to(info.device)
+        if state and state["model_config"] != asdict(self.model.config):
+            raise TrainingError(
+                f"cannot resume {self.ckpt_path}: preset {config.preset!r} now means "
+                f"{asdict(self.model.config)}, the checkpoint holds {state['model_config']}; train into a new --out"
+            )
+        self.ema = Ema(self.model, config.ema_decay)
+        self.opt, self.sched = make_optimizer(self.model, config)
+        self.step, self.wall_before, self.commands, self.last = 0, 0.0, [command], {}
+        if state:
+            self.model.load_state_dict(state["model"])
+            self.ema.module.load_state_dict(state["ema"])
+            self.opt.load_state_dict(state["optimizer"])
+            self.sched.load_state_dict(state["scheduler"])
+            self.step, self.wall_before = int(state["step"]), float(state["wall_time_s"])
+            self.commands = list(state.get("commands", [])) + [command]
+            self.last = dict(state.get("last") or {})
+            _restore_rng(state["rng"], info, config.seed)
+        self.ddp = self.model if info.world == 1 else DistributedDataParallel(
+            self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None
+        )
+        self.diffusion = Diffusion(config.diffusion_config())
+        self.sampler = PairSampler(len(self.corpus.train), config.batch_size, config.seed, self.corpus.task, config.augment)
+        self.use_amp = config.amp and info.device.type == "cuda"
+        self.t_start = time.perf_counter()
+
+    # ------------------------------------------------------------------ one step, one evaluation
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_amp else nullcontext()
+
+    def train_step(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step on this rank's share of a batch; returns (loss, grad norm) on the device."""
+        noise = seeded_generator("noise", self.config.seed, self.step, self.info.rank, device=self.info.device)
+        with self.autocast():
+            loss = self.diffusion.training_loss(self.ddp, batch.theta_next, batch.cond(), generator=noise)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self.ema.update(self.model, self.step)
+        return loss.detach(), grad_norm.detach()
+
+    @torch.no_grad()
+    def heldout_loss(self) -> dict[str, float]:
+        """Loss of the model and of its EMA on fixed held-out pairs with fixed noise (mean over ranks)."""
+        cfg, info, heldout = self.config, self.info, self.corpus.heldout
+        models = {"heldout_loss": self.model, "heldout_loss_ema": self.ema.module}
+        sampler = PairSampler(len(heldout), cfg.batch_size, cfg.seed, self.corpus.task, augment=False)
+        totals = torch.zeros(len(models), dtype=torch.float64)
+        for b in range(cfg.eval_batches):
+            idx, _ = PairSampler.shard(sampler.global_batch(b, stream="heldout")[0], None, info.rank, info.world)
+            batch = heldout.batch(idx).to(info.device)
+            for k, model in enumerate(models.values()):
+                model.eval()
+                gen = seeded_generator("heldout-noise", cfg.seed, b, info.rank, device=info.device)
+                with self.autocast():
+                    totals[k] += self.diffusion.training_loss(model, batch.theta_next, batch.cond(), generator=gen).item()
+        self.model.train()
+        totals = _mean_over_ranks(totals / cfg.eval_batches, info)
+        return {name: float(v) for name, v in zip(models, totals)}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint(self) -> dict:
+        """Everything a resume needs, as tensors and plain containers (call on every rank: it
+        gathers the ranks' RNG states)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "config": asdict(self.config),
+            "model_config": asdict(self.model.config),
+            "diffusion_config": asdict(self.diffusion.config),
+            "signature": signature_to_json(self.layout.signature),
+            "normalization": self.corpus.normalization.to_dict(),
+            "corpus": self.corpus.summary(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.module.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": _rng_states(self.info),
+            "wall_time_s": self.wall_before + time.perf_counter() - self.t_start,
+            "last": self.last,
+            "hardware": hardware_summary(self.info),
+            "commands": self.commands,  # every invocation of this job, the first one first
+            "name": self.name,
+        }
+
+    def save(self) -> None:
+        state = self.checkpoint()  # on every rank: the RNG gather is a collective
+        if self.info.is_main:
+            atomic_torch_save(state, self.ckpt_path)
+            note = plot_losses(self.log_path, self.out / PLOT_NAME)
+            if note and note not in self.notes:
+                self.notes.append(note)
+
+    # ------------------------------------------------------------------ the loop
+
+    def batches(self, end: int) -> DataLoader:
+        """This rank's batches of steps ``self.step .. end - 1``, built ahead by worker processes."""
+        info, workers = self.info, self.config.workers
+        if workers < 0:
+            workers = 0 if info.device.type == "cpu" else max(0, min(4, (os.cpu_count() or 1) // info.world - 1))
+        return DataLoader(
+            StepBatches(self.corpus.train, self.sampler, self.step, end, info.rank, info.world),
+            batch_size=None, shuffle=False, num_workers=workers, pin_memory=info.device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+        )
+
+    def run(self) -> TrainResult:
+        cfg, info = self.config, self.info
+        if info.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if self.step > 0:
+                truncate_log(self.log_path, self.step)  # records written after the checkpoint
+            else:
+                self.log_path.write_text("", encoding="utf-8")
+        has_heldout = self.corpus.heldout is not None and len(self.corpus.heldout) > 0
+        end = min(cfg.steps, cfg.stop_after or cfg.steps)
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=info.device)  # noqa: E731 (no sync per step)
+        t_log, loss_sum, n_sum = time.perf_counter(), zero(), 0
+        with tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not info.is_main,
+                  dynamic_ncols=True) as bar:
+            self.model.train()
+            for batch in self.batches(end):
+                loss, grad_norm = self.train_step(batch.to(info.device, non_blocking=True))
+                loss_sum += loss.double()
+                n_sum += 1
+                bar.update(1)
+                step = self.step
+                evaluate = has_heldout and (step == end or (cfg.eval_every and step % cfg.eval_every == 0))
+                if step % cfg.log_every == 0 or step == end or evaluate:
+                    now = time.perf_counter()
+                    self.last = {
+                        "step": step,
+                        "loss": float(_mean_over_ranks(loss_sum, info)) / n_sum,
+                        "lr": self.sched.get_last_lr()[0],
+                        "grad_norm": float(grad_norm),
+                        "samples_per_s": n_sum * cfg.batch_size / max(now - t_log, 1e-9),
+                        "elapsed_s": self.wall_before + now - self.t_start,
+                    }
+                    if evaluate:
+                        self.last.update(self.heldout_loss())
+                    if info.is_main:
+                        append_jsonl(self.log_path, self.last)
+                    bar.set_postfix(loss=f"{self.last['loss']:.4g}", samples_s=f"{self.last['samples_per_s']:.0f}")
+                    t_log, loss_sum, n_sum = time.perf_counter(), zero(), 0
+                if step % cfg.checkpoint_every == 0 or step == end:
+                    self.save()
+
+        manifest = None
+        if self.step >= cfg.steps and cfg.export and info.is_main:
+            manifest = export_checkpoint(self.ckpt_path, self.out, name=self.name)
+        elif self.step < cfg.steps:
+            self.notes.append(f"stopped at step {self.step} of {cfg.steps}: continue with --resume")
+        if info.world > 1:
+            dist.barrier()
+        checkpoint = self.ckpt_path if self.step > 0 else None
+        return TrainResult(self.model, self.ema.module, self.step, self.last, checkpoint, manifest, self.notes)
+
+
+def _mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean of a tensor over all ranks, on the CPU (reduced on the device: NCCL needs CUDA tensors)."""
+    if info.world == 1:
+        return value.cpu()
+    on_device = value.to(info.device)
+    dist.all_reduce(on_device)
+    return on_device.cpu() / info.world
 
 
 def _rng_states(info: DistInfo) -> dict:
@@ -392,190 +595,6 @@ def _restore_rng(states: dict, info: DistInfo, seed: int) -> None:
             torch.cuda.set_rng_state(mine["cuda"], info.device)
     else:  # another world size: a fresh, still deterministic stream per rank
         torch.manual_seed(seed + 1000 * (info.rank + 1))
-
-
-def train(config: TrainConfig, *, command: str | None = None) -> TrainResult:
-    """Run (or resume) a training job as ``config`` says; see the module docstring."""
-    info = setup_distributed(config.device)
-    try:
-        return _train(config, info, command or shlex.join(sys.argv))
-    finally:
-        if info.owns_group:
-            dist.destroy_process_group()
-
-
-def _mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """The mean of a tensor over all ranks, on the CPU (reduced on the device: NCCL needs CUDA tensors)."""
-    if info.world == 1:
-        return value.cpu()
-    on_device = value.to(info.device)
-    dist.all_reduce(on_device)
-    return on_device.cpu() / info.world
-
-
-def _train(config: TrainConfig, info: DistInfo, command: str) -> TrainResult:
-    config = dataclasses.replace(config)  # resolved task/metric are filled in below
-    config.validate(info.world)
-    out = Path(config.out)
-    ckpt_path, log_path, png_path = out / CHECKPOINT_NAME, out / LOG_NAME, out / PLOT_NAME
-    notes: list[str] = []
-
-    # ---- what we start from: nothing, or a checkpoint (checked before anything is written)
-    state = None
-    if ckpt_path.exists():
-        if not config.resume:
-            raise TrainingError(
-                f"{out} already holds a training checkpoint: pass --resume to continue it, or choose another --out"
-            )
-        state = load_checkpoint(ckpt_path)
-        check_resumable(state["config"], config, ckpt_path)
-    corpus = open_pairs(
-        config.store, config.pair_config(),
-        task=state["corpus"]["task"] if state else config.task,
-        split=Split.from_dict(state["corpus"]["split"]) if state else None,
-        normalization=Normalization(**state["normalization"]) if state else None,
-    )
-    if state and state["corpus"]["metric"] != corpus.metric:
-        raise TrainingError(f"cannot resume {ckpt_path}: it conditions on {state['corpus']['metric']!r}, not {corpus.metric!r}")
-    notes += corpus.notes
-    config.task, config.metric = corpus.task.name, corpus.metric  # resolved, as recorded
-    name = config.name or f"{corpus.task.name}-{corpus.metric}-{config.preset}"
-
-    # ---- model, EMA, optimizer, schedule
-    layout = Layout(corpus.store.signature, config.chunk_size)
-    torch.manual_seed(config.seed)  # identical initialisation on every rank
-    model = build_generator(layout, config.preset).to(info.device)
-    if state and state["model_config"] != asdict(model.config):
-        raise TrainingError(
-            f"cannot resume {ckpt_path}: preset {config.preset!r} now means {asdict(model.config)}, the "
-            f"checkpoint holds {state['model_config']}; train into a new --out"
-        )
-    ema = Ema(model, config.ema_decay)
-    opt, sched = make_optimizer(model, config)
-    step, wall_before, commands, last = 0, 0.0, [command], {}
-    if state:
-        model.load_state_dict(state["model"])
-        ema.module.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        step, wall_before = int(state["step"]), float(state["wall_time_s"])
-        commands = list(state.get("commands", [])) + [command]
-        last = dict(state.get("last") or {})
-        _restore_rng(state["rng"], info, config.seed)
-    del state
-    ddp = DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None) \
-        if info.world > 1 else model
-    diffusion = Diffusion(config.diffusion_config())
-    sampler = PairSampler(len(corpus.train), config.batch_size, config.seed, corpus.task, config.augment)
-    use_amp = config.amp and info.device.type == "cuda"
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
-
-    if info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if step > 0:
-            truncate_log(log_path, step)
-        else:
-            log_path.write_text("", encoding="utf-8")
-
-    def save(step: int, last: dict) -> None:
-        rng = _rng_states(info)  # a collective: every rank takes part
-        if not info.is_main:
-            return
-        atomic_torch_save(
-            {
-                "format": CHECKPOINT_FORMAT,
-                "version": CHECKPOINT_VERSION,
-                "step": step,
-                "config": asdict(config),
-                "model_config": asdict(model.config),
-                "diffusion_config": asdict(diffusion.config),
-                "signature": signature_to_json(layout.signature),
-                "normalization": corpus.normalization.to_dict(),
-                "corpus": corpus.summary(),
-                "model": model.state_dict(),
-                "ema": ema.module.state_dict(),
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "rng": rng,
-                "wall_time_s": wall_before + time.perf_counter() - t_start,
-                "last": last,
-                "hardware": hardware_summary(info),
-                "commands": commands,  # every invocation of this job, the first one first
-                "name": name,
-            },
-            ckpt_path,
-        )
-        note = plot_losses(log_path, png_path)
-        if note and note not in notes:
-            notes.append(note)
-
-    # ---- the loop
-    end = min(config.steps, config.stop_after or config.steps)
-    t_start = time.perf_counter()
-    zero = lambda: torch.zeros((), dtype=torch.float64, device=info.device)  # noqa: E731 (summed on device: no sync per step)
-    t_log, loss_sum, n_sum = time.perf_counter(), zero(), 0
-    workers = config.workers if config.workers >= 0 else (
-        0 if info.device.type == "cpu" else max(0, min(4, (os.cpu_count() or 1) // info.world - 1))
-    )
-    batches = DataLoader(
-        StepBatches(corpus.train, sampler, step, end, info.rank, info.world), batch_size=None, shuffle=False,
-        num_workers=workers, pin_memory=info.device.type == "cuda", prefetch_factor=4 if workers else None,
-    )
-    with tqdm(total=config.steps, initial=step, desc="train", unit="step", disable=not info.is_main, dynamic_ncols=True) as bar:
-        model.train()
-        for batch in batches:
-            batch = batch.to(info.device, non_blocking=True)
-            noise = seeded_generator("noise", config.seed, step, info.rank, device=info.device)
-            with autocast():
-                loss = diffusion.training_loss(ddp, batch.theta_next, batch.cond(), generator=noise)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            ema.update(model, step)
-            loss_sum += loss.detach().double()
-            n_sum += 1
-            bar.update(1)
-
-            evaluate = corpus.heldout is not None and len(corpus.heldout) > 0 and (
-                step == end or (config.eval_every and step % config.eval_every == 0)
-            )
-            if step % config.log_every == 0 or step == end or evaluate:
-                loss_sum = _mean_over_ranks(loss_sum, info)
-                now = time.perf_counter()
-                last = {
-                    "step": step,
-                    "loss": float(loss_sum) / n_sum,
-                    "lr": sched.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "samples_per_s": n_sum * config.batch_size / max(now - t_log, 1e-9),
-                    "elapsed_s": wall_before + now - t_start,
-                }
-                if evaluate:
-                    losses = heldout_loss({"heldout_loss": model, "heldout_loss_ema": ema.module},
-                                          diffusion, corpus, config, info, autocast)
-                    last.update(losses)
-                    model.train()
-                if info.is_main:
-                    append_jsonl(log_path, last)
-                bar.set_postfix(loss=f"{last['loss']:.4g}", samples_s=f"{last['samples_per_s']:.0f}")
-                t_log, loss_sum, n_sum = time.perf_counter(), zero(), 0
-            if step % config.checkpoint_every == 0 or step == end:
-                save(step, last)
-
-    # ---- export
-    manifest = None
-    if step >= config.steps and config.export and info.is_main:
-        manifest = export_checkpoint(ckpt_path, out, name=name)
-    elif step < config.steps and info.is_main:
-        notes.append(f"stopped at step {step} of {config.steps}: continue with --resume")
-    if info.world > 1:
-        dist.barrier()
-    return TrainResult(model, ema.module, step, last, ckpt_path if step > 0 else None, manifest, notes)
 
 
 # ---------------------------------------------------------------------------------- export

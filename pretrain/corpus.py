@@ -443,7 +443,7 @@ def train_run_reference(task: Task, plan: RunPlan, train_x: torch.Tensor, train_
 class CorpusConfig:
     """What ``learned-opt corpus`` builds (one field per command-line option)."""
 
-    task: str = "mnist-mlp"
+    task: str | Task = "mnist-mlp"  # a registered name (or a Task)
     runs: int = 8  # run ids 0 .. runs-1
     out: str = "corpus"
     data_root: str | None = None  # else $LEARNED_OPT_DATA

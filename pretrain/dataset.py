@@ -42,7 +42,7 @@ import torch
 from torch.utils.data import Dataset
 
 from learned_opt import tasks
-from learned_opt.errors import LearnedOptError, StoreError
+from learned_opt.errors import ConfigError, LearnedOptError, StoreError
 from learned_opt.layout import check_signature
 from learned_opt.normalization import GPT_TARGET_STD, Normalization
 
@@ -65,9 +65,11 @@ class PairConfig:
 
     def __post_init__(self) -> None:
         if self.max_gap < 1:
-            raise ValueError(f"Invalid max_gap: {self.max_gap} (must be >= 1)")
+            raise ConfigError(f"Invalid max_gap: {self.max_gap} (must be >= 1)")
+        if self.std_sample_runs < 1 or self.std_sample_rows < 1:
+            raise ConfigError("std_sample_runs and std_sample_rows must be >= 1")
         if not 0.0 <= self.heldout_fraction < 1.0:
-            raise ValueError(f"Invalid heldout_fraction: {self.heldout_fraction} (must be in [0, 1))")
+            raise ConfigError(f"Invalid heldout_fraction: {self.heldout_fraction} (must be in [0, 1))")
 
 
 # ---------------------------------------------------------------------------- seeds and split
@@ -284,38 +286,38 @@ class PairDataset(Dataset):
         """Pairs ``indices`` as one batch; ``perms[l]`` ``[B, H_l]`` permutes θ and θ′ of each pair alike."""
         triples = [self.pair(int(k)) for k in indices]
         n, p = len(triples), self.store.num_params
-        theta = torch.empty(n, p, dtype=torch.float32)
-        theta_next = torch.empty(n, p, dtype=torch.float32)
-        by_run: dict[int, list[int]] = {}
-        for pos, (run_id, _, _) in enumerate(triples):
-            by_run.setdefault(run_id, []).append(pos)
-        for run_id, positions in by_run.items():
-            rows = sorted({t for pos in positions for t in triples[pos][1:]})
-            where = {row: k for k, row in enumerate(rows)}
-            block = _guarded(
-                "checkpoints", self.store, run_id, self.store.read_checkpoints, run_id, torch.tensor(rows)
-            )  # [len(rows), P]
-            block = torch.as_tensor(block, dtype=torch.float32)
-            if block.shape != (len(rows), p) or not torch.isfinite(block).all():
+        needed: dict[int, set[int]] = {}
+        for run_id, i, j in triples:
+            needed.setdefault(run_id, set()).update((i, j))
+        # One read per run of the distinct checkpoints the batch needs, stacked into one table.
+        blocks, where = [], {}
+        for run_id, rows in needed.items():
+            rows = sorted(rows)
+            block = _guarded("checkpoints", self.store, run_id, self.store.read_checkpoints, run_id, torch.tensor(rows))
+            block = torch.as_tensor(block, dtype=torch.float32)  # [len(rows), P]
+            if block.shape != (len(rows), p):
                 raise StoreError(
                     f"run {run_id} in the store at {self.store.root} returned checkpoints of shape "
-                    f"{list(block.shape)} (expected {[len(rows), p]}) or non-finite values; the run "
-                    "file is corrupt: delete it and rerun `learned-opt corpus`"
+                    f"{list(block.shape)}, expected {[len(rows), p]}: delete the run and rerun `learned-opt corpus`"
                 )
-            for pos in positions:
-                _, i, j = triples[pos]
-                theta[pos] = block[where[i]]
-                theta_next[pos] = block[where[j]]
+            where.update({(run_id, row): len(where) + k for k, row in enumerate(rows)})
+            blocks.append(block)
+        table = torch.cat(blocks)  # [C, P], C distinct checkpoints
+        if not torch.isfinite(table).all():
+            bad = [r for r, blk in zip(needed, blocks) if not torch.isfinite(blk).all()]
+            raise StoreError(
+                f"run {bad[0]} in the store at {self.store.root} holds non-finite parameters: delete it "
+                "and rerun `learned-opt corpus`"
+            )
+        rows = [where[(r, i)] for r, i, _ in triples] + [where[(r, j)] for r, _, j in triples]
+        both = table[torch.tensor(rows)]  # [2B, P]: every θ_i, then every θ_j
+        if perms is not None:
+            both = self.task.permute(both, [q.repeat(2, 1) for q in perms])  # the same permutation for θ_i and θ_j
+        both = self.normalization.params(both)
         raw_metric = torch.stack([self.metric_values[r][i] for r, i, _ in triples])  # [B]
         raw_target = torch.stack([self.metric_values[r][j] for r, _, j in triples])  # [B]
-        if perms is not None:
-            both = self.task.permute(torch.cat([theta, theta_next]), [q.repeat(2, 1) for q in perms])  # [2B, P]
-            theta, theta_next = both[:n], both[n:]
         norm = self.normalization
-        return PairBatch(
-            norm.params(theta), norm.params(theta_next), norm.metric(raw_metric), norm.metric(raw_target),
-            raw_metric, raw_target,
-        )
+        return PairBatch(both[:n], both[n:], norm.metric(raw_metric), norm.metric(raw_target), raw_metric, raw_target)
 
 
 # ---------------------------------------------------------------------------- sampling

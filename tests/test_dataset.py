@@ -193,3 +193,17 @@ def test_runs_too_short_for_a_pair_are_skipped_and_constant_metrics_refused(tmp_
     make_store(tmp_path / "s", runs=2, checkpoints=4, first_run=10)
     corpus = open_pairs(tmp_path / "s", PairConfig(heldout_fraction=0.0))
     assert corpus.train.run_ids == (10, 11) and corpus.train.skipped_runs == (0, 1)
+
+
+def test_non_finite_parameters_are_refused_naming_the_run(tmp_path):
+    from pretrain.store import RunRecord
+
+    store = make_store(tmp_path / "s", runs=2, checkpoints=4)
+    params = torch.zeros(4, store.num_params)
+    params[2, 5] = float("nan")
+    metrics = {name: torch.linspace(2.0, 1.0, 4) for name in store.metric_names}
+    store.write_run(7, RunRecord(params, torch.arange(4), metrics, {}, seed=7))
+    corpus = open_pairs(tmp_path / "s", PairConfig(heldout_fraction=0.0, std_sample_rows=2))  # rows 0 and 3
+    bad = [k for k in range(len(corpus.train)) if corpus.train.pair(k) == (7, 1, 2)]
+    with pytest.raises(StoreError, match="run 7 .* non-finite parameters"):
+        corpus.train.batch(bad + [0])

@@ -20,7 +20,8 @@ Everything a job writes lives in ``--out``:
 
 Under ``torchrun --nproc_per_node N`` the job runs DistributedDataParallel (gloo on CPU, NCCL on
 GPU): every rank draws the same global batch of ``--batch-size`` pairs and trains on its own
-stride of it; only rank 0 writes files.
+stride of it; only rank 0 writes files. Batches are built ahead by ``--workers`` DataLoader
+processes; each is a pure function of its step, so the worker count never changes the result.
 """
 
 from __future__ import annotations
@@ -183,7 +184,14 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown --device {device!r}: use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asked for, but CUDA is not available here: use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)  # "cuda": this process's own GPU
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world == 1 and not dist.is_initialized():

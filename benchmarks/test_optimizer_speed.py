@@ -11,6 +11,8 @@ Groups:
   batch of 128 real MNIST training images (random images of the same shape when MNIST is not
   found; ``extra_info["data"]`` says which), Adam vs GptOptimizer(every=None), one thread.
   Target: ≤ 5%.
+* ``step: ..., interleaved`` — each pair above alternated in one loop; ``extra_info["ratio"]`` is
+  the ratio of their medians (the fairest figure on a busy machine; printed with ``-s``).
 * ``step: optimizer only`` — ``opt.step()`` alone with fixed gradients: the wrapper's own cost.
 * ``generative update`` — one ``generate(metric=...)`` (DDIM, 50 steps) with untrained ``tiny``
   and ``small`` generators for the MNIST MLP, on CPU and (when present) CUDA. ``extra_info``
@@ -101,6 +103,39 @@ def test_step_optimizer_only(benchmark, batch, kind, one_thread):
     F.cross_entropy(model(x), y).backward()  # fixed gradients; the parameters keep moving
     benchmark.group = "step: optimizer only"
     benchmark.pedantic(opt.step, rounds=3000, iterations=1, warmup_rounds=50)
+
+
+@pytest.mark.parametrize("what", ["iteration", "optimizer only"])
+def test_step_interleaved(benchmark, batch, one_thread, what):
+    """Adam and GptOptimizer alternated in one loop, so that load on a shared machine hits both
+    alike; ``extra_info`` holds the median of each and their ratio (GptOptimizer / Adam)."""
+    import statistics
+    import time
+
+    x, y, source = batch
+    pairs = []
+    for kind in ("adam", "gpt"):
+        torch.manual_seed(0)
+        model = TASK.build_model()
+        opt = _optimizer(kind, model)
+        F.cross_entropy(model(x), y).backward()
+        pairs.append((model, opt))
+    times: tuple[list[float], list[float]] = ([], [])
+
+    def both() -> None:
+        for (model, opt), out in zip(pairs, times):
+            start = time.perf_counter()
+            if what == "iteration":
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+            opt.step()
+            out.append(time.perf_counter() - start)
+
+    benchmark.group = f"step: {what}, interleaved"
+    benchmark.pedantic(both, rounds=3000, iterations=1, warmup_rounds=50)
+    adam, gpt = (statistics.median(t) for t in times)
+    benchmark.extra_info.update(data=source, adam_median_us=adam * 1e6, gpt_median_us=gpt * 1e6, ratio=gpt / adam)
+    print(f"\ninterleaved {what} medians: adam {adam * 1e6:.1f} us, gpt {gpt * 1e6:.1f} us, ratio {gpt / adam:.3f}")
 
 
 def _peak_extra_mib(fn, device: torch.device) -> float:

@@ -166,7 +166,11 @@ class GptOptimizer(torch.optim.Optimizer):
 
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """One base step (the closure is the usual loss closure); with ``every=k`` also a
-        generative update after every k-th step (its report is in ``last_report``)."""
+        generative update after every k-th step (its report is in ``last_report``).
+
+        In periodic mode a broken sample is skipped with a warning, but a ``metric_closure`` that
+        returns NaN/Inf raises :class:`GenerationError` after the base step (training diverged).
+        """
         # The base step sets its own grad mode (and enables grad around the closure); no extra
         # context here keeps the per-step overhead to a counter increment.
         loss = self.base.step() if closure is None else self.base.step(closure)
@@ -232,8 +236,8 @@ class GptOptimizer(torch.optim.Optimizer):
         if error is not None:
             return finish(False, error, failed=True)
         ratio, error = self._validate(theta, new)
-        if error is not None:
-            return finish(False, error, ratio=ratio, failed=True)
+        if not _all_ranks(error is None, theta.device):  # ranks must take the same path from here
+            return finish(False, error or "the sample failed validation on another rank", ratio=ratio, failed=True)
 
         backup = [p.detach().clone() for p in params]
         layout.load_into(new.to(theta.dtype), params)
@@ -491,13 +495,19 @@ def _agree(new: torch.Tensor | None, error: str | None, theta: torch.Tensor) -> 
     """Under torch.distributed: fail everywhere if any rank failed, else take rank 0's θ′."""
     if not _distributed():
         return new, error
-    dist = torch.distributed
-    ok = torch.tensor([0 if error is not None else 1], device=theta.device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    if not bool(ok.item()):
+    if not _all_ranks(error is None, theta.device):
         return None, error or "the generator failed on another rank"
-    dist.broadcast(new, src=0)
+    torch.distributed.broadcast(new, src=0)
     return new, None
+
+
+def _all_ranks(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every rank (the flag itself when not distributed)."""
+    if not _distributed():
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def _broadcast_flag(flag: bool, device: torch.device) -> bool:

@@ -8,6 +8,7 @@ Writes ``{out}/rank{r}.pt`` (final parameters and counters) for the test to comp
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpt_helpers import tiny_generator, toy_data, toy_loss, toy_model  # noqa: E402
+from gpt_helpers import FnGenerator, tiny_generator, toy_data, toy_loss, toy_model  # noqa: E402
 
 from learned_opt.optimizer import GptOptimizer  # noqa: E402
 
@@ -36,6 +37,18 @@ def main(out: str) -> None:
         opt.step()
     report = opt.generate(metric=1.0 + rank)  # unguarded, different conditioning per rank
     assert report.accepted, report
+
+    # A generator that fails on rank 1 only: every rank skips the update (and nobody hangs).
+    def flaky(theta):
+        if rank == 1:
+            raise RuntimeError("rank 1 fails")
+        return theta + 0.01
+
+    opt.generator = FnGenerator(flaky, base=opt.generator)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        report = opt.generate(metric=1.0)
+    assert report.failed and not report.accepted, report
     params = [p.detach().clone() for p in model.module.parameters()]
     torch.save({"params": params, "counters": opt.counters}, Path(out) / f"rank{rank}.pt")
     dist.barrier()

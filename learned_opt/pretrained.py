@@ -87,6 +87,26 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _to_json(manifest: Mapping) -> str:
+    """The manifest as indented JSON; paths and tensor/numpy scalars become plain values."""
+
+    def plain(value):
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, torch.Tensor):
+            return value.tolist()
+        if hasattr(value, "item") and callable(value.item):  # numpy scalars
+            return value.item()
+        if isinstance(value, (set, frozenset, tuple)):
+            return list(value)
+        raise TypeError(
+            f"cannot write {type(value).__name__} into a generator manifest; pass JSON-able "
+            f"corpus/training/extra summaries (numbers, strings, lists, dicts)"
+        )
+
+    return json.dumps(manifest, indent=2, default=plain) + "\n"
+
+
 def _package_version() -> str:
     from . import __version__  # lazy: the package imports this module while initialising
 
@@ -186,10 +206,11 @@ def save_generator(
     if bad:
         raise WeightsError(f"refusing to save generator {name!r}: non-finite values in {bad[:5]}")
     weights_path, manifest_path = out / f"{name}.safetensors", out / f"{name}.json"
+    _to_json(manifest)  # fail on an unserialisable summary before anything is written
     _atomic_write(weights_path, lambda p: save_file(tensors, str(p), metadata={"name": name}))
     manifest["weights_file"] = weights_path.name
     manifest["weights_sha256"] = sha256_file(weights_path)
-    text = json.dumps(manifest, indent=2, sort_keys=False) + "\n"
+    text = _to_json(manifest)
     _atomic_write(manifest_path, lambda p: p.write_text(text, encoding="utf-8"))
     return manifest_path
 

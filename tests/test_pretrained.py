@@ -233,3 +233,14 @@ def test_load_to_device_and_overwrite(tmp_path):
     gen = load_generator(first, device="cpu")
     assert gen.sha256 != sha and gen.device.type == "cpu"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist-tiny.json", "mnist-tiny.safetensors"]
+
+
+def test_summaries_are_made_json_or_refused_before_writing(tmp_path):
+    model = build_generator(tasks.get("mnist-mlp").layout(), "tiny")
+    kw = dict(task="mnist-mlp", metric="test_loss", best_prompt=0.0, training={"loss": torch.tensor(0.5)})
+    path = save_generator(tmp_path, "ok", model, DIFF, NORM, corpus={"root": tmp_path}, **kw)
+    m = json.loads(path.read_text())
+    assert m["corpus"] == {"root": str(tmp_path)} and m["training"] == {"loss": 0.5}
+    with pytest.raises(TypeError, match="JSON-able"):
+        save_generator(tmp_path / "bad", "bad", model, DIFF, NORM, corpus={"x": object()}, **kw)
+    assert not (tmp_path / "bad" / "bad.safetensors").exists()

@@ -38,6 +38,8 @@ class GenerationReport:
     sample (the generator raised, or returned a non-finite, wrongly shaped or exploding θ′);
     ``reason`` says why an update was not accepted. ``update_ratio`` is ‖θ′−θ‖ divided by the trust
     reference (see :class:`GptOptimizer`); the update is refused above ``max_update_ratio``.
+    ``prompt`` is the metric asked for (after clamping), ``step`` the base-step count at the time,
+    ``metric_after`` the closure's value with θ′ (None without a closure or with ``guard=False``).
     """
 
     accepted: bool
@@ -95,8 +97,9 @@ class GptOptimizer(torch.optim.Optimizer):
     A broken sample does not raise: it returns a report with ``failed=True`` and warns. Bad input
     (no metric, a NaN metric) raises :class:`GenerationError` before anything happens.
 
-    **After an accepted update** the base optimizer's state (Adam's moments and step count) is
-    kept as it was, as NiNo does; gradients are left as they were (zero them as usual).
+    **After an accepted update** θ′ replaces every parameter given (frozen ones included: the
+    generator models the whole network), the base optimizer's state (Adam's moments and step
+    count) is kept as it was, as NiNo does, and gradients are left as they were (zero them as usual).
 
     **state_dict** is the base optimizer's, plus a ``"gpt"`` entry: the counters, the generator's
     name and sha256 and the private RNG's state (a uint8 tensor), so it round-trips through
@@ -247,6 +250,8 @@ class GptOptimizer(torch.optim.Optimizer):
                 after = self._metric_value(closure(), "the closure")
                 accept = math.isfinite(after) and not _worse(after, before, self.generator.metric_direction)
                 reason = None if accept else f"{self.generator.metric_name} went from {before:.6g} to {after:.6g}"
+            except GenerationError:  # NaN/Inf after the update
+                accept, reason = False, f"{self.generator.metric_name} is not finite with the sampled parameters"
             except Exception as exc:  # θ′ broke the closure: restore, count, report
                 accept, reason = False, f"the closure failed on the sampled parameters: {exc!r}"
             accept = _broadcast_flag(accept, theta.device)

@@ -113,6 +113,16 @@ def test_worse_update_is_rejected_exactly():
     assert opt.counters["rejected"] == 1 and opt.counters["accepted"] == 0
 
 
+def test_non_finite_metric_after_update_is_rejected():
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 0.01), lr=1e-2)
+    values = iter([1.0, float("nan")])
+    before = snapshot(model, opt)
+    report = opt.generate(lambda: next(values))
+    assert not report.accepted and not report.failed and "not finite" in report.reason
+    assert_same(snapshot(model, opt), before)
+
+
 def test_guard_opt_out_accepts_a_worse_update():
     noise = torch.randn(1, 75, generator=torch.Generator().manual_seed(0)) * 0.3
     model = toy_model()

@@ -15,7 +15,8 @@ Groups:
   the ratio of their medians (the fairest figure on a busy machine; printed with ``-s``).
 * ``step: optimizer only`` — ``opt.step()`` alone with fixed gradients: the wrapper's own cost.
 * ``generative update`` — one ``generate(metric=...)`` (DDIM, 50 steps) with untrained ``tiny``
-  and ``small`` generators for the MNIST MLP, on CPU and (when present) CUDA. ``extra_info``
+  and ``small`` generators for the MNIST MLP, on CPU (one thread, and all threads) and (when
+  present) CUDA. ``extra_info``
   holds the update's peak extra memory in MiB: from the CPU profiler's allocation events
   (torch's CPU allocator is not visible to tracemalloc) or ``torch.cuda.max_memory_allocated``.
 """
@@ -37,6 +38,7 @@ from learned_opt.optimizer import GptOptimizer
 from learned_opt.pretrained import LoadedGenerator
 
 TASK = tasks.get("mnist-mlp")
+_DEFAULT_THREADS = torch.get_num_threads()
 BATCH = 128
 SAMPLING_STEPS = 50
 
@@ -162,10 +164,16 @@ def _peak_extra_mib(fn, device: torch.device) -> float:
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
 
+@pytest.mark.parametrize("threads", ["1", "all"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("preset", ["tiny", "small"])
-def test_generative_update(benchmark, preset, device):
+def test_generative_update(benchmark, preset, device, threads):
     device = torch.device(device)
+    if threads == "1":
+        if device.type != "cpu":
+            pytest.skip("thread count only matters on CPU")
+        torch.set_num_threads(1)  # restored by the end of the test (see below)
+    saved_threads = torch.get_num_threads()
     torch.manual_seed(0)
     model = TASK.build_model().to(device)
     gen = _generator(preset)
@@ -186,4 +194,8 @@ def test_generative_update(benchmark, preset, device):
         sampling_steps=SAMPLING_STEPS,
         peak_extra_mib=round(_peak_extra_mib(update, device), 3),
     )
-    benchmark.pedantic(update, rounds=3 if device.type == "cpu" else 20, iterations=1)
+    benchmark.extra_info["threads"] = saved_threads
+    try:
+        benchmark.pedantic(update, rounds=3 if device.type == "cpu" else 20, iterations=1)
+    finally:
+        torch.set_num_threads(_DEFAULT_THREADS)

@@ -270,12 +270,14 @@ class Gpt(nn.Module):
             h = block(h)
         h = self.ln_f(h[:, self.num_tokens : 2 * self.num_tokens])  # [B, T, D] at the x_t positions
         out = self.decoder(h)  # [B, T, M]
-        return theta + out.reshape(b, -1)[:, self.flat_index].to(theta.dtype)  # [B, P]
+        out = out.reshape(b, -1).index_select(1, self.flat_index)  # [B, P], padding dropped
+        return theta + out.to(theta.dtype)
 
     def _tokens(self, flat: torch.Tensor) -> torch.Tensor:
         """``[B, P]`` -> ``[B, T, M]`` (zero padded); same result as ``layout.to_tokens``."""
         padded = F.pad(flat, (0, 1))  # [B, P + 1]
-        return padded[:, self.token_index].to(self.theta_encoder.weight.dtype)
+        tokens = padded.index_select(1, self.token_index.reshape(-1))  # [B, T * M]
+        return tokens.view(flat.shape[0], *self.token_index.shape).to(self.theta_encoder.weight.dtype)
 
     def num_parameters(self) -> int:
         """Number of learned parameters."""

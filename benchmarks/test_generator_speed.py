@@ -12,8 +12,8 @@ Groups, all on the ``mnist-mlp`` layout (chunk size 1000: 11 parameter tokens, 2
   ~7M-parameter ``nn.TransformerEncoder`` over 26 tokens (4 layers of width 384, pre-LayerNorm),
   the issue's reference (≈ 240 samples/s on 2 CPU cores). Reported as samples/s and as the ratio
   to the baseline measured in the same run.
-* ``sample: <device>`` — one sampled update (batch 1) per preset: DDIM with 10 / 25 / 50 steps and
-  DDPM with all 1000 (DDPM only for ``tiny``/``small`` on CPU). Target: ``small`` DDIM-50 < 0.5 s on
+* ``sample: <device>`` — one sampled update (batch 1) per preset: DDIM with 10 / 25 / 50 steps,
+  DPM-Solver++(2M) with 25, and DDPM with all 1000 (DDPM only for ``tiny``/``small`` on CPU). Target: ``small`` DDIM-50 < 0.5 s on
   2 CPU cores.
 
 Environment: ``LEARNED_OPT_BENCH_THREADS`` (2) intra-op threads; ``LEARNED_OPT_BENCH_OUT``
@@ -154,7 +154,7 @@ def test_training_throughput(benchmark, name, device):
 
 # ---------------------------------------------------------------------------------- sampling
 
-SAMPLERS = [("ddim", 10), ("ddim", 25), ("ddim", 50), ("ddpm", 1000)]
+SAMPLERS = [("ddim", 10), ("ddim", 25), ("ddim", 50), ("dpm++2m", 25), ("ddpm", 1000)]
 
 
 @pytest.mark.parametrize("device", DEVICES)

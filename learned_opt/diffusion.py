@@ -6,7 +6,11 @@ noises a clean ``x0`` to ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε``; the mode
 
 * ``"ddpm"``: ancestral sampling through all ``num_steps`` steps (what G.pt does per update), or
 * ``"ddim"``: DDIM (Song et al. 2021, arXiv:2010.02502) on ``steps`` evenly strided timesteps,
-  deterministic for ``eta=0``; ``eta=1`` with ``steps == num_steps`` is the same law as DDPM.
+  deterministic for ``eta=0``; ``eta=1`` with ``steps == num_steps`` is the same law as DDPM;
+* ``"dpm++2m"``: DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095), a deterministic second-order
+  multistep solver of the same ODE as DDIM, on ``steps`` timesteps evenly spaced in log-SNR. Same
+  cost per step as DDIM; on Gaussian data with the exact denoiser it keeps the spread within a
+  few percent at 25 steps, where DDIM shrinks it by ~10%.
 
 The model is any callable ``model(x_t, t, **cond) -> x0_hat``; this module knows nothing about
 parameters or tokens. All sampling noise comes from a caller's ``torch.Generator``; the global RNG
@@ -27,7 +31,8 @@ from tqdm.auto import tqdm
 from .errors import ConfigError
 
 SCHEDULES = ("linear", "cosine")
-METHODS = ("ddim", "ddpm")
+METHODS = ("ddim", "ddpm", "dpm++2m")
+LOGSNR_FLOOR = -10.0  # where log-SNR-spaced samplers start spacing their steps
 
 
 @dataclass
@@ -75,6 +80,25 @@ def ddim_timesteps(num_steps: int, steps: int) -> list[int]:
     if steps == 1:
         return [num_steps - 1]
     return [round(i * (num_steps - 1) / (steps - 1)) for i in range(steps - 1, -1, -1)]
+
+
+def logsnr_timesteps(alphas_cumprod: torch.Tensor, steps: int) -> list[int]:
+    """``steps`` distinct timesteps from the last down to 0, evenly spaced in log-SNR ``log(ᾱ / (1 - ᾱ))``."""
+    n = alphas_cumprod.numel()
+    if not 1 <= steps <= n:
+        raise ConfigError(f"the sampler needs 1 <= steps <= num_steps ({n}), got steps={steps}")
+    if steps == 1:
+        return [n - 1]
+    logsnr = torch.log(alphas_cumprod / (1.0 - alphas_cumprod))  # [N], decreasing in t
+    # Below a log-SNR of -10 (ᾱ < 5e-5) x_t is noise for any data of unit scale: do not spend steps there.
+    low = max(logsnr[-1].item(), LOGSNR_FLOOR)
+    grid = torch.linspace(low, logsnr[0].item(), steps, dtype=torch.float64)
+    nearest = torch.searchsorted(-logsnr, -grid).clamp(max=n - 1).tolist()  # first t with logsnr <= g
+    out = [n - 1]
+    for i in range(1, steps):
+        # strictly decreasing, and leave room for the steps still to come
+        out.append(max(min(nearest[i], out[-1] - 1), steps - 1 - i))
+    return out
 
 
 class Diffusion:
@@ -155,7 +179,8 @@ class Diffusion:
 
         ``method="ddim"`` uses ``steps`` evenly strided timesteps and DDIM's ``eta`` (0: deterministic
         given x_T); ``method="ddpm"`` is ancestral sampling through all ``num_steps`` steps (``steps``
-        and ``eta`` are ignored). Tensors live on the device of ``x_T`` or of the first tensor in
+        and ``eta`` are ignored); ``method="dpm++2m"`` is DPM-Solver++(2M) on ``steps`` log-SNR-spaced
+        timesteps (deterministic given x_T; ``eta`` is ignored). Each step is one model call. Tensors live on the device of ``x_T`` or of the first tensor in
         ``cond`` (else the generator's); noise is drawn on the generator's device and moved there.
         A module ``model`` is put in eval mode for the duration and restored after.
         """
@@ -174,10 +199,13 @@ class Diffusion:
             raise ConfigError(f"x_T has shape {list(x.shape)}, expected {list(shape)}")
         if method == "ddpm":
             timesteps = list(range(self.num_steps - 1, -1, -1))
+        elif method == "dpm++2m":
+            timesteps = logsnr_timesteps(self.alphas_cumprod, steps)
         else:
             timesteps = ddim_timesteps(self.num_steps, steps)
         t_batch = torch.tensor(timesteps, dtype=torch.long, device=device)[:, None].expand(-1, shape[0])
 
+        history = None  # DPM-Solver++(2M): the previous x0 prediction and step size
         was_training = isinstance(model, nn.Module) and model.training
         if was_training:
             model.eval()
@@ -189,6 +217,8 @@ class Diffusion:
                     break
                 if method == "ddpm":
                     x = self._ddpm_step(x, x0_hat, t, randn)
+                elif method == "dpm++2m":
+                    x, history = self._dpm_step(x, x0_hat, t, timesteps[i + 1], history)
                 else:
                     x = self._ddim_step(x, x0_hat, t, timesteps[i + 1], eta, randn)
         finally:
@@ -204,6 +234,20 @@ class Diffusion:
         c_xt = math.sqrt(1.0 - beta_t) * (1.0 - abar_prev) / (1.0 - abar_t)
         var = beta_t * (1.0 - abar_prev) / (1.0 - abar_t)
         return c_x0 * x0_hat + c_xt * x + math.sqrt(var) * randn()
+
+    def _dpm_step(
+        self, x: torch.Tensor, x0_hat: torch.Tensor, t: int, t_next: int, history
+    ) -> tuple[torch.Tensor, tuple]:
+        """One DPM-Solver++(2M) step t -> t_next: DDIM's update with a second-order x0 estimate."""
+        abar_t, abar_next = self._abar[t], self._abar[t_next]
+        h = 0.5 * (math.log(abar_next / (1.0 - abar_next)) - math.log(abar_t / (1.0 - abar_t)))  # Δ log(α/σ)
+        d = x0_hat
+        if history is not None:  # extrapolate x0 linearly in log-SNR from the previous step
+            x0_prev, h_prev = history
+            c = 0.5 * h / h_prev  # 1 / (2r), r = h_prev / h
+            d = (1.0 + c) * x0_hat - c * x0_prev
+        x = math.sqrt((1.0 - abar_next) / (1.0 - abar_t)) * x - math.sqrt(abar_next) * math.expm1(-h) * d
+        return x, (x0_hat, h)
 
     def _ddim_step(
         self, x: torch.Tensor, x0_hat: torch.Tensor, t: int, t_prev: int, eta: float, randn

@@ -50,7 +50,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -60,7 +60,6 @@ from tqdm.auto import tqdm
 
 from learned_opt import __version__, tasks
 from learned_opt.errors import LearnedOptError, StoreError
-from learned_opt.layout import Layout
 from learned_opt.tasks import MLP, Task
 
 from .store import RunRecord, Store
@@ -354,28 +353,33 @@ class BatchedMLPTrainer:
             on_finish(finished)
 
     def _gradient(self, params: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
-        """Mean cross-entropy gradient of every run on its own minibatch, written into ``out`` [R, P]."""
+        """Mean cross-entropy gradient of every run on its own minibatch, written into ``out`` [R, P].
+
+        Activations are kept feature-major (``[R, features, b]``): ``W @ x^T`` measured faster on
+        CPU than ``x @ W^T`` for these narrow layers.
+        """
         R, b = idx.shape
         x = self.train_x.index_select(0, idx.reshape(-1)).view(R, b, -1)  # [R, b, in]
-        y = self.train_y[idx]  # [R, b]
+        y = self.train_y[idx].unsqueeze(1)  # [R, 1, b]
         w = self.layout.unflatten(params)
         g = self.layout.unflatten(out)
         n_layers = len(self.sizes) - 1
-        acts, pre = [x], []
+        acts, pre = [x.transpose(1, 2)], []  # [R, in, b]
         for l in range(1, n_layers + 1):
             W, bias = w[f"fc{l}.weight"], w[f"fc{l}.bias"]  # [R, out, in], [R, out]
-            h = torch.baddbmm(bias.unsqueeze(1), acts[-1], W.transpose(1, 2))  # [R, b, out]
+            h = torch.baddbmm(bias.unsqueeze(2), W, acts[-1])  # [R, out, b]
             pre.append(h)
             if l < n_layers:
                 acts.append(h.clamp_min(0))
-        dh = torch.softmax(pre[-1], dim=-1)  # [R, b, C]: d(mean CE)/d(logits) = (softmax - onehot) / b
-        dh.scatter_add_(-1, y.unsqueeze(-1), torch.full((R, b, 1), -1.0, device=dh.device))
+        dh = torch.softmax(pre[-1], dim=1)  # [R, C, b]: d(mean CE)/d(logits) = (softmax - onehot) / b
+        dh.scatter_add_(1, y, torch.full((R, 1, b), -1.0, device=dh.device))
         dh.div_(b)
         for l in range(n_layers, 0, -1):
-            g[f"fc{l}.weight"].copy_(torch.bmm(dh.transpose(1, 2), acts[l - 1]))  # [R, out, in]
-            g[f"fc{l}.bias"].copy_(dh.sum(1))
+            a_prev = x if l == 1 else acts[l - 1].transpose(1, 2)  # [R, b, in]
+            g[f"fc{l}.weight"].copy_(torch.bmm(dh, a_prev))  # [R, out, in]
+            g[f"fc{l}.bias"].copy_(dh.sum(2))
             if l > 1:
-                dh = torch.bmm(dh, w[f"fc{l}.weight"]).mul_(pre[l - 2] > 0)  # [R, b, in]
+                dh = torch.bmm(w[f"fc{l}.weight"].transpose(1, 2), dh).mul_(pre[l - 2] > 0)  # [R, in, b]
 
     @staticmethod
     def _sgd_nesterov(p, g, buf, lr, mom) -> None:

@@ -132,7 +132,13 @@ class Store:
             "metrics": list(task.metrics),
         }
         if (root / STORE_FILE).exists():
-            return cls._reopen_for(root, meta)
+            store = cls._reopen_for(root, meta)
+            try:  # a resumed writer needs its folders even if someone removed an empty one
+                for sub in (root / RUNS_DIR, root / DROPPED_DIR):
+                    sub.mkdir(exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot write to the store at {root} ({exc.strerror or exc}): check permissions") from None
+            return store
         if root.exists() and not root.is_dir():
             raise StoreError(f"cannot create a store at {root}: it is a file; choose another --out folder")
         if root.is_dir() and any(not p.name.startswith(".") for p in root.iterdir()):

@@ -19,6 +19,7 @@ is never touched.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
@@ -180,7 +181,9 @@ class Diffusion:
         ``method="ddim"`` uses ``steps`` evenly strided timesteps and DDIM's ``eta`` (0: deterministic
         given x_T); ``method="ddpm"`` is ancestral sampling through all ``num_steps`` steps (``steps``
         and ``eta`` are ignored); ``method="dpm++2m"`` is DPM-Solver++(2M) on ``steps`` log-SNR-spaced
-        timesteps (deterministic given x_T; ``eta`` is ignored). Each step is one model call. Tensors live on the device of ``x_T`` or of the first tensor in
+        timesteps (deterministic given x_T; ``eta`` is ignored). Each step is one model call;
+        a model with a ``condition(**cond)`` method (like :class:`~learned_opt.generator.Gpt`) is
+        conditioned once and its result called as ``(x_t, t)``. Tensors live on the device of ``x_T`` or of the first tensor in
         ``cond`` (else the generator's); noise is drawn on the generator's device and moved there.
         A module ``model`` is put in eval mode for the duration and restored after.
         """
@@ -210,8 +213,14 @@ class Diffusion:
         if was_training:
             model.eval()
         try:
+            # A model may precompute what does not change between steps: model.condition(**cond)
+            # returns an equivalent ``(x_t, t) -> x0`` (see Gpt.condition).
+            if callable(getattr(model, "condition", None)):
+                denoise = model.condition(**cond)
+            else:
+                denoise = functools.partial(model, **cond)
             for i, t in enumerate(tqdm(timesteps, desc=f"{method} sampling", disable=not progress, leave=False)):
-                x0_hat = model(x, t_batch[i], **cond)
+                x0_hat = denoise(x, t_batch[i])
                 if i == len(timesteps) - 1:
                     x = x0_hat  # the last step lands on ᾱ = 1: the clean prediction itself
                     break

@@ -8,6 +8,8 @@ The model reads a sequence of ``2T + 4`` tokens and predicts clean parameters θ
 * one token each for the diffusion timestep t, the current metric l, the prompted metric l′ and
   their difference l′ − l, through sinusoidal frequency embeddings and a small MLP.
 
+Token order: θ tokens, x_t tokens, t, l, l′, l′ − l.
+
 Learned position embeddings are added, a stack of pre-LayerNorm transformer blocks (non-causal,
 ``F.scaled_dot_product_attention``) mixes the tokens, and a per-token linear decoder maps the
 output tokens at the x_t positions back to parameter chunks. The decoders start at zero and the
@@ -21,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -244,27 +247,50 @@ class Gpt(nn.Module):
         target: ``[B]`` the current metric l and the prompted metric l′, normalised to ~[0, 1].
         Returns ``[B, P]`` = theta + decoded output.
         """
+        return self._denoise(x_t, t, self._encode_condition(theta, metric, target))
+
+    def condition(
+        self, theta: torch.Tensor, metric: torch.Tensor, target: torch.Tensor
+    ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """``(x_t, t) -> θ′`` for fixed (θ, l, l′), equal to ``forward``, with the θ tokens and the
+        metric tokens encoded once. :meth:`Diffusion.sample` uses it so that a sampled update does
+        not re-encode θ at every step."""
+        context = self._encode_condition(theta, metric, target)
+        return lambda x_t, t: self._denoise(x_t, t, context)
+
+    def _encode_condition(
+        self, theta: torch.Tensor, metric: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """θ [B, P] and the metrics [B] -> (θ, encoded θ tokens [B, T, D], metric tokens [B, 3, D])."""
         p = self.layout.num_params
-        if x_t.shape[-1] != p or theta.shape != x_t.shape or x_t.dim() != 2:
+        if theta.dim() != 2 or theta.shape[-1] != p:
             raise ArchitectureMismatchError(
-                f"Gpt expects x_t and theta of shape [B, {p}], got {list(x_t.shape)} and "
-                f"{list(theta.shape)}; flatten parameters with the generator's layout"
+                f"Gpt expects theta of shape [B, {p}], got {list(theta.shape)}; "
+                "flatten parameters with the generator's layout"
+            )
+        b = theta.shape[0]
+        metric, target = metric.reshape(b), target.reshape(b)
+        theta_tokens = self.theta_encoder(self._tokens(theta))  # [B, T, D]
+        metric_tokens = torch.stack(
+            [self.metric_embedding(metric), self.target_embedding(target), self.delta_embedding(target - metric)],
+            dim=1,
+        )  # [B, 3, D]
+        return theta, theta_tokens, metric_tokens
+
+    def _denoise(
+        self, x_t: torch.Tensor, t: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        """The transformer proper: noised θ′ [B, P] and step t [B], given an encoded condition."""
+        theta, theta_tokens, metric_tokens = context
+        if x_t.shape != theta.shape:
+            raise ArchitectureMismatchError(
+                f"Gpt expects x_t and theta of shape [B, {self.layout.num_params}], got {list(x_t.shape)} "
+                f"and {list(theta.shape)}; flatten parameters with the generator's layout"
             )
         b = x_t.shape[0]
-        t, metric, target = (v.reshape(b) for v in (t, metric, target))
-
-        theta_tok = self._tokens(theta)  # [B, T, M]
-        noised_tok = self._tokens(x_t)  # [B, T, M]
-        scalars = torch.stack(
-            [
-                self.timestep_embedding(t),
-                self.metric_embedding(metric),
-                self.target_embedding(target),
-                self.delta_embedding(target - metric),
-            ],
-            dim=1,
-        )  # [B, 4, D]
-        h = torch.cat([self.theta_encoder(theta_tok), self.noised_encoder(noised_tok), scalars], dim=1)
+        noised_tokens = self.noised_encoder(self._tokens(x_t))  # [B, T, D]
+        time_token = self.timestep_embedding(t.reshape(b)).unsqueeze(1)  # [B, 1, D]
+        h = torch.cat([theta_tokens, noised_tokens, time_token, metric_tokens], dim=1)
         h = self.drop(h + self.pos_embedding)  # [B, 2T + 4, D]
         for block in self.blocks:
             h = block(h)

@@ -236,6 +236,23 @@ def test_sample_passes_conditioning_and_timesteps_and_restores_train_mode():
     assert len(model.calls) == 100
 
 
+def test_sampling_a_gpt_through_its_condition_equals_calling_it_plainly():
+    torch.manual_seed(0)
+    layout = Layout((("w", (4, 3)), ("b", (4,))), chunk_size=8)
+    model = build_generator(layout, "tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(0)
+    cond = {"theta": torch.randn(2, 16, generator=g), "metric": torch.rand(2, generator=g), "target": torch.zeros(2)}
+    d = Diffusion(DiffusionConfig(num_steps=50))
+    for method in ["ddim", "dpm++2m", "ddpm"]:
+        a = d.sample(model, cond, (2, 16), method=method, steps=10, eta=0.3, generator=torch.Generator().manual_seed(4))
+        b = d.sample(lambda x_t, t, **c: model(x_t, t, **c), cond, (2, 16), method=method, steps=10, eta=0.3,
+                     generator=torch.Generator().manual_seed(4))
+        assert torch.equal(a, b) and not torch.equal(a, cond["theta"]), method
+
+
 def test_bad_sampling_arguments_raise():
     d = Diffusion(DiffusionConfig(num_steps=100))
     g = torch.Generator().manual_seed(0)

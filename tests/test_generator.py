@@ -104,6 +104,21 @@ def test_conditioning_changes_the_output_once_trained():
             assert not torch.allclose(model(**other), base), key
 
 
+def test_condition_is_forward_with_the_condition_encoded_once():
+    torch.manual_seed(0)
+    model = build_generator(TOY, "tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a "trained" model: the output depends on everything
+    x = inputs(TOY, 3)
+    denoise = model.condition(x["theta"], x["metric"], x["target"])
+    for seed in range(3):
+        y = inputs(TOY, 3, seed)
+        assert torch.equal(denoise(y["x_t"], y["t"]), model(y["x_t"], y["t"], x["theta"], x["metric"], x["target"]))
+    with pytest.raises(ArchitectureMismatchError):
+        denoise(y["x_t"][:2], y["t"][:2])
+
+
 def test_state_dict_holds_only_learned_tensors_and_round_trips():
     torch.manual_seed(0)
     model = build_generator(TOY, "tiny")

@@ -564,9 +564,13 @@ def build_corpus(
                 summary.dropped_ids.append(r.plan.run_id)
         bar.set_postfix(written=summary.written, dropped=summary.dropped, refresh=False)
 
+    def advance(runs: float) -> None:  # float progress in runs; never past the total
+        bar.update(max(0.0, min(runs, bar.total - bar.n)))
+
     try:
         for group in _batches(plans, config.batch_runs):
-            trainer.train(group, finish, bar.update)
+            trainer.train(group, finish, advance)
+        advance(bar.total)
     finally:
         bar.close()
         summary.seconds = time.perf_counter() - start

@@ -1,16 +1,16 @@
-"""The diffusion process: noise schedules, the x0-prediction loss, DDPM and DDIM sampling.
+"""The diffusion process: noise schedules, the x0-prediction loss, DDPM, DDIM and DPM-Solver++ sampling.
 
 A Gaussian diffusion over plain tensors (Ho et al. 2020, arXiv:2006.11239): the forward process
 noises a clean ``x0`` to ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε``; the model predicts ``x0`` from
-``x_t`` (G.pt's parameterisation) and is trained with an MSE loss. Sampling runs either
+``x_t`` (G.pt's parameterisation) and is trained with an MSE loss. Sampling runs one of
 
-* ``"ddpm"``: ancestral sampling through all ``num_steps`` steps (what G.pt does per update), or
+* ``"ddpm"``: ancestral sampling through all ``num_steps`` steps (what G.pt does per update);
 * ``"ddim"``: DDIM (Song et al. 2021, arXiv:2010.02502) on ``steps`` evenly strided timesteps,
   deterministic for ``eta=0``; ``eta=1`` with ``steps == num_steps`` is the same law as DDPM;
 * ``"dpm++2m"``: DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095), a deterministic second-order
   multistep solver of the same ODE as DDIM, on ``steps`` timesteps evenly spaced in log-SNR. Same
   cost per step as DDIM; on Gaussian data with the exact denoiser it keeps the spread within a
-  few percent at 25 steps, where DDIM shrinks it by ~10%.
+  few percent at 25 steps, where DDIM shrinks it by 5-10%.
 
 The model is any callable ``model(x_t, t, **cond) -> x0_hat``; this module knows nothing about
 parameters or tokens. All sampling noise comes from a caller's ``torch.Generator``; the global RNG
@@ -181,11 +181,14 @@ class Diffusion:
         ``method="ddim"`` uses ``steps`` evenly strided timesteps and DDIM's ``eta`` (0: deterministic
         given x_T); ``method="ddpm"`` is ancestral sampling through all ``num_steps`` steps (``steps``
         and ``eta`` are ignored); ``method="dpm++2m"`` is DPM-Solver++(2M) on ``steps`` log-SNR-spaced
-        timesteps (deterministic given x_T; ``eta`` is ignored). Each step is one model call;
-        a model with a ``condition(**cond)`` method (like :class:`~learned_opt.generator.Gpt`) is
-        conditioned once and its result called as ``(x_t, t)``. Tensors live on the device of ``x_T`` or of the first tensor in
-        ``cond`` (else the generator's); noise is drawn on the generator's device and moved there.
-        A module ``model`` is put in eval mode for the duration and restored after.
+        timesteps (deterministic given x_T; ``eta`` is ignored). Each step is one model call; a
+        model with a ``condition(**cond)`` method (like :class:`~learned_opt.generator.Gpt`) is
+        conditioned once and its result called as ``(x_t, t)``.
+
+        Tensors live on the device of ``x_T`` or of the first tensor in ``cond`` (else the
+        generator's); noise is drawn on the generator's device and moved there, so a CPU generator
+        gives the same draws for a model on any device. A module ``model`` is put in eval mode for
+        the duration and restored after.
         """
         if method not in METHODS:
             raise ConfigError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")

@@ -13,7 +13,7 @@ Run::
 
     .venv/bin/python -m pytest benchmarks/test_corpus_speed.py -s
 
-Sizes from the environment: ``LEARNED_OPT_BENCH_RUNS`` (8), ``LEARNED_OPT_BENCH_EPOCHS`` (2),
+Sizes from the environment: ``LEARNED_OPT_BENCH_RUNS`` (8), ``LEARNED_OPT_BENCH_EPOCHS`` (25, G.pt's recipe),
 ``LEARNED_OPT_BENCH_CHECKPOINTS`` (200), ``LEARNED_OPT_BENCH_THREADS`` (2; both sides use the same
 number of torch threads). On a machine shared with other jobs, tiny single-model steps suffer most
 from OpenMP threads waiting on a busy core; compare with ``LEARNED_OPT_BENCH_THREADS=1`` to see how
@@ -38,7 +38,7 @@ from pretrain.store import RunRecord, Store
 
 REPO = Path(__file__).resolve().parents[1]
 RUNS = int(os.environ.get("LEARNED_OPT_BENCH_RUNS", "8"))
-EPOCHS = int(os.environ.get("LEARNED_OPT_BENCH_EPOCHS", "2"))
+EPOCHS = int(os.environ.get("LEARNED_OPT_BENCH_EPOCHS", "25"))  # G.pt recipe
 CHECKPOINTS = int(os.environ.get("LEARNED_OPT_BENCH_CHECKPOINTS", "200"))
 THREADS = int(os.environ.get("LEARNED_OPT_BENCH_THREADS", "2"))  # torch intra-op threads, both sides
 OUT = Path(os.environ.get("LEARNED_OPT_BENCH_OUT", REPO / ".benchmarks" / "corpus_speed.json"))

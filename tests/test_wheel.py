@@ -53,8 +53,18 @@ def test_wheel_ships_and_loads_generators(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "learned_opt/weights/wheel-tiny.safetensors" in names and "learned_opt/weights/wheel-tiny.json" in names
 
-    target = tmp_path / "site"
-    install = subprocess.run(pip + ["install", "--no-deps", "--target", str(target), str(wheel)],
+    # A fresh virtual environment. Its dependencies (torch, safetensors, ...) come from this
+    # environment's site-packages through a .pth file; .pth files inside that folder (such as an
+    # editable install of this checkout) are not processed, so learned_opt can only come from
+    # the wheel.
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    py = venv / "bin" / "python"
+    purelib = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                  capture_output=True, text=True, check=True).stdout.strip())
+    deps = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    (purelib / "_deps.pth").write_text("\n".join(deps) + "\n")
+    install = subprocess.run(pip + ["install", "--no-deps", "--prefix", str(venv), str(wheel)],
                              capture_output=True, text=True, env=env, timeout=300)
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
 
@@ -65,10 +75,14 @@ def test_wheel_ships_and_loads_generators(tmp_path):
         "print(json.dumps({'file': learned_opt.__file__, 'names': [x['name'] for x in list_pretrained()],"
         " 'sha': g.sha256, 'params': g.layout.num_params}))\n"
     )
-    run_env = dict(os.environ, PYTHONPATH=str(target))
-    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=run_env,
+    run_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    run = subprocess.run([str(py), "-c", probe], capture_output=True, text=True, env=run_env,
                          cwd=tmp_path, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert Path(out["file"]).resolve().is_relative_to(target.resolve())
+    assert Path(out["file"]).resolve().is_relative_to(purelib.resolve())
     assert "wheel-tiny" in out["names"] and out["sha"] == sha and out["params"] == 7960
+    # the console script (pip wrote its shebang for the interpreter that ran pip)
+    cli = subprocess.run([str(py), str(venv / "bin" / "learned-opt"), "--help"], capture_output=True, text=True,
+                         env=run_env, timeout=120)
+    assert cli.returncode == 0 and "corpus" in cli.stdout, cli.stderr[-2000:]

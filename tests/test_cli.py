@@ -1,0 +1,35 @@
+import subprocess
+import sys
+
+import pytest
+
+from learned_opt import cli
+
+
+def test_help_lists_the_commands(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "corpus" in out and "train" in out
+
+
+def test_runtime_package_works_without_pretrain():
+    # learned_opt must import and run with the `pretrain` package absent: block it and use the CLI.
+    code = (
+        "import sys; sys.modules['pretrain'] = None\n"
+        "import learned_opt, torch\n"
+        "from learned_opt import cli, tasks, GptOptimizer\n"
+        "parser = cli.build_parser()\n"
+        "print('commands:', sorted(parser._subparsers._group_actions[0].choices))\n"
+        "print(tasks.get('mnist-mlp').num_params)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "commands: []" in run.stdout and "7960" in run.stdout
+
+
+def test_unknown_task_is_one_line_and_exit_code_2(capsys, tmp_path):
+    code = cli.main(["corpus", "--task", "nope", "--runs", "1", "--out", str(tmp_path / "c")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "unknown task 'nope'" in err

@@ -20,6 +20,7 @@ import torch
 
 from .errors import ConfigError, GenerationError, OptimizerStateError
 from .layout import check_signature
+from .normalization import GPT_TARGET_STD
 from .pretrained import LoadedGenerator, load_generator
 
 __all__ = ["GenerationReport", "GptOptimizer"]
@@ -73,13 +74,17 @@ class GptOptimizer(torch.optim.Optimizer):
     are concatenated in order), on one device. ``model.named_parameters()`` is accepted too and
     then the names are checked as well (a ``module.`` / ``_orig_mod.`` prefix is ignored). The
     signature must equal the generator's, else :class:`ArchitectureMismatchError` lists the
-    differences before anything is built. The generator runs on the parameters' device.
+    differences before anything is built. The generator runs on the parameters' device: a
+    :class:`LoadedGenerator` passed in is moved there *in place* (not copied), so the caller's
+    object moves too.
 
     **Metrics.** A metric closure returns the metric the generator is conditioned on
     (``generator.metric_name``, e.g. MNIST test loss) as a number or a one-element tensor (a
     tensor with grad is fine), or a mapping that contains that name. Metric closures run under
     ``torch.no_grad()``. ``generate(closure)`` calls it before and after the update;
-    ``generate(metric=m)`` takes the current value directly (then there is no guard).
+    ``generate(metric=m)`` takes the current value directly, and then there is no guard;
+    ``generate(closure, metric=m)`` uses ``m`` as the value before the update and still calls
+    the closure after it, for the guard.
     Periodic mode (``every=k``) evaluates ``metric_closure`` (a constructor argument) every k base
     steps; ``every`` without ``metric_closure`` is refused at construction.
 
@@ -89,13 +94,17 @@ class GptOptimizer(torch.optim.Optimizer):
 
     **Transactions.** An update samples θ′ with the private RNG, then validates it: the right shape,
     all finite, and ``‖θ′−θ‖ <= max_update_ratio * max(‖θ‖, ‖θ_corpus‖)`` where ``‖θ_corpus‖ =
-    sqrt(P) * 0.538 / param_scale`` is the typical norm of a corpus checkpoint (so an update from
-    a near-zero init is not refused). With a closure and ``guard=True`` θ′ is copied in, the metric
-    re-measured, and θ restored unless the metric is not worse (``<=`` for minimised metrics,
-    ``>=`` for maximised ones). Any refusal leaves parameters, gradients and the base optimizer's
-    state exactly unchanged; only the counters ``attempted`` and ``rejected`` / ``failed`` move.
-    A broken sample does not raise: it returns a report with ``failed=True`` and warns. Bad input
-    (no metric, a NaN metric) raises :class:`GenerationError` before anything happens.
+    sqrt(P) * GPT_TARGET_STD / param_scale`` (``normalization.GPT_TARGET_STD`` = 0.538) is the
+    typical norm of a corpus checkpoint (so an update from a near-zero init is not refused). With
+    a closure and ``guard=True`` θ′ is copied in, the metric re-measured, and θ restored unless
+    the metric is not worse (``<=`` for minimised metrics, ``>=`` for maximised ones). Any refusal
+    leaves parameters, gradients and the base optimizer's state exactly unchanged; only the
+    counters ``attempted`` and ``rejected`` / ``failed`` move. Buffers are not restored: those the
+    closure changed while measuring θ′ (e.g. BatchNorm running statistics updated in train mode)
+    stay changed after a rejection, so a metric closure should evaluate in eval mode and under
+    ``torch.no_grad()`` (the shipped MLP tasks have no buffers). A broken sample does not raise:
+    it returns a report with ``failed=True`` and warns. Bad input (no metric, a NaN metric) raises
+    :class:`GenerationError` before anything happens.
 
     **After an accepted update** θ′ replaces every parameter given (frozen ones included: the
     generator models the whole network), the base optimizer's state (Adam's moments and step
@@ -106,7 +115,9 @@ class GptOptimizer(torch.optim.Optimizer):
     ``torch.load(weights_only=True)`` and a resumed run repeats an uninterrupted one, generative
     updates included. It never holds the generator's weights. ``load_state_dict`` does not mutate
     its input and refuses (:class:`OptimizerStateError`) a state saved with another generator
-    (different sha256). A plain base-optimizer state (no ``"gpt"`` entry) loads with zero counters.
+    (different sha256). A plain base-optimizer state (no ``"gpt"`` entry) loads with zero counters
+    and the private RNG reseeded with ``seed``. Load-state-dict hooks registered on the
+    GptOptimizer run as for any optimizer (pre-hooks see the whole state, ``"gpt"`` included).
 
     **Randomness.** Sampling draws only from a private ``torch.Generator`` on the parameters'
     device seeded with ``seed``; the global RNG is never touched.
@@ -288,7 +299,7 @@ class GptOptimizer(torch.optim.Optimizer):
         if not torch.isfinite(new).all():
             return None, "the sampled parameters contain NaN or Inf"
         theta32 = theta.float()
-        corpus_norm = math.sqrt(theta.numel()) * 0.538 / self.generator.normalization.param_scale
+        corpus_norm = math.sqrt(theta.numel()) * GPT_TARGET_STD / self.generator.normalization.param_scale
         reference = max(float(theta32.norm()), corpus_norm)
         ratio = float((new - theta32).norm()) / reference
         if not ratio <= self.max_update_ratio:
@@ -354,8 +365,16 @@ class GptOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (the input is copied, never mutated)."""
+        """Restore a :meth:`state_dict` (the input is copied, never mutated).
+
+        Runs this optimizer's load-state-dict pre-hooks (on the copy; one may return a new state
+        dict) before anything is checked, and its post-hooks after loading, as the base class does.
+        """
         state_dict = copy.deepcopy(dict(state_dict))
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = dict(result)
         gpt = state_dict.pop("gpt", None)
         if gpt is not None and gpt.get("generator_sha256") != self.generator.sha256:
             raise OptimizerStateError(
@@ -372,9 +391,12 @@ class GptOptimizer(torch.optim.Optimizer):
         self.state = self.base.state
         if gpt is None:
             self.counters = {k: 0 for k in COUNTERS}
-            return
-        self.counters = {k: int(gpt["counters"].get(k, 0)) for k in COUNTERS}
-        self._rng.set_state(gpt["rng_state"].to("cpu", torch.uint8))
+            self._rng.manual_seed(self.seed)
+        else:
+            self.counters = {k: int(gpt["counters"].get(k, 0)) for k in COUNTERS}
+            self._rng.set_state(gpt["rng_state"].to("cpu", torch.uint8))
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
         # Optimizer.__getstate__ keeps only defaults/state/param_groups; a GptOptimizer needs all.

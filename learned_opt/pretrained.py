@@ -367,7 +367,10 @@ def load_generator(source, *, device: torch.device | str | None = None) -> Loade
     """A :class:`LoadedGenerator` from a registry name, a manifest/weights path, or a loaded one.
 
     The weights file's sha256 is checked before it is parsed; any problem raises
-    :class:`WeightsError` and builds nothing.
+    :class:`WeightsError` and builds nothing. Loading does not draw from the global RNG.
+
+    A :class:`LoadedGenerator` is returned as it is, not copied: with ``device`` it is moved to
+    that device *in place*, so the caller's object moves too.
     """
     if isinstance(source, LoadedGenerator):
         return source.to(device) if device is not None else source
@@ -417,7 +420,10 @@ def _build(manifest: dict, blob: bytes, where: str, digest: str, device) -> Load
         layout = Layout(signature_from_json(manifest["signature"]), tok.get("chunk_size"))
         if layout.num_params != int(manifest["num_params"]):
             raise ValueError(f"signature has {layout.num_params} parameters, num_params says {manifest['num_params']}")
-        model = build_generator(layout, GptConfig(**manifest["model_config"]))
+        # The initial weights are overwritten below: build on a forked RNG so that loading a
+        # generator never advances the caller's global random stream.
+        with torch.random.fork_rng(devices=[]):
+            model = build_generator(layout, GptConfig(**manifest["model_config"]))
         model.load_state_dict(tensors, strict=True)
         diffusion = Diffusion(DiffusionConfig(**manifest["diffusion_config"]))
         normalization = Normalization(**manifest["normalization"])

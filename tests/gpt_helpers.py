@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -11,7 +13,7 @@ from learned_opt.diffusion import DiffusionConfig
 from learned_opt.generator import build_generator
 from learned_opt.layout import Layout
 from learned_opt.normalization import Normalization
-from learned_opt.pretrained import LoadedGenerator
+from learned_opt.pretrained import LoadedGenerator, sha256_file
 from learned_opt.tasks import MLP
 
 SIZES = (8, 6, 3)  # a 75-parameter MLP: fc1.weight [6, 8], fc1.bias, fc2.weight [3, 6], fc2.bias
@@ -49,6 +51,22 @@ def tiny_generator(perturb: float = 0.0, seed: int = 0, name: str = "toy-tiny", 
     return LoadedGenerator.from_model(
         model, DIFFUSION, NORM, name=name, task="toy", metric="loss", best_prompt=0.0, metric_direction="min"
     )
+
+
+def save_tiny_generator(folder: Path, **kwargs) -> Path:
+    """Write ``tiny_generator(**kwargs)`` as a manifest + safetensors pair; return the manifest path.
+
+    (``save_generator`` needs a registered task; the toy one is not registered.)
+    """
+    from safetensors.torch import save_file
+
+    gen = tiny_generator(**kwargs)
+    weights = Path(folder) / f"{gen.name}.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in gen.model.state_dict().items()}, str(weights))
+    manifest = dict(gen.manifest, weights_file=weights.name, weights_sha256=sha256_file(weights))
+    path = weights.with_suffix(".json")
+    path.write_text(json.dumps(manifest), encoding="utf-8")
+    return path
 
 
 class FnGenerator(LoadedGenerator):

@@ -61,31 +61,30 @@ def test_valid_configurations(gen, name):
     _train(model, opt, 2)
 
 
-def _invalid(model):
-    p = list(model.parameters())
-    return [
-        (dict(params=p, lr=-1.0), ValueError, "learning rate"),
-        (dict(params=p, every=0, metric_closure=lambda: 1.0), ConfigError, "Invalid every"),
-        (dict(params=p, every=-3, metric_closure=lambda: 1.0), ConfigError, "Invalid every"),
-        (dict(params=p, every=1.5, metric_closure=lambda: 1.0), ConfigError, "Invalid every"),
-        (dict(params=p, every=True, metric_closure=lambda: 1.0), ConfigError, "Invalid every"),
-        (dict(params=p, every=10), ConfigError, "needs metric_closure"),
-        (dict(params=p, sampling_steps=0), ConfigError, "sampling_steps"),
-        (dict(params=p, seed="0"), ConfigError, "seed"),
-        (dict(params=p, prompt="low"), ConfigError, "prompt"),
-        (dict(params=p, max_update_ratio=0), ConfigError, "max_update_ratio"),
-        (dict(params=p[0]), ConfigError, "single tensor"),
-        (dict(params=[]), ConfigError, "empty"),
-        (dict(params=p + p[:1]), ConfigError, "listed twice"),
-        (dict(params=p, generator="no-such-generator"), WeightsError, "unknown generator"),
-        (dict(params=p, generator="/nowhere/gen.json"), WeightsError, "no generator manifest"),
-    ]
+# (id, kwargs for the model's parameter list p, error, message); every entry is run.
+INVALID = [
+    ("negative lr", lambda p: dict(params=p, lr=-1.0), ValueError, "learning rate"),
+    ("every=0", lambda p: dict(params=p, every=0, metric_closure=lambda: 1.0), ConfigError, "Invalid every"),
+    ("every<0", lambda p: dict(params=p, every=-3, metric_closure=lambda: 1.0), ConfigError, "Invalid every"),
+    ("every float", lambda p: dict(params=p, every=1.5, metric_closure=lambda: 1.0), ConfigError, "Invalid every"),
+    ("every bool", lambda p: dict(params=p, every=True, metric_closure=lambda: 1.0), ConfigError, "Invalid every"),
+    ("every without closure", lambda p: dict(params=p, every=10), ConfigError, "needs metric_closure"),
+    ("sampling_steps=0", lambda p: dict(params=p, sampling_steps=0), ConfigError, "sampling_steps"),
+    ("seed str", lambda p: dict(params=p, seed="0"), ConfigError, "seed"),
+    ("prompt str", lambda p: dict(params=p, prompt="low"), ConfigError, "prompt"),
+    ("max_update_ratio=0", lambda p: dict(params=p, max_update_ratio=0), ConfigError, "max_update_ratio"),
+    ("single tensor", lambda p: dict(params=p[0]), ConfigError, "single tensor"),
+    ("empty", lambda p: dict(params=[]), ConfigError, "empty"),
+    ("duplicate", lambda p: dict(params=p + p[:1]), ConfigError, "listed twice"),
+    ("unknown name", lambda p: dict(params=p, generator="no-such-generator"), WeightsError, "unknown generator"),
+    ("missing file", lambda p: dict(params=p, generator="/nowhere/gen.json"), WeightsError, "no generator manifest"),
+]
 
 
-@pytest.mark.parametrize("case", range(15))
-def test_invalid_configurations_raise_clear_errors(gen, case):
+@pytest.mark.parametrize("make, error, message", [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+def test_invalid_configurations_raise_clear_errors(gen, make, error, message):
     model = toy_model()
-    kwargs, error, message = _invalid(model)[case]
+    kwargs = make(list(model.parameters()))
     kwargs.setdefault("generator", gen)
     before = snapshot(model)
     with pytest.raises(error, match=message):
@@ -261,6 +260,42 @@ def test_plain_base_state_loads_with_zero_counters(gen):
     opt = GptOptimizer(b.parameters(), gen, lr=1e-2)
     opt.load_state_dict(adam.state_dict())
     assert opt.counters["steps"] == 0 and len(opt.state) == 4
+
+
+def test_plain_base_state_reseeds_the_private_rng(gen):
+    a, b = toy_model(), toy_model()
+    adam = torch.optim.Adam(a.parameters(), lr=1e-2)
+    _train(a, adam, 3)
+    opt = GptOptimizer(b.parameters(), tiny_generator(perturb=0.05), lr=1e-2, seed=4, sampling_steps=2)
+    fresh = opt._rng.get_state()
+    opt.generate(metric=1.0)  # advances the private RNG
+    assert not torch.equal(opt._rng.get_state(), fresh)
+    opt.load_state_dict(adam.state_dict())
+    assert torch.equal(opt._rng.get_state(), fresh)
+
+
+def test_load_state_dict_runs_hooks_registered_on_the_optimizer(gen):
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), gen, lr=1e-2)
+    _train(model, opt, 2)
+    sd = opt.state_dict()
+    pristine = copy.deepcopy(sd)
+    calls = []
+
+    def pre(optimizer, state_dict):
+        calls.append(("pre", optimizer, "gpt" in state_dict))
+        changed = copy.deepcopy(state_dict)
+        changed["param_groups"][0]["lr"] = 0.5
+        changed["gpt"]["counters"]["steps"] = 41
+        return changed
+
+    opt.register_load_state_dict_pre_hook(pre)
+    opt.register_load_state_dict_post_hook(lambda o: calls.append(("post", o, o.counters["steps"])))
+    opt.load_state_dict(sd)
+    assert calls == [("pre", opt, True), ("post", opt, 41)]
+    assert opt.param_groups[0]["lr"] == 0.5 and opt.counters["steps"] == 41
+    assert opt.param_groups is opt.base.param_groups
+    assert_same(sd, pristine)
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])

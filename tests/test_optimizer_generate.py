@@ -7,10 +7,20 @@ import math
 
 import pytest
 import torch
-from gpt_helpers import FnGenerator, assert_same, snapshot, tiny_generator, toy_data, toy_loss, toy_model
+from gpt_helpers import (
+    FnGenerator,
+    assert_same,
+    save_tiny_generator,
+    snapshot,
+    tiny_generator,
+    toy_data,
+    toy_loss,
+    toy_model,
+)
 
 from learned_opt.errors import GenerationError
 from learned_opt.optimizer import GenerationReport, GptOptimizer
+from learned_opt.pretrained import load_generator
 
 STEPS = 4  # sampling steps in tests: enough to exercise DDIM, cheap on two shared cores
 
@@ -224,6 +234,19 @@ def test_seeded_and_global_rng_untouched():
     state = torch.get_rng_state()
     _warm(model, opt, 2)
     assert torch.equal(torch.get_rng_state(), state) and opt.counters["attempted"] == 2
+
+
+def test_loading_a_generator_from_a_file_leaves_the_global_rng_untouched(tmp_path):
+    path = save_tiny_generator(tmp_path, perturb=0.05)
+    model = toy_model()
+    torch.manual_seed(5)
+    state = torch.get_rng_state()
+    gen = load_generator(path)
+    assert torch.equal(torch.get_rng_state(), state)
+    opt = GptOptimizer(model.parameters(), generator=path, lr=1e-2, sampling_steps=STEPS)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert opt.generator.sha256 == gen.sha256 and opt.generate(metric=1.0, prompt=0.5).accepted
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 # ---------------------------------------------------------------------- periodic mode and resume

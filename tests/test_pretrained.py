@@ -99,8 +99,32 @@ def test_unknown_name_lists_known_ones(saved, monkeypatch):
         load_generator("nope")
 
 
-def test_shipped_folder_lists_without_error():
-    assert isinstance(list_pretrained(), list)
+def _check_registry_folder(folder) -> None:
+    """``list_pretrained`` lists exactly the folder's manifests, each beside a weights file whose
+    sha256 matches (without reading a manifest twice or skipping one with a warning)."""
+    manifests = sorted(e.name for e in folder.iterdir() if e.name.endswith(".json")) if folder.is_dir() else []
+    listed = list_pretrained()
+    assert sorted(f"{g['name']}.json" for g in listed) == manifests
+    for g in listed:
+        m = json.loads((folder / f"{g['name']}.json").read_text(encoding="utf-8"))
+        weights = folder / m["weights_file"]
+        assert weights.is_file(), f"{g['name']}: weights file {m['weights_file']} is missing"
+        assert pretrained.sha256_bytes(weights.read_bytes()) == g["sha256"], f"{g['name']}: sha256 mismatch"
+
+
+def test_shipped_generators_are_complete_and_all_listed():
+    _check_registry_folder(pretrained._weights_dir())
+
+
+def test_registry_folder_check_catches_bad_entries(copy_of, monkeypatch):
+    monkeypatch.setattr(pretrained, "_weights_dir", lambda: copy_of.parent)
+    _check_registry_folder(copy_of.parent)
+    _corrupt(copy_of)
+    with pytest.raises(AssertionError, match="sha256 mismatch"):
+        _check_registry_folder(copy_of.parent)
+    _bad_json(copy_of)  # skipped by list_pretrained with a warning: no longer listed
+    with pytest.warns(UserWarning, match="skipping"), pytest.raises(AssertionError):
+        _check_registry_folder(copy_of.parent)
 
 
 # ---------------------------------------------------------------------- bad files

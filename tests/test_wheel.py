@@ -64,7 +64,8 @@ def test_wheel_ships_and_loads_generators(tmp_path):
                                   capture_output=True, text=True, check=True).stdout.strip())
     deps = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
     (purelib / "_deps.pth").write_text("\n".join(deps) + "\n")
-    install = subprocess.run(pip + ["install", "--no-deps", "--prefix", str(venv), str(wheel)],
+    # --target (not --prefix, which would uninstall this environment's own learned-opt first)
+    install = subprocess.run(pip + ["install", "--no-deps", "--target", str(purelib), str(wheel)],
                              capture_output=True, text=True, env=env, timeout=300)
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
 
@@ -82,7 +83,8 @@ def test_wheel_ships_and_loads_generators(tmp_path):
     out = json.loads(run.stdout.strip().splitlines()[-1])
     assert Path(out["file"]).resolve().is_relative_to(purelib.resolve())
     assert "wheel-tiny" in out["names"] and out["sha"] == sha and out["params"] == 7960
-    # the console script (pip wrote its shebang for the interpreter that ran pip)
-    cli = subprocess.run([str(py), str(venv / "bin" / "learned-opt"), "--help"], capture_output=True, text=True,
-                         env=run_env, timeout=120)
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "learned-opt = learned_opt.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    cli = subprocess.run([str(py), "-m", "learned_opt.cli", "--help"], capture_output=True, text=True,
+                         env=run_env, cwd=tmp_path, timeout=120)
     assert cli.returncode == 0 and "corpus" in cli.stdout, cli.stderr[-2000:]

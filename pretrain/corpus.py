@@ -38,19 +38,23 @@ its own learning rate, momentum, weight decay, optimizer and data order. A run t
 (fewer epochs) or diverges leaves the batch; the others continue.
 
 ``--train-examples N`` trains on the first ``N`` training images only (quick corpora and tests);
-evaluation always uses the task's own sets. Under ``torchrun --nproc_per_node W``, rank ``r``
-trains the run ids with ``run_id % W == r`` into one shared store; rank 0 creates it.
+evaluation always uses the task's own sets. The store records these settings (seed, epochs,
+recipe, training examples, checkpoints, hyperparameter ranges) when it is created; a later call
+into the same store must use the same ones (only ``--runs`` may differ, to grow the corpus).
+Under ``torchrun --nproc_per_node W``, rank ``r`` trains the run ids with ``run_id % W == r`` into
+one shared store; rank 0 creates it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -218,7 +222,8 @@ class FinishedRun:
 
 def mlp_sizes(task: Task) -> tuple[int, ...]:
     """Layer widths of a task whose model is a ReLU :class:`MLP`; otherwise an error saying so."""
-    model = task.build_model()
+    with torch.device("meta"):  # no weights: leaves the global RNG alone
+        model = task.build_model()
     if not isinstance(model, MLP) or not isinstance(model.act, nn.ReLU):
         raise LearnedOptError(
             f"the corpus builder trains ReLU MLP classifiers; task {task.name!r} is not one "
@@ -229,7 +234,8 @@ def mlp_sizes(task: Task) -> tuple[int, ...]:
 
 def _is_mlp(name: str) -> bool:
     try:
-        m = tasks.get(name).build_model()
+        with torch.device("meta"):
+            m = tasks.get(name).build_model()
     except Exception:  # noqa: BLE001 - only used to list alternatives in a message
         return False
     return isinstance(m, MLP) and isinstance(m.act, nn.ReLU)
@@ -495,6 +501,43 @@ class CorpusSummary:
         )
 
 
+def corpus_settings(config: CorpusConfig) -> dict:
+    """What makes a store's runs what they are, recorded in ``store.json`` (``runs`` may grow)."""
+    return {
+        "seed": config.seed,
+        "epochs": config.epochs,
+        "gpt_recipe": config.gpt_recipe,
+        "train_examples": config.train_examples,
+        "checkpoints": config.checkpoints,
+        "ranges": json.loads(json.dumps(asdict(config.ranges))),
+    }
+
+
+_SETTING_NAMES = {"seed": "--seed", "epochs": "--epochs", "gpt_recipe": "--gpt-recipe",
+                  "train_examples": "--train-examples", "checkpoints": "--checkpoints"}
+
+
+def check_settings(store: Store, settings: dict) -> None:
+    """:class:`StoreError` if ``store`` was built with other settings (a store without recorded
+    settings, e.g. one made by hand, is accepted)."""
+    recorded = store.settings
+    if recorded is None:
+        return
+    for key in sorted(set(recorded) | set(settings)):
+        old, new = recorded.get(key), settings.get(key)
+        if old == new:
+            continue
+        if key == "ranges" and isinstance(old, dict) and isinstance(new, dict):
+            name = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
+            what = f"hyperparameter range {name} = {old.get(name)}, not {new.get(name)}"
+        else:
+            what = f"{_SETTING_NAMES.get(key, key)} {'unset' if old is None else old}, not {'unset' if new is None else new}"
+        raise StoreError(
+            f"{store.root} was built with {what}: use the store's settings to add runs to it, "
+            "or choose a new --out folder"
+        )
+
+
 def _training_tensors(data: Any, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     if not (hasattr(data, "train_x") and hasattr(data, "train_y")):
         raise LearnedOptError("the corpus builder needs a task whose data has train_x and train_y tensors")
@@ -522,10 +565,12 @@ def build_corpus(
     mlp_sizes(task)
     if data is None:
         data = task.load_data(config.data_root, download=config.download)
+    settings = corpus_settings(config)
     if store is None:
-        store = Store.create(config.out, task)
+        store = Store.create(config.out, task, settings=settings)
     if store.task_name != task.name:
         raise StoreError(f"{store.root} is a store of task {store.task_name!r}, not {task.name!r}")
+    check_settings(store, settings)
     device = torch.device(config.device)
     train_x, train_y = _training_tensors(data, config.train_examples)
     mine = [r for r in range(config.runs) if r % world_size == rank]
@@ -633,7 +678,8 @@ def main(args: argparse.Namespace) -> int:
         store, error = None, None
         if rank == 0:  # only rank 0 creates the store; the others open it once it exists
             try:
-                store = Store.create(config.out, task)
+                store = Store.create(config.out, task, settings=corpus_settings(config))
+                check_settings(store, corpus_settings(config))  # before anything is written
                 store.clean_stale_temp()
                 store.verify()
             except LearnedOptError as exc:

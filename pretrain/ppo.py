@@ -27,6 +27,8 @@ from torch import nn
 from learned_opt.layout import Layout
 from learned_opt.tasks import MLP, Task
 
+from .corpus import checkpoint_steps
+
 
 @dataclass(frozen=True)
 class PPOShape:
@@ -68,14 +70,6 @@ class PPOResult:
     env_steps: torch.Tensor  # [K] environment steps per run seen at each checkpoint
     train_return: torch.Tensor  # [R] mean return of the episodes finished in the last update
     extra: dict = field(default_factory=dict)
-
-
-def checkpoint_steps(total: int, count: int, generator: torch.Generator) -> torch.Tensor:
-    """``count`` sorted distinct steps in ``[0, total]``: 0, ``total`` and random ones between."""
-    if total + 1 <= count:
-        return torch.arange(total + 1)
-    middle = torch.randperm(total - 1, generator=generator)[: count - 2] + 1
-    return torch.cat([torch.tensor([0]), middle.sort().values, torch.tensor([total])])
 
 
 class _Batched:

@@ -2,7 +2,8 @@
 
 Layout of a store folder::
 
-    store.json                      format version, task name, architecture signature, num_params
+    store.json                      format version, task name, architecture signature, num_params,
+                                    and the corpus builder's settings (seed, epochs, ranges, ...)
     runs/run-00000042.safetensors   one finished run (see below)
     dropped/run-00000007.json       a run filtered out (non-finite or |w| > 10), so resume skips it
     index.json                      summary and statistics, rebuilt on demand (never authoritative)
@@ -32,10 +33,8 @@ import json
 import math
 import os
 import re
-import socket
 import struct
 import time
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,7 @@ from safetensors.torch import save as safetensors_save
 
 from learned_opt import tasks
 from learned_opt.errors import StoreError
+from learned_opt.fileio import atomic_write, fsync_dir, written_temp
 from learned_opt.layout import Signature, signature_from_json, signature_to_json
 from learned_opt.tasks import Task
 
@@ -108,6 +108,9 @@ class Store:
     def __init__(self, root: Path, meta: dict):
         self.root = Path(root)
         self.task_name: str = meta["task"]
+        # how the corpus builder made the runs (seed, epochs, ranges, ...); None in a store made
+        # without them (tests, or a store from before they were recorded)
+        self.settings: dict | None = meta.get("settings")
         self.signature: Signature = signature_from_json(meta["signature"])
         self.num_params: int = int(meta["num_params"])
         self.metric_names: tuple[str, ...] = tuple(meta.get("metrics", ()))
@@ -116,8 +119,11 @@ class Store:
     # ------------------------------------------------------------------ creating and opening
 
     @classmethod
-    def create(cls, root: str | os.PathLike, task: str | Task) -> "Store":
+    def create(cls, root: str | os.PathLike, task: str | Task, *, settings: dict | None = None) -> "Store":
         """Create a store for ``task`` at ``root``, or reopen the store already there (to resume).
+
+        ``settings`` (JSON-able: how the runs are made) are recorded in a new store's
+        ``store.json``; an existing store keeps its own (compare them with :attr:`settings`).
 
         Raises :class:`StoreError` when ``root`` cannot be written, holds unrelated files, or holds
         a store of another task or architecture.
@@ -131,6 +137,8 @@ class Store:
             "num_params": task.num_params,
             "metrics": list(task.metrics),
         }
+        if settings is not None:
+            meta["settings"] = json.loads(json.dumps(settings))  # as it reads back: tuples become lists
         if (root / STORE_FILE).exists():
             store = cls._reopen_for(root, meta)
             try:  # a resumed writer needs its folders even if someone removed an empty one
@@ -295,7 +303,7 @@ class Store:
             path = self.run_path(run_id)
             if not path.is_file():
                 raise StoreError(f"run {run_id} is not in {self.root} (finished runs: {len(self)})")
-            header = _read_header(path, self.num_params)
+            header = _read_header(path, self.num_params, self.task_name)
             self._headers[run_id] = header
         return header
 
@@ -352,7 +360,10 @@ class Store:
     # ------------------------------------------------------------------ statistics and index
 
     def stats(self, *, refresh: bool = False) -> dict:
-        """Corpus statistics (used for the generator's normalisation), cached in ``index.json``.
+        """A summary of the corpus (what ``learned-opt corpus`` reports), cached in ``index.json``.
+
+        The generator's normalisation does not use it: :mod:`pretrain.dataset` estimates the
+        parameter std from the training split only (``param_std_estimate``).
 
         Keys: ``runs``, ``dropped``, ``checkpoints``, ``bytes``, ``bytes_per_checkpoint``,
         ``num_params``, ``param_mean``, ``param_std``, ``param_absmax`` (over every stored
@@ -414,7 +425,8 @@ class Store:
         stats = self._compute_stats(ids, dropped) if stats is None else stats
         payload = {"format_version": STORE_FORMAT_VERSION, "run_ids": ids, "dropped_ids": dropped, "stats": stats}
         try:
-            _write_replace(self.root / INDEX_FILE, _json_bytes(payload))
+            data = _json_bytes(payload)
+            atomic_write(self.root / INDEX_FILE, lambda tmp: tmp.write_bytes(data))
         except OSError:
             pass  # the index is a cache: a read-only store still works
 
@@ -440,28 +452,9 @@ def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
 
 
-def _temp_path(path: Path) -> Path:
-    tag = f"{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
-    return path.with_name(f".{path.name}.{tag}.tmp")
-
-
-def _write_temp(path: Path, data: bytes) -> Path:
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return tmp
-
-
 def _write_exclusive(path: Path, data: bytes) -> bool:
     """Atomically create ``path`` with ``data``; ``False`` (and nothing changed) if it exists."""
-    tmp = _write_temp(path, data)
-    try:
+    with written_temp(path, lambda tmp: tmp.write_bytes(data)) as tmp:
         try:
             os.link(tmp, path)  # atomic and fails if path exists: never overwrites
         except FileExistsError:
@@ -470,34 +463,11 @@ def _write_exclusive(path: Path, data: bytes) -> bool:
             if path.exists():
                 return False
             os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-def _write_replace(path: Path, data: bytes) -> None:
-    tmp = _write_temp(path, data)
-    try:
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _read_header(path: Path, num_params: int) -> _RunHeader:
+def _read_header(path: Path, num_params: int, task: str) -> _RunHeader:
     """Parse and validate a run file's safetensors header without reading its data."""
 
     def bad(why: str) -> StoreError:
@@ -545,4 +515,9 @@ def _read_header(path: Path, num_params: int) -> _RunHeader:
         raise bad(f"of another architecture or corrupt (params shape {shape}, expected [K, {num_params}])")
     if size != 8 + n + end:
         raise bad(f"truncated ({size} bytes, expected {8 + n + end})")
+    if metadata["task"] is not None and metadata["task"] != task:
+        raise StoreError(
+            f"run file {path} is a run of task {metadata['task']!r}, not of this store's task {task!r}: "
+            "move it to a store of its own task"
+        )
     return _RunHeader(path, 8 + n, tensors, metadata)

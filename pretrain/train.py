@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from learned_opt.diffusion import Diffusion, DiffusionConfig
 from learned_opt.errors import ConfigError, TrainingError
+from learned_opt.fileio import atomic_write
 from learned_opt.generator import PRESETS, Gpt, GptConfig, build_generator
 from learned_opt.layout import Layout, signature_from_json, signature_to_json
 from learned_opt.normalization import Normalization
@@ -242,16 +243,7 @@ class Ema:
 
 def atomic_torch_save(obj: dict, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -311,10 +303,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def truncate_log(path: Path, last_step: int) -> None:
     """Drop log records after ``last_step`` (written after the checkpoint a job resumes from)."""
-    keep = [r for r in read_jsonl(path) if r.get("step", 0) <= last_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    keep = "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r.get("step", 0) <= last_step)
+    atomic_write(path, lambda tmp: tmp.write_text(keep, encoding="utf-8"))
 
 
 def plot_losses(log_path: Path, png_path: Path) -> str | None:
@@ -338,10 +328,10 @@ def plot_losses(log_path: Path, png_path: Path) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), fsync=False)
+    finally:
+        plt.close(fig)
     return None
 
 
@@ -362,10 +352,18 @@ class TrainResult:
 
 
 def train(config: TrainConfig, *, command: str | None = None) -> TrainResult:
-    """Run (or resume) a training job as ``config`` says; see the module docstring."""
+    """Run (or resume) a training job as ``config`` says; see the module docstring.
+
+    Training seeds and draws from torch's global RNG (the initialisation is seeded with
+    ``config.seed``, dropout draws from it, and a checkpoint saves and a resume restores it, which
+    exact resume relies on). All of that happens inside ``torch.random.fork_rng``: the caller's
+    global CPU and CUDA RNG states are restored when ``train`` returns or raises.
+    """
     info = setup_distributed(config.device)
+    cuda = list(range(torch.cuda.device_count())) if info.device.type == "cuda" else []
     try:
-        return Trainer(config, info, command or shlex.join(sys.argv)).run()
+        with torch.random.fork_rng(devices=cuda):
+            return Trainer(config, info, command or shlex.join(sys.argv)).run()
     finally:
         if info.owns_group:
             dist.destroy_process_group()
@@ -408,7 +406,9 @@ class Trainer:
 
         # ---- model, EMA, optimizer, schedule
         self.layout = Layout(self.corpus.store.signature, config.chunk_size)
-        torch.manual_seed(config.seed)  # the same initialisation on every rank
+        # the same initialisation on every rank; train() runs this inside fork_rng, so the
+        # caller's global RNG is restored afterwards
+        torch.manual_seed(config.seed)
         self.model = build_generator(self.layout, config.preset).to(info.device)
         if state and state["model_config"] != asdict(self.model.config):
             raise TrainingError(

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from learned_opt import cli, tasks
+from learned_opt.errors import StoreError
 from pretrain.corpus import (
     ADAM, GPT_RECIPE, SGD, BatchedMLPTrainer, CorpusConfig, HParamRanges, RunPlan, build_corpus,
     checkpoint_steps, sample_hparams, train_run_reference,
@@ -248,8 +249,8 @@ def test_store_of_another_task_fails_and_is_left_alone(tmp_path, mnist_root, cap
 
 
 def test_truncated_run_file_fails_and_nothing_is_lost(tmp_path, mnist_data, mnist_root, capsys):
-    config = CorpusConfig(runs=2, out=str(tmp_path), epochs=1, train_examples=256, checkpoints=4, progress=False)
-    build_corpus(config, data=mnist_data)
+    config = CorpusConfig(runs=2, out=str(tmp_path), epochs=1, train_examples=256, checkpoints=5, progress=False)
+    build_corpus(config, data=mnist_data)  # the settings of TINY, which the command resumes with
     store = Store.open(tmp_path)
     bad = store.run_path(1)
     bad.write_bytes(bad.read_bytes()[:-100])
@@ -257,6 +258,44 @@ def test_truncated_run_file_fails_and_nothing_is_lost(tmp_path, mnist_data, mnis
     assert cli.main(corpus_cli(tmp_path, mnist_root, "--runs", "3")) == 2
     _one_line_error(capsys, "run-00000001.safetensors is truncated", "delete it")
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--seed", "3"], "--seed 0, not 3"),
+    (["--checkpoints", "6"], "--checkpoints 5, not 6"),
+    (["--epochs", "2"], "--epochs 1, not 2"),
+    (["--train-examples", "300"], "--train-examples 256, not 300"),
+    (["--gpt-recipe"], "--gpt-recipe False, not True"),
+])
+def test_resuming_with_other_settings_fails_and_writes_nothing(tmp_path, mnist_root, capsys, change, message):
+    out = tmp_path / "store"
+    assert cli.main(corpus_cli(out, mnist_root, "--runs", "1")) == 0
+    assert Store.open(out).settings["seed"] == 0
+    capsys.readouterr()
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()}
+    assert cli.main(corpus_cli(out, mnist_root, "--runs", "2", *change)) == 2
+    _one_line_error(capsys, message, "use the store's settings", "new --out")
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_store_without_recorded_settings_and_other_hparam_ranges(tmp_path, mnist_data):
+    config = CorpusConfig(runs=0, out=str(tmp_path / "plain"), epochs=1, train_examples=256, checkpoints=4,
+                          progress=False)
+    Store.create(config.out, "mnist-mlp")  # made by hand: nothing to compare, accepted
+    assert build_corpus(config, data=mnist_data).written == 0 and Store.open(config.out).settings is None
+    config.out = str(tmp_path / "built")
+    build_corpus(config, data=mnist_data)
+    config.ranges = HParamRanges(sgd_lr=(0.01, 0.2))
+    with pytest.raises(StoreError, match=r"hyperparameter range sgd_lr = \[0.01, 0.3\], not \[0.01, 0.2\]"):
+        build_corpus(config, data=mnist_data)
+
+
+def test_building_a_corpus_leaves_the_global_rng_alone(tmp_path, mnist_data):
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    config = CorpusConfig(runs=1, out=str(tmp_path), epochs=1, train_examples=256, checkpoints=4, progress=False)
+    assert build_corpus(config, data=mnist_data).written == 1
+    assert torch.equal(torch.get_rng_state(), before)
 
 
 # ---------------------------------------------------------------------- torchrun

@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from learned_opt import tasks
-from pretrain.ppo import PPOHparams, PPOShape, checkpoint_steps, train_ppo
+from pretrain import ppo
+from pretrain.corpus import checkpoint_steps
+from pretrain.ppo import PPOHparams, PPOShape, train_ppo
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,7 @@ def test_checkpoint_steps_keep_init_and_final():
     assert len(s) == 200 and s[0] == 0 and s[-1] == 1000
     assert (s.diff() > 0).all()
     assert torch.equal(checkpoint_steps(50, 200, g), torch.arange(51))
+    assert ppo.checkpoint_steps is checkpoint_steps  # one implementation, the corpus builder's
 
 
 @pytest.mark.slow

@@ -206,6 +206,39 @@ def test_truncated_run_file_gives_an_error_naming_the_file(tmp_path, cut):
     assert torch.equal(store.read_run(0).params, make_record().params)  # the other run still reads
 
 
+class SameSizeTask(OtherTask):
+    """Another task whose networks have exactly as many parameters as mnist-mlp's."""
+
+    name = "same-size-test-task"
+
+    def build_model(self):
+        return nn.Linear(P - 1, 1)
+
+
+def test_a_run_file_of_another_task_is_refused_naming_the_file(tmp_path):
+    mnist = Store.create(tmp_path / "mnist", "mnist-mlp")
+    mnist.write_run(0, make_record())
+    other = Store.create(tmp_path / "other", SameSizeTask())
+    assert other.num_params == P
+    other.write_run(1, make_record(seed=1))
+    other.run_path(0).write_bytes(mnist.run_path(0).read_bytes())  # a stray file from another store
+    with pytest.raises(StoreError, match=r"run-00000000\.safetensors is a run of task 'mnist-mlp'.*'same-size-test-task'"):
+        other.read_run(0)
+    with pytest.raises(StoreError, match="run-00000000"):
+        Store.open(tmp_path / "other").verify()
+    assert torch.equal(other.read_run(1).params, make_record(seed=1).params)  # its own runs still read
+
+
+def test_settings_are_recorded_at_creation_and_kept_on_reopen(tmp_path):
+    settings = {"seed": 3, "ranges": {"sgd_lr": (0.01, 0.3)}}
+    assert Store.create(tmp_path, "mnist-mlp", settings=settings).settings == {"seed": 3, "ranges": {"sgd_lr": [0.01, 0.3]}}
+    before = (tmp_path / STORE_FILE).read_bytes()
+    assert Store.create(tmp_path, "mnist-mlp", settings={"seed": 4}).settings["seed"] == 3  # the store's own
+    assert (tmp_path / STORE_FILE).read_bytes() == before
+    assert Store.open(tmp_path).settings["seed"] == 3
+    assert Store.create(tmp_path / "plain", "mnist-mlp").settings is None  # stores without settings still open
+
+
 def test_garbage_header_is_reported_as_corrupt(tmp_path):
     store = Store.create(tmp_path, "mnist-mlp")
     store.run_path(2).write_bytes((10).to_bytes(8, "little") + b"not json!!" + b"\0" * 16)

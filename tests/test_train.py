@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -126,6 +127,37 @@ def test_checkpoint_is_plain_tensors_and_containers(straight):
     assert {"model", "ema", "optimizer", "scheduler", "rng", "config", "corpus", "normalization"} <= set(state)
     assert state["corpus"]["split"]["train"] and state["step"] == 6
     assert not any(p.name.endswith(".tmp") for p in out.iterdir())
+
+
+def test_training_leaves_the_callers_global_rng_alone(store_dir, tmp_path):
+    torch.manual_seed(1234)
+    cpu = torch.get_rng_state()
+    train(tiny(store_dir, tmp_path, steps=2, checkpoint_every=2))
+    assert torch.equal(torch.get_rng_state(), cpu)
+
+
+def test_log_and_plot_rewrites_that_fail_keep_the_old_files_and_leave_no_temporary_file(tmp_path, monkeypatch):
+    log, png = tmp_path / LOG_NAME, tmp_path / "loss.png"
+    for step in (1, 2, 3):
+        train_mod.append_jsonl(log, {"step": step, "loss": 1.0 / step})
+    png.write_bytes(b"old picture")
+    before = log.read_bytes()
+
+    def refuse(src, dst):
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError, match="no space"):
+        train_mod.truncate_log(log, 2)
+    with pytest.raises(OSError, match="no space"):
+        train_mod.plot_losses(log, png)
+    assert log.read_bytes() == before and png.read_bytes() == b"old picture"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LOG_NAME, "loss.png"])
+    monkeypatch.undo()
+    train_mod.truncate_log(log, 2)
+    assert [r["step"] for r in train_mod.read_jsonl(log)] == [1, 2]
+    assert train_mod.plot_losses(log, png) is None and png.read_bytes().startswith(b"\x89PNG")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LOG_NAME, "loss.png"])
 
 
 # ------------------------------------------------------------------------------ bad input loses nothing

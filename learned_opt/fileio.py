@@ -1,0 +1,77 @@
+"""Atomic file writes: a temporary file beside the target, fsync, then a rename into place.
+
+Readers never see a partial file, and a writer that fails (or is interrupted) leaves the target as
+it was and removes its temporary file. A writer killed outright may leave a hidden
+``.{name}.*.tmp`` file beside the target, never a partial target.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+__all__ = ["atomic_write", "written_temp", "fsync_dir"]
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()  # what open(path, "w") would create; mkstemp makes 0o600
+
+
+@contextmanager
+def written_temp(path: str | os.PathLike, write: Callable[[Path], object], *, fsync: bool = True) -> Iterator[Path]:
+    """A temporary file beside ``path`` (``tempfile.mkstemp``), filled by ``write(tmp_path)`` and
+    fsynced when ``fsync``; yielded for the caller to publish (rename or link), and removed on exit
+    if it is still there, whether or not an exception was raised.
+    """
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = Path(name)
+    try:
+        os.close(fd)
+        os.chmod(tmp, _FILE_MODE)  # the permissions of an ordinary new file, not mkstemp's private ones
+        write(tmp)
+        if fsync:
+            fd = os.open(tmp, os.O_RDWR)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, fsync: bool = True) -> None:
+    """Write ``path`` atomically: ``write(tmp_path)`` writes a temporary file in the same folder,
+    which is then fsynced (when ``fsync``) and renamed over ``path`` with ``os.replace``.
+
+    On any exception the temporary file is removed, ``path`` is left as it was, and the exception
+    is re-raised.
+    """
+    path = Path(path)
+    with written_temp(path, write, fsync=fsync) as tmp:
+        os.replace(tmp, path)
+    if fsync:
+        fsync_dir(path.parent)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Best-effort fsync of a folder, so a rename or link into it survives a crash."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -19,7 +19,6 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from .errors import WeightsError
+from .fileio import atomic_write
 from .layout import Layout, signature_from_json, signature_to_json
 from .normalization import Normalization
 
@@ -73,18 +73,6 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename into place, so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _to_json(manifest: Mapping) -> str:
@@ -207,11 +195,11 @@ def save_generator(
         raise WeightsError(f"refusing to save generator {name!r}: non-finite values in {bad[:5]}")
     weights_path, manifest_path = out / f"{name}.safetensors", out / f"{name}.json"
     _to_json(manifest)  # fail on an unserialisable summary before anything is written
-    _atomic_write(weights_path, lambda p: save_file(tensors, str(p), metadata={"name": name}))
+    atomic_write(weights_path, lambda p: save_file(tensors, str(p), metadata={"name": name}))
     manifest["weights_file"] = weights_path.name
     manifest["weights_sha256"] = sha256_file(weights_path)
     text = _to_json(manifest)
-    _atomic_write(manifest_path, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write(manifest_path, lambda p: p.write_text(text, encoding="utf-8"))
     return manifest_path
 
 

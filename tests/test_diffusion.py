@@ -17,14 +17,6 @@ from learned_opt.layout import Layout
 MU, STD = 0.7, 0.3  # a Gaussian "data set" x0 ~ N(MU, STD^2), for which E[x0 | x_t] is known
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: one intra-op thread is fastest, and far faster on a loaded machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def gaussian_oracle(diffusion: Diffusion):
     """The exact posterior mean E[x0 | x_t] of x0 ~ N(MU, STD^2): the ideal x0-predicting model."""

@@ -17,14 +17,6 @@ from learned_opt.layout import Layout
 TOY = Layout((("w1", (6, 5)), ("b1", (6,)), ("w2", (3, 6)), ("b2", (3,))), chunk_size=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Toy-sized tensors: one intra-op thread is fastest, and far faster on a loaded machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def inputs(layout: Layout, batch: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)

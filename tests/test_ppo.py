@@ -12,16 +12,6 @@ def task():
     return tasks.get("cartpole-mlp")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # PPO on CartPole is thousands of tiny ops: one intra-op thread is fastest and immune to
-    # oversubscription on a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def inits(task, n, seed=0):
     torch.manual_seed(seed)
     return torch.stack([task.layout().flatten_module(task.build_model()) for _ in range(n)])

@@ -31,13 +31,6 @@ from pretrain.train import (
 TIMING_KEYS = {"samples_per_s", "elapsed_s"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors on a shared 2-core machine: one intra-op thread is many times faster.
-    torch.set_num_threads(1)
-    yield
-
-
 @pytest.fixture(scope="module")
 def store_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("train") / "store"

@@ -1,0 +1,716 @@
+"""Evaluate a generator on fresh inits: one step, Adam/SGD, prompt alignment, repeats, memorisation.
+
+What ``learned-opt eval`` measures, on ``--inits N`` fresh initialisations (PyTorch's default init
+after ``torch.manual_seed(seed)``, seeds ``--seed + i``, default ``1_000_000 + i``: corpus runs use
+``corpus_seed + run_id`` with small seeds; with ``--store`` an overlap is refused):
+
+* **one step** — one update prompted with the generator's best prompt (clamped into its metric
+  range, as :class:`~learned_opt.GptOptimizer` does), ``--sampling-steps`` with ``--method``; test
+  loss and error before and after (median and quartiles).
+* **baselines** — the same inits trained with Adam (lr 1e-3, batch 128, constant lr) and SGD with
+  G.pt's recipe (Nesterov 0.9, lr 0.1, wd 5e-4, batch 128, cosine over 25 epochs stepped per
+  epoch), together, by :class:`pretrain.corpus.BatchedMLPTrainer`; test loss at a 1-2-3-5 log grid
+  up to ``--max-steps``. Per init: the first grid step at or below the update's test loss (None:
+  not reached). Wall time: one update for one network (``LoadedGenerator.sample`` with B = 1,
+  median of 3) against that many Adam steps, timed with a plain ``torch.optim.Adam`` loop.
+* **prompt alignment** — ``--prompts`` prompts per network evenly spaced between the best prompt
+  and the network's starting metric; R² between prompted and achieved metric per network (G.pt's
+  definition: ``1 - Σ(achieved - prompted)² / Σ(prompted - mean prompted)²``), averaged.
+* **repeated prompting** — the metric after 1..10 successive best-prompt updates, feeding each new
+  θ and its measured metric back (reported at 1, 2, 5, 10).
+* **memorisation** — each generated network's distance to its nearest corpus checkpoint after
+  aligning hidden units (:func:`aligned_distance`), against the nearest-neighbour distance between
+  checkpoints of different corpus runs, and the test loss of that nearest checkpoint.
+* **out-of-distribution inits** — Kaiming-normal weights (zero biases) and the default uniform init
+  scaled by 3: one update and up to 10 repeated.
+
+Writes ``eval.json`` (numbers, config, seeds, generator sha256, hardware, wall times) and PNG plots
+into ``--out`` and prints a summary table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from learned_opt import __version__, tasks
+from learned_opt.demo import first_step_at_or_below, train_baseline
+from learned_opt.errors import ConfigError
+from learned_opt.pretrained import LoadedGenerator, load_generator
+from learned_opt.tasks import Task
+
+from .corpus import ADAM, GPT_RECIPE, SGD, BatchedMLPTrainer, RunPlan
+from .store import Store
+
+REPEATS_REPORTED = (1, 2, 5, 10)
+# The batched trainer always applies a per-epoch cosine; with this many nominal epochs its factor
+# stays 1 to within 1e-15 over any evaluated run, i.e. Adam trains at a constant lr of 1e-3.
+CONSTANT_LR_EPOCHS = 10**9
+ADAM_BASELINE = {"optimizer": ADAM, "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0, "batch_size": 128,
+                 "epochs": CONSTANT_LR_EPOCHS, "schedule": "constant", "adam_beta2": 0.999, "adam_eps": 1e-8}
+SGD_BASELINE = {**GPT_RECIPE, "schedule": "cosine-per-epoch", "adam_beta2": 0.999, "adam_eps": 1e-8}
+
+
+@dataclass
+class EvalConfig:
+    """What ``learned-opt eval`` measures (one field per command-line option)."""
+
+    generator: str  # registry name or manifest path
+    out: str = "eval"
+    store: str | None = None  # corpus store for the memorisation check (skipped when None)
+    data_root: str | None = None
+    inits: int = 20
+    seed: int = 1_000_000  # init i has seed seed + i
+    sampling_steps: int = 50
+    method: str = "ddim"
+    max_steps: int = 3000  # Adam / SGD steps (11,700 for the full comparison)
+    prompts: int = 20  # per network, for prompt alignment
+    repeats: int = 10  # successive updates
+    memo_runs: int = 500  # corpus runs searched in the memorisation check
+    memo_checkpoints: int = 4  # per run: the final checkpoint and evenly spaced intermediate ones
+    memo_queries: int = 100  # corpus checkpoints whose nearest neighbour in other runs is measured
+    timing_steps: int = 200  # plain Adam steps timed for seconds per step
+    sample_batch: int = 128  # networks sampled at once
+    device: str = "cpu"
+    progress: bool = True
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("inits", "sampling_steps", "max_steps", "prompts", "repeats", "memo_runs",
+                     "memo_checkpoints", "memo_queries", "timing_steps", "sample_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.prompts < 2:
+            raise ConfigError("--prompts must be >= 2 (R² needs prompts that differ)")
+
+
+# ---------------------------------------------------------------------- small helpers
+
+
+def r2_score(prompted: torch.Tensor, achieved: torch.Tensor) -> torch.Tensor:
+    """G.pt's prompt alignment per network: R² of achieved against prompted, ``[..., K]`` -> ``[...]``.
+
+    ``1 - Σ(achieved - prompted)² / Σ(prompted - mean(prompted))²`` (the coefficient of
+    determination with the identity as the model; 1 is perfect, it can be negative).
+    """
+    p, a = prompted.double(), achieved.double()
+    ss_res = ((a - p) ** 2).sum(-1)
+    ss_tot = ((p - p.mean(-1, keepdim=True)) ** 2).sum(-1)
+    return (1.0 - ss_res / ss_tot).float()
+
+
+def log_grid(max_steps: int) -> list[int]:
+    """0 and the 1-2-3-5 steps of each decade up to ``max_steps`` (which is always included)."""
+    out, scale = {0, int(max_steps)}, 10
+    while scale <= max_steps:
+        out.update(m * scale for m in (1, 2, 3, 5) if m * scale <= max_steps)
+        scale *= 10
+    return sorted(out)
+
+
+def summary(values: Sequence[float | None]) -> dict:
+    """Median, quartiles, mean, min, max and count of the finite values (None and NaN skipped)."""
+    v = sorted(float(x) for x in values if x is not None and math.isfinite(float(x)))
+    if not v:
+        return {"n": 0, "median": None, "q1": None, "q3": None, "mean": None, "min": None, "max": None}
+    t = torch.tensor(v, dtype=torch.float64)
+    q1, med, q3 = (float(x) for x in torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)))
+    return {"n": len(v), "median": med, "q1": q1, "q3": q3, "mean": statistics.fmean(v), "min": v[0], "max": v[-1]}
+
+
+def steps_to_reach(grid: Sequence[int], curves: torch.Tensor, targets: torch.Tensor) -> list[int | None]:
+    """Per network, the first grid step whose value is at or below its target: ``[N, G]``, ``[N]``."""
+    return [first_step_at_or_below(grid, c.tolist(), float(t)) for c, t in zip(curves, targets)]
+
+
+def init_params(task: Task, seeds: Sequence[int], kind: str = "default") -> torch.Tensor:
+    """Fresh inits ``[N, P]``: ``torch.manual_seed(seed); task.build_model()``, then ``kind``.
+
+    ``"default"``: PyTorch's init; ``"kaiming-normal"``: weights ``kaiming_normal_`` (fan-in,
+    ReLU), biases zero; ``"uniform-x3"``: the default init times 3. The global RNG is restored.
+    """
+    layout = task.layout()
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        for seed in seeds:
+            torch.manual_seed(int(seed))
+            model = task.build_model()
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if kind == "kaiming-normal":
+                        torch.nn.init.kaiming_normal_(p, nonlinearity="relu") if p.dim() > 1 else p.zero_()
+                    elif kind == "uniform-x3":
+                        p.mul_(3.0)
+                    elif kind != "default":
+                        raise ConfigError(f"unknown init kind {kind!r}")
+            out.append(layout.flatten_module(model))
+    return torch.stack(out)  # [N, P]
+
+
+# ---------------------------------------------------------------------- hidden-unit alignment
+
+
+def hungarian(cost: torch.Tensor) -> torch.Tensor:
+    """Exact minimum-cost assignment of a square ``[H, H]`` cost matrix: ``col[i]`` for row ``i``.
+
+    The O(H³) Hungarian algorithm with potentials (Kuhn-Munkres); for the few units of a hidden
+    layer plain Python is fast enough (scipy is not a dependency).
+    """
+    a = cost.double().tolist()
+    n = len(a)
+    inf = float("inf")
+    u, v = [0.0] * (n + 1), [0.0] * (n + 1)
+    match, way = [0] * (n + 1), [0] * (n + 1)  # match[j]: row (1-based) assigned to column j
+    for i in range(1, n + 1):
+        match[0], j0 = i, 0
+        minv, used = [inf] * (n + 1), [False] * (n + 1)
+        while True:
+            used[j0] = True
+            i0, delta, j1 = match[j0], inf, 0
+            for j in range(1, n + 1):
+                if not used[j]:
+                    cur = a[i0 - 1][j - 1] - u[i0] - v[j]
+                    if cur < minv[j]:
+                        minv[j], way[j] = cur, j0
+                    if minv[j] < delta:
+                        delta, j1 = minv[j], j
+            for j in range(n + 1):
+                if used[j]:
+                    u[match[j]] += delta
+                    v[j] -= delta
+                else:
+                    minv[j] -= delta
+            j0 = j1
+            if match[j0] == 0:
+                break
+        while j0:
+            j1 = way[j0]
+            match[j0] = match[j1]
+            j0 = j1
+    col = [0] * n
+    for j in range(1, n + 1):
+        col[match[j] - 1] = j - 1
+    return torch.tensor(col, dtype=torch.long)
+
+
+def unit_vectors(task: Task, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Everything attached to each hidden unit, and the rest: ``[B, P]`` -> ``[B, H, D]``, ``[B, R]``.
+
+    For a one-hidden-layer MLP a unit is its row of ``fc1.weight``, its ``fc1.bias`` and its column
+    of ``fc2.weight``; ``fc2.bias`` does not move under a permutation.
+    """
+    if len(task.hidden_sizes()) != 1:
+        raise ConfigError(f"the memorisation check aligns one hidden layer; task {task.name!r} has "
+                          f"{len(task.hidden_sizes())}")
+    p = task.layout().unflatten(flat)
+    units = torch.cat([p["fc1.weight"], p["fc1.bias"][..., None], p["fc2.weight"].transpose(-1, -2)], -1)
+    return units, p["fc2.bias"]
+
+
+def _greedy_cost(cost: torch.Tensor) -> torch.Tensor:
+    """Total cost of a greedy assignment of each ``[..., H, H]`` matrix (an upper bound of the optimum)."""
+    c = cost.clone()
+    h = c.shape[-1]
+    total = torch.zeros(c.shape[:-2], dtype=c.dtype, device=c.device)
+    flat = c.reshape(-1, h * h)
+    for _ in range(h):
+        best, idx = flat.min(-1)
+        total += best.reshape(total.shape)
+        row, col = idx // h, idx % h
+        view = flat.view(-1, h, h)
+        view[torch.arange(view.shape[0]), row, :] = math.inf
+        view[torch.arange(view.shape[0]), :, col] = math.inf
+    return total
+
+
+def aligned_distance(task: Task, a: torch.Tensor, b: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """``(‖a - perm(b)‖, perm)``: L2 distance of flat ``a`` [P] to ``b`` [P] after permuting ``b``'s
+    hidden units to match ``a``'s (exact: the assignment minimising the squared distance)."""
+    ua, ra = unit_vectors(task, a[None])
+    ub, rb = unit_vectors(task, b[None])
+    cost = torch.cdist(ua[0].double(), ub[0].double()) ** 2  # [H, H]
+    perm = hungarian(cost)
+    aligned = task.permute(b[None], [perm[None]])[0]
+    return float((a.double() - aligned.double()).norm()), perm
+
+
+def nearest_aligned(
+    task: Task, queries: torch.Tensor, candidates: torch.Tensor, exclude: torch.Tensor | None = None,
+    refine: int = 8, chunk: int = 256,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest candidate of each query after hidden-unit alignment: ``[Q, P]``, ``[M, P]`` -> ``[Q]``, ``[Q]``.
+
+    Screening: a greedy assignment for every (query, candidate) pair, batched; then the exact
+    assignment (:func:`hungarian`) for the ``refine`` best candidates of each query, whose smallest
+    exact distance is returned with the candidate's index. ``exclude`` ``[Q, M]`` bool masks pairs
+    (e.g. checkpoints of the query's own run). Distances are L2 in raw parameter units.
+    """
+    uq, rq = (t.double() for t in unit_vectors(task, queries))  # [Q, H, D], [Q, R]
+    scores = []
+    for start in range(0, candidates.shape[0], chunk):
+        uc, rc = (t.double() for t in unit_vectors(task, candidates[start : start + chunk]))  # [m, H, D]
+        # squared distances between every query unit and every candidate unit: [Q, m, H, H]
+        cross = torch.einsum("qid,mjd->qmij", uq, uc)
+        sq = (uq * uq).sum(-1)[:, None, :, None] + (uc * uc).sum(-1)[None, :, None, :] - 2 * cross
+        rest = torch.cdist(rq, rc) ** 2  # [Q, m]
+        scores.append(_greedy_cost(sq.clamp_min(0)) + rest)
+    screened = torch.cat(scores, 1)  # [Q, M] greedy squared distances
+    if exclude is not None:
+        screened = screened.masked_fill(exclude, math.inf)
+    k = min(refine, screened.shape[1])
+    top = screened.topk(k, dim=1, largest=False).indices  # [Q, k]
+    dist = torch.full((queries.shape[0],), math.inf, dtype=torch.float64)
+    index = torch.full((queries.shape[0],), -1, dtype=torch.long)
+    for q in range(queries.shape[0]):
+        for m in top[q].tolist():
+            if not math.isfinite(float(screened[q, m])):
+                continue
+            d, _ = aligned_distance(task, queries[q], candidates[m])
+            if d < dist[q]:
+                dist[q], index[q] = d, m
+    return dist.float(), index
+
+
+# ---------------------------------------------------------------------- sampling
+
+
+class Sampler:
+    """Batched prompted updates with one generator: raw θ, metric and prompt in, raw θ′ out."""
+
+    def __init__(self, generator: LoadedGenerator, config: EvalConfig, seed: int):
+        self.gen, self.config = generator, config
+        self.rng = torch.Generator().manual_seed(seed)  # CPU noise: same draws on any device
+        self.lo, self.hi = generator.metric_range
+
+    def clamp(self, prompt: torch.Tensor) -> torch.Tensor:
+        return prompt.clamp(self.lo, self.hi)
+
+    def __call__(self, theta: torch.Tensor, metric: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """``[B, P]``, ``[B]``, ``[B]`` -> ``[B, P]`` (prompts clamped into the metric range)."""
+        dev = self.gen.device
+        out = []
+        for s in range(0, theta.shape[0], self.config.sample_batch):
+            sl = slice(s, s + self.config.sample_batch)
+            out.append(self.gen.sample(
+                theta[sl].to(dev), metric[sl].to(dev), self.clamp(prompt[sl]).to(dev),
+                steps=self.config.sampling_steps, method=self.config.method, generator=self.rng,
+            ).cpu())
+        return torch.cat(out)
+
+
+def _metrics(task: Task, flat: torch.Tensor, data, device, extra: str = "test_loss") -> dict[str, torch.Tensor]:
+    """Test loss and error (and ``extra``) of ``[B, P]`` networks, on the CPU: name -> ``[B]``."""
+    m = task.evaluate(flat.to(device), data, sorted({"test_loss", "test_error", extra}))
+    return {k: v.float().cpu() for k, v in m.items()}
+
+
+def repeated_updates(task, sampler: Sampler, theta: torch.Tensor, data, device, n: int, metric: str) -> dict:
+    """Metrics after 0..n successive best-prompt updates, ``{name: [n+1, B]}``, and θ after the first
+    update ``[B, P]``. Each update is conditioned on the metric measured after the previous one."""
+    m = _metrics(task, theta, data, device, metric)
+    hist = {k: [v] for k, v in m.items()}
+    prompt = torch.full((theta.shape[0],), sampler.gen.best_prompt)
+    first = None
+    for _ in range(n):
+        theta = sampler(theta, m[metric], prompt)
+        first = theta if first is None else first
+        m = _metrics(task, theta, data, device, metric)
+        for k, v in m.items():
+            hist[k].append(v)
+    return {k: torch.stack(v) for k, v in hist.items()}, first
+
+
+# ---------------------------------------------------------------------- the sections
+
+
+def _baselines(task, theta0: torch.Tensor, seeds: Sequence[int], data, config: EvalConfig, grid: list[int]) -> dict:
+    """Adam and SGD test-loss curves of every init on ``grid``: name -> ``[N, G]`` (NaN if dropped)."""
+
+    class GridPlan(RunPlan):  # the trainer saves at the plan's checkpoint steps and stops after total_steps
+        def checkpoint_steps(self) -> torch.Tensor:
+            return torch.tensor(grid)
+
+        @property
+        def total_steps(self) -> int:
+            return grid[-1]
+
+    n = theta0.shape[0]
+    plans = [GridPlan(i, int(seeds[i]), dict(ADAM_BASELINE), len(data.train_x), len(grid)) for i in range(n)]
+    plans += [GridPlan(n + i, int(seeds[i]), dict(SGD_BASELINE), len(data.train_x), len(grid)) for i in range(n)]
+    trainer = BatchedMLPTrainer(task, data.train_x, data.train_y, config.device)
+    params: dict[int, torch.Tensor] = {}
+    bar = tqdm(total=2 * n, desc="Adam + SGD baselines", unit="run", disable=not config.progress)
+
+    def done(runs) -> None:
+        for r in runs:
+            params[r.plan.run_id] = r.params  # [G, P] or None
+        bar.update(len(runs))
+
+    trainer.train(plans, done)
+    bar.close()
+    out = {}
+    for name, offset in (("adam", 0), ("sgd", n)):
+        curves = torch.full((n, len(grid)), math.nan)
+        for i in range(n):
+            p = params.get(offset + i)
+            if p is not None:
+                curves[i] = _metrics(task, p, data, config.device)["test_loss"]
+        out[name] = curves
+    return out
+
+
+def _corpus_seeds(store: Store) -> set[int]:
+    settings = store.settings or {}
+    base = settings.get("seed")
+    ids = store.run_ids() + store.dropped_ids()
+    if base is not None:
+        return {int(base) + r for r in ids}
+    return {int(store.read_info(r)[0]) for r in store.run_ids()}
+
+
+def _memorisation(task, store: Store, generated: torch.Tensor, achieved: torch.Tensor, config: EvalConfig) -> dict:
+    """Nearest corpus checkpoints of the generated networks, and the corpus's own NN distances."""
+    ids = store.run_ids()
+    if len(ids) > config.memo_runs:  # evenly spaced run ids: deterministic
+        ids = [ids[round(i * (len(ids) - 1) / (config.memo_runs - 1))] for i in range(config.memo_runs)] \
+            if config.memo_runs > 1 else ids[:1]
+    cand, cand_run, cand_step, cand_loss = [], [], [], []
+    for r in tqdm(ids, desc="memorisation: reading corpus", unit="run", disable=not config.progress):
+        steps, metrics = store.read_metrics(r)
+        k = len(steps)
+        rows = sorted({k - 1, *(round(j * (k - 1) / config.memo_checkpoints) for j in range(1, config.memo_checkpoints))})
+        cand.append(store.read_checkpoints(r, rows))
+        cand_run += [r] * len(rows)
+        cand_step += steps[rows].tolist()
+        cand_loss += metrics["test_loss"][rows].tolist() if "test_loss" in metrics else [math.nan] * len(rows)
+    cands = torch.cat(cand)  # [M, P]
+    runs = torch.tensor(cand_run)
+    dist, idx = nearest_aligned(task, generated, cands)
+    # the corpus's own scale: nearest checkpoint of another run, for a sample of its checkpoints
+    q = torch.linspace(0, len(cands) - 1, min(config.memo_queries, len(cands))).round().long().unique()
+    exclude = runs[q][:, None] == runs[None, :]  # [Q, M]: same run
+    corpus_dist, _ = nearest_aligned(task, cands[q], cands, exclude=exclude)
+    unaligned = (generated[:, None, :] - cands[None, :, :]).norm(dim=-1).min(1).values  # [N]
+    typical = summary(corpus_dist.tolist())["median"]
+    return {
+        "runs_searched": len(ids),
+        "checkpoints_searched": len(cands),
+        "nearest_distance": dist.tolist(),
+        "nearest_distance_unaligned": unaligned.tolist(),
+        "nearest_run": [cand_run[i] for i in idx.tolist()],
+        "nearest_step": [int(cand_step[i]) for i in idx.tolist()],
+        "nearest_test_loss": [float(cand_loss[i]) for i in idx.tolist()],
+        "generated_test_loss": achieved.tolist(),
+        "corpus_nn_distance": corpus_dist.tolist(),
+        "summary": {
+            "nearest_distance": summary(dist.tolist()),
+            "corpus_nn_distance": summary(corpus_dist.tolist()),
+            "ratio_to_corpus_nn_median": [d / typical if typical else None for d in dist.tolist()],
+            "nearest_test_loss": summary([float(cand_loss[i]) for i in idx.tolist()]),
+        },
+        "method": "hidden units aligned by the exact assignment (Hungarian) minimising the squared L2 distance; "
+                  "candidates screened with a greedy assignment, the 8 best per query solved exactly",
+    }
+
+
+def evaluate_generator(config: EvalConfig, data=None) -> dict:
+    """Run every section; returns the results (also written to ``out/eval.json``)."""
+    t_start = time.perf_counter()
+    gen = load_generator(config.generator, device=config.device)
+    task = tasks.get(gen.task)
+    for m in ("test_loss", "test_error"):
+        task.metric(m)
+    if data is None:
+        data = task.load_data(config.data_root)
+    dev_data = data.to(config.device) if config.device != "cpu" else data
+    store = Store.open(config.store) if config.store else None
+    seeds = [config.seed + i for i in range(config.inits)]
+    if store is not None:
+        overlap = sorted(set(seeds) & _corpus_seeds(store))
+        if overlap:
+            raise ConfigError(f"init seeds {overlap[:5]} were used for corpus runs; choose another --seed")
+    name = gen.metric_name
+    sampler = Sampler(gen, config, seed=config.seed)
+    times: dict[str, float] = {}
+    bar = tqdm(total=6, desc="eval", unit="section", disable=not config.progress)
+
+    # one step + repeated prompting (the first of the repeats is the one-step update)
+    t = time.perf_counter()
+    theta0 = init_params(task, seeds)  # [N, P]
+    hist, generated = repeated_updates(task, sampler, theta0, dev_data, config.device, config.repeats, name)
+    times["one_step_and_repeats_s"] = time.perf_counter() - t
+    before, after = {k: v[0] for k, v in hist.items()}, {k: v[1] for k, v in hist.items()}
+    bar.update(1)
+
+    # timing: one update of one network, and plain Adam's seconds per step
+    t = time.perf_counter()
+    one = []
+    m0 = torch.full((1,), float(before[name][0]))
+    for _ in range(3):
+        s = time.perf_counter()
+        sampler.gen.sample(theta0[:1].to(gen.device), m0.to(gen.device), sampler.clamp(torch.full((1,), gen.best_prompt)).to(gen.device),
+                           steps=config.sampling_steps, method=config.method, generator=torch.Generator().manual_seed(0))
+        one.append(time.perf_counter() - s)
+    update_s = statistics.median(one)
+    adam_s = train_baseline(task, theta0[0], data, "adam", config.timing_steps, (), seed=0).seconds_per_step
+    times["timing_s"] = time.perf_counter() - t
+    bar.update(1)
+
+    # baselines
+    t = time.perf_counter()
+    grid = log_grid(config.max_steps)
+    curves = _baselines(task, theta0, seeds, data, config, grid)
+    reach = {o: steps_to_reach(grid, c, after["test_loss"]) for o, c in curves.items()}
+    times["baselines_s"] = time.perf_counter() - t
+    bar.update(1)
+
+    # prompt alignment: K prompts per network between the best prompt and its starting metric
+    t = time.perf_counter()
+    k, n = config.prompts, len(seeds)
+    frac = torch.linspace(0, 1, k)  # [K]
+    prompts = sampler.clamp(gen.best_prompt + frac[None, :] * (before[name][:, None] - gen.best_prompt))  # [N, K]
+    theta_k = theta0.repeat_interleave(k, 0)  # [N*K, P]
+    out_k = sampler(theta_k, before[name].repeat_interleave(k), prompts.reshape(-1))
+    achieved_k = _metrics(task, out_k, dev_data, config.device, name)[name].view(n, k)  # [N, K]
+    r2 = r2_score(prompts, achieved_k)  # [N]
+    times["prompt_alignment_s"] = time.perf_counter() - t
+    bar.update(1)
+
+    # memorisation
+    t = time.perf_counter()
+    if store is not None and len(store.run_ids()) > 1:
+        memo = _memorisation(task, store, generated, after["test_loss"], config)
+    else:
+        memo = {"skipped": "no --store given (or it holds fewer than 2 runs): memorisation check not run"}
+    times["memorisation_s"] = time.perf_counter() - t
+    bar.update(1)
+
+    # out-of-distribution inits
+    t = time.perf_counter()
+    ood = {}
+    for kind in ("kaiming-normal", "uniform-x3"):
+        h, _ = repeated_updates(task, sampler, init_params(task, seeds, kind), dev_data, config.device, config.repeats, name)
+        ood[kind] = _repeat_section(h)
+    times["ood_s"] = time.perf_counter() - t
+    bar.update(1)
+    bar.close()
+    times["total_s"] = time.perf_counter() - t_start
+
+    adam_needed = [s for s in reach["adam"] if s is not None]
+    result = {
+        "config": asdict(config),
+        "seeds": seeds,
+        "generator": {"name": gen.name, "sha256": gen.sha256, "metric": name, "best_prompt": gen.best_prompt,
+                      "prompt_used": float(sampler.clamp(torch.tensor(gen.best_prompt))),
+                      "metric_range": list(gen.metric_range), "model_config": gen.manifest.get("model_config")},
+        "hardware": _hardware(config.device),
+        "one_step": {
+            "before": {k: v.tolist() for k, v in before.items()},
+            "after": {k: v.tolist() for k, v in after.items()},
+            "summary": {f"{w}_{k}": summary(v.tolist()) for w, d in (("before", before), ("after", after)) for k, v in d.items()},
+        },
+        "baselines": {
+            "grid": grid,
+            "adam": {"hparams": ADAM_BASELINE, "test_loss": curves["adam"].tolist(), "steps_to_reach": reach["adam"]},
+            "sgd": {"hparams": SGD_BASELINE, "test_loss": curves["sgd"].tolist(), "steps_to_reach": reach["sgd"]},
+            "summary": {
+                "adam_steps_to_reach": summary(reach["adam"]), "adam_not_reached": reach["adam"].count(None),
+                "sgd_steps_to_reach": summary(reach["sgd"]), "sgd_not_reached": reach["sgd"].count(None),
+            },
+        },
+        "timing": {
+            "update_seconds": update_s, "update_seconds_runs": one, "adam_seconds_per_step": adam_s,
+            "adam_seconds_for_steps_to_reach": [None if s is None else s * adam_s for s in reach["adam"]],
+            "speedup_vs_adam": [None if s is None else s * adam_s / update_s for s in reach["adam"]],
+            "median_speedup_vs_adam": (statistics.median(adam_needed) * adam_s / update_s) if adam_needed else None,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "prompt_alignment": {
+            "prompts": prompts.tolist(), "achieved": achieved_k.tolist(), "r2": r2.tolist(),
+            "r2_mean": float(r2.mean()), "r2_summary": summary(r2.tolist()),
+        },
+        "repeated": _repeat_section(hist),
+        "memorisation": memo,
+        "ood": ood,
+        "wall_times": times,
+        "learned_opt": __version__,
+    }
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    if config.plots:
+        result["plots"] = [str(p) for p in plot_eval(result, out)]
+    return result
+
+
+def _repeat_section(hist: dict[str, torch.Tensor]) -> dict:
+    """Per-update metrics ``[n+1, N]`` as lists, and median/quartiles after 1, 2, 5, 10 updates."""
+    n = next(iter(hist.values())).shape[0] - 1
+    return {
+        "updates": list(range(n + 1)),
+        **{k: v.tolist() for k, v in hist.items()},
+        "summary": {f"{k}_after_{r}": summary(v[r].tolist()) for k, v in hist.items()
+                    for r in (0, *REPEATS_REPORTED) if r <= n},
+    }
+
+
+def _hardware(device: str) -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "device": device}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+# ---------------------------------------------------------------------- report
+
+
+def plot_eval(result: dict, out: Path) -> list[Path]:
+    """``one_step.png``, ``prompt_alignment.png`` and ``baselines.png`` in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    name = result["generator"]["metric"]
+    # one step: test loss of each init before and after one update
+    fig, ax = plt.subplots(figsize=(5, 4))
+    b, a = result["one_step"]["before"]["test_loss"], result["one_step"]["after"]["test_loss"]
+    for x, y in zip(b, a):
+        ax.plot([0, 1], [x, y], color="tab:blue", alpha=0.4, marker="o")
+    ax.set_xticks([0, 1], ["random init", "1 update"])
+    ax.set_yscale("log")
+    ax.set_ylabel("MNIST test loss")
+    ax.set_title(f"one generative update ({len(b)} inits)")
+    fig.tight_layout()
+    paths.append(out / "one_step.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    # prompt alignment: prompted against achieved, with the identity
+    pa = result["prompt_alignment"]
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for p, q in zip(pa["prompts"], pa["achieved"]):
+        ax.plot(p, q, marker=".", alpha=0.5)
+    lo = min(min(map(min, pa["prompts"])), min(map(min, pa["achieved"])))
+    hi = max(max(map(max, pa["prompts"])), max(map(max, pa["achieved"])))
+    ax.plot([lo, hi], [lo, hi], "k--", label="identity")
+    ax.set_xlabel(f"prompted {name}")
+    ax.set_ylabel(f"achieved {name}")
+    ax.set_title(f"prompt alignment: mean R² = {pa['r2_mean']:.3f}")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "prompt_alignment.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    # baselines: median test loss (quartile band) against steps, the update's median as a line
+    bl = result["baselines"]
+    grid = bl["grid"]
+    x = [max(s, 1) for s in grid]  # log axis: step 0 drawn at 1
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for o, label in (("adam", "Adam lr 1e-3"), ("sgd", "SGD (G.pt recipe)")):
+        c = torch.tensor(bl[o]["test_loss"])  # [N, G]
+        q = torch.nanquantile(c, torch.tensor([0.25, 0.5, 0.75]), dim=0)
+        ax.plot(x, q[1], label=label)
+        ax.fill_between(x, q[0], q[2], alpha=0.2)
+    ax.axhline(result["one_step"]["summary"]["after_test_loss"]["median"], color="k", ls="--",
+               label="1 generative update (median)")
+    ax.set_xscale("log")
+    ax.set_xlabel("training steps (batch 128; step 0 drawn at 1)")
+    ax.set_ylabel("MNIST test loss")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "baselines.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def _fmt(x, spec: str = ".4f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_summary(result: dict) -> str:
+    """The printed summary table."""
+    one = result["one_step"]["summary"]
+    bl, tm, rep = result["baselines"]["summary"], result["timing"], result["repeated"]["summary"]
+    n = len(result["seeds"])
+    rows = [
+        ("test loss, init (median [q1, q3])", one["before_test_loss"]),
+        ("test loss, 1 update", one["after_test_loss"]),
+        ("test error %, init", one["before_test_error"]),
+        ("test error %, 1 update", one["after_test_error"]),
+    ]
+    rows += [(f"test error %, {r} updates", rep[f"test_error_after_{r}"]) for r in REPEATS_REPORTED[1:]
+             if f"test_error_after_{r}" in rep]
+    rows += [(f"Adam steps to reach (not reached: {bl['adam_not_reached']}/{n})", bl["adam_steps_to_reach"]),
+             (f"SGD steps to reach (not reached: {bl['sgd_not_reached']}/{n})", bl["sgd_steps_to_reach"]),
+             ("prompt alignment R² (mean over nets)", {**result["prompt_alignment"]["r2_summary"],
+                                                       "median": result["prompt_alignment"]["r2_mean"]})]
+    memo = result["memorisation"]
+    if "summary" in memo:
+        rows += [("distance to nearest corpus checkpoint", memo["summary"]["nearest_distance"]),
+                 ("corpus nearest-neighbour distance", memo["summary"]["corpus_nn_distance"]),
+                 ("test loss of that nearest checkpoint", memo["summary"]["nearest_test_loss"])]
+    for kind, sec in result["ood"].items():
+        s = sec["summary"]
+        last = max(r for r in REPEATS_REPORTED if f"test_error_after_{r}" in s)
+        rows.append((f"OOD {kind}: test error %, init / 1 / {last}",
+                     {"median": s["test_error_after_0"]["median"], "q1": s["test_error_after_1"]["median"],
+                      "q3": s[f"test_error_after_{last}"]["median"]}))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':{width}}  {'median':>10}  {'q1':>10}  {'q3':>10}"]
+    for label, s in rows:
+        lines.append(f"{label:{width}}  {_fmt(s.get('median')):>10}  {_fmt(s.get('q1')):>10}  {_fmt(s.get('q3')):>10}")
+    lines.append(f"one update: {tm['update_seconds']:.3f} s; Adam: {tm['adam_seconds_per_step'] * 1e3:.3f} ms/step; "
+                 f"median speed-up vs the Adam steps it replaces: {_fmt(tm['median_speedup_vs_adam'], '.2f')}x")
+    if "skipped" in memo:
+        lines.append(f"memorisation: {memo['skipped']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--generator", required=True, help="shipped generator name or path to a .json manifest")
+    parser.add_argument("--store", default=None, help="corpus store for the memorisation check (skipped without)")
+    parser.add_argument("--out", required=True, help="folder for eval.json and the PNG plots")
+    parser.add_argument("--data-root", default=None, help="dataset root (default: $LEARNED_OPT_DATA)")
+    parser.add_argument("--inits", type=int, default=20, help="fresh initialisations (default: 20)")
+    parser.add_argument("--seed", type=int, default=1_000_000, help="init i has seed SEED + i (default: 1000000)")
+    parser.add_argument("--sampling-steps", type=int, default=50, help="diffusion sampling steps (default: 50)")
+    parser.add_argument("--method", default="ddim", help="sampler: ddim, ddpm or dpm++2m (default: ddim)")
+    parser.add_argument("--max-steps", type=int, default=3000, help="Adam/SGD steps (default 3000; 11700 in full)")
+    parser.add_argument("--prompts", type=int, default=20, help="prompts per network for alignment (default: 20)")
+    parser.add_argument("--repeats", type=int, default=10, help="successive updates (default: 10)")
+    parser.add_argument("--memo-runs", type=int, default=500, help="corpus runs searched (default: 500)")
+    parser.add_argument("--memo-checkpoints", type=int, default=4, help="checkpoints per searched run (default: 4)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+
+def main(args: argparse.Namespace) -> int:
+    config = EvalConfig(
+        generator=args.generator, out=args.out, store=args.store, data_root=args.data_root, inits=args.inits,
+        seed=args.seed, sampling_steps=args.sampling_steps, method=args.method, max_steps=args.max_steps,
+        prompts=args.prompts, repeats=args.repeats, memo_runs=args.memo_runs, memo_checkpoints=args.memo_checkpoints,
+        device=args.device, progress=not args.no_progress, plots=not args.no_plots,
+    )
+    result = evaluate_generator(config)
+    print(format_summary(result))
+    print(f"wrote {Path(config.out) / 'eval.json'}" + "".join(f", {p}" for p in result.get("plots", [])))
+    return 0

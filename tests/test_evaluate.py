@@ -1,0 +1,166 @@
+"""``pretrain.evaluate``: its helpers on known data, and ``learned-opt eval`` end to end on a tiny setup."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from test_demo import save_tiny_mnist_generator
+from train_helpers import make_store
+
+from learned_opt import tasks
+from learned_opt.cli import main as cli_main
+from pretrain.evaluate import (
+    aligned_distance,
+    hungarian,
+    init_params,
+    log_grid,
+    nearest_aligned,
+    r2_score,
+    steps_to_reach,
+    summary,
+)
+
+TASK = tasks.get("mnist-mlp")
+
+
+def test_r2_on_known_data():
+    prompted = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0], [0.0, 1.0, 2.0]])
+    achieved = torch.tensor([[1.0, 2.0, 3.0], [2.0, 2.0, 2.0], [0.5, 1.0, 2.5]])
+    # 1 - SS_res / SS_tot with SS_tot = 2 for each row
+    expected = torch.tensor([1.0, 1.0 - 2.0 / 2.0, 1.0 - 0.5 / 2.0])
+    torch.testing.assert_close(r2_score(prompted, achieved), expected)
+    # achieved = prompted + 1 everywhere: well correlated but off the identity, so R² < 0
+    assert float(r2_score(prompted[0], prompted[0] + 1)) == pytest.approx(1 - 3 / 2)
+
+
+def test_log_grid_and_summary():
+    assert log_grid(3000) == [0, 10, 20, 30, 50, 100, 200, 300, 500, 1000, 2000, 3000]
+    assert log_grid(11700)[-3:] == [5000, 10000, 11700]
+    assert log_grid(7) == [0, 7]
+    s = summary([1.0, 2.0, None, 3.0, float("nan"), 4.0, 5.0])
+    assert (s["n"], s["median"], s["q1"], s["q3"], s["min"], s["max"]) == (5, 3.0, 2.0, 4.0, 1.0, 5.0)
+    assert summary([None])["median"] is None
+
+
+def test_steps_to_reach_on_known_curves():
+    grid = [0, 10, 20, 50]
+    curves = torch.tensor([[2.3, 1.0, 0.5, 0.4], [2.3, 2.0, 1.9, 1.8], [2.3, 1.0, 0.5, 0.4]])
+    assert steps_to_reach(grid, curves, torch.tensor([0.5, 0.5, 2.5])) == [20, None, 0]
+
+
+def test_hungarian_is_exact():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        cost = torch.rand(5, 5, generator=g, dtype=torch.float64)
+        col = hungarian(cost)
+        best = min(sum(float(cost[i, p[i]]) for i in range(5)) for p in itertools.permutations(range(5)))
+        assert sorted(col.tolist()) == list(range(5))
+        assert float(cost[torch.arange(5), col].sum()) == pytest.approx(best, abs=1e-9)
+
+
+def test_aligned_distance_sees_through_permutations():
+    theta = init_params(TASK, [5, 6])  # [2, P]
+    perm = TASK.random_permutations(1, torch.Generator().manual_seed(1))
+    permuted = TASK.permute(theta[:1], perm)[0]
+    d, p = aligned_distance(TASK, theta[0], permuted)
+    assert d < 1e-5
+    assert torch.equal(TASK.permute(permuted[None], [p[None]])[0], theta[0])
+    assert float((theta[0] - permuted).norm()) > 1.0  # unaligned, the copy looks far away
+    # among candidates, the permuted copy is found (and excluded when masked)
+    cands = torch.stack([theta[1], permuted, theta[1] * 0.5])
+    dist, idx = nearest_aligned(TASK, theta[:1], cands, refine=2)
+    assert idx.tolist() == [1] and float(dist[0]) < 1e-4
+    dist, idx = nearest_aligned(TASK, theta[:1], cands, exclude=torch.tensor([[False, True, False]]))
+    assert idx.tolist() != [1] and float(dist[0]) > 1.0
+
+
+def test_init_kinds_and_seeds():
+    a, b = init_params(TASK, [1, 2]), init_params(TASK, [1, 2])
+    assert torch.equal(a, b) and not torch.equal(a[0], a[1])
+    x3 = init_params(TASK, [1, 2], "uniform-x3")
+    torch.testing.assert_close(x3, 3 * a)
+    k = TASK.layout().unflatten(init_params(TASK, [1], "kaiming-normal"))
+    assert float(k["fc1.bias"].abs().sum()) == 0.0
+    assert float(k["fc1.weight"].std()) == pytest.approx(math.sqrt(2 / 784), rel=0.1)
+
+
+def _finite(x) -> bool:
+    if isinstance(x, list):
+        return all(_finite(v) for v in x)
+    return x is None or math.isfinite(x)
+
+
+@pytest.mark.slow
+def test_eval_end_to_end(mnist_root, tmp_path, capsys):
+    manifest = save_tiny_mnist_generator(tmp_path / "gen")
+    store = make_store(tmp_path / "store", runs=4, checkpoints=6)
+    out = tmp_path / "eval"
+    code = cli_main(["eval", "--generator", str(manifest), "--store", str(store.root), "--out", str(out),
+                     "--data-root", str(mnist_root), "--inits", "3", "--prompts", "4", "--max-steps", "50",
+                     "--sampling-steps", "2", "--repeats", "5", "--memo-checkpoints", "3", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "prompt alignment" in printed and "Adam steps to reach" in printed
+    r = json.loads((out / "eval.json").read_text())
+    n = 3
+    assert r["seeds"] == [1_000_000, 1_000_001, 1_000_002]
+    assert len(r["generator"]["sha256"]) == 64 and r["hardware"]["cpu_count"] >= 1
+    for when in ("before", "after"):
+        for m in ("test_loss", "test_error"):
+            assert len(r["one_step"][when][m]) == n and _finite(r["one_step"][when][m])
+    grid = r["baselines"]["grid"]
+    assert grid == [0, 10, 20, 30, 50]
+    for o in ("adam", "sgd"):
+        curve = torch.tensor(r["baselines"][o]["test_loss"])
+        assert curve.shape == (n, len(grid)) and torch.isfinite(curve).all()
+        # the same inits: every baseline starts where the one-step section measured them
+        torch.testing.assert_close(curve[:, 0], torch.tensor(r["one_step"]["before"]["test_loss"]), rtol=1e-4, atol=1e-5)
+        assert (curve[:, -1] < curve[:, 0]).all()
+        reach = r["baselines"][o]["steps_to_reach"]
+        assert reach == steps_to_reach(grid, curve, torch.tensor(r["one_step"]["after"]["test_loss"]))
+    t = r["timing"]
+    assert t["update_seconds"] > 0 and t["adam_seconds_per_step"] > 0
+    pa = r["prompt_alignment"]
+    assert torch.tensor(pa["prompts"]).shape == (n, 4) == torch.tensor(pa["achieved"]).shape
+    torch.testing.assert_close(r2_score(torch.tensor(pa["prompts"]), torch.tensor(pa["achieved"])),
+                               torch.tensor(pa["r2"]))
+    assert pa["r2_mean"] == pytest.approx(sum(pa["r2"]) / n, rel=1e-5)
+    for section in (r["repeated"], *r["ood"].values()):
+        assert section["updates"] == list(range(6))
+        assert torch.tensor(section["test_error"]).shape == (6, n) and _finite(section["test_loss"])
+        assert "test_error_after_5" in section["summary"] and "test_error_after_10" not in section["summary"]
+    torch.testing.assert_close(torch.tensor(r["repeated"]["test_loss"][1]), torch.tensor(r["one_step"]["after"]["test_loss"]))
+    memo = r["memorisation"]
+    assert memo["runs_searched"] == 4 and memo["checkpoints_searched"] == 4 * 3
+    assert len(memo["nearest_distance"]) == n and _finite(memo["nearest_distance"])
+    assert all(a <= u + 1e-4 for a, u in zip(memo["nearest_distance"], memo["nearest_distance_unaligned"]))
+    assert len(memo["corpus_nn_distance"]) == 12 and memo["nearest_run"][0] in range(4)
+    for png in ("one_step.png", "prompt_alignment.png", "baselines.png"):
+        assert (out / png).stat().st_size > 1000
+
+
+def test_eval_without_store_skips_memorisation(mnist_data, tmp_path):
+    from pretrain.evaluate import EvalConfig, evaluate_generator
+
+    manifest = save_tiny_mnist_generator(tmp_path / "gen")
+    config = EvalConfig(generator=str(manifest), out=str(tmp_path / "eval"), inits=2, prompts=2, max_steps=10,
+                        sampling_steps=1, repeats=1, timing_steps=5, progress=False, plots=False)
+    r = evaluate_generator(config, data=mnist_data)
+    assert "skipped" in r["memorisation"] and "--store" in r["memorisation"]["skipped"]
+    assert not (tmp_path / "eval" / "baselines.png").exists()
+
+
+def test_eval_refuses_corpus_seeds(mnist_data, tmp_path):
+    from learned_opt.errors import ConfigError
+    from pretrain.evaluate import EvalConfig, evaluate_generator
+
+    manifest = save_tiny_mnist_generator(tmp_path / "gen")
+    store = make_store(tmp_path / "store", runs=2, checkpoints=3)
+    config = EvalConfig(generator=str(manifest), store=str(store.root), out=str(tmp_path / "eval"), seed=1, inits=2,
+                        progress=False)
+    with pytest.raises(ConfigError, match="used for corpus runs"):
+        evaluate_generator(config, data=mnist_data)

@@ -51,7 +51,7 @@ from learned_opt.errors import ConfigError
 from learned_opt.pretrained import LoadedGenerator, load_generator
 from learned_opt.tasks import Task
 
-from .corpus import ADAM, GPT_RECIPE, SGD, BatchedMLPTrainer, RunPlan
+from .corpus import ADAM, GPT_RECIPE, BatchedMLPTrainer, RunPlan
 from .store import Store
 
 REPEATS_REPORTED = (1, 2, 5, 10)

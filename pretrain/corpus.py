@@ -43,6 +43,15 @@ recipe, training examples, checkpoints, hyperparameter ranges) when it is create
 into the same store must use the same ones (only ``--runs`` may differ, to grow the corpus).
 Under ``torchrun --nproc_per_node W``, rank ``r`` trains the run ids with ``run_id % W == r`` into
 one shared store; rank 0 creates it.
+
+Task families. Everything above except the training itself (run ids and seeds, resume, settings
+check, sharding, evaluation of the checkpoints, the ``|w| > 10`` filter's markers, writing, the
+progress bar) is shared by every task; what is particular to a family of tasks is a
+:class:`TaskFamily`: its settings, its run plans, how plans are grouped, and a function that trains
+one group and hands back :class:`FinishedRun` objects. :class:`MLPClassifierFamily` is the ReLU MLP
+classifiers above (``mnist-mlp``); :class:`pretrain.ppo.PPOFamily` trains ``cartpole-mlp``
+policies with batched PPO (``--env-steps N`` instead of ``--epochs``; its ranges are documented in
+:mod:`pretrain.ppo`).
 """
 
 from __future__ import annotations
@@ -158,9 +167,22 @@ def checkpoint_steps(total_steps: int, k: int, generator: torch.Generator) -> to
 # ---------------------------------------------------------------------- one run's plan
 
 
+def stream_seed(seed: int, stream: int) -> int:
+    """The seed of an independent RNG stream of a run (1: checkpoint steps, 2: data order, ...)."""
+    return (seed * 1_000_003 + stream * 7_919 + 17) % (2**63)
+
+
 def _stream(seed: int, stream: int) -> torch.Generator:
     """An independent torch RNG stream of a run (1: checkpoint steps, 2: data order)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + stream * 7_919 + 17) % (2**63))
+    return torch.Generator().manual_seed(stream_seed(seed, stream))
+
+
+def seeded_init(task: Task, seed: int) -> torch.Tensor:
+    """A run's initial flat parameters ``[P]``: ``torch.manual_seed(seed); task.build_model()``,
+    without touching the caller's global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return task.layout().flatten_module(task.build_model())
 
 
 @dataclass
@@ -190,9 +212,7 @@ class RunPlan:
 
     def init(self, task: Task) -> torch.Tensor:
         """The initial flat parameters ``[P]``: ``torch.manual_seed(seed); task.build_model()``."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            return task.layout().flatten_module(task.build_model())
+        return seeded_init(task, self.seed)
 
 
 def plan_runs(
@@ -213,11 +233,12 @@ def plan_runs(
 class FinishedRun:
     """A trained run: its checkpoints, or why it was dropped."""
 
-    plan: RunPlan
+    plan: Any  # a RunPlan, or another family's plan (run_id, seed, hparams)
     steps: torch.Tensor  # [K] int64
     params: torch.Tensor | None  # [K, P] float32 on CPU; None when dropped
     dropped: str | None = None  # reason
     dropped_at: int | None = None  # step at which the run was found bad
+    info: dict = field(default_factory=dict)  # JSON-able extras for the run's record info
 
 
 def mlp_sizes(task: Task) -> tuple[int, ...]:
@@ -230,6 +251,12 @@ def mlp_sizes(task: Task) -> tuple[int, ...]:
             f"(choose one of: {', '.join(n for n in tasks.names() if _is_mlp(n))})"
         )
     return model.sizes
+
+
+def _is_relu_mlp(task: Task) -> bool:
+    with torch.device("meta"):
+        model = task.build_model()
+    return isinstance(model, MLP) and isinstance(model.act, nn.ReLU)
 
 
 def _is_mlp(name: str) -> bool:
@@ -467,6 +494,9 @@ class CorpusConfig:
     checkpoints: int = 200  # K per run
     ranges: HParamRanges = field(default_factory=HParamRanges)
     progress: bool = True
+    env_steps: int | None = None  # cartpole-mlp: overrides every run's environment steps
+    ppo_ranges: Any = None  # cartpole-mlp: a pretrain.ppo.PPORanges (None: the defaults)
+    ppo_shape: Any = None  # cartpole-mlp: a pretrain.ppo.PPOShape (None: the corpus default)
 
 
 @dataclass
@@ -503,6 +533,10 @@ class CorpusSummary:
 
 def corpus_settings(config: CorpusConfig) -> dict:
     """What makes a store's runs what they are, recorded in ``store.json`` (``runs`` may grow)."""
+    return family_for(tasks.get(config.task)).settings(config)
+
+
+def _mlp_settings(config: CorpusConfig) -> dict:
     return {
         "seed": config.seed,
         "epochs": config.epochs,
@@ -514,7 +548,7 @@ def corpus_settings(config: CorpusConfig) -> dict:
 
 
 _SETTING_NAMES = {"seed": "--seed", "epochs": "--epochs", "gpt_recipe": "--gpt-recipe",
-                  "train_examples": "--train-examples", "checkpoints": "--checkpoints"}
+                  "train_examples": "--train-examples", "checkpoints": "--checkpoints", "env_steps": "--env-steps"}
 
 
 def check_settings(store: Store, settings: dict) -> None:
@@ -549,6 +583,86 @@ def _training_tensors(data: Any, limit: int | None) -> tuple[torch.Tensor, torch
     return x, y
 
 
+# ---------------------------------------------------------------------- task families
+
+
+class TaskFamily:
+    """What the corpus builder needs to know about one family of tasks (see the module docstring).
+
+    ``train(group, on_finish, on_progress)`` (from :meth:`trainer`) trains one group of plans
+    together and calls ``on_finish`` with lists of :class:`FinishedRun` (in any order, as runs end)
+    and ``on_progress`` with fractions of a run completed.
+    """
+
+    name = "?"
+
+    def accepts(self, task: Task) -> bool:
+        raise NotImplementedError
+
+    def check(self, config: CorpusConfig) -> None:
+        """:class:`LearnedOptError` for options that do not apply or are out of range."""
+
+    def settings(self, config: CorpusConfig) -> dict:
+        raise NotImplementedError
+
+    def plan(self, run_ids: Sequence[int], config: CorpusConfig, data: Any) -> list:
+        raise NotImplementedError
+
+    def groups(self, plans: list, batch_runs: int) -> list[list]:
+        raise NotImplementedError
+
+    def trainer(self, task: Task, config: CorpusConfig, data: Any, device: torch.device) -> Callable:
+        raise NotImplementedError
+
+
+class MLPClassifierFamily(TaskFamily):
+    """ReLU MLP classifiers (``mnist-mlp``) trained by :class:`BatchedMLPTrainer`."""
+
+    name = "ReLU MLP classifiers"
+
+    def accepts(self, task: Task) -> bool:
+        return _is_relu_mlp(task)
+
+    def check(self, config: CorpusConfig) -> None:
+        if config.epochs is not None and config.epochs < 1:
+            raise LearnedOptError(f"--epochs must be >= 1, got {config.epochs}")
+        if config.env_steps is not None:
+            raise LearnedOptError("--env-steps applies to cartpole-mlp corpora; use --epochs for this task")
+
+    def settings(self, config: CorpusConfig) -> dict:
+        return _mlp_settings(config)
+
+    def plan(self, run_ids: Sequence[int], config: CorpusConfig, data: Any) -> list[RunPlan]:
+        num_examples = len(_training_tensors(data, config.train_examples)[0])
+        return plan_runs(run_ids, base_seed=config.seed, num_examples=num_examples, ranges=config.ranges,
+                         gpt_recipe=config.gpt_recipe, epochs=config.epochs, num_checkpoints=config.checkpoints)
+
+    def groups(self, plans: list[RunPlan], batch_runs: int) -> list[list[RunPlan]]:
+        return _batches(plans, batch_runs)
+
+    def trainer(self, task: Task, config: CorpusConfig, data: Any, device: torch.device) -> Callable:
+        train_x, train_y = _training_tensors(data, config.train_examples)
+        return BatchedMLPTrainer(task, train_x, train_y, device).train
+
+
+def families() -> list[TaskFamily]:
+    from .ppo import PPOFamily  # pretrain.ppo imports this module
+
+    return [MLPClassifierFamily(), PPOFamily()]
+
+
+def family_for(task: Task) -> TaskFamily:
+    """The family that trains ``task``'s corpus; :class:`LearnedOptError` if none does."""
+    for family in families():
+        if family.accepts(task):
+            return family
+    choices = [n for n in tasks.names() if any(f.accepts(tasks.get(n)) for f in families())]
+    raise LearnedOptError(
+        f"the corpus builder trains {' and '.join(f.name for f in families())}; task {task.name!r} is none of "
+        f"these (choose one of: {', '.join(choices)})"
+    )
+
+
 def build_corpus(
     config: CorpusConfig, *, store: Store | None = None, data: Any = None, rank: int = 0, world_size: int = 1,
 ) -> CorpusSummary:
@@ -559,26 +673,23 @@ def build_corpus(
     """
     if config.runs < 0 or config.batch_runs < 1 or config.checkpoints < 2:
         raise LearnedOptError("--runs must be >= 0, --batch-runs >= 1 and --checkpoints >= 2")
-    if config.epochs is not None and config.epochs < 1:
-        raise LearnedOptError(f"--epochs must be >= 1, got {config.epochs}")
     task = tasks.get(config.task)
-    mlp_sizes(task)
+    family = family_for(task)
+    family.check(config)
     if data is None:
         data = task.load_data(config.data_root, download=config.download)
-    settings = corpus_settings(config)
+    settings = family.settings(config)
     if store is None:
         store = Store.create(config.out, task, settings=settings)
     if store.task_name != task.name:
         raise StoreError(f"{store.root} is a store of task {store.task_name!r}, not {task.name!r}")
     check_settings(store, settings)
     device = torch.device(config.device)
-    train_x, train_y = _training_tensors(data, config.train_examples)
     mine = [r for r in range(config.runs) if r % world_size == rank]
     todo = [r for r in mine if not store.is_done(r)]
     summary = CorpusSummary(skipped=len(mine) - len(todo))
-    plans = plan_runs(todo, base_seed=config.seed, num_examples=len(train_x), ranges=config.ranges,
-                      gpt_recipe=config.gpt_recipe, epochs=config.epochs, num_checkpoints=config.checkpoints)
-    trainer = BatchedMLPTrainer(task, train_x, train_y, device)
+    plans = family.plan(todo, config, data)
+    train = family.trainer(task, config, data, device)
     eval_data = data.to(device) if hasattr(data, "to") and device.type != "cpu" else data
     info = {"rank": rank, "world_size": world_size, "device": str(device), "learned_opt": __version__}
     start = time.perf_counter()
@@ -590,13 +701,14 @@ def build_corpus(
         kept = [r for r in runs if r.params is not None]
         if kept:
             flat = torch.cat([r.params for r in kept])  # [n*K, P]
-            metrics = task.evaluate(flat.to(device), eval_data)
+            with torch.random.fork_rng(devices=[]):  # an evaluation that builds modules leaves the caller's RNG alone
+                metrics = task.evaluate(flat.to(device), eval_data)
             offset = 0
             for r in kept:
                 k = r.params.shape[0]
                 m = {name: v[offset : offset + k].float().cpu() for name, v in metrics.items()}
                 offset += k
-                record = RunRecord(r.params, r.steps, m, r.plan.hparams, r.plan.seed, dict(info))
+                record = RunRecord(r.params, r.steps, m, r.plan.hparams, r.plan.seed, {**info, **r.info})
                 if store.write_run(r.plan.run_id, record, exist_ok=True):
                     summary.written += 1
                     summary.checkpoints += k
@@ -613,8 +725,8 @@ def build_corpus(
         bar.update(max(0.0, min(runs, bar.total - bar.n)))
 
     try:
-        for group in _batches(plans, config.batch_runs):
-            trainer.train(group, finish, advance)
+        for group in family.groups(plans, config.batch_runs):
+            train(group, finish, advance)
         advance(bar.total)
     finally:
         bar.close()
@@ -652,6 +764,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-examples", type=int, default=None,
                         help="train on the first N training examples only (quick corpora, tests)")
     parser.add_argument("--checkpoints", type=int, default=200, help="checkpoints per run (default: 200)")
+    parser.add_argument("--env-steps", type=int, default=None,
+                        help="cartpole-mlp: environment steps of every run (default: drawn from 25k/50k/100k)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -662,7 +776,7 @@ def main(args: argparse.Namespace) -> int:
         task=args.task, runs=args.runs, out=args.out, data_root=args.data_root, download=args.download,
         batch_runs=args.batch_runs, seed=args.seed, epochs=args.epochs, gpt_recipe=args.gpt_recipe,
         device=args.device, train_examples=args.train_examples, checkpoints=args.checkpoints,
-        progress=not args.no_progress,
+        progress=not args.no_progress, env_steps=args.env_steps,
     )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world_size > 1
@@ -673,7 +787,7 @@ def main(args: argparse.Namespace) -> int:
         config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     try:
         task = tasks.get(config.task)
-        mlp_sizes(task)
+        family_for(task).check(config)
         data = task.load_data(config.data_root, download=config.download)
         store, error = None, None
         if rank == 0:  # only rank 0 creates the store; the others open it once it exists

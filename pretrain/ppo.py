@@ -14,20 +14,57 @@ with the value of its final observation, which the done step itself returns.
 
 Checkpoints are taken at gradient steps (one per minibatch): the init, 198 random intermediate
 steps and the final step, as the MNIST corpus does with SGD iterations.
+
+Randomness. With ``run_seeds`` (what the corpus builder passes) every run has its own streams,
+derived from its seed alone: its checkpoint steps (stream 1, as an MNIST run's), its action
+sampling and minibatch order (stream 2), the starting states of its episodes (stream 3: drawn
+from CartPole's reset distribution, uniform in +-0.05, by the run's own NumPy generator, written
+into the vector environment on every reset) and its value network's init (stream 4). A run is then
+the same whatever other runs train beside it, so a resumed or sharded corpus reproduces it.
+Without ``run_seeds`` the streams of run ``r`` derive from ``(seed, r)`` and all runs share the
+checkpoint steps drawn from ``seed``.
+
+The ``cartpole-mlp`` corpus (``learned-opt corpus --task cartpole-mlp``; :class:`PPOFamily`)
+draws each run's hyperparameters with ``random.Random(seed)`` from :class:`PPORanges`:
+
+==================  =========================================================================
+hyperparameter      range
+==================  =========================================================================
+lr                  log-uniform [1e-4, 3e-3] (Adam, eps 1e-5, policy and value net)
+gamma               uniform [0.97, 0.999]
+gae_lambda          uniform [0.9, 0.99]
+clip                uniform [0.1, 0.3]
+entropy_coef        0 with probability 0.5, else log-uniform [1e-4, 1e-2]
+env_steps           one of 25,000 / 50,000 / 100,000 per run (``--env-steps N`` sets every
+                    run's), rounded down to whole updates of ``envs x horizon`` steps
+value_coef          0.5 (fixed); max_grad_norm 0.5 (fixed)
+==================  =========================================================================
+
+The step structure (:class:`PPOShape`: 8 environments x 128 steps per update, 4 epochs of 4
+minibatches) is fixed per corpus, recorded in the store's settings and in every run's hparams, so
+runs with the same ``env_steps`` train together in one batch. A stored run's ``steps`` are
+gradient steps; the environment steps its checkpoints had seen are ``info["env_steps"]`` (a
+list of ``K`` ints; also ``ceil(step / (ppo_epochs * minibatches)) * envs * horizon``). Its metric
+``return`` is the task's greedy return over its 10 fixed evaluation episodes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from learned_opt.errors import LearnedOptError
 from learned_opt.layout import Layout
 from learned_opt.tasks import MLP, Task
 
-from .corpus import checkpoint_steps
+from .corpus import FinishedRun, _bad_rows, _stream, checkpoint_steps, seeded_init, stream_seed
 
 
 @dataclass(frozen=True)
@@ -66,8 +103,8 @@ class PPOHparams:
 @dataclass
 class PPOResult:
     checkpoints: torch.Tensor  # [R, K, P] policy parameters
-    steps: torch.Tensor  # [K] gradient-step index of each checkpoint (0 = the init)
-    env_steps: torch.Tensor  # [K] environment steps per run seen at each checkpoint
+    steps: torch.Tensor  # [K] gradient-step index of each checkpoint (0 = the init); [R, K] with run_seeds
+    env_steps: torch.Tensor  # like steps: environment steps per run seen at each checkpoint
     train_return: torch.Tensor  # [R] mean return of the episodes finished in the last update
     extra: dict = field(default_factory=dict)
 
@@ -117,43 +154,69 @@ def train_ppo(
     *,
     seed: int = 0,
     num_checkpoints: int = 200,
+    run_seeds: Sequence[int] | None = None,
     progress=None,
 ) -> PPOResult:
     """Train ``R = init.shape[0]`` policies from ``init`` [R, P]; hparams fields may be per-run lists.
 
-    Deterministic for a given ``seed``. ``progress`` (optional) is called with the number of
+    Deterministic for a given ``seed``. With ``run_seeds`` ([R] ints) each run's randomness comes
+    from its own seed (see the module's docstring): a run does not depend on its batch mates, and
+    ``steps`` / ``env_steps`` are ``[R, K]``. ``progress`` (optional) is called with the number of
     gradient steps done after each update.
     """
     import gymnasium as gym
 
     runs, e = init.shape[0], shape.envs
-    gen = torch.Generator().manual_seed(seed)
     hp = {k: _as_column(getattr(hparams, k), runs) for k in vars(hparams)}
     for k, v in hp.items():
         if v.numel() != runs:
             raise ValueError(f"hyperparameter {k} has {v.numel()} values for {runs} runs")
+    shared_steps = run_seeds is None
+    if run_seeds is None:
+        run_seeds = [stream_seed(seed, 100 + r) for r in range(runs)]
+    run_seeds = [int(s) for s in run_seeds]
+    if len(run_seeds) != runs:
+        raise ValueError(f"{len(run_seeds)} run seeds for {runs} runs")
+    gens = [_stream(s, 2) for s in run_seeds]  # actions and minibatch order
+    env_rngs = [np.random.default_rng(stream_seed(s, 3)) for s in run_seeds]  # episode starts
 
     value_sizes = (4, shape.value_hidden, shape.value_hidden, 1)
+    value_nets = []
     with torch.random.fork_rng(devices=[]):  # module inits must not touch the global RNG
-        torch.manual_seed(seed)
         policy = _Batched(task.build_model(), init.float())
-        value_nets = [MLP(value_sizes, nn.Tanh, flatten=False) for _ in range(runs)]
+        for s in run_seeds:
+            torch.manual_seed(stream_seed(s, 4))
+            value_nets.append(MLP(value_sizes, nn.Tanh, flatten=False))
     value = _Batched(value_nets[0], torch.stack([Layout.of(v).flatten_module(v) for v in value_nets]))
     params = [policy.flat, value.flat]
     opts = [_BatchedAdam(p, hp["lr"]) for p in params]
 
-    save_at = checkpoint_steps(shape.grad_steps, num_checkpoints, gen)
-    saved, save_ptr, grad_step = [], 0, 0
+    if shared_steps:
+        save_at = checkpoint_steps(shape.grad_steps, num_checkpoints, torch.Generator().manual_seed(seed))
+        save_rows = save_at.expand(runs, -1)
+    else:
+        save_rows = torch.stack([checkpoint_steps(shape.grad_steps, num_checkpoints, _stream(s, 1)) for s in run_seeds])
+    saved = torch.empty(runs, save_rows.shape[1], init.shape[1])
+    save_when: dict[int, list[tuple[int, int]]] = {}  # grad step -> [(run, slot)]
+    for r, row in enumerate(save_rows.tolist()):
+        for slot, step in enumerate(row):
+            save_when.setdefault(step, []).append((r, slot))
+    grad_step = 0
 
     def maybe_save():
-        nonlocal save_ptr
-        while save_ptr < len(save_at) and save_at[save_ptr] == grad_step:
-            saved.append(policy.flat.detach().clone())
-            save_ptr += 1
+        for r, slot in save_when.get(grad_step, ()):
+            saved[r, slot] = policy.flat[r].detach()
+
+    def starts(r: int, n: int) -> np.ndarray:  # [n, 4] CartPole reset states from run r's stream
+        return env_rngs[r].uniform(-0.05, 0.05, size=(n, 4))
 
     maybe_save()
     env = gym.make_vec("CartPole-v1", num_envs=runs * e, vectorization_mode="vector_entry_point")
-    obs_np, _ = env.reset(seed=seed)
+    env.reset(seed=seed)
+    base = env.unwrapped
+    base.state = np.concatenate([starts(r, e) for r in range(runs)]).T.copy()  # [4, R*E]
+    obs_np = base.state.T.astype(np.float32)
+    rows = torch.arange(runs)[:, None]
     prev_done = np.zeros(runs * e, dtype=bool)
     finished_returns = [[] for _ in range(runs)]
     episode_return = np.zeros(runs * e)
@@ -166,16 +229,23 @@ def train_ppo(
             logp_buf, rew_buf = torch.zeros(T, runs, e), torch.zeros(T, runs, e)
             done_buf, valid_buf = (torch.zeros(T, runs, e, dtype=torch.bool) for _ in range(2))
             boot_buf = torch.zeros(T, runs, e)  # value of the final obs of truncated episodes
+            uniforms = torch.stack([torch.rand(T, e, generator=g) for g in gens], dim=1)  # [T, R, E]
             for t in range(T):
                 obs = torch.from_numpy(obs_np).view(runs, e, 4)
                 with torch.no_grad():
                     logits = policy(obs)  # [R, E, 2]
                     probs = logits.softmax(-1)
-                    a = torch.multinomial(probs.view(-1, 2), 1, generator=gen).view(runs, e)
+                    a = (uniforms[t] >= probs[..., 0]).long()  # P(a = 1) = probs[..., 1]
                     logp = torch.log_softmax(logits, -1).gather(-1, a[..., None])[..., 0]
                 obs_buf[t], act_buf[t], logp_buf[t] = obs, a, logp
                 valid_buf[t] = torch.from_numpy(~prev_done).view(runs, e)
                 obs_np, r, term, trunc, _ = env.step(a.view(-1).numpy())
+                if prev_done.any():  # autoreset: the new episodes start where the runs' own streams say
+                    for run in np.unique(np.flatnonzero(prev_done) // e):
+                        idx = np.flatnonzero(prev_done[run * e : (run + 1) * e]) + run * e
+                        state = starts(int(run), len(idx))
+                        base.state[:, idx] = state.T
+                        obs_np[idx] = state.astype(np.float32)
                 episode_return += np.where(prev_done, 0.0, r)
                 done = term | trunc
                 for i in np.flatnonzero(done & ~prev_done):
@@ -214,10 +284,10 @@ def train_ppo(
             mb = n // shape.minibatches
             clip, ent_c, v_c = hp["clip"][:, None], hp["entropy_coef"][:, None], hp["value_coef"][:, None]
             for _epoch in range(shape.epochs):
-                order = torch.randperm(n, generator=gen)
+                order = torch.stack([torch.randperm(n, generator=g) for g in gens])  # [R, n]: per run
                 for k in range(shape.minibatches):
-                    idx = order[k * mb : (k + 1) * mb]
-                    o, a, old, ad, ret, w = (x[:, idx] for x in (b_obs, b_act, b_logp, b_adv, b_ret, b_valid))
+                    idx = order[:, k * mb : (k + 1) * mb]
+                    o, a, old, ad, ret, w = (x[rows, idx] for x in (b_obs, b_act, b_logp, b_adv, b_ret, b_valid))
                     count = w.sum(1).clamp_min(1.0)  # [R]
                     mean = (ad * w).sum(1, keepdim=True) / count[:, None]
                     var = ((ad - mean) ** 2 * w).sum(1, keepdim=True) / count[:, None]
@@ -245,9 +315,208 @@ def train_ppo(
 
     per_update = shape.epochs * shape.minibatches
     train_return = torch.tensor([np.mean(r[-10:]) if r else float("nan") for r in finished_returns])
+    steps = save_at.clone() if shared_steps else save_rows
     return PPOResult(
-        checkpoints=torch.stack(saved, dim=1),
-        steps=save_at.clone(),
-        env_steps=(save_at + per_update - 1).div(per_update, rounding_mode="floor") * T * e,
+        checkpoints=saved,
+        steps=steps,
+        env_steps=env_steps_at(steps, shape),
         train_return=train_return,
     )
+
+
+def env_steps_at(steps: torch.Tensor, shape: PPOShape) -> torch.Tensor:
+    """Environment steps per run seen by the checkpoint after ``steps`` gradient steps."""
+    per_update = shape.epochs * shape.minibatches
+    return (steps + per_update - 1).div(per_update, rounding_mode="floor") * shape.horizon * shape.envs
+
+
+
+# ---------------------------------------------------------------------- the cartpole-mlp corpus
+
+
+@dataclass(frozen=True)
+class PPORanges:
+    """Where each ``cartpole-mlp`` corpus run's hyperparameters are drawn from (module table)."""
+
+    lr: tuple[float, float] = (1e-4, 3e-3)  # log-uniform
+    gamma: tuple[float, float] = (0.97, 0.999)  # uniform
+    gae_lambda: tuple[float, float] = (0.9, 0.99)  # uniform
+    clip: tuple[float, float] = (0.1, 0.3)  # uniform
+    entropy_coef: tuple[float, float] = (1e-4, 1e-2)  # log-uniform, when not 0
+    p_no_entropy: float = 0.5  # probability of entropy_coef 0
+    env_steps: tuple[int, ...] = (25_000, 50_000, 100_000)
+    value_coef: float = 0.5
+    max_grad_norm: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "entropy_coef"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
+        for name in ("gamma", "gae_lambda"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {(lo, hi)}")
+        if not 0 < self.clip[0] <= self.clip[1]:
+            raise ValueError(f"clip must satisfy 0 < low <= high, got {self.clip}")
+        if not self.env_steps or min(self.env_steps) < 1:
+            raise ValueError("env_steps needs at least one positive value")
+
+
+CORPUS_SHAPE = PPOShape(envs=8, horizon=128, epochs=4, minibatches=4)  # total_steps is per run
+_SHAPE_KEYS = ("envs", "horizon", "epochs", "minibatches", "value_hidden")
+_SHAPE_HPARAMS = {"envs": "envs", "horizon": "horizon", "epochs": "ppo_epochs", "minibatches": "minibatches",
+                  "value_hidden": "value_hidden"}  # PPOShape field -> hparams key (not "epochs": that is MNIST's)
+
+
+def sample_ppo_hparams(
+    seed: int, ranges: PPORanges = PPORanges(), *, env_steps: int | None = None, shape: PPOShape = CORPUS_SHAPE
+) -> dict:
+    """The hyperparameters of the ``cartpole-mlp`` run with this seed (same seed, same result)."""
+    rng = random.Random(seed)
+    # every value is drawn in a fixed order, so one setting never shifts the others
+    u_lr, gamma, lam, clip = rng.random(), rng.uniform(*ranges.gamma), rng.uniform(*ranges.gae_lambda), rng.uniform(*ranges.clip)
+    no_ent, u_ent = rng.random() < ranges.p_no_entropy, rng.random()
+    steps = rng.choice(ranges.env_steps)
+    return {
+        "algorithm": "ppo",
+        "lr": _log_uniform(*ranges.lr, u_lr),
+        "gamma": gamma,
+        "gae_lambda": lam,
+        "clip": clip,
+        "entropy_coef": 0.0 if no_ent else _log_uniform(*ranges.entropy_coef, u_ent),
+        "value_coef": ranges.value_coef,
+        "max_grad_norm": ranges.max_grad_norm,
+        "env_steps": int(steps if env_steps is None else env_steps),
+        **{_SHAPE_HPARAMS[k]: getattr(shape, k) for k in _SHAPE_KEYS},
+        "adam_eps": 1e-5,
+    }
+
+
+def _log_uniform(lo: float, hi: float, u: float) -> float:
+    return math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
+
+
+@dataclass
+class PPORunPlan:
+    """Everything that defines one ``cartpole-mlp`` corpus run before it is trained."""
+
+    run_id: int
+    seed: int
+    hparams: dict
+    num_checkpoints: int = 200
+
+    @property
+    def shape(self) -> PPOShape:
+        return PPOShape(total_steps=self.hparams["env_steps"], **{k: self.hparams[_SHAPE_HPARAMS[k]] for k in _SHAPE_KEYS})
+
+    @property
+    def total_steps(self) -> int:
+        """Gradient steps of the run."""
+        return self.shape.grad_steps
+
+    def init(self, task: Task) -> torch.Tensor:
+        """The initial flat parameters ``[P]``: ``torch.manual_seed(seed); task.build_model()``."""
+        return seeded_init(task, self.seed)
+
+
+def train_ppo_runs(task: Task, plans: Sequence[PPORunPlan], on_finish: Callable[[list], None],
+                   on_progress: Callable[[float], None] = lambda runs: None) -> None:
+    """Train ``plans`` (one step structure) together with :func:`train_ppo`; hand over finished runs.
+
+    A run with a non-finite checkpoint or any ``|w| > 10`` is dropped (``dropped_at``: the first such
+    checkpoint's step). Kept runs carry ``info["env_steps"]`` ([K] ints).
+    """
+    if not plans:
+        return
+    shape = plans[0].shape
+    if any(p.shape != shape for p in plans):
+        raise ValueError("runs trained together must share their step structure and environment steps")
+    keys = [k for k in vars(PPOHparams()) if k in plans[0].hparams]
+    hp = PPOHparams(**{k: [float(p.hparams[k]) for p in plans] for k in keys})
+    done = 0
+
+    def progress(grad_step: int) -> None:
+        nonlocal done
+        on_progress(len(plans) * (grad_step - done) / shape.grad_steps)
+        done = grad_step
+
+    init = torch.stack([p.init(task) for p in plans])
+    res = train_ppo(task, init, hp, shape, num_checkpoints=plans[0].num_checkpoints,
+                    run_seeds=[p.seed for p in plans], progress=progress)
+    finished = []
+    for i, p in enumerate(plans):
+        ck, steps = res.checkpoints[i], res.steps[i]
+        bad = _bad_rows(ck)
+        if bool(bad.any()):
+            first = int(steps[bad.nonzero()[0, 0]])
+            finished.append(FinishedRun(p, steps, None, "non-finite or |w| > 10", first))
+        else:
+            finished.append(FinishedRun(p, steps, ck, info={"env_steps": res.env_steps[i].tolist()}))
+    on_finish(finished)
+
+
+class PPOFamily:
+    """The corpus builder's ``cartpole-mlp`` family (see :class:`pretrain.corpus.TaskFamily`)."""
+
+    name = "CartPole policies"
+
+    def accepts(self, task: Task) -> bool:
+        from learned_opt.tasks.cartpole_mlp import CartPoleMLP
+
+        return isinstance(task, CartPoleMLP)
+
+    def check(self, config) -> None:
+        for flag, value in (("--epochs", config.epochs), ("--train-examples", config.train_examples)):
+            if value is not None:
+                raise LearnedOptError(f"{flag} applies to classifier corpora; use --env-steps for cartpole-mlp")
+        if config.gpt_recipe:
+            raise LearnedOptError("--gpt-recipe applies to classifier corpora, not to cartpole-mlp")
+        shape = self.shape(config)
+        if config.env_steps is not None and config.env_steps < shape.envs * shape.horizon:
+            raise LearnedOptError(
+                f"--env-steps must be >= {shape.envs * shape.horizon} (one update of {shape.envs} environments "
+                f"x {shape.horizon} steps), got {config.env_steps}"
+            )
+        if torch.device(config.device).type != "cpu":
+            raise LearnedOptError("cartpole-mlp corpora train on the CPU (gymnasium's CartPole is NumPy); drop --device")
+
+    @staticmethod
+    def shape(config) -> PPOShape:
+        return config.ppo_shape or CORPUS_SHAPE
+
+    @staticmethod
+    def ranges(config) -> PPORanges:
+        return config.ppo_ranges or PPORanges()
+
+    def settings(self, config) -> dict:
+        shape = self.shape(config)
+        return {
+            "seed": config.seed,
+            "env_steps": config.env_steps,
+            "checkpoints": config.checkpoints,
+            "ppo_shape": {k: getattr(shape, k) for k in _SHAPE_KEYS},
+            "ranges": json.loads(json.dumps(asdict(self.ranges(config)))),
+        }
+
+    def plan(self, run_ids, config, data) -> list[PPORunPlan]:
+        ranges, shape = self.ranges(config), self.shape(config)
+        return [
+            PPORunPlan(r, config.seed + r, sample_ppo_hparams(config.seed + r, ranges, env_steps=config.env_steps,
+                                                              shape=shape), config.checkpoints)
+            for r in run_ids
+        ]
+
+    def groups(self, plans: list[PPORunPlan], batch_runs: int) -> list[list[PPORunPlan]]:
+        """Runs grouped by environment steps (so their updates align), cut into ``batch_runs``."""
+        by_steps: dict[int, list[PPORunPlan]] = {}
+        for p in plans:
+            by_steps.setdefault(p.hparams["env_steps"], []).append(p)
+        out = []
+        for _, group in sorted(by_steps.items()):
+            group.sort(key=lambda p: p.run_id)
+            out.extend(group[i : i + batch_runs] for i in range(0, len(group), batch_runs))
+        return out
+
+    def trainer(self, task: Task, config, data, device) -> Callable:
+        return lambda group, on_finish, on_progress: train_ppo_runs(task, group, on_finish, on_progress)

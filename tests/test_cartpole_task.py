@@ -24,6 +24,9 @@ def test_policy_shapes(task):
 
 def test_return_does_not_depend_on_the_batch(task):
     flat = policies(task, 6)
+    rng = torch.random.get_rng_state()
+    task.evaluate(flat[:1])
+    assert torch.equal(torch.random.get_rng_state(), rng)  # evaluation draws nothing
     together = task.evaluate(flat)["return"]
     alone = torch.cat([task.evaluate(flat[i : i + 1])["return"] for i in range(6)])
     assert torch.equal(together, alone)

@@ -78,7 +78,9 @@ class CartPoleMLP(Task):
         data = data or self.load_data()
         flat = flat.detach().float().cpu()
         b, e = flat.shape[0], data.start_states.shape[0]
-        model, layout = self.build_model(), self.layout()
+        with torch.device("meta"):  # only the structure: functional_call supplies every parameter
+            model = self.build_model()
+        layout = self.layout()
         params = layout.unflatten(flat)
 
         def policy(p, obs):  # obs [E, 4] -> actions [E]

@@ -69,6 +69,8 @@ class GptOptimizer(torch.optim.Optimizer):
     base optimizer's bit for bit. ``step(closure)`` is the base step (the closure is the usual loss
     closure, passed to the base); a step that ``GradScaler`` skips for inf/NaN gradients never
     reaches ``step`` and changes nothing. ``base_kwargs`` (``lr``, ``betas``, ...) go to ``base``.
+    Step hooks (global ones and this optimizer's) run once per step; the base's step is called
+    without its own hook wrapper, so register hooks on the ``GptOptimizer``, not on ``opt.base``.
 
     **Parameters.** All of the model's parameters, in ``named_parameters()`` order (several groups
     are concatenated in order), on one device. ``model.named_parameters()`` is accepted too and
@@ -185,9 +187,15 @@ class GptOptimizer(torch.optim.Optimizer):
         In periodic mode a broken sample is skipped with a warning, but a ``metric_closure`` that
         returns NaN/Inf raises :class:`GenerationError` after the base step (training diverged).
         """
-        # The base step sets its own grad mode (and enables grad around the closure); no extra
-        # context here keeps the per-step overhead to a counter increment.
-        loss = self.base.step() if closure is None else self.base.step(closure)
+        # torch wraps every Optimizer subclass's step with the step hooks and a profiler range.
+        # This optimizer's own wrapper has just run them, so the base's step is called unwrapped:
+        # global hooks run once per step, not twice, and the step costs no second wrapper. The
+        # base step sets its own grad mode (and enables grad around the closure).
+        base_step = getattr(type(self.base).step, "__wrapped__", None)
+        if base_step is None:
+            loss = self.base.step() if closure is None else self.base.step(closure)
+        else:
+            loss = base_step(self.base) if closure is None else base_step(self.base, closure)
         counters = self.counters
         counters["steps"] += 1
         if self.every is not None and counters["steps"] % self.every == 0:

@@ -191,6 +191,25 @@ def test_closure_step_hooks_and_zero_grad(gen):
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_global_step_hooks_run_once_per_step(gen):
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), gen, lr=1e-2)
+    calls = []
+    handles = [
+        register_optimizer_step_pre_hook(lambda o, a, k: calls.append(("pre", type(o).__name__))),
+        register_optimizer_step_post_hook(lambda o, a, k: calls.append(("post", type(o).__name__))),
+    ]
+    try:
+        toy_loss(model).backward()
+        opt.step()
+    finally:
+        for h in handles:
+            h.remove()
+    assert calls == [("pre", "GptOptimizer"), ("post", "GptOptimizer")]
+
+
 def test_grad_scaler_skipped_step_changes_nothing(gen):
     model = toy_model()
     opt = GptOptimizer(model.parameters(), gen, lr=1e-2)

@@ -36,8 +36,10 @@ def written_temp(path: str | os.PathLike, write: Callable[[Path], object], *, fs
     tmp = Path(name)
     try:
         os.close(fd)
-        os.chmod(tmp, _FILE_MODE)  # the permissions of an ordinary new file, not mkstemp's private ones
         write(tmp)
+        # the permissions of an ordinary new file, not mkstemp's private ones; set after writing,
+        # because some writers (safetensors) replace the file rather than fill it
+        os.chmod(tmp, _FILE_MODE)
         if fsync:
             fd = os.open(tmp, os.O_RDWR)
             try:

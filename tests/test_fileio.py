@@ -42,3 +42,15 @@ def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary_one(tmp_pat
     with pytest.raises(type(error)):
         atomic_write(path, write)
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_a_writer_that_replaces_the_temp_file_still_gets_ordinary_permissions(tmp_path):
+    # safetensors' save_file replaces the file it is given (with owner-only permissions)
+    from safetensors.torch import save_file
+    import torch
+
+    path = tmp_path / "w.safetensors"
+    atomic_write(path, lambda tmp: save_file({"a": torch.zeros(2)}, str(tmp)))
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask

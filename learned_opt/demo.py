@@ -153,8 +153,9 @@ def run_demo(config: DemoConfig, data=None) -> dict:
         data = task.load_data(config.data_root, download=config.download)
     generator = load_generator(config.generator or task.name)
     layout = task.layout()
-    torch.manual_seed(config.seed)
-    model = task.build_model()
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left alone
+        torch.manual_seed(config.seed)
+        model = task.build_model()
     init = layout.flatten_module(model)  # [P]
     name = generator.metric_name
 
@@ -229,7 +230,7 @@ def plot_demo(result: dict, path: Path) -> Path:
     ax.axhline(result["update"]["test_loss"], color="k", ls="--", label="1 generative update")
     ax.axhline(result["init"]["test_loss"], color="grey", ls=":", label="random init")
     ax.set_xlabel("training steps (batch 128)")
-    ax.set_ylabel("MNIST test loss")
+    ax.set_ylabel(f"{result['task']} test loss")
     ax.set_title(f"{result['task']}: generator {result['generator']['name']}")
     ax.legend()
     fig.tight_layout()

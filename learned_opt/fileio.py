@@ -41,7 +41,7 @@ def written_temp(path: str | os.PathLike, write: Callable[[Path], object], *, fs
         # because some writers (safetensors) replace the file rather than fill it
         os.chmod(tmp, _FILE_MODE)
         if fsync:
-            fd = os.open(tmp, os.O_RDWR)
+            fd = os.open(tmp, os.O_RDONLY)  # fsync needs no write access (the mode may forbid it)
             try:
                 os.fsync(fd)
             finally:

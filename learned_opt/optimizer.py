@@ -69,8 +69,9 @@ class GptOptimizer(torch.optim.Optimizer):
     base optimizer's bit for bit. ``step(closure)`` is the base step (the closure is the usual loss
     closure, passed to the base); a step that ``GradScaler`` skips for inf/NaN gradients never
     reaches ``step`` and changes nothing. ``base_kwargs`` (``lr``, ``betas``, ...) go to ``base``.
-    Step hooks (global ones and this optimizer's) run once per step; the base's step is called
-    without its own hook wrapper, so register hooks on the ``GptOptimizer``, not on ``opt.base``.
+    Step hooks (global ones and this optimizer's) run once per step: the base's step is called
+    without torch's hook wrapper (unless something patched ``opt.base.step``), so register step
+    hooks on the ``GptOptimizer``, not on ``opt.base``.
 
     **Parameters.** All of the model's parameters, in ``named_parameters()`` order (several groups
     are concatenated in order), on one device. ``model.named_parameters()`` is accepted too and
@@ -191,7 +192,7 @@ class GptOptimizer(torch.optim.Optimizer):
         # This optimizer's own wrapper has just run them, so the base's step is called unwrapped:
         # global hooks run once per step, not twice, and the step costs no second wrapper. The
         # base step sets its own grad mode (and enables grad around the closure).
-        base_step = getattr(type(self.base).step, "__wrapped__", None)
+        base_step = _unhooked_step(self.base)
         if base_step is None:
             loss = self.base.step() if closure is None else self.base.step(closure)
         else:
@@ -516,6 +517,19 @@ def _strip_prefix(name: str) -> str:
 
 
 # ---------------------------------------------------------------------- update helpers
+
+
+def _unhooked_step(base: torch.optim.Optimizer):
+    """The base class's step without torch's hook wrapper, or None when that is not safe.
+
+    Only torch's own wrapper (marked ``hooked``) is skipped, and only when nothing patched the
+    instance's ``step`` (an LR scheduler or a library built on ``opt.base``): then the base's own
+    ``step`` is called as usual.
+    """
+    step = type(base).step
+    if "step" in vars(base) or not getattr(step, "hooked", False):
+        return None
+    return getattr(step, "__wrapped__", None)
 
 
 def _worse(after: float, before: float, direction: str) -> bool:

@@ -14,6 +14,8 @@ after ``torch.manual_seed(seed)``, seeds ``--seed + i``, default ``1_000_000 + i
   not reached). Wall time: one update for one network (measuring its metric on the full test set,
   which conditions the generator, plus ``LoadedGenerator.sample`` with B = 1; medians of 3)
   against that many Adam steps, timed with a plain ``torch.optim.Adam`` loop (evaluation excluded).
+  The Adam loop always runs on the CPU: with ``--device cuda`` the update is timed on the GPU and
+  the ratio compares different hardware.
 * **prompt alignment** — ``--prompts`` prompts per network evenly spaced between the best prompt
   and the network's starting metric; R² between prompted and achieved metric per network (G.pt's
   definition: ``1 - Σ(achieved - prompted)² / Σ(prompted - mean prompted)²``), averaged.
@@ -133,6 +135,14 @@ def summary(values: Sequence[float | None]) -> dict:
 def steps_to_reach(grid: Sequence[int], curves: torch.Tensor, targets: torch.Tensor) -> list[int | None]:
     """Per network, the first grid step whose value is at or below its target: ``[N, G]``, ``[N]``."""
     return [first_step_at_or_below(grid, c.tolist(), float(t)) for c, t in zip(curves, targets)]
+
+
+def _reach_summary(reach: list[int | None], curves: torch.Tensor) -> dict:
+    """Steps-to-reach statistics; a baseline whose curve is all NaN (dropped: it diverged) is
+    counted as diverged, not as "not reached", and left out of both."""
+    diverged = curves.isnan().all(-1).tolist()
+    kept = [r for r, d in zip(reach, diverged) if not d]
+    return {"steps_to_reach": summary(kept), "not_reached": kept.count(None), "diverged": sum(diverged)}
 
 
 def init_params(task: Task, seeds: Sequence[int], kind: str = "default") -> torch.Tensor:
@@ -515,7 +525,7 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
     result = {
         "config": asdict(config),
         "seeds": seeds,
-        "generator": {"name": gen.name, "sha256": gen.sha256, "metric": name, "best_prompt": gen.best_prompt,
+        "generator": {"name": gen.name, "task": gen.task, "sha256": gen.sha256, "metric": name, "best_prompt": gen.best_prompt,
                       "prompt_used": float(sampler.clamp(torch.tensor(gen.best_prompt))),
                       "metric_range": list(gen.metric_range), "model_config": gen.manifest.get("model_config")},
         "hardware": _hardware(config.device),
@@ -529,8 +539,7 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
             "adam": {"hparams": ADAM_BASELINE, "test_loss": curves["adam"].tolist(), "steps_to_reach": reach["adam"]},
             "sgd": {"hparams": SGD_BASELINE, "test_loss": curves["sgd"].tolist(), "steps_to_reach": reach["sgd"]},
             "summary": {
-                "adam_steps_to_reach": summary(reach["adam"]), "adam_not_reached": reach["adam"].count(None),
-                "sgd_steps_to_reach": summary(reach["sgd"]), "sgd_not_reached": reach["sgd"].count(None),
+                **{f"{o}_{k}": v for o in ("adam", "sgd") for k, v in _reach_summary(reach[o], curves[o]).items()},
             },
         },
         "timing": {
@@ -598,7 +607,7 @@ def plot_eval(result: dict, out: Path) -> list[Path]:
         ax.plot([0, 1], [x, y], color="tab:blue", alpha=0.4, marker="o")
     ax.set_xticks([0, 1], ["random init", "1 update"])
     ax.set_yscale("log")
-    ax.set_ylabel("MNIST test loss")
+    ax.set_ylabel(f"{result['generator']['task']} test loss")
     ax.set_title(f"one generative update ({len(b)} inits)")
     fig.tight_layout()
     paths.append(out / "one_step.png")
@@ -634,7 +643,7 @@ def plot_eval(result: dict, out: Path) -> list[Path]:
                label="1 generative update (median)")
     ax.set_xscale("log")
     ax.set_xlabel("training steps (batch 128; step 0 drawn at 1)")
-    ax.set_ylabel("MNIST test loss")
+    ax.set_ylabel(f"{result['generator']['task']} test loss")
     ax.legend()
     fig.tight_layout()
     paths.append(out / "baselines.png")
@@ -660,8 +669,10 @@ def format_summary(result: dict) -> str:
     ]
     rows += [(f"test error %, {r} updates", rep[f"test_error_after_{r}"]) for r in REPEATS_REPORTED[1:]
              if f"test_error_after_{r}" in rep]
-    rows += [(f"Adam steps to reach (not reached: {bl['adam_not_reached']}/{n})", bl["adam_steps_to_reach"]),
-             (f"SGD steps to reach (not reached: {bl['sgd_not_reached']}/{n})", bl["sgd_steps_to_reach"]),
+    rows += [(f"Adam steps to reach (not reached: {bl['adam_not_reached']}/{n}, diverged: {bl['adam_diverged']})",
+              bl["adam_steps_to_reach"]),
+             (f"SGD steps to reach (not reached: {bl['sgd_not_reached']}/{n}, diverged: {bl['sgd_diverged']})",
+              bl["sgd_steps_to_reach"]),
              (f"prompt alignment R² per net (mean {result['prompt_alignment']['r2_mean']:.3f})",
               result["prompt_alignment"]["r2_summary"])]
     memo = result["memorisation"]

@@ -69,10 +69,12 @@ def test_demo_without_data_says_how_to_get_it(monkeypatch, tmp_path, capsys):
 def test_demo_runs_end_to_end(mnist_root, tmp_path, capsys):
     manifest = save_tiny_mnist_generator(tmp_path / "gen")
     out = tmp_path / "demo"
+    rng = torch.random.get_rng_state()
     code = cli_main(["demo", "--generator", str(manifest), "--data-root", str(mnist_root), "--out", str(out),
                      "--steps", "20", "--eval-every", "10", "--sampling-steps", "2", "--seed", "1"])
     printed = capsys.readouterr().out
     assert code == 0
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the demo leaves the global RNG alone
     assert "random init" in printed and "Adam lr 1e-3" in printed and "SGD (G.pt recipe)" in printed
     assert (out / "demo.png").stat().st_size > 1000
     result = json.loads((out / "demo.json").read_text())

@@ -164,3 +164,12 @@ def test_eval_refuses_corpus_seeds(mnist_data, tmp_path):
                         progress=False)
     with pytest.raises(ConfigError, match="used for corpus runs"):
         evaluate_generator(config, data=mnist_data)
+
+
+def test_diverged_baselines_are_not_counted_as_not_reached():
+    from pretrain.evaluate import _reach_summary
+
+    nan = float("nan")
+    curves = torch.tensor([[2.0, 1.0, 0.5], [nan, nan, nan], [2.0, 1.9, 1.8]])
+    out = _reach_summary([20, None, None], curves)
+    assert out["diverged"] == 1 and out["not_reached"] == 1 and out["steps_to_reach"]["n"] == 1

@@ -339,3 +339,18 @@ def test_repr_is_informative(gen):
     for part in ("GptOptimizer", "Adam", "toy-tiny", "every=4", "loss", "accepted/rejected/failed=0/0/0"):
         assert part in text
 
+
+
+def test_a_scheduler_built_on_the_base_still_sees_its_steps(gen):
+    # An instance patch on opt.base (as LR schedulers make) must still run.
+    import warnings
+
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), gen, lr=1e-2)
+    sched = torch.optim.lr_scheduler.StepLR(opt.base, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "lr_scheduler.step() before optimizer.step()" would raise
+        toy_loss(model).backward()
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-3)

@@ -609,10 +609,7 @@ def plot_eval(result: dict, out: Path) -> list[Path]:
     ax.set_yscale("log")
     ax.set_ylabel(f"{result['generator']['task']} test loss")
     ax.set_title(f"one generative update ({len(b)} inits)")
-    fig.tight_layout()
-    paths.append(out / "one_step.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out / "one_step.png"))
     # prompt alignment: prompted against achieved, with the identity
     pa = result["prompt_alignment"]
     fig, ax = plt.subplots(figsize=(5, 4.5))
@@ -625,10 +622,7 @@ def plot_eval(result: dict, out: Path) -> list[Path]:
     ax.set_ylabel(f"achieved {name}")
     ax.set_title(f"prompt alignment: mean R² = {pa['r2_mean']:.3f}")
     ax.legend()
-    fig.tight_layout()
-    paths.append(out / "prompt_alignment.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out / "prompt_alignment.png"))
     # baselines: median test loss (quartile band) against steps, the update's median as a line
     bl = result["baselines"]
     grid = bl["grid"]
@@ -645,11 +639,18 @@ def plot_eval(result: dict, out: Path) -> list[Path]:
     ax.set_xlabel("training steps (batch 128; step 0 drawn at 1)")
     ax.set_ylabel(f"{result['generator']['task']} test loss")
     ax.legend()
-    fig.tight_layout()
-    paths.append(out / "baselines.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out / "baselines.png"))
     return paths
+
+
+def _save(fig, path: Path) -> Path:
+    """Lay out, write and close one figure; return its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _fmt(x, spec: str = ".4f") -> str:

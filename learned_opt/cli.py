@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pretrain.train", "train a generator on a checkpoint corpus"),
     "eval": ("pretrain.evaluate", "evaluate a generator against SGD and Adam on fresh inits"),
     "demo": ("learned_opt.demo", "one generative update on a random MNIST MLP, next to Adam and SGD"),
+    "bench": ("pretrain.bench", "measure GptOptimizer's periodic mode against its base optimizer"),
 }
 
 

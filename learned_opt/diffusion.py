@@ -147,10 +147,14 @@ class Diffusion:
         cond: Mapping[str, torch.Tensor],
         *,
         generator: torch.Generator | None = None,
+        weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """MSE between ``model(x_t, t, **cond)`` and ``x0`` at uniformly drawn t; a scalar.
 
         ``t`` and the noise come from ``generator`` (or the global RNG when it is None).
+        ``weight(t)``, when given, weights each squared error: a tensor that broadcasts against
+        ``x0`` (``[B, 1]`` per sample, ``[B, P]`` per entry; e.g.
+        :meth:`~learned_opt.generator.Gpt.loss_weight`).
         """
         b = x0.shape[0]
         device = generator.device if generator is not None else x0.device
@@ -158,7 +162,9 @@ class Diffusion:
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype).to(x0.device)
         x_t = self.q_sample(x0, t, noise)
         pred = model(x_t, t, **cond)
-        return F.mse_loss(pred.float(), x0.float())
+        if weight is None:
+            return F.mse_loss(pred.float(), x0.float())
+        return (weight(t).float() * (pred.float() - x0.float()).square()).mean()
 
     # ------------------------------------------------------------------ sampling
 

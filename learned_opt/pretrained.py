@@ -411,9 +411,10 @@ def _build(manifest: dict, blob: bytes, where: str, digest: str, device) -> Load
         # The initial weights are overwritten below: build on a forked RNG so that loading a
         # generator never advances the caller's global random stream.
         with torch.random.fork_rng(devices=[]):
-            model = build_generator(layout, GptConfig(**manifest["model_config"]))
+            diffusion_config = DiffusionConfig(**manifest["diffusion_config"])
+            model = build_generator(layout, GptConfig(**manifest["model_config"]), diffusion_config)
         model.load_state_dict(tensors, strict=True)
-        diffusion = Diffusion(DiffusionConfig(**manifest["diffusion_config"]))
+        diffusion = Diffusion(diffusion_config)
         normalization = Normalization(**manifest["normalization"])
         lo, hi = (float(v) for v in manifest["metric_range"])
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):

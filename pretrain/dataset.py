@@ -12,6 +12,11 @@ What a pair is (G.pt's recipe):
 * augmented with **one** random permutation of hidden units applied to both ``θ_i`` and ``θ_j``
   (the task's ``random_permutations`` / ``permute``), drawn per pair from a seeded generator.
 
+One departure is optional (``PairConfig.init_fraction``, default 0 = G.pt): a fixed share of
+every batch drawn from the pairs that start at the initialisation (checkpoint 0). Uniform
+drawing gives them about 1 % of the batches, while a random initialisation is where the one-step
+use of the generator starts.
+
 Runs are split into a training and a held-out part **by run id**, deterministically: a run is
 held out when a hash of ``(split_seed, run_id)`` falls below ``heldout_fraction`` (at least one run
 is held out when the store has two or more and the fraction is positive). A hash, rather than a
@@ -60,6 +65,7 @@ class PairConfig:
     heldout_fraction: float = 0.1  # share of runs kept out of training (by run id)
     split_seed: int = 0  # the hash salt of the train / held-out split
     augment: bool = True  # one random hidden-unit permutation per pair
+    init_fraction: float = 0.0  # share of each batch drawn from pairs that start at the initialisation
     std_sample_runs: int = 64  # runs sampled to estimate the corpus-wide parameter std
     std_sample_rows: int = 16  # checkpoints read per sampled run
 
@@ -70,6 +76,8 @@ class PairConfig:
             raise ConfigError("std_sample_runs and std_sample_rows must be >= 1")
         if not 0.0 <= self.heldout_fraction < 1.0:
             raise ConfigError(f"Invalid heldout_fraction: {self.heldout_fraction} (must be in [0, 1))")
+        if not 0.0 <= self.init_fraction <= 1.0:
+            raise ConfigError(f"Invalid init_fraction: {self.init_fraction} (must be in [0, 1])")
 
 
 # ---------------------------------------------------------------------------- seeds and split
@@ -258,6 +266,16 @@ class PairDataset(Dataset):
             self._starts_cache[k] = out
         return self._starts_cache[k]
 
+    def start_pairs(self, start: int = 0) -> torch.Tensor:
+        """Indices ``[N]`` of every pair that starts at checkpoint ``start`` (0: the initialisation)."""
+        out = []
+        for r, run_id in enumerate(self.run_ids):
+            k = len(self.metric_values[run_id])
+            if start < k - 1:
+                first = self._offsets[r] + self._pair_starts(k)[start]
+                out.append(torch.arange(first, first + min(self.max_gap, k - 1 - start)))
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
     def pair(self, index: int) -> tuple[int, int, int]:
         """``(run_id, i, j)`` of pair number ``index``."""
         index = int(index)
@@ -329,18 +347,29 @@ class PairSampler:
     Every rank draws the same global batch for a step and keeps ``indices[rank::world]``, so
     ranks never overlap, resuming needs only the step number, and the data a run sees does not
     depend on how many processes share it.
+
+    ``focus`` (pair indices, e.g. :meth:`PairDataset.start_pairs`) and ``focus_fraction`` put a
+    fixed share of every batch on those pairs; the rest is drawn from all pairs.
     """
 
-    def __init__(self, num_pairs: int, batch_size: int, seed: int, task: tasks.Task | None, augment: bool = True):
+    def __init__(self, num_pairs: int, batch_size: int, seed: int, task: tasks.Task | None, augment: bool = True,
+                 *, focus: torch.Tensor | None = None, focus_fraction: float = 0.0):
         if num_pairs < 1:
             raise StoreError("no training pairs: every training run has fewer than two checkpoints")
+        if not 0.0 <= focus_fraction <= 1.0:
+            raise ConfigError(f"focus_fraction must be in [0, 1], got {focus_fraction}")
         self.num_pairs, self.batch_size, self.seed = int(num_pairs), int(batch_size), int(seed)
         self.task, self.augment = task, augment and task is not None
+        self.focus = focus if focus is not None and focus.numel() and focus_fraction > 0 else None
+        self.num_focus = 0 if self.focus is None else round(focus_fraction * self.batch_size)
 
     def global_batch(self, step: int, stream: str = "train") -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Pair indices ``[B]`` and per-layer permutations ``[B, H_l]`` (or None) for ``step``."""
         gen = seeded_generator("pairs", stream, self.seed, step)
         indices = torch.randint(self.num_pairs, (self.batch_size,), generator=gen)
+        if self.num_focus:
+            pick = torch.randint(self.focus.numel(), (self.num_focus,), generator=gen)
+            indices[: self.num_focus] = self.focus[pick]
         perms = self.task.random_permutations(self.batch_size, gen) if self.augment else None
         return indices, perms
 
@@ -405,6 +434,7 @@ class PairCorpus:
             "metric_range": [self.normalization.metric_lo, self.normalization.metric_hi],
             "max_gap": self.config.max_gap,
             "augment": self.config.augment,
+            "init_fraction": self.config.init_fraction,
             "split": self.split.to_dict(),
         }
 

@@ -49,11 +49,11 @@ from tqdm.auto import tqdm
 from learned_opt.diffusion import Diffusion, DiffusionConfig
 from learned_opt.errors import ConfigError, TrainingError
 from learned_opt.fileio import atomic_write
-from learned_opt.generator import PRESETS, Gpt, GptConfig, build_generator
+from learned_opt.generator import PRESETS, Gpt, GptConfig, build_generator, get_config
 from learned_opt.layout import Layout, signature_from_json, signature_to_json
 from learned_opt.normalization import Normalization
 
-from .dataset import PairBatch, PairConfig, PairSampler, Split, StepBatches, open_pairs, seeded_generator
+from .dataset import PairBatch, PairConfig, PairDataset, PairSampler, Split, StepBatches, open_pairs, seeded_generator
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
@@ -87,6 +87,9 @@ class TrainConfig:
     max_gap: int = 199  # pairs θ_i -> θ_j with 1 <= j - i <= max_gap (G.pt: 199)
     heldout_fraction: float = 0.1  # share of runs held out (by run id)
     augment: bool = True  # random hidden-unit permutation per pair
+    init_fraction: float = 0.0  # share of each batch from pairs starting at the initialisation (G.pt: 0)
+    precondition: bool = False  # noise-level skips around θ (learned_opt.generator); G.pt: False
+    residual_std: float | None = None  # one σ of θ′ - θ for every parameter; None: σ_p measured per parameter
     diffusion_steps: int = 1000  # G.pt: 1000
     schedule: str = "linear"  # G.pt: linear betas 1e-4..0.02
     amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
@@ -124,13 +127,17 @@ class TrainConfig:
                 f"--batch-size {self.batch_size} is the global batch and must be divisible by the "
                 f"number of processes ({world})"
             )
+        if self.residual_std is not None and not (self.residual_std > 0 and math.isfinite(self.residual_std)):
+            raise ConfigError(f"--residual-std must be a positive number, got {self.residual_std}")
+        if not 0.0 <= self.init_fraction <= 1.0:
+            raise ConfigError(f"--init-fraction must be in [0, 1], got {self.init_fraction}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ConfigError(f"--stop-after must be a positive step number, got {self.stop_after}")
 
     def pair_config(self) -> PairConfig:
         return PairConfig(
             metric=self.metric, max_gap=self.max_gap, heldout_fraction=self.heldout_fraction,
-            split_seed=self.seed, augment=self.augment,
+            split_seed=self.seed, augment=self.augment, init_fraction=self.init_fraction,
         )
 
     def diffusion_config(self) -> DiffusionConfig:
@@ -143,7 +150,7 @@ RESUMABLE_CHANGES = frozenset(
      "checkpoint_every", "device", "amp", "workers", "name", "export", "resume"}
 )
 # Checked first and named in the error: they change what the model *is*.
-IDENTITY_FIELDS = ("task", "metric", "preset", "chunk_size", "diffusion_steps", "schedule")
+IDENTITY_FIELDS = ("task", "metric", "preset", "chunk_size", "diffusion_steps", "schedule", "precondition")
 
 
 def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
@@ -202,6 +209,27 @@ def setup_distributed(device: str = "auto") -> DistInfo:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
         owns = True
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns)
+
+
+RESIDUAL_FLOOR = 0.05  # no parameter's σ_p below this share of the pooled σ
+
+
+def residual_scale_estimate(pairs: PairDataset, sampler: PairSampler, batches: int = 16) -> torch.Tensor:
+    """Root mean square of ``θ′ - θ`` (generator units) per parameter ``[P]`` over ``batches``
+    seeded batches of training pairs drawn (and permuted) as training draws them: the σ_p of the
+    preconditioned generator, floored at ``RESIDUAL_FLOOR`` times the pooled value."""
+    total, count = None, 0
+    for b in range(batches):
+        indices, perms = sampler.global_batch(b, stream="residual-std")
+        batch = pairs.batch(indices, perms)
+        sq = (batch.theta_next - batch.theta).double().square().sum(0)
+        total = sq if total is None else total + sq
+        count += len(indices)
+    per_param = (total / count).sqrt()
+    pooled = per_param.square().mean().sqrt().item()
+    if not pooled > 0:
+        raise TrainingError("θ′ - θ is zero on every sampled training pair; the corpus is degenerate")
+    return per_param.clamp(min=RESIDUAL_FLOOR * pooled).float()
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
@@ -409,7 +437,26 @@ class Trainer:
         # the same initialisation on every rank; train() runs this inside fork_rng, so the
         # caller's global RNG is restored afterwards
         torch.manual_seed(config.seed)
-        self.model = build_generator(self.layout, config.preset).to(info.device)
+        self.sampler = PairSampler(
+            len(self.corpus.train), config.batch_size, config.seed, self.corpus.task, config.augment,
+            focus=self.corpus.train.start_pairs(0) if config.init_fraction else None,
+            focus_fraction=config.init_fraction,
+        )
+        residual_scale = None
+        if config.precondition and state is None:  # a resumed model brings its own σ_p
+            residual_scale = residual_scale_estimate(self.corpus.train, self.sampler)
+            if config.residual_std is None:
+                config.residual_std = residual_scale.square().mean().sqrt().item()
+            else:  # a given σ: the same for every parameter
+                residual_scale.fill_(config.residual_std)
+        model_config = dataclasses.replace(
+            get_config(config.preset), precondition=config.precondition,
+            **({"residual_std": config.residual_std} if config.residual_std is not None else {}),
+        )
+        self.model = build_generator(self.layout, model_config, config.diffusion_config())
+        if residual_scale is not None:
+            self.model.residual_scale.copy_(residual_scale)
+        self.model.to(info.device)
         if state and state["model_config"] != asdict(self.model.config):
             raise TrainingError(
                 f"cannot resume {self.ckpt_path}: preset {config.preset!r} now means "
@@ -431,7 +478,6 @@ class Trainer:
             self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None
         )
         self.diffusion = Diffusion(config.diffusion_config())
-        self.sampler = PairSampler(len(self.corpus.train), config.batch_size, config.seed, self.corpus.task, config.augment)
         self.use_amp = config.amp and info.device.type == "cuda"
         self.t_start = time.perf_counter()
 
@@ -444,7 +490,9 @@ class Trainer:
         """One optimizer step on this rank's share of a batch; returns (loss, grad norm) on the device."""
         noise = seeded_generator("noise", self.config.seed, self.step, self.info.rank, device=self.info.device)
         with self.autocast():
-            loss = self.diffusion.training_loss(self.ddp, batch.theta_next, batch.cond(), generator=noise)
+            loss = self.diffusion.training_loss(
+                self.ddp, batch.theta_next, batch.cond(), generator=noise, weight=self.model.loss_weight
+            )
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
         self.opt.step()
@@ -618,7 +666,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
     state = load_checkpoint(path)
     cfg, corpus = state["config"], state["corpus"]
     layout = Layout(signature_from_json(state["signature"]), cfg["chunk_size"])
-    model = build_generator(layout, GptConfig(**state["model_config"]))
+    diffusion = DiffusionConfig(**state["diffusion_config"])
+    model = build_generator(layout, GptConfig(**state["model_config"]), diffusion)
     model.load_state_dict(state["ema"])
     task = tasks.get(corpus["task"])
     last = state.get("last") or {}
@@ -636,6 +685,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
         "ema_decay": cfg["ema_decay"],
         "seed": cfg["seed"],
         "augment": cfg["augment"],
+        "init_fraction": cfg.get("init_fraction", 0.0),
         "weights": "ema",
         "final_loss": last.get("loss"),
         "final_heldout_loss": last.get("heldout_loss"),
@@ -648,7 +698,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
         Path(out_dir) if out_dir is not None else path.parent,
         name or state.get("name") or f"{corpus['task']}-{corpus['metric']}-{cfg['preset']}",
         model,
-        DiffusionConfig(**state["diffusion_config"]),
+        diffusion,
         Normalization(**state["normalization"]),
         task=corpus["task"],
         metric=corpus["metric"],
@@ -685,6 +735,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--max-gap", type=int, default=S, help=f"largest checkpoint gap of a pair (default {d.max_gap})")
     add("--heldout-fraction", type=float, default=S, help=f"share of runs held out (default {d.heldout_fraction})")
     add("--no-augment", dest="augment", action="store_false", default=S, help="no hidden-unit permutations")
+    add("--init-fraction", type=float, default=S,
+        help="share of each batch from pairs that start at the initialisation (default 0: G.pt's uniform pairs)")
+    add("--precondition", action="store_true", default=S,
+        help="noise-level skip connections around θ (see learned_opt.generator); default: G.pt's plain residual")
+    add("--residual-std", type=float, default=S,
+        help="one σ of θ′ - θ for every parameter with --precondition (default: σ_p measured per parameter on training pairs)")
     add("--diffusion-steps", type=int, default=S, help=f"diffusion steps (default {d.diffusion_steps})")
     add("--schedule", default=S, choices=["linear", "cosine"], help=f"noise schedule (default {d.schedule})")
     add("--no-amp", dest="amp", action="store_false", default=S, help="no bf16 autocast on CUDA")

@@ -7,7 +7,7 @@ import torch
 from train_helpers import make_store
 
 from learned_opt import tasks
-from learned_opt.errors import LearnedOptError, StoreError
+from learned_opt.errors import ConfigError, LearnedOptError, StoreError
 from learned_opt.normalization import GPT_TARGET_STD
 from pretrain.dataset import (
     PairConfig,
@@ -158,6 +158,31 @@ def test_sampler_is_a_function_of_seed_and_step_and_shards_without_overlap():
     assert torch.equal(torch.sort(torch.cat([a, b])).values, torch.sort(i0).values)
     assert pa[0].shape == (4, 10) and torch.equal(torch.cat([pa[0], pb[0]]).sort(0).values, p0[0].sort(0).values)
     assert PairSampler(1000, 8, seed=5, task=task, augment=False).global_batch(3)[1] is None
+
+
+def test_start_pairs_are_every_pair_from_one_checkpoint(store_dir):
+    ds = open_pairs(store_dir, PairConfig(max_gap=3, heldout_fraction=0.2)).train
+    for start in (0, 2):
+        got = [ds.pair(int(k)) for k in ds.start_pairs(start)]
+        expected = [(r, start, j) for r in ds.run_ids for j in range(start + 1, min(start + 3, 5) + 1)]
+        assert got == expected
+    assert ds.start_pairs(5).numel() == 0  # the last checkpoint starts nothing
+
+
+def test_focus_fraction_puts_that_share_of_every_batch_on_the_focus_pairs():
+    focus = torch.tensor([3, 17, 40])
+    s = PairSampler(1000, 20, seed=2, task=None, focus=focus, focus_fraction=0.25)
+    for step in range(5):
+        indices, _ = s.global_batch(step)
+        assert indices.shape == (20,) and torch.isin(indices[:5], focus).all()
+    assert not torch.isin(indices[5:], focus).all()  # the rest is drawn from every pair
+    plain = PairSampler(1000, 20, seed=2, task=None)
+    assert torch.equal(PairSampler(1000, 20, seed=2, task=None, focus=focus).global_batch(1)[0],
+                       plain.global_batch(1)[0])  # no fraction: G.pt's uniform draw, unchanged
+    with pytest.raises(ConfigError, match="focus_fraction"):
+        PairSampler(1000, 20, seed=2, task=None, focus=focus, focus_fraction=1.5)
+    with pytest.raises(ConfigError, match="init_fraction"):
+        PairConfig(init_fraction=-0.1)
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -173,3 +173,74 @@ def test_one_token_per_layer_layout():
     x = inputs(layout, 2)
     assert torch.equal(model(**x), x["theta"])
     assert model.theta_encoder.weight.shape[:2] == (4, 30)
+
+
+# ---------------------------------------------------------------------------- preconditioned variant
+
+
+def preconditioned(layout: Layout = TOY, **kw) -> Gpt:
+    from learned_opt.diffusion import DiffusionConfig
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(PRESETS["tiny"], precondition=True, **kw)
+    return build_generator(layout, config, DiffusionConfig(num_steps=100))
+
+
+def test_preconditioned_model_needs_its_noise_schedule():
+    with pytest.raises(ConfigError, match="noise schedule"):
+        build_generator(TOY, dataclasses.replace(PRESETS["tiny"], precondition=True))
+    with pytest.raises(ConfigError, match="residual_std"):
+        GptConfig(d_model=32, n_layers=1, n_heads=2, residual_std=0.0)
+
+
+def test_untrained_preconditioned_model_returns_theta_exactly():
+    model = preconditioned()
+    x = inputs(TOY, 4)
+    x["t"] = x["t"] % 100
+    assert torch.equal(model(**x), x["theta"])
+
+
+def test_preconditioned_input_has_unit_scale_at_every_noise_level():
+    """c_in (x_t - a θ) has unit std per parameter when θ′ - θ has std σ_p, whatever the step."""
+    model = preconditioned()
+    sigma = torch.linspace(0.01, 2.0, TOY.num_params)
+    model.residual_scale.copy_(sigma)
+    n = 20_000
+    g = torch.Generator().manual_seed(1)
+    theta = torch.randn(n, TOY.num_params, generator=g)
+    x0 = theta + sigma * torch.randn(n, TOY.num_params, generator=g)
+    for step in (0, 10, 50, 99):
+        t = torch.full((n,), step)
+        a, s = model.signal_rate[step], model.noise_rate[step]
+        x_t = a * x0 + s * torch.randn(n, TOY.num_params, generator=g)
+        c_in, a_out = model._preconditioning(t, torch.float32)
+        assert torch.equal(a_out[:, 0], torch.full((n,), a.item()))
+        std = (c_in * (x_t - a * theta)).std(0)
+        torch.testing.assert_close(std, torch.ones_like(std), atol=0.03, rtol=0)
+
+
+def test_preconditioned_output_is_theta_plus_scaled_decoding_and_loss_weight_undoes_the_scale():
+    model = preconditioned()
+    sigma = torch.linspace(0.1, 1.0, TOY.num_params)
+    model.residual_scale.copy_(sigma)
+    with torch.no_grad():
+        model.decoder.bias.fill_(1.0)  # decoded output: 1 at every real parameter
+    x = inputs(TOY, 3)
+    x["t"] = x["t"] % 100
+    out = model(**x)
+    torch.testing.assert_close(out, x["theta"] + sigma)
+    weight = model.loss_weight(x["t"])
+    torch.testing.assert_close(weight, sigma.square().reciprocal()[None])
+    # ... so the weighted x0 error is the decoded output's own error
+    torch.testing.assert_close((weight * (out - x["theta"]).square()).mean(), torch.tensor(1.0))
+    assert torch.equal(build_generator(TOY, "tiny").loss_weight(x["t"]), torch.ones(3, 1))
+
+
+def test_residual_scale_is_saved_with_the_weights():
+    model = preconditioned()
+    model.residual_scale.copy_(torch.rand(TOY.num_params) + 0.1)
+    state = model.state_dict()
+    assert "residual_scale" in state and "signal_rate" not in state
+    clone = preconditioned()
+    clone.load_state_dict(state)
+    assert torch.equal(clone.residual_scale, model.residual_scale)

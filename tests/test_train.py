@@ -325,3 +325,40 @@ def test_batch_workers_do_not_change_what_the_model_sees(store_dir, straight, tm
     parallel = train(tiny(store_dir, tmp_path, workers=2))
     assert state_hash(parallel.model) == state_hash(result.model)
     assert log_without_timing(tmp_path) == log_without_timing(out)
+
+
+# ------------------------------------------------------------------------------ preconditioned generator
+
+
+def test_residual_scale_is_the_per_parameter_rms_of_the_sampled_pairs(store_dir):
+    from pretrain.dataset import PairSampler, open_pairs
+
+    corpus = open_pairs(store_dir)
+    sampler = PairSampler(len(corpus.train), 4, seed=0, task=corpus.task)
+    scale = train_mod.residual_scale_estimate(corpus.train, sampler, batches=3)
+    diffs = []
+    for b in range(3):
+        indices, perms = sampler.global_batch(b, stream="residual-std")
+        batch = corpus.train.batch(indices, perms)
+        diffs.append(batch.theta_next - batch.theta)
+    rms = torch.cat(diffs).square().mean(0).sqrt()
+    floor = train_mod.RESIDUAL_FLOOR * rms.square().mean().sqrt()
+    torch.testing.assert_close(scale, rms.clamp(min=floor.item()))
+    assert (scale > 0).all()
+
+
+def test_preconditioned_training_exports_its_residual_scale_and_loads(store_dir, tmp_path):
+    cfg = tiny(store_dir, tmp_path, steps=3, export=True, name="pre", precondition=True, init_fraction=0.5)
+    result = train(cfg)
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    scale = state["model"]["residual_scale"]
+    assert scale.shape == (7960,) and (scale > 0).all() and scale.std() > 0  # measured, not the constant
+    assert state["config"]["residual_std"] == pytest.approx(scale.square().mean().sqrt().item(), rel=1e-5)
+    manifest = json.loads(result.manifest.read_text())
+    assert manifest["model_config"]["precondition"] is True
+    assert manifest["training"]["init_fraction"] == 0.5
+    loaded = load_generator(result.manifest)
+    assert torch.equal(loaded.model.residual_scale, scale)
+    new = loaded.sample(torch.randn(2, 7960) * 0.1, torch.tensor([2.0, 1.0]), torch.tensor([0.5, 0.5]), steps=2,
+                        generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(new).all()

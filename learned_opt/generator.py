@@ -265,6 +265,41 @@ class Gpt(nn.Module):
         self.decoder.weight.zero_()
         self.decoder.bias.zero_()
 
+    @torch.no_grad()
+    def init_encoders_from_updates(self, updates: torch.Tensor) -> list[int]:
+        """Point the encoders of wide tokens at the directions in which parameters move.
+
+        ``updates`` ``[N, P]`` are samples of ``θ′ - θ`` in generator units (divided by
+        ``residual_scale`` here when preconditioned). For every token wider than ``d_model`` the
+        θ and x_t encoders are set to the token's top ``d_model`` principal directions of the
+        updates (orthonormal, so unit-scale input keeps unit scale; directions beyond the rank of
+        the sample keep their random initialisation). A token of M parameters can then pass the
+        part of an update that matters through its ``d_model`` features from the first step,
+        instead of a random projection that keeps ``d_model / M`` of it. Decoders stay zero: the
+        untrained model still returns θ. Returns the tokens that were set.
+        """
+        t, m, d = self.layout.num_tokens, self.layout.token_dim, self.config.d_model
+        if updates.dim() != 2 or updates.shape[1] != self.layout.num_params:
+            raise ArchitectureMismatchError(
+                f"updates must have shape [N, {self.layout.num_params}], got {list(updates.shape)}"
+            )
+        u = updates.to(self.theta_encoder.weight.device, torch.float32)
+        if self.config.precondition:
+            u = u / self.residual_scale
+        tokens = self._tokens(u).float()  # [N, T, M]
+        real = self.layout.token_mask.sum(1).tolist()  # real width per token
+        done = []
+        for k in range(t):
+            width = int(real[k])
+            if width <= d:
+                continue
+            _, _, vh = torch.linalg.svd(tokens[:, k, :width], full_matrices=False)  # vh [r, width]
+            basis = vh[:d].T  # [width, min(r, d)] orthonormal columns
+            for enc in (self.theta_encoder, self.noised_encoder):
+                enc.weight[k, :width, : basis.shape[1]] = basis.to(enc.weight.dtype)
+            done.append(k)
+        return done
+
     def forward(
         self,
         x_t: torch.Tensor,

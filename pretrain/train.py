@@ -90,6 +90,7 @@ class TrainConfig:
     init_fraction: float = 0.0  # share of each batch from pairs starting at the initialisation (G.pt: 0)
     precondition: bool = False  # noise-level skips around θ (learned_opt.generator); G.pt: False
     residual_std: float | None = None  # one σ of θ′ - θ for every parameter; None: σ_p measured per parameter
+    pca_init: bool = False  # wide tokens' encoders start at the principal directions of θ′ - θ
     diffusion_steps: int = 1000  # G.pt: 1000
     schedule: str = "linear"  # G.pt: linear betas 1e-4..0.02
     amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
@@ -150,7 +151,7 @@ RESUMABLE_CHANGES = frozenset(
      "checkpoint_every", "device", "amp", "workers", "name", "export", "resume"}
 )
 # Checked first and named in the error: they change what the model *is*.
-IDENTITY_FIELDS = ("task", "metric", "preset", "chunk_size", "diffusion_steps", "schedule", "precondition")
+IDENTITY_FIELDS = ("task", "metric", "preset", "chunk_size", "diffusion_steps", "schedule", "precondition", "pca_init")
 
 
 def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
@@ -214,18 +215,21 @@ def setup_distributed(device: str = "auto") -> DistInfo:
 RESIDUAL_FLOOR = 0.05  # no parameter's σ_p below this share of the pooled σ
 
 
-def residual_scale_estimate(pairs: PairDataset, sampler: PairSampler, batches: int = 16) -> torch.Tensor:
-    """Root mean square of ``θ′ - θ`` (generator units) per parameter ``[P]`` over ``batches``
-    seeded batches of training pairs drawn (and permuted) as training draws them: the σ_p of the
-    preconditioned generator, floored at ``RESIDUAL_FLOOR`` times the pooled value."""
-    total, count = None, 0
+def sample_updates(pairs: PairDataset, sampler: PairSampler, batches: int = 16) -> torch.Tensor:
+    """``θ′ - θ`` (generator units) ``[N, P]`` of ``batches`` seeded batches of training pairs,
+    drawn (and permuted) as training draws them."""
+    out = []
     for b in range(batches):
         indices, perms = sampler.global_batch(b, stream="residual-std")
         batch = pairs.batch(indices, perms)
-        sq = (batch.theta_next - batch.theta).double().square().sum(0)
-        total = sq if total is None else total + sq
-        count += len(indices)
-    per_param = (total / count).sqrt()
+        out.append(batch.theta_next - batch.theta)
+    return torch.cat(out)
+
+
+def residual_scale_estimate(updates: torch.Tensor) -> torch.Tensor:
+    """Root mean square per parameter ``[P]`` of sampled updates ``[N, P]`` (:func:`sample_updates`):
+    the σ_p of the preconditioned generator, floored at ``RESIDUAL_FLOOR`` times the pooled value."""
+    per_param = updates.double().square().mean(0).sqrt()
     pooled = per_param.square().mean().sqrt().item()
     if not pooled > 0:
         raise TrainingError("θ′ - θ is zero on every sampled training pair; the corpus is degenerate")
@@ -442,9 +446,11 @@ class Trainer:
             focus=self.corpus.train.start_pairs(0) if config.init_fraction else None,
             focus_fraction=config.init_fraction,
         )
-        residual_scale = None
-        if config.precondition and state is None:  # a resumed model brings its own σ_p
-            residual_scale = residual_scale_estimate(self.corpus.train, self.sampler)
+        residual_scale = updates = None
+        if (config.precondition or config.pca_init) and state is None:  # a resumed model has its own
+            updates = sample_updates(self.corpus.train, self.sampler)
+        if config.precondition and state is None:
+            residual_scale = residual_scale_estimate(updates)
             if config.residual_std is None:
                 config.residual_std = residual_scale.square().mean().sqrt().item()
             else:  # a given σ: the same for every parameter
@@ -456,6 +462,8 @@ class Trainer:
         self.model = build_generator(self.layout, model_config, config.diffusion_config())
         if residual_scale is not None:
             self.model.residual_scale.copy_(residual_scale)
+        if config.pca_init and state is None:
+            self.model.init_encoders_from_updates(updates)
         self.model.to(info.device)
         if state and state["model_config"] != asdict(self.model.config):
             raise TrainingError(
@@ -739,6 +747,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="share of each batch from pairs that start at the initialisation (default 0: G.pt's uniform pairs)")
     add("--precondition", action="store_true", default=S,
         help="noise-level skip connections around θ (see learned_opt.generator); default: G.pt's plain residual")
+    add("--pca-init", action="store_true", default=S,
+        help="start the encoders of tokens wider than the model at the principal directions of θ′ - θ")
     add("--residual-std", type=float, default=S,
         help="one σ of θ′ - θ for every parameter with --precondition (default: σ_p measured per parameter on training pairs)")
     add("--diffusion-steps", type=int, default=S, help=f"diffusion steps (default {d.diffusion_steps})")

@@ -244,3 +244,28 @@ def test_residual_scale_is_saved_with_the_weights():
     clone = preconditioned()
     clone.load_state_dict(state)
     assert torch.equal(clone.residual_scale, model.residual_scale)
+
+
+def test_encoders_of_wide_tokens_start_at_the_principal_directions_of_the_updates():
+    # updates that live in 3 directions of token 0 (16 wide, tiny d_model 32 > 16: use a narrow model)
+    config = GptConfig(d_model=4, n_layers=1, n_heads=2)
+    torch.manual_seed(0)
+    model = build_generator(TOY, config)
+    g = torch.Generator().manual_seed(0)
+    directions = torch.linalg.qr(torch.randn(16, 3, generator=g)).Q  # [16, 3] orthonormal
+    updates = torch.zeros(200, TOY.num_params)
+    token0 = TOY.to_tokens(torch.arange(TOY.num_params).float())[0].long()  # flat positions of token 0
+    updates[:, token0] = torch.randn(200, 3, generator=g) @ directions.T
+    before = model.noised_encoder.weight.clone()
+    done = model.init_encoders_from_updates(updates)
+    assert 0 in done and all(TOY.token_mask[k].sum() > 4 for k in done)
+    w = model.noised_encoder.weight[0, :, :3]  # [16, 3]
+    torch.testing.assert_close(w.T @ w, torch.eye(3), atol=1e-5, rtol=0)  # orthonormal ...
+    torch.testing.assert_close(directions @ (directions.T @ w), w, atol=1e-5, rtol=0)  # ... in their span
+    assert torch.equal(model.theta_encoder.weight[0], model.noised_encoder.weight[0])
+    narrow = [k for k in range(TOY.num_tokens) if k not in done]
+    assert all(torch.equal(model.noised_encoder.weight[k], before[k]) for k in narrow)
+    x = inputs(TOY, 2)
+    assert torch.equal(model(**x), x["theta"])  # decoders still zero
+    with pytest.raises(ArchitectureMismatchError):
+        model.init_encoders_from_updates(updates[:, :-1])

@@ -335,7 +335,7 @@ def test_residual_scale_is_the_per_parameter_rms_of_the_sampled_pairs(store_dir)
 
     corpus = open_pairs(store_dir)
     sampler = PairSampler(len(corpus.train), 4, seed=0, task=corpus.task)
-    scale = train_mod.residual_scale_estimate(corpus.train, sampler, batches=3)
+    scale = train_mod.residual_scale_estimate(train_mod.sample_updates(corpus.train, sampler, batches=3))
     diffs = []
     for b in range(3):
         indices, perms = sampler.global_batch(b, stream="residual-std")
@@ -348,7 +348,8 @@ def test_residual_scale_is_the_per_parameter_rms_of_the_sampled_pairs(store_dir)
 
 
 def test_preconditioned_training_exports_its_residual_scale_and_loads(store_dir, tmp_path):
-    cfg = tiny(store_dir, tmp_path, steps=3, export=True, name="pre", precondition=True, init_fraction=0.5)
+    cfg = tiny(store_dir, tmp_path, steps=3, export=True, name="pre", precondition=True, init_fraction=0.5,
+               pca_init=True)
     result = train(cfg)
     state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
     scale = state["model"]["residual_scale"]

@@ -27,12 +27,18 @@ Two output parameterisations (``GptConfig.precondition``):
   every noise level) and the prediction is ``θ + σ · decoded``, elementwise, so the decoded output
   has a unit-scale target and an untrained model still returns θ exactly. Training weights each
   x0 error by ``1 / σ_p²`` (:meth:`Gpt.loss_weight`), so a parameter that training barely moves
-  counts as much as one it moves a lot. There is deliberately no skip from x_t to the output: an
+  counts as much as one it moves a lot. There is no elementwise skip from x_t to the output: an
   update within one token lives mostly in a few directions (on the MNIST corpus 97 % of the
-  energy of a hidden unit's 784 incoming weight changes lies in 192 directions), and a skip would
-  let the sampler leave noise of the full per-parameter scale in all the others. This variant
-  needs the noise schedule, given as a :class:`~learned_opt.diffusion.DiffusionConfig` at
-  construction.
+  energy of a hidden unit's 784 incoming weight changes lies in 192 directions), and such a skip
+  would let the sampler leave noise of the full per-parameter scale in all the others. With
+  ``subspace_skip`` the skip is restricted to those directions: ``decoded`` gets
+  ``Π_k(κ ⊙ c_in (x_t - a θ))`` added, where ``κ = a σ c_in`` is the best linear guess of
+  ``(θ′ - θ) / σ`` for a unit-variance update and ``Π_k`` projects each token onto its principal
+  update directions (the buffer ``skip_basis``, set with the encoders by
+  :meth:`Gpt.init_encoders_from_updates`; zero, i.e. no skip, until then). At low noise the model
+  then copies the update it sees instead of learning to, and the sampler leaves no noise outside
+  the directions where updates live. This variant needs the noise schedule, given as a
+  :class:`~learned_opt.diffusion.DiffusionConfig` at construction.
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ class GptConfig:
     timestep_max_period: float = 10000.0  # timestep frequencies 1 .. 1/max_period (t is an integer step)
     precondition: bool = False  # False: G.pt's θ + decoded; True: noise-level skips around θ (module doc)
     residual_std: float = 0.25  # std of θ′ - θ in generator units (preconditioned: the initial residual_scale)
+    subspace_skip: bool = False  # preconditioned only: skip x_t to the output within each token's update directions
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "num_frequencies"):
@@ -219,6 +226,11 @@ class Gpt(nn.Module):
             self.register_buffer("noise_rate", (1.0 - abar).sqrt().float(), persistent=False)  # s
             # σ_p of θ′ - θ per parameter: part of the weights (set by the trainer from its corpus)
             self.register_buffer("residual_scale", torch.full((layout.num_params,), float(config.residual_std)))
+            if config.subspace_skip:  # per token, orthonormal update directions [T, M, q]; zero: no skip yet
+                m, d = layout.token_dim, config.d_model
+                self.register_buffer("skip_basis", torch.zeros(layout.num_tokens, m, min(m, d)))
+        elif config.subspace_skip:
+            raise ConfigError("GptConfig.subspace_skip needs precondition=True")
         t, m, d = layout.num_tokens, layout.token_dim, config.d_model
         self.num_tokens = t
 
@@ -288,15 +300,22 @@ class Gpt(nn.Module):
             u = u / self.residual_scale
         tokens = self._tokens(u).float()  # [N, T, M]
         real = self.layout.token_mask.sum(1).tolist()  # real width per token
+        skip = getattr(self, "skip_basis", None)
         done = []
         for k in range(t):
             width = int(real[k])
             if width <= d:
+                if skip is not None:  # the skip covers a narrow token whole
+                    skip[k].zero_()
+                    skip[k, :width, :width] = torch.eye(width)
                 continue
             _, _, vh = torch.linalg.svd(tokens[:, k, :width], full_matrices=False)  # vh [r, width]
             basis = vh[:d].T  # [width, min(r, d)] orthonormal columns
             for enc in (self.theta_encoder, self.noised_encoder):
                 enc.weight[k, :width, : basis.shape[1]] = basis.to(enc.weight.dtype)
+            if skip is not None:
+                skip[k].zero_()
+                skip[k, :width, : basis.shape[1]] = basis
             done.append(k)
         return done
 
@@ -358,8 +377,8 @@ class Gpt(nn.Module):
         b = x_t.shape[0]
         if self.config.precondition:
             c_in, a = self._preconditioning(t.reshape(b), x_t.dtype)  # [B, P], [B, 1]
-            residual = x_t - a * theta  # [B, P]: a (θ′ - θ) + s ε
-            noised_tokens = self.noised_encoder(self._tokens(c_in * residual))  # [B, T, D]
+            scaled = c_in * (x_t - a * theta)  # [B, P]: (a (θ′ - θ) + s ε), unit scale
+            noised_tokens = self.noised_encoder(self._tokens(scaled))  # [B, T, D]
         else:
             noised_tokens = self.noised_encoder(self._tokens(x_t))  # [B, T, D]
         time_token = self.timestep_embedding(t.reshape(b)).unsqueeze(1)  # [B, 1, D]
@@ -371,8 +390,19 @@ class Gpt(nn.Module):
         out = self.decoder(h)  # [B, T, M]
         out = out.reshape(b, -1).index_select(1, self.flat_index).to(theta.dtype)  # [B, P], padding dropped
         if self.config.precondition:
-            return theta + self.residual_scale.to(out.dtype) * out
+            sigma = self.residual_scale.to(out.dtype)
+            if self.config.subspace_skip:
+                out = out + self._subspace_skip(a * sigma * c_in * scaled)
+            return theta + sigma * out
         return theta + out
+
+    def _subspace_skip(self, guess: torch.Tensor) -> torch.Tensor:
+        """``guess`` [B, P] projected, token by token, onto ``skip_basis`` (the update directions)."""
+        basis = self.skip_basis.to(guess.dtype)  # [T, M, q]
+        tokens = self._tokens(guess).to(guess.dtype)  # [B, T, M]
+        coeff = torch.einsum("btm,tmq->btq", tokens, basis)
+        back = torch.einsum("btq,tmq->btm", coeff, basis)  # [B, T, M]
+        return back.reshape(guess.shape[0], -1).index_select(1, self.flat_index)
 
     def _preconditioning(self, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``c_in`` ``[B, P]`` and ``a = sqrt(ᾱ_t)`` ``[B, 1]`` at steps ``t`` [B] (module docstring)."""

@@ -91,6 +91,7 @@ class TrainConfig:
     precondition: bool = False  # noise-level skips around θ (learned_opt.generator); G.pt: False
     residual_std: float | None = None  # one σ of θ′ - θ for every parameter; None: σ_p measured per parameter
     pca_init: bool = False  # wide tokens' encoders start at the principal directions of θ′ - θ
+    subspace_skip: bool = False  # with precondition and pca_init: skip x_t to the output in those directions
     diffusion_steps: int = 1000  # G.pt: 1000
     schedule: str = "linear"  # G.pt: linear betas 1e-4..0.02
     amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
@@ -130,6 +131,8 @@ class TrainConfig:
             )
         if self.residual_std is not None and not (self.residual_std > 0 and math.isfinite(self.residual_std)):
             raise ConfigError(f"--residual-std must be a positive number, got {self.residual_std}")
+        if self.subspace_skip and not (self.precondition and self.pca_init):
+            raise ConfigError("--subspace-skip needs --precondition and --pca-init (the skip's directions)")
         if not 0.0 <= self.init_fraction <= 1.0:
             raise ConfigError(f"--init-fraction must be in [0, 1], got {self.init_fraction}")
         if self.stop_after is not None and self.stop_after < 1:
@@ -151,7 +154,7 @@ RESUMABLE_CHANGES = frozenset(
      "checkpoint_every", "device", "amp", "workers", "name", "export", "resume"}
 )
 # Checked first and named in the error: they change what the model *is*.
-IDENTITY_FIELDS = ("task", "metric", "preset", "chunk_size", "diffusion_steps", "schedule", "precondition", "pca_init")
+IDENTITY_FIELDS = ("task", "metric", "preset", "chunk_size", "diffusion_steps", "schedule", "precondition", "pca_init", "subspace_skip")
 
 
 def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
@@ -456,7 +459,7 @@ class Trainer:
             else:  # a given σ: the same for every parameter
                 residual_scale.fill_(config.residual_std)
         model_config = dataclasses.replace(
-            get_config(config.preset), precondition=config.precondition,
+            get_config(config.preset), precondition=config.precondition, subspace_skip=config.subspace_skip,
             **({"residual_std": config.residual_std} if config.residual_std is not None else {}),
         )
         self.model = build_generator(self.layout, model_config, config.diffusion_config())
@@ -749,6 +752,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="noise-level skip connections around θ (see learned_opt.generator); default: G.pt's plain residual")
     add("--pca-init", action="store_true", default=S,
         help="start the encoders of tokens wider than the model at the principal directions of θ′ - θ")
+    add("--subspace-skip", action="store_true", default=S,
+        help="with --precondition --pca-init: pass x_t to the output within each token's update directions")
     add("--residual-std", type=float, default=S,
         help="one σ of θ′ - θ for every parameter with --precondition (default: σ_p measured per parameter on training pairs)")
     add("--diffusion-steps", type=int, default=S, help=f"diffusion steps (default {d.diffusion_steps})")

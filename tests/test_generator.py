@@ -269,3 +269,34 @@ def test_encoders_of_wide_tokens_start_at_the_principal_directions_of_the_update
     assert torch.equal(model(**x), x["theta"])  # decoders still zero
     with pytest.raises(ArchitectureMismatchError):
         model.init_encoders_from_updates(updates[:, :-1])
+
+
+def test_subspace_skip_copies_a_clean_update_inside_its_directions_and_nothing_outside():
+    from learned_opt.diffusion import DiffusionConfig
+
+    config = dataclasses.replace(GptConfig(d_model=4, n_layers=1, n_heads=2), precondition=True, subspace_skip=True)
+    torch.manual_seed(0)
+    model = build_generator(TOY, config, DiffusionConfig(num_steps=100))
+    x = inputs(TOY, 3)
+    x["t"] = torch.zeros(3, dtype=torch.long)
+    assert torch.equal(model(**x), x["theta"])  # no directions yet: no skip
+    g = torch.Generator().manual_seed(1)
+    updates = torch.randn(300, TOY.num_params, generator=g)
+    token0 = TOY.to_tokens(torch.arange(TOY.num_params).float())[0].long()
+    updates[:, token0] = torch.randn(300, 2, generator=g) @ torch.linalg.qr(torch.randn(16, 2, generator=g)).Q.T
+    model.init_encoders_from_updates(updates)
+    # at t = 0 the noised input is the update itself: inside token 0's directions it comes through
+    inside = updates[:3]
+    x["x_t"] = model.signal_rate[0] * (x["theta"] + inside)
+    out = model(**x) - x["theta"]
+    torch.testing.assert_close(out[:, token0], inside[:, token0], atol=0.05, rtol=0.05)
+    # ... and a change orthogonal to them does not
+    basis = model.skip_basis[0, :, :4]  # [16, 4]: 2 real directions + 2 from the null space
+    ortho = torch.randn(3, 16, generator=g)
+    ortho = ortho - (ortho @ basis) @ basis.T
+    x["x_t"] = x["theta"].clone()
+    x["x_t"][:, token0] += ortho
+    x["x_t"] = model.signal_rate[0] * x["x_t"]
+    assert (model(**x) - x["theta"])[:, token0].abs().max() < 1e-4
+    with pytest.raises(ConfigError, match="precondition"):
+        build_generator(TOY, GptConfig(d_model=4, n_layers=1, n_heads=2, subspace_skip=True))

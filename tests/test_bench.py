@@ -296,7 +296,27 @@ def test_tiny_bench_end_to_end(small_data, manifest, tmp_path):
                 assert periodic["test_loss"][i] == alone["test_loss"][i]
         s = periodic["summary"]
         assert s["inits"] == 2 and 0 <= s["never_worse"] <= 1 and s["attempted"] == 4
-        assert s == summarise(periodic["rows"], alone["rows"])
+        assert {k: v for k, v in s.items() if not k.startswith("curve_")} == summarise(periodic["rows"], alone["rows"])
+        assert alone["summary"]["curve_steps_to_target"] == 20  # the base's median curve meets its own target last
+        assert {"curve_steps_ratio", "curve_wall_ratio"} <= set(s)
     assert (out / "periodic.png").stat().st_size > 1000 and r["plots"] == [str(out / "periodic.png")]
     table = format_summary(r)
     assert "every=10" in table and "steps to target" in table and "target:" in table
+
+
+def test_median_curve_counts_every_init_and_its_ratio_refers_to_the_base():
+    from pretrain.bench import Run, curve_summary
+
+    grid = [0, 10, 20, 30]
+    base = [Run([2.0, 1.5, 1.2, 1.0], [0.0, 1.0, 2.0, 3.0]), Run([2.0, 1.6, 1.3, 1.2], [0.0, 1.0, 2.0, 3.0]),
+            Run([2.0, 1.4, 1.1, 0.9], [0.0, 1.0, 2.0, 3.0])]
+    fast = [Run([2.0, 1.0, 0.9, 0.8], [0.0, 2.0, 4.0, 6.0]), Run([2.0, 1.7, 1.6, 1.5], [0.0, 2.0, 4.0, 6.0]),
+            Run([2.0, 0.9, 0.8, 0.7], [0.0, 2.0, 4.0, 6.0])]
+    b = curve_summary(grid, base, target=1.0)
+    assert b == {"curve_steps_to_target": 30, "curve_wall_to_target_s": 3.0}
+    f = curve_summary(grid, fast, target=1.0, base=b)
+    # median curve of `fast`: 2.0, 1.0, 0.9, 0.8 -> reaches 1.0 at step 10, in 2 s
+    assert f["curve_steps_to_target"] == 10 and f["curve_steps_ratio"] == pytest.approx(10 / 30)
+    assert f["curve_wall_ratio"] == pytest.approx(2.0 / 3.0)
+    never = curve_summary(grid, [Run([2.0, 1.9, 1.8, 1.7], [0.0, 1.0, 2.0, 3.0])], target=1.0, base=b)
+    assert never["curve_steps_to_target"] is None and never["curve_steps_ratio"] is None

@@ -1,6 +1,13 @@
-"""One generative update on a random MNIST MLP, next to Adam and SGD training the same init.
+"""One generative update on a random network, next to the usual way of training it.
 
-``learned-opt demo`` builds a fresh ``mnist-mlp`` network (PyTorch's default init, seeded), makes
+``learned-opt demo`` runs one of two tasks (``--task``):
+
+* ``cartpole-mlp`` (the default; needs no download): a fresh CartPole policy, one
+  :meth:`GptOptimizer.generate` update, and PPO training the same init; the pole's angle over one
+  episode before and after, as ``demo_cartpole.png`` (see :mod:`learned_opt.demo_cartpole`).
+* ``mnist-mlp``: a fresh MNIST MLP, one update, then Adam and SGD training the same init.
+
+The MNIST demo builds a fresh ``mnist-mlp`` network (PyTorch's default init, seeded), makes
 one :meth:`GptOptimizer.generate` update prompted with the generator's best prompt (the closure
 measures the full-test-set metric), then trains the *same* init for a few hundred steps with
 
@@ -11,8 +18,8 @@ measures the full-test-set metric), then trains the *same* init for a few hundre
 prints a short table (test loss and error of the init, the update, Adam and SGD after ``k`` steps,
 and the step at which Adam first matches the update) and saves a plot and a JSON beside it.
 
-The baselines are a plain ``nn.Module`` + ``torch.optim`` loop (:func:`train_baseline`), so the
-demo needs nothing from ``pretrain``.
+The baselines are a plain ``nn.Module`` + ``torch.optim`` loop (:func:`train_baseline`; PPO in
+:mod:`learned_opt.ppo`), so the demo needs nothing from ``pretrain``.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from . import tasks
-from .errors import ConfigError
+from .errors import ArchitectureMismatchError, ConfigError, WeightsError
+from .fileio import atomic_write
+from .layout import compare_signatures
 from .tasks import Task
 
 ADAM_LR = 1e-3
@@ -37,6 +46,7 @@ BATCH_SIZE = 128
 # G.pt's SGD recipe (Peebles et al. 2022): Nesterov 0.9, lr 0.1, wd 5e-4, cosine per epoch over 25 epochs
 SGD_RECIPE = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "epochs": 25}
 BASELINES = ("adam", "sgd")
+DEMO_TASKS = ("cartpole-mlp", "mnist-mlp")  # the first is the default
 
 
 # ---------------------------------------------------------------------- the baselines
@@ -128,30 +138,64 @@ def first_step_at_or_below(steps: Sequence[int], values: Sequence[float], target
 class DemoConfig:
     """What ``learned-opt demo`` runs (one field per command-line option)."""
 
-    task: str = "mnist-mlp"
-    generator: str | None = None  # registry name or manifest path; None: the task's name
-    data_root: str | None = None  # else $LEARNED_OPT_DATA
+    task: str = DEMO_TASKS[0]
+    generator: str | None = None  # registry name or manifest path; None: the task's shipped generator
+    data_root: str | None = None  # else $LEARNED_OPT_DATA (mnist-mlp)
     download: bool = False
     out: str = "learned-opt-demo"
     seed: int = 0
-    steps: int = 300  # Adam / SGD steps
-    eval_every: int = 10  # baseline test metrics every this many steps
+    steps: int = 300  # Adam / SGD steps (mnist-mlp)
+    eval_every: int = 10  # baseline test metrics every this many steps (mnist-mlp)
+    ppo_env_steps: int = 50_000  # PPO's budget (cartpole-mlp), rounded down to whole updates
     sampling_steps: int = 50
     method: str = "ddim"
     plot: bool = True
 
 
-def run_demo(config: DemoConfig, data=None) -> dict:
-    """Run the demo; returns the results (also written to ``out/demo.json``)."""
-    from .optimizer import GptOptimizer
-    from .pretrained import load_generator
+def load_demo_generator(config: DemoConfig, task: Task):
+    """``--generator``, else the task's shipped generator; a missing shipped one is a one-line error."""
+    from .pretrained import list_pretrained, load_generator
 
+    if config.generator is None and task.name not in {g["name"] for g in list_pretrained()}:
+        raise WeightsError(
+            f"no {task.name} generator ships with this learned-opt yet; pass one with --generator PATH.json "
+            f"(the manifest `learned-opt train` writes for a {task.name} corpus)"
+        )
+    return load_generator(config.generator or task.name)
+
+
+def demo_optimizer(model: torch.nn.Module, generator, task: Task, config: DemoConfig):
+    """The demo's :class:`GptOptimizer`; a generator for another architecture is a one-line error."""
+    from .optimizer import GptOptimizer
+
+    try:
+        return GptOptimizer(model.named_parameters(), generator, lr=ADAM_LR, sampling_steps=config.sampling_steps,
+                            sampling_method=config.method, seed=config.seed)
+    except ArchitectureMismatchError:
+        diffs = compare_signatures(generator.layout.signature, task.layout().signature)
+        hint = (f"pass --task {generator.task}" if generator.task in DEMO_TASKS and generator.task != task.name
+                else f"pass a {task.name} generator with --generator PATH.json")
+        raise ArchitectureMismatchError(
+            f"generator {generator.name!r} (task {generator.task or '?'}, {generator.layout.num_params:,} parameters) "
+            f"does not fit the {task.name} network ({task.num_params:,} parameters): {'; '.join(diffs)}; {hint}"
+        ) from None
+
+
+def run_demo(config: DemoConfig, data=None) -> dict:
+    """Run the demo; returns the results (also written to ``out/demo.json``, or for
+    ``cartpole-mlp`` to ``out/demo_cartpole.json``)."""
+    if config.task not in DEMO_TASKS:
+        raise ConfigError(f"the demo runs {' or '.join(DEMO_TASKS)}, not {config.task!r}")
+    if config.task == "cartpole-mlp":
+        from .demo_cartpole import run_cartpole_demo
+
+        return run_cartpole_demo(config)
     if config.steps < 1 or config.eval_every < 1:
         raise ConfigError("--steps and --eval-every must be >= 1")
     task = tasks.get(config.task)
     if data is None:  # first: without data there is nothing to show, whatever the generator
         data = task.load_data(config.data_root, download=config.download)
-    generator = load_generator(config.generator or task.name)
+    generator = load_demo_generator(config, task)
     layout = task.layout()
     with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left alone
         torch.manual_seed(config.seed)
@@ -162,8 +206,7 @@ def run_demo(config: DemoConfig, data=None) -> dict:
     def closure() -> dict[str, torch.Tensor]:
         return task.evaluate(layout.flatten_module(model)[None], data, [name])  # name -> [1]
 
-    opt = GptOptimizer(model.named_parameters(), generator, lr=ADAM_LR, sampling_steps=config.sampling_steps,
-                       sampling_method=config.method, seed=config.seed)
+    opt = demo_optimizer(model, generator, task, config)
     report = opt.generate(closure)
     before = task.evaluate(init[None], data, ["test_loss", "test_error"])
     after = task.evaluate(layout.flatten_module(model)[None], data, ["test_loss", "test_error"])
@@ -188,7 +231,8 @@ def run_demo(config: DemoConfig, data=None) -> dict:
     }
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(result, indent=2) + "\n"
+    atomic_write(out / "demo.json", lambda p: p.write_text(text, encoding="utf-8"))
     if config.plot:
         result["plot"] = str(plot_demo(result, out / "demo.png"))
     return result
@@ -243,15 +287,19 @@ def plot_demo(result: dict, path: Path) -> Path:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default="mnist-mlp", help="task name (default: mnist-mlp)")
+    parser.add_argument("--task", default=DEMO_TASKS[0], choices=DEMO_TASKS,
+                        help=f"cartpole-mlp needs no download; mnist-mlp reads MNIST (default: {DEMO_TASKS[0]})")
     parser.add_argument("--generator", default=None,
                         help="shipped generator name or path to a .json manifest (default: the task's name)")
-    parser.add_argument("--data-root", default=None, help="dataset root (default: $LEARNED_OPT_DATA)")
-    parser.add_argument("--download", action="store_true", help="let torchvision download the dataset")
-    parser.add_argument("--out", default="learned-opt-demo", help="folder for demo.png and demo.json")
+    parser.add_argument("--data-root", default=None, help="dataset root for mnist-mlp (default: $LEARNED_OPT_DATA)")
+    parser.add_argument("--download", action="store_true", help="let torchvision download MNIST")
+    parser.add_argument("--out", default="learned-opt-demo",
+                        help="folder for the PNG and JSON (demo_cartpole.* or demo.*)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init, the data order and the sampler")
-    parser.add_argument("--steps", type=int, default=300, help="Adam and SGD steps (default: 300)")
-    parser.add_argument("--eval-every", type=int, default=10, help="baseline test metrics every N steps")
+    parser.add_argument("--steps", type=int, default=300, help="mnist-mlp: Adam and SGD steps (default: 300)")
+    parser.add_argument("--eval-every", type=int, default=10, help="mnist-mlp: baseline test metrics every N steps")
+    parser.add_argument("--ppo-env-steps", type=int, default=50_000,
+                        help="cartpole-mlp: PPO's budget in environment steps (default: 50000)")
     parser.add_argument("--sampling-steps", type=int, default=50, help="diffusion sampling steps (default: 50)")
     parser.add_argument("--method", default="ddim", help="sampler: ddim, ddpm or dpm++2m (default: ddim)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
@@ -260,10 +308,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     config = DemoConfig(
         task=args.task, generator=args.generator, data_root=args.data_root, download=args.download, out=args.out,
-        seed=args.seed, steps=args.steps, eval_every=args.eval_every, sampling_steps=args.sampling_steps,
-        method=args.method, plot=not args.no_plot,
+        seed=args.seed, steps=args.steps, eval_every=args.eval_every, ppo_env_steps=args.ppo_env_steps,
+        sampling_steps=args.sampling_steps, method=args.method, plot=not args.no_plot,
     )
     result = run_demo(config)
-    print(format_table(result))
-    print(f"wrote {Path(config.out) / 'demo.json'}" + (f" and {result['plot']}" if "plot" in result else ""))
+    if config.task == "cartpole-mlp":
+        from .demo_cartpole import JSON_NAME as written, format_cartpole_table as table
+    else:
+        table, written = format_table, "demo.json"
+    print(table(result))
+    print(f"wrote {Path(config.out) / written}" + (f" and {result['plot']}" if "plot" in result else ""))
     return 0

@@ -58,7 +58,7 @@ def test_train_baseline_lowers_the_test_loss(mnist_data, optimizer):
 
 def test_demo_without_data_says_how_to_get_it(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("LEARNED_OPT_DATA", raising=False)
-    code = cli_main(["demo", "--out", str(tmp_path / "out")])
+    code = cli_main(["demo", "--task", "mnist-mlp", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1
@@ -70,13 +70,14 @@ def test_demo_runs_end_to_end(mnist_root, tmp_path, capsys):
     manifest = save_tiny_mnist_generator(tmp_path / "gen")
     out = tmp_path / "demo"
     rng = torch.random.get_rng_state()
-    code = cli_main(["demo", "--generator", str(manifest), "--data-root", str(mnist_root), "--out", str(out),
-                     "--steps", "20", "--eval-every", "10", "--sampling-steps", "2", "--seed", "1"])
+    code = cli_main(["demo", "--task", "mnist-mlp", "--generator", str(manifest), "--data-root", str(mnist_root),
+                     "--out", str(out), "--steps", "20", "--eval-every", "10", "--sampling-steps", "2", "--seed", "1"])
     printed = capsys.readouterr().out
     assert code == 0
     assert torch.equal(torch.random.get_rng_state(), rng)  # the demo leaves the global RNG alone
     assert "random init" in printed and "Adam lr 1e-3" in printed and "SGD (G.pt recipe)" in printed
     assert (out / "demo.png").stat().st_size > 1000
+    assert not (out / "demo_cartpole.json").exists()  # the MNIST path, not CartPole's
     result = json.loads((out / "demo.json").read_text())
     assert result["generator"]["name"] == "tiny-mnist"
     for o in ("adam", "sgd"):

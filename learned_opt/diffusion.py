@@ -148,23 +148,45 @@ class Diffusion:
         *,
         generator: torch.Generator | None = None,
         weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        t_probs: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """MSE between ``model(x_t, t, **cond)`` and ``x0`` at uniformly drawn t; a scalar.
 
         ``t`` and the noise come from ``generator`` (or the global RNG when it is None).
         ``weight(t)``, when given, weights each squared error: a tensor that broadcasts against
         ``x0`` (``[B, 1]`` per sample, ``[B, P]`` per entry; e.g.
-        :meth:`~learned_opt.generator.Gpt.loss_weight`).
+        :meth:`~learned_opt.generator.Gpt.loss_weight`). ``t_probs`` ``[num_steps]``, when given,
+        draws t from those probabilities instead of uniformly (see :meth:`snr_window_probs`).
         """
         b = x0.shape[0]
         device = generator.device if generator is not None else x0.device
-        t = torch.randint(0, self.num_steps, (b,), generator=generator, device=device).to(x0.device)  # [B]
+        if t_probs is None:
+            t = torch.randint(0, self.num_steps, (b,), generator=generator, device=device)
+        else:
+            t = torch.multinomial(t_probs.to(device), b, replacement=True, generator=generator)
+        t = t.to(x0.device)  # [B]
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype).to(x0.device)
         x_t = self.q_sample(x0, t, noise)
         pred = model(x_t, t, **cond)
         if weight is None:
             return F.mse_loss(pred.float(), x0.float())
         return (weight(t).float() * (pred.float() - x0.float()).square()).mean()
+
+    def snr_window_probs(self, lo: float, hi: float, scale: float = 1.0, uniform_share: float = 0.1) -> torch.Tensor:
+        """Probabilities ``[num_steps]`` of drawing each t in training: ``1 - uniform_share`` spread
+        evenly over the steps where the log signal-to-noise ratio of data of std ``scale``,
+        ``log(ᾱ_t scale² / (1 - ᾱ_t))``, lies in ``[lo, hi]``, the rest over all steps. Where the
+        ratio is far below ``lo`` x_t is noise and the model can only learn a mean; far above
+        ``hi`` x_t is the answer."""
+        if not (lo < hi and scale > 0 and 0.0 <= uniform_share <= 1.0):
+            raise ConfigError(f"need lo < hi, scale > 0 and 0 <= uniform_share <= 1, got {lo}, {hi}, {scale}, {uniform_share}")
+        ab = self.alphas_cumprod
+        logsnr = torch.log(ab / (1.0 - ab)) + 2.0 * math.log(scale)
+        inside = ((logsnr >= lo) & (logsnr <= hi)).double()
+        if inside.sum() == 0:
+            raise ConfigError(f"no diffusion step has a log-SNR in [{lo}, {hi}] for data of std {scale}")
+        n = self.num_steps
+        return ((1.0 - uniform_share) * inside / inside.sum() + uniform_share / n).float()
 
     # ------------------------------------------------------------------ sampling
 

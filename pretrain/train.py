@@ -92,6 +92,7 @@ class TrainConfig:
     residual_std: float | None = None  # one σ of θ′ - θ for every parameter; None: σ_p measured per parameter
     pca_init: bool = False  # wide tokens' encoders start at the principal directions of θ′ - θ
     subspace_skip: bool = False  # with precondition and pca_init: skip x_t to the output in those directions
+    snr_window: tuple[float, float] | None = None  # draw 90% of training t where log-SNR(θ′ - θ) is in it; None: uniform
     diffusion_steps: int = 1000  # G.pt: 1000
     schedule: str = "linear"  # G.pt: linear betas 1e-4..0.02
     amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
@@ -133,6 +134,8 @@ class TrainConfig:
             raise ConfigError(f"--residual-std must be a positive number, got {self.residual_std}")
         if self.subspace_skip and not (self.precondition and self.pca_init):
             raise ConfigError("--subspace-skip needs --precondition and --pca-init (the skip's directions)")
+        if self.snr_window is not None and not (len(self.snr_window) == 2 and self.snr_window[0] < self.snr_window[1]):
+            raise ConfigError(f"--snr-window takes LO HI with LO < HI, got {self.snr_window}")
         if not 0.0 <= self.init_fraction <= 1.0:
             raise ConfigError(f"--init-fraction must be in [0, 1], got {self.init_fraction}")
         if self.stop_after is not None and self.stop_after < 1:
@@ -489,6 +492,10 @@ class Trainer:
             self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None
         )
         self.diffusion = Diffusion(config.diffusion_config())
+        self.t_probs = None
+        if config.snr_window is not None:  # windowed on the scale of the updates θ′ - θ
+            scale = config.residual_std if config.precondition else 1.0
+            self.t_probs = self.diffusion.snr_window_probs(*config.snr_window, scale=scale).to(info.device)
         self.use_amp = config.amp and info.device.type == "cuda"
         self.t_start = time.perf_counter()
 
@@ -502,7 +509,8 @@ class Trainer:
         noise = seeded_generator("noise", self.config.seed, self.step, self.info.rank, device=self.info.device)
         with self.autocast():
             loss = self.diffusion.training_loss(
-                self.ddp, batch.theta_next, batch.cond(), generator=noise, weight=self.model.loss_weight
+                self.ddp, batch.theta_next, batch.cond(), generator=noise, weight=self.model.loss_weight,
+                t_probs=self.t_probs,
             )
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
@@ -754,6 +762,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="start the encoders of tokens wider than the model at the principal directions of θ′ - θ")
     add("--subspace-skip", action="store_true", default=S,
         help="with --precondition --pca-init: pass x_t to the output within each token's update directions")
+    add("--snr-window", type=float, nargs=2, metavar=("LO", "HI"), default=S,
+        help="draw 90%% of training timesteps where the log-SNR of θ′ - θ lies in [LO, HI] (default: uniform, G.pt)")
     add("--residual-std", type=float, default=S,
         help="one σ of θ′ - θ for every parameter with --precondition (default: σ_p measured per parameter on training pairs)")
     add("--diffusion-steps", type=int, default=S, help=f"diffusion steps (default {d.diffusion_steps})")

@@ -297,3 +297,30 @@ def test_tiny_generator_overfits_a_tiny_corpus_and_ddim_lands_on_the_targets():
         sample = d.sample(model, cond, (n, p), method=method, steps=steps, generator=torch.Generator().manual_seed(1))
         err = (sample - theta_next).norm(dim=1) / (theta - theta_next).norm(dim=1)  # 1.0 = no better than θ
         assert err.max() < 0.25, (method, err)
+
+
+def test_snr_window_puts_most_training_steps_where_the_data_is_neither_noise_nor_clean():
+    diffusion = Diffusion(DiffusionConfig(num_steps=1000))
+    probs = diffusion.snr_window_probs(-4.0, 6.0, scale=0.4)
+    assert probs.shape == (1000,) and probs.sum().item() == pytest.approx(1.0, abs=1e-5) and (probs > 0).all()
+    ab = diffusion.alphas_cumprod
+    logsnr = torch.log(ab / (1 - ab)) + 2 * math.log(0.4)
+    inside = (logsnr >= -4) & (logsnr <= 6)
+    assert probs[inside].sum().item() == pytest.approx(0.9 + 0.1 * inside.float().mean().item(), abs=1e-4)
+    assert 0 < inside.sum() < 1000 and not inside[-1] and inside[50]  # pure noise is outside, t=50 inside
+    with pytest.raises(ConfigError):
+        diffusion.snr_window_probs(3.0, 1.0)
+
+
+def test_training_loss_draws_t_from_given_probabilities():
+    diffusion = Diffusion(DiffusionConfig(num_steps=100))
+    seen = []
+
+    def model(x_t, t, **cond):
+        seen.append(t.clone())
+        return x_t
+
+    probs = torch.zeros(100)
+    probs[[7, 42]] = 0.5
+    diffusion.training_loss(model, torch.randn(64, 3), {}, generator=torch.Generator().manual_seed(0), t_probs=probs)
+    assert set(seen[0].tolist()) == {7, 42}

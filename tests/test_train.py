@@ -349,7 +349,7 @@ def test_residual_scale_is_the_per_parameter_rms_of_the_sampled_pairs(store_dir)
 
 def test_preconditioned_training_exports_its_residual_scale_and_loads(store_dir, tmp_path):
     cfg = tiny(store_dir, tmp_path, steps=3, export=True, name="pre", precondition=True, init_fraction=0.5,
-               pca_init=True)
+               pca_init=True, subspace_skip=True, snr_window=(-4.0, 6.0))
     result = train(cfg)
     state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
     scale = state["model"]["residual_scale"]

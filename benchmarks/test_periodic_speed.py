@@ -67,7 +67,8 @@ def test_periodic_against_adam(benchmark):
     s = result["bases"]["adam"]["configs"][f"every={EVERY}"]["summary"]
     benchmark.extra_info.update(
         generator=name, inits=INITS, steps=STEPS, every=EVERY, threads=THREADS,
-        target=result["bases"]["adam"]["target"], steps_ratio=s["steps_ratio"], wall_ratio=s["wall_ratio"],
+        target=result["bases"]["adam"]["target"], curve_steps_ratio=s["curve_steps_ratio"],
+        curve_wall_ratio=s["curve_wall_ratio"], steps_ratio=s["steps_ratio"], wall_ratio=s["wall_ratio"],
         reached=s["reached"], never_worse=s["never_worse"], acceptance_rate=s["acceptance_rate"],
     )
     assert s["attempted"] == INITS * (STEPS // EVERY)

@@ -150,7 +150,7 @@ class Diffusion:
         weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
         t_probs: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """MSE between ``model(x_t, t, **cond)`` and ``x0`` at uniformly drawn t; a scalar.
+        """MSE between ``model(x_t, t, **cond)`` and ``x0`` at drawn t (uniformly by default); a scalar.
 
         ``t`` and the noise come from ``generator`` (or the global RNG when it is None).
         ``weight(t)``, when given, weights each squared error: a tensor that broadcasts against

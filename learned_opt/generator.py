@@ -25,7 +25,8 @@ Two output parameterisations (``GptConfig.precondition``):
   trainer and saved with the weights; ``GptConfig.residual_std`` until then), the x_t tokens
   encode ``c_in (x_t - a θ)`` with ``c_in = 1 / sqrt(a² σ² + s²)`` (θ taken out, unit scale at
   every noise level) and the prediction is ``θ + σ · decoded``, elementwise, so the decoded output
-  has a unit-scale target and an untrained model still returns θ exactly. Training weights each
+  has a unit-scale target and an untrained model still returns θ exactly (unless the subspace
+  skip below is on and set up). Training weights each
   x0 error by ``1 / σ_p²`` (:meth:`Gpt.loss_weight`), so a parameter that training barely moves
   counts as much as one it moves a lot. There is no elementwise skip from x_t to the output: an
   update within one token lives mostly in a few directions (on the MNIST corpus 97 % of the
@@ -75,7 +76,7 @@ class GptConfig:
     metric_max_log2_frequency: float = 14.0  # metric frequencies pi * 2^0 .. pi * 2^14 (G.pt: up to 2^14)
     timestep_max_period: float = 10000.0  # timestep frequencies 1 .. 1/max_period (t is an integer step)
     precondition: bool = False  # False: G.pt's θ + decoded; True: noise-level skips around θ (module doc)
-    residual_std: float = 0.25  # std of θ′ - θ in generator units (preconditioned: the initial residual_scale)
+    residual_std: float = 0.25  # root mean square of θ′ - θ in generator units (preconditioned: the initial residual_scale)
     subspace_skip: bool = False  # preconditioned only: skip x_t to the output within each token's update directions
 
     def __post_init__(self) -> None:
@@ -287,8 +288,10 @@ class Gpt(nn.Module):
         updates (orthonormal, so unit-scale input keeps unit scale; directions beyond the rank of
         the sample keep their random initialisation). A token of M parameters can then pass the
         part of an update that matters through its ``d_model`` features from the first step,
-        instead of a random projection that keeps ``d_model / M`` of it. Decoders stay zero: the
-        untrained model still returns θ. Returns the tokens that were set.
+        instead of a random projection that keeps ``d_model / M`` of it. Decoders stay zero, so the
+        untrained model still returns θ, unless ``subspace_skip`` is on: then this also sets
+        ``skip_basis`` (the same directions; narrow tokens whole) and the skip passes the noised
+        input through. Returns the wide tokens that were set.
         """
         t, m, d = self.layout.num_tokens, self.layout.token_dim, self.config.d_model
         if updates.dim() != 2 or updates.shape[1] != self.layout.num_params:
@@ -392,17 +395,20 @@ class Gpt(nn.Module):
         if self.config.precondition:
             sigma = self.residual_scale.to(out.dtype)
             if self.config.subspace_skip:
-                out = out + self._subspace_skip(a * sigma * c_in * scaled)
+                out = out + self._subspace_skip(a * sigma * c_in * scaled).to(out.dtype)
             return theta + sigma * out
         return theta + out
 
     def _subspace_skip(self, guess: torch.Tensor) -> torch.Tensor:
-        """``guess`` [B, P] projected, token by token, onto ``skip_basis`` (the update directions)."""
-        basis = self.skip_basis.to(guess.dtype)  # [T, M, q]
-        tokens = self._tokens(guess).to(guess.dtype)  # [B, T, M]
-        coeff = torch.einsum("btm,tmq->btq", tokens, basis)
-        back = torch.einsum("btq,tmq->btm", coeff, basis)  # [B, T, M]
-        return back.reshape(guess.shape[0], -1).index_select(1, self.flat_index)
+        """``guess`` [B, P] projected, token by token, onto ``skip_basis`` (the update directions).
+
+        In full precision even under autocast: at low noise the skip is nearly the whole update."""
+        with torch.autocast(guess.device.type, enabled=False):
+            guess = guess.float()
+            tokens = self._tokens(guess).float()  # [B, T, M]
+            coeff = torch.einsum("btm,tmq->btq", tokens, self.skip_basis)
+            back = torch.einsum("btq,tmq->btm", coeff, self.skip_basis)  # [B, T, M]
+            return back.reshape(guess.shape[0], -1).index_select(1, self.flat_index)
 
     def _preconditioning(self, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """``c_in`` ``[B, P]`` and ``a = sqrt(ᾱ_t)`` ``[B, 1]`` at steps ``t`` [B] (module docstring)."""

@@ -454,9 +454,11 @@ def summarise(rows: Sequence[dict], base_rows: Sequence[dict] | None = None) -> 
     return out
 
 
-def median_curve(values: Sequence[Sequence[float]]) -> list[float | None]:
-    """The median over inits at each grid step ``[G]`` of per-init curves ``[N, G]`` (NaN left out)."""
-    return [_median(column) for column in zip(*values)]
+def median_curve(values: Sequence[Sequence[float]]) -> list[float]:
+    """The median over inits at each grid step ``[G]`` of per-init curves ``[N, G]``; a diverged
+    run's NaN counts as +inf (worse than any loss), so every init counts."""
+    worst = [[math.inf if not _finite(v) else float(v) for v in column] for column in zip(*values)]
+    return [statistics.median(column) for column in worst]
 
 
 def curve_summary(grid: Sequence[int], runs: Sequence[Run], target: float | None, base: dict | None = None) -> dict:
@@ -467,8 +469,9 @@ def curve_summary(grid: Sequence[int], runs: Sequence[Run], target: float | None
     walls = median_curve([r.wall_s for r in runs])
     reach = None
     if target is not None:
-        reach = next((g for g, v in zip(grid, losses) if v is not None and v <= target), None)
+        reach = next((g for g, v in zip(grid, losses) if v <= target), None)
     wall = None if reach is None else walls[list(grid).index(reach)]
+    wall = wall if wall is None or math.isfinite(wall) else None
     out = {"curve_steps_to_target": reach, "curve_wall_to_target_s": wall}
     if base is not None:
         out["curve_steps_ratio"] = ratio(reach, base["curve_steps_to_target"])
@@ -619,9 +622,9 @@ def plot_periodic(result: dict, path: Path) -> Path:
     grid = result["grid"]
     for ax, (base, section) in zip(axes[0], bases.items()):
         for label, c in section["configs"].items():
-            median = torch.nanmedian(torch.tensor(c["test_loss"], dtype=torch.float64), dim=0).values
+            median = median_curve(c["test_loss"])  # the curve the headline ratio is read from
             alone = label == BASE_LABEL  # drawn on top, thin: periodic runs equal to it hide beneath
-            ax.plot(grid, median.tolist(), label=f"{base} alone" if alone else label, color="k" if alone else None,
+            ax.plot(grid, [v if math.isfinite(v) else math.nan for v in median], label=f"{base} alone" if alone else label, color="k" if alone else None,
                     lw=1.2 if alone else 2, zorder=3 if alone else 2)
         if section["target"] is not None:
             ax.axhline(section["target"], color="grey", ls="--", label=f"target {section['target']:.4f}")

@@ -132,6 +132,8 @@ class TrainConfig:
             )
         if self.residual_std is not None and not (self.residual_std > 0 and math.isfinite(self.residual_std)):
             raise ConfigError(f"--residual-std must be a positive number, got {self.residual_std}")
+        if self.residual_std is not None and not self.precondition:
+            raise ConfigError("--residual-std sets the preconditioning's σ: it needs --precondition")
         if self.subspace_skip and not (self.precondition and self.pca_init):
             raise ConfigError("--subspace-skip needs --precondition and --pca-init (the skip's directions)")
         if self.snr_window is not None and not (len(self.snr_window) == 2 and self.snr_window[0] < self.snr_window[1]):
@@ -160,8 +162,16 @@ RESUMABLE_CHANGES = frozenset(
 IDENTITY_FIELDS = ("task", "metric", "preset", "chunk_size", "diffusion_steps", "schedule", "precondition", "pca_init", "subspace_skip")
 
 
+def _with_defaults(saved: dict, cls) -> dict:
+    """``saved`` (a dataclass as a dict, possibly from an older version) with the fields it lacks
+    filled with ``cls``'s defaults."""
+    defaults = {f.name: f.default for f in fields(cls) if f.default is not dataclasses.MISSING}
+    return {**defaults, **saved}
+
+
 def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
     """Refuse (with :class:`TrainingError`) to resume ``saved`` under an incompatible ``config``."""
+    saved = _with_defaults(saved, TrainConfig)  # a checkpoint from before an option existed had its default
     now = asdict(config)
     diffs = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
     # task/metric may be None in one and resolved in the other: compare resolved values
@@ -221,15 +231,15 @@ def setup_distributed(device: str = "auto") -> DistInfo:
 RESIDUAL_FLOOR = 0.05  # no parameter's σ_p below this share of the pooled σ
 
 
-def sample_updates(pairs: PairDataset, sampler: PairSampler, batches: int = 16) -> torch.Tensor:
-    """``θ′ - θ`` (generator units) ``[N, P]`` of ``batches`` seeded batches of training pairs,
-    drawn (and permuted) as training draws them."""
+def sample_updates(pairs: PairDataset, sampler: PairSampler, count: int = 1024) -> torch.Tensor:
+    """``θ′ - θ`` (generator units) ``[count, P]`` of training pairs drawn (and permuted) as
+    training draws them, from a seeded stream of their own."""
     out = []
-    for b in range(batches):
+    for b in range(math.ceil(count / sampler.batch_size)):
         indices, perms = sampler.global_batch(b, stream="residual-std")
         batch = pairs.batch(indices, perms)
         out.append(batch.theta_next - batch.theta)
-    return torch.cat(out)
+    return torch.cat(out)[:count]
 
 
 def residual_scale_estimate(updates: torch.Tensor) -> torch.Tensor:
@@ -361,7 +371,7 @@ def plot_losses(log_path: Path, png_path: Path) -> str | None:
         if pts:
             ax.plot(*zip(*pts), label=label, marker="." if len(pts) < 50 else None)
     ax.set_xlabel("step")
-    ax.set_ylabel("diffusion loss (x0 MSE)")
+    ax.set_ylabel("diffusion loss (training objective; held-out: plain x0 MSE)")
     ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -452,26 +462,31 @@ class Trainer:
             focus=self.corpus.train.start_pairs(0) if config.init_fraction else None,
             focus_fraction=config.init_fraction,
         )
-        residual_scale = updates = None
-        if (config.precondition or config.pca_init) and state is None:  # a resumed model has its own
+        # Measured on sampled training pairs for a fresh model (deterministic: the same on every
+        # rank); a resumed model brings σ_p, the PCA directions and its residual_std along.
+        updates = residual_scale = None
+        if state is None and (config.precondition or config.pca_init or config.snr_window is not None):
             updates = sample_updates(self.corpus.train, self.sampler)
-        if config.precondition and state is None:
+        if state is not None:
+            residual_std = _with_defaults(state["model_config"], GptConfig)["residual_std"]
+        elif config.residual_std is not None:
+            residual_std = config.residual_std  # one given σ for every parameter
+        elif updates is not None:
             residual_scale = residual_scale_estimate(updates)
-            if config.residual_std is None:
-                config.residual_std = residual_scale.square().mean().sqrt().item()
-            else:  # a given σ: the same for every parameter
-                residual_scale.fill_(config.residual_std)
+            residual_std = residual_scale.square().mean().sqrt().item()  # the pooled σ, recorded
+        else:
+            residual_std = get_config(config.preset).residual_std
         model_config = dataclasses.replace(
             get_config(config.preset), precondition=config.precondition, subspace_skip=config.subspace_skip,
-            **({"residual_std": config.residual_std} if config.residual_std is not None else {}),
+            residual_std=residual_std,
         )
         self.model = build_generator(self.layout, model_config, config.diffusion_config())
-        if residual_scale is not None:
-            self.model.residual_scale.copy_(residual_scale)
-        if config.pca_init and state is None:
+        if state is None and config.precondition:
+            self.model.residual_scale.copy_(residual_scale if residual_scale is not None else residual_std)
+        if state is None and config.pca_init:
             self.model.init_encoders_from_updates(updates)
         self.model.to(info.device)
-        if state and state["model_config"] != asdict(self.model.config):
+        if state and _with_defaults(state["model_config"], GptConfig) != asdict(self.model.config):
             raise TrainingError(
                 f"cannot resume {self.ckpt_path}: preset {config.preset!r} now means "
                 f"{asdict(self.model.config)}, the checkpoint holds {state['model_config']}; train into a new --out"
@@ -488,13 +503,15 @@ class Trainer:
             self.commands = list(state.get("commands", [])) + [command]
             self.last = dict(state.get("last") or {})
             _restore_rng(state["rng"], info, config.seed)
+        # buffers (σ_p, PCA directions) are equal on every rank from the start and never change
         self.ddp = self.model if info.world == 1 else DistributedDataParallel(
-            self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None
+            self.model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            broadcast_buffers=False,
         )
         self.diffusion = Diffusion(config.diffusion_config())
         self.t_probs = None
-        if config.snr_window is not None:  # windowed on the scale of the updates θ′ - θ
-            scale = config.residual_std if config.precondition else 1.0
+        if config.snr_window is not None:  # windowed on the scale of the updates θ′ - θ (pooled)
+            scale = self.model.config.residual_std
             self.t_probs = self.diffusion.snr_window_probs(*config.snr_window, scale=scale).to(info.device)
         self.use_amp = config.amp and info.device.type == "cuda"
         self.t_start = time.perf_counter()
@@ -523,7 +540,10 @@ class Trainer:
 
     @torch.no_grad()
     def heldout_loss(self) -> dict[str, float]:
-        """Loss of the model and of its EMA on fixed held-out pairs with fixed noise (mean over ranks)."""
+        """Loss of the model and of its EMA on fixed held-out pairs with fixed noise (mean over ranks).
+
+        Always the plain x0 MSE at uniformly drawn t (G.pt's loss), whatever the training objective
+        weights or windows, so that held-out figures compare across parameterisations."""
         cfg, info, heldout = self.config, self.info, self.corpus.heldout
         models = {"heldout_loss": self.model, "heldout_loss_ema": self.ema.module}
         sampler = PairSampler(len(heldout), cfg.batch_size, cfg.seed, self.corpus.task, augment=False)
@@ -705,6 +725,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
         "seed": cfg["seed"],
         "augment": cfg["augment"],
         "init_fraction": cfg.get("init_fraction", 0.0),
+        "pca_init": cfg.get("pca_init", False),
+        "snr_window": cfg.get("snr_window"),
+        "loss": "x0 MSE weighted by 1 / σ_p²" if cfg.get("precondition") else "x0 MSE",
+        "heldout_loss": "plain x0 MSE at uniformly drawn t, fixed held-out pairs and noise",
         "weights": "ema",
         "final_loss": last.get("loss"),
         "final_heldout_loss": last.get("heldout_loss"),

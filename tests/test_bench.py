@@ -320,3 +320,12 @@ def test_median_curve_counts_every_init_and_its_ratio_refers_to_the_base():
     assert f["curve_wall_ratio"] == pytest.approx(2.0 / 3.0)
     never = curve_summary(grid, [Run([2.0, 1.9, 1.8, 1.7], [0.0, 1.0, 2.0, 3.0])], target=1.0, base=b)
     assert never["curve_steps_to_target"] is None and never["curve_steps_ratio"] is None
+
+
+def test_median_curve_counts_a_diverged_init_as_worse_than_any_loss():
+    from pretrain.bench import Run, curve_summary, median_curve
+
+    nan = float("nan")
+    assert median_curve([[2.0, nan], [2.0, nan], [2.0, 0.5]]) == [2.0, float("inf")]
+    runs = [Run([2.0, nan], [0.0, nan]), Run([2.0, nan], [0.0, nan]), Run([2.0, 0.5], [0.0, 1.0])]
+    assert curve_summary([0, 10], runs, target=1.0)["curve_steps_to_target"] is None

@@ -335,7 +335,7 @@ def test_residual_scale_is_the_per_parameter_rms_of_the_sampled_pairs(store_dir)
 
     corpus = open_pairs(store_dir)
     sampler = PairSampler(len(corpus.train), 4, seed=0, task=corpus.task)
-    scale = train_mod.residual_scale_estimate(train_mod.sample_updates(corpus.train, sampler, batches=3))
+    scale = train_mod.residual_scale_estimate(train_mod.sample_updates(corpus.train, sampler, count=12))
     diffs = []
     for b in range(3):
         indices, perms = sampler.global_batch(b, stream="residual-std")
@@ -354,7 +354,7 @@ def test_preconditioned_training_exports_its_residual_scale_and_loads(store_dir,
     state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
     scale = state["model"]["residual_scale"]
     assert scale.shape == (7960,) and (scale > 0).all() and scale.std() > 0  # measured, not the constant
-    assert state["config"]["residual_std"] == pytest.approx(scale.square().mean().sqrt().item(), rel=1e-5)
+    assert state["model_config"]["residual_std"] == pytest.approx(scale.square().mean().sqrt().item(), rel=1e-5)
     manifest = json.loads(result.manifest.read_text())
     assert manifest["model_config"]["precondition"] is True
     assert manifest["training"]["init_fraction"] == 0.5
@@ -363,3 +363,45 @@ def test_preconditioned_training_exports_its_residual_scale_and_loads(store_dir,
     new = loaded.sample(torch.randn(2, 7960) * 0.1, torch.tensor([2.0, 1.0]), torch.tensor([0.5, 0.5]), steps=2,
                         generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(new).all()
+
+
+NEW_OPTIONS = dict(precondition=True, pca_init=True, subspace_skip=True, snr_window=(-4.0, 6.0), init_fraction=0.5)
+
+
+def test_resumed_run_with_every_new_option_equals_an_uninterrupted_one(store_dir, tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    result = train(tiny(store_dir, whole, **NEW_OPTIONS))
+    train(tiny(store_dir, parts, stop_after=3, **NEW_OPTIONS))
+    resumed = train(tiny(store_dir, parts, resume=True, **NEW_OPTIONS))  # the same Python config as at the start
+    assert resumed.step == 6
+    assert state_hash(resumed.model) == state_hash(result.model) and state_hash(resumed.ema) == state_hash(result.ema)
+    assert_same_training_state(whole, parts)
+    assert log_without_timing(parts) == log_without_timing(whole)
+    state = load_checkpoint(parts / CHECKPOINT_NAME)
+    assert state["config"]["residual_std"] is None  # what was asked; the measured σ lives in the model
+    assert state["model_config"]["residual_std"] > 0 and state["model_config"]["subspace_skip"] is True
+
+
+def test_new_options_change_what_training_does(store_dir, tmp_path):
+    plain = train(tiny(store_dir, tmp_path / "plain", precondition=True))
+    windowed = train(tiny(store_dir, tmp_path / "windowed", precondition=True, snr_window=(-1.0, 1.0)))
+    focused = train(tiny(store_dir, tmp_path / "focused", precondition=True, init_fraction=1.0))
+    assert len({state_hash(plain.model), state_hash(windowed.model), state_hash(focused.model)}) == 3
+
+
+def test_checkpoint_from_before_the_new_options_still_resumes(store_dir, tmp_path):
+    train(tiny(store_dir, tmp_path, stop_after=3))
+    path = tmp_path / CHECKPOINT_NAME
+    state = load_checkpoint(path)
+    for key in ("init_fraction", "precondition", "residual_std", "pca_init", "subspace_skip", "snr_window"):
+        del state["config"][key]
+    for key in ("precondition", "residual_std", "subspace_skip"):
+        del state["model_config"][key]
+    train_mod.atomic_torch_save(state, path)  # a new file: the loaded state still maps the old one
+    assert train(tiny(store_dir, tmp_path, resume=True)).step == 6
+
+
+def test_residual_std_needs_precondition(store_dir, tmp_path):
+    with pytest.raises(ConfigError, match="--precondition"):
+        train(tiny(store_dir, tmp_path, residual_std=0.3))
+    assert not any(tmp_path.iterdir())

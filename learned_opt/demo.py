@@ -181,6 +181,24 @@ def demo_optimizer(model: torch.nn.Module, generator, task: Task, config: DemoCo
         ) from None
 
 
+def one_update(task: Task, data, config) -> tuple[Any, torch.nn.Module, Any, torch.Tensor, Any]:
+    """A fresh seeded network of ``task`` given one ``GptOptimizer.generate`` update, the closure
+    measuring the generator's metric on ``data``: ``(generator, model, layout, init [P], report)``."""
+    generator = load_demo_generator(config, task)
+    layout = task.layout()
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left alone
+        torch.manual_seed(config.seed)
+        model = task.build_model()
+    init = layout.flatten_module(model)  # [P]
+    name = generator.metric_name
+
+    def closure() -> dict[str, torch.Tensor]:
+        return task.evaluate(layout.flatten_module(model)[None], data, [name])  # name -> [1]
+
+    report = demo_optimizer(model, generator, task, config).generate(closure)
+    return generator, model, layout, init, report
+
+
 def run_demo(config: DemoConfig, data=None) -> dict:
     """Run the demo; returns the results (also written to ``out/demo.json``, or for
     ``cartpole-mlp`` to ``out/demo_cartpole.json``)."""
@@ -195,19 +213,7 @@ def run_demo(config: DemoConfig, data=None) -> dict:
     task = tasks.get(config.task)
     if data is None:  # first: without data there is nothing to show, whatever the generator
         data = task.load_data(config.data_root, download=config.download)
-    generator = load_demo_generator(config, task)
-    layout = task.layout()
-    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left alone
-        torch.manual_seed(config.seed)
-        model = task.build_model()
-    init = layout.flatten_module(model)  # [P]
-    name = generator.metric_name
-
-    def closure() -> dict[str, torch.Tensor]:
-        return task.evaluate(layout.flatten_module(model)[None], data, [name])  # name -> [1]
-
-    opt = demo_optimizer(model, generator, task, config)
-    report = opt.generate(closure)
+    generator, model, layout, init, report = one_update(task, data, config)
     before = task.evaluate(init[None], data, ["test_loss", "test_error"])
     after = task.evaluate(layout.flatten_module(model)[None], data, ["test_loss", "test_error"])
     eval_steps = list(range(0, config.steps + 1, config.eval_every)) + [config.steps]
@@ -218,7 +224,7 @@ def run_demo(config: DemoConfig, data=None) -> dict:
     gen_loss = float(after["test_loss"][0])
     result = {
         "task": task.name,
-        "generator": {"name": generator.name, "sha256": generator.sha256, "metric": name},
+        "generator": {"name": generator.name, "sha256": generator.sha256, "metric": generator.metric_name},
         "seed": config.seed,
         "init": {"test_loss": float(before["test_loss"][0]), "test_error": float(before["test_error"][0])},
         "update": {

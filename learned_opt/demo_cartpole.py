@@ -49,7 +49,7 @@ def first_step_at_or_above(steps: Sequence[int], values: Sequence[float], target
 
 def run_cartpole_demo(config: "DemoConfig") -> dict:
     """Run the CartPole demo; returns the results (also written to ``out/demo_cartpole.json``)."""
-    from .demo import demo_optimizer, load_demo_generator
+    from .demo import one_update
 
     task = tasks.get("cartpole-mlp")
     ppo_config = PPOConfig()
@@ -57,19 +57,7 @@ def run_cartpole_demo(config: "DemoConfig") -> dict:
         raise ConfigError(f"--ppo-env-steps must be >= {ppo_config.steps_per_update} (one PPO update of "
                           f"{ppo_config.envs} environments x {ppo_config.horizon} steps), got {config.ppo_env_steps}")
     data = task.load_data()
-    generator = load_demo_generator(config, task)
-    layout = task.layout()
-    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left alone
-        torch.manual_seed(config.seed)
-        model = task.build_model()
-    init = layout.flatten_module(model)  # [P]
-    name = generator.metric_name
-
-    def closure() -> dict[str, torch.Tensor]:
-        return task.evaluate(layout.flatten_module(model)[None], data, [name])  # name -> [1]
-
-    opt = demo_optimizer(model, generator, task, config)
-    report = opt.generate(closure)
+    generator, model, layout, init, report = one_update(task, data, config)
     updated = layout.flatten_module(model)
     ppo = train_ppo(task, init, config.ppo_env_steps, ppo_config, seed=config.seed)
 
@@ -84,7 +72,7 @@ def run_cartpole_demo(config: "DemoConfig") -> dict:
         trajectory[policy] = a[np.isfinite(a)].tolist()  # NaN after the episode ended
     result = {
         "task": task.name,
-        "generator": {"name": generator.name, "sha256": generator.sha256, "metric": name},
+        "generator": {"name": generator.name, "sha256": generator.sha256, "metric": generator.metric_name},
         "seed": config.seed,
         "init": {"return": curve[0], "episode_returns": returns[1].tolist()},
         "update": {

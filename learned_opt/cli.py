@@ -19,7 +19,7 @@ from .errors import LearnedOptError
 COMMANDS: dict[str, tuple[str, str]] = {
     "corpus": ("pretrain.corpus", "train many networks at once and store their checkpoints"),
     "train": ("pretrain.train", "train a generator on a checkpoint corpus"),
-    "eval": ("pretrain.evaluate", "evaluate a generator against SGD and Adam on fresh inits"),
+    "eval": ("pretrain.evaluate", "evaluate a generator on fresh inits, against Adam and SGD (MNIST) or PPO (CartPole)"),
     "demo": ("learned_opt.demo", "one generative update on a random CartPole policy or MNIST MLP, next to PPO or Adam and SGD"),
     "bench": ("pretrain.bench", "measure GptOptimizer's periodic mode against its base optimizer"),
 }

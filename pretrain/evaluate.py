@@ -1,34 +1,50 @@
-"""Evaluate a generator on fresh inits: one step, Adam/SGD, prompt alignment, repeats, memorisation.
+"""Evaluate a generator on fresh inits: one step, baselines, prompt alignment, repeats, memorisation.
 
 What ``learned-opt eval`` measures, on ``--inits N`` fresh initialisations (PyTorch's default init
 after ``torch.manual_seed(seed)``, seeds ``--seed + i``, default ``1_000_000 + i``: corpus runs use
-``corpus_seed + run_id`` with small seeds; with ``--store`` an overlap is refused):
+``corpus_seed + run_id`` with small seeds; with ``--store`` an overlap is refused). The baselines
+depend on the generator's task (:func:`suite_for`): Adam and SGD for ``mnist-mlp``, PPO for
+``cartpole-mlp``.
 
 * **one step** — one update prompted with the generator's best prompt (clamped into its metric
   range, as :class:`~learned_opt.GptOptimizer` does), ``--sampling-steps`` with ``--method``; test
-  loss and error before and after (median and quartiles).
-* **baselines** — the same inits trained with Adam (lr 1e-3, batch 128, constant lr) and SGD with
-  G.pt's recipe (Nesterov 0.9, lr 0.1, wd 5e-4, batch 128, cosine over 25 epochs stepped per
-  epoch), together, by :class:`pretrain.corpus.BatchedMLPTrainer`; test loss at a 1-2-3-5 log grid
-  up to ``--max-steps``. Per init: the first grid step at or below the update's test loss (None:
-  not reached). Wall time: one update for one network (measuring its metric on the full test set,
-  which conditions the generator, plus ``LoadedGenerator.sample`` with B = 1; medians of 3)
-  against that many Adam steps, timed with a plain ``torch.optim.Adam`` loop (evaluation excluded).
-  The Adam loop always runs on the CPU: with ``--device cuda`` the update is timed on the GPU and
-  the ratio compares different hardware.
+  loss and error before and after (median and quartiles). On ``cartpole-mlp`` the greedy return,
+  and the share of inits whose return is at least ``SOLVED_RETURN`` = 475 (CartPole-v1's "solved"
+  threshold) at init and after 1, 2, 5 and 10 updates.
+* **baselines** — ``mnist-mlp``: the same inits trained with Adam (lr 1e-3, batch 128, constant
+  lr) and SGD with G.pt's recipe (Nesterov 0.9, lr 0.1, wd 5e-4, batch 128, cosine over 25 epochs
+  stepped per epoch), together, by :class:`pretrain.corpus.BatchedMLPTrainer`; test loss at a
+  1-2-3-5 log grid up to ``--max-steps``. Per init: the first grid step at or below the update's
+  test loss (None: not reached). Wall time: one update for one network (measuring its metric on
+  the full test set, which conditions the generator, plus ``LoadedGenerator.sample`` with B = 1;
+  medians of 3) against that many Adam steps, timed with a plain ``torch.optim.Adam`` loop
+  (evaluation excluded). The Adam loop always runs on the CPU: with ``--device cuda`` the update is
+  timed on the GPU and the ratio compares different hardware.
+  ``cartpole-mlp``: the same inits trained with PPO (:func:`pretrain.ppo.train_ppo`, the default
+  :class:`~pretrain.ppo.PPOHparams`, the corpus's step structure ``CORPUS_SHAPE``: 8 environments x
+  128 steps per update, 4 epochs of 4 minibatches; run seeds = the init seeds, so it is
+  reproducible) for ``--max-env-steps`` environment steps, a checkpoint after every update (every
+  1,024 env steps) and its greedy return. Per init: the first checkpoint's env steps at or above
+  the update's return, and at or above 475 (None: not reached). Wall time: one update (measuring
+  the return, plus sampling; medians of 3) against the PPO env steps it replaces, PPO's seconds per
+  env step timed by a separate call training one run alone for min(``--max-env-steps``, 4,096) env
+  steps (checkpointing only its ends, evaluation excluded), since the batched baseline shares each
+  step among all inits.
 * **prompt alignment** — ``--prompts`` prompts per network evenly spaced between the best prompt
   and the network's starting metric; R² between prompted and achieved metric per network (G.pt's
   definition: ``1 - Σ(achieved - prompted)² / Σ(prompted - mean prompted)²``), averaged.
-* **repeated prompting** — the metric after 1..10 successive best-prompt updates, feeding each new
+* **repeated prompting** — the metrics after 1..10 successive best-prompt updates, feeding each new
   θ and its measured metric back (reported at 1, 2, 5, 10).
 * **memorisation** — each generated network's distance to its nearest corpus checkpoint after
-  aligning hidden units (:func:`aligned_distance`), against the nearest-neighbour distance between
-  checkpoints of different corpus runs, and the test loss of that nearest checkpoint.
+  aligning hidden units (:func:`aligned_distance`; exact for one hidden layer, weight matching for
+  more), against the nearest-neighbour distance between checkpoints of different corpus runs, and
+  the test loss (the return, on ``cartpole-mlp``) of that nearest checkpoint.
 * **out-of-distribution inits** — Kaiming-normal weights (zero biases) and the default uniform init
   scaled by 3: one update and up to 10 repeated.
 
 Writes ``eval.json`` (numbers, config, seeds, generator sha256, hardware, wall times) and PNG plots
-into ``--out`` and prints a summary table.
+(``one_step.png``, ``prompt_alignment.png``, ``baselines.png``) into ``--out`` and prints a summary
+table.
 """
 
 from __future__ import annotations
@@ -40,20 +56,23 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from learned_opt import __version__, tasks
 from learned_opt.demo import first_step_at_or_below, train_baseline
+from learned_opt.demo_cartpole import first_step_at_or_above
 from learned_opt.errors import ConfigError
 from learned_opt.pretrained import LoadedGenerator, load_generator
 from learned_opt.tasks import Task
+from learned_opt.tasks.cartpole_mlp import CartPoleMLP
 
 from .corpus import ADAM, GPT_RECIPE, BatchedMLPTrainer, RunPlan
+from .ppo import CORPUS_SHAPE, PPOHparams, PPOShape, train_ppo
 from .store import Store
 
 REPEATS_REPORTED = (1, 2, 5, 10)
@@ -63,6 +82,11 @@ CONSTANT_LR_EPOCHS = 10**9
 ADAM_BASELINE = {"optimizer": ADAM, "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0, "batch_size": 128,
                  "epochs": CONSTANT_LR_EPOCHS, "schedule": "constant", "adam_beta2": 0.999, "adam_eps": 1e-8}
 SGD_BASELINE = {**GPT_RECIPE, "schedule": "cosine-per-epoch", "adam_beta2": 0.999, "adam_eps": 1e-8}
+SOLVED_RETURN = 475.0  # CartPole-v1's reward threshold: a policy with this mean return "solves" it
+PPO_TIMING_ENV_STEPS = 4096  # env steps of the single PPO run timed for seconds per env step
+RETURN_BATCH = 1024  # policies rolled out at once when measuring the PPO checkpoints' returns
+SCREEN_ELEMENTS = 2**22  # bounds the [Q, m, H, H] tensors of the memorisation screening per chunk
+METRIC_LABELS = {"test_loss": "test loss", "test_error": "test error %", "return": "return"}
 
 
 @dataclass
@@ -78,6 +102,7 @@ class EvalConfig:
     sampling_steps: int = 50
     method: str = "ddim"
     max_steps: int = 3000  # Adam / SGD steps (11,700 for the full comparison)
+    max_env_steps: int = 100_000  # PPO environment steps per init (cartpole-mlp)
     prompts: int = 20  # per network, for prompt alignment
     repeats: int = 10  # successive updates
     memo_runs: int = 500  # corpus runs searched in the memorisation check
@@ -90,7 +115,7 @@ class EvalConfig:
     plots: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("inits", "sampling_steps", "max_steps", "prompts", "repeats", "memo_runs",
+        for name in ("inits", "sampling_steps", "max_steps", "max_env_steps", "prompts", "repeats", "memo_runs",
                      "memo_checkpoints", "memo_queries", "timing_steps", "sample_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -132,9 +157,17 @@ def summary(values: Sequence[float | None]) -> dict:
     return {"n": len(v), "median": med, "q1": q1, "q3": q3, "mean": statistics.fmean(v), "min": v[0], "max": v[-1]}
 
 
-def steps_to_reach(grid: Sequence[int], curves: torch.Tensor, targets: torch.Tensor) -> list[int | None]:
-    """Per network, the first grid step whose value is at or below its target: ``[N, G]``, ``[N]``."""
-    return [first_step_at_or_below(grid, c.tolist(), float(t)) for c, t in zip(curves, targets)]
+def steps_to_reach(grid: Sequence[int], curves: torch.Tensor, targets: torch.Tensor,
+                   direction: str = "min") -> list[int | None]:
+    """Per network, the first grid step whose value is at or below its target (``direction="max"``:
+    at or above): ``[N, G]``, ``[N]``; None where never reached (or the target is NaN)."""
+    first = {"min": first_step_at_or_below, "max": first_step_at_or_above}[direction]
+    return [first(grid, c.tolist(), float(t)) for c, t in zip(curves, targets)]
+
+
+def solved_share(returns: torch.Tensor) -> float:
+    """The share of ``[N]`` returns at or above :data:`SOLVED_RETURN`."""
+    return float((returns >= SOLVED_RETURN).double().mean())
 
 
 def _reach_summary(reach: list[int | None], curves: torch.Tensor) -> dict:
@@ -215,45 +248,115 @@ def hungarian(cost: torch.Tensor) -> torch.Tensor:
     return torch.tensor(col, dtype=torch.long)
 
 
-def unit_vectors(task: Task, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Everything attached to each hidden unit, and the rest: ``[B, P]`` -> ``[B, H, D]``, ``[B, R]``.
+def _hidden_layers(task: Task) -> int:
+    """The number of hidden layers of the task's MLP (``fc1`` .. ``fc{L+1}``); at least one."""
+    depth = len(task.hidden_sizes())
+    if depth < 1:
+        raise ConfigError(f"the memorisation check aligns hidden units; task {task.name!r} has no hidden layer")
+    return depth
 
-    For a one-hidden-layer MLP a unit is its row of ``fc1.weight``, its ``fc1.bias`` and its column
-    of ``fc2.weight``; ``fc2.bias`` does not move under a permutation.
+
+def _units(p: dict[str, torch.Tensor], layer: int, outgoing: bool) -> torch.Tensor:
+    """What is attached to each unit of hidden layer ``layer`` (1-based), ``[..., H, D]``: its row of
+    ``fc{layer}.weight`` and its ``fc{layer}.bias``, and with ``outgoing`` its column of
+    ``fc{layer+1}.weight`` (``p``: unflattened parameters with leading dims ``...``)."""
+    parts = [p[f"fc{layer}.weight"], p[f"fc{layer}.bias"][..., None]]
+    if outgoing:
+        parts.append(p[f"fc{layer + 1}.weight"].transpose(-1, -2))
+    return torch.cat(parts, -1)
+
+
+def align_hidden_units(task: Task, a: torch.Tensor, b: torch.Tensor, sweeps: int = 20) -> list[torch.Tensor]:
+    """Permutations of ``b``'s hidden units, one ``[H_l]`` per layer, that bring flat ``b`` [P] near ``a`` [P].
+
+    Layer by layer from the input, each layer's units are matched by the exact assignment
+    (:func:`hungarian`) minimising the squared distance of their incoming weights and biases (the
+    earlier layers already aligned) and, in the last hidden layer, their outgoing weights too. With
+    one hidden layer that is the exact optimum. With more, sweeps of weight matching (Ainsworth et
+    al., 2023) follow: each layer re-matched on everything attached to its units with the other
+    layers fixed, which never increases the distance, until a sweep changes nothing (at most
+    ``sweeps``): a local optimum.
     """
-    if len(task.hidden_sizes()) != 1:
-        raise ConfigError(f"the memorisation check aligns one hidden layer; task {task.name!r} has "
-                          f"{len(task.hidden_sizes())}")
-    p = task.layout().unflatten(flat)
-    units = torch.cat([p["fc1.weight"], p["fc1.bias"][..., None], p["fc2.weight"].transpose(-1, -2)], -1)
-    return units, p["fc2.bias"]
+    depth, layout = _hidden_layers(task), task.layout()
+    pa = layout.unflatten(a[None].double())
+    perms = [torch.arange(h) for h in task.hidden_sizes()]
+
+    def match(layer: int, outgoing: bool) -> torch.Tensor:  # that layer as stored, the others aligned
+        others = [torch.arange(len(p)) if i == layer else p for i, p in enumerate(perms, start=1)]
+        pb = layout.unflatten(task.permute(b[None].double(), [p[None] for p in others]))
+        return hungarian(torch.cdist(_units(pa, layer, outgoing)[0], _units(pb, layer, outgoing)[0]) ** 2)
+
+    for layer in range(1, depth + 1):
+        perms[layer - 1] = match(layer, layer == depth)
+    for _ in range(sweeps if depth > 1 else 0):
+        changed = False
+        for layer in range(1, depth + 1):
+            new = match(layer, True)
+            changed |= not torch.equal(new, perms[layer - 1])
+            perms[layer - 1] = new
+        if not changed:
+            break
+    return perms
 
 
-def _greedy_cost(cost: torch.Tensor) -> torch.Tensor:
-    """Total cost of a greedy assignment of each ``[..., H, H]`` matrix (an upper bound of the optimum)."""
+def _greedy_assignment(cost: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A greedy assignment of each ``[..., H, H]`` matrix: its total cost (an upper bound of the
+    optimum) and the column of each row, ``[..., H]``."""
     c = cost.clone()
     h = c.shape[-1]
     total = torch.zeros(c.shape[:-2], dtype=c.dtype, device=c.device)
     flat = c.reshape(-1, h * h)
+    cols = torch.empty(flat.shape[0], h, dtype=torch.long, device=c.device)
     for _ in range(h):
         best, idx = flat.min(-1)
         total += best.reshape(total.shape)
         row, col = idx // h, idx % h
         view = flat.view(-1, h, h)
+        cols[torch.arange(view.shape[0]), row] = col
         view[torch.arange(view.shape[0]), row, :] = math.inf
         view[torch.arange(view.shape[0]), :, col] = math.inf
-    return total
+    return total, cols.view(c.shape[:-1])
 
 
-def aligned_distance(task: Task, a: torch.Tensor, b: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """``(‖a - perm(b)‖, perm)``: L2 distance of flat ``a`` [P] to ``b`` [P] after permuting ``b``'s
-    hidden units to match ``a``'s (exact: the assignment minimising the squared distance)."""
-    ua, ra = unit_vectors(task, a[None])
-    ub, rb = unit_vectors(task, b[None])
-    cost = torch.cdist(ua[0].double(), ub[0].double()) ** 2  # [H, H]
-    perm = hungarian(cost)
-    aligned = task.permute(b[None], [perm[None]])[0]
-    return float((a.double() - aligned.double()).norm()), perm
+def aligned_distance(task: Task, a: torch.Tensor, b: torch.Tensor) -> tuple[float, list[torch.Tensor]]:
+    """``(‖a - perm(b)‖, perms)``: L2 distance of flat ``a`` [P] to ``b`` [P] after permuting ``b``'s
+    hidden units to match ``a``'s (:func:`align_hidden_units`; exact for one hidden layer)."""
+    perms = align_hidden_units(task, a, b)
+    aligned = task.permute(b[None], [p[None] for p in perms])[0]
+    return float((a.double() - aligned.double()).norm()), perms
+
+
+def _screen(task: Task, queries: torch.Tensor, candidates: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Squared distances ``[Q, M]`` after a greedy alignment of every (query, candidate) pair, batched.
+
+    Layer by layer as in :func:`align_hidden_units`, each layer assigned greedily, the candidates'
+    incoming weights reordered by each pair's assignment of the layer before: an upper bound of the
+    aligned squared distance.
+    """
+    depth, layout = _hidden_layers(task), task.layout()
+    pq = layout.unflatten(queries.double())
+    nq = queries.shape[0]
+    chunk = max(1, min(chunk, SCREEN_ELEMENTS // (nq * sum(h * h for h in task.hidden_sizes()))))
+    scores = []
+    for start in range(0, candidates.shape[0], chunk):
+        pc = layout.unflatten(candidates[start : start + chunk].double())
+        total, prev = 0, None  # prev [Q, m, H]: each pair's assignment in the layer before
+        for layer in range(1, depth + 1):
+            uq, uc = _units(pq, layer, layer == depth), _units(pc, layer, layer == depth)  # [Q, H, D], [m, H, D]
+            if prev is None:
+                cross = torch.einsum("qid,mjd->qmij", uq, uc)
+            else:  # the candidates' incoming weights, columns in each pair's order: [Q, m, H, H_prev]
+                w = pc[f"fc{layer}.weight"]
+                k = w.shape[-1]
+                w = w[None].expand(nq, -1, -1, -1).gather(3, prev[:, :, None, :].expand(-1, -1, w.shape[1], -1))
+                cross = torch.einsum("qik,qmjk->qmij", uq[..., :k], w) + torch.einsum("qid,mjd->qmij", uq[..., k:], uc[..., k:])
+            # squared distances between every query unit and every candidate unit: [Q, m, H, H]
+            sq = (uq * uq).sum(-1)[:, None, :, None] + (uc * uc).sum(-1)[None, :, None, :] - 2 * cross
+            cost, prev = _greedy_assignment(sq.clamp_min(0))
+            total = total + cost
+        rest = torch.cdist(pq[f"fc{depth + 1}.bias"], pc[f"fc{depth + 1}.bias"]) ** 2  # [Q, m]
+        scores.append(total + rest)
+    return torch.cat(scores, 1)
 
 
 def nearest_aligned(
@@ -262,21 +365,12 @@ def nearest_aligned(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest candidate of each query after hidden-unit alignment: ``[Q, P]``, ``[M, P]`` -> ``[Q]``, ``[Q]``.
 
-    Screening: a greedy assignment for every (query, candidate) pair, batched; then the exact
-    assignment (:func:`hungarian`) for the ``refine`` best candidates of each query, whose smallest
-    exact distance is returned with the candidate's index. ``exclude`` ``[Q, M]`` bool masks pairs
-    (e.g. checkpoints of the query's own run). Distances are L2 in raw parameter units.
+    Screening: a greedy assignment for every (query, candidate) pair, batched (:func:`_screen`);
+    then :func:`aligned_distance` for the ``refine`` best candidates of each query, whose smallest
+    distance is returned with the candidate's index. ``exclude`` ``[Q, M]`` bool masks pairs (e.g.
+    checkpoints of the query's own run). Distances are L2 in raw parameter units.
     """
-    uq, rq = (t.double() for t in unit_vectors(task, queries))  # [Q, H, D], [Q, R]
-    scores = []
-    for start in range(0, candidates.shape[0], chunk):
-        uc, rc = (t.double() for t in unit_vectors(task, candidates[start : start + chunk]))  # [m, H, D]
-        # squared distances between every query unit and every candidate unit: [Q, m, H, H]
-        cross = torch.einsum("qid,mjd->qmij", uq, uc)
-        sq = (uq * uq).sum(-1)[:, None, :, None] + (uc * uc).sum(-1)[None, :, None, :] - 2 * cross
-        rest = torch.cdist(rq, rc) ** 2  # [Q, m]
-        scores.append(_greedy_cost(sq.clamp_min(0)) + rest)
-    screened = torch.cat(scores, 1)  # [Q, M] greedy squared distances
+    screened = _screen(task, queries, candidates, chunk)  # [Q, M] greedy squared distances
     if exclude is not None:
         screened = screened.masked_fill(exclude, math.inf)
     k = min(refine, screened.shape[1])
@@ -320,26 +414,186 @@ class Sampler:
         return torch.cat(out)
 
 
-def _metrics(task: Task, flat: torch.Tensor, data, device, extra: str = "test_loss") -> dict[str, torch.Tensor]:
-    """Test loss and error (and ``extra``) of ``[B, P]`` networks, on the CPU: name -> ``[B]``."""
-    m = task.evaluate(flat.to(device), data, sorted({"test_loss", "test_error", extra}))
+Measure = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+def _metrics(task: Task, flat: torch.Tensor, data, device, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The metrics ``names`` of ``[B, P]`` networks, on the CPU: name -> ``[B]``."""
+    m = task.evaluate(flat.to(device), data, list(names))
     return {k: v.float().cpu() for k, v in m.items()}
 
 
-def repeated_updates(task, sampler: Sampler, theta: torch.Tensor, data, device, n: int, metric: str) -> dict:
+def repeated_updates(sampler: Sampler, theta: torch.Tensor, measure: Measure, n: int, metric: str) -> tuple[dict, torch.Tensor]:
     """Metrics after 0..n successive best-prompt updates, ``{name: [n+1, B]}``, and θ after the first
-    update ``[B, P]``. Each update is conditioned on the metric measured after the previous one."""
-    m = _metrics(task, theta, data, device, metric)
+    update ``[B, P]``. Each update is conditioned on ``metric`` measured after the previous one."""
+    m = measure(theta)
     hist = {k: [v] for k, v in m.items()}
     prompt = torch.full((theta.shape[0],), sampler.gen.best_prompt)
     first = None
     for _ in range(n):
         theta = sampler(theta, m[metric], prompt)
         first = theta if first is None else first
-        m = _metrics(task, theta, data, device, metric)
+        m = measure(theta)
         for k, v in m.items():
             hist[k].append(v)
     return {k: torch.stack(v) for k, v in hist.items()}, first
+
+
+# ---------------------------------------------------------------------- the baselines of each task
+
+
+class ClassifierSuite:
+    """``mnist-mlp``: Adam and SGD from the same inits, test loss on a 1-2-3-5 grid of steps."""
+
+    metrics = ("test_loss", "test_error")  # measured for every network, besides the generator's metric
+    memo_metric = "test_loss"  # reported for the nearest corpus checkpoint
+    table_metric = "test_error"  # the repeated and OOD rows of the printed table
+    baseline, baseline_label, unit = "adam", "Adam", "step"  # what one update's wall time is set against
+
+    def check(self, task: Task, config: EvalConfig) -> None:
+        for m in self.metrics:
+            task.metric(m)
+
+    def seconds_per_step(self, task, theta0: torch.Tensor, seeds: Sequence[int], data, config: EvalConfig) -> tuple[float, dict]:
+        """A plain ``torch.optim.Adam`` loop on one network (evaluation excluded)."""
+        return train_baseline(task, theta0[0], data, "adam", config.timing_steps, (), seed=0).seconds_per_step, {}
+
+    def run(self, task, theta0: torch.Tensor, seeds: Sequence[int], data, config: EvalConfig,
+            after: dict[str, torch.Tensor]) -> tuple[dict, list[int | None]]:
+        """The ``baselines`` section, and per init the Adam steps to reach the update's test loss."""
+        grid = log_grid(config.max_steps)
+        curves = _baselines(task, theta0, seeds, data, config, grid)
+        reach = {o: steps_to_reach(grid, c, after["test_loss"]) for o, c in curves.items()}
+        return {
+            "grid": grid,
+            "adam": {"hparams": ADAM_BASELINE, "test_loss": curves["adam"].tolist(), "steps_to_reach": reach["adam"]},
+            "sgd": {"hparams": SGD_BASELINE, "test_loss": curves["sgd"].tolist(), "steps_to_reach": reach["sgd"]},
+            "summary": {
+                **{f"{o}_{k}": v for o in ("adam", "sgd") for k, v in _reach_summary(reach[o], curves[o]).items()},
+            },
+        }, reach["adam"]
+
+    def one_step_extra(self, hist: dict[str, torch.Tensor]) -> dict:
+        return {}
+
+    def share_rows(self, result: dict) -> list:
+        return []
+
+    def baseline_rows(self, result: dict) -> list:
+        bl, n = result["baselines"]["summary"], len(result["seeds"])
+        return [(f"Adam steps to reach (not reached: {bl['adam_not_reached']}/{n}, diverged: {bl['adam_diverged']})",
+                 bl["adam_steps_to_reach"]),
+                (f"SGD steps to reach (not reached: {bl['sgd_not_reached']}/{n}, diverged: {bl['sgd_diverged']})",
+                 bl["sgd_steps_to_reach"])]
+
+    def plot_one_step(self, result: dict, out: Path) -> Path:
+        return _plot_before_after(result, out, "test_loss", log=True)
+
+    def plot_baselines(self, result: dict, out: Path) -> Path:
+        bl = result["baselines"]
+        return _plot_curves(
+            out, [max(s, 1) for s in bl["grid"]],  # log axis: step 0 drawn at 1
+            [("Adam lr 1e-3", bl["adam"]["test_loss"]), ("SGD (G.pt recipe)", bl["sgd"]["test_loss"])],
+            [(result["one_step"]["summary"]["after_test_loss"]["median"], "--", "1 generative update (median)")],
+            "training steps (batch 128; step 0 drawn at 1)", f"{result['generator']['task']} test loss", log_x=True,
+        )
+
+
+class CartPoleSuite:
+    """``cartpole-mlp``: PPO from the same inits, the greedy return after every PPO update."""
+
+    metrics = ("return",)
+    memo_metric = table_metric = "return"
+    baseline, baseline_label, unit = "ppo", "PPO", "env_step"
+
+    @staticmethod
+    def shape(config: EvalConfig) -> PPOShape:
+        return replace(CORPUS_SHAPE, total_steps=config.max_env_steps)
+
+    def check(self, task: Task, config: EvalConfig) -> None:
+        shape = self.shape(config)
+        if config.max_env_steps < shape.envs * shape.horizon:
+            raise ConfigError(f"--max-env-steps must be >= {shape.envs * shape.horizon} (one PPO update of {shape.envs} "
+                              f"environments x {shape.horizon} steps), got {config.max_env_steps}")
+
+    def seconds_per_step(self, task, theta0: torch.Tensor, seeds: Sequence[int], data, config: EvalConfig) -> tuple[float, dict]:
+        """One PPO run alone (the baseline's hyperparameters and step structure), evaluation excluded."""
+        shape = replace(self.shape(config), total_steps=min(config.max_env_steps, PPO_TIMING_ENV_STEPS))
+        t = time.perf_counter()
+        res = train_ppo(task, theta0[:1], PPOHparams(), shape, run_seeds=seeds[:1], checkpoint_at=[0, shape.grad_steps])
+        seconds, env_steps = time.perf_counter() - t, int(res.env_steps[0, -1])
+        return seconds / env_steps, {"ppo_timing_env_steps": env_steps,
+                                     "ppo_timing": "one PPO run trained alone (not the batched baseline)"}
+
+    def run(self, task, theta0: torch.Tensor, seeds: Sequence[int], data, config: EvalConfig,
+            after: dict[str, torch.Tensor]) -> tuple[dict, list[int | None]]:
+        """The ``baselines`` section, and per init the PPO env steps to reach the update's return."""
+        shape = self.shape(config)
+        per_update = shape.epochs * shape.minibatches
+        bar = tqdm(total=shape.grad_steps, desc="PPO baseline", unit="grad step", disable=not config.progress)
+        res = train_ppo(task, theta0, PPOHparams(), shape, seed=config.seed, run_seeds=seeds,
+                        checkpoint_at=[u * per_update for u in range(shape.updates + 1)],
+                        progress=lambda done: bar.update(done - bar.n))
+        bar.close()
+        grid = res.env_steps[0].tolist()  # the same for every run: after each update
+        n, g = res.checkpoints.shape[:2]
+        flat = res.checkpoints.reshape(n * g, -1)
+        returns = torch.cat([task.evaluate(flat[s : s + RETURN_BATCH], data)["return"]
+                             for s in range(0, n * g, RETURN_BATCH)]).float().view(n, g)
+        reach = steps_to_reach(grid, returns, after["return"], "max")
+        solve = steps_to_reach(grid, returns, torch.full((n,), SOLVED_RETURN), "max")
+        r, s = _reach_summary(reach, returns), _reach_summary(solve, returns)
+        return {
+            "env_steps": grid,
+            "ppo": {"hparams": asdict(PPOHparams()), "shape": asdict(shape), "return": returns.tolist(),
+                    "steps_to_reach": reach, "steps_to_solve": solve},
+            "summary": {
+                "ppo_steps_to_reach": r["steps_to_reach"], "ppo_not_reached": r["not_reached"],
+                "ppo_steps_to_solve": s["steps_to_reach"], "ppo_not_solved": s["not_reached"],
+                "ppo_final_return": summary(returns[:, -1].tolist()),
+                "ppo_final_solved_share": solved_share(returns[:, -1]),
+            },
+        }, reach
+
+    def one_step_extra(self, hist: dict[str, torch.Tensor]) -> dict:
+        """The share of inits at or above the solved return after 0, 1, 2, 5, 10 updates."""
+        returns = hist["return"]  # [n+1, N]
+        reported = [r for r in (0, *REPEATS_REPORTED) if r < returns.shape[0]]
+        return {"solved": {"threshold": SOLVED_RETURN, "share": {str(r): solved_share(returns[r]) for r in reported}}}
+
+    def share_rows(self, result: dict) -> list:
+        solved = result["one_step"]["solved"]
+        return [(f"share with return >= {solved['threshold']:g}, {_updates(int(r))}", {"median": s})
+                for r, s in solved["share"].items()]
+
+    def baseline_rows(self, result: dict) -> list:
+        bl, n = result["baselines"]["summary"], len(result["seeds"])
+        steps = result["baselines"]["env_steps"][-1]
+        return [(f"PPO env steps to reach the update (not reached: {bl['ppo_not_reached']}/{n})", bl["ppo_steps_to_reach"]),
+                (f"PPO env steps to reach {SOLVED_RETURN:g} (not reached: {bl['ppo_not_solved']}/{n})",
+                 bl["ppo_steps_to_solve"]),
+                (f"PPO return after {steps:,} env steps", bl["ppo_final_return"])]
+
+    def plot_one_step(self, result: dict, out: Path) -> Path:
+        return _plot_before_after(result, out, "return", log=False, solved=SOLVED_RETURN)
+
+    def plot_baselines(self, result: dict, out: Path) -> Path:
+        bl = result["baselines"]
+        return _plot_curves(
+            out, bl["env_steps"], [("PPO (default hyperparameters)", bl["ppo"]["return"])],
+            [(result["one_step"]["summary"]["after_return"]["median"], "--", "1 generative update (median)"),
+             (SOLVED_RETURN, ":", f"solved ({SOLVED_RETURN:g})")],
+            "environment steps", f"{result['generator']['task']} greedy return", log_x=False,
+        )
+
+
+def suite_for(task: Task) -> ClassifierSuite | CartPoleSuite:
+    """The baselines and metrics ``eval`` uses for ``task``."""
+    return CartPoleSuite() if isinstance(task, CartPoleMLP) else ClassifierSuite()
+
+
+def _updates(r: int) -> str:
+    return "init" if r == 0 else "1 update" if r == 1 else f"{r} updates"
 
 
 # ---------------------------------------------------------------------- the sections
@@ -376,7 +630,7 @@ def _baselines(task, theta0: torch.Tensor, seeds: Sequence[int], data, config: E
         for i in range(n):
             p = params.get(offset + i)
             if p is not None:
-                curves[i] = _metrics(task, p, data, config.device)["test_loss"]
+                curves[i] = _metrics(task, p, data, config.device, ("test_loss",))["test_loss"]
         out[name] = curves
     return out
 
@@ -390,13 +644,15 @@ def _corpus_seeds(store: Store) -> set[int]:
     return {int(store.read_info(r)[0]) for r in store.run_ids()}
 
 
-def _memorisation(task, store: Store, generated: torch.Tensor, achieved: torch.Tensor, config: EvalConfig) -> dict:
-    """Nearest corpus checkpoints of the generated networks, and the corpus's own NN distances."""
+def _memorisation(task, store: Store, generated: torch.Tensor, achieved: torch.Tensor, config: EvalConfig,
+                  metric: str = "test_loss") -> dict:
+    """Nearest corpus checkpoints of the generated networks (with their ``metric``), and the corpus's
+    own NN distances."""
     ids = store.run_ids()
     if len(ids) > config.memo_runs:  # evenly spaced run ids: deterministic
         ids = [ids[round(i * (len(ids) - 1) / (config.memo_runs - 1))] for i in range(config.memo_runs)] \
             if config.memo_runs > 1 else ids[:1]
-    cand, cand_run, cand_step, cand_loss = [], [], [], []
+    cand, cand_run, cand_step, cand_metric = [], [], [], []
     for r in tqdm(ids, desc="memorisation: reading corpus", unit="run", disable=not config.progress):
         steps, metrics = store.read_metrics(r)
         k = len(steps)
@@ -404,7 +660,7 @@ def _memorisation(task, store: Store, generated: torch.Tensor, achieved: torch.T
         cand.append(store.read_checkpoints(r, rows))
         cand_run += [r] * len(rows)
         cand_step += steps[rows].tolist()
-        cand_loss += metrics["test_loss"][rows].tolist() if "test_loss" in metrics else [math.nan] * len(rows)
+        cand_metric += metrics[metric][rows].tolist() if metric in metrics else [math.nan] * len(rows)
     cands = torch.cat(cand)  # [M, P]
     runs = torch.tensor(cand_run)
     dist, idx = nearest_aligned(task, generated, cands)
@@ -414,6 +670,7 @@ def _memorisation(task, store: Store, generated: torch.Tensor, achieved: torch.T
     corpus_dist, _ = nearest_aligned(task, cands[q], cands, exclude=exclude)
     unaligned = (generated[:, None, :] - cands[None, :, :]).norm(dim=-1).min(1).values  # [N]
     typical = summary(corpus_dist.tolist())["median"]
+    nearest = [float(cand_metric[i]) for i in idx.tolist()]
     return {
         "runs_searched": len(ids),
         "checkpoints_searched": len(cands),
@@ -421,17 +678,21 @@ def _memorisation(task, store: Store, generated: torch.Tensor, achieved: torch.T
         "nearest_distance_unaligned": unaligned.tolist(),
         "nearest_run": [cand_run[i] for i in idx.tolist()],
         "nearest_step": [int(cand_step[i]) for i in idx.tolist()],
-        "nearest_test_loss": [float(cand_loss[i]) for i in idx.tolist()],
-        "generated_test_loss": achieved.tolist(),
+        f"nearest_{metric}": nearest,
+        f"generated_{metric}": achieved.tolist(),
         "corpus_nn_distance": corpus_dist.tolist(),
         "summary": {
             "nearest_distance": summary(dist.tolist()),
             "corpus_nn_distance": summary(corpus_dist.tolist()),
             "ratio_to_corpus_nn_median": [d / typical if typical else None for d in dist.tolist()],
-            "nearest_test_loss": summary([float(cand_loss[i]) for i in idx.tolist()]),
+            f"nearest_{metric}": summary(nearest),
         },
         "method": "hidden units aligned by the exact assignment (Hungarian) minimising the squared L2 distance; "
-                  "candidates screened with a greedy assignment, the 8 best per query solved exactly",
+                  "candidates screened with a greedy assignment, the 8 best per query solved exactly"
+                  if len(task.hidden_sizes()) == 1 else
+                  "hidden units aligned layer by layer by the exact assignment (Hungarian), then by weight matching "
+                  "(each layer re-assigned with the others fixed) until nothing changes; candidates screened with a "
+                  "greedy layer-by-layer assignment, the 8 best per query aligned as above",
     }
 
 
@@ -440,18 +701,25 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
     t_start = time.perf_counter()
     gen = load_generator(config.generator, device=config.device)
     task = tasks.get(gen.task)
-    for m in ("test_loss", "test_error"):
-        task.metric(m)
+    suite = suite_for(task)
+    suite.check(task, config)
     if data is None:
         data = task.load_data(config.data_root)
-    dev_data = data.to(config.device) if config.device != "cpu" else data
+    dev_data = data.to(config.device) if config.device != "cpu" and hasattr(data, "to") else data  # CartPole: no tensors
     store = Store.open(config.store) if config.store else None
+    if store is not None and store.task_name != gen.task:
+        raise ConfigError(f"--store holds {store.task_name!r} runs but the generator is for {gen.task!r}")
     seeds = [config.seed + i for i in range(config.inits)]
     if store is not None:
         overlap = sorted(set(seeds) & _corpus_seeds(store))
         if overlap:
             raise ConfigError(f"init seeds {overlap[:5]} were used for corpus runs; choose another --seed")
     name = gen.metric_name
+    names = sorted({*suite.metrics, name})
+
+    def measure(flat: torch.Tensor) -> dict[str, torch.Tensor]:
+        return _metrics(task, flat, dev_data, config.device, names)
+
     sampler = Sampler(gen, config, seed=config.seed)
     times: dict[str, float] = {}
     bar = tqdm(total=6, desc="eval", unit="section", disable=not config.progress)
@@ -459,17 +727,17 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
     # one step + repeated prompting (the first of the repeats is the one-step update)
     t = time.perf_counter()
     theta0 = init_params(task, seeds)  # [N, P]
-    hist, generated = repeated_updates(task, sampler, theta0, dev_data, config.device, config.repeats, name)
+    hist, generated = repeated_updates(sampler, theta0, measure, config.repeats, name)
     times["one_step_and_repeats_s"] = time.perf_counter() - t
     before, after = {k: v[0] for k, v in hist.items()}, {k: v[1] for k, v in hist.items()}
     bar.update(1)
 
-    # timing: one update of one network (measure its metric, then sample), and plain Adam's s/step
+    # timing: one update of one network (measure its metric, then sample), and the baseline's s/step
     t = time.perf_counter()
     one, metric_runs = [], []
     for _ in range(3):
         s = time.perf_counter()
-        m0 = _metrics(task, theta0[:1], dev_data, config.device, name)[name]  # [1]: the conditioning input
+        m0 = measure(theta0[:1])[name]  # [1]: the conditioning input
         metric_runs.append(time.perf_counter() - s)
         s = time.perf_counter()
         gen.sample(theta0[:1].to(gen.device), m0.to(gen.device), sampler.clamp(torch.full((1,), gen.best_prompt)).to(gen.device),
@@ -477,15 +745,13 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
         one.append(time.perf_counter() - s)
     sample_s, metric_s = statistics.median(one), statistics.median(metric_runs)
     update_s = sample_s + metric_s
-    adam_s = train_baseline(task, theta0[0], data, "adam", config.timing_steps, (), seed=0).seconds_per_step
+    base_s, base_info = suite.seconds_per_step(task, theta0, seeds, data, config)
     times["timing_s"] = time.perf_counter() - t
     bar.update(1)
 
     # baselines
     t = time.perf_counter()
-    grid = log_grid(config.max_steps)
-    curves = _baselines(task, theta0, seeds, data, config, grid)
-    reach = {o: steps_to_reach(grid, c, after["test_loss"]) for o, c in curves.items()}
+    baselines, reach = suite.run(task, theta0, seeds, data, config, after)
     times["baselines_s"] = time.perf_counter() - t
     bar.update(1)
 
@@ -496,7 +762,7 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
     prompts = sampler.clamp(gen.best_prompt + frac[None, :] * (before[name][:, None] - gen.best_prompt))  # [N, K]
     theta_k = theta0.repeat_interleave(k, 0)  # [N*K, P]
     out_k = sampler(theta_k, before[name].repeat_interleave(k), prompts.reshape(-1))
-    achieved_k = _metrics(task, out_k, dev_data, config.device, name)[name].view(n, k)  # [N, K]
+    achieved_k = measure(out_k)[name].view(n, k)  # [N, K]
     r2 = r2_score(prompts, achieved_k)  # [N]
     times["prompt_alignment_s"] = time.perf_counter() - t
     bar.update(1)
@@ -504,7 +770,7 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
     # memorisation
     t = time.perf_counter()
     if store is not None and len(store.run_ids()) > 1:
-        memo = _memorisation(task, store, generated, after["test_loss"], config)
+        memo = _memorisation(task, store, generated, after[suite.memo_metric], config, suite.memo_metric)
     else:
         memo = {"skipped": "no --store given (or it holds fewer than 2 runs): memorisation check not run"}
     times["memorisation_s"] = time.perf_counter() - t
@@ -514,14 +780,13 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
     t = time.perf_counter()
     ood = {}
     for kind in ("kaiming-normal", "uniform-x3"):
-        h, _ = repeated_updates(task, sampler, init_params(task, seeds, kind), dev_data, config.device, config.repeats, name)
+        h, _ = repeated_updates(sampler, init_params(task, seeds, kind), measure, config.repeats, name)
         ood[kind] = _repeat_section(h)
     times["ood_s"] = time.perf_counter() - t
     bar.update(1)
     bar.close()
     times["total_s"] = time.perf_counter() - t_start
 
-    adam_needed = [s for s in reach["adam"] if s is not None]
     result = {
         "config": asdict(config),
         "seeds": seeds,
@@ -533,21 +798,12 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
             "before": {k: v.tolist() for k, v in before.items()},
             "after": {k: v.tolist() for k, v in after.items()},
             "summary": {f"{w}_{k}": summary(v.tolist()) for w, d in (("before", before), ("after", after)) for k, v in d.items()},
+            **suite.one_step_extra(hist),
         },
-        "baselines": {
-            "grid": grid,
-            "adam": {"hparams": ADAM_BASELINE, "test_loss": curves["adam"].tolist(), "steps_to_reach": reach["adam"]},
-            "sgd": {"hparams": SGD_BASELINE, "test_loss": curves["sgd"].tolist(), "steps_to_reach": reach["sgd"]},
-            "summary": {
-                **{f"{o}_{k}": v for o in ("adam", "sgd") for k, v in _reach_summary(reach[o], curves[o]).items()},
-            },
-        },
+        "baselines": baselines,
         "timing": {
             "update_seconds": update_s, "sample_seconds": sample_s, "metric_seconds": metric_s,
-            "sample_seconds_runs": one, "adam_seconds_per_step": adam_s,
-            "adam_seconds_for_steps_to_reach": [None if s is None else s * adam_s for s in reach["adam"]],
-            "speedup_vs_adam": [None if s is None else s * adam_s / update_s for s in reach["adam"]],
-            "median_speedup_vs_adam": (statistics.median(adam_needed) * adam_s / update_s) if adam_needed else None,
+            "sample_seconds_runs": one, **_speedups(suite.baseline, suite.unit, reach, base_s, update_s), **base_info,
             "torch_threads": torch.get_num_threads(),
         },
         "prompt_alignment": {
@@ -566,6 +822,18 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
     if config.plots:
         result["plots"] = [str(p) for p in plot_eval(result, out)]
     return result
+
+
+def _speedups(baseline: str, unit: str, reach: list[int | None], per_step: float, update_s: float) -> dict:
+    """The baseline's seconds per step, those of the steps each update replaces, and their ratio to
+    the update's (per init, and the median over the inits the baseline reached)."""
+    needed = [s for s in reach if s is not None]
+    return {
+        f"{baseline}_seconds_per_{unit}": per_step,
+        f"{baseline}_seconds_for_{unit}s_to_reach": [None if s is None else s * per_step for s in reach],
+        f"speedup_vs_{baseline}": [None if s is None else s * per_step / update_s for s in reach],
+        f"median_speedup_vs_{baseline}": (statistics.median(needed) * per_step / update_s) if needed else None,
+    }
 
 
 def _repeat_section(hist: dict[str, torch.Tensor]) -> dict:
@@ -591,6 +859,10 @@ def _hardware(device: str) -> dict:
 # ---------------------------------------------------------------------- report
 
 
+def _suite_of(result: dict) -> ClassifierSuite | CartPoleSuite:
+    return suite_for(tasks.get(result["generator"]["task"]))
+
+
 def plot_eval(result: dict, out: Path) -> list[Path]:
     """``one_step.png``, ``prompt_alignment.png`` and ``baselines.png`` in ``out``."""
     import matplotlib
@@ -598,18 +870,9 @@ def plot_eval(result: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    paths = []
+    suite = _suite_of(result)
+    paths = [suite.plot_one_step(result, out)]
     name = result["generator"]["metric"]
-    # one step: test loss of each init before and after one update
-    fig, ax = plt.subplots(figsize=(5, 4))
-    b, a = result["one_step"]["before"]["test_loss"], result["one_step"]["after"]["test_loss"]
-    for x, y in zip(b, a):
-        ax.plot([0, 1], [x, y], color="tab:blue", alpha=0.4, marker="o")
-    ax.set_xticks([0, 1], ["random init", "1 update"])
-    ax.set_yscale("log")
-    ax.set_ylabel(f"{result['generator']['task']} test loss")
-    ax.set_title(f"one generative update ({len(b)} inits)")
-    paths.append(_save(fig, out / "one_step.png"))
     # prompt alignment: prompted against achieved, with the identity
     pa = result["prompt_alignment"]
     fig, ax = plt.subplots(figsize=(5, 4.5))
@@ -623,24 +886,48 @@ def plot_eval(result: dict, out: Path) -> list[Path]:
     ax.set_title(f"prompt alignment: mean R² = {pa['r2_mean']:.3f}")
     ax.legend()
     paths.append(_save(fig, out / "prompt_alignment.png"))
-    # baselines: median test loss (quartile band) against steps, the update's median as a line
-    bl = result["baselines"]
-    grid = bl["grid"]
-    x = [max(s, 1) for s in grid]  # log axis: step 0 drawn at 1
+    paths.append(suite.plot_baselines(result, out))
+    return paths
+
+
+def _plot_before_after(result: dict, out: Path, metric: str, log: bool, solved: float | None = None) -> Path:
+    """``one_step.png``: ``metric`` of each init before and after one update (``solved``: a dotted line)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    b, a = result["one_step"]["before"][metric], result["one_step"]["after"][metric]
+    for x, y in zip(b, a):
+        ax.plot([0, 1], [x, y], color="tab:blue", alpha=0.4, marker="o")
+    if solved is not None:
+        ax.axhline(solved, color="k", ls=":", label=f"solved ({solved:g})")
+        ax.legend()
+    ax.set_xticks([0, 1], ["random init", "1 update"])
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(f"{result['generator']['task']} {METRIC_LABELS.get(metric, metric)}")
+    ax.set_title(f"one generative update ({len(b)} inits)")
+    return _save(fig, out / "one_step.png")
+
+
+def _plot_curves(out: Path, x: list, curves: list[tuple[str, list]], lines: list[tuple[float, str, str]],
+                 xlabel: str, ylabel: str, log_x: bool) -> Path:
+    """``baselines.png``: the median of each ``[N, G]`` curve with its quartile band against ``x``,
+    and horizontal ``(value, style, label)`` lines."""
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
-    for o, label in (("adam", "Adam lr 1e-3"), ("sgd", "SGD (G.pt recipe)")):
-        c = torch.tensor(bl[o]["test_loss"])  # [N, G]
-        q = torch.nanquantile(c, torch.tensor([0.25, 0.5, 0.75]), dim=0)
+    for label, values in curves:
+        q = torch.nanquantile(torch.tensor(values), torch.tensor([0.25, 0.5, 0.75]), dim=0)
         ax.plot(x, q[1], label=label)
         ax.fill_between(x, q[0], q[2], alpha=0.2)
-    ax.axhline(result["one_step"]["summary"]["after_test_loss"]["median"], color="k", ls="--",
-               label="1 generative update (median)")
-    ax.set_xscale("log")
-    ax.set_xlabel("training steps (batch 128; step 0 drawn at 1)")
-    ax.set_ylabel(f"{result['generator']['task']} test loss")
+    for value, style, label in lines:
+        ax.axhline(value, color="k", ls=style, label=label)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend()
-    paths.append(_save(fig, out / "baselines.png"))
-    return paths
+    return _save(fig, out / "baselines.png")
 
 
 def _save(fig, path: Path) -> Path:
@@ -659,39 +946,37 @@ def _fmt(x, spec: str = ".4f") -> str:
 
 def format_summary(result: dict) -> str:
     """The printed summary table."""
-    one = result["one_step"]["summary"]
-    bl, tm, rep = result["baselines"]["summary"], result["timing"], result["repeated"]["summary"]
-    n = len(result["seeds"])
-    rows = [
-        ("test loss, init (median [q1, q3])", one["before_test_loss"]),
-        ("test loss, 1 update", one["after_test_loss"]),
-        ("test error %, init", one["before_test_error"]),
-        ("test error %, 1 update", one["after_test_error"]),
-    ]
-    rows += [(f"test error %, {r} updates", rep[f"test_error_after_{r}"]) for r in REPEATS_REPORTED[1:]
-             if f"test_error_after_{r}" in rep]
-    rows += [(f"Adam steps to reach (not reached: {bl['adam_not_reached']}/{n}, diverged: {bl['adam_diverged']})",
-              bl["adam_steps_to_reach"]),
-             (f"SGD steps to reach (not reached: {bl['sgd_not_reached']}/{n}, diverged: {bl['sgd_diverged']})",
-              bl["sgd_steps_to_reach"]),
-             (f"prompt alignment R² per net (mean {result['prompt_alignment']['r2_mean']:.3f})",
+    suite = _suite_of(result)
+    one, tm, rep = result["one_step"]["summary"], result["timing"], result["repeated"]["summary"]
+    rows = []
+    for i, m in enumerate(suite.metrics):
+        label = METRIC_LABELS.get(m, m)
+        rows += [(f"{label}, init" + (" (median [q1, q3])" if i == 0 else ""), one[f"before_{m}"]),
+                 (f"{label}, 1 update", one[f"after_{m}"])]
+    t, t_label = suite.table_metric, METRIC_LABELS.get(suite.table_metric, suite.table_metric)
+    rows += [(f"{t_label}, {r} updates", rep[f"{t}_after_{r}"]) for r in REPEATS_REPORTED[1:] if f"{t}_after_{r}" in rep]
+    rows += suite.share_rows(result) + suite.baseline_rows(result)
+    rows += [(f"prompt alignment R² per net (mean {result['prompt_alignment']['r2_mean']:.3f})",
               result["prompt_alignment"]["r2_summary"])]
     memo = result["memorisation"]
     if "summary" in memo:
         rows += [("distance to nearest corpus checkpoint", memo["summary"]["nearest_distance"]),
                  ("corpus nearest-neighbour distance", memo["summary"]["corpus_nn_distance"]),
-                 ("test loss of that nearest checkpoint", memo["summary"]["nearest_test_loss"])]
+                 (f"{METRIC_LABELS.get(suite.memo_metric, suite.memo_metric)} of that nearest checkpoint",
+                  memo["summary"][f"nearest_{suite.memo_metric}"])]
     for kind, sec in result["ood"].items():
         s = sec["summary"]
-        rows += [(f"OOD {kind}: test error %, {r} updates", s[f"test_error_after_{r}"])
-                 for r in (0, *REPEATS_REPORTED) if f"test_error_after_{r}" in s]
+        rows += [(f"OOD {kind}: {t_label}, {r} updates", s[f"{t}_after_{r}"])
+                 for r in (0, *REPEATS_REPORTED) if f"{t}_after_{r}" in s]
     width = max(len(r[0]) for r in rows)
     lines = [f"{'':{width}}  {'median':>10}  {'q1':>10}  {'q3':>10}"]
     for label, s in rows:
         lines.append(f"{label:{width}}  {_fmt(s.get('median')):>10}  {_fmt(s.get('q1')):>10}  {_fmt(s.get('q3')):>10}")
+    b, unit = suite.baseline, suite.unit.replace("_", " ")
     lines.append(f"one update: {tm['update_seconds']:.3f} s (sampling {tm['sample_seconds']:.3f} s + measuring the "
-                 f"metric {tm['metric_seconds']:.3f} s); Adam: {tm['adam_seconds_per_step'] * 1e3:.3f} ms/step; "
-                 f"median speed-up vs the Adam steps it replaces: {_fmt(tm['median_speedup_vs_adam'], '.2f')}x")
+                 f"metric {tm['metric_seconds']:.3f} s); {suite.baseline_label}: "
+                 f"{tm[f'{b}_seconds_per_{suite.unit}'] * 1e3:.3f} ms/{unit}; median speed-up vs the "
+                 f"{suite.baseline_label} {unit}s it replaces: {_fmt(tm[f'median_speedup_vs_{b}'], '.2f')}x")
     if "skipped" in memo:
         lines.append(f"memorisation: {memo['skipped']}")
     return "\n".join(lines)
@@ -704,12 +989,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generator", required=True, help="shipped generator name or path to a .json manifest")
     parser.add_argument("--store", default=None, help="corpus store for the memorisation check (skipped without)")
     parser.add_argument("--out", required=True, help="folder for eval.json and the PNG plots")
-    parser.add_argument("--data-root", default=None, help="dataset root (default: $LEARNED_OPT_DATA)")
+    parser.add_argument("--data-root", default=None,
+                        help="dataset root (default: $LEARNED_OPT_DATA; cartpole-mlp needs none and ignores it)")
     parser.add_argument("--inits", type=int, default=20, help="fresh initialisations (default: 20)")
     parser.add_argument("--seed", type=int, default=1_000_000, help="init i has seed SEED + i (default: 1000000)")
     parser.add_argument("--sampling-steps", type=int, default=50, help="diffusion sampling steps (default: 50)")
     parser.add_argument("--method", default="ddim", help="sampler: ddim, ddpm or dpm++2m (default: ddim)")
-    parser.add_argument("--max-steps", type=int, default=3000, help="Adam/SGD steps (default 3000; 11700 in full)")
+    parser.add_argument("--max-steps", type=int, default=3000,
+                        help="Adam/SGD steps, for mnist-mlp generators (default 3000; 11700 in full)")
+    parser.add_argument("--max-env-steps", type=int, default=100_000,
+                        help="PPO environment steps per init, for cartpole-mlp generators only (default: 100000)")
     parser.add_argument("--prompts", type=int, default=20, help="prompts per network for alignment (default: 20)")
     parser.add_argument("--repeats", type=int, default=10, help="successive updates (default: 10)")
     parser.add_argument("--memo-runs", type=int, default=500, help="corpus runs searched (default: 500)")
@@ -723,8 +1012,9 @@ def main(args: argparse.Namespace) -> int:
     config = EvalConfig(
         generator=args.generator, out=args.out, store=args.store, data_root=args.data_root, inits=args.inits,
         seed=args.seed, sampling_steps=args.sampling_steps, method=args.method, max_steps=args.max_steps,
-        prompts=args.prompts, repeats=args.repeats, memo_runs=args.memo_runs, memo_checkpoints=args.memo_checkpoints,
-        device=args.device, progress=not args.no_progress, plots=not args.no_plots,
+        max_env_steps=args.max_env_steps, prompts=args.prompts, repeats=args.repeats, memo_runs=args.memo_runs,
+        memo_checkpoints=args.memo_checkpoints, device=args.device, progress=not args.no_progress,
+        plots=not args.no_plots,
     )
     result = evaluate_generator(config)
     print(format_summary(result))

@@ -155,14 +155,17 @@ def train_ppo(
     seed: int = 0,
     num_checkpoints: int = 200,
     run_seeds: Sequence[int] | None = None,
+    checkpoint_at: Sequence[int] | None = None,
     progress=None,
 ) -> PPOResult:
     """Train ``R = init.shape[0]`` policies from ``init`` [R, P]; hparams fields may be per-run lists.
 
     Deterministic for a given ``seed``. With ``run_seeds`` ([R] ints) each run's randomness comes
     from its own seed (see the module's docstring): a run does not depend on its batch mates, and
-    ``steps`` / ``env_steps`` are ``[R, K]``. ``progress`` (optional) is called with the number of
-    gradient steps done after each update.
+    ``steps`` / ``env_steps`` are ``[R, K]``. ``checkpoint_at`` (sorted gradient steps in
+    ``[0, shape.grad_steps]``) replaces the drawn checkpoint steps with the same ones for every run
+    (``num_checkpoints`` is then ignored; training is unchanged). ``progress`` (optional) is called
+    with the number of gradient steps done after each update.
     """
     import gymnasium as gym
 
@@ -191,7 +194,13 @@ def train_ppo(
     params = [policy.flat, value.flat]
     opts = [_BatchedAdam(p, hp["lr"]) for p in params]
 
-    if shared_steps:
+    if checkpoint_at is not None:
+        save_at = torch.as_tensor(list(checkpoint_at), dtype=torch.long)
+        if save_at.numel() == 0 or bool((save_at.diff() <= 0).any()) or int(save_at[0]) < 0 \
+                or int(save_at[-1]) > shape.grad_steps:
+            raise ValueError(f"checkpoint_at must be increasing steps in [0, {shape.grad_steps}]")
+        save_rows = save_at.expand(runs, -1)
+    elif shared_steps:
         save_at = checkpoint_steps(shape.grad_steps, num_checkpoints, torch.Generator().manual_seed(seed))
         save_rows = save_at.expand(runs, -1)
     else:
@@ -315,7 +324,7 @@ def train_ppo(
 
     per_update = shape.epochs * shape.minibatches
     train_return = torch.tensor([np.mean(r[-10:]) if r else float("nan") for r in finished_returns])
-    steps = save_at.clone() if shared_steps else save_rows
+    steps = save_at.clone() if shared_steps else save_rows.clone()
     return PPOResult(
         checkpoints=saved,
         steps=steps,

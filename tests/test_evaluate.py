@@ -62,19 +62,21 @@ def test_hungarian_is_exact():
         assert float(cost[torch.arange(5), col].sum()) == pytest.approx(best, abs=1e-9)
 
 
-def test_aligned_distance_sees_through_permutations():
-    theta = init_params(TASK, [5, 6])  # [2, P]
-    perm = TASK.random_permutations(1, torch.Generator().manual_seed(1))
-    permuted = TASK.permute(theta[:1], perm)[0]
-    d, p = aligned_distance(TASK, theta[0], permuted)
-    assert d < 1e-5
-    assert torch.equal(TASK.permute(permuted[None], [p[None]])[0], theta[0])
+@pytest.mark.parametrize("name", ["mnist-mlp", "cartpole-mlp"])  # one hidden layer, and two
+def test_aligned_distance_sees_through_permutations(name):
+    task = tasks.get(name)
+    theta = init_params(task, [5, 6])  # [2, P]
+    perm = task.random_permutations(1, torch.Generator().manual_seed(1))
+    permuted = task.permute(theta[:1], perm)[0]
+    d, p = aligned_distance(task, theta[0], permuted)
+    assert d < 1e-5 and len(p) == len(task.hidden_sizes())
+    assert torch.equal(task.permute(permuted[None], [q[None] for q in p])[0], theta[0])
     assert float((theta[0] - permuted).norm()) > 1.0  # unaligned, the copy looks far away
     # among candidates, the permuted copy is found (and excluded when masked)
     cands = torch.stack([theta[1], permuted, theta[1] * 0.5])
-    dist, idx = nearest_aligned(TASK, theta[:1], cands, refine=2)
+    dist, idx = nearest_aligned(task, theta[:1], cands, refine=2)
     assert idx.tolist() == [1] and float(dist[0]) < 1e-4
-    dist, idx = nearest_aligned(TASK, theta[:1], cands, exclude=torch.tensor([[False, True, False]]))
+    dist, idx = nearest_aligned(task, theta[:1], cands, exclude=torch.tensor([[False, True, False]]))
     assert idx.tolist() != [1] and float(dist[0]) > 1.0
 
 

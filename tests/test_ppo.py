@@ -62,6 +62,17 @@ def test_runs_do_not_interact(task):
     assert torch.equal(frozen.checkpoints[1, -1], init[1])
 
 
+def test_explicit_checkpoint_steps_leave_training_unchanged(task):
+    init = inits(task, 2, seed=5)
+    shape = PPOShape(envs=2, horizon=32, epochs=1, minibatches=2, total_steps=128)  # 2 updates, 4 gradient steps
+    drawn = train_ppo(task, init, PPOHparams(), shape, num_checkpoints=3, run_seeds=[1, 2])
+    fixed = train_ppo(task, init, PPOHparams(), shape, run_seeds=[1, 2], checkpoint_at=[0, 2, 4])
+    assert fixed.steps.tolist() == [[0, 2, 4]] * 2 and fixed.env_steps.tolist() == [[0, 64, 128]] * 2
+    assert torch.equal(fixed.checkpoints[:, 0], init) and torch.equal(fixed.checkpoints[:, -1], drawn.checkpoints[:, -1])
+    with pytest.raises(ValueError, match="checkpoint_at"):
+        train_ppo(task, init, PPOHparams(), shape, checkpoint_at=[0, 5])
+
+
 def test_bad_hyperparameter_count_is_refused(task):
     with pytest.raises(ValueError, match="3 values for 2 runs"):
         train_ppo(task, inits(task, 2), PPOHparams(lr=[1e-3, 1e-3, 1e-3]), PPOShape(total_steps=64))

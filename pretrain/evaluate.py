@@ -39,17 +39,26 @@ depend on the generator's task (:func:`suite_for`): Adam and SGD for ``mnist-mlp
   aligning hidden units (:func:`aligned_distance`; exact for one hidden layer, weight matching for
   more), against the nearest-neighbour distance between checkpoints of different corpus runs, and
   the test loss (the return, on ``cartpole-mlp``) of that nearest checkpoint.
+* **denoising** — what the generator learned, without sampling: on up to ``--denoise-runs``
+  (default 64) corpus runs that its training split held out (``corpus.split.heldout`` of its
+  manifest; the runs must be in ``--store``), the first checkpoint θ and the last θ′ with their
+  metrics. In generator units, at t = 999, 700, 400, 200, 100, 30, 5 (scaled to the generator's
+  schedule), θ′ is noised with one fixed draw, ``x_t = q_sample(θ′, t, ε)``, and the model predicts
+  θ′ from ``(x_t, t, θ, l, l′)``: its x0 MSE against that of returning θ (``ratio`` below 1 beats
+  returning θ; an untrained model returns θ, ratio 1) and the cosine between (prediction − θ) and
+  (θ′ − θ). Task-independent (:func:`_denoising`); skipped without a store or a recorded split.
 * **out-of-distribution inits** — Kaiming-normal weights (zero biases) and the default uniform init
   scaled by 3: one update and up to 10 repeated.
 
 Writes ``eval.json`` (numbers, config, seeds, generator sha256, hardware, wall times) and PNG plots
-(``one_step.png``, ``prompt_alignment.png``, ``baselines.png``) into ``--out`` and prints a summary
-table.
+(``one_step.png``, ``prompt_alignment.png``, ``baselines.png``, and ``denoising.png`` when that
+section ran) into ``--out`` and prints a summary table.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -61,6 +70,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from learned_opt import __version__, tasks
@@ -95,7 +105,7 @@ class EvalConfig:
 
     generator: str  # registry name or manifest path
     out: str = "eval"
-    store: str | None = None  # corpus store for the memorisation check (skipped when None)
+    store: str | None = None  # corpus store for the memorisation and denoising checks (skipped when None)
     data_root: str | None = None
     inits: int = 20
     seed: int = 1_000_000  # init i has seed seed + i
@@ -108,6 +118,7 @@ class EvalConfig:
     memo_runs: int = 500  # corpus runs searched in the memorisation check
     memo_checkpoints: int = 4  # per run: the final checkpoint and evenly spaced intermediate ones
     memo_queries: int = 100  # corpus checkpoints whose nearest neighbour in other runs is measured
+    denoise_runs: int = 64  # held-out corpus runs of the denoising check (0: not run)
     timing_steps: int = 200  # plain Adam steps timed for seconds per step
     sample_batch: int = 128  # networks sampled at once
     device: str = "cpu"
@@ -121,6 +132,8 @@ class EvalConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.prompts < 2:
             raise ConfigError("--prompts must be >= 2 (R² needs prompts that differ)")
+        if self.denoise_runs < 0:
+            raise ConfigError(f"--denoise-runs must be >= 0, got {self.denoise_runs}")
 
 
 # ---------------------------------------------------------------------- small helpers
@@ -696,6 +709,108 @@ def _memorisation(task, store: Store, generated: torch.Tensor, achieved: torch.T
     }
 
 
+DENOISE_TIMESTEPS = (999, 700, 400, 200, 100, 30, 5)  # on a 1000-step schedule; rescaled to the generator's
+DENOISE_NOISE_SEED = 0
+
+
+def denoise_timesteps(num_steps: int) -> list[int]:
+    """:data:`DENOISE_TIMESTEPS` scaled to a ``num_steps`` schedule (``round(t (num_steps - 1) / 999)``),
+    deduplicated, from the noisiest down."""
+    out: list[int] = []
+    for t in DENOISE_TIMESTEPS:
+        s = round(t * (num_steps - 1) / 999)
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def _denoising(gen: LoadedGenerator, store: Store | None, config: EvalConfig) -> dict:
+    """How well the generator predicts θ′ from a noised θ′ on held-out corpus runs, against returning θ.
+
+    Pairs: the first checkpoint (θ, the init) and the last (θ′) of up to ``config.denoise_runs``
+    runs that the generator's training split held out, conditioned on both metrics as in training.
+    In generator units, at each of :func:`denoise_timesteps`: ``x_t = q_sample(θ′, t, ε)`` (one
+    fixed draw of ε, shared by every t) and the model's x0 prediction, called as
+    :meth:`~learned_opt.diffusion.Diffusion.sample` calls it (model in eval mode, no gradients).
+    """
+    heldout = ((gen.manifest.get("corpus") or {}).get("split") or {}).get("heldout") or []
+    if config.denoise_runs == 0:
+        return {"skipped": "--denoise-runs 0: denoising check not run"}
+    if store is None:
+        return {"skipped": "no --store given: denoising check not run"}
+    if not heldout:
+        return {"skipped": "the generator's manifest records no held-out runs (corpus.split.heldout): "
+                           "denoising check not run"}
+    runs, theta, target, metric, prompt = [], [], [], [], []
+    for r in (int(r) for r in heldout):
+        if len(runs) == config.denoise_runs:
+            break
+        if not store.has_run(r):
+            continue
+        _, metrics = store.read_metrics(r)
+        values = metrics.get(gen.metric_name)
+        if values is None or len(values) < 2:
+            continue
+        pair = store.read_checkpoints(r, [0, len(values) - 1])  # [2, P]
+        runs.append(r)
+        theta.append(pair[0])
+        target.append(pair[1])
+        metric.append(values[0])
+        prompt.append(values[-1])
+    if not runs:
+        return {"skipped": f"none of the {len(heldout)} held-out runs of the generator's split is in --store "
+                           f"(with {gen.metric_name!r} and two checkpoints): denoising check not run"}
+    norm, model, diffusion = gen.normalization, gen.model, gen.diffusion
+    dev, dtype = gen.device, next(model.parameters()).dtype
+    theta_n = norm.params(torch.stack(theta).to(dtype))  # [N, P] generator units
+    target_n = norm.params(torch.stack(target).to(dtype))  # [N, P]
+    metric_n = norm.metric(torch.stack(metric).to(dtype))  # [N]
+    prompt_n = norm.metric(torch.stack(prompt).to(dtype))  # [N]
+    noise = torch.randn(theta_n.shape, generator=torch.Generator().manual_seed(DENOISE_NOISE_SEED), dtype=dtype)
+    timesteps = denoise_timesteps(diffusion.num_steps)
+    sq_err = torch.zeros(len(timesteps), dtype=torch.float64)  # summed over pairs and parameters
+    cos = torch.zeros(len(timesteps), dtype=torch.float64)  # summed over pairs
+    identity = ((theta_n.double() - target_n.double()) ** 2).sum()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for s in range(0, len(runs), config.sample_batch):
+                sl = slice(s, s + config.sample_batch)
+                th, x0 = theta_n[sl].to(dev), target_n[sl].to(dev)
+                cond = dict(theta=th, metric=metric_n[sl].to(dev), target=prompt_n[sl].to(dev))
+                if callable(getattr(model, "condition", None)):  # as Diffusion.sample conditions the model
+                    denoise = model.condition(**cond)
+                else:
+                    denoise = functools.partial(model, **cond)
+                for i, t in enumerate(timesteps):
+                    t_batch = torch.full((th.shape[0],), t, dtype=torch.long, device=dev)
+                    pred = denoise(diffusion.q_sample(x0, t_batch, noise[sl].to(dev)), t_batch).double()
+                    sq_err[i] += float(((pred - x0.double()) ** 2).sum())
+                    cos[i] += float(F.cosine_similarity(pred - th.double(), x0.double() - th.double(), dim=1).sum())
+    finally:
+        model.train(was_training)
+    count = theta_n.numel()
+    x0_mse = (sq_err / count).tolist()
+    identity_mse = float(identity / count)
+    return {
+        "runs_used": len(runs),
+        "run_ids": runs,
+        "timesteps": timesteps,
+        "num_steps": diffusion.num_steps,
+        "x0_mse": x0_mse,
+        "identity_mse": [identity_mse] * len(timesteps),
+        "ratio": [m / identity_mse if identity_mse > 0 else None for m in x0_mse],
+        "cosine": (cos / len(runs)).tolist(),
+        "noise_seed": DENOISE_NOISE_SEED,
+        "corpus_store": (gen.manifest.get("corpus") or {}).get("store"),
+        "what_it_means": "x0 MSE of the generator's prediction of θ′ (last checkpoint) from x_t = q_sample(θ′, t) "
+                         "given θ (first checkpoint) and both metrics, on held-out corpus runs, in generator units, "
+                         "over the MSE of returning θ: below 1 the generator does better than returning θ; "
+                         "cosine: of (prediction - θ) with (θ′ - θ), 1 is the right direction",
+    }
+
+
 def evaluate_generator(config: EvalConfig, data=None) -> dict:
     """Run every section; returns the results (also written to ``out/eval.json``)."""
     t_start = time.perf_counter()
@@ -722,7 +837,7 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
 
     sampler = Sampler(gen, config, seed=config.seed)
     times: dict[str, float] = {}
-    bar = tqdm(total=6, desc="eval", unit="section", disable=not config.progress)
+    bar = tqdm(total=7, desc="eval", unit="section", disable=not config.progress)
 
     # one step + repeated prompting (the first of the repeats is the one-step update)
     t = time.perf_counter()
@@ -776,6 +891,12 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
     times["memorisation_s"] = time.perf_counter() - t
     bar.update(1)
 
+    # denoising: x0 predictions on held-out corpus pairs against returning θ
+    t = time.perf_counter()
+    denoising = _denoising(gen, store, config)
+    times["denoising_s"] = time.perf_counter() - t
+    bar.update(1)
+
     # out-of-distribution inits
     t = time.perf_counter()
     ood = {}
@@ -812,6 +933,7 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
         },
         "repeated": _repeat_section(hist),
         "memorisation": memo,
+        "denoising": denoising,
         "ood": ood,
         "wall_times": times,
         "learned_opt": __version__,
@@ -864,7 +986,8 @@ def _suite_of(result: dict) -> ClassifierSuite | CartPoleSuite:
 
 
 def plot_eval(result: dict, out: Path) -> list[Path]:
-    """``one_step.png``, ``prompt_alignment.png`` and ``baselines.png`` in ``out``."""
+    """``one_step.png``, ``prompt_alignment.png``, ``baselines.png`` and (when the section ran)
+    ``denoising.png`` in ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -887,7 +1010,26 @@ def plot_eval(result: dict, out: Path) -> list[Path]:
     ax.legend()
     paths.append(_save(fig, out / "prompt_alignment.png"))
     paths.append(suite.plot_baselines(result, out))
+    if "ratio" in result.get("denoising", {}):
+        paths.append(_plot_denoising(result["denoising"], out))
     return paths
+
+
+def _plot_denoising(den: dict, out: Path) -> Path:
+    """``denoising.png``: the x0 MSE over returning θ's against the diffusion step, with 1 drawn."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    pts = sorted((t, r) for t, r in zip(den["timesteps"], den["ratio"]) if r is not None)
+    ax.plot([t for t, _ in pts], [r for _, r in pts], marker="o", label="generator's x0 prediction")
+    ax.axhline(1.0, color="k", ls="--", label="returning θ")
+    ax.set_xscale("symlog", linthresh=1.0)  # log steps; t = 0 (possible on short schedules) stays on the axis
+    ax.set_xlim(0, 1.3 * max(den["timesteps"]))
+    ax.set_xlabel(f"diffusion step t (of {den['num_steps']}; symlog)")
+    ax.set_ylabel("x0 MSE / MSE of returning θ")
+    ax.set_title(f"denoising on {den['runs_used']} held-out corpus runs")
+    ax.legend()
+    return _save(fig, out / "denoising.png")
 
 
 def _plot_before_after(result: dict, out: Path, metric: str, log: bool, solved: float | None = None) -> Path:
@@ -979,7 +1121,19 @@ def format_summary(result: dict) -> str:
                  f"{suite.baseline_label} {unit}s it replaces: {_fmt(tm[f'median_speedup_vs_{b}'], '.2f')}x")
     if "skipped" in memo:
         lines.append(f"memorisation: {memo['skipped']}")
+    lines += _denoising_lines(result.get("denoising", {}))
     return "\n".join(lines)
+
+
+def _denoising_lines(den: dict) -> list[str]:
+    """The denoising section as a small table (t, ratio, cosine), or the reason it was skipped."""
+    if "ratio" not in den:
+        return [f"denoising: {den['skipped']}"] if "skipped" in den else []
+    cols = [f"{t:>7d}" for t in den["timesteps"]]
+    return [f"denoising, {den['runs_used']} held-out runs (x0 MSE / MSE of returning θ; below 1 beats returning θ):",
+            f"  {'t':<8}" + "".join(cols),
+            f"  {'ratio':<8}" + "".join(f"{_fmt(r, '.3f'):>7}" for r in den["ratio"]),
+            f"  {'cosine':<8}" + "".join(f"{_fmt(c, '.3f'):>7}" for c in den["cosine"])]
 
 
 # ---------------------------------------------------------------------- command line
@@ -987,7 +1141,8 @@ def format_summary(result: dict) -> str:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generator", required=True, help="shipped generator name or path to a .json manifest")
-    parser.add_argument("--store", default=None, help="corpus store for the memorisation check (skipped without)")
+    parser.add_argument("--store", default=None,
+                        help="corpus store for the memorisation and denoising checks (both skipped without)")
     parser.add_argument("--out", required=True, help="folder for eval.json and the PNG plots")
     parser.add_argument("--data-root", default=None,
                         help="dataset root (default: $LEARNED_OPT_DATA; cartpole-mlp needs none and ignores it)")
@@ -1003,6 +1158,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=10, help="successive updates (default: 10)")
     parser.add_argument("--memo-runs", type=int, default=500, help="corpus runs searched (default: 500)")
     parser.add_argument("--memo-checkpoints", type=int, default=4, help="checkpoints per searched run (default: 4)")
+    parser.add_argument("--denoise-runs", type=int, default=64,
+                        help="held-out corpus runs (the generator's split) of the denoising check; "
+                             "0: skip (default: 64)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -1013,8 +1171,8 @@ def main(args: argparse.Namespace) -> int:
         generator=args.generator, out=args.out, store=args.store, data_root=args.data_root, inits=args.inits,
         seed=args.seed, sampling_steps=args.sampling_steps, method=args.method, max_steps=args.max_steps,
         max_env_steps=args.max_env_steps, prompts=args.prompts, repeats=args.repeats, memo_runs=args.memo_runs,
-        memo_checkpoints=args.memo_checkpoints, device=args.device, progress=not args.no_progress,
-        plots=not args.no_plots,
+        memo_checkpoints=args.memo_checkpoints, denoise_runs=args.denoise_runs, device=args.device,
+        progress=not args.no_progress, plots=not args.no_plots,
     )
     result = evaluate_generator(config)
     print(format_summary(result))

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +15,17 @@ from train_helpers import make_store
 
 from learned_opt import tasks
 from learned_opt.cli import main as cli_main
+from learned_opt.diffusion import DiffusionConfig
+from learned_opt.generator import build_generator, get_config
+from learned_opt.normalization import Normalization
+from learned_opt.pretrained import LoadedGenerator
 from pretrain.evaluate import (
+    EvalConfig,
+    _denoising,
+    _denoising_lines,
+    _plot_denoising,
     aligned_distance,
+    denoise_timesteps,
     hungarian,
     init_params,
     log_grid,
@@ -98,7 +109,7 @@ def _finite(x) -> bool:
 
 @pytest.mark.slow
 def test_eval_end_to_end(mnist_root, tmp_path, capsys):
-    manifest = save_tiny_mnist_generator(tmp_path / "gen")
+    manifest = record_split(save_tiny_mnist_generator(tmp_path / "gen"), [1, 3], [0, 2])
     store = make_store(tmp_path / "store", runs=4, checkpoints=6)
     out = tmp_path / "eval"
     code = cli_main(["eval", "--generator", str(manifest), "--store", str(store.root), "--out", str(out),
@@ -107,6 +118,7 @@ def test_eval_end_to_end(mnist_root, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0, printed
     assert "prompt alignment" in printed and "Adam steps to reach" in printed
+    assert "denoising, 2 held-out runs" in printed
     r = json.loads((out / "eval.json").read_text())
     n = 3
     assert r["seeds"] == [1_000_000, 1_000_001, 1_000_002]
@@ -141,24 +153,27 @@ def test_eval_end_to_end(mnist_root, tmp_path, capsys):
     assert len(memo["nearest_distance"]) == n and _finite(memo["nearest_distance"])
     assert all(a <= u + 1e-4 for a, u in zip(memo["nearest_distance"], memo["nearest_distance_unaligned"]))
     assert len(memo["corpus_nn_distance"]) == 12 and memo["nearest_run"][0] in range(4)
-    for png in ("one_step.png", "prompt_alignment.png", "baselines.png"):
+    den = r["denoising"]
+    assert den["runs_used"] == 2 and den["timesteps"] == [49, 34, 20, 10, 5, 1, 0] and len(den["ratio"]) == 7
+    for png in ("one_step.png", "prompt_alignment.png", "baselines.png", "denoising.png"):
         assert (out / png).stat().st_size > 1000
 
 
-def test_eval_without_store_skips_memorisation(mnist_data, tmp_path):
-    from pretrain.evaluate import EvalConfig, evaluate_generator
+def test_eval_without_store_skips_memorisation_and_denoising(mnist_data, tmp_path):
+    from pretrain.evaluate import evaluate_generator
 
-    manifest = save_tiny_mnist_generator(tmp_path / "gen")
+    manifest = record_split(save_tiny_mnist_generator(tmp_path / "gen"), [0, 1])
     config = EvalConfig(generator=str(manifest), out=str(tmp_path / "eval"), inits=2, prompts=2, max_steps=10,
                         sampling_steps=1, repeats=1, timing_steps=5, progress=False, plots=False)
     r = evaluate_generator(config, data=mnist_data)
     assert "skipped" in r["memorisation"] and "--store" in r["memorisation"]["skipped"]
+    assert set(r["denoising"]) == {"skipped"} and "--store" in r["denoising"]["skipped"]
     assert not (tmp_path / "eval" / "baselines.png").exists()
 
 
 def test_eval_refuses_corpus_seeds(mnist_data, tmp_path):
     from learned_opt.errors import ConfigError
-    from pretrain.evaluate import EvalConfig, evaluate_generator
+    from pretrain.evaluate import evaluate_generator
 
     manifest = save_tiny_mnist_generator(tmp_path / "gen")
     store = make_store(tmp_path / "store", runs=2, checkpoints=3)
@@ -175,3 +190,97 @@ def test_diverged_baselines_are_not_counted_as_not_reached():
     curves = torch.tensor([[2.0, 1.0, 0.5], [nan, nan, nan], [2.0, 1.9, 1.8]])
     out = _reach_summary([20, None, None], curves)
     assert out["diverged"] == 1 and out["not_reached"] == 1 and out["steps_to_reach"]["n"] == 1
+
+
+# ---------------------------------------------------------------------- denoising
+
+
+def record_split(manifest: Path, heldout: list[int], train: list[int] = ()) -> Path:
+    """Write a training split into a saved generator's manifest (as ``pretrain.train`` records it)."""
+    m = json.loads(manifest.read_text())
+    m["corpus"]["split"] = {"train": list(train), "heldout": list(heldout), "heldout_fraction": 0.5, "seed": 0}
+    manifest.write_text(json.dumps(m))
+    return manifest
+
+
+def tiny_generator(task_name: str, precondition: bool = False, perturb: float = 0.0,
+                   heldout: list[int] | None = None) -> LoadedGenerator:
+    """A tiny in-memory generator on a 50-step schedule; ``perturb`` 0 leaves its decoder at zero."""
+    task = tasks.get(task_name)
+    diffusion = DiffusionConfig(num_steps=50)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        config = dataclasses.replace(get_config("tiny"), precondition=precondition)
+        model = build_generator(task.layout(), config, diffusion)
+        with torch.no_grad():
+            for p in model.decoder.parameters():
+                p.add_(torch.randn(p.shape) * perturb)
+    metric = {"mnist-mlp": "test_loss", "cartpole-mlp": "return"}[task_name]
+    gen = LoadedGenerator.from_model(model, diffusion, Normalization(4.0, 0.0, 2.5), task=task_name, metric=metric,
+                                     best_prompt=0.0)
+    if heldout is not None:
+        gen.manifest["corpus"] = {"split": {"train": [], "heldout": heldout, "heldout_fraction": 0.5, "seed": 0}}
+    return gen
+
+
+def test_denoise_timesteps_scale_to_the_schedule():
+    assert denoise_timesteps(1000) == [999, 700, 400, 200, 100, 30, 5]
+    assert denoise_timesteps(50) == [49, 34, 20, 10, 5, 1, 0]
+    assert denoise_timesteps(3) == [2, 1, 0]  # deduplicated
+
+
+@pytest.mark.parametrize("name", ["mnist-mlp", "cartpole-mlp"])
+@pytest.mark.parametrize("precondition", [False, True])
+def test_denoising_of_a_zero_decoder_is_returning_theta(tmp_path, name, precondition):
+    store = make_store(tmp_path / "store", task=name, runs=4, checkpoints=5)
+    gen = tiny_generator(name, precondition, heldout=[3, 1, 99, 2])  # run 99 is not in the store
+    was_training = gen.model.training
+    den = _denoising(gen, store, EvalConfig(generator="unused", denoise_runs=2))
+    assert gen.model.training == was_training
+    assert den["runs_used"] == 2 and den["run_ids"] == [3, 1] and den["timesteps"] == [49, 34, 20, 10, 5, 1, 0]
+    for key in ("x0_mse", "identity_mse", "ratio", "cosine"):
+        assert len(den[key]) == 7, key
+    assert {"noise_seed", "num_steps", "what_it_means"} <= set(den)
+    # the untrained model returns θ exactly: its x0 MSE is that of returning θ at every t
+    assert den["ratio"] == pytest.approx([1.0] * 7, abs=1e-9) and den["cosine"] == [0.0] * 7
+    pairs = [store.read_checkpoints(r, [0, 4]) for r in (3, 1)]
+    expected = sum(float(((4.0 * (b - a)) ** 2).sum()) for a, b in pairs) / (2 * store.num_params)
+    assert den["identity_mse"] == pytest.approx([expected] * 7, rel=1e-5)
+
+
+def test_denoising_calls_the_model_as_training_does(tmp_path):
+    store = make_store(tmp_path / "store", runs=3, checkpoints=4)
+    gen = tiny_generator("mnist-mlp", perturb=1e-2, heldout=[0, 2])
+    den = _denoising(gen, store, EvalConfig(generator="unused", sample_batch=1))  # one pair per batch
+    assert den["runs_used"] == 2 and all(r != pytest.approx(1.0, abs=1e-6) for r in den["ratio"])
+    # the same numbers written out with forward() on both pairs at once
+    norm = gen.normalization
+    theta = norm.params(torch.stack([store.read_checkpoints(r, [0])[0] for r in (0, 2)]))
+    target = norm.params(torch.stack([store.read_checkpoints(r, [3])[0] for r in (0, 2)]))
+    values = [store.read_metrics(r)[1]["test_loss"] for r in (0, 2)]
+    metric, prompt = norm.metric(torch.stack([v[0] for v in values])), norm.metric(torch.stack([v[-1] for v in values]))
+    noise = torch.randn(theta.shape, generator=torch.Generator().manual_seed(den["noise_seed"]))
+    gen.model.eval()
+    with torch.no_grad():
+        for i, t in enumerate(den["timesteps"]):
+            tt = torch.full((2,), t)
+            pred = gen.model(gen.diffusion.q_sample(target, tt, noise), tt, theta, metric, prompt)
+            assert den["x0_mse"][i] == pytest.approx(float(((pred - target) ** 2).mean()), rel=1e-4)
+            cos = torch.nn.functional.cosine_similarity(pred - theta, target - theta, dim=1).mean()
+            assert den["cosine"][i] == pytest.approx(float(cos), abs=1e-4)
+    lines = _denoising_lines(den)
+    assert len(lines) == 4 and "2 held-out runs" in lines[0] and lines[2].split()[0] == "ratio"
+    assert _plot_denoising(den, tmp_path).stat().st_size > 1000
+
+
+def test_denoising_is_skipped_without_a_store_a_split_or_runs(tmp_path):
+    store = make_store(tmp_path / "store", runs=2, checkpoints=3)
+    config = EvalConfig(generator="unused")
+    assert "--store" in _denoising(tiny_generator("mnist-mlp", heldout=[0]), None, config)["skipped"]
+    assert "held-out" in _denoising(tiny_generator("mnist-mlp"), store, config)["skipped"]
+    assert "none of the 1" in _denoising(tiny_generator("mnist-mlp", heldout=[7]), store, config)["skipped"]
+    off = EvalConfig(generator="unused", denoise_runs=0)
+    assert "--denoise-runs 0" in _denoising(tiny_generator("mnist-mlp", heldout=[0]), store, off)["skipped"]
+    assert _denoising_lines({"skipped": "why"}) == ["denoising: why"]
+    with pytest.raises(Exception, match="--denoise-runs must be >= 0"):
+        EvalConfig(generator="unused", denoise_runs=-1)

@@ -9,10 +9,12 @@ import pytest
 import torch
 from test_corpus_cartpole import corpus_cli
 from test_demo_cartpole import save_tiny_cartpole_generator
+from test_evaluate import record_split
 from train_helpers import make_store
 
 from learned_opt import tasks
 from learned_opt.cli import main as cli_main
+from pretrain.store import Store
 from pretrain.evaluate import (
     SOLVED_RETURN,
     align_hidden_units,
@@ -65,16 +67,17 @@ def _reached(grid, curve, target):
 
 
 def test_eval_cartpole_end_to_end(store, tmp_path, capsys):
-    manifest = save_tiny_cartpole_generator(tmp_path / "gen")
+    heldout = Store.open(store).run_ids()[1:]
+    manifest = record_split(save_tiny_cartpole_generator(tmp_path / "gen"), heldout)
     out = tmp_path / "eval"
     code = cli_main(["eval", "--generator", str(manifest), "--store", str(store), "--out", str(out), "--inits", "2",
                      "--prompts", "3", "--sampling-steps", "2", "--repeats", "2", "--max-env-steps", "2048",
-                     "--memo-checkpoints", "3", "--no-progress"])
+                     "--memo-checkpoints", "3", "--denoise-runs", "1", "--no-progress"])
     printed = capsys.readouterr().out
     assert code == 0, printed
     for row in ("return, 1 update", "share with return >= 475, 2 updates", "PPO env steps to reach the update",
                 "PPO env steps to reach 475", "prompt alignment R²", "return of that nearest checkpoint",
-                "OOD uniform-x3: return, 2 updates", "ms/env step"):
+                "OOD uniform-x3: return, 2 updates", "ms/env step", "denoising, 1 held-out runs"):
         assert row in printed, row
     r = json.loads((out / "eval.json").read_text())
     n = 2
@@ -131,7 +134,10 @@ def test_eval_cartpole_end_to_end(store, tmp_path, capsys):
     assert all(8 <= x <= 500 for x in memo["nearest_return"])
     for section in r["ood"].values():
         assert torch.tensor(section["return"]).shape == (3, n) and "return_after_2" in section["summary"]
-    for png in ("one_step.png", "prompt_alignment.png", "baselines.png"):
+    den = r["denoising"]
+    assert den["runs_used"] == 1 and den["run_ids"] == heldout[:1] and r["config"]["denoise_runs"] == 1
+    assert all(len(den[k]) == len(den["timesteps"]) == 7 for k in ("x0_mse", "identity_mse", "ratio", "cosine"))
+    for png in ("one_step.png", "prompt_alignment.png", "baselines.png", "denoising.png"):
         assert (out / png).stat().st_size > 1000
 
 

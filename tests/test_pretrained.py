@@ -268,3 +268,20 @@ def test_summaries_are_made_json_or_refused_before_writing(tmp_path):
     with pytest.raises(TypeError, match="JSON-able"):
         save_generator(tmp_path / "bad", "bad", model, DIFF, NORM, corpus={"x": object()}, **kw)
     assert not (tmp_path / "bad" / "bad.safetensors").exists()
+
+
+def test_shipped_cartpole_generator_loads_and_makes_an_update():
+    """The shipped ``cartpole-mlp`` generator: its manifest, and a short update of two fresh policies."""
+    from learned_opt import tasks
+
+    gen = load_generator("cartpole-mlp")
+    assert (gen.task, gen.metric_name, gen.best_prompt) == ("cartpole-mlp", "return", 500.0)
+    assert gen.manifest["training"]["complete"] and gen.manifest["corpus"]["runs_total"] >= 1000
+    task = tasks.get("cartpole-mlp")
+    theta = torch.stack([task.layout().flatten_module(task.build_model()) for _ in range(2)])
+    before = theta.clone()
+    out = gen.sample(theta, torch.tensor([9.0, 20.0]), torch.full((2,), 500.0), steps=5,
+                     generator=torch.Generator().manual_seed(0))
+    assert out.shape == theta.shape and torch.isfinite(out).all()
+    assert torch.equal(theta, before)  # the input is not modified
+    assert (out - theta).norm(dim=1).min() > 0.1  # a real update, not the identity

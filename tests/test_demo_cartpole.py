@@ -152,7 +152,20 @@ def test_cartpole_is_the_default_and_runs_end_to_end(tmp_path, capsys):
     assert len(ep["pole_angle_rad"]["ppo"]) == int(ppo["episode_returns"][0])
 
 
-def test_without_a_shipped_generator_the_demo_says_how_to_pass_one(tmp_path, capsys):
+def test_the_default_demo_uses_the_shipped_generator(tmp_path, capsys):
+    code = cli_main(["demo", "--out", str(tmp_path / "out"), "--ppo-env-steps", "2048"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "out" / "demo_cartpole.json").read_text())
+    assert result["generator"]["name"] == "cartpole-mlp"
+    assert (tmp_path / "out" / "demo_cartpole.png").stat().st_size > 0
+
+
+def test_without_a_shipped_generator_the_demo_says_how_to_pass_one(tmp_path, capsys, monkeypatch):
+    from learned_opt import pretrained
+
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    monkeypatch.setattr(pretrained, "_weights_dir", lambda: empty)
     code = cli_main(["demo", "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip()
     assert code == 2

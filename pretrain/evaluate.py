@@ -23,8 +23,8 @@ depend on the generator's task (:func:`suite_for`): Adam and SGD for ``mnist-mlp
   ``cartpole-mlp``: the same inits trained with PPO (:func:`pretrain.ppo.train_ppo`, the default
   :class:`~pretrain.ppo.PPOHparams`, the corpus's step structure ``CORPUS_SHAPE``: 8 environments x
   128 steps per update, 4 epochs of 4 minibatches; run seeds = the init seeds, so it is
-  reproducible) for ``--max-env-steps`` environment steps, a checkpoint after every update (every
-  1,024 env steps) and its greedy return. Per init: the first checkpoint's env steps at or above
+  reproducible) for ``--max-env-steps`` environment steps (rounded down to whole updates), a
+  checkpoint after every update (every 1,024 env steps) and its greedy return. Per init: the first checkpoint's env steps at or above
   the update's return, and at or above 475 (None: not reached). Wall time: one update (measuring
   the return, plus sampling; medians of 3) against the PPO env steps it replaces, PPO's seconds per
   env step timed by a separate call training one run alone for min(``--max-env-steps``, 4,096) env

@@ -24,12 +24,12 @@ depend on the generator's task (:func:`suite_for`): Adam and SGD for ``mnist-mlp
   :class:`~pretrain.ppo.PPOHparams`, the corpus's step structure ``CORPUS_SHAPE``: 8 environments x
   128 steps per update, 4 epochs of 4 minibatches; run seeds = the init seeds, so it is
   reproducible) for ``--max-env-steps`` environment steps (rounded down to whole updates), a
-  checkpoint after every update (every 1,024 env steps) and its greedy return. Per init: the first checkpoint's env steps at or above
-  the update's return, and at or above 475 (None: not reached). Wall time: one update (measuring
-  the return, plus sampling; medians of 3) against the PPO env steps it replaces, PPO's seconds per
-  env step timed by a separate call training one run alone for min(``--max-env-steps``, 4,096) env
-  steps (checkpointing only its ends, evaluation excluded), since the batched baseline shares each
-  step among all inits.
+  checkpoint after every update (every 1,024 env steps) and its greedy return. Per init: the first
+  checkpoint's env steps at or above the update's return, and at or above 475 (None: not
+  reached). Wall time: one update (measuring the return, plus sampling; medians of 3) against the
+  PPO env steps it replaces, PPO's seconds per env step timed by a separate call training one run
+  alone for min(``--max-env-steps``, 4,096) env steps (checkpointing only its ends, evaluation
+  excluded), since the batched baseline shares each step among all inits.
 * **prompt alignment** — ``--prompts`` prompts per network evenly spaced between the best prompt
   and the network's starting metric; R² between prompted and achieved metric per network (G.pt's
   definition: ``1 - Σ(achieved - prompted)² / Σ(prompted - mean prompted)²``), averaged.
@@ -46,7 +46,9 @@ depend on the generator's task (:func:`suite_for`): Adam and SGD for ``mnist-mlp
   schedule), θ′ is noised with one fixed draw, ``x_t = q_sample(θ′, t, ε)``, and the model predicts
   θ′ from ``(x_t, t, θ, l, l′)``: its x0 MSE against that of returning θ (``ratio`` below 1 beats
   returning θ; an untrained model returns θ, ratio 1) and the cosine between (prediction − θ) and
-  (θ′ − θ). Task-independent (:func:`_denoising`); skipped without a store or a recorded split.
+  (θ′ − θ). The same on training runs (``train_runs``): near the held-out figures, the generator
+  is not overfitting its corpus. Task-independent (:func:`_denoising`); skipped without a store or
+  a recorded split.
 * **out-of-distribution inits** — Kaiming-normal weights (zero biases) and the default uniform init
   scaled by 3: one update and up to 10 repeated.
 
@@ -724,22 +726,26 @@ def denoise_timesteps(num_steps: int) -> list[int]:
     return out
 
 
-def _denoising(gen: LoadedGenerator, store: Store | None, config: EvalConfig) -> dict:
+_SPLIT_WORDS = {"heldout": "held-out", "train": "training"}
+
+
+def _denoising(gen: LoadedGenerator, store: Store | None, config: EvalConfig, split: str = "heldout") -> dict:
     """How well the generator predicts θ′ from a noised θ′ on held-out corpus runs, against returning θ.
 
     Pairs: the first checkpoint (θ, the init) and the last (θ′) of up to ``config.denoise_runs``
-    runs that the generator's training split held out, conditioned on both metrics as in training.
+    runs that the generator's training split held out (``split="train"``: runs it trained on, to
+    tell overfitting from underfitting), conditioned on both metrics as in training.
     In generator units, at each of :func:`denoise_timesteps`: ``x_t = q_sample(θ′, t, ε)`` (one
     fixed draw of ε, shared by every t) and the model's x0 prediction, called as
     :meth:`~learned_opt.diffusion.Diffusion.sample` calls it (model in eval mode, no gradients).
     """
-    heldout = ((gen.manifest.get("corpus") or {}).get("split") or {}).get("heldout") or []
+    heldout = ((gen.manifest.get("corpus") or {}).get("split") or {}).get(split) or []
     if config.denoise_runs == 0:
         return {"skipped": "--denoise-runs 0: denoising check not run"}
     if store is None:
         return {"skipped": "no --store given: denoising check not run"}
     if not heldout:
-        return {"skipped": "the generator's manifest records no held-out runs (corpus.split.heldout): "
+        return {"skipped": f"the generator's manifest records no {_SPLIT_WORDS[split]} runs (corpus.split.{split}): "
                            "denoising check not run"}
     runs, theta, target, metric, prompt = [], [], [], [], []
     for r in (int(r) for r in heldout):
@@ -758,7 +764,7 @@ def _denoising(gen: LoadedGenerator, store: Store | None, config: EvalConfig) ->
         metric.append(values[0])
         prompt.append(values[-1])
     if not runs:
-        return {"skipped": f"none of the {len(heldout)} held-out runs of the generator's split is in --store "
+        return {"skipped": f"none of the {len(heldout)} {_SPLIT_WORDS[split]} runs of the generator's split is in --store "
                            f"(with {gen.metric_name!r} and two checkpoints): denoising check not run"}
     norm, model, diffusion = gen.normalization, gen.model, gen.diffusion
     dev, dtype = gen.device, next(model.parameters()).dtype
@@ -795,6 +801,7 @@ def _denoising(gen: LoadedGenerator, store: Store | None, config: EvalConfig) ->
     identity_mse = float(identity / count)
     return {
         "runs_used": len(runs),
+        "split": split,
         "run_ids": runs,
         "timesteps": timesteps,
         "num_steps": diffusion.num_steps,
@@ -805,7 +812,7 @@ def _denoising(gen: LoadedGenerator, store: Store | None, config: EvalConfig) ->
         "noise_seed": DENOISE_NOISE_SEED,
         "corpus_store": (gen.manifest.get("corpus") or {}).get("store"),
         "what_it_means": "x0 MSE of the generator's prediction of θ′ (last checkpoint) from x_t = q_sample(θ′, t) "
-                         "given θ (first checkpoint) and both metrics, on held-out corpus runs, in generator units, "
+                         f"given θ (first checkpoint) and both metrics, on {split} corpus runs, in generator units, "
                          "over the MSE of returning θ: below 1 the generator does better than returning θ; "
                          "cosine: of (prediction - θ) with (θ′ - θ), 1 is the right direction",
     }
@@ -894,6 +901,8 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
     # denoising: x0 predictions on held-out corpus pairs against returning θ
     t = time.perf_counter()
     denoising = _denoising(gen, store, config)
+    if "ratio" in denoising:  # the same on runs it trained on: close to the held-out figures = not overfitting
+        denoising["train_runs"] = _denoising(gen, store, config, split="train")
     times["denoising_s"] = time.perf_counter() - t
     bar.update(1)
 
@@ -1022,6 +1031,11 @@ def _plot_denoising(den: dict, out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     pts = sorted((t, r) for t, r in zip(den["timesteps"], den["ratio"]) if r is not None)
     ax.plot([t for t, _ in pts], [r for _, r in pts], marker="o", label="generator's x0 prediction")
+    train = den.get("train_runs", {})
+    if "ratio" in train:
+        pts = sorted((t, r) for t, r in zip(train["timesteps"], train["ratio"]) if r is not None)
+        ax.plot([t for t, _ in pts], [r for _, r in pts], marker=".", ls=":",
+                label=f"the same on {train['runs_used']} training runs")
     ax.axhline(1.0, color="k", ls="--", label="returning θ")
     ax.set_xscale("symlog", linthresh=1.0)  # log steps; t = 0 (possible on short schedules) stays on the axis
     ax.set_xlim(0, 1.3 * max(den["timesteps"]))
@@ -1129,11 +1143,17 @@ def _denoising_lines(den: dict) -> list[str]:
     """The denoising section as a small table (t, ratio, cosine), or the reason it was skipped."""
     if "ratio" not in den:
         return [f"denoising: {den['skipped']}"] if "skipped" in den else []
-    cols = [f"{t:>7d}" for t in den["timesteps"]]
-    return [f"denoising, {den['runs_used']} held-out runs (x0 MSE / MSE of returning θ; below 1 beats returning θ):",
-            f"  {'t':<8}" + "".join(cols),
-            f"  {'ratio':<8}" + "".join(f"{_fmt(r, '.3f'):>7}" for r in den["ratio"]),
-            f"  {'cosine':<8}" + "".join(f"{_fmt(c, '.3f'):>7}" for c in den["cosine"])]
+
+    def row(label: str, values) -> str:
+        return f"  {label:<8}" + "".join(f"{_fmt(v, '.3f'):>7}" for v in values)
+
+    lines = [f"denoising, {den['runs_used']} held-out runs (x0 MSE / MSE of returning θ; below 1 beats returning θ):",
+             f"  {'t':<8}" + "".join(f"{t:>7d}" for t in den["timesteps"]),
+             row("ratio", den["ratio"]), row("cosine", den["cosine"])]
+    train = den.get("train_runs", {})
+    if "ratio" in train:
+        lines.append(row("train", train["ratio"]) + f"   (ratio on {train['runs_used']} training runs)")
+    return lines
 
 
 # ---------------------------------------------------------------------- command line

@@ -155,6 +155,10 @@ def test_eval_end_to_end(mnist_root, tmp_path, capsys):
     assert len(memo["corpus_nn_distance"]) == 12 and memo["nearest_run"][0] in range(4)
     den = r["denoising"]
     assert den["runs_used"] == 2 and den["timesteps"] == [49, 34, 20, 10, 5, 1, 0] and len(den["ratio"]) == 7
+    train = den["train_runs"]  # the same check on runs the generator trained on
+    assert train["split"] == "train" and train["run_ids"] == [0, 2] and train["timesteps"] == den["timesteps"]
+    assert den["split"] == "heldout" and den["run_ids"] == [1, 3] and train["ratio"] != den["ratio"]
+    assert "(ratio on 2 training runs)" in "\n".join(_denoising_lines(den))
     for png in ("one_step.png", "prompt_alignment.png", "baselines.png", "denoising.png"):
         assert (out / png).stat().st_size > 1000
 

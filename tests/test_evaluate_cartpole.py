@@ -136,6 +136,7 @@ def test_eval_cartpole_end_to_end(store, tmp_path, capsys):
         assert torch.tensor(section["return"]).shape == (3, n) and "return_after_2" in section["summary"]
     den = r["denoising"]
     assert den["runs_used"] == 1 and den["run_ids"] == heldout[:1] and r["config"]["denoise_runs"] == 1
+    assert "no training runs" in den["train_runs"]["skipped"]  # the split records none
     assert all(len(den[k]) == len(den["timesteps"]) == 7 for k in ("x0_mse", "identity_mse", "ratio", "cosine"))
     for png in ("one_step.png", "prompt_alignment.png", "baselines.png", "denoising.png"):
         assert (out / png).stat().st_size > 1000

@@ -739,16 +739,16 @@ def _denoising(gen: LoadedGenerator, store: Store | None, config: EvalConfig, sp
     fixed draw of ε, shared by every t) and the model's x0 prediction, called as
     :meth:`~learned_opt.diffusion.Diffusion.sample` calls it (model in eval mode, no gradients).
     """
-    heldout = ((gen.manifest.get("corpus") or {}).get("split") or {}).get(split) or []
+    ids = ((gen.manifest.get("corpus") or {}).get("split") or {}).get(split) or []
     if config.denoise_runs == 0:
         return {"skipped": "--denoise-runs 0: denoising check not run"}
     if store is None:
         return {"skipped": "no --store given: denoising check not run"}
-    if not heldout:
+    if not ids:
         return {"skipped": f"the generator's manifest records no {_SPLIT_WORDS[split]} runs (corpus.split.{split}): "
                            "denoising check not run"}
     runs, theta, target, metric, prompt = [], [], [], [], []
-    for r in (int(r) for r in heldout):
+    for r in (int(r) for r in ids):
         if len(runs) == config.denoise_runs:
             break
         if not store.has_run(r):
@@ -764,7 +764,7 @@ def _denoising(gen: LoadedGenerator, store: Store | None, config: EvalConfig, sp
         metric.append(values[0])
         prompt.append(values[-1])
     if not runs:
-        return {"skipped": f"none of the {len(heldout)} {_SPLIT_WORDS[split]} runs of the generator's split is in --store "
+        return {"skipped": f"none of the {len(ids)} {_SPLIT_WORDS[split]} runs of the generator's split is in --store "
                            f"(with {gen.metric_name!r} and two checkpoints): denoising check not run"}
     norm, model, diffusion = gen.normalization, gen.model, gen.diffusion
     dev, dtype = gen.device, next(model.parameters()).dtype
@@ -1029,13 +1029,13 @@ def _plot_denoising(den: dict, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4))
-    pts = sorted((t, r) for t, r in zip(den["timesteps"], den["ratio"]) if r is not None)
-    ax.plot([t for t, _ in pts], [r for _, r in pts], marker="o", label="generator's x0 prediction")
     train = den.get("train_runs", {})
+    curves = [(den, dict(marker="o", label="generator's x0 prediction"))]
     if "ratio" in train:
-        pts = sorted((t, r) for t, r in zip(train["timesteps"], train["ratio"]) if r is not None)
-        ax.plot([t for t, _ in pts], [r for _, r in pts], marker=".", ls=":",
-                label=f"the same on {train['runs_used']} training runs")
+        curves.append((train, dict(marker=".", ls=":", label=f"the same on {train['runs_used']} training runs")))
+    for section, style in curves:
+        pts = sorted((t, r) for t, r in zip(section["timesteps"], section["ratio"]) if r is not None)
+        ax.plot([t for t, _ in pts], [r for _, r in pts], **style)
     ax.axhline(1.0, color="k", ls="--", label="returning θ")
     ax.set_xscale("symlog", linthresh=1.0)  # log steps; t = 0 (possible on short schedules) stays on the axis
     ax.set_xlim(0, 1.3 * max(den["timesteps"]))

@@ -10,6 +10,14 @@ The model reads a sequence of ``2T + 4`` tokens and predicts clean parameters θ
 
 Token order: θ tokens, x_t tokens, t, l, l′, l′ − l.
 
+With the layout's ``"neuron"`` scheme (one token per hidden unit, :mod:`learned_opt.layout`) the
+model is instead equivariant to the hidden units of each layer: the units of a layer share one
+encoder, one decoder and one position embedding, and a unit's θ and x_t encodings are summed into
+one token, so the sequence is ``T + 4`` tokens and permuting θ's and x_t's units permutes the
+prediction's units the same way. On ``mnist-mlp`` every training pair then teaches the shared maps
+ten times, once per unit, and a unit's outgoing weights sit in the same token as the feature its
+incoming weights detect.
+
 Learned position embeddings are added, a stack of pre-LayerNorm transformer blocks (non-causal,
 ``F.scaled_dot_product_attention``) mixes the tokens, and a per-token linear decoder maps the
 output tokens at the x_t positions back to parameter chunks. The decoders start at zero.
@@ -131,24 +139,32 @@ def get_config(preset: str | GptConfig) -> GptConfig:
 
 
 class TokenLinear(nn.Module):
-    """A separate linear map per token, applied to all tokens in one batched matmul.
+    """A linear map per token group, applied to all tokens in one batched matmul.
 
-    ``weight`` is ``[T, in, out]``; ``x`` is ``[B, T, in]`` and the result ``[B, T, out]``.
+    ``weight`` is ``[G, in, out]``; ``x`` is ``[B, T, in]`` and the result ``[B, T, out]``. Token
+    ``k`` uses group ``groups[k]``'s map; without ``groups`` every token has its own (``G = T``).
     """
 
-    def __init__(self, num_tokens: int, in_features: int, out_features: int) -> None:
+    def __init__(self, num_tokens: int, in_features: int, out_features: int,
+                 groups: tuple[int, ...] | None = None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(num_tokens, in_features, out_features))
-        self.bias = nn.Parameter(torch.zeros(num_tokens, out_features))
+        shared = groups is not None and len(set(groups)) < len(groups)
+        num_maps = max(groups) + 1 if shared else num_tokens
+        self.weight = nn.Parameter(torch.zeros(num_maps, in_features, out_features))
+        self.bias = nn.Parameter(torch.zeros(num_maps, out_features))
+        self.register_buffer("groups", torch.tensor(groups) if shared else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if self.groups is not None:
+            w, b = w.index_select(0, self.groups), b.index_select(0, self.groups)
         # [T, B, in] @ [T, in, out] + [T, 1, out] -> [T, B, out]
-        y = torch.baddbmm(self.bias.unsqueeze(1), x.transpose(0, 1), self.weight)
+        y = torch.baddbmm(b.unsqueeze(1), x.transpose(0, 1), w)
         return y.transpose(0, 1)  # [B, T, out]
 
     def extra_repr(self) -> str:
-        t, i, o = self.weight.shape
-        return f"tokens={t}, in_features={i}, out_features={o}"
+        g, i, o = self.weight.shape
+        return f"maps={g}, in_features={i}, out_features={o}"
 
 
 class ScalarEmbedding(nn.Module):
@@ -227,24 +243,32 @@ class Gpt(nn.Module):
             self.register_buffer("noise_rate", (1.0 - abar).sqrt().float(), persistent=False)  # s
             # σ_p of θ′ - θ per parameter: part of the weights (set by the trainer from its corpus)
             self.register_buffer("residual_scale", torch.full((layout.num_params,), float(config.residual_std)))
-            if config.subspace_skip:  # per token, orthonormal update directions [T, M, q]; zero: no skip yet
+            if config.subspace_skip:  # per token group, orthonormal update directions [G, M, q]; zero: no skip yet
                 m, d = layout.token_dim, config.d_model
-                self.register_buffer("skip_basis", torch.zeros(layout.num_tokens, m, min(m, d)))
+                self.register_buffer("skip_basis", torch.zeros(layout.num_groups, m, min(m, d)))
         elif config.subspace_skip:
             raise ConfigError("GptConfig.subspace_skip needs precondition=True")
         t, m, d = layout.num_tokens, layout.token_dim, config.d_model
         self.num_tokens = t
+        # Neuron tokens: weights shared within each group of interchangeable tokens, and θ's and
+        # x_t's encodings of one unit summed into one token (shared position embeddings could not
+        # otherwise tell which θ token goes with which x_t token). Chunk tokens: G.pt's 2T tokens.
+        self.fused = layout.scheme == "neuron"
+        groups = layout.token_groups if self.fused else None
 
         # Gather index [T, M] into the flat vector padded with one zero at position P, and the
         # inverse index [P] into the flattened [T * M] tokens; both derived from the layout.
         gather = layout.to_tokens(torch.arange(1, layout.num_params + 1)) - 1  # padding -> -1
+        real = gather.reshape(-1) >= 0
+        scatter = torch.empty(layout.num_params, dtype=torch.long)
+        scatter[gather.reshape(-1)[real]] = torch.nonzero(real).squeeze(1)
         gather = torch.where(gather < 0, torch.full_like(gather, layout.num_params), gather)
-        scatter = torch.nonzero(layout.token_mask.reshape(-1)).squeeze(1)
         self.register_buffer("token_index", gather, persistent=False)  # [T, M]
         self.register_buffer("flat_index", scatter, persistent=False)  # [P]
+        self.register_buffer("token_group", torch.tensor(layout.token_groups), persistent=False)  # [T]
 
-        self.theta_encoder = TokenLinear(t, m, d)
-        self.noised_encoder = TokenLinear(t, m, d)
+        self.theta_encoder = TokenLinear(t, m, d, groups)
+        self.noised_encoder = TokenLinear(t, m, d, groups)
         metric_freqs = math.pi * 2.0 ** torch.linspace(0.0, config.metric_max_log2_frequency, config.num_frequencies)
         time_freqs = torch.exp(
             -math.log(config.timestep_max_period) * torch.arange(config.num_frequencies) / config.num_frequencies
@@ -253,18 +277,25 @@ class Gpt(nn.Module):
         self.metric_embedding = ScalarEmbedding(metric_freqs, d)
         self.target_embedding = ScalarEmbedding(metric_freqs, d)
         self.delta_embedding = ScalarEmbedding(metric_freqs, d)
-        self.pos_embedding = nn.Parameter(torch.zeros(1, 2 * t + NUM_SCALAR_TOKENS, d))
+        if self.fused:  # one embedding per token group, then the scalar tokens'
+            g = layout.num_groups
+            self.pos_embedding = nn.Parameter(torch.zeros(1, g + NUM_SCALAR_TOKENS, d))
+            pos = torch.cat([self.token_group, torch.arange(g, g + NUM_SCALAR_TOKENS)])
+        else:
+            self.pos_embedding = nn.Parameter(torch.zeros(1, 2 * t + NUM_SCALAR_TOKENS, d))
+            pos = torch.arange(2 * t + NUM_SCALAR_TOKENS)
+        self.register_buffer("pos_index", pos, persistent=False)  # sequence position -> embedding
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
         self.ln_f = nn.LayerNorm(d)
-        self.decoder = TokenLinear(t, d, m)
+        self.decoder = TokenLinear(t, d, m, groups)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Initialise: per-token encoders scaled by each token's real width, zero decoders."""
-        real = self.layout.token_mask.to(self.theta_encoder.weight.device)  # [T, M]
-        fan_in = real.sum(1).clamp(min=1).float()  # [T]
+        real = self._group_mask().to(self.theta_encoder.weight.device)  # [G, M]
+        fan_in = real.sum(1).clamp(min=1).float()  # [G]
         for enc in (self.theta_encoder, self.noised_encoder):
             w = torch.randn_like(enc.weight) / fan_in.sqrt()[:, None, None]
             enc.weight.copy_(w * real.unsqueeze(-1))  # padding rows stay zero
@@ -293,7 +324,7 @@ class Gpt(nn.Module):
         ``skip_basis`` (the same directions; narrow tokens whole) and the skip passes the noised
         input through. Returns the wide tokens that were set.
         """
-        t, m, d = self.layout.num_tokens, self.layout.token_dim, self.config.d_model
+        m, d = self.layout.token_dim, self.config.d_model
         if updates.dim() != 2 or updates.shape[1] != self.layout.num_params:
             raise ArchitectureMismatchError(
                 f"updates must have shape [N, {self.layout.num_params}], got {list(updates.shape)}"
@@ -302,17 +333,19 @@ class Gpt(nn.Module):
         if self.config.precondition:
             u = u / self.residual_scale
         tokens = self._tokens(u).float()  # [N, T, M]
-        real = self.layout.token_mask.sum(1).tolist()  # real width per token
+        real = self._group_mask().sum(1).tolist()  # real width per group
         skip = getattr(self, "skip_basis", None)
         done = []
-        for k in range(t):
+        for k in range(len(real)):
             width = int(real[k])
             if width <= d:
                 if skip is not None:  # the skip covers a narrow token whole
                     skip[k].zero_()
                     skip[k, :width, :width] = torch.eye(width)
                 continue
-            _, _, vh = torch.linalg.svd(tokens[:, k, :width], full_matrices=False)  # vh [r, width]
+            members = self._group_members(k)
+            samples = tokens[:, members, :width].reshape(-1, width)  # a group's tokens pooled
+            _, _, vh = torch.linalg.svd(samples, full_matrices=False)  # vh [r, width]
             basis = vh[:d].T  # [width, min(r, d)] orthonormal columns
             for enc in (self.theta_encoder, self.noised_encoder):
                 enc.weight[k, :width, : basis.shape[1]] = basis.to(enc.weight.dtype)
@@ -321,6 +354,15 @@ class Gpt(nn.Module):
                 skip[k, :width, : basis.shape[1]] = basis
             done.append(k)
         return done
+
+    def _group_members(self, k: int) -> list[int]:
+        """Tokens that share encoder ``k`` (a group of neuron tokens, or token ``k`` alone)."""
+        return [i for i, g in enumerate(self.layout.token_groups) if g == k] if self.fused else [k]
+
+    def _group_mask(self) -> torch.Tensor:
+        """``[G, M]`` real entries of each encoder's tokens (those of a group are equally wide)."""
+        first = [self._group_members(k)[0] for k in range(self.theta_encoder.weight.shape[0])]
+        return self.layout.token_mask[first]
 
     def forward(
         self,
@@ -385,11 +427,15 @@ class Gpt(nn.Module):
         else:
             noised_tokens = self.noised_encoder(self._tokens(x_t))  # [B, T, D]
         time_token = self.timestep_embedding(t.reshape(b)).unsqueeze(1)  # [B, 1, D]
-        h = torch.cat([theta_tokens, noised_tokens, time_token, metric_tokens], dim=1)
-        h = self.drop(h + self.pos_embedding)  # [B, 2T + 4, D]
+        if self.fused:
+            h = torch.cat([theta_tokens + noised_tokens, time_token, metric_tokens], dim=1)
+        else:
+            h = torch.cat([theta_tokens, noised_tokens, time_token, metric_tokens], dim=1)
+        h = self.drop(h + self.pos_embedding[:, self.pos_index])  # [B, (1 or 2) T + 4, D]
         for block in self.blocks:
             h = block(h)
-        h = self.ln_f(h[:, self.num_tokens : 2 * self.num_tokens])  # [B, T, D] at the x_t positions
+        first = 0 if self.fused else self.num_tokens
+        h = self.ln_f(h[:, first : first + self.num_tokens])  # [B, T, D] at the x_t positions
         out = self.decoder(h)  # [B, T, M]
         out = out.reshape(b, -1).index_select(1, self.flat_index).to(theta.dtype)  # [B, P], padding dropped
         if self.config.precondition:
@@ -406,8 +452,9 @@ class Gpt(nn.Module):
         with torch.autocast(guess.device.type, enabled=False):
             guess = guess.float()
             tokens = self._tokens(guess).float()  # [B, T, M]
-            coeff = torch.einsum("btm,tmq->btq", tokens, self.skip_basis)
-            back = torch.einsum("btq,tmq->btm", coeff, self.skip_basis)  # [B, T, M]
+            basis = self.skip_basis.index_select(0, self.token_group) if self.fused else self.skip_basis
+            coeff = torch.einsum("btm,tmq->btq", tokens, basis)
+            back = torch.einsum("btq,tmq->btm", coeff, basis)  # [B, T, M]
             return back.reshape(guess.shape[0], -1).index_select(1, self.flat_index)
 
     def _preconditioning(self, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

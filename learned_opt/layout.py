@@ -5,9 +5,17 @@ A network's parameters travel through this package in three forms:
 * as the model's own tensors (``model.named_parameters()``, in registration order);
 * as one flat ``float32`` vector of length ``P`` (the tensors' ``reshape(-1)`` concatenated in
   signature order): what the corpus stores and the optimizer samples;
-* as tokens ``[T, M]`` for the generator: each layer's slice of the flat vector cut into chunks of
-  at most ``M`` values (G.pt's "chunk within layer" policy), the last chunk of a layer zero-padded.
-  ``chunk_size=None`` gives one token per layer (padded to the largest layer).
+* as tokens ``[T, M]`` for the generator, zero-padded to the widest token, in one of two schemes:
+
+  - ``"chunk"`` (G.pt's "chunk within layer" policy): each layer's slice of the flat vector cut
+    into chunks of at most ``M = chunk_size`` values. ``chunk_size=None`` gives one token per layer.
+  - ``"neuron"``, for a chain of linear layers (``weight [out, in]``, ``bias [out]``, ...): one
+    token per hidden unit, holding its incoming weights and bias and, for the last hidden layer,
+    its outgoing weights too; the output layer's bias is one more token. The hidden units of one
+    layer form a *token group*: permuting them permutes their tokens and nothing else (for
+    the last hidden layer; an earlier layer's permutation also reorders entries inside the next
+    layer's tokens), so a generator that shares weights within a group is equivariant to them.
+    On ``mnist-mlp`` (784-10-10) that is 10 tokens of 784 + 1 + 10 values and one of 10.
 
 An *architecture signature* is the ordered tuple of ``(name, shape)`` pairs; two models are
 interchangeable for a generator exactly when their signatures are equal.
@@ -25,6 +33,7 @@ from torch import nn
 from .errors import ArchitectureMismatchError
 
 Signature = tuple[tuple[str, tuple[int, ...]], ...]
+SCHEMES = ("chunk", "neuron")
 
 
 def signature_of(source: nn.Module | Mapping[str, torch.Tensor] | Iterable) -> Signature:
@@ -82,22 +91,28 @@ def check_signature(expected: Signature, actual: Signature, what: str = "the mod
 class Layout:
     """Flat-vector and token views of one architecture signature.
 
-    ``chunk_size`` is G.pt's ``M``: the most parameters one token holds. ``None`` means one token
-    per layer.
+    ``scheme`` is ``"chunk"`` or ``"neuron"`` (module docstring). ``chunk_size`` is G.pt's ``M``
+    for the chunk scheme: the most parameters one token holds; ``None`` means one token per layer.
+    The neuron scheme ignores it.
     """
 
     signature: Signature
     chunk_size: int | None = 1000
+    scheme: str = "chunk"
 
     def __post_init__(self) -> None:
         if not self.signature:
             raise ArchitectureMismatchError("an architecture signature needs at least one parameter")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"Invalid token scheme: {self.scheme!r} (choose one of {', '.join(SCHEMES)})")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"Invalid chunk_size: {self.chunk_size} (must be >= 1 or None)")
+        if self.scheme == "neuron":
+            self._linear_chain()  # raises for anything but a chain of linear layers
 
     @classmethod
-    def of(cls, source, chunk_size: int | None = 1000) -> "Layout":
-        return cls(signature_of(source), chunk_size)
+    def of(cls, source, chunk_size: int | None = 1000, scheme: str = "chunk") -> "Layout":
+        return cls(signature_of(source), chunk_size, scheme)
 
     # ------------------------------------------------------------------ flat vector
 
@@ -175,31 +190,100 @@ class Layout:
 
     # ------------------------------------------------------------------ tokens
 
+    def _linear_chain(self) -> list[tuple[int, int, int]]:
+        """``(weight offset, out, in)`` per layer of a chain of linear layers; raises otherwise."""
+        sig = self.signature
+        layers = []
+        ok = len(sig) >= 4 and len(sig) % 2 == 0
+        for k in range(0, len(sig) - 1, 2) if ok else ():
+            (_, w), (_, b) = sig[k], sig[k + 1]
+            ok = ok and len(w) == 2 and b == (w[0],) and (not layers or w[1] == layers[-1][1])
+            layers.append((self.offsets[k], w[0], w[1]))
+        if not ok:
+            raise ArchitectureMismatchError(
+                "neuron tokens need a chain of at least two linear layers (weight [out, in], bias [out], "
+                f"...); this signature is {[list(s) for _, s in sig]}. Use scheme='chunk' for it."
+            )
+        return layers
+
     @cached_property
+    def _token_indices(self) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
+        """Flat-vector indices of each token's values, and each token's group."""
+        tokens: list[tuple[int, ...]] = []
+        groups: list[int] = []
+        if self.scheme == "chunk":  # contiguous chunks within each layer; every token its own group
+            for a, b in zip(self.offsets[:-1], self.offsets[1:]):
+                step = (b - a) if self.chunk_size is None else self.chunk_size
+                for s in range(a, b, step):
+                    tokens.append(tuple(range(s, min(s + step, b))))
+                    groups.append(len(groups))
+            return tuple(tokens), tuple(groups)
+        layers = self._linear_chain()
+        for k, (w, n_out, n_in) in enumerate(layers[:-1]):
+            bias = w + n_out * n_in
+            last_hidden = k == len(layers) - 2
+            for j in range(n_out):
+                idx = list(range(w + j * n_in, w + (j + 1) * n_in)) + [bias + j]
+                if last_hidden:  # the output layer's column j: the unit's outgoing weights
+                    w_out, n_next, _ = layers[-1]
+                    idx += [w_out + i * n_out + j for i in range(n_next)]
+                tokens.append(tuple(idx))
+                groups.append(k)
+        w_out, n_next, n_in = layers[-1]
+        tokens.append(tuple(range(w_out + n_next * n_in, w_out + n_next * n_in + n_next)))
+        groups.append(len(layers) - 1)
+        return tuple(tokens), tuple(groups)
+
+    @property
     def token_spans(self) -> tuple[tuple[int, int], ...]:
-        """``(start, stop)`` in the flat vector of each token; tokens never cross layers."""
-        spans = []
-        for a, b in zip(self.offsets[:-1], self.offsets[1:]):
-            step = (b - a) if self.chunk_size is None else self.chunk_size
-            spans.extend((s, min(s + step, b)) for s in range(a, b, step))
-        return tuple(spans)
+        """``(start, stop)`` in the flat vector of each token (chunk scheme: tokens are contiguous
+        and never cross layers)."""
+        if self.scheme != "chunk":
+            raise AttributeError("neuron tokens are not contiguous spans; use token_indices")
+        return tuple((idx[0], idx[-1] + 1) for idx in self._token_indices[0])
+
+    @property
+    def token_indices(self) -> tuple[tuple[int, ...], ...]:
+        """The flat-vector indices each token holds, in token order (every parameter exactly once)."""
+        return self._token_indices[0]
+
+    @property
+    def token_groups(self) -> tuple[int, ...]:
+        """Group of each token: tokens of one group are interchangeable (neuron scheme: the hidden
+        units of one layer); in the chunk scheme every token is its own group."""
+        return self._token_indices[1]
+
+    @property
+    def num_groups(self) -> int:
+        return max(self.token_groups) + 1
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_spans)
+        return len(self.token_indices)
 
     @cached_property
     def token_dim(self) -> int:
-        """Width ``M`` of a token: the largest span (the chunk size, or the largest layer)."""
-        return max(b - a for a, b in self.token_spans)
+        """Width ``M`` of a token: the widest token (the chunk size, the largest layer, or a unit's values)."""
+        return max(len(idx) for idx in self.token_indices)
 
     @cached_property
     def _gather_index(self) -> torch.Tensor:
         # [T, M] index into the flat vector padded with one zero at position P.
         idx = torch.full((self.num_tokens, self.token_dim), self.num_params, dtype=torch.long)
-        for i, (a, b) in enumerate(self.token_spans):
-            idx[i, : b - a] = torch.arange(a, b)
+        for i, values in enumerate(self.token_indices):
+            idx[i, : len(values)] = torch.tensor(values, dtype=torch.long)
         return idx
+
+    def group_rms(self, values: torch.Tensor) -> torch.Tensor:
+        """``[P]`` non-negative values made equal across the tokens of each group, position by
+        position, by their root mean square; a generator that shares weights within groups needs
+        per-parameter scales that do not tell the group's tokens apart."""
+        tokens = self.to_tokens(values.square())  # [T, M]
+        groups = torch.tensor(self.token_groups, device=values.device)
+        sums = torch.zeros(self.num_groups, self.token_dim, dtype=tokens.dtype, device=values.device)
+        sums.index_add_(0, groups, tokens)
+        counts = torch.bincount(groups, minlength=self.num_groups).to(tokens.dtype)
+        return self.from_tokens((sums / counts[:, None])[groups].sqrt())
 
     @cached_property
     def token_mask(self) -> torch.Tensor:
@@ -215,4 +299,9 @@ class Layout:
     def from_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[..., T, M]`` -> ``[..., P]``; padding entries are dropped. Exact inverse of to_tokens."""
         mask = self.token_mask.to(tokens.device)
-        return tokens[..., mask]
+        return tokens[..., mask][..., self._flat_order.to(tokens.device)]
+
+    @cached_property
+    def _flat_order(self) -> torch.Tensor:
+        """``[P]``: where each flat position sits among the tokens' real entries (in token order)."""
+        return torch.argsort(self._gather_index[self.token_mask])

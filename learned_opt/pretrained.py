@@ -145,7 +145,7 @@ def build_manifest(
         "metric_range": [float(normalization.metric_lo), float(normalization.metric_hi)],
         "best_prompt": float(best_prompt),
         "normalization": normalization.to_dict(),
-        "tokenisation": {"chunk_size": layout.chunk_size, "num_tokens": layout.num_tokens},
+        "tokenisation": {"scheme": layout.scheme, "chunk_size": layout.chunk_size, "num_tokens": layout.num_tokens},
         "model_config": asdict(model.config),
         "diffusion_config": asdict(diffusion) if is_dataclass(diffusion) else dict(diffusion),
         "corpus": dict(corpus or {}),
@@ -405,7 +405,7 @@ def _build(manifest: dict, blob: bytes, where: str, digest: str, device) -> Load
         raise WeightsError(f"weights of {where} contain NaN or Inf in {bad[:5]}; the generator is unusable")
     try:
         tok = manifest["tokenisation"]
-        layout = Layout(signature_from_json(manifest["signature"]), tok.get("chunk_size"))
+        layout = Layout(signature_from_json(manifest["signature"]), tok.get("chunk_size"), tok.get("scheme", "chunk"))
         if layout.num_params != int(manifest["num_params"]):
             raise ValueError(f"signature has {layout.num_params} parameters, num_params says {manifest['num_params']}")
         # The initial weights are overwritten below: build on a forked RNG so that loading a

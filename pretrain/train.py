@@ -50,7 +50,7 @@ from learned_opt.diffusion import Diffusion, DiffusionConfig
 from learned_opt.errors import ConfigError, TrainingError
 from learned_opt.fileio import atomic_write
 from learned_opt.generator import PRESETS, Gpt, GptConfig, build_generator, get_config
-from learned_opt.layout import Layout, signature_from_json, signature_to_json
+from learned_opt.layout import SCHEMES, Layout, signature_from_json, signature_to_json
 from learned_opt.normalization import Normalization
 
 from .dataset import PairBatch, PairConfig, PairDataset, PairSampler, Split, StepBatches, open_pairs, seeded_generator
@@ -75,6 +75,7 @@ class TrainConfig:
     metric: str | None = None  # conditioning metric; None: the task's default_metric
     preset: str = "tiny"  # generator size (learned_opt.generator.PRESETS)
     chunk_size: int = 1000  # parameters per token (G.pt: <= 1000)
+    tokens: str = "chunk"  # token scheme (learned_opt.layout): "chunk" (G.pt) or "neuron" (one per hidden unit)
     steps: int = 1000  # optimizer steps in total
     batch_size: int = 64  # pairs per step, over all ranks together
     lr: float = 4e-4  # G.pt: 4e-4
@@ -159,7 +160,7 @@ RESUMABLE_CHANGES = frozenset(
      "checkpoint_every", "device", "amp", "workers", "name", "export", "resume"}
 )
 # Checked first and named in the error: they change what the model *is*.
-IDENTITY_FIELDS = ("task", "metric", "preset", "chunk_size", "diffusion_steps", "schedule", "precondition", "pca_init", "subspace_skip")
+IDENTITY_FIELDS = ("task", "metric", "preset", "chunk_size", "tokens", "diffusion_steps", "schedule", "precondition", "pca_init", "subspace_skip")
 
 
 def _with_defaults(saved: dict, cls) -> dict:
@@ -453,7 +454,7 @@ class Trainer:
         self.name = config.name or f"{config.task}-{config.metric}-{config.preset}"
 
         # ---- model, EMA, optimizer, schedule
-        self.layout = Layout(self.corpus.store.signature, config.chunk_size)
+        self.layout = Layout(self.corpus.store.signature, config.chunk_size, config.tokens)
         # the same initialisation on every rank; train() runs this inside fork_rng, so the
         # caller's global RNG is restored afterwards
         torch.manual_seed(config.seed)
@@ -472,7 +473,7 @@ class Trainer:
         elif config.residual_std is not None:
             residual_std = config.residual_std  # one given σ for every parameter
         elif updates is not None:
-            residual_scale = residual_scale_estimate(updates)
+            residual_scale = self.layout.group_rms(residual_scale_estimate(updates))  # chunk tokens: unchanged
             residual_std = residual_scale.square().mean().sqrt().item()  # the pooled σ, recorded
         else:
             residual_std = get_config(config.preset).residual_std
@@ -704,7 +705,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
     path = Path(checkpoint)
     state = load_checkpoint(path)
     cfg, corpus = state["config"], state["corpus"]
-    layout = Layout(signature_from_json(state["signature"]), cfg["chunk_size"])
+    layout = Layout(signature_from_json(state["signature"]), cfg["chunk_size"], cfg.get("tokens", "chunk"))
     diffusion = DiffusionConfig(**state["diffusion_config"])
     model = build_generator(layout, GptConfig(**state["model_config"]), diffusion)
     model.load_state_dict(state["ema"])
@@ -766,6 +767,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--metric", default=S, help="conditioning metric (default: the task's default metric)")
     add("--preset", default=S, choices=list(PRESETS), help=f"generator size (default {d.preset})")
     add("--chunk-size", type=int, default=S, help=f"parameters per token (default {d.chunk_size})")
+    add("--tokens", choices=SCHEMES, default=S,
+        help="token scheme: 'chunk' (G.pt: chunks of --chunk-size within each layer) or 'neuron' (one token "
+             "per hidden unit, weights shared within a layer; linear chains only) (default chunk)")
     add("--steps", type=int, default=S, help=f"optimizer steps (default {d.steps})")
     add("--batch-size", type=int, default=S, help=f"pairs per step over all processes (default {d.batch_size})")
     add("--lr", type=float, default=S, help=f"peak learning rate (default {d.lr})")

@@ -300,3 +300,83 @@ def test_subspace_skip_copies_a_clean_update_inside_its_directions_and_nothing_o
     assert (model(**x) - x["theta"])[:, token0].abs().max() < 1e-4
     with pytest.raises(ConfigError, match="precondition"):
         build_generator(TOY, GptConfig(d_model=4, n_layers=1, n_heads=2, subspace_skip=True))
+
+
+# ---------------------------------------------------------------------------------- neuron tokens
+
+NEURON = Layout((("fc1.weight", (6, 5)), ("fc1.bias", (6,)), ("fc2.weight", (3, 6)), ("fc2.bias", (3,))),
+                scheme="neuron")  # 6 unit tokens of 5 + 1 + 3 and one of 3
+
+
+def permute_units(flat: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """The toy MLP's hidden units reordered by ``perm`` (the same function)."""
+    p = NEURON.unflatten(flat)
+    return NEURON.flatten([p["fc1.weight"][:, perm], p["fc1.bias"][:, perm], p["fc2.weight"][..., perm],
+                           p["fc2.bias"]])
+
+
+def neuron_model(**changes) -> Gpt:
+    from learned_opt.diffusion import DiffusionConfig
+
+    torch.manual_seed(0)
+    config = dataclasses.replace(GptConfig(d_model=8, n_layers=2, n_heads=2), **changes)
+    return build_generator(NEURON, config, DiffusionConfig(num_steps=100) if config.precondition else None)
+
+
+def test_neuron_generator_shares_weights_within_a_layer_and_fuses_theta_with_x_t():
+    model = neuron_model()
+    assert model.theta_encoder.weight.shape == (2, 9, 8) and model.decoder.weight.shape == (2, 8, 9)
+    assert model.pos_embedding.shape == (1, 2 + 4, 8)
+    x = inputs(NEURON, 3)
+    assert torch.equal(model(**x), x["theta"])  # zero decoders: still θ exactly
+
+
+@pytest.mark.parametrize("precondition", [False, True])
+def test_neuron_generator_is_equivariant_to_hidden_unit_permutations(precondition):
+    model = neuron_model(precondition=precondition, subspace_skip=precondition)
+    if precondition:
+        model.residual_scale.copy_(NEURON.group_rms(torch.rand(NEURON.num_params) + 0.1))
+        model.init_encoders_from_updates(torch.randn(64, NEURON.num_params))
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.normal_()
+    x = inputs(NEURON, 3)
+    x["t"] = x["t"] % 100
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(3))
+    moved = dict(x, x_t=permute_units(x["x_t"], perm), theta=permute_units(x["theta"], perm))
+    out = model(**x)
+    torch.testing.assert_close(model(**moved), permute_units(out, perm), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, x["theta"])
+
+
+def test_neuron_generator_points_each_shared_encoder_at_its_groups_update_directions():
+    model = neuron_model()
+    g = torch.Generator().manual_seed(0)
+    directions = torch.linalg.qr(torch.randn(9, 2, generator=g)).Q  # [9, 2]: every unit moves in these
+    updates = torch.zeros(50, NEURON.num_params)
+    for idx in NEURON.token_indices[:6]:
+        updates[:, list(idx)] = torch.randn(50, 2, generator=g) @ directions.T
+    assert model.init_encoders_from_updates(updates) == [0]  # the 3-wide output bias fits d_model whole
+    w = model.noised_encoder.weight[0, :, :2]
+    torch.testing.assert_close(directions @ (directions.T @ w), w, atol=1e-5, rtol=0)
+
+
+def test_neuron_generator_round_trips_through_a_manifest(tmp_path):
+    from learned_opt.diffusion import DiffusionConfig
+    from learned_opt.normalization import Normalization
+    from learned_opt.pretrained import LoadedGenerator, load_generator, save_generator
+
+    layout = tasks.get("mnist-mlp").layout(scheme="neuron")
+    torch.manual_seed(0)
+    model = build_generator(layout, GptConfig(d_model=8, n_layers=1, n_heads=2))
+    with torch.no_grad():
+        model.decoder.bias.normal_()
+    manifest = save_generator(tmp_path, "neuron", model, DiffusionConfig(num_steps=10),
+                              Normalization.from_stats(0.1, 0.0, 2.5), task="mnist-mlp", metric="test_loss",
+                              best_prompt=0.1, corpus={}, training={})
+    loaded = load_generator(manifest)
+    assert json.loads(manifest.read_text())["tokenisation"]["scheme"] == "neuron"
+    assert loaded.model.layout == layout
+    x = inputs(layout, 2)
+    torch.testing.assert_close(loaded.model(**x), model(**x))
+    assert isinstance(loaded, LoadedGenerator)

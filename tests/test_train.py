@@ -235,7 +235,7 @@ def test_export_writes_the_ema_weights_with_a_complete_manifest(store_dir, strai
     assert manifest["corpus"]["runs_train"] + manifest["corpus"]["runs_heldout"] == 4
     assert manifest["training"]["steps"] == 6 and manifest["training"]["weights"] == "ema"
     assert manifest["training"]["final_loss"] == pytest.approx(result.last["loss"])
-    assert manifest["tokenisation"] == {"chunk_size": 1000, "num_tokens": 11}
+    assert manifest["tokenisation"] == {"scheme": "chunk", "chunk_size": 1000, "num_tokens": 11}
     loaded = load_generator(manifest_path)
     assert state_hash(loaded.model) == state_hash(result.ema) != state_hash(result.model)
     lo, hi = loaded.metric_range
@@ -405,3 +405,20 @@ def test_residual_std_needs_precondition(store_dir, tmp_path):
     with pytest.raises(ConfigError, match="--precondition"):
         train(tiny(store_dir, tmp_path, residual_std=0.3))
     assert not any(tmp_path.iterdir())
+
+
+def test_neuron_token_training_ties_scales_across_units_exports_and_loads(store_dir, tmp_path):
+    cfg = tiny(store_dir, tmp_path, steps=3, export=True, name="units", tokens="neuron", **NEW_OPTIONS)
+    result = train(cfg)
+    manifest = json.loads(result.manifest.read_text())
+    assert manifest["tokenisation"] == {"scheme": "neuron", "chunk_size": 1000, "num_tokens": 11}
+    loaded = load_generator(result.manifest)
+    layout = loaded.model.layout
+    assert layout.scheme == "neuron" and loaded.model.theta_encoder.weight.shape[0] == 2
+    units = layout.to_tokens(loaded.model.residual_scale)[:10]  # one σ per position, shared by the 10 units
+    torch.testing.assert_close(units, units[:1].expand(10, -1))
+    new = loaded.sample(torch.randn(2, 7960) * 0.1, torch.tensor([2.0, 1.0]), torch.tensor([0.5, 0.5]), steps=2,
+                        generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(new).all()
+    with pytest.raises(TrainingError, match="tokens='neuron' \\(asked: 'chunk'\\)"):
+        train(tiny(store_dir, tmp_path, steps=6, resume=True, name="units", **NEW_OPTIONS))

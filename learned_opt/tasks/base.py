@@ -71,8 +71,8 @@ class Task(ABC):
         with torch.device("meta"):
             return signature_of(self.build_model())
 
-    def layout(self, chunk_size: int | None = 1000) -> Layout:
-        return Layout(self.signature, chunk_size)
+    def layout(self, chunk_size: int | None = 1000, scheme: str = "chunk") -> Layout:
+        return Layout(self.signature, chunk_size, scheme)
 
     @property
     def num_params(self) -> int:

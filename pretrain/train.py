@@ -94,6 +94,7 @@ class TrainConfig:
     pca_init: bool = False  # wide tokens' encoders start at the principal directions of θ′ - θ
     subspace_skip: bool = False  # with precondition and pca_init: skip x_t to the output in those directions
     snr_window: tuple[float, float] | None = None  # draw 90% of training t where log-SNR(θ′ - θ) is in it; None: uniform
+    layer_balance: float = 0.0  # x0 error of parameter p weighted by (P / size of p's layer) ** this, mean 1; 0: off
     diffusion_steps: int = 1000  # G.pt: 1000
     schedule: str = "linear"  # G.pt: linear betas 1e-4..0.02
     amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
@@ -139,6 +140,8 @@ class TrainConfig:
             raise ConfigError("--subspace-skip needs --precondition and --pca-init (the skip's directions)")
         if self.snr_window is not None and not (len(self.snr_window) == 2 and self.snr_window[0] < self.snr_window[1]):
             raise ConfigError(f"--snr-window takes LO HI with LO < HI, got {self.snr_window}")
+        if not (0.0 <= self.layer_balance <= 1.0):
+            raise ConfigError(f"--layer-balance must be in [0, 1], got {self.layer_balance}")
         if not 0.0 <= self.init_fraction <= 1.0:
             raise ConfigError(f"--init-fraction must be in [0, 1], got {self.init_fraction}")
         if self.stop_after is not None and self.stop_after < 1:
@@ -157,7 +160,7 @@ class TrainConfig:
 # Settings a resumed job may change; every other field must equal the checkpoint's.
 RESUMABLE_CHANGES = frozenset(
     {"store", "out", "steps", "stop_after", "log_every", "eval_every", "eval_batches",
-     "checkpoint_every", "device", "amp", "workers", "name", "export", "resume"}
+     "checkpoint_every", "device", "amp", "workers", "name", "export", "resume", "layer_balance"}
 )
 # Checked first and named in the error: they change what the model *is*.
 IDENTITY_FIELDS = ("task", "metric", "preset", "chunk_size", "tokens", "diffusion_steps", "schedule", "precondition", "pca_init", "subspace_skip")
@@ -251,6 +254,17 @@ def residual_scale_estimate(updates: torch.Tensor) -> torch.Tensor:
     if not pooled > 0:
         raise TrainingError("θ′ - θ is zero on every sampled training pair; the corpus is degenerate")
     return per_param.clamp(min=RESIDUAL_FLOOR * pooled).float()
+
+
+def layer_weights(layout: Layout, balance: float) -> torch.Tensor:
+    """``[1, P]``: parameter p's weight ``(P / n_l) ** balance`` for a layer (parameter tensor) of
+    ``n_l`` values, scaled to mean 1. 0 weighs every parameter alike (the default); 1 gives every
+    layer the same share of the loss, so that a network's 100 output weights count as much as its
+    7,840 input weights, though they decide as much of its function."""
+    sizes = torch.tensor(layout.sizes, dtype=torch.float64)
+    per_layer = (layout.num_params / sizes) ** balance
+    weights = torch.repeat_interleave(per_layer, torch.tensor(layout.sizes))
+    return (weights / weights.mean()).float().unsqueeze(0)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float = 0.0) -> float:
@@ -514,6 +528,7 @@ class Trainer:
         if config.snr_window is not None:  # windowed on the scale of the updates θ′ - θ (pooled)
             scale = self.model.config.residual_std
             self.t_probs = self.diffusion.snr_window_probs(*config.snr_window, scale=scale).to(info.device)
+        self.layer_weight = layer_weights(self.layout, config.layer_balance).to(info.device)  # [1, P]
         self.use_amp = config.amp and info.device.type == "cuda"
         self.t_start = time.perf_counter()
 
@@ -522,12 +537,17 @@ class Trainer:
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16) if self.use_amp else nullcontext()
 
+    def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """The x0 loss weights at steps ``t``: the model's own (``1 / σ_p²`` when preconditioned)
+        times the layer balance's."""
+        return self.model.loss_weight(t) * self.layer_weight
+
     def train_step(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on this rank's share of a batch; returns (loss, grad norm) on the device."""
         noise = seeded_generator("noise", self.config.seed, self.step, self.info.rank, device=self.info.device)
         with self.autocast():
             loss = self.diffusion.training_loss(
-                self.ddp, batch.theta_next, batch.cond(), generator=noise, weight=self.model.loss_weight,
+                self.ddp, batch.theta_next, batch.cond(), generator=noise, weight=self.loss_weight,
                 t_probs=self.t_probs,
             )
         loss.backward()
@@ -728,7 +748,9 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
         "init_fraction": cfg.get("init_fraction", 0.0),
         "pca_init": cfg.get("pca_init", False),
         "snr_window": cfg.get("snr_window"),
-        "loss": "x0 MSE weighted by 1 / σ_p²" if cfg.get("precondition") else "x0 MSE",
+        "layer_balance": cfg.get("layer_balance", 0.0),
+        "loss": ("x0 MSE weighted by 1 / σ_p²" if cfg.get("precondition") else "x0 MSE")
+        + (" and by (P / layer size) ** layer_balance" if cfg.get("layer_balance") else ""),
         "heldout_loss": "plain x0 MSE at uniformly drawn t, fixed held-out pairs and noise",
         "weights": "ema",
         "final_loss": last.get("loss"),
@@ -792,6 +814,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="with --precondition --pca-init: pass x_t to the output within each token's update directions")
     add("--snr-window", type=float, nargs=2, metavar=("LO", "HI"), default=S,
         help="draw 90%% of training timesteps where the log-SNR of θ′ - θ lies in [LO, HI] (default: uniform, G.pt)")
+    add("--layer-balance", type=float, default=S, metavar="A",
+        help="weight a parameter's x0 error by (P / its layer's size) ** A, scaled to mean 1: 0 (default) weighs "
+             "every parameter alike, 1 every layer alike; may change on --resume")
     add("--residual-std", type=float, default=S,
         help="one σ of θ′ - θ for every parameter with --precondition (default: σ_p measured per parameter on training pairs)")
     add("--diffusion-steps", type=int, default=S, help=f"diffusion steps (default {d.diffusion_steps})")

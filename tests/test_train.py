@@ -15,6 +15,7 @@ from train_helpers import make_store, state_hash
 from learned_opt import cli
 from learned_opt.errors import ConfigError, StoreError, TrainingError
 from learned_opt.pretrained import load_generator, sha256_file
+from learned_opt.layout import Layout
 from pretrain import train as train_mod
 from pretrain.dataset import PairDataset
 from pretrain.train import (
@@ -422,3 +423,19 @@ def test_neuron_token_training_ties_scales_across_units_exports_and_loads(store_
     assert torch.isfinite(new).all()
     with pytest.raises(TrainingError, match="tokens='neuron' \\(asked: 'chunk'\\)"):
         train(tiny(store_dir, tmp_path, steps=6, resume=True, name="units", **NEW_OPTIONS))
+
+
+def test_layer_balance_gives_every_layer_the_same_share_and_may_change_on_resume(store_dir, tmp_path):
+    layout = Layout(make_store(tmp_path / "s", runs=1, checkpoints=2).signature)
+    off, half, full = (train_mod.layer_weights(layout, a)[0] for a in (0.0, 0.5, 1.0))
+    assert torch.equal(off, torch.ones(7960))
+    for w in (half, full):
+        torch.testing.assert_close(w.mean(), torch.tensor(1.0))
+    shares = torch.stack([full[a:b].sum() for a, b in zip(layout.offsets[:-1], layout.offsets[1:])])
+    torch.testing.assert_close(shares, torch.full((4,), 7960 / 4))
+    assert half[0] < 1 < half[-1]  # between: the small layers count for more, not for all
+    train(tiny(store_dir, tmp_path / "run", stop_after=3, precondition=True))
+    resumed = train(tiny(store_dir, tmp_path / "run", resume=True, precondition=True, layer_balance=1.0))
+    assert resumed.step == 6 and load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["config"]["layer_balance"] == 1.0
+    with pytest.raises(ConfigError, match="--layer-balance"):
+        train(tiny(store_dir, tmp_path / "bad", layer_balance=2.0))

@@ -1,6 +1,7 @@
 """G.pt's transformer over network parameters (Peebles et al. 2022, arXiv:2209.12892).
 
-The model reads a sequence of ``2T + 4`` tokens and predicts clean parameters θ′:
+With the layout's ``"chunk"`` tokens (G.pt's) the model reads a sequence of ``2T + 4`` tokens and
+predicts clean parameters θ′:
 
 * ``T`` tokens of the starting parameters θ and ``T`` tokens of the noised target x_t, each token
   a chunk of at most ``M`` parameters within one layer (cut by :class:`~learned_opt.layout.Layout`),
@@ -10,13 +11,15 @@ The model reads a sequence of ``2T + 4`` tokens and predicts clean parameters θ
 
 Token order: θ tokens, x_t tokens, t, l, l′, l′ − l.
 
-With the layout's ``"neuron"`` scheme (one token per hidden unit, :mod:`learned_opt.layout`) the
-model is instead equivariant to the hidden units of each layer: the units of a layer share one
-encoder, one decoder and one position embedding, and a unit's θ and x_t encodings are summed into
-one token, so the sequence is ``T + 4`` tokens and permuting θ's and x_t's units permutes the
-prediction's units the same way. On ``mnist-mlp`` every training pair then teaches the shared maps
-ten times, once per unit, and a unit's outgoing weights sit in the same token as the feature its
-incoming weights detect.
+With the layout's ``"neuron"`` tokens (one per hidden unit, :mod:`learned_opt.layout`) the units
+of a layer share one encoder, one decoder and one position embedding, and a unit's θ and x_t
+encodings are summed into one token (the sequence is ``T + 4`` tokens, the prediction read at the
+unit tokens). Permuting the units of the **last** hidden layer in θ and x_t then permutes the
+prediction's units the same way (the model is equivariant to them, tested); permuting an earlier
+layer also reorders entries inside the next layer's tokens, which shared maps do not undo, so
+there the permutation augmentation of training pairs still does the work. On ``mnist-mlp`` (one
+hidden layer) every training pair teaches the shared maps ten times, once per unit, and a unit's
+outgoing weights sit in the same token as the feature its incoming weights detect.
 
 Learned position embeddings are added, a stack of pre-LayerNorm transformer blocks (non-causal,
 ``F.scaled_dot_product_attention``) mixes the tokens, and a per-token linear decoder maps the
@@ -293,7 +296,8 @@ class Gpt(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Initialise: per-token encoders scaled by each token's real width, zero decoders."""
+        """Initialise: encoders (per token, or per group of neuron tokens) scaled by the real
+        width of their tokens, zero decoders."""
         real = self._group_mask().to(self.theta_encoder.weight.device)  # [G, M]
         fan_in = real.sum(1).clamp(min=1).float()  # [G]
         for enc in (self.theta_encoder, self.noised_encoder):
@@ -314,15 +318,17 @@ class Gpt(nn.Module):
         """Point the encoders of wide tokens at the directions in which parameters move.
 
         ``updates`` ``[N, P]`` are samples of ``θ′ - θ`` in generator units (divided by
-        ``residual_scale`` here when preconditioned). For every token wider than ``d_model`` the
-        θ and x_t encoders are set to the token's top ``d_model`` principal directions of the
-        updates (orthonormal, so unit-scale input keeps unit scale; directions beyond the rank of
-        the sample keep their random initialisation). A token of M parameters can then pass the
+        ``residual_scale`` here when preconditioned). For every encoder whose tokens are wider
+        than ``d_model`` (one per token; with neuron tokens one per group, the group's tokens
+        pooled as samples) the θ and x_t encoders are set to the top ``d_model`` principal
+        directions of the updates (orthonormal, so unit-scale input keeps unit scale; directions
+        beyond the rank of the sample keep their random initialisation). A token of M parameters can then pass the
         part of an update that matters through its ``d_model`` features from the first step,
         instead of a random projection that keeps ``d_model / M`` of it. Decoders stay zero, so the
         untrained model still returns θ, unless ``subspace_skip`` is on: then this also sets
         ``skip_basis`` (the same directions; narrow tokens whole) and the skip passes the noised
-        input through. Returns the wide tokens that were set.
+        input through. Returns the encoders that were set (token indices, or group indices with
+        neuron tokens).
         """
         m, d = self.layout.token_dim, self.config.d_model
         if updates.dim() != 2 or updates.shape[1] != self.layout.num_params:

@@ -93,7 +93,7 @@ class Layout:
 
     ``scheme`` is ``"chunk"`` or ``"neuron"`` (module docstring). ``chunk_size`` is G.pt's ``M``
     for the chunk scheme: the most parameters one token holds; ``None`` means one token per layer.
-    The neuron scheme ignores it.
+    The neuron scheme does not use it (it is set to ``None``).
     """
 
     signature: Signature
@@ -109,6 +109,7 @@ class Layout:
             raise ValueError(f"Invalid chunk_size: {self.chunk_size} (must be >= 1 or None)")
         if self.scheme == "neuron":
             self._linear_chain()  # raises for anything but a chain of linear layers
+            object.__setattr__(self, "chunk_size", None)  # not used: equal layouts for any chunk_size
 
     @classmethod
     def of(cls, source, chunk_size: int | None = 1000, scheme: str = "chunk") -> "Layout":
@@ -202,7 +203,8 @@ class Layout:
         if not ok:
             raise ArchitectureMismatchError(
                 "neuron tokens need a chain of at least two linear layers (weight [out, in], bias [out], "
-                f"...); this signature is {[list(s) for _, s in sig]}. Use scheme='chunk' for it."
+                f"...); this one is {[[n, list(s)] for n, s in sig]}. Use chunk tokens for it "
+                "(scheme='chunk', or `learned-opt train --tokens chunk`)."
             )
         return layers
 
@@ -239,7 +241,7 @@ class Layout:
         """``(start, stop)`` in the flat vector of each token (chunk scheme: tokens are contiguous
         and never cross layers)."""
         if self.scheme != "chunk":
-            raise AttributeError("neuron tokens are not contiguous spans; use token_indices")
+            raise ValueError("neuron tokens are not contiguous spans; use token_indices")
         return tuple((idx[0], idx[-1] + 1) for idx in self._token_indices[0])
 
     @property

@@ -37,7 +37,10 @@ if TYPE_CHECKING:  # imported lazily at run time: keeps this module importable o
     from .diffusion import Diffusion, DiffusionConfig
     from .generator import Gpt
 
-MANIFEST_FORMAT_VERSION = 1
+# Version 2 adds neuron tokens (``tokenisation.scheme``); chunk-token generators are still written
+# as version 1, which releases before neuron tokens read correctly.
+MANIFEST_FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 
 # Keys every manifest must hold (the writer below adds all of them).
 REQUIRED_KEYS = (
@@ -135,7 +138,7 @@ def build_manifest(
         raise ValueError(f"metric_direction must be 'min' or 'max', got {metric_direction!r}")
     layout: Layout = model.layout
     manifest = {
-        "format_version": MANIFEST_FORMAT_VERSION,
+        "format_version": 1 if layout.scheme == "chunk" else MANIFEST_FORMAT_VERSION,
         "name": name,
         "task": task,
         "signature": signature_to_json(layout.signature),
@@ -314,10 +317,11 @@ def _read_manifest(text: str, where: str) -> dict:
     if not isinstance(manifest, dict):
         raise WeightsError(f"manifest {where} is not a JSON object")
     version = manifest.get("format_version")
-    if version != MANIFEST_FORMAT_VERSION:
+    if version not in READABLE_FORMAT_VERSIONS:
         raise WeightsError(
-            f"manifest {where} has format_version {version!r}; this learned-opt reads version "
-            f"{MANIFEST_FORMAT_VERSION}. Use the learned-opt release that wrote it, or re-save the generator."
+            f"manifest {where} has format_version {version!r}; this learned-opt reads versions "
+            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}. Use the learned-opt release that wrote it, "
+            "or re-save the generator."
         )
     missing = [k for k in REQUIRED_KEYS if k not in manifest]
     if missing:

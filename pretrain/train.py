@@ -140,6 +140,8 @@ class TrainConfig:
             raise ConfigError("--subspace-skip needs --precondition and --pca-init (the skip's directions)")
         if self.snr_window is not None and not (len(self.snr_window) == 2 and self.snr_window[0] < self.snr_window[1]):
             raise ConfigError(f"--snr-window takes LO HI with LO < HI, got {self.snr_window}")
+        if self.tokens not in SCHEMES:
+            raise ConfigError(f"--tokens must be one of {', '.join(SCHEMES)}, got {self.tokens!r}")
         if not (0.0 <= self.layer_balance <= 1.0):
             raise ConfigError(f"--layer-balance must be in [0, 1], got {self.layer_balance}")
         if not 0.0 <= self.init_fraction <= 1.0:
@@ -259,8 +261,10 @@ def residual_scale_estimate(updates: torch.Tensor) -> torch.Tensor:
 def layer_weights(layout: Layout, balance: float) -> torch.Tensor:
     """``[1, P]``: parameter p's weight ``(P / n_l) ** balance`` for a layer (parameter tensor) of
     ``n_l`` values, scaled to mean 1. 0 weighs every parameter alike (the default); 1 gives every
-    layer the same share of the loss, so that a network's 100 output weights count as much as its
-    7,840 input weights, though they decide as much of its function."""
+    parameter tensor the same share of the loss (a bias is a tensor of its own), so that a
+    network's 100 output weights count as much as its 7,840 input weights, since they decide as
+    much of its function; on ``mnist-mlp`` the two 10-value biases then weigh 199 times a mean
+    parameter each, and the input weights 0.25 times."""
     sizes = torch.tensor(layout.sizes, dtype=torch.float64)
     per_layer = (layout.num_params / sizes) ** balance
     weights = torch.repeat_interleave(per_layer, torch.tensor(layout.sizes))
@@ -463,6 +467,9 @@ class Trainer:
             normalization=Normalization(**state["normalization"]) if state else None,
         )
         self.notes += self.corpus.notes
+        before = _with_defaults(state["config"], TrainConfig)["layer_balance"] if state else config.layer_balance
+        if before != config.layer_balance:
+            self.notes.append(f"--layer-balance changed from {before:g} to {config.layer_balance:g} at step {state['step']}")
         config.task, config.metric = self.corpus.task.name, self.corpus.metric  # resolved, as recorded
         self.config = config
         self.name = config.name or f"{config.task}-{config.metric}-{config.preset}"

@@ -350,15 +350,15 @@ def test_neuron_generator_is_equivariant_to_hidden_unit_permutations(preconditio
 
 
 def test_neuron_generator_points_each_shared_encoder_at_its_groups_update_directions():
-    model = neuron_model()
+    model = neuron_model(d_model=6)  # 6 < the units' 9 values: their encoder is set
     g = torch.Generator().manual_seed(0)
-    directions = torch.linalg.qr(torch.randn(9, 2, generator=g)).Q  # [9, 2]: every unit moves in these
+    directions = torch.linalg.qr(torch.randn(9, 6, generator=g)).Q  # [9, 6]: unit j moves along column j only
     updates = torch.zeros(50, NEURON.num_params)
-    for idx in NEURON.token_indices[:6]:
-        updates[:, list(idx)] = torch.randn(50, 2, generator=g) @ directions.T
+    for j, idx in enumerate(NEURON.token_indices[:6]):
+        updates[:, list(idx)] = torch.randn(50, 1, generator=g) * directions[:, j]
     assert model.init_encoders_from_updates(updates) == [0]  # the 3-wide output bias fits d_model whole
-    w = model.noised_encoder.weight[0, :, :2]
-    torch.testing.assert_close(directions @ (directions.T @ w), w, atol=1e-5, rtol=0)
+    w = model.noised_encoder.weight[0]  # [9, 6]: pooled over the units, it spans all six directions
+    torch.testing.assert_close(w @ (w.T @ directions), directions, atol=1e-5, rtol=0)
 
 
 def test_neuron_generator_round_trips_through_a_manifest(tmp_path):
@@ -375,8 +375,29 @@ def test_neuron_generator_round_trips_through_a_manifest(tmp_path):
                               Normalization.from_stats(0.1, 0.0, 2.5), task="mnist-mlp", metric="test_loss",
                               best_prompt=0.1, corpus={}, training={})
     loaded = load_generator(manifest)
-    assert json.loads(manifest.read_text())["tokenisation"]["scheme"] == "neuron"
+    saved = json.loads(manifest.read_text())
+    assert saved["tokenisation"]["scheme"] == "neuron" and saved["format_version"] == 2
     assert loaded.model.layout == layout
     x = inputs(layout, 2)
     torch.testing.assert_close(loaded.model(**x), model(**x))
     assert isinstance(loaded, LoadedGenerator)
+
+
+def test_neuron_generator_with_two_hidden_layers_is_equivariant_to_the_last_one():
+    layout = Layout((("fc1.weight", (5, 4)), ("fc1.bias", (5,)), ("fc2.weight", (6, 5)), ("fc2.bias", (6,)),
+                     ("fc3.weight", (2, 6)), ("fc3.bias", (2,))), scheme="neuron")
+    torch.manual_seed(0)
+    model = build_generator(layout, GptConfig(d_model=8, n_layers=2, n_heads=2))
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            p.normal_()
+
+    def permute_last(flat, perm):
+        p = layout.unflatten(flat)
+        return layout.flatten([p["fc1.weight"], p["fc1.bias"], p["fc2.weight"][:, perm], p["fc2.bias"][:, perm],
+                               p["fc3.weight"][..., perm], p["fc3.bias"]])
+
+    x = inputs(layout, 2)
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    moved = dict(x, x_t=permute_last(x["x_t"], perm), theta=permute_last(x["theta"], perm))
+    torch.testing.assert_close(model(**moved), permute_last(model(**x), perm), atol=1e-5, rtol=1e-5)

@@ -412,7 +412,7 @@ def test_neuron_token_training_ties_scales_across_units_exports_and_loads(store_
     cfg = tiny(store_dir, tmp_path, steps=3, export=True, name="units", tokens="neuron", **NEW_OPTIONS)
     result = train(cfg)
     manifest = json.loads(result.manifest.read_text())
-    assert manifest["tokenisation"] == {"scheme": "neuron", "chunk_size": 1000, "num_tokens": 11}
+    assert manifest["tokenisation"] == {"scheme": "neuron", "chunk_size": None, "num_tokens": 11}
     loaded = load_generator(result.manifest)
     layout = loaded.model.layout
     assert layout.scheme == "neuron" and loaded.model.theta_encoder.weight.shape[0] == 2
@@ -435,7 +435,20 @@ def test_layer_balance_gives_every_layer_the_same_share_and_may_change_on_resume
     torch.testing.assert_close(shares, torch.full((4,), 7960 / 4))
     assert half[0] < 1 < half[-1]  # between: the small layers count for more, not for all
     train(tiny(store_dir, tmp_path / "run", stop_after=3, precondition=True))
-    resumed = train(tiny(store_dir, tmp_path / "run", resume=True, precondition=True, layer_balance=1.0))
+    seen = []
+    real_loss = train_mod.Diffusion.training_loss
+
+    def spy(self, model, x0, cond, *, weight=None, **kw):
+        if weight is not None:  # training steps; the held-out loss is unweighted
+            seen.append(weight(torch.zeros(x0.shape[0], dtype=torch.long)))
+        return real_loss(self, model, x0, cond, weight=weight, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_mod.Diffusion, "training_loss", spy)
+        resumed = train(tiny(store_dir, tmp_path / "run", resume=True, precondition=True, layer_balance=1.0))
     assert resumed.step == 6 and load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["config"]["layer_balance"] == 1.0
+    expected = resumed.model.loss_weight(torch.zeros(1, dtype=torch.long)) * full  # the model's weights times the balance
+    assert len(seen) == 3 and all(torch.allclose(w, expected) for w in seen)
+    assert any("--layer-balance changed from 0 to 1 at step 3" in n for n in resumed.notes)
     with pytest.raises(ConfigError, match="--layer-balance"):
         train(tiny(store_dir, tmp_path / "bad", layer_balance=2.0))

@@ -767,15 +767,19 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
         "hardware": state.get("hardware"),
         "commands": state.get("commands"),
     }
+    norm = Normalization(**state["normalization"])
+    # the task's ideal (a loss of 0, a return of 500) within what the corpus reached: G.pt's "best"
+    # prompt, and a default that GptOptimizer need not clamp
+    best = min(max(task.metric(corpus["metric"]).best_prompt, norm.metric_lo), norm.metric_hi)
     return save_generator(
         Path(out_dir) if out_dir is not None else path.parent,
         name or state.get("name") or f"{corpus['task']}-{corpus['metric']}-{cfg['preset']}",
         model,
         diffusion,
-        Normalization(**state["normalization"]),
+        norm,
         task=corpus["task"],
         metric=corpus["metric"],
-        best_prompt=task.metric(corpus["metric"]).best_prompt,
+        best_prompt=best,
         corpus=corpus,
         training=training,
     )

@@ -90,3 +90,12 @@ def test_demo_runs_end_to_end(mnist_root, tmp_path, capsys):
         assert result["update"]["test_loss"] <= result["init"]["test_loss"]
     else:
         assert result["update"]["test_loss"] == pytest.approx(result["init"]["test_loss"], rel=1e-6)
+
+
+def test_the_mnist_demo_uses_the_shipped_generator(mnist_root, tmp_path, capsys):
+    code = cli_main(["demo", "--task", "mnist-mlp", "--data-root", str(mnist_root), "--out", str(tmp_path / "out"),
+                     "--steps", "20"])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads((tmp_path / "out" / "demo.json").read_text())
+    assert result["generator"]["name"] == "mnist-mlp"
+    assert (tmp_path / "out" / "demo.png").stat().st_size > 0

@@ -285,3 +285,21 @@ def test_shipped_cartpole_generator_loads_and_makes_an_update():
     assert out.shape == theta.shape and torch.isfinite(out).all()
     assert torch.equal(theta, before)  # the input is not modified
     assert (out - theta).norm(dim=1).min() > 0.1  # a real update, not the identity
+
+
+def test_shipped_mnist_generator_loads_and_makes_an_update():
+    """The shipped ``mnist-mlp`` generator: its manifest, and a short update of two fresh networks."""
+    from learned_opt import tasks
+
+    gen = load_generator("mnist-mlp")
+    assert (gen.task, gen.metric_name) == ("mnist-mlp", "test_loss")
+    assert gen.layout.scheme == "neuron" and gen.manifest["format_version"] == 2
+    assert gen.manifest["training"]["complete"] and gen.manifest["corpus"]["runs_total"] >= 1000
+    task = tasks.get("mnist-mlp")
+    theta = torch.stack([task.layout().flatten_module(task.build_model()) for _ in range(2)])
+    before = theta.clone()
+    out = gen.sample(theta, torch.tensor([2.3, 2.3]), torch.full((2,), gen.best_prompt), steps=5,
+                     generator=torch.Generator().manual_seed(0))
+    assert out.shape == theta.shape and torch.isfinite(out).all()
+    assert torch.equal(theta, before)
+    assert (out - theta).norm(dim=1).min() > 0.1  # a real update, not the identity

@@ -241,6 +241,7 @@ def test_export_writes_the_ema_weights_with_a_complete_manifest(store_dir, strai
     assert state_hash(loaded.model) == state_hash(result.ema) != state_hash(result.model)
     lo, hi = loaded.metric_range
     assert lo < hi and loaded.normalization.param_scale > 0
+    assert loaded.best_prompt == lo > 0  # a loss of 0 is the ideal; the best prompt is the best the corpus saw
     theta = torch.randn(2, 7960) * 0.1
     gen = torch.Generator().manual_seed(0)
     new = loaded.sample(theta, torch.tensor([2.0, 1.0]), torch.tensor([0.5, 0.5]), steps=2, generator=gen)

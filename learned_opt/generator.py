@@ -253,11 +253,12 @@ class Gpt(nn.Module):
             raise ConfigError("GptConfig.subspace_skip needs precondition=True")
         t, m, d = layout.num_tokens, layout.token_dim, config.d_model
         self.num_tokens = t
-        # Neuron tokens: weights shared within each group of interchangeable tokens, and θ's and
-        # x_t's encodings of one unit summed into one token (shared position embeddings could not
-        # otherwise tell which θ token goes with which x_t token). Chunk tokens: G.pt's 2T tokens.
+        # Encoders and decoders are shared within each group of interchangeable tokens (neuron
+        # tokens; a chunk token is a group of its own). Neuron tokens also sum θ's and x_t's
+        # encodings of one unit into one token (shared position embeddings could not otherwise
+        # tell which θ token goes with which x_t token); chunk tokens keep G.pt's 2T tokens.
         self.fused = layout.scheme == "neuron"
-        groups = layout.token_groups if self.fused else None
+        groups = layout.token_groups
 
         # Gather index [T, M] into the flat vector padded with one zero at position P, and the
         # inverse index [P] into the flattened [T * M] tokens; both derived from the layout.
@@ -362,8 +363,8 @@ class Gpt(nn.Module):
         return done
 
     def _group_members(self, k: int) -> list[int]:
-        """Tokens that share encoder ``k`` (a group of neuron tokens, or token ``k`` alone)."""
-        return [i for i, g in enumerate(self.layout.token_groups) if g == k] if self.fused else [k]
+        """Tokens that share encoder ``k`` (a group of neuron tokens, or chunk token ``k`` alone)."""
+        return [i for i, g in enumerate(self.layout.token_groups) if g == k]
 
     def _group_mask(self) -> torch.Tensor:
         """``[G, M]`` real entries of each encoder's tokens (those of a group are equally wide)."""
@@ -458,7 +459,7 @@ class Gpt(nn.Module):
         with torch.autocast(guess.device.type, enabled=False):
             guess = guess.float()
             tokens = self._tokens(guess).float()  # [B, T, M]
-            basis = self.skip_basis.index_select(0, self.token_group) if self.fused else self.skip_basis
+            basis = self.skip_basis.index_select(0, self.token_group)  # [T, M, q]
             coeff = torch.einsum("btm,tmq->btq", tokens, basis)
             back = torch.einsum("btq,tmq->btm", coeff, basis)  # [B, T, M]
             return back.reshape(guess.shape[0], -1).index_select(1, self.flat_index)

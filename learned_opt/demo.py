@@ -147,8 +147,8 @@ class DemoConfig:
     steps: int = 300  # Adam / SGD steps (mnist-mlp)
     eval_every: int = 10  # baseline test metrics every this many steps (mnist-mlp)
     ppo_env_steps: int = 50_000  # PPO's budget (cartpole-mlp), rounded down to whole updates
-    sampling_steps: int = 50
-    method: str = "ddim"
+    sampling_steps: int | None = None  # None: the generator's own sampler
+    method: str | None = None
     plot: bool = True
 
 
@@ -306,8 +306,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=10, help="mnist-mlp: baseline test metrics every N steps")
     parser.add_argument("--ppo-env-steps", type=int, default=50_000,
                         help="cartpole-mlp: PPO's budget in environment steps (default: 50000)")
-    parser.add_argument("--sampling-steps", type=int, default=50, help="diffusion sampling steps (default: 50)")
-    parser.add_argument("--method", default="ddim", help="sampler: ddim, ddpm or dpm++2m (default: ddim)")
+    parser.add_argument("--sampling-steps", type=int, default=None,
+                        help="diffusion sampling steps (default: the generator's own)")
+    parser.add_argument("--method", default=None, help="sampler: ddim, ddpm or dpm++2m (default: the generator's own)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
 
 

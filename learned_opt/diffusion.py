@@ -74,31 +74,37 @@ def make_betas(config: DiffusionConfig) -> torch.Tensor:
     return betas.clamp(min=1e-8, max=0.999)
 
 
-def ddim_timesteps(num_steps: int, steps: int) -> list[int]:
-    """``steps`` distinct timesteps evenly strided from ``num_steps - 1`` down to 0 (one step: the last)."""
-    if not 1 <= steps <= num_steps:
-        raise ConfigError(f"DDIM needs 1 <= steps <= num_steps ({num_steps}), got steps={steps}")
+def _check_steps(num_steps: int, steps: int, t_min: int, who: str) -> None:
+    if isinstance(t_min, bool) or not isinstance(t_min, int) or not 0 <= t_min < num_steps:
+        raise ConfigError(f"t_min must be an integer timestep in [0, {num_steps - 1}], got t_min={t_min!r}")
+    if not 1 <= steps <= num_steps - t_min:
+        raise ConfigError(f"{who} needs 1 <= steps <= num_steps - t_min ({num_steps - t_min}), got steps={steps}")
+
+
+def ddim_timesteps(num_steps: int, steps: int, t_min: int = 0) -> list[int]:
+    """``steps`` distinct timesteps evenly strided from ``num_steps - 1`` down to ``t_min`` (one step: the last)."""
+    _check_steps(num_steps, steps, t_min, "DDIM")
     if steps == 1:
         return [num_steps - 1]
-    return [round(i * (num_steps - 1) / (steps - 1)) for i in range(steps - 1, -1, -1)]
+    span = num_steps - 1 - t_min
+    return [t_min + round(i * span / (steps - 1)) for i in range(steps - 1, -1, -1)]
 
 
-def logsnr_timesteps(alphas_cumprod: torch.Tensor, steps: int) -> list[int]:
-    """``steps`` distinct timesteps from the last down to 0, evenly spaced in log-SNR ``log(ᾱ / (1 - ᾱ))``."""
+def logsnr_timesteps(alphas_cumprod: torch.Tensor, steps: int, t_min: int = 0) -> list[int]:
+    """``steps`` distinct timesteps from the last down to ``t_min``, evenly spaced in log-SNR ``log(ᾱ / (1 - ᾱ))``."""
     n = alphas_cumprod.numel()
-    if not 1 <= steps <= n:
-        raise ConfigError(f"the sampler needs 1 <= steps <= num_steps ({n}), got steps={steps}")
+    _check_steps(n, steps, t_min, "the sampler")
     if steps == 1:
         return [n - 1]
     logsnr = torch.log(alphas_cumprod / (1.0 - alphas_cumprod))  # [N], decreasing in t
     # Below a log-SNR of -10 (ᾱ < 5e-5) x_t is noise for any data of unit scale: do not spend steps there.
     low = max(logsnr[-1].item(), LOGSNR_FLOOR)
-    grid = torch.linspace(low, logsnr[0].item(), steps, dtype=torch.float64)
+    grid = torch.linspace(low, logsnr[t_min].item(), steps, dtype=torch.float64)
     nearest = torch.searchsorted(-logsnr, -grid).clamp(max=n - 1).tolist()  # first t with logsnr <= g
     out = [n - 1]
     for i in range(1, steps):
-        # strictly decreasing, and leave room for the steps still to come
-        out.append(max(min(nearest[i], out[-1] - 1), steps - 1 - i))
+        # strictly decreasing, not below t_min, and leave room for the steps still to come
+        out.append(max(min(nearest[i], out[-1] - 1), t_min + steps - 1 - i))
     return out
 
 
@@ -202,6 +208,7 @@ class Diffusion:
         eta: float = 0.0,
         generator: torch.Generator,
         x_T: torch.Tensor | None = None,
+        t_min: int = 0,
         progress: bool = False,
     ) -> torch.Tensor:
         """Draw ``x0`` of ``shape`` (``[B, ...]``) by reverse diffusion.
@@ -212,6 +219,12 @@ class Diffusion:
         timesteps (deterministic given x_T; ``eta`` is ignored). Each step is one model call; a
         model with a ``condition(**cond)`` method (like :class:`~learned_opt.generator.Gpt`) is
         conditioned once and its result called as ``(x_t, t)``.
+
+        ``t_min`` > 0 stops the trajectory early: the last model call is at timestep ``t_min`` and
+        its x0 prediction is returned (DDIM and DPM-Solver++ spread their ``steps`` over
+        ``[t_min, num_steps - 1]``; DDPM runs from ``num_steps - 1`` down to ``t_min``). A model
+        whose predictions at low noise are less accurate than its estimate at ``t_min`` is better
+        off stopping there; 0 (the default) is the full trajectory.
 
         Tensors live on the device of ``x_T`` or of the first tensor in ``cond`` (else the
         generator's); noise is drawn on the generator's device and moved there, so a CPU generator
@@ -232,11 +245,12 @@ class Diffusion:
         if tuple(x.shape) != shape:
             raise ConfigError(f"x_T has shape {list(x.shape)}, expected {list(shape)}")
         if method == "ddpm":
-            timesteps = list(range(self.num_steps - 1, -1, -1))
+            _check_steps(self.num_steps, 1, t_min, "DDPM")
+            timesteps = list(range(self.num_steps - 1, t_min - 1, -1))
         elif method == "dpm++2m":
-            timesteps = logsnr_timesteps(self.alphas_cumprod, steps)
+            timesteps = logsnr_timesteps(self.alphas_cumprod, steps, t_min)
         else:
-            timesteps = ddim_timesteps(self.num_steps, steps)
+            timesteps = ddim_timesteps(self.num_steps, steps, t_min)
         t_batch = torch.tensor(timesteps, dtype=torch.long, device=device)[:, None].expand(-1, shape[0])
 
         history = None  # DPM-Solver++(2M): the previous x0 prediction and step size
@@ -253,7 +267,7 @@ class Diffusion:
             for i, t in enumerate(tqdm(timesteps, desc=f"{method} sampling", disable=not progress, leave=False)):
                 x0_hat = denoise(x, t_batch[i])
                 if i == len(timesteps) - 1:
-                    x = x0_hat  # the last step lands on ᾱ = 1: the clean prediction itself
+                    x = x0_hat  # the clean prediction itself (with t_min = 0 the last step lands on ᾱ = 1)
                     break
                 if method == "ddpm":
                     x = self._ddpm_step(x, x0_hat, t, randn)

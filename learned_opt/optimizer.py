@@ -41,6 +41,8 @@ class GenerationReport:
     reference (see :class:`GptOptimizer`); the update is refused above ``max_update_ratio``.
     ``prompt`` is the metric asked for (after clamping), ``step`` the base-step count at the time,
     ``metric_after`` the closure's value with θ′ (None without a closure or with ``guard=False``).
+    With several ``candidates``, ``candidate_metrics`` holds the closure's value for each sample
+    that passed validation (None where it was not finite or the closure failed) and θ′ is the best.
     """
 
     accepted: bool
@@ -52,6 +54,8 @@ class GenerationReport:
     seconds: float
     step: int
     failed: bool = False
+    candidates: int = 1
+    candidate_metrics: list[float | None] | None = None
 
 
 class GptOptimizer(torch.optim.Optimizer):
@@ -90,6 +94,14 @@ class GptOptimizer(torch.optim.Optimizer):
     the closure after it, for the guard.
     Periodic mode (``every=k``) evaluates ``metric_closure`` (a constructor argument) every k base
     steps; ``every`` without ``metric_closure`` is refused at construction.
+
+    **Sampling.** ``sampling_steps``, ``sampling_method`` and ``sampling_t_min`` (see
+    :meth:`~learned_opt.diffusion.Diffusion.sample`) default to the generator's own sampler
+    (``generator.sampling``: the manifest's, chosen for that generator, else DDIM-50).
+    ``candidates=N`` draws N samples in one batched call and keeps the one the closure scores
+    best (a search over the generator's proposals: N closure calls per update, so N forward passes
+    over whatever data the closure reads); it needs a closure. Measure that closure on held-out
+    training data, not on the test set.
 
     **Prompts.** ``prompt=None`` uses the generator's recommended ``best_prompt``; a number is used
     as is; a callable maps the current metric to a prompt. A prompt outside the generator's metric
@@ -141,17 +153,30 @@ class GptOptimizer(torch.optim.Optimizer):
         base: Callable[..., torch.optim.Optimizer] = torch.optim.Adam,
         every: int | None = None,
         prompt: float | Callable[[float], float] | None = None,
-        sampling_steps: int = 50,
-        sampling_method: str = "ddim",
+        sampling_steps: int | None = None,
+        sampling_method: str | None = None,
+        sampling_t_min: int | None = None,
+        candidates: int = 1,
         seed: int = 0,
         metric_closure: Callable[[], MetricValue] | None = None,
         guard: bool = True,
         max_update_ratio: float = 10.0,
         **base_kwargs: Any,
     ) -> None:
-        _check_args(params, every, sampling_steps, seed, metric_closure, prompt, max_update_ratio)
+        _check_args(params, every, seed, metric_closure, prompt, max_update_ratio)
+        _check_sampling(sampling_steps, sampling_method, sampling_t_min, candidates)
         params = _materialize(params)
         self.generator = load_generator(generator)  # WeightsError for unknown names / bad files
+        sampler = self.generator.sampling
+        sampling_steps = sampler["steps"] if sampling_steps is None else sampling_steps
+        sampling_method = sampler["method"] if sampling_method is None else sampling_method
+        sampling_t_min = sampler["t_min"] if sampling_t_min is None else sampling_t_min
+        n = self.generator.diffusion.num_steps
+        if sampling_t_min >= n or (sampling_method != "ddpm" and sampling_steps > n - sampling_t_min):
+            raise ConfigError(
+                f"sampling_steps={sampling_steps} with sampling_t_min={sampling_t_min} does not fit the generator's "
+                f"{n}-step diffusion: need t_min < {n} and steps <= {n} - t_min"
+            )
         tensors, names = _flat_params(params)
         device = tensors[0].device
         if any(t.device != device for t in tensors):
@@ -170,6 +195,8 @@ class GptOptimizer(torch.optim.Optimizer):
         self.prompt = prompt
         self.sampling_steps = sampling_steps
         self.sampling_method = sampling_method
+        self.sampling_t_min = sampling_t_min
+        self.candidates = candidates
         self.seed = seed
         self.metric_closure = metric_closure
         self.guard = guard
@@ -237,16 +264,21 @@ class GptOptimizer(torch.optim.Optimizer):
                 f"a generative update needs the current {self.generator.metric_name!r}: pass a closure that "
                 f"returns it, or metric=<value>"
             )
+        if closure is None and self.candidates > 1:
+            raise GenerationError(
+                f"candidates={self.candidates} needs a closure to choose among the samples; pass one "
+                f"(e.g. the metric on held-out training data) or build the optimizer with candidates=1"
+            )
         target = self._resolve_prompt(self.prompt if prompt is None else prompt, before)
         self.counters["attempted"] += 1
         params = self.params
 
-        def finish(accepted: bool, reason: str | None, after=None, ratio=None, failed=False) -> GenerationReport:
+        def finish(accepted: bool, reason: str | None, after=None, ratio=None, failed=False, scores=None) -> GenerationReport:
             key = "accepted" if accepted else ("failed" if failed else "rejected")
             self.counters[key] += 1
             report = GenerationReport(
                 accepted, reason, before, after, target, ratio, time.perf_counter() - start,
-                self.counters["steps"], failed,
+                self.counters["steps"], failed, self.candidates, scores,
             )
             if failed:
                 warnings.warn(f"generative update failed and was skipped: {reason}", RuntimeWarning, stacklevel=3)
@@ -254,54 +286,79 @@ class GptOptimizer(torch.optim.Optimizer):
 
         layout = self.generator.layout
         theta = layout.flatten([p.detach() for p in params])  # [P]
-        new, error = self._sample(theta, before, target)  # [P] or None
-        new, error = _agree(new, error, theta)
+        samples, error = self._sample(theta, before, target)  # [C, P] or None
+        samples, error = _agree(samples, error, theta)
         if error is not None:
             return finish(False, error, failed=True)
-        ratio, error = self._validate(theta, new)
-        if not _all_ranks(error is None, theta.device):  # ranks must take the same path from here
+        checks = [self._validate(theta, s) for s in samples]  # [(ratio, reason)] per candidate
+        valid = [i for i, (_, reason) in enumerate(checks) if reason is None]
+        if not _all_ranks(bool(valid), theta.device):  # ranks must take the same path from here
+            ratio, error = checks[0]
             return finish(False, error or "the sample failed validation on another rank", ratio=ratio, failed=True)
 
         backup = [p.detach().clone() for p in params]
-        layout.load_into(new.to(theta.dtype), params)
-        after = None
-        if closure is not None and self.guard:
-            try:
-                after = self._metric_value(closure(), "the closure")
-                accept = math.isfinite(after) and not _worse(after, before, self.generator.metric_direction)
-                reason = None if accept else f"{self.generator.metric_name} went from {before:.6g} to {after:.6g}"
-            except GenerationError:  # NaN/Inf after the update
-                accept, reason = False, f"{self.generator.metric_name} is not finite with the sampled parameters"
-            except Exception as exc:  # θ′ broke the closure: restore, count, report
-                accept, reason = False, f"the closure failed on the sampled parameters: {exc!r}"
+        direction, name = self.generator.metric_direction, self.generator.metric_name
+        after, scores, reason, accept = None, None, None, True
+        chosen = valid[0]
+        if closure is not None and (self.guard or self.candidates > 1):
+            measured = []  # (value or None, why not) per valid candidate
+            for i in valid:
+                layout.load_into(samples[i].to(theta.dtype), params)
+                measured.append(self._measure(closure))
+            scores = [v for v, _ in measured]
+            finite = [(v, i) for (v, _), i in zip(measured, valid) if v is not None]
+            if finite:
+                after, chosen = (min if direction == "min" else max)(finite, key=lambda vi: vi[0])
+                if self.guard and _worse(after, before, direction):
+                    accept, reason = False, f"{name} went from {before:.6g} to {after:.6g}"
+            elif self.guard:
+                accept, reason = False, measured[0][1]
+            if self.candidates > 1 and reason is not None:
+                reason += f" (the best of {len(valid)} candidates)"
             accept = _broadcast_flag(accept, theta.device)
-            if not accept:
-                for p, b in zip(params, backup):
-                    p.copy_(b)
-                return finish(False, reason or "rank 0 rejected the update", after=after, ratio=ratio)
-        return finish(True, None, after=after, ratio=ratio)
+            chosen = _broadcast_int(chosen, theta.device)
+        if not accept:
+            for p, b in zip(params, backup):
+                p.copy_(b)
+            return finish(False, reason or "rank 0 rejected the update", after=after, ratio=checks[chosen][0],
+                          scores=scores)
+        layout.load_into(samples[chosen].to(theta.dtype), params)
+        return finish(True, None, after=after, ratio=checks[chosen][0], scores=scores)
+
+    def _measure(self, closure: Callable[[], MetricValue]) -> tuple[float | None, str | None]:
+        """The closure's finite metric for the parameters as they are, or None and why not."""
+        try:
+            value = self._metric_value(closure(), "the closure")
+        except GenerationError:  # NaN/Inf
+            return None, f"{self.generator.metric_name} is not finite with the sampled parameters"
+        except Exception as exc:  # θ′ broke the closure: restore, count, report
+            return None, f"the closure failed on the sampled parameters: {exc!r}"
+        return value, None
 
     def _sample(self, theta: torch.Tensor, before: float, target: float) -> tuple[torch.Tensor | None, str | None]:
-        """θ′ [P] from the generator, or the reason it could not be drawn."""
+        """θ′ candidates [C, P] from the generator (one batched call), or the reason they could not be drawn."""
         gen = self.generator
         dtype = torch.float32
+        c, p = self.candidates, theta.numel()
         try:
             out = gen.sample(
-                theta.to(dtype)[None],  # [1, P]
-                torch.tensor([before], dtype=dtype, device=theta.device),
-                torch.tensor([target], dtype=dtype, device=theta.device),
+                theta.to(dtype)[None].expand(c, -1),  # [C, P]
+                torch.full((c,), before, dtype=dtype, device=theta.device),
+                torch.full((c,), target, dtype=dtype, device=theta.device),
                 steps=self.sampling_steps,
                 method=self.sampling_method,
+                t_min=self.sampling_t_min,
                 generator=self._rng,
             )
         except Exception as exc:  # a broken generator must not break training
             return None, f"the generator raised {exc!r}"
-        if not isinstance(out, torch.Tensor) or out.numel() != theta.numel() or out.dim() > 2:
+        expected = [c, p] if c > 1 else [1, p]
+        if not isinstance(out, torch.Tensor) or out.numel() != c * p or out.dim() > 2 or (
+            out.dim() == 2 and out.shape[0] != c
+        ):
             shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            return None, f"the generator returned shape {shape}, expected [1, {theta.numel()}]"
-        if out.dim() == 2 and out.shape[0] != 1:
-            return None, f"the generator returned shape {list(out.shape)}, expected [1, {theta.numel()}]"
-        return out.reshape(-1).to(theta.device, torch.float32), None
+            return None, f"the generator returned shape {shape}, expected {expected}"
+        return out.reshape(c, p).to(theta.device, torch.float32), None
 
     def _validate(self, theta: torch.Tensor, new: torch.Tensor) -> tuple[float | None, str | None]:
         """``(update_ratio, reason)``: reason is None when θ′ passes the finite and trust checks."""
@@ -421,7 +478,8 @@ class GptOptimizer(torch.optim.Optimizer):
         return (
             f"GptOptimizer(base={type(self.base).__name__}, generator={self.generator.name!r}, "
             f"metric={self.generator.metric_name!r}, every={self.every}, prompt={self.prompt!r}, "
-            f"sampling_steps={self.sampling_steps}, seed={self.seed}, groups={len(self.param_groups)}, "
+            f"sampler={self.sampling_method}-{self.sampling_steps} t_min={self.sampling_t_min}, "
+            f"candidates={self.candidates}, seed={self.seed}, groups={len(self.param_groups)}, "
             f"steps={c['steps']}, generative updates accepted/rejected/failed="
             f"{c['accepted']}/{c['rejected']}/{c['failed']})"
         )
@@ -430,7 +488,20 @@ class GptOptimizer(torch.optim.Optimizer):
 # ---------------------------------------------------------------------- construction helpers
 
 
-def _check_args(params, every, sampling_steps, seed, metric_closure, prompt, max_update_ratio) -> None:
+def _check_sampling(steps, method, t_min, candidates) -> None:
+    from .diffusion import METHODS
+
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"Invalid sampling_steps: {steps!r} (None for the generator's own, or an int >= 1)")
+    if method is not None and method not in METHODS:
+        raise ConfigError(f"Invalid sampling_method: {method!r} (None for the generator's own, or one of {', '.join(METHODS)})")
+    if t_min is not None and (isinstance(t_min, bool) or not isinstance(t_min, int) or t_min < 0):
+        raise ConfigError(f"Invalid sampling_t_min: {t_min!r} (None for the generator's own, or an int >= 0)")
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+        raise ConfigError(f"Invalid candidates: {candidates!r} (an int >= 1: samples drawn per update, the best kept)")
+
+
+def _check_args(params, every, seed, metric_closure, prompt, max_update_ratio) -> None:
     if isinstance(params, torch.Tensor):
         raise ConfigError(
             "params must be an iterable of tensors or parameter-group dicts, got a single tensor; "
@@ -443,8 +514,6 @@ def _check_args(params, every, sampling_steps, seed, metric_closure, prompt, max
             f"every={every} needs metric_closure=<callable returning the generator's metric>, so that periodic "
             f"updates know the current metric; or use every=None and call generate() yourself"
         )
-    if isinstance(sampling_steps, bool) or not isinstance(sampling_steps, int) or sampling_steps < 1:
-        raise ConfigError(f"Invalid sampling_steps: {sampling_steps!r} (must be an int >= 1)")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"Invalid seed: {seed!r} (must be an int)")
     if metric_closure is not None and not callable(metric_closure):
@@ -559,10 +628,15 @@ def _all_ranks(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def _broadcast_int(value: int, device: torch.device) -> int:
+    """Rank 0's integer on every rank (the value itself when not distributed)."""
+    if not _distributed():
+        return value
+    t = torch.tensor([int(value)], device=device)
+    torch.distributed.broadcast(t, src=0)
+    return int(t.item())
+
+
 def _broadcast_flag(flag: bool, device: torch.device) -> bool:
     """Rank 0's decision on every rank (the flag itself when not distributed)."""
-    if not _distributed():
-        return flag
-    t = torch.tensor([int(flag)], device=device)
-    torch.distributed.broadcast(t, src=0)
-    return bool(t.item())
+    return bool(_broadcast_int(int(flag), device))

@@ -62,6 +62,13 @@ REQUIRED_KEYS = (
 )
 
 
+# The sampler a generator uses when the caller names none. A manifest may carry its own
+# ``"sampling"`` entry (``method``, ``steps``, ``t_min``, chosen for that generator on validation
+# inits by ``learned-opt tune-sampling``), which overrides these key by key.
+DEFAULT_SAMPLING = {"method": "ddim", "steps": 50, "t_min": 0}
+SAMPLING_KEYS = tuple(DEFAULT_SAMPLING)
+
+
 # ---------------------------------------------------------------------- small helpers
 
 
@@ -236,6 +243,7 @@ class LoadedGenerator:
         self.metric_name: str = self.manifest["metric"]
         self.metric_direction: str = self.manifest.get("metric_direction", "min")
         self.best_prompt = float(self.manifest["best_prompt"])
+        self.sampling: dict[str, Any] = sampling_from_manifest(self.manifest, diffusion.num_steps)
         lo, hi = self.manifest.get("metric_range", (normalization.metric_lo, normalization.metric_hi))
         self.metric_range: tuple[float, float] = (float(lo), float(hi))
 
@@ -285,17 +293,27 @@ class LoadedGenerator:
         metric: torch.Tensor,
         prompt: torch.Tensor,
         *,
-        steps: int = 50,
-        method: str = "ddim",
+        steps: int | None = None,
+        method: str | None = None,
+        t_min: int | None = None,
         generator: torch.Generator,
     ) -> torch.Tensor:
-        """θ′ for parameters ``theta`` [B, P] at ``metric`` [B], prompted with ``prompt`` [B]."""
+        """θ′ for parameters ``theta`` [B, P] at ``metric`` [B], prompted with ``prompt`` [B].
+
+        ``steps``, ``method`` and ``t_min`` (see :meth:`~learned_opt.diffusion.Diffusion.sample`)
+        default to this generator's :attr:`sampling`.
+        """
+        s = self.sampling
         norm = self.normalization
         dtype = next(self.model.parameters()).dtype
         x = norm.params(theta.to(dtype))  # [B, P] generator units
         cond = dict(theta=x, metric=norm.metric(metric.to(dtype)), target=norm.metric(prompt.to(dtype)))
         out = self.diffusion.sample(
-            self.model, cond, tuple(x.shape), method=method, steps=steps, generator=generator
+            self.model, cond, tuple(x.shape),
+            method=s["method"] if method is None else method,
+            steps=s["steps"] if steps is None else steps,
+            t_min=s["t_min"] if t_min is None else t_min,
+            generator=generator,
         )  # [B, P]
         return norm.unparams(out).to(theta.dtype)
 
@@ -307,6 +325,28 @@ class LoadedGenerator:
 
 
 # ---------------------------------------------------------------------- reading
+
+
+def sampling_from_manifest(manifest: Mapping[str, Any], num_steps: int) -> dict[str, Any]:
+    """The generator's default sampler: :data:`DEFAULT_SAMPLING` updated by the manifest's
+    ``"sampling"`` entry, checked; raises ``ValueError`` on a bad entry."""
+    from .diffusion import METHODS
+
+    given = manifest.get("sampling") or {}
+    if not isinstance(given, Mapping):
+        raise ValueError(f"'sampling' must be an object with {', '.join(SAMPLING_KEYS)}, got {given!r}")
+    out = {**DEFAULT_SAMPLING, **{k: given[k] for k in SAMPLING_KEYS if k in given}}
+    if "steps" not in given and isinstance(out["t_min"], int):  # the default, on a short schedule: every step
+        out["steps"] = max(1, min(out["steps"], num_steps - out["t_min"]))
+    method, steps, t_min = out["method"], out["steps"], out["t_min"]
+    if method not in METHODS:
+        raise ValueError(f"sampling method {method!r} is not one of {', '.join(METHODS)}")
+    for name, value in (("steps", steps), ("t_min", t_min)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"sampling {name} must be an integer, got {value!r}")
+    if not (0 <= t_min < num_steps and 1 <= steps <= num_steps - t_min):
+        raise ValueError(f"sampling steps={steps}, t_min={t_min} do not fit a {num_steps}-step diffusion")
+    return out
 
 
 def _read_manifest(text: str, where: str) -> dict:
@@ -419,6 +459,7 @@ def _build(manifest: dict, blob: bytes, where: str, digest: str, device) -> Load
             model = build_generator(layout, GptConfig(**manifest["model_config"]), diffusion_config)
         model.load_state_dict(tensors, strict=True)
         diffusion = Diffusion(diffusion_config)
+        sampling_from_manifest(manifest, diffusion.num_steps)  # a bad "sampling" entry fails here, as WeightsError
         normalization = Normalization(**manifest["normalization"])
         lo, hi = (float(v) for v in manifest["metric_range"])
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):

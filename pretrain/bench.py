@@ -68,7 +68,7 @@ from learned_opt.optimizer import GptOptimizer
 from learned_opt.pretrained import LoadedGenerator, load_generator
 from learned_opt.tasks import Task
 
-from .evaluate import _hardware, _save, init_params
+from .evaluate import _hardware, _save, add_sampler_arguments, init_params
 
 MODES = ("periodic",)
 TASK = "mnist-mlp"
@@ -100,8 +100,10 @@ class BenchConfig:
     eval_every: int = 50  # test loss every this many steps (not timed)
     prompt: str | None = None  # None: the generator's best prompt; "0.3"; "frac:0.9"
     moments: str = "keep"  # keep or reset the base optimizer's state after an accepted update
-    sampling_steps: int = 25
-    method: str = "dpm++2m"
+    sampling_steps: int | None = None  # None: the generator's own sampler (its manifest's, else DDIM-50)
+    method: str | None = None
+    t_min: int | None = None
+    candidates: int = 1  # samples per generative update, the best by the metric closure kept
     device: str = "cpu"
     progress: bool = True
     plots: bool = True
@@ -110,8 +112,10 @@ class BenchConfig:
         self.bases, self.every = tuple(self.bases), tuple(self.every)
         if self.mode not in MODES:
             raise ConfigError(f"unknown --mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        for name in ("inits", "steps", "holdout", "eval_every", "sampling_steps"):
+        for name in ("inits", "steps", "holdout", "eval_every", "sampling_steps", "candidates"):
             value = getattr(self, name)
+            if value is None and name == "sampling_steps":
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if not self.bases:
@@ -133,7 +137,9 @@ class BenchConfig:
             raise ConfigError(f"--every lists a period twice ({','.join(map(str, self.every))}); list each once")
         if self.moments not in MOMENTS:
             raise ConfigError(f"unknown --moments {self.moments!r}; choose keep or reset")
-        if self.method not in METHODS:
+        if self.t_min is not None and (isinstance(self.t_min, bool) or not isinstance(self.t_min, int) or self.t_min < 0):
+            raise ConfigError(f"--t-min must be an integer >= 0, got {self.t_min!r}")
+        if self.method is not None and self.method not in METHODS:
             raise ConfigError(f"unknown sampling --method {self.method!r}; choose one of {', '.join(METHODS)}")
         parse_prompt(self.prompt)  # raises on a bad rule
         try:
@@ -284,8 +290,10 @@ def train_run(
     generator: LoadedGenerator | None = None,
     every: int | None = None,
     prompt: float | FractionPrompt | None = None,
-    sampling_steps: int = 25,
-    method: str = "dpm++2m",
+    sampling_steps: int | None = None,
+    method: str | None = None,
+    t_min: int | None = None,
+    candidates: int = 1,
     moments: str = "keep",
     device: str | torch.device = "cpu",
     on_optimizer: Callable[[torch.optim.Optimizer], None] | None = None,
@@ -318,7 +326,8 @@ def train_run(
     else:
         gpt = opt = GptOptimizer(
             model.named_parameters(), generator, base=base_optimizer, every=every, prompt=prompt,
-            sampling_steps=sampling_steps, sampling_method=method, seed=seed, guard=True,
+            sampling_steps=sampling_steps, sampling_method=method, sampling_t_min=t_min, candidates=candidates,
+            seed=seed, guard=True,
             metric_closure=holdout_closure(model, split.holdout_x, split.holdout_y),
         )
     sched = made["sched"]
@@ -530,8 +539,8 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
             for k in periods:
                 runs[base][config_label(k)].append(train_run(
                     task, inits[i], split, base, grid, seed=seed, generator=None if k is None else gen, every=k,
-                    prompt=prompt, sampling_steps=config.sampling_steps, method=config.method,
-                    moments=config.moments, device=device,
+                    prompt=prompt, sampling_steps=config.sampling_steps, method=config.method, t_min=config.t_min,
+                    candidates=config.candidates, moments=config.moments, device=device,
                 ))
                 bar.update(1)
     bar.close()
@@ -560,6 +569,9 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
         "config": asdict(config),
         "moments": config.moments,
         "prompt": describe_prompt(prompt, gen),
+        "sampler": {"method": config.method or gen.sampling["method"], "steps": config.sampling_steps or gen.sampling["steps"],
+                    "t_min": gen.sampling["t_min"] if config.t_min is None else config.t_min,
+                    "candidates": config.candidates},
         "generator": {"name": gen.name, "sha256": gen.sha256, "metric": gen.metric_name, "best_prompt": gen.best_prompt,
                       "metric_range": list(gen.metric_range), "model_config": gen.manifest.get("model_config")},
         "closure_metric": f"full-batch cross-entropy on the last {config.holdout} training examples (held out), "
@@ -591,7 +603,7 @@ def _warm_up(gen: LoadedGenerator, init: torch.Tensor, device: torch.device, con
     one = torch.ones(1, device=device)
     try:
         gen.sample(init[None].to(device), one * 2.3, one * gen.best_prompt, steps=config.sampling_steps,
-                   method=config.method, generator=torch.Generator(device=device).manual_seed(0))
+                   method=config.method, t_min=config.t_min, generator=torch.Generator(device=device).manual_seed(0))
     except Exception:  # a broken generator shows up in the runs, as failed updates
         pass
 
@@ -694,8 +706,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a number, or frac:X for X times the current metric (default: the generator's best prompt)")
     parser.add_argument("--moments", choices=MOMENTS, default="keep",
                         help="after an accepted update keep or reset the base optimizer's state (default: keep)")
-    parser.add_argument("--sampling-steps", type=int, default=25, help="diffusion sampling steps (default: 25)")
-    parser.add_argument("--method", default="dpm++2m", help="sampler: ddim, ddpm or dpm++2m (default: dpm++2m)")
+    add_sampler_arguments(parser, "the best by the metric closure kept")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG")
@@ -706,7 +717,8 @@ def main(args: argparse.Namespace) -> int:
         generator=args.generator, out=args.out, mode=args.mode, data_root=args.data_root, inits=args.inits,
         seed=args.seed, steps=args.steps, bases=parse_bases(args.bases), every=parse_every(args.every),
         holdout=args.holdout, eval_every=args.eval_every, prompt=args.prompt, moments=args.moments,
-        sampling_steps=args.sampling_steps, method=args.method, device=args.device,
+        sampling_steps=args.sampling_steps, method=args.method, t_min=args.t_min, candidates=args.candidates,
+        device=args.device,
         progress=not args.no_progress, plots=not args.no_plots,
     )
     result = run_bench(config)

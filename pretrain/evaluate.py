@@ -7,8 +7,14 @@ depend on the generator's task (:func:`suite_for`): Adam and SGD for ``mnist-mlp
 ``cartpole-mlp``.
 
 * **one step** — one update prompted with the generator's best prompt (clamped into its metric
-  range, as :class:`~learned_opt.GptOptimizer` does), ``--sampling-steps`` with ``--method``; test
-  loss and error before and after (median and quartiles). On ``cartpole-mlp`` the greedy return,
+  range, as :class:`~learned_opt.GptOptimizer` does), with the generator's own sampler (its
+  manifest's ``sampling`` entry, else DDIM-50) unless ``--sampling-steps``, ``--method`` or
+  ``--t-min`` say otherwise; test loss and error before and after (median and quartiles). With
+  ``--candidates N`` every update (one step, repeats, OOD, timing; not prompt alignment, which
+  measures the generator itself) draws N samples and keeps the best by the generator's metric on
+  the task's validation data (:meth:`~learned_opt.tasks.Task.validation_data`: the last
+  ``--holdout`` MNIST training examples, or CartPole episodes from other starting states), as
+  ``GptOptimizer(candidates=N)`` does with a held-out closure; the test set is only reported. On ``cartpole-mlp`` the greedy return,
   and the share of inits whose return is at least ``SOLVED_RETURN`` = 475 (CartPole-v1's "solved"
   threshold) at init and after 1, 2, 5 and 10 updates.
 * **baselines** — ``mnist-mlp``: the same inits trained with Adam (lr 1e-3, batch 128, constant
@@ -78,6 +84,7 @@ from tqdm.auto import tqdm
 from learned_opt import __version__, tasks
 from learned_opt.demo import first_step_at_or_below, train_baseline
 from learned_opt.demo_cartpole import first_step_at_or_above
+from learned_opt.diffusion import METHODS
 from learned_opt.errors import ConfigError
 from learned_opt.pretrained import LoadedGenerator, load_generator
 from learned_opt.tasks import Task
@@ -111,8 +118,11 @@ class EvalConfig:
     data_root: str | None = None
     inits: int = 20
     seed: int = 1_000_000  # init i has seed seed + i
-    sampling_steps: int = 50
-    method: str = "ddim"
+    sampling_steps: int | None = None  # None: the generator's own sampler (its manifest's, else DDIM-50)
+    method: str | None = None
+    t_min: int | None = None
+    candidates: int = 1  # samples per update, the best on validation data kept
+    holdout: int = 5000  # MNIST training examples held out as validation data for --candidates
     max_steps: int = 3000  # Adam / SGD steps (11,700 for the full comparison)
     max_env_steps: int = 100_000  # PPO environment steps per init (cartpole-mlp)
     prompts: int = 20  # per network, for prompt alignment
@@ -129,9 +139,13 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         for name in ("inits", "sampling_steps", "max_steps", "max_env_steps", "prompts", "repeats", "memo_runs",
-                     "memo_checkpoints", "memo_queries", "timing_steps", "sample_batch"):
-            if getattr(self, name) < 1:
+                     "memo_checkpoints", "memo_queries", "timing_steps", "sample_batch", "candidates"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.t_min is not None and self.t_min < 0:
+            raise ConfigError(f"--t-min must be >= 0, got {self.t_min}")
+        if self.method is not None and self.method not in METHODS:
+            raise ConfigError(f"unknown sampling --method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.prompts < 2:
             raise ConfigError("--prompts must be >= 2 (R² needs prompts that differ)")
         if self.denoise_runs < 0:
@@ -406,27 +420,50 @@ def nearest_aligned(
 
 
 class Sampler:
-    """Batched prompted updates with one generator: raw θ, metric and prompt in, raw θ′ out."""
+    """Batched prompted updates with one generator: raw θ, metric and prompt in, raw θ′ out.
 
-    def __init__(self, generator: LoadedGenerator, config: EvalConfig, seed: int):
-        self.gen, self.config = generator, config
+    With ``candidates`` > 1 each update draws that many samples and keeps the one ``score`` (the
+    generator's metric on validation data, ``[M, P]`` -> ``[M]``) rates best.
+    """
+
+    def __init__(self, generator: LoadedGenerator, config: EvalConfig, seed: int,
+                 score: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.gen, self.config, self.score = generator, config, score
         self.rng = torch.Generator().manual_seed(seed)  # CPU noise: same draws on any device
         self.lo, self.hi = generator.metric_range
+        self.settings = {  # the sampler actually used: the config's choices over the generator's own
+            "method": config.method or generator.sampling["method"],
+            "steps": config.sampling_steps or generator.sampling["steps"],
+            "t_min": generator.sampling["t_min"] if config.t_min is None else config.t_min,
+            "candidates": config.candidates,
+        }
+        if config.candidates > 1 and score is None:
+            raise ConfigError("--candidates needs validation data to choose among the samples")
 
     def clamp(self, prompt: torch.Tensor) -> torch.Tensor:
         return prompt.clamp(self.lo, self.hi)
 
-    def __call__(self, theta: torch.Tensor, metric: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-        """``[B, P]``, ``[B]``, ``[B]`` -> ``[B, P]`` (prompts clamped into the metric range)."""
-        dev = self.gen.device
+    def __call__(self, theta: torch.Tensor, metric: torch.Tensor, prompt: torch.Tensor,
+                 candidates: int | None = None, rng: torch.Generator | None = None) -> torch.Tensor:
+        """``[B, P]``, ``[B]``, ``[B]`` -> ``[B, P]`` (prompts clamped into the metric range); ``candidates``
+        (default: the configured number) samples per row, the best by ``score`` kept."""
+        c = self.config.candidates if candidates is None else candidates
+        if c > 1:
+            theta, metric, prompt = (v.repeat_interleave(c, 0) for v in (theta, metric, prompt))
+        dev, s = self.gen.device, self.settings
         out = []
-        for s in range(0, theta.shape[0], self.config.sample_batch):
-            sl = slice(s, s + self.config.sample_batch)
+        for i in range(0, theta.shape[0], self.config.sample_batch):
+            sl = slice(i, i + self.config.sample_batch)
             out.append(self.gen.sample(
                 theta[sl].to(dev), metric[sl].to(dev), self.clamp(prompt[sl]).to(dev),
-                steps=self.config.sampling_steps, method=self.config.method, generator=self.rng,
+                steps=s["steps"], method=s["method"], t_min=s["t_min"], generator=rng or self.rng,
             ).cpu())
-        return torch.cat(out)
+        out = torch.cat(out)
+        if c == 1:
+            return out
+        scores = self.score(out).view(-1, c)  # [B, C]
+        best = scores.argmin(1) if self.gen.metric_direction == "min" else scores.argmax(1)
+        return out.view(-1, c, out.shape[-1])[torch.arange(scores.shape[0]), best]
 
 
 Measure = Callable[[torch.Tensor], dict[str, torch.Tensor]]
@@ -842,7 +879,15 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
     def measure(flat: torch.Tensor) -> dict[str, torch.Tensor]:
         return _metrics(task, flat, dev_data, config.device, names)
 
-    sampler = Sampler(gen, config, seed=config.seed)
+    score = None
+    if config.candidates > 1:
+        val_data = task.validation_data(data, config.holdout)
+        val_data = val_data.to(config.device) if config.device != "cpu" and hasattr(val_data, "to") else val_data
+
+        def score(flat: torch.Tensor) -> torch.Tensor:
+            return _metrics(task, flat, val_data, config.device, [name])[name]
+
+    sampler = Sampler(gen, config, seed=config.seed, score=score)
     times: dict[str, float] = {}
     bar = tqdm(total=7, desc="eval", unit="section", disable=not config.progress)
 
@@ -862,8 +907,7 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
         m0 = measure(theta0[:1])[name]  # [1]: the conditioning input
         metric_runs.append(time.perf_counter() - s)
         s = time.perf_counter()
-        gen.sample(theta0[:1].to(gen.device), m0.to(gen.device), sampler.clamp(torch.full((1,), gen.best_prompt)).to(gen.device),
-                   steps=config.sampling_steps, method=config.method, generator=torch.Generator().manual_seed(0))
+        sampler(theta0[:1], m0, torch.full((1,), gen.best_prompt), rng=torch.Generator().manual_seed(0))
         one.append(time.perf_counter() - s)
     sample_s, metric_s = statistics.median(one), statistics.median(metric_runs)
     update_s = sample_s + metric_s
@@ -883,7 +927,7 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
     frac = torch.linspace(0, 1, k)  # [K]
     prompts = sampler.clamp(gen.best_prompt + frac[None, :] * (before[name][:, None] - gen.best_prompt))  # [N, K]
     theta_k = theta0.repeat_interleave(k, 0)  # [N*K, P]
-    out_k = sampler(theta_k, before[name].repeat_interleave(k), prompts.reshape(-1))
+    out_k = sampler(theta_k, before[name].repeat_interleave(k), prompts.reshape(-1), candidates=1)
     achieved_k = measure(out_k)[name].view(n, k)  # [N, K]
     r2 = r2_score(prompts, achieved_k)  # [N]
     times["prompt_alignment_s"] = time.perf_counter() - t
@@ -923,6 +967,7 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
         "generator": {"name": gen.name, "task": gen.task, "sha256": gen.sha256, "metric": name, "best_prompt": gen.best_prompt,
                       "prompt_used": float(sampler.clamp(torch.tensor(gen.best_prompt))),
                       "metric_range": list(gen.metric_range), "model_config": gen.manifest.get("model_config")},
+        "sampler": sampler.settings,
         "hardware": _hardware(config.device),
         "one_step": {
             "before": {k: v.tolist() for k, v in before.items()},
@@ -1129,6 +1174,10 @@ def format_summary(result: dict) -> str:
     for label, s in rows:
         lines.append(f"{label:{width}}  {_fmt(s.get('median')):>10}  {_fmt(s.get('q1')):>10}  {_fmt(s.get('q3')):>10}")
     b, unit = suite.baseline, suite.unit.replace("_", " ")
+    if "sampler" in result:  # results written before the sampler was recorded lack it
+        sm = result["sampler"]
+        lines.append(f"sampler: {sm['method']}, {sm['steps']} steps, t_min {sm['t_min']}"
+                     + (f", best of {sm['candidates']} candidates on validation data" if sm["candidates"] > 1 else ""))
     lines.append(f"one update: {tm['update_seconds']:.3f} s (sampling {tm['sample_seconds']:.3f} s + measuring the "
                  f"metric {tm['metric_seconds']:.3f} s); {suite.baseline_label}: "
                  f"{tm[f'{b}_seconds_per_{suite.unit}'] * 1e3:.3f} ms/{unit}; median speed-up vs the "
@@ -1159,6 +1208,18 @@ def _denoising_lines(den: dict) -> list[str]:
 # ---------------------------------------------------------------------- command line
 
 
+def add_sampler_arguments(parser: argparse.ArgumentParser, chosen_how: str) -> None:
+    """``--sampling-steps``, ``--method``, ``--t-min`` (each defaulting to the generator's own sampler)
+    and ``--candidates`` (samples per update; ``chosen_how`` says which one is kept)."""
+    parser.add_argument("--sampling-steps", type=int, default=None,
+                        help="diffusion sampling steps (default: the generator's own, else 50)")
+    parser.add_argument("--method", default=None,
+                        help="sampler: ddim, ddpm or dpm++2m (default: the generator's own, else ddim)")
+    parser.add_argument("--t-min", type=int, default=None,
+                        help="stop sampling at this timestep and return its x0 prediction (default: the generator's own, else 0)")
+    parser.add_argument("--candidates", type=int, default=1, help=f"samples per update, {chosen_how} (default: 1)")
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generator", required=True, help="shipped generator name or path to a .json manifest")
     parser.add_argument("--store", default=None,
@@ -1168,8 +1229,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="dataset root (default: $LEARNED_OPT_DATA; cartpole-mlp needs none and ignores it)")
     parser.add_argument("--inits", type=int, default=20, help="fresh initialisations (default: 20)")
     parser.add_argument("--seed", type=int, default=1_000_000, help="init i has seed SEED + i (default: 1000000)")
-    parser.add_argument("--sampling-steps", type=int, default=50, help="diffusion sampling steps (default: 50)")
-    parser.add_argument("--method", default="ddim", help="sampler: ddim, ddpm or dpm++2m (default: ddim)")
+    add_sampler_arguments(parser, "the best by the generator's metric on validation data kept")
+    parser.add_argument("--holdout", type=int, default=5000,
+                        help="MNIST training examples held out as validation data for --candidates (default: 5000)")
     parser.add_argument("--max-steps", type=int, default=3000,
                         help="Adam/SGD steps, for mnist-mlp generators (default 3000; 11700 in full)")
     parser.add_argument("--max-env-steps", type=int, default=100_000,
@@ -1189,7 +1251,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     config = EvalConfig(
         generator=args.generator, out=args.out, store=args.store, data_root=args.data_root, inits=args.inits,
-        seed=args.seed, sampling_steps=args.sampling_steps, method=args.method, max_steps=args.max_steps,
+        seed=args.seed, sampling_steps=args.sampling_steps, method=args.method, t_min=args.t_min,
+        candidates=args.candidates, holdout=args.holdout, max_steps=args.max_steps,
         max_env_steps=args.max_env_steps, prompts=args.prompts, repeats=args.repeats, memo_runs=args.memo_runs,
         memo_checkpoints=args.memo_checkpoints, denoise_runs=args.denoise_runs, device=args.device,
         progress=not args.no_progress, plots=not args.no_plots,

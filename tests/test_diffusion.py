@@ -245,6 +245,28 @@ def test_sampling_a_gpt_through_its_condition_equals_calling_it_plainly():
         assert torch.equal(a, b) and not torch.equal(a, cond["theta"]), method
 
 
+def test_early_stop_returns_the_x0_prediction_at_t_min():
+    d = Diffusion(DiffusionConfig(num_steps=100))
+    assert ddim_timesteps(100, 3, t_min=40) == [99, 70, 40]
+    assert ddim_timesteps(100, 1, t_min=40) == [99]
+    assert ddim_timesteps(100, 5, t_min=0) == ddim_timesteps(100, 5)
+    ts = logsnr_timesteps(d.alphas_cumprod, 6, t_min=30)
+    assert ts[0] == 99 and ts[-1] == 30 and all(a > b for a, b in zip(ts, ts[1:]))
+
+    calls = []
+
+    def model(x_t, t):  # a prediction that names the timestep it was made at
+        calls.append(int(t[0]))
+        return torch.full_like(x_t, float(t[0]))
+
+    for method, expected in [("ddim", [99, 70, 40]), ("dpm++2m", logsnr_timesteps(d.alphas_cumprod, 3, 40)),
+                             ("ddpm", list(range(99, 39, -1)))]:
+        calls.clear()
+        x = d.sample(model, {}, (2, 3), method=method, steps=3, t_min=40, generator=torch.Generator().manual_seed(0))
+        assert calls == expected, method
+        assert torch.equal(x, torch.full((2, 3), 40.0)), method  # the last prediction itself, not a step from it
+
+
 def test_bad_sampling_arguments_raise():
     d = Diffusion(DiffusionConfig(num_steps=100))
     g = torch.Generator().manual_seed(0)
@@ -255,6 +277,13 @@ def test_bad_sampling_arguments_raise():
         d.sample(model, {}, (1, 2), steps=101, generator=g)
     with pytest.raises(ConfigError, match="x_T"):
         d.sample(model, {}, (1, 2), x_T=torch.zeros(1, 3), generator=g)
+    for method in ["ddim", "ddpm", "dpm++2m"]:
+        with pytest.raises(ConfigError, match="t_min"):
+            d.sample(model, {}, (1, 2), method=method, t_min=100, generator=g)
+        with pytest.raises(ConfigError, match="t_min"):
+            d.sample(model, {}, (1, 2), method=method, t_min=-1, generator=g)
+    with pytest.raises(ConfigError, match="steps"):
+        d.sample(model, {}, (1, 2), steps=21, t_min=80, generator=g)
 
 
 # ---------------------------------------------------------------------------------- overfitting

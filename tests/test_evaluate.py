@@ -288,3 +288,48 @@ def test_denoising_is_skipped_without_a_store_a_split_or_runs(tmp_path):
     assert _denoising_lines({"skipped": "why"}) == ["denoising: why"]
     with pytest.raises(Exception, match="--denoise-runs must be >= 0"):
         EvalConfig(generator="unused", denoise_runs=-1)
+
+
+def test_eval_candidates_keep_the_best_on_validation_data(mnist_data, tmp_path):
+    from pretrain.evaluate import Sampler, evaluate_generator
+
+    manifest = record_split(save_tiny_mnist_generator(tmp_path / "gen"), [0, 1])
+    common = dict(generator=str(manifest), inits=2, prompts=2, max_steps=10, sampling_steps=2, repeats=1,
+                  timing_steps=5, progress=False, plots=False)
+    r = evaluate_generator(EvalConfig(out=str(tmp_path / "c3"), candidates=3, t_min=5, **common), data=mnist_data)
+    assert r["sampler"] == {"method": "ddim", "steps": 2, "t_min": 5, "candidates": 3}
+    assert len(r["one_step"]["after"]["test_loss"]) == 2  # one network per init, not per candidate
+
+    # the choice itself: of C samples per row, the one with the lowest score
+    from learned_opt.pretrained import load_generator
+
+    gen = load_generator(manifest)
+    config = EvalConfig(generator=str(manifest), sampling_steps=2, candidates=4)
+    scored = []
+
+    def score(flat):
+        s = flat[:, 0].clone()  # any deterministic score of the samples
+        scored.append((flat.clone(), s))
+        return s
+
+    theta = init_params(TASK, [5, 6])
+    out = Sampler(gen, config, seed=0, score=score)(theta, torch.ones(2), torch.zeros(2))
+    flat, s = scored[0]
+    assert flat.shape == (8, theta.shape[1])
+    best = s.view(2, 4).argmin(1)
+    torch.testing.assert_close(out, flat.view(2, 4, -1)[torch.arange(2), best])
+    with pytest.raises(Exception, match="validation data"):
+        Sampler(gen, config, seed=0)
+
+
+def test_mnist_validation_data_is_the_held_out_training_slice(mnist_data):
+    from learned_opt.errors import ConfigError
+
+    val = TASK.validation_data(mnist_data, 1000)
+    assert val.test_x.shape[0] == 1000 and val.train_x.shape[0] == mnist_data.train_x.shape[0] - 1000
+    assert torch.equal(val.test_x, mnist_data.train_x[-1000:]) and torch.equal(val.test_y, mnist_data.train_y[-1000:])
+    flat = init_params(TASK, [0])
+    assert not torch.equal(TASK.evaluate(flat, val)["test_loss"], TASK.evaluate(flat, mnist_data)["test_loss"])
+    for bad in (0, mnist_data.train_x.shape[0], 1.5):
+        with pytest.raises(ConfigError, match="holdout"):
+            TASK.validation_data(mnist_data, bad)

@@ -123,6 +123,77 @@ def test_worse_update_is_rejected_exactly():
     assert opt.counters["rejected"] == 1 and opt.counters["accepted"] == 0
 
 
+def _losses_of(model, thetas: torch.Tensor) -> list[float]:
+    """The toy loss of each parameter vector [C, P], the model restored after."""
+    params = list(model.parameters())
+    keep = [p.detach().clone() for p in params]
+    out = []
+    with torch.no_grad():
+        for theta in thetas:
+            torch.nn.utils.vector_to_parameters(theta, params)
+            out.append(float(toy_loss(model)))
+        for p, k in zip(params, keep):
+            p.copy_(k)
+    return out
+
+
+def test_candidates_keep_the_best_sample_by_the_closure():
+    g = torch.Generator().manual_seed(3)
+    model = toy_model()
+    gen = FnGenerator(lambda th: th + 0.05 * torch.randn(th.shape, generator=g))
+    opt = GptOptimizer(model.parameters(), gen, lr=1e-2, candidates=6)
+    _warm(model, opt)
+    g.manual_seed(3)
+    expected = gen.fn(torch.cat([p.detach().reshape(-1) for p in model.parameters()])[None].expand(6, -1))
+    losses = _losses_of(model, expected)
+    g.manual_seed(3)
+    report = opt.generate(_metric(model))
+    assert gen.last_call["theta"].shape[0] == 6  # one batched call for all candidates
+    assert report.candidates == 6 and report.candidate_metrics == pytest.approx(losses)
+    best = min(range(6), key=losses.__getitem__)
+    assert report.metric_after == pytest.approx(losses[best])
+    if report.accepted:
+        assert torch.equal(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), expected[best])
+    else:  # the best was still worse than before: nothing changed
+        assert report.metric_after > report.metric_before and "the best of 6 candidates" in report.reason
+
+
+def test_candidates_reject_exactly_when_all_are_worse_and_skip_broken_ones():
+    noise = torch.randn(3, 75, generator=torch.Generator().manual_seed(0)) * 0.3
+    model = toy_model()
+    broken = torch.tensor([float("nan"), 0.0, 0.0])[:, None]  # the first candidate is not finite
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + noise + broken), lr=1e-2, candidates=3)
+    _warm(model, opt)
+    before = snapshot(model, opt)
+    report = opt.generate(_metric(model))
+    assert not report.accepted and not report.failed and "the best of 2 candidates" in report.reason
+    assert len(report.candidate_metrics) == 2
+    assert_same(snapshot(model, opt), before)
+
+
+def test_candidates_need_a_closure():
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th), lr=1e-2, candidates=2)
+    before = snapshot(model, opt)
+    with pytest.raises(GenerationError, match="candidates=2 needs a closure"):
+        opt.generate(metric=1.0)
+    assert_same(snapshot(model, opt), before) and opt.counters["attempted"] == 0
+
+
+def test_sampler_defaults_come_from_the_generator_and_can_be_overridden():
+    gen = FnGenerator(lambda th: th)
+    gen.sampling = {"method": "dpm++2m", "steps": 7, "t_min": 30}
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), gen, lr=1e-2)
+    assert (opt.sampling_method, opt.sampling_steps, opt.sampling_t_min) == ("dpm++2m", 7, 30)
+    opt.generate(metric=1.0)
+    assert {k: gen.last_call[k] for k in ("method", "steps", "t_min")} == {"method": "dpm++2m", "steps": 7, "t_min": 30}
+    opt = GptOptimizer(model.parameters(), gen, lr=1e-2, sampling_method="ddim", sampling_steps=3, sampling_t_min=0)
+    opt.generate(metric=1.0)
+    assert {k: gen.last_call[k] for k in ("method", "steps", "t_min")} == {"method": "ddim", "steps": 3, "t_min": 0}
+    assert "ddim-3 t_min=0" in repr(opt)
+
+
 def test_non_finite_metric_after_update_is_rejected():
     model = toy_model()
     opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 0.01), lr=1e-2)

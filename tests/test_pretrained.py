@@ -191,9 +191,14 @@ def _wrong_config(p: Path) -> None:
     p.write_text(json.dumps(m))
 
 
+def _bad_sampling(p: Path) -> None:
+    _rewrite_manifest(p, sampling={"method": "ddim", "steps": 4, "t_min": 5000})
+
+
 @pytest.mark.parametrize(
     "damage, message",
     [
+        (_bad_sampling, "do not fit"),
         (_corrupt, "sha256"),
         (_truncate, "sha256"),
         (_wrong_hash, "sha256"),
@@ -303,3 +308,17 @@ def test_shipped_mnist_generator_loads_and_makes_an_update():
     assert out.shape == theta.shape and torch.isfinite(out).all()
     assert torch.equal(theta, before)
     assert (out - theta).norm(dim=1).min() > 0.1  # a real update, not the identity
+
+
+def test_manifest_sampling_entry_sets_the_default_sampler(copy_of, monkeypatch):
+    assert load_generator(copy_of).sampling == {"method": "ddim", "steps": 50, "t_min": 0}  # none recorded
+    _rewrite_manifest(copy_of, sampling={"method": "dpm++2m", "steps": 4, "t_min": 30, "chosen_by": "a sweep"})
+    gen = load_generator(copy_of)
+    assert gen.sampling == {"method": "dpm++2m", "steps": 4, "t_min": 30}
+    seen = []
+    sample = gen.diffusion.sample
+    monkeypatch.setattr(gen.diffusion, "sample", lambda *a, **kw: seen.append(kw) or sample(*a, **kw))
+    theta = torch.randn(2, gen.layout.num_params, generator=torch.Generator().manual_seed(0))
+    gen.sample(theta, torch.ones(2), torch.zeros(2), generator=torch.Generator().manual_seed(1))
+    gen.sample(theta, torch.ones(2), torch.zeros(2), steps=2, generator=torch.Generator().manual_seed(1))
+    assert [(kw["method"], kw["steps"], kw["t_min"]) for kw in seen] == [("dpm++2m", 4, 30), ("dpm++2m", 2, 30)]

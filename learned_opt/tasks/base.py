@@ -63,6 +63,12 @@ class Task(ABC):
     def permute(self, flat: torch.Tensor, perms: Sequence[torch.Tensor]) -> torch.Tensor:
         """Permute hidden units: ``flat`` ``[B, P]``, ``perms[l]`` ``[B, H_l]`` -> ``[B, P]``."""
 
+    def validation_data(self, data: Any, holdout: int = 5000) -> Any:
+        """``data`` rearranged so that :meth:`evaluate` measures held-out *training* data instead
+        of the test set: for choosing anything (a sampler, one of several candidates) without
+        looking at the test set. ``holdout`` is the number of held-out examples, where that applies."""
+        raise NotImplementedError(f"task {self.name!r} defines no validation data")
+
     # ------------------------------------------------------------------ shared helpers
 
     @property

@@ -30,6 +30,7 @@ from .base import MLP, Metric, Task, permute_mlp
 
 EPISODES = 10
 EPISODE_SEED = 2022
+VALIDATION_EPISODE_SEED = 2023  # other starting states, for choices that must not see the evaluation episodes
 MAX_STEPS = 500
 
 
@@ -60,6 +61,11 @@ class CartPoleMLP(Task):
     def load_data(self, root=None, *, download: bool = False) -> CartPoleData:
         """CartPole needs no dataset: returns the fixed evaluation episodes (``root`` is ignored)."""
         return CartPoleData(evaluation_start_states())
+
+    def validation_data(self, data: CartPoleData, holdout: int = 5000) -> CartPoleData:
+        """Evaluation episodes from other starting states (seed ``VALIDATION_EPISODE_SEED``);
+        ``holdout`` does not apply."""
+        return CartPoleData(evaluation_start_states(len(data.start_states), VALIDATION_EPISODE_SEED), data.max_steps)
 
     def hidden_sizes(self) -> tuple[int, ...]:
         return self.sizes[1:-1]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import resolve_data_root
-from ..errors import DataNotFoundError
+from ..errors import ConfigError, DataNotFoundError
 from .base import MLP, Metric, Task, permute_mlp
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -88,6 +88,16 @@ class MnistMLP(Task):
 
     def hidden_sizes(self) -> tuple[int, ...]:
         return self.sizes[1:-1]
+
+    def validation_data(self, data: MnistData, holdout: int = 5000) -> MnistData:
+        """The last ``holdout`` training examples in place of the test set (the ``test_*`` metrics
+        then measure them); the rest stay the training set."""
+        n = int(data.train_x.shape[0])
+        if isinstance(holdout, bool) or not isinstance(holdout, int) or not 1 <= holdout < n:
+            raise ConfigError(f"holdout must be an integer between 1 and {n - 1} (training examples held out), "
+                              f"got {holdout!r}")
+        m = n - holdout
+        return MnistData(data.train_x[:m], data.train_y[:m], data.train_x[m:], data.train_y[m:])
 
     def permute(self, flat: torch.Tensor, perms: Sequence[torch.Tensor]) -> torch.Tensor:
         return permute_mlp(self.layout(), flat, perms)

@@ -1,0 +1,259 @@
+"""Choose a generator's sampler on validation inits: sampling steps and where to stop (``t_min``).
+
+A diffusion model over parameters is not equally good at every noise level. If its predictions at
+low noise are worse than its estimate at some intermediate timestep, running the sampler to t = 0
+makes networks worse, and stopping at ``t_min`` (returning the x0 prediction made there) is better.
+``learned-opt tune-sampling`` measures that for one generator:
+
+* ``--inits N`` fresh initialisations with seeds ``--seed + i`` (default ``2_000_000 + i``: apart
+  from corpus runs, ``learned-opt eval``'s ``1_000_000 + i`` and ``bench``'s ``3_000_000 + i``);
+* for every ``--steps`` × ``--t-min`` pair (``--method``, default DDIM), ``--samples`` updates per
+  init with the generator's best prompt, conditioned on the init's metric;
+* every metric is measured on the task's **validation data** (:meth:`Task.validation_data`: the last
+  ``--holdout`` MNIST training examples, or CartPole episodes from other starting states), never on
+  the test set, so that the evaluation that reports results afterwards stays unseen.
+
+The chosen sampler is the cheapest (fewest steps, then the best median) whose median metric over
+all samples is within ``--tolerance`` (default 1%, relative) of the best median.
+Writes ``sweep.json`` and ``sweep.png`` (the median metric over steps and ``t_min``) into ``--out``
+and prints the table; ``--write`` records the choice as the ``"sampling"`` entry of the generator's
+manifest (a path, not a registry name), which :class:`~learned_opt.GptOptimizer`, ``eval``,
+``bench`` and ``demo`` then use by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from learned_opt import tasks
+from learned_opt.diffusion import METHODS
+from learned_opt.errors import ConfigError
+from learned_opt.fileio import atomic_write
+from learned_opt.pretrained import LoadedGenerator, load_generator
+
+from .evaluate import _hardware, _save, init_params
+
+DEFAULT_STEPS = (1, 2, 3, 4, 6, 10, 25)
+DEFAULT_T_MIN = (0, 100, 200, 300, 400, 500, 600)
+
+
+@dataclass
+class TuneConfig:
+    """What ``learned-opt tune-sampling`` measures (one field per command-line option)."""
+
+    generator: str  # registry name or manifest path
+    out: str = "tune-sampling"
+    data_root: str | None = None
+    inits: int = 32
+    seed: int = 2_000_000  # init i has seed seed + i
+    samples: int = 4  # updates per init and sampler (different noise)
+    method: str = "ddim"
+    steps: tuple[int, ...] = DEFAULT_STEPS
+    t_min: tuple[int, ...] = DEFAULT_T_MIN
+    holdout: int = 5000  # MNIST training examples held out as validation data
+    tolerance: float = 0.01  # relative: samplers this close to the best median count as equal; the cheapest wins
+    sample_batch: int = 256  # networks sampled at once
+    write: bool = False  # record the choice in the generator's manifest
+    progress: bool = True
+    plots: bool = True
+
+    def __post_init__(self) -> None:
+        self.steps, self.t_min = tuple(self.steps), tuple(self.t_min)
+        for name in ("inits", "samples", "sample_batch"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise ConfigError(f"--tolerance must be in [0, 1) (relative to the best median), got {self.tolerance!r}")
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown sampling --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not self.steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.steps):
+            raise ConfigError(f"--steps must list integers >= 1, e.g. 1,2,4,10; got {self.steps!r}")
+        if not self.t_min or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.t_min):
+            raise ConfigError(f"--t-min must list integers >= 0, e.g. 0,200,400; got {self.t_min!r}")
+
+
+def parse_ints(text: str, option: str) -> tuple[int, ...]:
+    """``"1,2,4"`` -> ``(1, 2, 4)``; anything else raises :class:`ConfigError` naming ``option``."""
+    try:
+        return tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ConfigError(f"{option} takes comma-separated integers, e.g. 1,2,4; got {text!r}") from None
+
+
+def sampler_grid(config: TuneConfig, num_steps: int) -> list[tuple[int, int]]:
+    """The ``(steps, t_min)`` pairs to measure: those that fit the schedule; one-step samplers only
+    once (a single model call at the last timestep does not depend on ``t_min``)."""
+    grid = []
+    for steps in sorted(set(config.steps)):
+        for t_min in sorted(set(config.t_min)):
+            if t_min >= num_steps or steps > num_steps - t_min or (steps == 1 and t_min > 0):
+                continue
+            if config.method == "ddpm" and steps != min(config.steps):
+                continue  # DDPM ignores steps: one row per t_min
+            grid.append((steps, t_min))
+    if not grid:
+        raise ConfigError(f"no --steps/--t-min pair fits the generator's {num_steps}-step diffusion")
+    return grid
+
+
+@torch.no_grad()
+def sweep(gen: LoadedGenerator, task: tasks.Task, val_data: Any, inits: torch.Tensor, config: TuneConfig) -> dict:
+    """Per ``(steps, t_min)``: the validation metrics of ``config.samples`` updates of each init."""
+    metric = gen.metric_name
+    direction = gen.metric_direction
+    lo, hi = gen.metric_range
+    x = inits.repeat_interleave(config.samples, 0).to(gen.device)  # [N*S, P]
+    start = task.evaluate(inits, val_data, [metric])[metric].repeat_interleave(config.samples)  # [N*S]
+    prompt = torch.full_like(start, min(max(gen.best_prompt, lo), hi))
+    extra = [m for m in ("test_error",) if m in task.metrics and m != metric]
+    rows = []
+    grid = sampler_grid(config, gen.diffusion.num_steps)
+    for steps, t_min in tqdm(grid, desc="samplers", disable=not config.progress):
+        rng = torch.Generator().manual_seed(config.seed)  # the same noise for every sampler
+        began = time.perf_counter()
+        out = torch.cat([
+            gen.sample(xb, mb.to(gen.device), pb.to(gen.device), steps=steps, method=config.method, t_min=t_min,
+                       generator=rng).cpu()
+            for xb, mb, pb in zip(x.split(config.sample_batch), start.split(config.sample_batch),
+                                  prompt.split(config.sample_batch))
+        ])
+        seconds = time.perf_counter() - began
+        values = task.evaluate(out, val_data, [metric, *extra])
+        per_init = values[metric].view(config.inits, config.samples)
+        best = per_init.min(1).values if direction == "min" else per_init.max(1).values
+        rows.append({
+            "steps": steps, "t_min": t_min,
+            f"median_{metric}": float(values[metric].median()),
+            f"median_best_of_samples_{metric}": float(best.median()),
+            **{f"median_{m}": float(values[m].median()) for m in extra},
+            "seconds_per_sample": seconds / len(out),
+        })
+    key = f"median_{metric}"
+    sign = 1.0 if direction == "min" else -1.0
+    best = min(sign * r[key] for r in rows)
+    close = [r for r in rows if sign * r[key] <= best + config.tolerance * abs(best)]
+    chosen = min(close, key=lambda r: (r["steps"], sign * r[key]))
+    return {
+        "metric": metric, "direction": direction,
+        "start_median": float(start.median()),
+        "rows": rows,
+        "chosen": {"method": config.method, "steps": chosen["steps"], "t_min": chosen["t_min"], key: chosen[key]},
+    }
+
+
+def record_choice(manifest_path: Path, result: dict, config: TuneConfig) -> None:
+    """Write the chosen sampler as the manifest's ``"sampling"`` entry (atomically; the weights are untouched)."""
+    chosen = result["chosen"]
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["sampling"] = {
+        "method": chosen["method"], "steps": chosen["steps"], "t_min": chosen["t_min"],
+        "chosen_by": (f"learned-opt tune-sampling: best median {result['metric']} on validation data over "
+                      f"{config.inits} inits (seeds {config.seed} + i) x {config.samples} samples"),
+    }
+    text = json.dumps(manifest, indent=2) + "\n"
+    atomic_write(manifest_path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def _plot(result: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key = f"median_{result['metric']}"
+    steps = sorted({r["steps"] for r in result["rows"]})
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for s in steps:
+        rows = sorted((r for r in result["rows"] if r["steps"] == s), key=lambda r: r["t_min"])
+        ax.plot([r["t_min"] for r in rows], [r[key] for r in rows], marker="o", label=f"{s} steps")
+    ax.axhline(result["start_median"], color="grey", ls=":", label="the inits")
+    c = result["chosen"]
+    ax.plot([c["t_min"]], [c[key]], marker="*", ms=16, color="black", ls="none", label="chosen")
+    ax.set_xlabel("t_min (the sampler stops there and returns its x0 prediction)")
+    ax.set_ylabel(f"median {result['metric']} on validation data")
+    ax.set_title("one update from fresh inits, by sampler")
+    ax.legend(fontsize=8)
+    return _save(fig, out / "sweep.png")
+
+
+def tune_sampling(config: TuneConfig) -> dict:
+    """Run the sweep; write ``sweep.json`` (and ``sweep.png``); with ``write``, update the manifest."""
+    manifest_path = None
+    if config.write:
+        manifest_path = Path(config.generator).with_suffix(".json")
+        if not manifest_path.is_file():
+            raise ConfigError(f"--write needs the path of the generator's .json manifest, got {config.generator!r}; "
+                              f"pass the file (e.g. learned_opt/weights/NAME.json), not a registry name")
+    gen = load_generator(config.generator)
+    task = tasks.get(gen.task)
+    val_data = task.validation_data(task.load_data(config.data_root), config.holdout)
+    inits = init_params(task, [config.seed + i for i in range(config.inits)])
+    result = {"config": asdict(config), "generator": {"name": gen.name, "sha256": gen.sha256},
+              "hardware": _hardware("cpu"), **sweep(gen, task, val_data, inits, config)}
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if config.plots:
+        result["plots"] = [str(_plot(result, out))]
+    (out / "sweep.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    if manifest_path is not None:
+        record_choice(manifest_path, result, config)
+        result["written_to"] = str(manifest_path)
+    return result
+
+
+def format_table(result: dict) -> str:
+    key = f"median_{result['metric']}"
+    best_key = f"median_best_of_samples_{result['metric']}"
+    extra = [k for k in result["rows"][0] if k.startswith("median_") and k not in (key, best_key)]
+    lines = [f"{'steps':>5} {'t_min':>5} {key:>18} {'best of samples':>16} " + " ".join(f"{k:>18}" for k in extra)]
+    for r in result["rows"]:
+        lines.append(f"{r['steps']:>5} {r['t_min']:>5} {r[key]:>18.4f} {r[best_key]:>16.4f} "
+                     + " ".join(f"{r[k]:>18.4f}" for k in extra))
+    c = result["chosen"]
+    lines.append(f"inits: median {result['metric']} {result['start_median']:.4f}; chosen: {c['method']}, "
+                 f"{c['steps']} steps, t_min {c['t_min']} ({key} {c[key]:.4f})")
+    return "\n".join(lines)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--generator", required=True, help="registry name or path to a generator's .json manifest")
+    parser.add_argument("--out", default="tune-sampling", help="output folder for sweep.json and sweep.png")
+    parser.add_argument("--data-root", default=None, help="dataset folder (default: $LEARNED_OPT_DATA)")
+    parser.add_argument("--inits", type=int, default=32, help="fresh inits (default: 32)")
+    parser.add_argument("--seed", type=int, default=2_000_000, help="init i has seed SEED + i (default: 2000000)")
+    parser.add_argument("--samples", type=int, default=4, help="updates per init and sampler (default: 4)")
+    parser.add_argument("--method", default="ddim", help="ddim, ddpm or dpm++2m (default: ddim)")
+    parser.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)), help="sampling steps to try")
+    parser.add_argument("--t-min", default=",".join(map(str, DEFAULT_T_MIN)), help="early-stop timesteps to try")
+    parser.add_argument("--holdout", type=int, default=5000, help="MNIST training examples held out (default: 5000)")
+    parser.add_argument("--tolerance", type=float, default=0.01,
+                        help="samplers within this relative distance of the best median count as equal; the one "
+                             "with the fewest steps is chosen (default: 0.01)")
+    parser.add_argument("--write", action="store_true", help="record the choice in the manifest (give its path)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-plots", action="store_true", help="no PNG")
+
+
+def main(args: argparse.Namespace) -> int:
+    config = TuneConfig(
+        generator=args.generator, out=args.out, data_root=args.data_root, inits=args.inits, seed=args.seed,
+        samples=args.samples, method=args.method, steps=parse_ints(args.steps, "--steps"),
+        t_min=parse_ints(args.t_min, "--t-min"), holdout=args.holdout, tolerance=args.tolerance, write=args.write,
+        progress=not args.no_progress, plots=not args.no_plots,
+    )
+    result = tune_sampling(config)
+    print(format_table(result))
+    wrote = [str(Path(config.out) / "sweep.json"), *result.get("plots", [])]
+    if "written_to" in result:
+        wrote.append(f"the sampling entry of {result['written_to']}")
+    print("wrote " + ", ".join(wrote))
+    return 0

@@ -154,3 +154,16 @@ def test_bad_options_are_one_line_errors(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "eval").exists()
+
+
+def test_cartpole_candidates_count_the_env_steps_spent_choosing(tmp_path):
+    from pretrain.evaluate import EvalConfig, evaluate_generator
+
+    manifest = save_tiny_cartpole_generator(tmp_path / "gen")
+    config = EvalConfig(generator=str(manifest), out=str(tmp_path / "eval"), inits=2, prompts=2, sampling_steps=2,
+                        repeats=2, candidates=3, max_env_steps=2048, timing_steps=5, progress=False, plots=False)
+    r = evaluate_generator(config)
+    counted = r["sampler"]["candidates_scored"]["one_step_and_repeats"]
+    assert counted["networks"] == 2 * 2 * 3  # inits x updates x candidates
+    assert counted["env_steps"] >= counted["networks"] * 10  # every scored episode lasts at least one step
+    assert r["sampler"]["candidates_scored"]["all_sections"]["networks"] > counted["networks"]

@@ -79,6 +79,19 @@ def _check_steps(num_steps: int, steps: int, t_min: int, who: str) -> None:
         raise ConfigError(f"t_min must be an integer timestep in [0, {num_steps - 1}], got t_min={t_min!r}")
     if not 1 <= steps <= num_steps - t_min:
         raise ConfigError(f"{who} needs 1 <= steps <= num_steps - t_min ({num_steps - t_min}), got steps={steps}")
+    if steps == 1 and 0 < t_min < num_steps - 1:
+        raise ConfigError(f"{who} with one step calls the model at the last timestep only, so t_min={t_min} would "
+                          f"not apply; use steps >= 2 with t_min, or t_min=0")
+
+
+def check_sampler(num_steps: int, method: str, steps: int, t_min: int) -> None:
+    """Raise :class:`ConfigError` unless ``method`` with ``steps`` and ``t_min`` can run on a
+    ``num_steps`` schedule (DDPM ignores ``steps``)."""
+    if method not in METHODS:
+        raise ConfigError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "ddpm":
+        steps = num_steps - t_min if isinstance(t_min, int) and 0 <= t_min < num_steps else 1
+    _check_steps(num_steps, steps, t_min, method)
 
 
 def ddim_timesteps(num_steps: int, steps: int, t_min: int = 0) -> list[int]:
@@ -245,7 +258,7 @@ class Diffusion:
         if tuple(x.shape) != shape:
             raise ConfigError(f"x_T has shape {list(x.shape)}, expected {list(shape)}")
         if method == "ddpm":
-            _check_steps(self.num_steps, 1, t_min, "DDPM")
+            _check_steps(self.num_steps, self.num_steps - t_min, t_min, "DDPM")  # every step from the last to t_min
             timesteps = list(range(self.num_steps - 1, t_min - 1, -1))
         elif method == "dpm++2m":
             timesteps = logsnr_timesteps(self.alphas_cumprod, steps, t_min)

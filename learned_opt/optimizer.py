@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
+from .diffusion import check_sampler
 from .errors import ConfigError, GenerationError, OptimizerStateError
 from .layout import check_signature
 from .normalization import GPT_TARGET_STD
@@ -40,9 +41,10 @@ class GenerationReport:
     ``reason`` says why an update was not accepted. ``update_ratio`` is ‖θ′−θ‖ divided by the trust
     reference (see :class:`GptOptimizer`); the update is refused above ``max_update_ratio``.
     ``prompt`` is the metric asked for (after clamping), ``step`` the base-step count at the time,
-    ``metric_after`` the closure's value with θ′ (None without a closure or with ``guard=False``).
-    With several ``candidates``, ``candidate_metrics`` holds the closure's value for each sample
-    that passed validation (None where it was not finite or the closure failed) and θ′ is the best.
+    ``metric_after`` the closure's value with θ′ (None without a closure, or with ``guard=False``
+    and one candidate). With several ``candidates``, ``candidate_metrics`` holds the closure's
+    value for each sample that passed validation (None where it was not finite or the closure
+    failed) and θ′ is the best of them.
     """
 
     accepted: bool
@@ -97,10 +99,14 @@ class GptOptimizer(torch.optim.Optimizer):
 
     **Sampling.** ``sampling_steps``, ``sampling_method`` and ``sampling_t_min`` (see
     :meth:`~learned_opt.diffusion.Diffusion.sample`) default to the generator's own sampler
-    (``generator.sampling``: the manifest's, chosen for that generator, else DDIM-50).
+    (``generator.sampling``: the manifest's, chosen for that generator, else DDIM-50), overridden
+    key by key: on a generator whose sampler stops at ``t_min`` 300, ``sampling_steps=50`` still
+    stops there unless ``sampling_t_min=0`` is given too.
     ``candidates=N`` draws N samples in one batched call and keeps the one the closure scores
-    best (a search over the generator's proposals: N closure calls per update, so N forward passes
-    over whatever data the closure reads); it needs a closure. Measure that closure on held-out
+    best (a search over the generator's proposals: N closure calls per update besides the one that
+    measures the metric before, so N forward passes over whatever data the closure reads); it
+    needs a closure. If no candidate gives a finite metric the update is rejected, with or
+    without the guard. Measure that closure on held-out
     training data, not on the test set.
 
     **Prompts.** ``prompt=None`` uses the generator's recommended ``best_prompt``; a number is used
@@ -171,12 +177,13 @@ class GptOptimizer(torch.optim.Optimizer):
         sampling_steps = sampler["steps"] if sampling_steps is None else sampling_steps
         sampling_method = sampler["method"] if sampling_method is None else sampling_method
         sampling_t_min = sampler["t_min"] if sampling_t_min is None else sampling_t_min
-        n = self.generator.diffusion.num_steps
-        if sampling_t_min >= n or (sampling_method != "ddpm" and sampling_steps > n - sampling_t_min):
+        try:
+            check_sampler(self.generator.diffusion.num_steps, sampling_method, sampling_steps, sampling_t_min)
+        except ConfigError as exc:
             raise ConfigError(
-                f"sampling_steps={sampling_steps} with sampling_t_min={sampling_t_min} does not fit the generator's "
-                f"{n}-step diffusion: need t_min < {n} and steps <= {n} - t_min"
-            )
+                f"sampling_method={sampling_method!r}, sampling_steps={sampling_steps}, sampling_t_min={sampling_t_min} "
+                f"does not fit the generator {self.generator.name!r}: {exc}"
+            ) from None
         tensors, names = _flat_params(params)
         device = tensors[0].device
         if any(t.device != device for t in tensors):
@@ -291,10 +298,15 @@ class GptOptimizer(torch.optim.Optimizer):
         if error is not None:
             return finish(False, error, failed=True)
         checks = [self._validate(theta, s) for s in samples]  # [(ratio, reason)] per candidate
-        valid = [i for i, (_, reason) in enumerate(checks) if reason is None]
-        if not _all_ranks(bool(valid), theta.device):  # ranks must take the same path from here
+        # every rank must measure the same candidates (the closure may hold collectives)
+        ok = _all_ranks_each([reason is None for _, reason in checks], theta.device)
+        valid = [i for i, good in enumerate(ok) if good]
+        if not valid:
             ratio, error = checks[0]
-            return finish(False, error or "the sample failed validation on another rank", ratio=ratio, failed=True)
+            error = error or "the sample failed validation on another rank"
+            if len(checks) > 1:
+                error = f"all {len(checks)} candidates failed validation (the first: {error})"
+            return finish(False, error, ratio=ratio, failed=True)
 
         backup = [p.detach().clone() for p in params]
         direction, name = self.generator.metric_direction, self.generator.metric_name
@@ -311,10 +323,12 @@ class GptOptimizer(torch.optim.Optimizer):
                 after, chosen = (min if direction == "min" else max)(finite, key=lambda vi: vi[0])
                 if self.guard and _worse(after, before, direction):
                     accept, reason = False, f"{name} went from {before:.6g} to {after:.6g}"
-            elif self.guard:
+                    if self.candidates > 1:
+                        reason += f" (the best of {len(valid)} candidates)"
+            elif self.guard or self.candidates > 1:  # nothing measurable to keep
                 accept, reason = False, measured[0][1]
-            if self.candidates > 1 and reason is not None:
-                reason += f" (the best of {len(valid)} candidates)"
+                if len(valid) > 1:
+                    reason = f"no candidate of {len(valid)} gave a finite metric (the first: {reason})"
             accept = _broadcast_flag(accept, theta.device)
             chosen = _broadcast_int(chosen, theta.device)
         if not accept:
@@ -621,11 +635,16 @@ def _agree(new: torch.Tensor | None, error: str | None, theta: torch.Tensor) -> 
 
 def _all_ranks(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` holds on every rank (the flag itself when not distributed)."""
+    return _all_ranks_each([flag], device)[0]
+
+
+def _all_ranks_each(flags: list[bool], device: torch.device) -> list[bool]:
+    """Per entry, whether it holds on every rank (the flags themselves when not distributed)."""
     if not _distributed():
-        return flag
-    t = torch.tensor([int(flag)], device=device)
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def _broadcast_int(value: int, device: torch.device) -> int:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from .errors import WeightsError
+from .errors import ConfigError, WeightsError
 from .fileio import atomic_write
 from .layout import Layout, signature_from_json, signature_to_json
 from .normalization import Normalization
@@ -330,11 +330,15 @@ class LoadedGenerator:
 def sampling_from_manifest(manifest: Mapping[str, Any], num_steps: int) -> dict[str, Any]:
     """The generator's default sampler: :data:`DEFAULT_SAMPLING` updated by the manifest's
     ``"sampling"`` entry, checked; raises ``ValueError`` on a bad entry."""
-    from .diffusion import METHODS
+    from .diffusion import METHODS, check_sampler
 
-    given = manifest.get("sampling") or {}
+    given = manifest.get("sampling")
+    given = {} if given is None else given
     if not isinstance(given, Mapping):
         raise ValueError(f"'sampling' must be an object with {', '.join(SAMPLING_KEYS)}, got {given!r}")
+    unknown = sorted(set(given) - {*SAMPLING_KEYS, "chosen_by"})
+    if unknown:
+        raise ValueError(f"'sampling' has unknown keys {unknown}; it takes {', '.join(SAMPLING_KEYS)} (and chosen_by)")
     out = {**DEFAULT_SAMPLING, **{k: given[k] for k in SAMPLING_KEYS if k in given}}
     if "steps" not in given and isinstance(out["t_min"], int):  # the default, on a short schedule: every step
         out["steps"] = max(1, min(out["steps"], num_steps - out["t_min"]))
@@ -344,8 +348,10 @@ def sampling_from_manifest(manifest: Mapping[str, Any], num_steps: int) -> dict[
     for name, value in (("steps", steps), ("t_min", t_min)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"sampling {name} must be an integer, got {value!r}")
-    if not (0 <= t_min < num_steps and 1 <= steps <= num_steps - t_min):
-        raise ValueError(f"sampling steps={steps}, t_min={t_min} do not fit a {num_steps}-step diffusion")
+    try:
+        check_sampler(num_steps, method, steps, t_min)
+    except ConfigError as exc:
+        raise ValueError(f"sampling {method}, steps={steps}, t_min={t_min} does not fit: {exc}") from None
     return out
 
 

@@ -92,14 +92,12 @@ def parse_ints(text: str, option: str) -> tuple[int, ...]:
 def sampler_grid(config: TuneConfig, num_steps: int) -> list[tuple[int, int]]:
     """The ``(steps, t_min)`` pairs to measure: those that fit the schedule; one-step samplers only
     once (a single model call at the last timestep does not depend on ``t_min``)."""
-    grid = []
-    for steps in sorted(set(config.steps)):
-        for t_min in sorted(set(config.t_min)):
-            if t_min >= num_steps or steps > num_steps - t_min or (steps == 1 and t_min > 0):
-                continue
-            if config.method == "ddpm" and steps != min(config.steps):
-                continue  # DDPM ignores steps: one row per t_min
-            grid.append((steps, t_min))
+    t_mins = [t for t in sorted(set(config.t_min)) if t < num_steps]
+    if config.method == "ddpm":  # DDPM runs every step from the last down to t_min: one row per t_min
+        grid = [(min(config.steps), t) for t in t_mins]
+    else:
+        grid = [(steps, t) for steps in sorted(set(config.steps)) for t in t_mins
+                if steps <= num_steps - t and not (steps == 1 and t > 0)]
     if not grid:
         raise ConfigError(f"no --steps/--t-min pair fits the generator's {num_steps}-step diffusion")
     return grid
@@ -156,8 +154,9 @@ def record_choice(manifest_path: Path, result: dict, config: TuneConfig) -> None
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     manifest["sampling"] = {
         "method": chosen["method"], "steps": chosen["steps"], "t_min": chosen["t_min"],
-        "chosen_by": (f"learned-opt tune-sampling: best median {result['metric']} on validation data over "
-                      f"{config.inits} inits (seeds {config.seed} + i) x {config.samples} samples"),
+        "chosen_by": (f"learned-opt tune-sampling: the fewest steps within {config.tolerance:.0%} of the best median "
+                      f"{result['metric']} on validation data, over {config.inits} inits (seeds {config.seed} + i) "
+                      f"x {config.samples} samples"),
     }
     text = json.dumps(manifest, indent=2) + "\n"
     atomic_write(manifest_path, lambda p: p.write_text(text, encoding="utf-8"))

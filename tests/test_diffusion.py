@@ -248,7 +248,8 @@ def test_sampling_a_gpt_through_its_condition_equals_calling_it_plainly():
 def test_early_stop_returns_the_x0_prediction_at_t_min():
     d = Diffusion(DiffusionConfig(num_steps=100))
     assert ddim_timesteps(100, 3, t_min=40) == [99, 70, 40]
-    assert ddim_timesteps(100, 1, t_min=40) == [99]
+    with pytest.raises(ConfigError, match="one step"):  # a single call is at the last timestep: t_min cannot apply
+        ddim_timesteps(100, 1, t_min=40)
     assert ddim_timesteps(100, 5, t_min=0) == ddim_timesteps(100, 5)
     ts = logsnr_timesteps(d.alphas_cumprod, 6, t_min=30)
     assert ts[0] == 99 and ts[-1] == 30 and all(a > b for a, b in zip(ts, ts[1:]))

@@ -297,7 +297,9 @@ def test_eval_candidates_keep_the_best_on_validation_data(mnist_data, tmp_path):
     common = dict(generator=str(manifest), inits=2, prompts=2, max_steps=10, sampling_steps=2, repeats=1,
                   timing_steps=5, progress=False, plots=False)
     r = evaluate_generator(EvalConfig(out=str(tmp_path / "c3"), candidates=3, t_min=5, **common), data=mnist_data)
-    assert r["sampler"] == {"method": "ddim", "steps": 2, "t_min": 5, "candidates": 3}
+    assert {k: r["sampler"][k] for k in ("method", "steps", "t_min", "candidates")} == {
+        "method": "ddim", "steps": 2, "t_min": 5, "candidates": 3}
+    assert r["sampler"]["candidates_scored"]["one_step_and_repeats"]["networks"] == 2 * 1 * 3
     assert len(r["one_step"]["after"]["test_loss"]) == 2  # one network per init, not per candidate
 
     # the choice itself: of C samples per row, the one with the lowest score

@@ -75,6 +75,7 @@ INVALID = [
     ("t_min too late", lambda p: dict(params=p, sampling_t_min=10**6), ConfigError, "does not fit"),
     ("too many steps after t_min", lambda p: dict(params=p, sampling_steps=900, sampling_t_min=500), ConfigError,
      "does not fit"),
+    ("one step with t_min", lambda p: dict(params=p, sampling_steps=1, sampling_t_min=30), ConfigError, "one step"),
     ("candidates=0", lambda p: dict(params=p, candidates=0), ConfigError, "Invalid candidates"),
     ("candidates float", lambda p: dict(params=p, candidates=2.0), ConfigError, "Invalid candidates"),
     ("seed str", lambda p: dict(params=p, seed="0"), ConfigError, "seed"),

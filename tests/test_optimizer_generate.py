@@ -171,13 +171,25 @@ def test_candidates_reject_exactly_when_all_are_worse_and_skip_broken_ones():
     assert_same(snapshot(model, opt), before)
 
 
+def test_candidates_without_a_finite_metric_are_rejected_even_without_the_guard():
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 0.01), lr=1e-2, candidates=2, guard=False)
+    values = iter([1.0, float("nan"), float("inf")])  # before, then one per candidate
+    before = snapshot(model, opt)
+    report = opt.generate(lambda: next(values))
+    assert not report.accepted and "no candidate of 2 gave a finite metric" in report.reason
+    assert report.candidate_metrics == [None, None]
+    assert_same(snapshot(model, opt), before)
+
+
 def test_candidates_need_a_closure():
     model = toy_model()
     opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th), lr=1e-2, candidates=2)
     before = snapshot(model, opt)
     with pytest.raises(GenerationError, match="candidates=2 needs a closure"):
         opt.generate(metric=1.0)
-    assert_same(snapshot(model, opt), before) and opt.counters["attempted"] == 0
+    assert_same(snapshot(model, opt), before)
+    assert opt.counters["attempted"] == 0
 
 
 def test_sampler_defaults_come_from_the_generator_and_can_be_overridden():

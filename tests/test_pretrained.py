@@ -198,7 +198,9 @@ def _bad_sampling(p: Path) -> None:
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (_bad_sampling, "do not fit"),
+        (_bad_sampling, "does not fit"),
+        (lambda p: _rewrite_manifest(p, sampling={"t-min": 300}), "unknown keys"),
+        (lambda p: _rewrite_manifest(p, sampling={"steps": 1, "t_min": 30}), "one step"),
         (_corrupt, "sha256"),
         (_truncate, "sha256"),
         (_wrong_hash, "sha256"),

@@ -17,6 +17,8 @@ from pretrain.sampling import TuneConfig, sampler_grid, sweep
 def test_grid_skips_what_does_not_fit_and_one_step_samplers_repeated():
     config = TuneConfig(generator="x", steps=(1, 2, 60), t_min=(0, 10, 95))
     assert sampler_grid(config, 100) == [(1, 0), (2, 0), (2, 10), (2, 95), (60, 0), (60, 10)]
+    ddpm = TuneConfig(generator="x", method="ddpm", steps=(1, 2), t_min=(0, 10, 95, 100))
+    assert sampler_grid(ddpm, 100) == [(1, 0), (1, 10), (1, 95)]  # DDPM ignores steps: one row per t_min
     with pytest.raises(ConfigError, match="no --steps"):
         sampler_grid(TuneConfig(generator="x", steps=(2,), t_min=(200,)), 100)
 

@@ -34,7 +34,9 @@ the full-batch cross-entropy on the held-out slice. The test set is read only by
 the grid, which is what is reported and is not timed.
 
 ``--prompt`` is the generator's best prompt by default, a fixed value, or ``frac:X`` (X times the
-current metric). ``--moments keep`` (default) leaves the base optimizer's state (Adam's moments) as
+current metric). The sampler is the generator's own (its manifest's ``sampling`` entry, else
+DDIM-50) unless ``--sampling-steps``, ``--method`` or ``--t-min`` say otherwise; ``--candidates N``
+keeps the best of N samples per update by the metric closure. ``--moments keep`` (default) leaves the base optimizer's state (Adam's moments) as
 it was after an accepted update, as GptOptimizer does; ``reset`` clears it after every accepted
 update, so both choices can be measured.
 

@@ -45,14 +45,6 @@ OUT = Path(os.environ.get("LEARNED_OPT_BENCH_OUT", REPO / ".benchmarks" / "corpu
 RESULTS: dict[str, dict] = {}
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def mnist():
     root = os.environ.get("LEARNED_OPT_DATA") or REPO.parent / "shared" / "data"

@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from learned_opt import tasks
 from learned_opt.errors import DataNotFoundError
@@ -32,14 +31,6 @@ REPO = Path(__file__).resolve().parents[1]
 INITS = int(os.environ.get("LEARNED_OPT_BENCH_INITS", "5"))
 THREADS = int(os.environ.get("LEARNED_OPT_BENCH_THREADS", "2"))
 OUT = Path(os.environ.get("LEARNED_OPT_BENCH_OUT", REPO / ".benchmarks" / "one-update"))
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

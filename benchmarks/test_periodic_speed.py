@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 from learned_opt import tasks
 from learned_opt.errors import DataNotFoundError
@@ -40,14 +39,6 @@ def _shipped_generator() -> str | None:
     """The shipped generator for ``mnist-mlp`` (the one named after the task first), or None."""
     found = [g["name"] for g in list_pretrained() if g["task"] == "mnist-mlp"]
     return "mnist-mlp" if "mnist-mlp" in found else (found[0] if found else None)
-
-
-@pytest.fixture(autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_periodic_against_adam(benchmark):

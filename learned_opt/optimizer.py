@@ -18,7 +18,6 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from .diffusion import check_sampler
 from .errors import ConfigError, GenerationError, OptimizerStateError
 from .layout import check_signature
 from .normalization import GPT_TARGET_STD
@@ -173,17 +172,7 @@ class GptOptimizer(torch.optim.Optimizer):
         _check_sampling(sampling_steps, sampling_method, sampling_t_min, candidates)
         params = _materialize(params)
         self.generator = load_generator(generator)  # WeightsError for unknown names / bad files
-        sampler = self.generator.sampling
-        sampling_steps = sampler["steps"] if sampling_steps is None else sampling_steps
-        sampling_method = sampler["method"] if sampling_method is None else sampling_method
-        sampling_t_min = sampler["t_min"] if sampling_t_min is None else sampling_t_min
-        try:
-            check_sampler(self.generator.diffusion.num_steps, sampling_method, sampling_steps, sampling_t_min)
-        except ConfigError as exc:
-            raise ConfigError(
-                f"sampling_method={sampling_method!r}, sampling_steps={sampling_steps}, sampling_t_min={sampling_t_min} "
-                f"does not fit the generator {self.generator.name!r}: {exc}"
-            ) from None
+        sampler = self.generator.sampler(sampling_method, sampling_steps, sampling_t_min)  # ConfigError if unfit
         tensors, names = _flat_params(params)
         device = tensors[0].device
         if any(t.device != device for t in tensors):
@@ -200,9 +189,9 @@ class GptOptimizer(torch.optim.Optimizer):
 
         self.every = every
         self.prompt = prompt
-        self.sampling_steps = sampling_steps
-        self.sampling_method = sampling_method
-        self.sampling_t_min = sampling_t_min
+        self.sampling_steps = sampler["steps"]
+        self.sampling_method = sampler["method"]
+        self.sampling_t_min = sampler["t_min"]
         self.candidates = candidates
         self.seed = seed
         self.metric_closure = metric_closure

@@ -286,6 +286,21 @@ class LoadedGenerator:
         self.model.to(device)
         return self
 
+    def sampler(self, method: str | None = None, steps: int | None = None, t_min: int | None = None) -> dict[str, Any]:
+        """This generator's :attr:`sampling` with the given settings on top, key by key (None keeps
+        the generator's); :class:`ConfigError` if they cannot run on its noise schedule."""
+        from .diffusion import check_sampler
+
+        s = self.sampling
+        out = {"method": s["method"] if method is None else method, "steps": s["steps"] if steps is None else steps,
+               "t_min": s["t_min"] if t_min is None else t_min}
+        try:
+            check_sampler(self.diffusion.num_steps, out["method"], out["steps"], out["t_min"])
+        except ConfigError as exc:
+            raise ConfigError(f"sampling_method={out['method']!r}, sampling_steps={out['steps']}, "
+                              f"sampling_t_min={out['t_min']} does not fit the generator {self.name!r}: {exc}") from None
+        return out
+
     @torch.no_grad()
     def sample(
         self,
@@ -303,17 +318,14 @@ class LoadedGenerator:
         ``steps``, ``method`` and ``t_min`` (see :meth:`~learned_opt.diffusion.Diffusion.sample`)
         default to this generator's :attr:`sampling`.
         """
-        s = self.sampling
+        s = self.sampler(method, steps, t_min)
         norm = self.normalization
         dtype = next(self.model.parameters()).dtype
         x = norm.params(theta.to(dtype))  # [B, P] generator units
         cond = dict(theta=x, metric=norm.metric(metric.to(dtype)), target=norm.metric(prompt.to(dtype)))
         out = self.diffusion.sample(
             self.model, cond, tuple(x.shape),
-            method=s["method"] if method is None else method,
-            steps=s["steps"] if steps is None else steps,
-            t_min=s["t_min"] if t_min is None else t_min,
-            generator=generator,
+            method=s["method"], steps=s["steps"], t_min=s["t_min"], generator=generator,
         )  # [B, P]
         return norm.unparams(out).to(theta.dtype)
 

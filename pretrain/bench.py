@@ -520,6 +520,7 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
     if gen.metric_name not in LOSS_METRICS:
         raise ConfigError(f"generator {gen.name!r} is conditioned on {gen.metric_name!r}; the benchmark's closure "
                           f"measures a cross-entropy, so use a generator of {' or '.join(LOSS_METRICS)}")
+    sampler = gen.sampler(config.method, config.sampling_steps, config.t_min)  # a sampler that cannot run fails here
     prompt = parse_prompt(config.prompt)
     if data is None:
         data = task.load_data(config.data_root)
@@ -571,9 +572,7 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
         "config": asdict(config),
         "moments": config.moments,
         "prompt": describe_prompt(prompt, gen),
-        "sampler": {"method": config.method or gen.sampling["method"], "steps": config.sampling_steps or gen.sampling["steps"],
-                    "t_min": gen.sampling["t_min"] if config.t_min is None else config.t_min,
-                    "candidates": config.candidates},
+        "sampler": {**sampler, "candidates": config.candidates},
         "generator": {"name": gen.name, "sha256": gen.sha256, "metric": gen.metric_name, "best_prompt": gen.best_prompt,
                       "metric_range": list(gen.metric_range), "model_config": gen.manifest.get("model_config")},
         "closure_metric": f"full-batch cross-entropy on the last {config.holdout} training examples (held out), "

@@ -431,12 +431,9 @@ class Sampler:
         self.gen, self.config, self.score = generator, config, score
         self.rng = torch.Generator().manual_seed(seed)  # CPU noise: same draws on any device
         self.lo, self.hi = generator.metric_range
-        self.settings = {  # the sampler actually used: the config's choices over the generator's own
-            "method": config.method or generator.sampling["method"],
-            "steps": config.sampling_steps or generator.sampling["steps"],
-            "t_min": generator.sampling["t_min"] if config.t_min is None else config.t_min,
-            "candidates": config.candidates,
-        }
+        # the sampler actually used: the config's choices over the generator's own
+        self.settings = {**generator.sampler(config.method, config.sampling_steps, config.t_min),
+                         "candidates": config.candidates}
         if config.candidates > 1 and score is None:
             raise ConfigError("--candidates needs validation data to choose among the samples")
 
@@ -884,12 +881,14 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
         val_data = task.validation_data(data, config.holdout)
         val_data = val_data.to(config.device) if config.device != "cpu" and hasattr(val_data, "to") else val_data
 
-        def score(flat: torch.Tensor) -> torch.Tensor:
+        def score_on_validation(flat: torch.Tensor) -> torch.Tensor:
             values = _metrics(task, flat, val_data, config.device, [name])[name]
             scored["networks"] += flat.shape[0]
             if isinstance(task, CartPoleMLP):  # a return is the steps an episode lasted: count the interaction
                 scored["env_steps"] += int(round(float(values.sum()) * len(val_data.start_states)))
             return values
+
+        score = score_on_validation
 
     sampler = Sampler(gen, config, seed=config.seed, score=score)
     times: dict[str, float] = {}

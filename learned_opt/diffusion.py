@@ -244,8 +244,7 @@ class Diffusion:
         gives the same draws for a model on any device. A module ``model`` is put in eval mode for
         the duration and restored after.
         """
-        if method not in METHODS:
-            raise ConfigError(f"unknown sampling method {method!r}; choose one of {', '.join(METHODS)}")
+        check_sampler(self.num_steps, method, steps, t_min)
         if method == "ddim" and not eta >= 0.0:
             raise ConfigError(f"DDIM needs eta >= 0, got {eta}")
         shape = tuple(int(s) for s in shape)
@@ -258,7 +257,6 @@ class Diffusion:
         if tuple(x.shape) != shape:
             raise ConfigError(f"x_T has shape {list(x.shape)}, expected {list(shape)}")
         if method == "ddpm":
-            _check_steps(self.num_steps, self.num_steps - t_min, t_min, "DDPM")  # every step from the last to t_min
             timesteps = list(range(self.num_steps - 1, t_min - 1, -1))
         elif method == "dpm++2m":
             timesteps = logsnr_timesteps(self.alphas_cumprod, steps, t_min)

@@ -355,12 +355,11 @@ class GptOptimizer(torch.optim.Optimizer):
             )
         except Exception as exc:  # a broken generator must not break training
             return None, f"the generator raised {exc!r}"
-        expected = [c, p] if c > 1 else [1, p]
         if not isinstance(out, torch.Tensor) or out.numel() != c * p or out.dim() > 2 or (
             out.dim() == 2 and out.shape[0] != c
         ):
             shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            return None, f"the generator returned shape {shape}, expected {expected}"
+            return None, f"the generator returned shape {shape}, expected {[c, p]}"
         return out.reshape(c, p).to(theta.device, torch.float32), None
 
     def _validate(self, theta: torch.Tensor, new: torch.Tensor) -> tuple[float | None, str | None]:

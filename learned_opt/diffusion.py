@@ -168,6 +168,7 @@ class Diffusion:
         generator: torch.Generator | None = None,
         weight: Callable[[torch.Tensor], torch.Tensor] | None = None,
         t_probs: torch.Tensor | None = None,
+        extra: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """MSE between ``model(x_t, t, **cond)`` and ``x0`` at drawn t (uniformly by default); a scalar.
 
@@ -176,6 +177,8 @@ class Diffusion:
         ``x0`` (``[B, 1]`` per sample, ``[B, P]`` per entry; e.g.
         :meth:`~learned_opt.generator.Gpt.loss_weight`). ``t_probs`` ``[num_steps]``, when given,
         draws t from those probabilities instead of uniformly (see :meth:`snr_window_probs`).
+        ``extra(pred, x0, t)``, when given, returns a scalar added to the loss (e.g. how differently
+        the predicted networks behave from the targets).
         """
         b = x0.shape[0]
         device = generator.device if generator is not None else x0.device
@@ -188,8 +191,10 @@ class Diffusion:
         x_t = self.q_sample(x0, t, noise)
         pred = model(x_t, t, **cond)
         if weight is None:
-            return F.mse_loss(pred.float(), x0.float())
-        return (weight(t).float() * (pred.float() - x0.float()).square()).mean()
+            loss = F.mse_loss(pred.float(), x0.float())
+        else:
+            loss = (weight(t).float() * (pred.float() - x0.float()).square()).mean()
+        return loss if extra is None else loss + extra(pred.float(), x0.float(), t)
 
     def snr_window_probs(self, lo: float, hi: float, scale: float = 1.0, uniform_share: float = 0.1) -> torch.Tensor:
         """Probabilities ``[num_steps]`` of drawing each t in training: ``1 - uniform_share`` spread

@@ -18,6 +18,13 @@ Everything a job writes lives in ``--out``:
   (:func:`learned_opt.pretrained.save_generator`), written when training reaches ``--steps``, or
   from the checkpoint with ``--export-only``.
 
+``--init-from GENERATOR`` fine-tunes a trained generator instead of starting fresh: the model is
+built from its manifest and starts at its weights (σ_p and PCA buffers included), pairs are in its
+units (normalisation), the runs it held out stay held out, and its manifest's training record is
+kept under ``training.init_from`` of the export, so the history of the weights stays readable.
+Typical use: spend a short run on the pairs and noise levels the optimizer actually samples
+(``--init-fraction``, ``--snr-window``).
+
 Under ``torchrun --nproc_per_node N`` the job runs DistributedDataParallel (gloo on CPU, NCCL on
 GPU): every rank draws the same global batch of ``--batch-size`` pairs and trains on its own
 stride of it; only rank 0 writes files. Batches are built ahead by ``--workers`` DataLoader
@@ -52,8 +59,20 @@ from learned_opt.fileio import atomic_write
 from learned_opt.generator import PRESETS, Gpt, GptConfig, build_generator, get_config
 from learned_opt.layout import SCHEMES, Layout, signature_from_json, signature_to_json
 from learned_opt.normalization import Normalization
+from learned_opt.pretrained import LoadedGenerator, load_generator
 
-from .dataset import PairBatch, PairConfig, PairDataset, PairSampler, Split, StepBatches, open_pairs, seeded_generator
+from .dataset import (
+    PairBatch,
+    PairConfig,
+    PairDataset,
+    PairSampler,
+    Split,
+    StepBatches,
+    open_pairs,
+    open_store,
+    seeded_generator,
+    split_runs,
+)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "log.jsonl"
@@ -95,6 +114,9 @@ class TrainConfig:
     subspace_skip: bool = False  # with precondition and pca_init: skip x_t to the output in those directions
     snr_window: tuple[float, float] | None = None  # draw 90% of training t where log-SNR(θ′ - θ) is in it; None: uniform
     layer_balance: float = 0.0  # x0 error of parameter p weighted by (P / size of p's layer) ** this, mean 1; 0: off
+    output_matching: float = 0.0  # weight of the output-matching loss (Task.output_divergence of x̂0 from θ′); 0: off (G.pt)
+    matching_examples: int = 256  # training inputs the output-matching loss draws per step
+    data_root: str | None = None  # the task's data, for output matching; None: $LEARNED_OPT_DATA
     diffusion_steps: int = 1000  # G.pt: 1000
     schedule: str = "linear"  # G.pt: linear betas 1e-4..0.02
     amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
@@ -108,6 +130,7 @@ class TrainConfig:
     name: str | None = None  # export name; None: "{task}-{metric}-{preset}"
     export: bool = True  # export the EMA generator when training reaches `steps`
     resume: bool = False  # continue the checkpoint in `out` (start fresh when there is none)
+    init_from: str | None = None  # start from this generator's weights (registry name or manifest path): a fine-tune
 
     def validate(self, world: int = 1) -> None:
         """Raise :class:`ConfigError` for values that cannot work."""
@@ -136,7 +159,7 @@ class TrainConfig:
             raise ConfigError(f"--residual-std must be a positive number, got {self.residual_std}")
         if self.residual_std is not None and not self.precondition:
             raise ConfigError("--residual-std sets the preconditioning's σ: it needs --precondition")
-        if self.subspace_skip and not (self.precondition and self.pca_init):
+        if self.subspace_skip and self.init_from is None and not (self.precondition and self.pca_init):
             raise ConfigError("--subspace-skip needs --precondition and --pca-init (the skip's directions)")
         if self.snr_window is not None and not (len(self.snr_window) == 2 and self.snr_window[0] < self.snr_window[1]):
             raise ConfigError(f"--snr-window takes LO HI with LO < HI, got {self.snr_window}")
@@ -146,6 +169,11 @@ class TrainConfig:
             raise ConfigError(f"--layer-balance must be in [0, 1], got {self.layer_balance}")
         if not 0.0 <= self.init_fraction <= 1.0:
             raise ConfigError(f"--init-fraction must be in [0, 1], got {self.init_fraction}")
+        if not (self.output_matching >= 0 and math.isfinite(self.output_matching)):
+            raise ConfigError(f"--output-matching must be a number >= 0 (0: off), got {self.output_matching}")
+        if isinstance(self.matching_examples, bool) or not isinstance(self.matching_examples, int) \
+                or self.matching_examples < 1:
+            raise ConfigError(f"--matching-examples must be a positive integer, got {self.matching_examples!r}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ConfigError(f"--stop-after must be a positive step number, got {self.stop_after}")
 
@@ -162,10 +190,10 @@ class TrainConfig:
 # Settings a resumed job may change; every other field must equal the checkpoint's.
 RESUMABLE_CHANGES = frozenset(
     {"store", "out", "steps", "stop_after", "log_every", "eval_every", "eval_batches",
-     "checkpoint_every", "device", "amp", "workers", "name", "export", "resume", "layer_balance"}
+     "checkpoint_every", "device", "amp", "workers", "name", "export", "resume", "layer_balance", "data_root"}
 )
 # Checked first and named in the error: they change what the model *is*.
-IDENTITY_FIELDS = ("task", "metric", "preset", "chunk_size", "tokens", "diffusion_steps", "schedule", "precondition", "pca_init", "subspace_skip")
+IDENTITY_FIELDS = ("init_from", "task", "metric", "preset", "chunk_size", "tokens", "diffusion_steps", "schedule", "precondition", "pca_init", "subspace_skip")
 
 
 def _with_defaults(saved: dict, cls) -> dict:
@@ -189,6 +217,50 @@ def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
             f"cannot resume {path}: it was trained with {what}; resume with the checkpoint's settings "
             "(leave those options out) or train into a new --out"
         )
+
+
+# ---------------------------------------------------------------------------------- fine-tuning
+
+
+# What a fine-tune takes from the generator it starts from (adopt_source), not from its options.
+ADOPTED_FIELDS = ("task", "metric", "tokens", "chunk_size", "precondition", "subspace_skip", "pca_init",
+                  "residual_std", "diffusion_steps", "schedule")
+
+
+def adopt_source(config: TrainConfig, source: LoadedGenerator) -> TrainConfig:
+    """``config`` with what a fine-tune of ``source`` cannot choose taken from ``source``: task,
+    metric, tokens, diffusion and preconditioning (its architecture and weights come along in the
+    trainer). :class:`ConfigError` when the config asks for another task or metric."""
+    for name, theirs in (("task", source.task), ("metric", source.metric_name)):
+        mine = getattr(config, name)
+        if mine is not None and mine != theirs:
+            raise ConfigError(f"--init-from {config.init_from!r} is a generator for {name} {theirs!r}, not {mine!r}; "
+                              f"leave --{name} out or start from a {mine!r} generator")
+    tok = source.manifest["tokenisation"]
+    model = source.model.config
+    adopted = dataclasses.replace(
+        config, task=source.task, metric=source.metric_name, tokens=tok.get("scheme", "chunk"),
+        chunk_size=tok.get("chunk_size") or config.chunk_size, precondition=model.precondition,
+        subspace_skip=model.subspace_skip, pca_init=False, residual_std=None,
+        diffusion_steps=source.diffusion.num_steps, schedule=source.diffusion.config.schedule,
+        name=config.name or source.name,
+    )
+    if asdict(adopted.diffusion_config()) != asdict(source.diffusion.config):
+        raise ConfigError(f"--init-from {config.init_from!r} has a noise schedule that `train` cannot reproduce "
+                          f"({asdict(source.diffusion.config)}); fine-tune it with its own schedule settings")
+    return adopted
+
+
+def source_split(source: LoadedGenerator, run_ids, config: TrainConfig) -> Split:
+    """The runs of the store that a fine-tune of ``source`` trains on and holds out: the runs the
+    source held out stay held out, every other run trains. A source without a recorded split gets
+    a fresh one (``config``'s fraction and seed)."""
+    recorded = (source.manifest.get("corpus") or {}).get("split")
+    if not recorded:
+        return split_runs(run_ids, config.heldout_fraction, config.seed)
+    held = set(int(r) for r in recorded["heldout"])
+    return Split(tuple(r for r in run_ids if r not in held), tuple(r for r in run_ids if r in held),
+                 float(recorded["heldout_fraction"]), int(recorded["seed"]))
 
 
 # ---------------------------------------------------------------------------------- pieces
@@ -459,14 +531,30 @@ class Trainer:
                     "or choose another --out"
                 )
             state = load_checkpoint(self.ckpt_path)
+            if config.init_from is not None:  # what a fine-tune took from its source, as it took it
+                saved = _with_defaults(state["config"], TrainConfig)
+                config = dataclasses.replace(config, **{k: saved[k] for k in ADOPTED_FIELDS},
+                                             name=config.name or state.get("name"))
             check_resumable(state["config"], config, self.ckpt_path)
+        # ---- a fine-tune starts from another generator: its model, units and held-out runs
+        source = None
+        if config.init_from is not None and state is None:
+            source = load_generator(config.init_from)
+            config = adopt_source(config, source)
+        split = Split.from_dict(state["corpus"]["split"]) if state else None
+        normalization = Normalization(**state["normalization"]) if state else None
+        if source is not None:
+            split = source_split(source, open_store(config.store, source.task).run_ids(), config)
+            normalization = source.normalization
         self.corpus = open_pairs(
             config.store, config.pair_config(),
             task=state["corpus"]["task"] if state else config.task,
-            split=Split.from_dict(state["corpus"]["split"]) if state else None,
-            normalization=Normalization(**state["normalization"]) if state else None,
+            split=split, normalization=normalization,
         )
         self.notes += self.corpus.notes
+        if source is not None and self.corpus.store.signature != source.layout.signature:
+            raise ConfigError(f"--init-from {config.init_from!r} generates {source.layout.num_params}-parameter networks "
+                              f"of another shape than the store's; fine-tune on a corpus of its task's model")
         before = _with_defaults(state["config"], TrainConfig)["layer_balance"] if state else config.layer_balance
         if before != config.layer_balance:
             self.notes.append(f"--layer-balance changed from {before:g} to {config.layer_balance:g} at step {state['step']}")
@@ -487,7 +575,7 @@ class Trainer:
         # Measured on sampled training pairs for a fresh model (deterministic: the same on every
         # rank); a resumed model brings σ_p, the PCA directions and its residual_std along.
         updates = residual_scale = None
-        if state is None and (config.precondition or config.pca_init or config.snr_window is not None):
+        if state is None and source is None and (config.precondition or config.pca_init or config.snr_window is not None):
             updates = sample_updates(self.corpus.train, self.sampler)
         if state is not None:
             residual_std = _with_defaults(state["model_config"], GptConfig)["residual_std"]
@@ -498,15 +586,23 @@ class Trainer:
             residual_std = residual_scale.square().mean().sqrt().item()  # the pooled σ, recorded
         else:
             residual_std = get_config(config.preset).residual_std
-        model_config = dataclasses.replace(
-            get_config(config.preset), precondition=config.precondition, subspace_skip=config.subspace_skip,
-            residual_std=residual_std,
-        )
+        if config.init_from is not None:  # the source generator's architecture, as it was or as checkpointed
+            model_config = source.model.config if source is not None else GptConfig(
+                **_with_defaults(state["model_config"], GptConfig))
+        else:
+            model_config = dataclasses.replace(
+                get_config(config.preset), precondition=config.precondition, subspace_skip=config.subspace_skip,
+                residual_std=residual_std,
+            )
         self.model = build_generator(self.layout, model_config, config.diffusion_config())
-        if state is None and config.precondition:
+        if source is not None:  # weights and buffers (σ_p, PCA directions) of the source
+            self.model.load_state_dict(source.model.state_dict())
+        elif state is None and config.precondition:
             self.model.residual_scale.copy_(residual_scale if residual_scale is not None else residual_std)
-        if state is None and config.pca_init:
+        if state is None and source is None and config.pca_init:
             self.model.init_encoders_from_updates(updates)
+        self.source = ({"name": source.name, "sha256": source.sha256, "training": source.manifest.get("training")}
+                       if source is not None else (state or {}).get("init_from"))
         self.model.to(info.device)
         if state and _with_defaults(state["model_config"], GptConfig) != asdict(self.model.config):
             raise TrainingError(
@@ -536,6 +632,11 @@ class Trainer:
             scale = self.model.config.residual_std
             self.t_probs = self.diffusion.snr_window_probs(*config.snr_window, scale=scale).to(info.device)
         self.layer_weight = layer_weights(self.layout, config.layer_balance).to(info.device)  # [1, P]
+        self.matching_inputs = None  # training inputs of the output-matching loss, loaded before anything is written
+        if config.output_matching > 0:
+            task = self.corpus.task
+            self.matching_inputs = task.matching_inputs(task.load_data(config.data_root)).to(info.device)
+        self.divergence = torch.zeros((), dtype=torch.float64, device=info.device)  # summed between log records
         self.use_amp = config.amp and info.device.type == "cuda"
         self.t_start = time.perf_counter()
 
@@ -549,13 +650,23 @@ class Trainer:
         times the layer balance's."""
         return self.model.loss_weight(t) * self.layer_weight
 
+    def output_matching(self, pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``output_matching`` × the mean divergence of the networks the model predicts (x̂0) from the
+        targets (θ′), on ``matching_examples`` training inputs drawn for this step and rank."""
+        cfg, inputs, norm = self.config, self.matching_inputs, self.corpus.normalization
+        draw = seeded_generator("matching", cfg.seed, self.step, self.info.rank, device=inputs.device)
+        idx = torch.randint(0, inputs.shape[0], (cfg.matching_examples,), generator=draw, device=inputs.device)
+        divergence = self.corpus.task.output_divergence(norm.unparams(pred), norm.unparams(x0), inputs[idx]).mean()
+        self.divergence += divergence.detach().double()
+        return cfg.output_matching * divergence
+
     def train_step(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on this rank's share of a batch; returns (loss, grad norm) on the device."""
         noise = seeded_generator("noise", self.config.seed, self.step, self.info.rank, device=self.info.device)
         with self.autocast():
             loss = self.diffusion.training_loss(
                 self.ddp, batch.theta_next, batch.cond(), generator=noise, weight=self.loss_weight,
-                t_probs=self.t_probs,
+                t_probs=self.t_probs, extra=self.output_matching if self.matching_inputs is not None else None,
             )
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
@@ -613,6 +724,7 @@ class Trainer:
             "hardware": hardware_summary(self.info),
             "commands": self.commands,  # every invocation of this job, the first one first
             "name": self.name,
+            "init_from": self.source,  # the generator a fine-tune started from (name, sha256, its training)
         }
 
     def save(self) -> None:
@@ -668,6 +780,9 @@ class Trainer:
                         "samples_per_s": n_sum * cfg.batch_size / max(now - t_log, 1e-9),
                         "elapsed_s": self.wall_before + now - self.t_start,
                     }
+                    if self.matching_inputs is not None:  # the divergence alone, before its weight
+                        self.last["output_divergence"] = float(_mean_over_ranks(self.divergence, info)) / n_sum
+                        self.divergence.zero_()
                     if evaluate:
                         self.last.update(self.heldout_loss())
                     if info.is_main:
@@ -756,8 +871,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
         "pca_init": cfg.get("pca_init", False),
         "snr_window": cfg.get("snr_window"),
         "layer_balance": cfg.get("layer_balance", 0.0),
+        "output_matching": cfg.get("output_matching", 0.0),
         "loss": ("x0 MSE weighted by 1 / σ_p²" if cfg.get("precondition") else "x0 MSE")
-        + (" and by (P / layer size) ** layer_balance" if cfg.get("layer_balance") else ""),
+        + (" and by (P / layer size) ** layer_balance" if cfg.get("layer_balance") else "")
+        + (f" + output_matching x the divergence of x̂0's outputs from θ′'s on {cfg.get('matching_examples')} "
+           "training inputs per step" if cfg.get("output_matching") else ""),
         "heldout_loss": "plain x0 MSE at uniformly drawn t, fixed held-out pairs and noise",
         "weights": "ema",
         "final_loss": last.get("loss"),
@@ -767,6 +885,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
         "hardware": state.get("hardware"),
         "commands": state.get("commands"),
     }
+    if state.get("init_from"):
+        training["init_from"] = state["init_from"]
     norm = Normalization(**state["normalization"])
     # the task's ideal (a loss of 0, a return of 500) within what the corpus reached: G.pt's "best"
     # prompt, and a default that GptOptimizer need not clamp
@@ -828,6 +948,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--layer-balance", type=float, default=S, metavar="A",
         help="weight a parameter's x0 error by (P / its layer's size) ** A, scaled to mean 1: 0 (default) weighs "
              "every parameter alike, 1 every layer alike; may change on --resume")
+    add("--output-matching", type=float, default=S, metavar="W",
+        help="add W x the divergence of the predicted networks' outputs from the targets' (MNIST: KL of class "
+             "probabilities on training images outside the validation holdout) to the loss (default 0: off)")
+    add("--matching-examples", type=int, default=S, help=f"inputs per step for --output-matching (default {d.matching_examples})")
+    add("--data-root", default=S, help="the task's data for --output-matching (default: $LEARNED_OPT_DATA)")
     add("--residual-std", type=float, default=S,
         help="one σ of θ′ - θ for every parameter with --precondition (default: σ_p measured per parameter on training pairs)")
     add("--diffusion-steps", type=int, default=S, help=f"diffusion steps (default {d.diffusion_steps})")
@@ -843,6 +968,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--name", default=S, help="name of the exported generator (default TASK-METRIC-PRESET)")
     add("--no-export", dest="export", action="store_false", default=S, help="do not export at the end")
     add("--resume", action="store_true", default=S, help="continue the checkpoint in --out (fresh start if none)")
+    add("--init-from", default=S, metavar="GENERATOR",
+        help="fine-tune: start from this generator (registry name or manifest path) with its architecture, "
+             "units and held-out runs; --preset, --tokens, --precondition and the schedule are then its own")
     add("--export-only", action="store_true", default=False, help="export the checkpoint in --out and exit")
 
 

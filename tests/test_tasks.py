@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from learned_opt import DataNotFoundError, UnknownTaskError, tasks
+from learned_opt.errors import ConfigError
 
 
 def test_registry_lists_and_gets_tasks():
@@ -93,3 +94,25 @@ def test_missing_data_root_says_what_to_do(tmp_path, monkeypatch):
         task.load_data(None)
     with pytest.raises(DataNotFoundError, match="MNIST not found under"):
         task.load_data(tmp_path)
+
+
+def test_mnist_output_divergence_is_zero_for_the_same_network_and_differentiable(mnist_data):
+    task = tasks.get("mnist-mlp")
+    inputs = task.matching_inputs(mnist_data)
+    assert inputs.shape[0] == 55_000  # the validation holdout never enters training
+    torch.testing.assert_close(inputs[-1], mnist_data.train_x[54_999])
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(3, task.num_params, generator=gen) * 0.1 for _ in range(2))
+    same = task.output_divergence(a, a, inputs[:64])
+    torch.testing.assert_close(same, torch.zeros(3), atol=1e-6, rtol=0)
+    b.requires_grad_(True)
+    diff = task.output_divergence(b, a, inputs[:64])
+    assert diff.shape == (3,) and (diff > 0).all()
+    diff.sum().backward()
+    assert b.grad.abs().sum() > 0
+
+
+def test_tasks_without_differentiable_outputs_say_so():
+    task = tasks.get("cartpole-mlp")
+    with pytest.raises(ConfigError, match="no differentiable outputs"):
+        task.output_divergence(torch.zeros(1, task.num_params), torch.zeros(1, task.num_params), torch.zeros(1, 4))

@@ -13,7 +13,7 @@ import torch
 from train_helpers import make_store, state_hash
 
 from learned_opt import cli
-from learned_opt.errors import ConfigError, StoreError, TrainingError
+from learned_opt.errors import ConfigError, DataNotFoundError, StoreError, TrainingError, WeightsError
 from learned_opt.pretrained import load_generator, sha256_file
 from learned_opt.layout import Layout
 from pretrain import train as train_mod
@@ -453,3 +453,92 @@ def test_layer_balance_gives_every_layer_the_same_share_and_may_change_on_resume
     assert any("--layer-balance changed from 0 to 1 at step 3" in n for n in resumed.notes)
     with pytest.raises(ConfigError, match="--layer-balance"):
         train(tiny(store_dir, tmp_path / "bad", layer_balance=2.0))
+
+
+@pytest.fixture(scope="module")
+def source(store_dir, tmp_path_factory):
+    """A small exported generator (neuron tokens, preconditioned) to fine-tune."""
+    out = tmp_path_factory.mktemp("source")
+    return train(tiny(store_dir, out, steps=3, export=True, name="src", tokens="neuron", **NEW_OPTIONS)).manifest
+
+
+def test_fine_tune_starts_at_the_source_in_its_units_and_records_where_it_came_from(store_dir, source, tmp_path):
+    src = load_generator(source)
+    # a learning rate too small to move anything: what the run starts from is what it ends with
+    still = train(tiny(store_dir, tmp_path / "still", steps=1, lr=1e-30, init_from=str(source)))
+    for (name, a), b in zip(src.model.state_dict().items(), still.model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-12, msg=name)
+    result = train(tiny(store_dir, tmp_path / "ft", steps=4, lr=1e-2, export=True, init_from=str(source),
+                        init_fraction=1.0))
+    manifest = json.loads(result.manifest.read_text())
+    src_manifest = json.loads(source.read_text())
+    assert result.manifest.name == "src.json"  # the source's name unless --name says otherwise
+    assert manifest["model_config"] == src_manifest["model_config"]
+    assert manifest["tokenisation"] == src_manifest["tokenisation"]
+    assert manifest["normalization"] == src_manifest["normalization"]
+    assert manifest["corpus"]["split"]["heldout"] == src_manifest["corpus"]["split"]["heldout"]
+    assert manifest["training"]["init_from"]["sha256"] == src.sha256
+    assert manifest["training"]["init_from"]["training"]["steps"] == 3
+    assert manifest["training"]["init_fraction"] == 1.0
+    tuned = load_generator(result.manifest)
+    moved = [k for k, v in tuned.model.state_dict().items() if not torch.equal(v, src.model.state_dict()[k])]
+    assert moved and "residual_scale" not in moved  # trained weights moved; σ_p stayed the source's
+
+
+def test_fine_tune_resumes_exactly(store_dir, source, tmp_path):
+    whole = train(tiny(store_dir, tmp_path / "whole", init_from=str(source)))
+    train(tiny(store_dir, tmp_path / "parts", init_from=str(source), stop_after=3))
+    parts = train(tiny(store_dir, tmp_path / "parts", init_from=str(source), resume=True))
+    assert parts.step == whole.step == 6 and parts.manifest is None
+    assert state_hash(parts.ema) == state_hash(whole.ema)
+    assert load_checkpoint(tmp_path / "parts" / CHECKPOINT_NAME)["init_from"]["sha256"] == load_generator(source).sha256
+
+
+def test_fine_tune_keeps_the_sources_held_out_runs_out_of_training():
+    src = type("Src", (), {"manifest": {"corpus": {"split": {"train": [0, 1, 3], "heldout": [2, 5],
+                                                             "heldout_fraction": 0.4, "seed": 7}}}})()
+    split = train_mod.source_split(src, [0, 1, 2, 3, 4, 5, 6], TrainConfig())
+    assert split.heldout == (2, 5) and split.train == (0, 1, 3, 4, 6)  # new runs train
+
+
+def test_fine_tune_of_a_generator_for_another_task_or_metric_is_refused_before_writing(store_dir, source, tmp_path):
+    with pytest.raises(ConfigError, match="not 'test_error'"):
+        train(tiny(store_dir, tmp_path / "a", init_from=str(source), metric="test_error"))
+    with pytest.raises(ConfigError, match="not 'cartpole-mlp'"):
+        train(tiny(store_dir, tmp_path / "b", init_from=str(source), task="cartpole-mlp"))
+    with pytest.raises(WeightsError):
+        train(tiny(store_dir, tmp_path / "c", init_from=str(tmp_path / "missing.json")))
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_command_line_fine_tune_resumes_without_repeating_its_source(store_dir, source, tmp_path):
+    args = ["train", "--store", str(store_dir), "--out", str(tmp_path), "--init-from", str(source), "--steps", "4",
+            "--batch-size", "4", "--warmup", "1", "--log-every", "2", "--checkpoint-every", "2", "--stop-after", "2"]
+    assert cli.main(args) == 0
+    assert cli.main(["train", "--store", str(store_dir), "--out", str(tmp_path), "--resume"]) == 0
+    state = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    assert state["step"] == 4 and state["config"]["tokens"] == "neuron" and (tmp_path / "src.json").is_file()
+
+
+def test_output_matching_adds_the_divergence_of_predicted_outputs_and_resumes_exactly(store_dir, mnist_root, tmp_path):
+    opts = dict(output_matching=1.0, matching_examples=16, data_root=str(mnist_root))
+    plain = train(tiny(store_dir, tmp_path / "plain"))
+    whole = train(tiny(store_dir, tmp_path / "whole", **opts))
+    assert state_hash(whole.ema) != state_hash(plain.ema)  # the extra term changes what is learned
+    records = [json.loads(line) for line in (tmp_path / "whole" / LOG_NAME).read_text().splitlines()]
+    assert all(r["output_divergence"] > 0 for r in records)
+    assert "output_divergence" not in json.loads((tmp_path / "plain" / LOG_NAME).read_text().splitlines()[0])
+    train(tiny(store_dir, tmp_path / "parts", stop_after=3, **opts))
+    parts = train(tiny(store_dir, tmp_path / "parts", resume=True, **opts))
+    assert state_hash(parts.ema) == state_hash(whole.ema)  # the inputs drawn are a function of the step
+
+
+def test_output_matching_without_data_or_on_a_task_without_outputs_is_refused_before_writing(store_dir, tmp_path):
+    with pytest.raises(ConfigError, match="--output-matching"):
+        train(tiny(store_dir, tmp_path / "a", output_matching=-1.0))
+    with pytest.raises(DataNotFoundError):
+        train(tiny(store_dir, tmp_path / "b", output_matching=1.0, data_root=str(tmp_path / "nowhere")))
+    cartpole = make_store(tmp_path / "cp", task="cartpole-mlp", runs=2, checkpoints=3)
+    with pytest.raises(ConfigError, match="no differentiable outputs"):
+        train(tiny(cartpole.root, tmp_path / "c", output_matching=1.0))
+    assert not any((tmp_path / d).exists() for d in "abc")

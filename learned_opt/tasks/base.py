@@ -15,7 +15,7 @@ from typing import Any, Callable, Literal, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..errors import UnknownTaskError
+from ..errors import ConfigError, UnknownTaskError
 from ..layout import Layout, Signature, signature_of
 
 
@@ -68,6 +68,18 @@ class Task(ABC):
         of the test set: for choosing anything (a sampler, one of several candidates) without
         looking at the test set. ``holdout`` is the number of held-out examples, where that applies."""
         raise NotImplementedError(f"task {self.name!r} defines no validation data")
+
+    def matching_inputs(self, data: Any) -> torch.Tensor:
+        """Inputs on which :meth:`output_divergence` may compare networks while a generator trains:
+        training data only (never what :meth:`validation_data` holds out, nor the test set)."""
+        raise ConfigError(f"task {self.name!r} has no differentiable outputs to match; train its generators "
+                          f"without --output-matching")
+
+    def output_divergence(self, flat: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """How differently ``flat`` ``[B, P]`` behaves from ``target`` ``[B, P]`` on ``inputs``: ``[B]``,
+        differentiable in ``flat``."""
+        raise ConfigError(f"task {self.name!r} has no differentiable outputs to match; train its generators "
+                          f"without --output-matching")
 
     # ------------------------------------------------------------------ shared helpers
 

@@ -18,6 +18,10 @@ Everything a job writes lives in ``--out``:
   (:func:`learned_opt.pretrained.save_generator`), written when training reaches ``--steps``, or
   from the checkpoint with ``--export-only``.
 
+``--output-matching W`` adds W × :meth:`~learned_opt.tasks.Task.output_divergence` of the predicted
+networks (x̂0) from the targets (θ′) on task inputs drawn per step, so that the model is also
+judged by how its networks behave, not only by how close their weights are.
+
 ``--init-from GENERATOR`` fine-tunes a trained generator instead of starting fresh: the model is
 built from its manifest and starts at its weights (σ_p and PCA buffers included), pairs are in its
 units (normalisation), the runs it held out stay held out, and its manifest's training record is
@@ -249,6 +253,13 @@ def adopt_source(config: TrainConfig, source: LoadedGenerator) -> TrainConfig:
         raise ConfigError(f"--init-from {config.init_from!r} has a noise schedule that `train` cannot reproduce "
                           f"({asdict(source.diffusion.config)}); fine-tune it with its own schedule settings")
     return adopted
+
+
+def source_record(source: LoadedGenerator) -> dict:
+    """What a fine-tune's export says about where it started: the source's name and sha256, its
+    training record and its corpus summary (without the per-run split)."""
+    corpus = {k: v for k, v in (source.manifest.get("corpus") or {}).items() if k != "split"}
+    return {"name": source.name, "sha256": source.sha256, "training": source.manifest.get("training"), "corpus": corpus}
 
 
 def source_split(source: LoadedGenerator, run_ids, config: TrainConfig) -> Split:
@@ -601,8 +612,7 @@ class Trainer:
             self.model.residual_scale.copy_(residual_scale if residual_scale is not None else residual_std)
         if state is None and source is None and config.pca_init:
             self.model.init_encoders_from_updates(updates)
-        self.source = ({"name": source.name, "sha256": source.sha256, "training": source.manifest.get("training")}
-                       if source is not None else (state or {}).get("init_from"))
+        self.source = source_record(source) if source is not None else (state or {}).get("init_from")
         self.model.to(info.device)
         if state and _with_defaults(state["model_config"], GptConfig) != asdict(self.model.config):
             raise TrainingError(
@@ -650,7 +660,7 @@ class Trainer:
         times the layer balance's."""
         return self.model.loss_weight(t) * self.layer_weight
 
-    def output_matching(self, pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def matching_loss(self, pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``output_matching`` × the mean divergence of the networks the model predicts (x̂0) from the
         targets (θ′), on ``matching_examples`` training inputs drawn for this step and rank."""
         cfg, inputs, norm = self.config, self.matching_inputs, self.corpus.normalization
@@ -666,7 +676,7 @@ class Trainer:
         with self.autocast():
             loss = self.diffusion.training_loss(
                 self.ddp, batch.theta_next, batch.cond(), generator=noise, weight=self.loss_weight,
-                t_probs=self.t_probs, extra=self.output_matching if self.matching_inputs is not None else None,
+                t_probs=self.t_probs, extra=self.matching_loss if self.matching_inputs is not None else None,
             )
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from learned_opt import DataNotFoundError, UnknownTaskError, tasks
 from learned_opt.errors import ConfigError
+from learned_opt.tasks.base import Task
 
 
 def test_registry_lists_and_gets_tasks():
@@ -112,7 +113,28 @@ def test_mnist_output_divergence_is_zero_for_the_same_network_and_differentiable
     assert b.grad.abs().sum() > 0
 
 
-def test_tasks_without_differentiable_outputs_say_so():
+def test_cartpole_output_divergence_compares_action_distributions_on_fixed_states():
     task = tasks.get("cartpole-mlp")
+    inputs = task.matching_inputs(task.load_data())
+    assert inputs.shape == (20_000, 4) and torch.equal(inputs, task.matching_inputs(task.load_data()))
+    assert (inputs.abs().amax(0) <= torch.tensor([2.4, 2.0, 0.2095, 2.0])).all()
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(2, task.num_params, generator=gen) for _ in range(2))
+    logits = task.logits(a, inputs[:5])
+    model = task.build_model()
+    torch.nn.utils.vector_to_parameters(a[1], model.parameters())
+    torch.testing.assert_close(logits[1], model(inputs[:5]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(task.output_divergence(a, a, inputs[:64]), torch.zeros(2), atol=1e-6, rtol=0)
+    assert (task.output_divergence(b, a, inputs[:64]) > 0).all()
+
+
+def test_tasks_without_differentiable_outputs_say_so():
+    class NoOutputs(type(tasks.get("cartpole-mlp"))):
+        logits = Task.logits
+        matching_inputs = Task.matching_inputs
+
+    task = NoOutputs()
     with pytest.raises(ConfigError, match="no differentiable outputs"):
         task.output_divergence(torch.zeros(1, task.num_params), torch.zeros(1, task.num_params), torch.zeros(1, 4))
+    with pytest.raises(ConfigError, match="no inputs to match"):
+        task.matching_inputs(None)

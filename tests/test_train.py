@@ -479,6 +479,8 @@ def test_fine_tune_starts_at_the_source_in_its_units_and_records_where_it_came_f
     assert manifest["corpus"]["split"]["heldout"] == src_manifest["corpus"]["split"]["heldout"]
     assert manifest["training"]["init_from"]["sha256"] == src.sha256
     assert manifest["training"]["init_from"]["training"]["steps"] == 3
+    source_corpus = {k: v for k, v in src_manifest["corpus"].items() if k != "split"}
+    assert manifest["training"]["init_from"]["corpus"] == source_corpus
     assert manifest["training"]["init_fraction"] == 1.0
     tuned = load_generator(result.manifest)
     moved = [k for k, v in tuned.model.state_dict().items() if not torch.equal(v, src.model.state_dict()[k])]
@@ -538,7 +540,10 @@ def test_output_matching_without_data_or_on_a_task_without_outputs_is_refused_be
         train(tiny(store_dir, tmp_path / "a", output_matching=-1.0))
     with pytest.raises(DataNotFoundError):
         train(tiny(store_dir, tmp_path / "b", output_matching=1.0, data_root=str(tmp_path / "nowhere")))
+    assert not any((tmp_path / d).exists() for d in "ab")
+
+
+def test_output_matching_on_cartpole_compares_policies_without_a_dataset(tmp_path):
     cartpole = make_store(tmp_path / "cp", task="cartpole-mlp", runs=2, checkpoints=3)
-    with pytest.raises(ConfigError, match="no differentiable outputs"):
-        train(tiny(cartpole.root, tmp_path / "c", output_matching=1.0))
-    assert not any((tmp_path / d).exists() for d in "abc")
+    train(tiny(cartpole.root, tmp_path / "run", steps=2, output_matching=1.0, matching_examples=8, data_root="/nowhere"))
+    assert all(json.loads(r)["output_divergence"] > 0 for r in (tmp_path / "run" / LOG_NAME).read_text().splitlines())

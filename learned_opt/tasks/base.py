@@ -69,17 +69,26 @@ class Task(ABC):
         looking at the test set. ``holdout`` is the number of held-out examples, where that applies."""
         raise NotImplementedError(f"task {self.name!r} defines no validation data")
 
-    def matching_inputs(self, data: Any) -> torch.Tensor:
-        """Inputs on which :meth:`output_divergence` may compare networks while a generator trains:
-        training data only (never what :meth:`validation_data` holds out, nor the test set)."""
+    def logits(self, flat: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Output logits of ``B`` networks on one batch: ``[B, P]``, ``[N, ...]`` -> ``[B, N, C]``,
+        differentiable in ``flat``. Tasks whose networks output a class (or action) distribution
+        define it; :meth:`output_divergence` needs it."""
         raise ConfigError(f"task {self.name!r} has no differentiable outputs to match; train its generators "
                           f"without --output-matching")
 
-    def output_divergence(self, flat: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """How differently ``flat`` ``[B, P]`` behaves from ``target`` ``[B, P]`` on ``inputs``: ``[B]``,
-        differentiable in ``flat``."""
-        raise ConfigError(f"task {self.name!r} has no differentiable outputs to match; train its generators "
+    def matching_inputs(self, data: Any) -> torch.Tensor:
+        """Inputs on which :meth:`output_divergence` may compare networks while a generator trains:
+        training data only (never what :meth:`validation_data` holds out, nor the test set)."""
+        raise ConfigError(f"task {self.name!r} has no inputs to match outputs on; train its generators "
                           f"without --output-matching")
+
+    def output_divergence(self, flat: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """How differently ``flat`` ``[B, P]`` behaves from ``target`` ``[B, P]`` on ``inputs``: the mean
+        KL(target's output distribution || flat's) per network, ``[B]``, differentiable in ``flat``."""
+        log_p = torch.log_softmax(self.logits(flat.float(), inputs), -1)
+        with torch.no_grad():
+            log_q = torch.log_softmax(self.logits(target.float(), inputs), -1)
+        return (log_q.exp() * (log_q - log_p)).sum(-1).mean(-1)
 
     # ------------------------------------------------------------------ shared helpers
 

@@ -26,11 +26,16 @@ import torch
 from torch import nn
 
 from ..errors import EnvironmentStepError
-from .base import MLP, Metric, Task, permute_mlp
+from .base import MLP, Metric, Task, batched_forward, permute_mlp
 
 EPISODES = 10
 EPISODE_SEED = 2022
 VALIDATION_EPISODE_SEED = 2023  # other starting states, for choices that must not see the evaluation episodes
+MATCHING_SEED = 2024  # the observations generator training may compare policies on
+MATCHING_STATES = 20_000
+# Where CartPole-v1 episodes live: the cart within ±2.4, the pole within ±12° (0.2095 rad) before
+# termination; velocities in the range greedy policies of the corpus reach.
+MATCHING_BOX = np.array([2.4, 2.0, 0.2095, 2.0])
 MAX_STEPS = 500
 
 
@@ -72,6 +77,18 @@ class CartPoleMLP(Task):
 
     def permute(self, flat: torch.Tensor, perms: Sequence[torch.Tensor]) -> torch.Tensor:
         return permute_mlp(self.layout(), flat, perms)
+
+    def logits(self, flat: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Action logits of ``B`` policies on observations: ``[B, P]``, ``[N, 4]`` -> ``[B, N, 2]``."""
+        with torch.device("meta"):  # only the structure: functional_call supplies every parameter
+            model = self.build_model()
+        return batched_forward(model, self.layout(), flat, inputs)
+
+    def matching_inputs(self, data: CartPoleData) -> torch.Tensor:
+        """``MATCHING_STATES`` observations drawn uniformly from ``±MATCHING_BOX`` (seed
+        ``MATCHING_SEED``): states, not episodes, so no evaluation episode is involved."""
+        rng = np.random.default_rng(MATCHING_SEED)
+        return torch.from_numpy(rng.uniform(-MATCHING_BOX, MATCHING_BOX, size=(MATCHING_STATES, 4))).float()
 
     @torch.no_grad()
     def rollout(self, flat: torch.Tensor, data: CartPoleData | None = None) -> tuple[torch.Tensor, np.ndarray]:

@@ -106,13 +106,6 @@ class MnistMLP(Task):
         """The training images outside the default validation holdout (the first 55,000)."""
         return self.validation_data(data).train_x
 
-    def output_divergence(self, flat: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        """Mean KL(target's class probabilities || flat's) over ``inputs``, per network: ``[B]``."""
-        log_p = F.log_softmax(self.logits(flat.float(), inputs), -1)
-        with torch.no_grad():
-            log_q = F.log_softmax(self.logits(target.float(), inputs), -1)
-        return (log_q.exp() * (log_q - log_p)).sum(-1).mean(-1)
-
     @torch.no_grad()
     def evaluate(
         self, flat: torch.Tensor, data: MnistData, metrics: Sequence[str] | None = None, chunk: int = 50

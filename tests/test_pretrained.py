@@ -302,9 +302,13 @@ def test_shipped_mnist_generator_loads_and_makes_an_update():
     assert (gen.task, gen.metric_name) == ("mnist-mlp", "test_loss")
     assert gen.layout.scheme == "neuron" and gen.manifest["format_version"] == 2
     assert gen.manifest["training"]["complete"]
-    # trained on the full corpus; a fine-tune records the generator it started from, and that one's corpus
-    source = gen.manifest["training"].get("init_from") or {}
-    assert max(gen.manifest["corpus"]["runs_total"], source.get("corpus", {}).get("runs_total", 0)) >= 1000
+    # trained on the full corpus, or fine-tuned from (a fine-tune of) a generator that was: each
+    # fine-tune records the generator it started from, with that one's corpus and training
+    runs, record = [gen.manifest["corpus"]["runs_total"]], gen.manifest["training"]
+    while record.get("init_from"):
+        runs.append(record["init_from"]["corpus"]["runs_total"])
+        record = record["init_from"]["training"]
+    assert max(runs) >= 1000
     task = tasks.get("mnist-mlp")
     theta = torch.stack([task.layout().flatten_module(task.build_model()) for _ in range(2)])
     before = theta.clone()

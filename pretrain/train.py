@@ -24,8 +24,9 @@ judged by how its networks behave, not only by how close their weights are.
 
 ``--init-from GENERATOR`` fine-tunes a trained generator instead of starting fresh: the model is
 built from its manifest and starts at its weights (σ_p and PCA buffers included), pairs are in its
-units (normalisation), the runs it held out stay held out, and its manifest's training record is
-kept under ``training.init_from`` of the export, so the history of the weights stays readable.
+units (normalisation), the runs it held out stay held out, and the export records the source
+under ``training.init_from`` (name, sha256, and the source's own ``training`` and ``corpus``
+summaries), so the history of the weights stays readable.
 Typical use: spend a short run on the pairs and noise levels the optimizer actually samples
 (``--init-fraction``, ``--snr-window``).
 
@@ -249,10 +250,22 @@ def adopt_source(config: TrainConfig, source: LoadedGenerator) -> TrainConfig:
         diffusion_steps=source.diffusion.num_steps, schedule=source.diffusion.config.schedule,
         name=config.name or source.name,
     )
+    asked = [k for k in explicit_settings(config, ADOPTED_FIELDS[2:]) if getattr(config, k) != getattr(adopted, k)]
+    if asked:
+        raise ConfigError(f"--init-from {config.init_from!r} takes {', '.join(asked)} from the generator it starts "
+                          f"from ({', '.join(f'{k}={getattr(adopted, k)!r}' for k in asked)}); leave "
+                          f"{' and '.join('--' + k.replace('_', '-') for k in asked)} out")
     if asdict(adopted.diffusion_config()) != asdict(source.diffusion.config):
-        raise ConfigError(f"--init-from {config.init_from!r} has a noise schedule that `train` cannot reproduce "
-                          f"({asdict(source.diffusion.config)}); fine-tune it with its own schedule settings")
+        raise ConfigError(f"--init-from {config.init_from!r} has a noise schedule ({asdict(source.diffusion.config)}) "
+                          f"that `train` cannot build from --diffusion-steps and --schedule alone, so it cannot be "
+                          f"fine-tuned here; train a new generator instead")
     return adopted
+
+
+def explicit_settings(config: TrainConfig, names) -> list[str]:
+    """Those of ``names`` that ``config`` sets to something other than the default."""
+    defaults = TrainConfig()
+    return [k for k in names if getattr(config, k) != getattr(defaults, k)]
 
 
 def source_record(source: LoadedGenerator) -> dict:
@@ -262,12 +275,21 @@ def source_record(source: LoadedGenerator) -> dict:
     return {"name": source.name, "sha256": source.sha256, "training": source.manifest.get("training"), "corpus": corpus}
 
 
-def source_split(source: LoadedGenerator, run_ids, config: TrainConfig) -> Split:
+def source_split(source: LoadedGenerator, run_ids, config: TrainConfig, notes: list[str] | None = None) -> Split:
     """The runs of the store that a fine-tune of ``source`` trains on and holds out: the runs the
     source held out stay held out, every other run trains. A source without a recorded split gets
-    a fresh one (``config``'s fraction and seed)."""
-    recorded = (source.manifest.get("corpus") or {}).get("split")
+    a fresh one (``config``'s fraction and seed), which may hold out runs the source trained on;
+    ``notes`` gets a line saying so, and one when ``config.store`` is not the source's recorded corpus
+    (runs are matched by id only)."""
+    notes = notes if notes is not None else []
+    corpus = source.manifest.get("corpus") or {}
+    recorded = corpus.get("split")
+    if corpus.get("store") and Path(corpus["store"]).name != Path(config.store).name:
+        notes.append(f"--store {config.store} is not the corpus {corpus['store']} that {source.name!r} was trained on; "
+                     "its held-out runs are matched by run id only")
     if not recorded:
+        notes.append(f"{source.name!r} records no train/held-out split: a fresh one is drawn, and held-out loss may "
+                     "include runs it trained on")
         return split_runs(run_ids, config.heldout_fraction, config.seed)
     held = set(int(r) for r in recorded["heldout"])
     return Split(tuple(r for r in run_ids if r not in held), tuple(r for r in run_ids if r in held),
@@ -544,7 +566,8 @@ class Trainer:
             state = load_checkpoint(self.ckpt_path)
             if config.init_from is not None:  # what a fine-tune took from its source, as it took it
                 saved = _with_defaults(state["config"], TrainConfig)
-                config = dataclasses.replace(config, **{k: saved[k] for k in ADOPTED_FIELDS},
+                given = set(explicit_settings(config, ADOPTED_FIELDS))  # anything else asked for is refused below
+                config = dataclasses.replace(config, **{k: saved[k] for k in ADOPTED_FIELDS if k not in given},
                                              name=config.name or state.get("name"))
             check_resumable(state["config"], config, self.ckpt_path)
         # ---- a fine-tune starts from another generator: its model, units and held-out runs
@@ -555,7 +578,7 @@ class Trainer:
         split = Split.from_dict(state["corpus"]["split"]) if state else None
         normalization = Normalization(**state["normalization"]) if state else None
         if source is not None:
-            split = source_split(source, open_store(config.store, source.task).run_ids(), config)
+            split = source_split(source, open_store(config.store, source.task).run_ids(), config, self.notes)
             normalization = source.normalization
         self.corpus = open_pairs(
             config.store, config.pair_config(),
@@ -666,7 +689,8 @@ class Trainer:
         cfg, inputs, norm = self.config, self.matching_inputs, self.corpus.normalization
         draw = seeded_generator("matching", cfg.seed, self.step, self.info.rank, device=inputs.device)
         idx = torch.randint(0, inputs.shape[0], (cfg.matching_examples,), generator=draw, device=inputs.device)
-        divergence = self.corpus.task.output_divergence(norm.unparams(pred), norm.unparams(x0), inputs[idx]).mean()
+        with torch.autocast(inputs.device.type, enabled=False):  # a KL of softmaxes: in fp32 under bf16 training
+            divergence = self.corpus.task.output_divergence(norm.unparams(pred), norm.unparams(x0), inputs[idx]).mean()
         self.divergence += divergence.detach().double()
         return cfg.output_matching * divergence
 
@@ -959,8 +983,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="weight a parameter's x0 error by (P / its layer's size) ** A, scaled to mean 1: 0 (default) weighs "
              "every parameter alike, 1 every layer alike; may change on --resume")
     add("--output-matching", type=float, default=S, metavar="W",
-        help="add W x the divergence of the predicted networks' outputs from the targets' (MNIST: KL of class "
-             "probabilities on training images outside the validation holdout) to the loss (default 0: off)")
+        help="add W x KL(target's outputs || predicted network's) to the loss (MNIST: class probabilities on "
+             "training images outside the validation holdout; CartPole: action probabilities on fixed states) "
+             "(default 0: off)")
     add("--matching-examples", type=int, default=S, help=f"inputs per step for --output-matching (default {d.matching_examples})")
     add("--data-root", default=S, help="the task's data for --output-matching (default: $LEARNED_OPT_DATA)")
     add("--residual-std", type=float, default=S,

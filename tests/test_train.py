@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -489,8 +490,13 @@ def test_fine_tune_starts_at_the_source_in_its_units_and_records_where_it_came_f
 
 def test_fine_tune_resumes_exactly(store_dir, source, tmp_path):
     whole = train(tiny(store_dir, tmp_path / "whole", init_from=str(source)))
-    train(tiny(store_dir, tmp_path / "parts", init_from=str(source), stop_after=3))
-    parts = train(tiny(store_dir, tmp_path / "parts", init_from=str(source), resume=True))
+    moved = tmp_path / "src"
+    moved.mkdir()
+    for f in source.parent.glob("src.*"):
+        shutil.copy(f, moved / f.name)
+    train(tiny(store_dir, tmp_path / "parts", init_from=str(moved / "src.json"), stop_after=3))
+    shutil.rmtree(moved)  # a resume needs only the checkpoint
+    parts = train(tiny(store_dir, tmp_path / "parts", init_from=str(moved / "src.json"), resume=True))
     assert parts.step == whole.step == 6 and parts.manifest is None
     assert state_hash(parts.ema) == state_hash(whole.ema)
     assert load_checkpoint(tmp_path / "parts" / CHECKPOINT_NAME)["init_from"]["sha256"] == load_generator(source).sha256
@@ -501,6 +507,26 @@ def test_fine_tune_keeps_the_sources_held_out_runs_out_of_training():
                                                              "heldout_fraction": 0.4, "seed": 7}}}})()
     split = train_mod.source_split(src, [0, 1, 2, 3, 4, 5, 6], TrainConfig())
     assert split.heldout == (2, 5) and split.train == (0, 1, 3, 4, 6)  # new runs train
+
+
+def test_fine_tune_refuses_settings_it_takes_from_its_source(store_dir, source, tmp_path):
+    with pytest.raises(ConfigError, match=r"takes schedule.*schedule='linear'.*leave --schedule out"):
+        train(tiny(store_dir, tmp_path / "a", init_from=str(source), schedule="cosine"))
+    with pytest.raises(ConfigError, match="leave --diffusion-steps out"):
+        train(tiny(store_dir, tmp_path / "b", init_from=str(source), diffusion_steps=100))
+    assert not any((tmp_path / d).exists() for d in "ab")
+    train(tiny(store_dir, tmp_path / "c", steps=1, init_from=str(source), tokens="neuron"))  # the same value is fine
+    train(tiny(store_dir, tmp_path / "c", steps=2, init_from=str(source), resume=True))
+    with pytest.raises(TrainingError, match="schedule='linear' \\(asked: 'cosine'\\)"):
+        train(tiny(store_dir, tmp_path / "c", steps=3, init_from=str(source), resume=True, schedule="cosine"))
+
+
+def test_fine_tune_notes_a_store_that_is_not_its_sources_corpus():
+    src = type("Src", (), {"name": "g", "manifest": {"corpus": {"store": "/x/mnist-corpus"}}})()
+    notes = []
+    split = train_mod.source_split(src, list(range(20)), TrainConfig(store="/y/other"), notes)
+    assert len(split.train) + len(split.heldout) == 20
+    assert any("not the corpus /x/mnist-corpus" in n for n in notes) and any("no train/held-out split" in n for n in notes)
 
 
 def test_fine_tune_of_a_generator_for_another_task_or_metric_is_refused_before_writing(store_dir, source, tmp_path):

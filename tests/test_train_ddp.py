@@ -36,3 +36,21 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path):
     assert steps == [2, 4]  # one writer: no record twice
     manifest = json.loads((out / "mnist-mlp-test_loss-tiny.json").read_text())
     assert manifest["training"]["hardware"]["world_size"] == 2
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_cpu_processes_with_output_matching_end_with_identical_weights(tmp_path, mnist_root):
+    make_store(tmp_path / "store", runs=4, checkpoints=5)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HELPER), str(tmp_path / "store"), str(out), str(mnist_root)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    hashes = [(out / f"hash-rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert hashes[0] == hashes[1]
+    records = read_jsonl(out / LOG_NAME)
+    assert [r["step"] for r in records] == [2, 4] and all(r["output_divergence"] > 0 for r in records)
+    manifest = json.loads((out / "mnist-mlp-test_loss-tiny.json").read_text())
+    assert manifest["training"]["output_matching"] == 1.0

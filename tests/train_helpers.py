@@ -44,7 +44,7 @@ def state_hash(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _ddp_main(store: str, out: str) -> None:
+def _ddp_main(store: str, out: str, data_root: str | None = None) -> None:
     import torch.distributed as dist
 
     from pretrain.train import TrainConfig, train
@@ -52,6 +52,8 @@ def _ddp_main(store: str, out: str) -> None:
     torch.set_num_threads(1)
     cfg = TrainConfig(store=store, out=out, steps=4, batch_size=4, warmup=1, log_every=2, eval_every=2,
                       eval_batches=1, checkpoint_every=2, diffusion_steps=50, chunk_size=1000, export=True)
+    if data_root is not None:  # with output matching: each rank draws its own inputs
+        cfg.output_matching, cfg.matching_examples, cfg.data_root = 1.0, 8, data_root
     result = train(cfg)
     rank = int(__import__("os").environ["RANK"])
     Path(out, f"hash-rank{rank}.txt").write_text(f"{state_hash(result.model)} {state_hash(result.ema)}\n")
@@ -60,4 +62,4 @@ def _ddp_main(store: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    _ddp_main(sys.argv[1], sys.argv[2])
+    _ddp_main(*sys.argv[1:4])

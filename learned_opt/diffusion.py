@@ -189,12 +189,12 @@ class Diffusion:
         t = t.to(x0.device)  # [B]
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype).to(x0.device)
         x_t = self.q_sample(x0, t, noise)
-        pred = model(x_t, t, **cond)
+        pred, x0 = model(x_t, t, **cond).float(), x0.float()
         if weight is None:
-            loss = F.mse_loss(pred.float(), x0.float())
+            loss = F.mse_loss(pred, x0)
         else:
-            loss = (weight(t).float() * (pred.float() - x0.float()).square()).mean()
-        return loss if extra is None else loss + extra(pred.float(), x0.float(), t)
+            loss = (weight(t).float() * (pred - x0).square()).mean()
+        return loss if extra is None else loss + extra(pred, x0, t)
 
     def snr_window_probs(self, lo: float, hi: float, scale: float = 1.0, uniform_share: float = 0.1) -> torch.Tensor:
         """Probabilities ``[num_steps]`` of drawing each t in training: ``1 - uniform_share`` spread

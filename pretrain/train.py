@@ -27,8 +27,8 @@ built from its manifest and starts at its weights (σ_p and PCA buffers included
 units (normalisation), the runs it held out stay held out, and the export records the source
 under ``training.init_from`` (name, sha256, and the source's own ``training`` and ``corpus``
 summaries), so the history of the weights stays readable.
-Typical use: spend a short run on the pairs and noise levels the optimizer actually samples
-(``--init-fraction``, ``--snr-window``).
+Typical use: a short run with a new objective on the pairs the optimizer starts from
+(``--output-matching``, ``--init-fraction``), as the shipped ``mnist-mlp`` generator was made.
 
 Under ``torchrun --nproc_per_node N`` the job runs DistributedDataParallel (gloo on CPU, NCCL on
 GPU): every rank draws the same global batch of ``--batch-size`` pairs and trains on its own

@@ -628,6 +628,8 @@ class MLPClassifierFamily(TaskFamily):
             raise LearnedOptError(f"--epochs must be >= 1, got {config.epochs}")
         if config.env_steps is not None:
             raise LearnedOptError("--env-steps applies to cartpole-mlp corpora; use --epochs for this task")
+        if config.ppo_ranges is not None:
+            raise LearnedOptError("--lr-range applies to cartpole-mlp corpora; this task's ranges are fixed")
 
     def settings(self, config: CorpusConfig) -> dict:
         return _mlp_settings(config)
@@ -766,6 +768,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoints", type=int, default=200, help="checkpoints per run (default: 200)")
     parser.add_argument("--env-steps", type=int, default=None,
                         help="cartpole-mlp: environment steps of every run (default: drawn from 25k/50k/100k)")
+    parser.add_argument("--lr-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                        help="cartpole-mlp: draw each run's Adam lr log-uniformly from [LOW, HIGH] "
+                             "(default: 1e-4 3e-3)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -778,6 +783,13 @@ def main(args: argparse.Namespace) -> int:
         device=args.device, train_examples=args.train_examples, checkpoints=args.checkpoints,
         progress=not args.no_progress, env_steps=args.env_steps,
     )
+    if args.lr_range is not None:
+        from .ppo import PPORanges  # pretrain.ppo imports this module
+
+        try:
+            config.ppo_ranges = PPORanges(lr=tuple(args.lr_range))
+        except ValueError as exc:
+            raise LearnedOptError(f"--lr-range: {exc}") from None
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world_size > 1
     if distributed and not dist.is_initialized():

@@ -30,7 +30,8 @@ draws each run's hyperparameters with ``random.Random(seed)`` from :class:`PPORa
 ==================  =========================================================================
 hyperparameter      range
 ==================  =========================================================================
-lr                  log-uniform [1e-4, 3e-3] (Adam, eps 1e-5, policy and value net)
+lr                  log-uniform [1e-4, 3e-3] (Adam, eps 1e-5, policy and value net;
+                    ``--lr-range LOW HIGH`` sets the interval)
 gamma               uniform [0.97, 0.999]
 gae_lambda          uniform [0.9, 0.99]
 clip                uniform [0.1, 0.3]

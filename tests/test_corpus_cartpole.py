@@ -127,8 +127,26 @@ def test_building_leaves_the_global_rng_alone(tmp_path):
     assert torch.equal(torch.get_rng_state(), before)
 
 
+def test_lr_range_narrows_the_drawn_lr_and_is_part_of_the_settings(built, tmp_path, capsys):
+    out = tmp_path / "store"
+    assert cli.main(corpus_cli(out, "--runs", "2", "--lr-range", "1e-3", "2e-3")) == 0
+    store = Store.open(out)
+    assert store.settings["ranges"]["lr"] == [1e-3, 2e-3]
+    for r in (0, 1):
+        run = store.read_run(r)
+        assert 1e-3 <= run.hparams["lr"] <= 2e-3
+        assert run.hparams == sample_ppo_hparams(r, PPORanges(lr=(1e-3, 2e-3)), env_steps=1024)
+        assert run.hparams["lr"] != Store.open(built).read_run(r).hparams["lr"]
+    capsys.readouterr()
+    assert cli.main(corpus_cli(out, "--runs", "3")) == 2  # the default range is another corpus
+    assert "hyperparameter range lr = [0.001, 0.002], not [0.0001, 0.003]" in capsys.readouterr().err
+    assert store.run_ids() == [0, 1]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--epochs", "1"], "--epochs applies to classifier corpora; use --env-steps"),
+    (["--lr-range", "3e-3", "1e-3"], "--lr-range: lr must satisfy 0 < low <= high"),
+    (["--task", "mnist-mlp", "--lr-range", "1e-3", "3e-3"], "--lr-range applies to cartpole-mlp corpora"),
     (["--env-steps", "100"], "--env-steps must be >= 1024"),
     (["--device", "cuda"], "cartpole-mlp corpora train on the CPU"),
     (["--task", "mnist-mlp", "--env-steps", "2048"], "--env-steps applies to cartpole-mlp"),

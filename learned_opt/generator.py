@@ -331,7 +331,7 @@ class Gpt(nn.Module):
         input through. Returns the encoders that were set (token indices, or group indices with
         neuron tokens).
         """
-        m, d = self.layout.token_dim, self.config.d_model
+        d = self.config.d_model
         if updates.dim() != 2 or updates.shape[1] != self.layout.num_params:
             raise ArchitectureMismatchError(
                 f"updates must have shape [N, {self.layout.num_params}], got {list(updates.shape)}"

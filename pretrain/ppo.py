@@ -323,7 +323,6 @@ def train_ppo(
     finally:
         env.close()
 
-    per_update = shape.epochs * shape.minibatches
     train_return = torch.tensor([np.mean(r[-10:]) if r else float("nan") for r in finished_returns])
     steps = save_at.clone() if shared_steps else save_rows.clone()
     return PPOResult(

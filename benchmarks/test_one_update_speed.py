@@ -1,18 +1,26 @@
-"""One generative update from a fresh init against the Adam steps it replaces, side by side.
+"""One generative update from a fresh init against the optimizer steps it replaces, side by side.
 
 Run::
 
     .venv/bin/python -m pytest benchmarks/test_one_update_speed.py -s
 
-A reduced ``learned-opt eval`` with the shipped ``mnist-mlp`` generator and its own sampler, on
+MNIST: a reduced ``learned-opt eval`` with the shipped ``mnist-mlp`` generator and its own sampler, on
 ``LEARNED_OPT_BENCH_INITS`` unseen inits (default 5; seeds 1,000,000 + i), once with one sample per
 update and once with ``--candidates 8`` (the best of 8 by the cross-entropy on the last 5,000
 training examples, as ``GptOptimizer(candidates=8)`` with a held-out closure). For each: the
 median test error after the update, the Adam steps (lr 1e-3, batch 128) the same inits need to
 reach the update's test loss (on a 1-2-3-5 grid up to 1,000 steps), and the update's wall time
 against those steps' (Adam's seconds per step timed in the same run): ``median_speedup_vs_adam``
-above 1 means the update is cheaper. ``LEARNED_OPT_BENCH_THREADS`` torch threads (2). Skipped
-while no ``mnist-mlp`` generator ships.
+above 1 means the update is cheaper.
+
+CartPole: the same with the shipped ``cartpole-mlp`` generator and one sample per update: the
+median greedy return after the update, the share of inits at 475 or more (CartPole-v1's solved
+threshold), the environment steps PPO (default hyperparameters) needs from the same inits to reach
+the update's return and to reach 475 (up to 100,000), and the update's wall time against PPO's for
+the steps to the update's return (PPO's seconds per env step timed in the same run).
+
+``LEARNED_OPT_BENCH_THREADS`` torch threads (2). Each test is skipped while its generator does not
+ship.
 """
 
 from __future__ import annotations
@@ -33,10 +41,14 @@ THREADS = int(os.environ.get("LEARNED_OPT_BENCH_THREADS", "2"))
 OUT = Path(os.environ.get("LEARNED_OPT_BENCH_OUT", REPO / ".benchmarks" / "one-update"))
 
 
+def _shipped(name: str) -> None:
+    if name not in {g["name"] for g in list_pretrained()}:
+        pytest.skip(f"no {name} generator is shipped")
+
+
 @pytest.fixture(scope="module")
 def mnist():
-    if "mnist-mlp" not in {g["name"] for g in list_pretrained()}:
-        pytest.skip("no mnist-mlp generator is shipped")
+    _shipped("mnist-mlp")
     root = os.environ.get("LEARNED_OPT_DATA") or REPO.parent / "shared" / "data"
     try:
         return tasks.get("mnist-mlp").load_data(root)
@@ -63,3 +75,27 @@ def test_one_update_against_adam_steps(benchmark, mnist, candidates):
           f"{r['baselines']['summary']['adam_steps_to_reach']['median']} steps; update {t['update_seconds'] * 1e3:.1f} ms "
           f"vs {t['adam_seconds_per_step'] * 1e3:.3f} ms/step: {t['median_speedup_vs_adam']:.2f}x")
     assert one["after_test_error"]["median"] < one["before_test_error"]["median"]
+
+
+def test_one_update_against_ppo_env_steps(benchmark):
+    _shipped("cartpole-mlp")
+    config = EvalConfig(generator="cartpole-mlp", out=str(OUT / "cartpole"), inits=INITS, max_env_steps=100_000,
+                        prompts=2, repeats=1, progress=False, plots=False)
+    task = tasks.get("cartpole-mlp")
+    r = benchmark.pedantic(evaluate_generator, args=(config, task.load_data()), rounds=1, iterations=1)
+    t, one, ppo = r["timing"], r["one_step"]["summary"], r["baselines"]["summary"]
+    after = r["one_step"]["after"]["return"]
+    solved = sum(x >= 475 for x in after) / len(after)
+    benchmark.group = "one update vs PPO"
+    benchmark.extra_info.update(
+        inits=INITS, threads=THREADS, sampler=r["sampler"],
+        return_before=one["before_return"]["median"], return_after=one["after_return"]["median"], solved_share=solved,
+        ppo_env_steps_to_reach=ppo["ppo_steps_to_reach"]["median"], ppo_env_steps_to_solve=ppo["ppo_steps_to_solve"]["median"],
+        update_seconds=t["update_seconds"], ppo_seconds_per_env_step=t["ppo_seconds_per_env_step"],
+        median_speedup_vs_ppo=t["median_speedup_vs_ppo"],
+    )
+    print(f"\ncartpole: return {one['before_return']['median']:.1f} -> {one['after_return']['median']:.1f} "
+          f"({solved:.0%} at >= 475); PPO needs {ppo['ppo_steps_to_reach']['median']} env steps to reach it and "
+          f"{ppo['ppo_steps_to_solve']['median']} to reach 475; update {t['update_seconds'] * 1e3:.1f} ms vs "
+          f"{t['ppo_seconds_per_env_step'] * 1e6:.0f} us/env step: {t['median_speedup_vs_ppo']:.2f}x")
+    assert one["after_return"]["median"] > one["before_return"]["median"]

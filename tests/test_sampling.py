@@ -69,6 +69,25 @@ def test_sweep_chooses_the_best_median_and_prefers_fewer_steps_within_tolerance(
     assert sweep(_Gen(), _Task(), None, torch.zeros(3, 5), config)["chosen"]["steps"] == 3
 
 
+class _CeilingGen(_Gen):
+    """Every sampler's median is 1.0; stopping at t_min 0 leaves one update far off (a worse mean)."""
+
+    def sample(self, theta, metric, prompt, *, steps, method, t_min, generator):
+        out = theta.clone()
+        out[:, 0] = 1.0
+        if t_min == 0:
+            out[0, 0] = 5.0
+        return out
+
+
+def test_sweep_breaks_a_tie_of_medians_by_the_mean():
+    config = TuneConfig(generator="x", inits=3, samples=2, steps=(2,), t_min=(0, 300), tolerance=0.0, progress=False)
+    r = sweep(_CeilingGen(), _Task(), None, torch.zeros(3, 5), config)
+    assert [row["median_test_loss"] for row in r["rows"]] == [1.0, 1.0]
+    assert [row["mean_test_loss"] for row in r["rows"]] == pytest.approx([(5.0 + 5 * 1.0) / 6, 1.0])
+    assert (r["chosen"]["steps"], r["chosen"]["t_min"]) == (2, 300)
+
+
 @pytest.mark.slow
 def test_tune_sampling_end_to_end_writes_the_manifest(mnist_root, tmp_path, capsys):
     manifest = save_tiny_mnist_generator(tmp_path / "gen")

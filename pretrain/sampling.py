@@ -158,8 +158,8 @@ def record_choice(manifest_path: Path, result: dict, config: TuneConfig) -> None
     manifest["sampling"] = {
         "method": chosen["method"], "steps": chosen["steps"], "t_min": chosen["t_min"],
         "chosen_by": (f"learned-opt tune-sampling: the fewest steps within {config.tolerance:.0%} of the best median "
-                      f"{result['metric']} (ties broken by the mean) on validation data, over {config.inits} inits (seeds {config.seed} + i) "
-                      f"x {config.samples} samples"),
+                      f"{result['metric']} (ties broken by the mean) on validation data, over {config.inits} inits "
+                      f"(seeds {config.seed} + i) x {config.samples} samples"),
     }
     text = json.dumps(manifest, indent=2) + "\n"
     atomic_write(manifest_path, lambda p: p.write_text(text, encoding="utf-8"))

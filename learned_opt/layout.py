@@ -9,9 +9,10 @@ A network's parameters travel through this package in three forms:
 
   - ``"chunk"`` (G.pt's "chunk within layer" policy): each layer's slice of the flat vector cut
     into chunks of at most ``M = chunk_size`` values. ``chunk_size=None`` gives one token per layer.
-  - ``"neuron"``, for a chain of linear layers (``weight [out, in]``, ``bias [out]``, ...): one
-    token per hidden unit, holding its incoming weights and bias and, for the last hidden layer,
-    its outgoing weights too; the output layer's bias is one more token. The hidden units of one
+  - ``"neuron"``, for architectures with unit groups (:mod:`learned_opt.symmetry`; derived for a
+    chain of linear or convolutional layers): one token per hidden unit (a convolution's output
+    channel), holding its incoming weights (kernel) and bias and, for the last group, its outgoing
+    weights too; what no unit holds (the output layer's bias) is one more token. The hidden units of one
     layer form a *token group*: permuting them permutes their tokens and nothing else (for
     the last hidden layer; an earlier layer's permutation also reorders entries inside the next
     layer's tokens), so a generator that shares weights within a group is equivariant to them.
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from .errors import ArchitectureMismatchError
+from .symmetry import Slot, Symmetry, UnitGroup, chain_symmetry
 
 Signature = tuple[tuple[str, tuple[int, ...]], ...]
 SCHEMES = ("chunk", "neuron")
@@ -99,6 +101,7 @@ class Layout:
     signature: Signature
     chunk_size: int | None = 1000
     scheme: str = "chunk"
+    symmetry: Symmetry | None = None  # neuron scheme: None derives it from the signature (a chain of layers)
 
     def __post_init__(self) -> None:
         if not self.signature:
@@ -108,12 +111,17 @@ class Layout:
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"Invalid chunk_size: {self.chunk_size} (must be >= 1 or None)")
         if self.scheme == "neuron":
-            self._linear_chain()  # raises for anything but a chain of linear layers
+            if self.symmetry is None:  # derived: raises for anything but a chain of layers
+                object.__setattr__(self, "symmetry", chain_symmetry(self.signature))
+            self.symmetry.check(self.signature)
             object.__setattr__(self, "chunk_size", None)  # not used: equal layouts for any chunk_size
+        else:
+            object.__setattr__(self, "symmetry", None)  # not used: equal layouts with or without it
 
     @classmethod
-    def of(cls, source, chunk_size: int | None = 1000, scheme: str = "chunk") -> "Layout":
-        return cls(signature_of(source), chunk_size, scheme)
+    def of(cls, source, chunk_size: int | None = 1000, scheme: str = "chunk",
+           symmetry: Symmetry | None = None) -> "Layout":
+        return cls(signature_of(source), chunk_size, scheme, symmetry)
 
     # ------------------------------------------------------------------ flat vector
 
@@ -191,22 +199,13 @@ class Layout:
 
     # ------------------------------------------------------------------ tokens
 
-    def _linear_chain(self) -> list[tuple[int, int, int]]:
-        """``(weight offset, out, in)`` per layer of a chain of linear layers; raises otherwise."""
-        sig = self.signature
-        layers = []
-        ok = len(sig) >= 4 and len(sig) % 2 == 0
-        for k in range(0, len(sig) - 1, 2) if ok else ():
-            (_, w), (_, b) = sig[k], sig[k + 1]
-            ok = ok and len(w) == 2 and b == (w[0],) and (not layers or w[1] == layers[-1][1])
-            layers.append((self.offsets[k], w[0], w[1]))
-        if not ok:
-            raise ArchitectureMismatchError(
-                "neuron tokens need a chain of at least two linear layers (weight [out, in], bias [out], "
-                f"...); this one is {[[n, list(s)] for n, s in sig]}. Use chunk tokens for it "
-                "(scheme='chunk', or `learned-opt train --tokens chunk`)."
-            )
-        return layers
+    def _slot_indices(self, slot: Slot) -> torch.Tensor:
+        """Flat-vector indices of a slot's values, ``[H, d]``: row ``j`` holds unit ``j``'s."""
+        k = self.names.index(slot.name)
+        shape = self.signature[k][1]
+        index = torch.arange(self.offsets[k], self.offsets[k + 1]).view(1, *shape)
+        return Symmetry((UnitGroup(shape[slot.axis] // slot.inner, (slot,), ()),)).unit_values(
+            {slot.name: index}, 0)[0]
 
     @cached_property
     def _token_indices(self) -> tuple[tuple[tuple[int, ...], ...], tuple[int, ...]]:
@@ -220,20 +219,20 @@ class Layout:
                     tokens.append(tuple(range(s, min(s + step, b))))
                     groups.append(len(groups))
             return tuple(tokens), tuple(groups)
-        layers = self._linear_chain()
-        for k, (w, n_out, n_in) in enumerate(layers[:-1]):
-            bias = w + n_out * n_in
-            last_hidden = k == len(layers) - 2
-            for j in range(n_out):
-                idx = list(range(w + j * n_in, w + (j + 1) * n_in)) + [bias + j]
-                if last_hidden:  # the output layer's column j: the unit's outgoing weights
-                    w_out, n_next, _ = layers[-1]
-                    idx += [w_out + i * n_out + j for i in range(n_next)]
-                tokens.append(tuple(idx))
-                groups.append(k)
-        w_out, n_next, n_in = layers[-1]
-        tokens.append(tuple(range(w_out + n_next * n_in, w_out + n_next * n_in + n_next)))
-        groups.append(len(layers) - 1)
+        sym = self.symmetry
+        covered = torch.zeros(self.num_params, dtype=torch.bool)
+        for g, group in enumerate(sym.groups):  # one token per unit: incoming slots (+ outgoing, last group)
+            slots = group.incoming + (group.outgoing if g == len(sym.groups) - 1 else ())
+            units = torch.cat([self._slot_indices(s) for s in slots], 1)  # [H, D]
+            covered[units.flatten()] = True
+            tokens += [tuple(u) for u in units.tolist()]
+            groups += [g] * group.size
+        width = max(len(t) for t in tokens)
+        for k in range(len(self.signature)):  # what no unit holds (the output bias): tokens of its own
+            rest = [i for i in range(self.offsets[k], self.offsets[k + 1]) if not covered[i]]
+            for s in range(0, len(rest), width):
+                tokens.append(tuple(rest[s : s + width]))
+                groups.append(max(groups) + 1)
         return tuple(tokens), tuple(groups)
 
     @property

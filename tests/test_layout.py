@@ -115,10 +115,12 @@ def test_permuting_the_last_hidden_layer_permutes_its_neuron_tokens():
     assert torch.equal(permuted[:10], tokens[perm]) and torch.equal(permuted[10], tokens[10])
 
 
-def test_neuron_tokens_refuse_what_is_not_a_chain_of_linear_layers():
-    conv = (("w", (4, 3, 3, 3)), ("b", (4,)), ("w2", (2, 4)), ("b2", (2,)))
-    for sig in [conv, (("w", (4, 3)), ("b", (4,))), (("w", (4, 3)), ("b", (4,)), ("w2", (2, 5)), ("b2", (2,)))]:
-        with pytest.raises(ArchitectureMismatchError, match="chain of at least two linear layers"):
+def test_neuron_tokens_refuse_what_is_not_a_chain_of_layers():
+    conv_mismatch = (("w", (4, 3, 3, 3)), ("b", (4,)), ("w2", (2, 6)), ("b2", (2,)))
+    lone = (("w", (4, 3)), ("b", (4,)))
+    linear_mismatch = (("w", (4, 3)), ("b", (4,)), ("w2", (2, 8)), ("b2", (2,)))  # a multiple only after a conv
+    for sig in [conv_mismatch, lone, linear_mismatch]:
+        with pytest.raises(ArchitectureMismatchError, match="chain of at least two linear or convolutional"):
             Layout(sig, scheme="neuron")
     with pytest.raises(ValueError, match="token scheme"):
         Layout(signature_of(mlp(3, 2)), scheme="rows")

@@ -128,13 +128,11 @@ def test_cartpole_output_divergence_compares_action_distributions_on_fixed_state
     assert (task.output_divergence(b, a, inputs[:64]) > 0).all()
 
 
-def test_tasks_without_differentiable_outputs_say_so():
-    class NoOutputs(type(tasks.get("cartpole-mlp"))):
-        logits = Task.logits
-        matching_inputs = Task.matching_inputs
+def test_a_control_task_without_a_matching_box_says_so():
+    class NoBox(type(tasks.get("cartpole-mlp"))):
+        matching_box = None
 
-    task = NoOutputs()
-    with pytest.raises(ConfigError, match="no differentiable outputs"):
-        task.output_divergence(torch.zeros(1, task.num_params), torch.zeros(1, task.num_params), torch.zeros(1, 4))
+    with pytest.raises(ConfigError, match="matching_box"):
+        NoBox().matching_inputs(None)
     with pytest.raises(ConfigError, match="no inputs to match"):
-        task.matching_inputs(None)
+        Task.matching_inputs(NoBox(), None)

@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnknownTaskError
 from ..layout import Layout, Signature, signature_of
+from ..symmetry import Symmetry, module_symmetry
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,14 @@ class Metric:
 
 
 class Task(ABC):
-    """An architecture plus its data and metrics. Subclasses fill in the abstract parts."""
+    """An architecture plus its data and metrics. Subclasses fill in the abstract parts.
+
+    Concrete tasks derive from a *kind* (:class:`~learned_opt.tasks.SupervisedTask`,
+    :class:`~learned_opt.tasks.ControlTask`), which supplies everything but the model and the data.
+    """
 
     name: str
+    kind: str  # "supervised" or "control": what the corpus builder, eval and bench do with it
     description: str
     metrics: Mapping[str, Metric]
     default_metric: str  # the metric generators for this task are conditioned on by default
@@ -55,13 +61,25 @@ class Task(ABC):
     ) -> dict[str, torch.Tensor]:
         """Metrics of many parameter vectors at once: ``flat`` is ``[B, P]``; returns name -> ``[B]``."""
 
-    @abstractmethod
-    def hidden_sizes(self) -> tuple[int, ...]:
-        """Size of each permutable hidden layer, in order."""
+    def symmetry(self) -> Symmetry:
+        """The model's unit groups (hidden units, channels) whose order does not change its function.
 
-    @abstractmethod
+        Derived from the model for chains of linear/convolutional layers
+        (:func:`learned_opt.symmetry.module_symmetry`); override it to declare another architecture's.
+        """
+        with torch.device("meta"):
+            return module_symmetry(self.build_model())
+
+    def hidden_sizes(self) -> tuple[int, ...]:
+        """Size of each permutable unit group, in order."""
+        return self.unit_symmetry.sizes
+
     def permute(self, flat: torch.Tensor, perms: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Permute hidden units: ``flat`` ``[B, P]``, ``perms[l]`` ``[B, H_l]`` -> ``[B, P]``."""
+        """Permute hidden units: ``flat`` ``[B, P]``, ``perms[g]`` ``[B, H_g]`` -> ``[B, P]``."""
+        if flat.dim() != 2:
+            raise ValueError(f"expected flat vectors [B, P], got shape {list(flat.shape)}")
+        layout = self.layout()
+        return layout.flatten(self.unit_symmetry.permute(layout.unflatten(flat), perms))
 
     def validation_data(self, data: Any, holdout: int = 5000) -> Any:
         """``data`` rearranged so that :meth:`evaluate` measures held-out *training* data instead
@@ -71,10 +89,14 @@ class Task(ABC):
 
     def logits(self, flat: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Output logits of ``B`` networks on one batch: ``[B, P]``, ``[N, ...]`` -> ``[B, N, C]``,
-        differentiable in ``flat``. Tasks whose networks output a class (or action) distribution
-        define it; :meth:`output_divergence` needs it."""
-        raise ConfigError(f"task {self.name!r} has no differentiable outputs to match; train its generators "
-                          f"without --output-matching")
+        differentiable in ``flat`` (:func:`batched_forward`, or the model's own ``batched_forward``
+        where it has a faster one, as :class:`MLP` does)."""
+        with torch.device("meta"):  # only the structure: the parameters come from ``flat``
+            model = self.build_model()
+        layout = self.layout()
+        if hasattr(model, "batched_forward"):
+            return model.batched_forward(layout.unflatten(flat), inputs)
+        return batched_forward(model, layout, flat, inputs)
 
     def matching_inputs(self, data: Any) -> torch.Tensor:
         """Inputs on which :meth:`output_divergence` may compare networks while a generator trains:
@@ -95,21 +117,38 @@ class Task(ABC):
     @property
     def signature(self) -> Signature:
         """Names and shapes of the model's parameters, in ``named_parameters()`` order."""
-        with torch.device("meta"):
-            return signature_of(self.build_model())
+        if "signature" not in self._cache:
+            with torch.device("meta"):
+                self._cache["signature"] = signature_of(self.build_model())
+        return self._cache["signature"]
 
     def layout(self, chunk_size: int | None = 1000, scheme: str = "chunk") -> Layout:
-        return Layout(self.signature, chunk_size, scheme)
+        key = ("layout", chunk_size, scheme)
+        if key not in self._cache:  # a Layout caches its token indices: keep one per scheme
+            sym = self.unit_symmetry if scheme == "neuron" else None
+            self._cache[key] = Layout(self.signature, chunk_size, scheme, sym)
+        return self._cache[key]
+
+    @property
+    def unit_symmetry(self) -> Symmetry:
+        """:meth:`symmetry`, computed once per task object."""
+        if "symmetry" not in self._cache:
+            sym = self.symmetry()
+            sym.check(self.signature)
+            self._cache["symmetry"] = sym
+        return self._cache["symmetry"]
+
+    @property
+    def _cache(self) -> dict:
+        return self.__dict__.setdefault("_task_cache", {})
 
     @property
     def num_params(self) -> int:
         return self.layout().num_params
 
     def random_permutations(self, batch: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
-        """One random permutation per hidden layer for each of ``batch`` networks."""
-        return [
-            torch.argsort(torch.rand(batch, h, generator=generator), dim=-1) for h in self.hidden_sizes()
-        ]
+        """One random permutation per unit group for each of ``batch`` networks."""
+        return self.unit_symmetry.random(batch, generator)
 
     def metric(self, name: str | None = None) -> Metric:
         name = name or self.default_metric
@@ -137,6 +176,20 @@ class MLP(nn.Module):
             self.add_module(f"fc{i}", nn.Linear(a, b))
         self.act = activation()
 
+    def batched_forward(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """Outputs of ``B`` networks with parameters ``name -> [B, *shape]`` on one batch ``x``:
+        ``[B, N, out]``. The first layer of all ``B`` networks is one wide matrix multiply
+        (``[N, in] x [in, B*H]``), which runs near the machine's peak, unlike ``B`` skinny ones."""
+        n = len(self.sizes) - 1
+        w = params["fc1.weight"]
+        b, hidden = w.shape[0], w.shape[1]
+        x = x.flatten(1) if self.flatten_input else x
+        h = (x @ w.reshape(b * hidden, -1).T).view(-1, b, hidden) + params["fc1.bias"]  # [N, B, H]
+        h = h.transpose(0, 1)  # [B, N, H]
+        for i in range(2, n + 1):
+            h = torch.baddbmm(params[f"fc{i}.bias"][:, None, :], self.act(h), params[f"fc{i}.weight"].transpose(1, 2))
+        return h
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.flatten_input:
             x = x.flatten(1)
@@ -146,26 +199,6 @@ class MLP(nn.Module):
             if i < n:
                 x = self.act(x)
         return x
-
-
-def permute_mlp(layout: Layout, flat: torch.Tensor, perms: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Permute the hidden units of an :class:`MLP` given as flat vectors.
-
-    For hidden layer ``l`` with permutation ``p``: rows of ``fc{l}.weight`` and ``fc{l}.bias`` and
-    columns of ``fc{l+1}.weight`` are reordered by ``p``, which leaves the function unchanged.
-    """
-    if flat.dim() != 2:
-        raise ValueError(f"expected flat vectors [B, P], got shape {list(flat.shape)}")
-    params = {k: v.clone() for k, v in layout.unflatten(flat).items()}
-    for l, p in enumerate(perms, start=1):
-        p = p.to(flat.device)
-        w, b, w_next = f"fc{l}.weight", f"fc{l}.bias", f"fc{l + 1}.weight"
-        rows = p[:, :, None].expand(-1, -1, params[w].shape[-1])
-        params[w] = torch.gather(params[w], 1, rows)
-        params[b] = torch.gather(params[b], 1, p)
-        cols = p[:, None, :].expand(-1, params[w_next].shape[1], -1)
-        params[w_next] = torch.gather(params[w_next], 2, cols)
-    return layout.flatten(params)
 
 
 def batched_forward(model: nn.Module, layout: Layout, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -178,27 +211,3 @@ def batched_forward(model: nn.Module, layout: Layout, flat: torch.Tensor, x: tor
         return torch.func.functional_call(model, params, (inputs,))
 
     return torch.func.vmap(one, in_dims=(0, None))(layout.unflatten(flat), x)
-
-
-# ---------------------------------------------------------------------- registry
-
-_REGISTRY: dict[str, Callable[[], Task]] = {}
-
-
-def register(name: str, factory: Callable[[], Task]) -> None:
-    """Add a task factory under ``name``."""
-    _REGISTRY[name] = factory
-
-
-def names() -> list[str]:
-    """Names of all registered tasks."""
-    return sorted(_REGISTRY)
-
-
-def get(name: str | Task) -> Task:
-    """The task called ``name`` (a :class:`Task` is returned as is)."""
-    if isinstance(name, Task):
-        return name
-    if name not in _REGISTRY:
-        raise UnknownTaskError(f"unknown task {name!r}; known tasks: {', '.join(names()) or 'none'}")
-    return _REGISTRY[name]()

@@ -90,8 +90,8 @@ from learned_opt.pretrained import LoadedGenerator, load_generator
 from learned_opt.tasks import Task
 from learned_opt.tasks.cartpole_mlp import CartPoleMLP
 
-from .corpus import ADAM, GPT_RECIPE, BatchedMLPTrainer, RunPlan
-from .ppo import CORPUS_SHAPE, PPOHparams, PPOShape, train_ppo
+from .corpus import ADAM, CORPUS_SHAPE, GPT_RECIPE, BatchedMLPTrainer, RunPlan
+from .ppo import PPOHparams, PPOShape, train_ppo
 from .store import Store
 
 REPEATS_REPORTED = (1, 2, 5, 10)

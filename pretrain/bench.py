@@ -70,7 +70,9 @@ from learned_opt.optimizer import GptOptimizer
 from learned_opt.pretrained import LoadedGenerator, load_generator
 from learned_opt.tasks import Task
 
-from .evaluate import _hardware, _save, add_sampler_arguments, init_params
+from .evaluate import add_sampler_arguments, init_params
+from .evaluate.plots import save_figure
+from .evaluate.run import hardware
 
 MODES = ("periodic",)
 TASK = "mnist-mlp"
@@ -579,7 +581,7 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
                           f"given to the generator as its {gen.metric_name!r}",
         "data": {"train_examples": int(split.train_x.shape[0]), "holdout_examples": int(split.holdout_x.shape[0]),
                  "test_examples": int(split.test.test_y.shape[0])},
-        "hardware": _hardware(config.device),
+        "hardware": hardware(config.device),
         "seeds": seeds,
         "grid": grid,
         "bases": bases,
@@ -646,7 +648,7 @@ def plot_periodic(result: dict, path: Path) -> Path:
         ax.set_ylabel(f"{result['task']} test loss (median of {len(result['seeds'])} inits)")
         ax.set_title(f"{base}: generator {result['generator']['name']}, moments {result['moments']}")
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _fmt(x, spec: str) -> str:

@@ -8,8 +8,7 @@ from typing import Sequence
 
 import torch
 
-from learned_opt.demo import first_step_at_or_below
-from learned_opt.demo_cartpole import first_step_at_or_above
+from learned_opt.demo import first_step_at_or_above, first_step_at_or_below
 from learned_opt.errors import ConfigError
 from learned_opt.tasks import Task
 

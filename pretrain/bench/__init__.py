@@ -50,7 +50,15 @@ training run), ``summaries`` (per-init rows, targets, median curves), ``periodic
 """
 
 from .cli import configure, main
-from .config import MODES, BenchConfig, FractionPrompt, describe_prompt, parse_bases, parse_every, parse_prompt
+from .config import (
+    MODES,
+    BenchConfig,
+    FractionPrompt,
+    describe_prompt,
+    parse_bases,
+    parse_every,
+    parse_prompt,
+)
 from .periodic import run_bench, run_periodic
 from .report import format_summary, plot_periodic
 from .runs import Run, Split, eval_grid, holdout_closure, split_holdout, train_run

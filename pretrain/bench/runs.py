@@ -21,9 +21,6 @@ from learned_opt.tasks import Task
 from .config import FractionPrompt
 
 
-# ---------------------------------------------------------------------- data
-
-
 @dataclass
 class Split:
     """The training data split for one benchmark.

@@ -14,9 +14,6 @@ from .config import CorpusConfig
 from .ppo_family import PPORanges
 
 
-# ---------------------------------------------------------------------- command line
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="mnist-mlp", help="task name (default: mnist-mlp)")
     parser.add_argument("--runs", type=int, required=True, help="number of runs: ids 0 .. RUNS-1")

@@ -42,9 +42,6 @@ from ..seeding import log_uniform, seeded_init
 from .family import FinishedRun, bad_rows
 
 
-# ---------------------------------------------------------------------- the cartpole-mlp corpus
-
-
 @dataclass(frozen=True)
 class PPORanges:
     """Where each ``cartpole-mlp`` corpus run's hyperparameters are drawn from (module table)."""

@@ -20,9 +20,6 @@ from .pairs import PairDataset, guarded, read_run_metrics
 from .split import Split, seeded_generator, split_runs
 
 
-# ---------------------------------------------------------------------------- the corpus as pairs
-
-
 @dataclass
 class PairCorpus:
     """A store opened for training: split, normalisation and the two pair datasets."""

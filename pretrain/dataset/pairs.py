@@ -17,9 +17,6 @@ from ..store import Store
 from .config import GPT_MAX_GAP
 
 
-# ---------------------------------------------------------------------------- store access
-
-
 def guarded(what: str, store: Store, run_id: int, fn, *args):
     """Call a store reader; turn anything but the package's own errors into a one-line StoreError."""
     try:

@@ -53,8 +53,9 @@ depend on the generator's task (:func:`suite_for`): Adam and SGD for ``mnist-mlp
   θ′ from ``(x_t, t, θ, l, l′)``: its x0 MSE against that of returning θ (``ratio`` below 1 beats
   returning θ; an untrained model returns θ, ratio 1) and the cosine between (prediction − θ) and
   (θ′ − θ). The same on training runs (``train_runs``): near the held-out figures, the generator
-  is not overfitting its corpus. Task-independent (:func:`~pretrain.evaluate.denoising.measure_denoising`); skipped without a store or
-  a recorded split.
+  is not overfitting its corpus. Task-independent
+  (:func:`~pretrain.evaluate.denoising.measure_denoising`); skipped without a store or a recorded
+  split.
 * **out-of-distribution inits** — Kaiming-normal weights (zero biases) and the default uniform init
   scaled by 3: one update and up to 10 repeated.
 

@@ -17,9 +17,6 @@ from .config import SCREEN_ELEMENTS, EvalConfig
 from .metrics import summary
 
 
-# ---------------------------------------------------------------------- hidden-unit alignment
-
-
 def hungarian(cost: torch.Tensor) -> torch.Tensor:
     """Exact minimum-cost assignment of a square ``[H, H]`` cost matrix: ``col[i]`` for row ``i``.
 

@@ -24,48 +24,22 @@ the same whatever other runs train beside it, so a resumed or sharded corpus rep
 Without ``run_seeds`` the streams of run ``r`` derive from ``(seed, r)`` and all runs share the
 checkpoint steps drawn from ``seed``.
 
-The ``cartpole-mlp`` corpus (``learned-opt corpus --task cartpole-mlp``; :class:`PPOFamily`)
-draws each run's hyperparameters with ``random.Random(seed)`` from :class:`PPORanges`:
-
-==================  =========================================================================
-hyperparameter      range
-==================  =========================================================================
-lr                  log-uniform [1e-4, 3e-3] (Adam, eps 1e-5, policy and value net;
-                    ``--lr-range LOW HIGH`` sets the interval)
-gamma               uniform [0.97, 0.999]
-gae_lambda          uniform [0.9, 0.99]
-clip                uniform [0.1, 0.3]
-entropy_coef        0 with probability 0.5, else log-uniform [1e-4, 1e-2]
-env_steps           one of 25,000 / 50,000 / 100,000 per run (``--env-steps N`` sets every
-                    run's), rounded down to whole updates of ``envs x horizon`` steps
-value_coef          0.5 (fixed); max_grad_norm 0.5 (fixed)
-==================  =========================================================================
-
-The step structure (:class:`PPOShape`: 8 environments x 128 steps per update, 4 epochs of 4
-minibatches) is fixed per corpus, recorded in the store's settings and in every run's hparams, so
-runs with the same ``env_steps`` train together in one batch. A stored run's ``steps`` are
-gradient steps; the environment steps its checkpoints had seen are ``info["env_steps"]`` (a
-list of ``K`` ints; also ``ceil(step / (ppo_epochs * minibatches)) * envs * horizon``). Its metric
-``return`` is the task's greedy return over its 10 fixed evaluation episodes.
+The ``cartpole-mlp`` corpus trains its runs with this (see :mod:`pretrain.corpus.ppo_family`).
 """
 
 from __future__ import annotations
 
-import json
-import math
-import random
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from learned_opt.errors import LearnedOptError
 from learned_opt.layout import Layout
 from learned_opt.tasks import MLP, Task
 
-from .corpus import FinishedRun, _bad_rows, _stream, checkpoint_steps, seeded_init, stream_seed
+from .seeding import checkpoint_steps, stream, stream_seed
 
 
 @dataclass(frozen=True)
@@ -181,7 +155,7 @@ def train_ppo(
     run_seeds = [int(s) for s in run_seeds]
     if len(run_seeds) != runs:
         raise ValueError(f"{len(run_seeds)} run seeds for {runs} runs")
-    gens = [_stream(s, 2) for s in run_seeds]  # actions and minibatch order
+    gens = [stream(s, 2) for s in run_seeds]  # actions and minibatch order
     env_rngs = [np.random.default_rng(stream_seed(s, 3)) for s in run_seeds]  # episode starts
 
     value_sizes = (4, shape.value_hidden, shape.value_hidden, 1)
@@ -205,7 +179,7 @@ def train_ppo(
         save_at = checkpoint_steps(shape.grad_steps, num_checkpoints, torch.Generator().manual_seed(seed))
         save_rows = save_at.expand(runs, -1)
     else:
-        save_rows = torch.stack([checkpoint_steps(shape.grad_steps, num_checkpoints, _stream(s, 1)) for s in run_seeds])
+        save_rows = torch.stack([checkpoint_steps(shape.grad_steps, num_checkpoints, stream(s, 1)) for s in run_seeds])
     saved = torch.empty(runs, save_rows.shape[1], init.shape[1])
     save_when: dict[int, list[tuple[int, int]]] = {}  # grad step -> [(run, slot)]
     for r, row in enumerate(save_rows.tolist()):
@@ -337,195 +311,3 @@ def env_steps_at(steps: torch.Tensor, shape: PPOShape) -> torch.Tensor:
     """Environment steps per run seen by the checkpoint after ``steps`` gradient steps."""
     per_update = shape.epochs * shape.minibatches
     return (steps + per_update - 1).div(per_update, rounding_mode="floor") * shape.horizon * shape.envs
-
-
-
-# ---------------------------------------------------------------------- the cartpole-mlp corpus
-
-
-@dataclass(frozen=True)
-class PPORanges:
-    """Where each ``cartpole-mlp`` corpus run's hyperparameters are drawn from (module table)."""
-
-    lr: tuple[float, float] = (1e-4, 3e-3)  # log-uniform
-    gamma: tuple[float, float] = (0.97, 0.999)  # uniform
-    gae_lambda: tuple[float, float] = (0.9, 0.99)  # uniform
-    clip: tuple[float, float] = (0.1, 0.3)  # uniform
-    entropy_coef: tuple[float, float] = (1e-4, 1e-2)  # log-uniform, when not 0
-    p_no_entropy: float = 0.5  # probability of entropy_coef 0
-    env_steps: tuple[int, ...] = (25_000, 50_000, 100_000)
-    value_coef: float = 0.5
-    max_grad_norm: float = 0.5
-
-    def __post_init__(self) -> None:
-        for name in ("lr", "entropy_coef"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo <= hi:
-                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
-        for name in ("gamma", "gae_lambda"):
-            lo, hi = getattr(self, name)
-            if not 0 <= lo <= hi <= 1:
-                raise ValueError(f"{name} must lie in [0, 1], got {(lo, hi)}")
-        if not 0 < self.clip[0] <= self.clip[1]:
-            raise ValueError(f"clip must satisfy 0 < low <= high, got {self.clip}")
-        if not self.env_steps or min(self.env_steps) < 1:
-            raise ValueError("env_steps needs at least one positive value")
-
-
-CORPUS_SHAPE = PPOShape(envs=8, horizon=128, epochs=4, minibatches=4)  # total_steps is per run
-_SHAPE_KEYS = ("envs", "horizon", "epochs", "minibatches", "value_hidden")
-_SHAPE_HPARAMS = {"envs": "envs", "horizon": "horizon", "epochs": "ppo_epochs", "minibatches": "minibatches",
-                  "value_hidden": "value_hidden"}  # PPOShape field -> hparams key (not "epochs": that is MNIST's)
-
-
-def sample_ppo_hparams(
-    seed: int, ranges: PPORanges = PPORanges(), *, env_steps: int | None = None, shape: PPOShape = CORPUS_SHAPE
-) -> dict:
-    """The hyperparameters of the ``cartpole-mlp`` run with this seed (same seed, same result)."""
-    rng = random.Random(seed)
-    # every value is drawn in a fixed order, so one setting never shifts the others
-    u_lr, gamma, lam, clip = rng.random(), rng.uniform(*ranges.gamma), rng.uniform(*ranges.gae_lambda), rng.uniform(*ranges.clip)
-    no_ent, u_ent = rng.random() < ranges.p_no_entropy, rng.random()
-    steps = rng.choice(ranges.env_steps)
-    return {
-        "algorithm": "ppo",
-        "lr": _log_uniform(*ranges.lr, u_lr),
-        "gamma": gamma,
-        "gae_lambda": lam,
-        "clip": clip,
-        "entropy_coef": 0.0 if no_ent else _log_uniform(*ranges.entropy_coef, u_ent),
-        "value_coef": ranges.value_coef,
-        "max_grad_norm": ranges.max_grad_norm,
-        "env_steps": int(steps if env_steps is None else env_steps),
-        **{_SHAPE_HPARAMS[k]: getattr(shape, k) for k in _SHAPE_KEYS},
-        "adam_eps": 1e-5,
-    }
-
-
-def _log_uniform(lo: float, hi: float, u: float) -> float:
-    return math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
-
-
-@dataclass
-class PPORunPlan:
-    """Everything that defines one ``cartpole-mlp`` corpus run before it is trained."""
-
-    run_id: int
-    seed: int
-    hparams: dict
-    num_checkpoints: int = 200
-
-    @property
-    def shape(self) -> PPOShape:
-        return PPOShape(total_steps=self.hparams["env_steps"], **{k: self.hparams[_SHAPE_HPARAMS[k]] for k in _SHAPE_KEYS})
-
-    @property
-    def total_steps(self) -> int:
-        """Gradient steps of the run."""
-        return self.shape.grad_steps
-
-    def init(self, task: Task) -> torch.Tensor:
-        """The initial flat parameters ``[P]``: ``torch.manual_seed(seed); task.build_model()``."""
-        return seeded_init(task, self.seed)
-
-
-def train_ppo_runs(task: Task, plans: Sequence[PPORunPlan], on_finish: Callable[[list], None],
-                   on_progress: Callable[[float], None] = lambda runs: None) -> None:
-    """Train ``plans`` (one step structure) together with :func:`train_ppo`; hand over finished runs.
-
-    A run with a non-finite checkpoint or any ``|w| > 10`` is dropped (``dropped_at``: the first such
-    checkpoint's step). Kept runs carry ``info["env_steps"]`` ([K] ints).
-    """
-    if not plans:
-        return
-    shape = plans[0].shape
-    if any(p.shape != shape for p in plans):
-        raise ValueError("runs trained together must share their step structure and environment steps")
-    keys = [k for k in vars(PPOHparams()) if k in plans[0].hparams]
-    hp = PPOHparams(**{k: [float(p.hparams[k]) for p in plans] for k in keys})
-    done = 0
-
-    def progress(grad_step: int) -> None:
-        nonlocal done
-        on_progress(len(plans) * (grad_step - done) / shape.grad_steps)
-        done = grad_step
-
-    init = torch.stack([p.init(task) for p in plans])
-    res = train_ppo(task, init, hp, shape, num_checkpoints=plans[0].num_checkpoints,
-                    run_seeds=[p.seed for p in plans], progress=progress)
-    finished = []
-    for i, p in enumerate(plans):
-        ck, steps = res.checkpoints[i], res.steps[i]
-        bad = _bad_rows(ck)
-        if bool(bad.any()):
-            first = int(steps[bad.nonzero()[0, 0]])
-            finished.append(FinishedRun(p, steps, None, "non-finite or |w| > 10", first))
-        else:
-            finished.append(FinishedRun(p, steps, ck, info={"env_steps": res.env_steps[i].tolist()}))
-    on_finish(finished)
-
-
-class PPOFamily:
-    """The corpus builder's ``cartpole-mlp`` family (see :class:`pretrain.corpus.TaskFamily`)."""
-
-    name = "CartPole policies"
-
-    def accepts(self, task: Task) -> bool:
-        from learned_opt.tasks.cartpole_mlp import CartPoleMLP
-
-        return isinstance(task, CartPoleMLP)
-
-    def check(self, config) -> None:
-        for flag, value in (("--epochs", config.epochs), ("--train-examples", config.train_examples)):
-            if value is not None:
-                raise LearnedOptError(f"{flag} applies to classifier corpora; use --env-steps for cartpole-mlp")
-        if config.gpt_recipe:
-            raise LearnedOptError("--gpt-recipe applies to classifier corpora, not to cartpole-mlp")
-        shape = self.shape(config)
-        if config.env_steps is not None and config.env_steps < shape.envs * shape.horizon:
-            raise LearnedOptError(
-                f"--env-steps must be >= {shape.envs * shape.horizon} (one update of {shape.envs} environments "
-                f"x {shape.horizon} steps), got {config.env_steps}"
-            )
-        if torch.device(config.device).type != "cpu":
-            raise LearnedOptError("cartpole-mlp corpora train on the CPU (gymnasium's CartPole is NumPy); drop --device")
-
-    @staticmethod
-    def shape(config) -> PPOShape:
-        return config.ppo_shape or CORPUS_SHAPE
-
-    @staticmethod
-    def ranges(config) -> PPORanges:
-        return config.ppo_ranges or PPORanges()
-
-    def settings(self, config) -> dict:
-        shape = self.shape(config)
-        return {
-            "seed": config.seed,
-            "env_steps": config.env_steps,
-            "checkpoints": config.checkpoints,
-            "ppo_shape": {k: getattr(shape, k) for k in _SHAPE_KEYS},
-            "ranges": json.loads(json.dumps(asdict(self.ranges(config)))),
-        }
-
-    def plan(self, run_ids, config, data) -> list[PPORunPlan]:
-        ranges, shape = self.ranges(config), self.shape(config)
-        return [
-            PPORunPlan(r, config.seed + r, sample_ppo_hparams(config.seed + r, ranges, env_steps=config.env_steps,
-                                                              shape=shape), config.checkpoints)
-            for r in run_ids
-        ]
-
-    def groups(self, plans: list[PPORunPlan], batch_runs: int) -> list[list[PPORunPlan]]:
-        """Runs grouped by environment steps (so their updates align), cut into ``batch_runs``."""
-        by_steps: dict[int, list[PPORunPlan]] = {}
-        for p in plans:
-            by_steps.setdefault(p.hparams["env_steps"], []).append(p)
-        out = []
-        for _, group in sorted(by_steps.items()):
-            group.sort(key=lambda p: p.run_id)
-            out.extend(group[i : i + batch_runs] for i in range(0, len(group), batch_runs))
-        return out
-
-    def trainer(self, task: Task, config, data, device) -> Callable:
-        return lambda group, on_finish, on_progress: train_ppo_runs(task, group, on_finish, on_progress)

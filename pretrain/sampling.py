@@ -41,7 +41,9 @@ from learned_opt.errors import ConfigError
 from learned_opt.fileio import atomic_write
 from learned_opt.pretrained import LoadedGenerator, load_generator
 
-from .evaluate import _hardware, _save, init_params
+from .evaluate import init_params
+from .evaluate.plots import save_figure
+from .evaluate.run import hardware
 
 DEFAULT_STEPS = (1, 2, 3, 4, 6, 10, 25)
 DEFAULT_T_MIN = (0, 100, 200, 300, 400, 500, 600)
@@ -184,7 +186,7 @@ def _plot(result: dict, out: Path) -> Path:
     # the inits sit far above every sampler: named in the title, so that the axis shows the samplers apart
     ax.set_title(f"one update from fresh inits (median {result['metric']} {result['start_median']:.3g}), by sampler")
     ax.legend(fontsize=8)
-    return _save(fig, out / "sweep.png")
+    return save_figure(fig, out / "sweep.png")
 
 
 def tune_sampling(config: TuneConfig) -> dict:
@@ -200,7 +202,7 @@ def tune_sampling(config: TuneConfig) -> dict:
     val_data = task.validation_data(task.load_data(config.data_root), config.holdout)
     inits = init_params(task, [config.seed + i for i in range(config.inits)])
     result = {"config": asdict(config), "generator": {"name": gen.name, "sha256": gen.sha256},
-              "hardware": _hardware("cpu"), **sweep(gen, task, val_data, inits, config)}
+              "hardware": hardware("cpu"), **sweep(gen, task, val_data, inits, config)}
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.plots:

@@ -17,9 +17,10 @@ import torch
 from learned_opt import cli, tasks
 from learned_opt.errors import StoreError
 from pretrain.corpus import (
-    ADAM, GPT_RECIPE, SGD, BatchedMLPTrainer, CorpusConfig, HParamRanges, RunPlan, build_corpus,
-    checkpoint_steps, sample_hparams, train_run_reference,
+    ADAM, GPT_RECIPE, SGD, BatchedMLPTrainer, CorpusConfig, HParamRanges, RunPlan, build_corpus, sample_hparams,
+    train_run_reference,
 )
+from pretrain.seeding import checkpoint_steps
 from pretrain.store import RunRecord, Store
 from test_store import OtherTask
 

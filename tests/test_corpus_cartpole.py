@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from learned_opt import cli, tasks
-from pretrain.corpus import CorpusConfig, build_corpus, seeded_init
-from pretrain.ppo import PPOFamily, PPORanges, PPORunPlan, sample_ppo_hparams
+from pretrain.corpus import CorpusConfig, PPOFamily, PPORanges, PPORunPlan, build_corpus, sample_ppo_hparams
+from pretrain.seeding import seeded_init
 from pretrain.store import Store
 
 TINY = ["--env-steps", "1024", "--checkpoints", "5", "--no-progress"]  # one update: 16 gradient steps

@@ -11,7 +11,7 @@ import torch
 
 from learned_opt import tasks
 from learned_opt.cli import main as cli_main
-from learned_opt.demo_cartpole import FAILURE_ANGLE, first_step_at_or_above
+from learned_opt.demo.cartpole import FAILURE_ANGLE, first_step_at_or_above
 from learned_opt.diffusion import DiffusionConfig
 from learned_opt.errors import EnvironmentStepError
 from learned_opt.generator import build_generator

@@ -21,9 +21,6 @@ from learned_opt.normalization import Normalization
 from learned_opt.pretrained import LoadedGenerator
 from pretrain.evaluate import (
     EvalConfig,
-    _denoising,
-    _denoising_lines,
-    _plot_denoising,
     aligned_distance,
     denoise_timesteps,
     hungarian,
@@ -34,6 +31,9 @@ from pretrain.evaluate import (
     steps_to_reach,
     summary,
 )
+from pretrain.evaluate.denoising import measure_denoising
+from pretrain.evaluate.plots import plot_denoising
+from pretrain.evaluate.report import denoising_lines
 
 TASK = tasks.get("mnist-mlp")
 
@@ -158,7 +158,7 @@ def test_eval_end_to_end(mnist_root, tmp_path, capsys):
     train = den["train_runs"]  # the same check on runs the generator trained on
     assert train["split"] == "train" and train["run_ids"] == [0, 2] and train["timesteps"] == den["timesteps"]
     assert den["split"] == "heldout" and den["run_ids"] == [1, 3] and train["ratio"] != den["ratio"]
-    assert "(ratio on 2 training runs)" in "\n".join(_denoising_lines(den))
+    assert "(ratio on 2 training runs)" in "\n".join(denoising_lines(den))
     for png in ("one_step.png", "prompt_alignment.png", "baselines.png", "denoising.png"):
         assert (out / png).stat().st_size > 1000
 
@@ -188,11 +188,11 @@ def test_eval_refuses_corpus_seeds(mnist_data, tmp_path):
 
 
 def test_diverged_baselines_are_not_counted_as_not_reached():
-    from pretrain.evaluate import _reach_summary
+    from pretrain.evaluate import reach_summary
 
     nan = float("nan")
     curves = torch.tensor([[2.0, 1.0, 0.5], [nan, nan, nan], [2.0, 1.9, 1.8]])
-    out = _reach_summary([20, None, None], curves)
+    out = reach_summary([20, None, None], curves)
     assert out["diverged"] == 1 and out["not_reached"] == 1 and out["steps_to_reach"]["n"] == 1
 
 
@@ -239,7 +239,7 @@ def test_denoising_of_a_zero_decoder_is_returning_theta(tmp_path, name, precondi
     store = make_store(tmp_path / "store", task=name, runs=4, checkpoints=5)
     gen = tiny_generator(name, precondition, heldout=[3, 1, 99, 2])  # run 99 is not in the store
     was_training = gen.model.training
-    den = _denoising(gen, store, EvalConfig(generator="unused", denoise_runs=2))
+    den = measure_denoising(gen, store, EvalConfig(generator="unused", denoise_runs=2))
     assert gen.model.training == was_training
     assert den["runs_used"] == 2 and den["run_ids"] == [3, 1] and den["timesteps"] == [49, 34, 20, 10, 5, 1, 0]
     for key in ("x0_mse", "identity_mse", "ratio", "cosine"):
@@ -255,7 +255,7 @@ def test_denoising_of_a_zero_decoder_is_returning_theta(tmp_path, name, precondi
 def test_denoising_calls_the_model_as_training_does(tmp_path):
     store = make_store(tmp_path / "store", runs=3, checkpoints=4)
     gen = tiny_generator("mnist-mlp", perturb=1e-2, heldout=[0, 2])
-    den = _denoising(gen, store, EvalConfig(generator="unused", sample_batch=1))  # one pair per batch
+    den = measure_denoising(gen, store, EvalConfig(generator="unused", sample_batch=1))  # one pair per batch
     assert den["runs_used"] == 2 and all(r != pytest.approx(1.0, abs=1e-6) for r in den["ratio"])
     # the same numbers written out with forward() on both pairs at once
     norm = gen.normalization
@@ -272,20 +272,20 @@ def test_denoising_calls_the_model_as_training_does(tmp_path):
             assert den["x0_mse"][i] == pytest.approx(float(((pred - target) ** 2).mean()), rel=1e-4)
             cos = torch.nn.functional.cosine_similarity(pred - theta, target - theta, dim=1).mean()
             assert den["cosine"][i] == pytest.approx(float(cos), abs=1e-4)
-    lines = _denoising_lines(den)
+    lines = denoising_lines(den)
     assert len(lines) == 4 and "2 held-out runs" in lines[0] and lines[2].split()[0] == "ratio"
-    assert _plot_denoising(den, tmp_path).stat().st_size > 1000
+    assert plot_denoising(den, tmp_path).stat().st_size > 1000
 
 
 def test_denoising_is_skipped_without_a_store_a_split_or_runs(tmp_path):
     store = make_store(tmp_path / "store", runs=2, checkpoints=3)
     config = EvalConfig(generator="unused")
-    assert "--store" in _denoising(tiny_generator("mnist-mlp", heldout=[0]), None, config)["skipped"]
-    assert "held-out" in _denoising(tiny_generator("mnist-mlp"), store, config)["skipped"]
-    assert "none of the 1" in _denoising(tiny_generator("mnist-mlp", heldout=[7]), store, config)["skipped"]
+    assert "--store" in measure_denoising(tiny_generator("mnist-mlp", heldout=[0]), None, config)["skipped"]
+    assert "held-out" in measure_denoising(tiny_generator("mnist-mlp"), store, config)["skipped"]
+    assert "none of the 1" in measure_denoising(tiny_generator("mnist-mlp", heldout=[7]), store, config)["skipped"]
     off = EvalConfig(generator="unused", denoise_runs=0)
-    assert "--denoise-runs 0" in _denoising(tiny_generator("mnist-mlp", heldout=[0]), store, off)["skipped"]
-    assert _denoising_lines({"skipped": "why"}) == ["denoising: why"]
+    assert "--denoise-runs 0" in measure_denoising(tiny_generator("mnist-mlp", heldout=[0]), store, off)["skipped"]
+    assert denoising_lines({"skipped": "why"}) == ["denoising: why"]
     with pytest.raises(Exception, match="--denoise-runs must be >= 0"):
         EvalConfig(generator="unused", denoise_runs=-1)
 

@@ -3,7 +3,7 @@ import torch
 
 from learned_opt import tasks
 from pretrain import ppo
-from pretrain.corpus import checkpoint_steps
+from pretrain.seeding import checkpoint_steps
 from pretrain.ppo import PPOHparams, PPOShape, train_ppo
 
 

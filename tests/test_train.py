@@ -15,9 +15,9 @@ from train_helpers import make_store, state_hash
 
 from learned_opt import cli
 from learned_opt.errors import ConfigError, DataNotFoundError, StoreError, TrainingError, WeightsError
-from learned_opt.pretrained import load_generator, sha256_file
+from learned_opt.diffusion import Diffusion
 from learned_opt.layout import Layout
-from pretrain import train as train_mod
+from learned_opt.pretrained import load_generator, sha256_file
 from pretrain.dataset import PairDataset
 from pretrain.train import (
     CHECKPOINT_NAME,
@@ -29,6 +29,7 @@ from pretrain.train import (
     lr_factor,
     train,
 )
+from pretrain.train import finetune, optim, outputs
 
 TIMING_KEYS = {"samples_per_s", "elapsed_s"}
 
@@ -51,7 +52,7 @@ def file_hash(path) -> str:
 
 
 def log_without_timing(out) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in train_mod.read_jsonl(out / LOG_NAME)]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in outputs.read_jsonl(out / LOG_NAME)]
 
 
 def assert_same_training_state(a, b) -> None:
@@ -109,7 +110,7 @@ def test_killed_run_resumes_from_its_last_checkpoint_and_equals_an_uninterrupted
     with pytest.raises(KeyboardInterrupt):
         train(tiny(store_dir, tmp_path))
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 3
-    assert max(r["step"] for r in train_mod.read_jsonl(tmp_path / LOG_NAME)) == 4  # logged past the checkpoint
+    assert max(r["step"] for r in outputs.read_jsonl(tmp_path / LOG_NAME)) == 4  # logged past the checkpoint
     monkeypatch.setattr(PairDataset, "batch", original)
     train(tiny(store_dir, tmp_path, resume=True))
     assert_same_training_state(out, tmp_path)
@@ -134,7 +135,7 @@ def test_training_leaves_the_callers_global_rng_alone(store_dir, tmp_path):
 def test_log_and_plot_rewrites_that_fail_keep_the_old_files_and_leave_no_temporary_file(tmp_path, monkeypatch):
     log, png = tmp_path / LOG_NAME, tmp_path / "loss.png"
     for step in (1, 2, 3):
-        train_mod.append_jsonl(log, {"step": step, "loss": 1.0 / step})
+        outputs.append_jsonl(log, {"step": step, "loss": 1.0 / step})
     png.write_bytes(b"old picture")
     before = log.read_bytes()
 
@@ -143,15 +144,15 @@ def test_log_and_plot_rewrites_that_fail_keep_the_old_files_and_leave_no_tempora
 
     monkeypatch.setattr(os, "replace", refuse)
     with pytest.raises(OSError, match="no space"):
-        train_mod.truncate_log(log, 2)
+        outputs.truncate_log(log, 2)
     with pytest.raises(OSError, match="no space"):
-        train_mod.plot_losses(log, png)
+        outputs.plot_losses(log, png)
     assert log.read_bytes() == before and png.read_bytes() == b"old picture"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LOG_NAME, "loss.png"])
     monkeypatch.undo()
-    train_mod.truncate_log(log, 2)
-    assert [r["step"] for r in train_mod.read_jsonl(log)] == [1, 2]
-    assert train_mod.plot_losses(log, png) is None and png.read_bytes().startswith(b"\x89PNG")
+    outputs.truncate_log(log, 2)
+    assert [r["step"] for r in outputs.read_jsonl(log)] == [1, 2]
+    assert outputs.plot_losses(log, png) is None and png.read_bytes().startswith(b"\x89PNG")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([LOG_NAME, "loss.png"])
 
 
@@ -275,7 +276,7 @@ def test_optimizer_decays_matrices_only(store_dir):
     from pretrain.store import Store
 
     model = build_generator(Layout(Store.open(store_dir).signature), "tiny")
-    opt, sched = train_mod.make_optimizer(model, tiny(store_dir, "unused", steps=10))
+    opt, sched = optim.make_optimizer(model, tiny(store_dir, "unused", steps=10))
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
@@ -301,7 +302,7 @@ def test_training_lowers_the_diffusion_loss(store_dir, tmp_path):
     cfg = tiny(store_dir, tmp_path, steps=120, batch_size=8, lr=2e-3, warmup=10, log_every=20,
                eval_every=120, checkpoint_every=120)
     train(cfg)
-    log = train_mod.read_jsonl(tmp_path / LOG_NAME)
+    log = outputs.read_jsonl(tmp_path / LOG_NAME)
     assert log[-1]["loss"] < 0.85 * log[0]["loss"], [r["loss"] for r in log]
     assert all(math.isfinite(r["loss"]) for r in log)
 
@@ -338,14 +339,14 @@ def test_residual_scale_is_the_per_parameter_rms_of_the_sampled_pairs(store_dir)
 
     corpus = open_pairs(store_dir)
     sampler = PairSampler(len(corpus.train), 4, seed=0, task=corpus.task)
-    scale = train_mod.residual_scale_estimate(train_mod.sample_updates(corpus.train, sampler, count=12))
+    scale = optim.residual_scale_estimate(optim.sample_updates(corpus.train, sampler, count=12))
     diffs = []
     for b in range(3):
         indices, perms = sampler.global_batch(b, stream="residual-std")
         batch = corpus.train.batch(indices, perms)
         diffs.append(batch.theta_next - batch.theta)
     rms = torch.cat(diffs).square().mean(0).sqrt()
-    floor = train_mod.RESIDUAL_FLOOR * rms.square().mean().sqrt()
+    floor = optim.RESIDUAL_FLOOR * rms.square().mean().sqrt()
     torch.testing.assert_close(scale, rms.clamp(min=floor.item()))
     assert (scale > 0).all()
 
@@ -400,7 +401,7 @@ def test_checkpoint_from_before_the_new_options_still_resumes(store_dir, tmp_pat
         del state["config"][key]
     for key in ("precondition", "residual_std", "subspace_skip"):
         del state["model_config"][key]
-    train_mod.atomic_torch_save(state, path)  # a new file: the loaded state still maps the old one
+    outputs.atomic_torch_save(state, path)  # a new file: the loaded state still maps the old one
     assert train(tiny(store_dir, tmp_path, resume=True)).step == 6
 
 
@@ -429,7 +430,7 @@ def test_neuron_token_training_ties_scales_across_units_exports_and_loads(store_
 
 def test_layer_balance_gives_every_layer_the_same_share_and_may_change_on_resume(store_dir, tmp_path):
     layout = Layout(make_store(tmp_path / "s", runs=1, checkpoints=2).signature)
-    off, half, full = (train_mod.layer_weights(layout, a)[0] for a in (0.0, 0.5, 1.0))
+    off, half, full = (optim.layer_weights(layout, a)[0] for a in (0.0, 0.5, 1.0))
     assert torch.equal(off, torch.ones(7960))
     for w in (half, full):
         torch.testing.assert_close(w.mean(), torch.tensor(1.0))
@@ -438,7 +439,7 @@ def test_layer_balance_gives_every_layer_the_same_share_and_may_change_on_resume
     assert half[0] < 1 < half[-1]  # between: the small layers count for more, not for all
     train(tiny(store_dir, tmp_path / "run", stop_after=3, precondition=True))
     seen = []
-    real_loss = train_mod.Diffusion.training_loss
+    real_loss = Diffusion.training_loss
 
     def spy(self, model, x0, cond, *, weight=None, **kw):
         if weight is not None:  # training steps; the held-out loss is unweighted
@@ -446,7 +447,7 @@ def test_layer_balance_gives_every_layer_the_same_share_and_may_change_on_resume
         return real_loss(self, model, x0, cond, weight=weight, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_mod.Diffusion, "training_loss", spy)
+        mp.setattr(Diffusion, "training_loss", spy)
         resumed = train(tiny(store_dir, tmp_path / "run", resume=True, precondition=True, layer_balance=1.0))
     assert resumed.step == 6 and load_checkpoint(tmp_path / "run" / CHECKPOINT_NAME)["config"]["layer_balance"] == 1.0
     expected = resumed.model.loss_weight(torch.zeros(1, dtype=torch.long)) * full  # the model's weights times the balance
@@ -505,7 +506,7 @@ def test_fine_tune_resumes_exactly(store_dir, source, tmp_path):
 def test_fine_tune_keeps_the_sources_held_out_runs_out_of_training():
     src = type("Src", (), {"manifest": {"corpus": {"split": {"train": [0, 1, 3], "heldout": [2, 5],
                                                              "heldout_fraction": 0.4, "seed": 7}}}})()
-    split = train_mod.source_split(src, [0, 1, 2, 3, 4, 5, 6], TrainConfig())
+    split = finetune.source_split(src, [0, 1, 2, 3, 4, 5, 6], TrainConfig())
     assert split.heldout == (2, 5) and split.train == (0, 1, 3, 4, 6)  # new runs train
 
 
@@ -524,7 +525,7 @@ def test_fine_tune_refuses_settings_it_takes_from_its_source(store_dir, source, 
 def test_fine_tune_notes_a_store_that_is_not_its_sources_corpus():
     src = type("Src", (), {"name": "g", "manifest": {"corpus": {"store": "/x/mnist-corpus"}}})()
     notes = []
-    split = train_mod.source_split(src, list(range(20)), TrainConfig(store="/y/other"), notes)
+    split = finetune.source_split(src, list(range(20)), TrainConfig(store="/y/other"), notes)
     assert len(split.train) + len(split.heldout) == 20
     assert any("not the corpus /x/mnist-corpus" in n for n in notes) and any("no train/held-out split" in n for n in notes)
 

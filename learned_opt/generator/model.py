@@ -1,235 +1,23 @@
-"""G.pt's transformer over network parameters (Peebles et al. 2022, arXiv:2209.12892).
-
-With the layout's ``"chunk"`` tokens (G.pt's) the model reads a sequence of ``2T + 4`` tokens and
-predicts clean parameters θ′:
-
-* ``T`` tokens of the starting parameters θ and ``T`` tokens of the noised target x_t, each token
-  a chunk of at most ``M`` parameters within one layer (cut by :class:`~learned_opt.layout.Layout`),
-  each with its **own** linear encoder (no sharing between tokens);
-* one token each for the diffusion timestep t, the current metric l, the prompted metric l′ and
-  their difference l′ − l, through sinusoidal frequency embeddings and a small MLP.
-
-Token order: θ tokens, x_t tokens, t, l, l′, l′ − l.
-
-With the layout's ``"neuron"`` tokens (one per hidden unit, :mod:`learned_opt.layout`) the units
-of a layer share one encoder, one decoder and one position embedding, and a unit's θ and x_t
-encodings are summed into one token (the sequence is ``T + 4`` tokens, the prediction read at the
-unit tokens). Permuting the units of the **last** hidden layer in θ and x_t then permutes the
-prediction's units the same way (the model is equivariant to them, tested); permuting an earlier
-layer also reorders entries inside the next layer's tokens, which shared maps do not undo, so
-there the permutation augmentation of training pairs still does the work. On ``mnist-mlp`` (one
-hidden layer) every training pair teaches the shared maps ten times, once per unit, and a unit's
-outgoing weights sit in the same token as the feature its incoming weights detect.
-
-Learned position embeddings are added, a stack of pre-LayerNorm transformer blocks (non-causal,
-``F.scaled_dot_product_attention``) mixes the tokens, and a per-token linear decoder maps the
-output tokens at the x_t positions back to parameter chunks. The decoders start at zero.
-
-Two output parameterisations (``GptConfig.precondition``):
-
-* ``False`` (G.pt): the x_t tokens encode x_t itself and the prediction is ``θ + decoded``, so an
-  untrained model returns θ exactly. The model knows nothing of the noise schedule: it takes the
-  integer step ``t`` as given.
-* ``True``: inputs and outputs scaled per parameter and per noise level, around θ (in the spirit
-  of Karras et al. 2022, "EDM"). With ``x_t = a θ′ + s ε`` and the update ``θ′ - θ`` of root mean
-  square ``σ_p`` for parameter p (the buffer ``residual_scale`` [P], measured on the corpus by the
-  trainer and saved with the weights; ``GptConfig.residual_std`` until then), the x_t tokens
-  encode ``c_in (x_t - a θ)`` with ``c_in = 1 / sqrt(a² σ² + s²)`` (θ taken out, unit scale at
-  every noise level) and the prediction is ``θ + σ · decoded``, elementwise, so the decoded output
-  has a unit-scale target and an untrained model still returns θ exactly (unless the subspace
-  skip below is on and set up). Training weights each
-  x0 error by ``1 / σ_p²`` (:meth:`Gpt.loss_weight`), so a parameter that training barely moves
-  counts as much as one it moves a lot. There is no elementwise skip from x_t to the output: an
-  update within one token lives mostly in a few directions (on the MNIST corpus 97 % of the
-  energy of a hidden unit's 784 incoming weight changes lies in 192 directions), and such a skip
-  would let the sampler leave noise of the full per-parameter scale in all the others. With
-  ``subspace_skip`` the skip is restricted to those directions: ``decoded`` gets
-  ``Π_k(κ ⊙ c_in (x_t - a θ))`` added, where ``κ = a σ c_in`` is the best linear guess of
-  ``(θ′ - θ) / σ`` for a unit-variance update and ``Π_k`` projects each token onto its principal
-  update directions (the buffer ``skip_basis``, set with the encoders by
-  :meth:`Gpt.init_encoders_from_updates`; zero, i.e. no skip, until then). At low noise the model
-  then copies the update it sees instead of learning to, and the sampler leaves no noise outside
-  the directions where updates live. This variant needs the noise schedule, given as a
-  :class:`~learned_opt.diffusion.DiffusionConfig` at construction.
-"""
+"""The diffusion transformer over a network's parameters (:class:`Gpt`), and :func:`build_generator`."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .diffusion import DiffusionConfig, make_betas
-from .errors import ArchitectureMismatchError, ConfigError
-from .layout import Layout
-
-NUM_SCALAR_TOKENS = 4  # timestep, metric l, prompted metric l', difference l' - l
-
-
-# ---------------------------------------------------------------------------------- config
-
-
-@dataclass
-class GptConfig:
-    """Size and shape of a :class:`Gpt`; JSON-able via ``dataclasses.asdict``."""
-
-    d_model: int  # width of every token
-    n_layers: int  # transformer blocks
-    n_heads: int  # attention heads (must divide d_model)
-    mlp_ratio: float = 4.0  # hidden width of each block's MLP, as a multiple of d_model
-    dropout: float = 0.0  # on attention weights and residual branches (training only)
-    num_frequencies: int = 128  # sinusoidal frequencies per scalar (G.pt: 128)
-    metric_max_log2_frequency: float = 14.0  # metric frequencies pi * 2^0 .. pi * 2^14 (G.pt: up to 2^14)
-    timestep_max_period: float = 10000.0  # timestep frequencies 1 .. 1/max_period (t is an integer step)
-    precondition: bool = False  # False: G.pt's θ + decoded; True: noise-level skips around θ (module doc)
-    residual_std: float = 0.25  # root mean square of θ′ - θ in generator units (preconditioned: the initial residual_scale)
-    subspace_skip: bool = False  # preconditioned only: skip x_t to the output within each token's update directions
-
-    def __post_init__(self) -> None:
-        for name in ("d_model", "n_layers", "n_heads", "num_frequencies"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"GptConfig.{name} must be a positive integer, got {value!r}")
-        if self.d_model % self.n_heads:
-            raise ConfigError(
-                f"GptConfig.d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}); "
-                "pick a head count that divides the width"
-            )
-        if not self.mlp_ratio > 0:
-            raise ConfigError(f"GptConfig.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"GptConfig.dropout must be in [0, 1), got {self.dropout!r}")
-        if not (self.residual_std > 0 and math.isfinite(self.residual_std)):
-            raise ConfigError(f"GptConfig.residual_std must be a positive number, got {self.residual_std!r}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
-
-
-# Named sizes. Parameter counts are for the mnist-mlp layout (T=11 tokens of M=1000): there the
-# per-token encoders and decoders alone hold 3 * T * M * d_model = 33,000 * d_model parameters.
-PRESETS: dict[str, GptConfig] = {
-    # tests and smoke runs: ~1.1M on mnist-mlp (almost all encoders), a few 10K on toy layouts
-    "tiny": GptConfig(d_model=32, n_layers=2, n_heads=2),
-    # CPU training: ~9.3M on mnist-mlp (6.3M encoders/decoders + 2.7M transformer)
-    "small": GptConfig(d_model=192, n_layers=6, n_heads=6),
-    # one GPU: ~111M on mnist-mlp
-    "base": GptConfig(d_model=768, n_layers=12, n_heads=12),
-    # G.pt's scale (width 1536, 12 layers): ~390M on mnist-mlp
-    "large": GptConfig(d_model=1536, n_layers=12, n_heads=16),
-}
-
-
-def get_config(preset: str | GptConfig) -> GptConfig:
-    """A copy of a named preset, or the given config itself."""
-    if isinstance(preset, GptConfig):
-        return preset
-    if isinstance(preset, str) and preset in PRESETS:
-        return dataclasses.replace(PRESETS[preset])
-    raise ConfigError(
-        f"unknown generator preset {preset!r}; known presets: {', '.join(PRESETS)} "
-        "(or pass a GptConfig)"
-    )
-
-
-# ---------------------------------------------------------------------------------- layers
-
-
-class TokenLinear(nn.Module):
-    """A linear map per token group, applied to all tokens in one batched matmul.
-
-    ``weight`` is ``[G, in, out]``; ``x`` is ``[B, T, in]`` and the result ``[B, T, out]``. Token
-    ``k`` uses group ``groups[k]``'s map; without ``groups`` every token has its own (``G = T``).
-    """
-
-    def __init__(self, num_tokens: int, in_features: int, out_features: int,
-                 groups: tuple[int, ...] | None = None) -> None:
-        super().__init__()
-        shared = groups is not None and len(set(groups)) < len(groups)
-        num_maps = max(groups) + 1 if shared else num_tokens
-        self.weight = nn.Parameter(torch.zeros(num_maps, in_features, out_features))
-        self.bias = nn.Parameter(torch.zeros(num_maps, out_features))
-        self.register_buffer("groups", torch.tensor(groups) if shared else None, persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
-        if self.groups is not None:
-            w, b = w.index_select(0, self.groups), b.index_select(0, self.groups)
-        # [T, B, in] @ [T, in, out] + [T, 1, out] -> [T, B, out]
-        y = torch.baddbmm(b.unsqueeze(1), x.transpose(0, 1), w)
-        return y.transpose(0, 1)  # [B, T, out]
-
-    def extra_repr(self) -> str:
-        g, i, o = self.weight.shape
-        return f"maps={g}, in_features={i}, out_features={o}"
-
-
-class ScalarEmbedding(nn.Module):
-    """A scalar per sample -> one token: sinusoidal features at fixed frequencies, then an MLP."""
-
-    def __init__(self, frequencies: torch.Tensor, d_model: int) -> None:
-        super().__init__()
-        self.register_buffer("frequencies", frequencies.float(), persistent=False)  # [F]
-        self.mlp = nn.Sequential(
-            nn.Linear(2 * frequencies.numel(), d_model), nn.SiLU(), nn.Linear(d_model, d_model)
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        angles = x.float().unsqueeze(-1) * self.frequencies  # [B, F]
-        features = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)  # [B, 2F]
-        return self.mlp(features.to(self.mlp[0].weight.dtype))  # [B, D]
-
-
-class Attention(nn.Module):
-    """Non-causal multi-head self-attention."""
-
-    def __init__(self, config: GptConfig) -> None:
-        super().__init__()
-        self.n_heads = config.n_heads
-        self.dropout = config.dropout
-        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
-        self.proj = nn.Linear(config.d_model, config.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        qkv = self.qkv(x).view(b, n, 3, self.n_heads, d // self.n_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, H, N, hd]
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        y = y.transpose(1, 2).reshape(b, n, d)  # [B, N, D]
-        return self.proj(y)
-
-
-class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
-
-    def __init__(self, config: GptConfig) -> None:
-        super().__init__()
-        hidden = int(round(config.mlp_ratio * config.d_model))
-        self.ln1 = nn.LayerNorm(config.d_model)
-        self.attn = Attention(config)
-        self.ln2 = nn.LayerNorm(config.d_model)
-        self.mlp = nn.Sequential(
-            nn.Linear(config.d_model, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, config.d_model)
-        )
-        self.drop = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x)))
-        x = x + self.drop(self.mlp(self.ln2(x)))
-        return x
-
-
-# ---------------------------------------------------------------------------------- model
+from ..diffusion import DiffusionConfig, make_betas
+from ..errors import ArchitectureMismatchError, ConfigError
+from ..layout import Layout
+from .config import NUM_SCALAR_TOKENS, GptConfig, get_config
+from .layers import Block, ScalarEmbedding, TokenLinear
 
 
 class Gpt(nn.Module):
-    """G.pt: predicts clean parameters θ′ from (x_t, t, θ, l, l′). See the module docstring."""
+    """G.pt: predicts clean parameters θ′ from (x_t, t, θ, l, l′). See :mod:`learned_opt.generator`."""
 
     def __init__(self, layout: Layout, config: GptConfig, diffusion: DiffusionConfig | None = None) -> None:
         super().__init__()
@@ -465,7 +253,7 @@ class Gpt(nn.Module):
             return back.reshape(guess.shape[0], -1).index_select(1, self.flat_index)
 
     def _preconditioning(self, t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``c_in`` ``[B, P]`` and ``a = sqrt(ᾱ_t)`` ``[B, 1]`` at steps ``t`` [B] (module docstring)."""
+        """``c_in`` ``[B, P]`` and ``a = sqrt(ᾱ_t)`` ``[B, 1]`` at steps ``t`` [B] (see :mod:`learned_opt.generator`)."""
         t = t.to(self.signal_rate.device)
         a, s = self.signal_rate[t].to(dtype)[:, None], self.noise_rate[t].to(dtype)[:, None]
         var = self.residual_scale.to(dtype).square()  # [P]

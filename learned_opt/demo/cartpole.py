@@ -19,18 +19,17 @@ import json
 import math
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from . import tasks
-from .errors import ConfigError
-from .fileio import atomic_write
-from .ppo import PPOConfig, train_ppo
+from .. import tasks
+from ..errors import ConfigError
+from ..fileio import atomic_write
+from ..ppo import PPOConfig, train_ppo
+from .update import DemoConfig, one_update
 
-if TYPE_CHECKING:
-    from .demo import DemoConfig
 
 JSON_NAME, PNG_NAME = "demo_cartpole.json", "demo_cartpole.png"
 FAILURE_ANGLE = 12 * 2 * math.pi / 360  # rad; CartPole-v1 ends an episode beyond it (or at |x| > 2.4)
@@ -49,7 +48,6 @@ def first_step_at_or_above(steps: Sequence[int], values: Sequence[float], target
 
 def run_cartpole_demo(config: "DemoConfig") -> dict:
     """Run the CartPole demo; returns the results (also written to ``out/demo_cartpole.json``)."""
-    from .demo import one_update
 
     task = tasks.get("cartpole-mlp")
     ppo_config = PPOConfig()

@@ -1,0 +1,105 @@
+"""Running the demo (:func:`run_demo`; ``cartpole-mlp`` goes to :mod:`learned_opt.demo.cartpole`), and the
+``mnist-mlp`` demo's table and plot.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from .. import tasks
+from ..errors import ConfigError
+from ..fileio import atomic_write
+from .baselines import BASELINES, first_step_at_or_below, train_baseline
+from .cartpole import run_cartpole_demo
+from .update import DEMO_TASKS, DemoConfig, one_update
+
+
+def run_demo(config: DemoConfig, data=None) -> dict:
+    """Run the demo; returns the results (also written to ``out/demo.json``, or for
+    ``cartpole-mlp`` to ``out/demo_cartpole.json``)."""
+    if config.task not in DEMO_TASKS:
+        raise ConfigError(f"the demo runs {' or '.join(DEMO_TASKS)}, not {config.task!r}")
+    if config.task == "cartpole-mlp":
+
+        return run_cartpole_demo(config)
+    if config.steps < 1 or config.eval_every < 1:
+        raise ConfigError("--steps and --eval-every must be >= 1")
+    task = tasks.get(config.task)
+    if data is None:  # first: without data there is nothing to show, whatever the generator
+        data = task.load_data(config.data_root, download=config.download)
+    generator, model, layout, init, report = one_update(task, data, config)
+    before = task.evaluate(init[None], data, ["test_loss", "test_error"])
+    after = task.evaluate(layout.flatten_module(model)[None], data, ["test_loss", "test_error"])
+    eval_steps = list(range(0, config.steps + 1, config.eval_every)) + [config.steps]
+    curves = {
+        o: train_baseline(task, init, data, o, config.steps, eval_steps, seed=config.seed)
+        for o in BASELINES
+    }
+    gen_loss = float(after["test_loss"][0])
+    result = {
+        "task": task.name,
+        "generator": {"name": generator.name, "sha256": generator.sha256, "metric": generator.metric_name},
+        "seed": config.seed,
+        "init": {"test_loss": float(before["test_loss"][0]), "test_error": float(before["test_error"][0])},
+        "update": {
+            "test_loss": gen_loss, "test_error": float(after["test_error"][0]), "accepted": report.accepted,
+            "reason": report.reason, "prompt": report.prompt, "seconds": report.seconds,
+        },
+        "baselines": {o: asdict(c) for o, c in curves.items()},
+        "adam_matches_update_at": first_step_at_or_below(curves["adam"].steps, curves["adam"].test_loss, gen_loss),
+        "config": asdict(config),
+    }
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2) + "\n"
+    atomic_write(out / "demo.json", lambda p: p.write_text(text, encoding="utf-8"))
+    if config.plot:
+        result["plot"] = str(plot_demo(result, out / "demo.png"))
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The demo's printed table."""
+    k = result["config"]["steps"]
+    up = result["update"]
+    rows = [("random init", result["init"]),
+            (f"1 generative update ({'accepted' if up['accepted'] else 'rejected: ' + str(up['reason'])})", up)]
+    for o, label in (("adam", "Adam lr 1e-3"), ("sgd", "SGD (G.pt recipe)")):
+        c = result["baselines"][o]
+        rows.append((f"{label}, {c['steps'][-1]} steps", {"test_loss": c["test_loss"][-1], "test_error": c["test_error"][-1]}))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':{width}}  test loss  test error", *(
+        f"{label:{width}}  {m['test_loss']:9.4f}  {m['test_error']:9.2f}%" for label, m in rows)]
+    at = result["adam_matches_update_at"]
+    lines.append(
+        f"Adam first reaches the update's test loss at step {at}" if at is not None
+        else f"Adam does not reach the update's test loss within {k} steps"
+    )
+    lines.append(f"one generative update took {up['seconds']:.2f} s; Adam "
+                 f"{result['baselines']['adam']['seconds_per_step'] * 1e3:.2f} ms per step")
+    return "\n".join(lines)
+
+
+def plot_demo(result: dict, path: Path) -> Path:
+    """Test loss against steps for Adam and SGD, with the update's test loss as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for o, label in (("adam", "Adam lr 1e-3"), ("sgd", "SGD (G.pt recipe)")):
+        c = result["baselines"][o]
+        ax.plot(c["steps"], c["test_loss"], label=label)
+    ax.axhline(result["update"]["test_loss"], color="k", ls="--", label="1 generative update")
+    ax.axhline(result["init"]["test_loss"], color="grey", ls=":", label="random init")
+    ax.set_xlabel("training steps (batch 128)")
+    ax.set_ylabel(f"{result['task']} test loss")
+    ax.set_title(f"{result['task']}: generator {result['generator']['name']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

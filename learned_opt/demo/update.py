@@ -1,0 +1,81 @@
+"""What ``learned-opt demo`` runs (:class:`DemoConfig`), and the one generative update both demos make."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import ArchitectureMismatchError, WeightsError
+from ..layout import compare_signatures
+from ..tasks import Task
+from .baselines import ADAM_LR
+
+
+DEMO_TASKS = ("cartpole-mlp", "mnist-mlp")  # the first is the default
+
+
+@dataclass
+class DemoConfig:
+    """What ``learned-opt demo`` runs (one field per command-line option)."""
+
+    task: str = DEMO_TASKS[0]
+    generator: str | None = None  # registry name or manifest path; None: the task's shipped generator
+    data_root: str | None = None  # else $LEARNED_OPT_DATA (mnist-mlp)
+    download: bool = False
+    out: str = "learned-opt-demo"
+    seed: int = 0
+    steps: int = 300  # Adam / SGD steps (mnist-mlp)
+    eval_every: int = 10  # baseline test metrics every this many steps (mnist-mlp)
+    ppo_env_steps: int = 50_000  # PPO's budget (cartpole-mlp), rounded down to whole updates
+    sampling_steps: int | None = None  # None: the generator's own sampler
+    method: str | None = None
+    plot: bool = True
+
+
+def load_demo_generator(config: DemoConfig, task: Task):
+    """``--generator``, else the task's shipped generator; a missing shipped one is a one-line error."""
+    from ..pretrained import list_pretrained, load_generator
+
+    if config.generator is None and task.name not in {g["name"] for g in list_pretrained()}:
+        raise WeightsError(
+            f"no {task.name} generator ships with this learned-opt yet; pass one with --generator PATH.json "
+            f"(the manifest `learned-opt train` writes for a {task.name} corpus)"
+        )
+    return load_generator(config.generator or task.name)
+
+
+def demo_optimizer(model: torch.nn.Module, generator, task: Task, config: DemoConfig):
+    """The demo's :class:`GptOptimizer`; a generator for another architecture is a one-line error."""
+    from ..optimizer import GptOptimizer
+
+    try:
+        return GptOptimizer(model.named_parameters(), generator, lr=ADAM_LR, sampling_steps=config.sampling_steps,
+                            sampling_method=config.method, seed=config.seed)
+    except ArchitectureMismatchError:
+        diffs = compare_signatures(generator.layout.signature, task.layout().signature)
+        hint = (f"pass --task {generator.task}" if generator.task in DEMO_TASKS and generator.task != task.name
+                else f"pass a {task.name} generator with --generator PATH.json")
+        raise ArchitectureMismatchError(
+            f"generator {generator.name!r} (task {generator.task or '?'}, {generator.layout.num_params:,} parameters) "
+            f"does not fit the {task.name} network ({task.num_params:,} parameters): {'; '.join(diffs)}; {hint}"
+        ) from None
+
+
+def one_update(task: Task, data, config) -> tuple[Any, torch.nn.Module, Any, torch.Tensor, Any]:
+    """A fresh seeded network of ``task`` given one ``GptOptimizer.generate`` update, the closure
+    measuring the generator's metric on ``data``: ``(generator, model, layout, init [P], report)``."""
+    generator = load_demo_generator(config, task)
+    layout = task.layout()
+    with torch.random.fork_rng(devices=[]):  # the caller's global RNG is left alone
+        torch.manual_seed(config.seed)
+        model = task.build_model()
+    init = layout.flatten_module(model)  # [P]
+    name = generator.metric_name
+
+    def closure() -> dict[str, torch.Tensor]:
+        return task.evaluate(layout.flatten_module(model)[None], data, [name])  # name -> [1]
+
+    report = demo_optimizer(model, generator, task, config).generate(closure)
+    return generator, model, layout, init, report

@@ -1,0 +1,145 @@
+"""The benchmark itself: every init, base and configuration of ``--mode periodic``, written to ``bench.json``."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from learned_opt import __version__, tasks
+from learned_opt.errors import ConfigError
+from learned_opt.fileio import atomic_write
+from learned_opt.pretrained import LoadedGenerator, load_generator
+
+from ..evaluate import init_params
+from ..evaluate.run import hardware
+from .config import BASE_HPARAMS, BASE_LABEL, LOSS_METRICS, TASK, BenchConfig, describe_prompt, parse_prompt
+from .report import plot_periodic
+from .runs import Run, eval_grid, split_holdout, train_run
+from .summaries import curve_summary, init_row, summarise, target_loss
+
+
+def config_label(every: int | None) -> str:
+    return BASE_LABEL if every is None else f"every={every}"
+
+
+def run_bench(config: BenchConfig, data=None) -> dict:
+    """Run the benchmark of ``config.mode``; returns the results (also written to ``out/bench.json``)."""
+    return MODE_RUNNERS[config.mode](config, data)
+
+
+def run_periodic(config: BenchConfig, data=None) -> dict:
+    """The base alone and the base inside a periodic GptOptimizer, on the same inits."""
+    t_start = time.perf_counter()
+    task = tasks.get(TASK)
+    gen = load_generator(config.generator)
+    if gen.task != TASK:
+        raise ConfigError(f"generator {gen.name!r} is for task {gen.task!r}; the periodic benchmark trains "
+                          f"{TASK}: pass a {TASK} generator")
+    if gen.metric_name not in LOSS_METRICS:
+        raise ConfigError(f"generator {gen.name!r} is conditioned on {gen.metric_name!r}; the benchmark's closure "
+                          f"measures a cross-entropy, so use a generator of {' or '.join(LOSS_METRICS)}")
+    sampler = gen.sampler(config.method, config.sampling_steps, config.t_min)  # a sampler that cannot run fails here
+    prompt = parse_prompt(config.prompt)
+    if data is None:
+        data = task.load_data(config.data_root)
+    split = split_holdout(data, config.holdout)
+    device = torch.device(config.device)
+    if device.type != "cpu":
+        split = split.to(device)
+    seeds = [config.seed + i for i in range(config.inits)]
+    inits = init_params(task, seeds)  # [N, P]
+    grid = eval_grid(config.steps, config.eval_every)
+    periods: list[int | None] = [None, *config.every]
+    _warm_up(gen, inits[0], device, config)
+
+    runs: dict[str, dict[str, list[Run]]] = {b: {config_label(k): [] for k in periods} for b in config.bases}
+    bar = tqdm(total=len(seeds) * len(config.bases) * len(periods), desc="bench", unit="run",
+               disable=not config.progress)
+    for i, seed in enumerate(seeds):  # init by init, so that load on the machine hits all configurations alike
+        for base in config.bases:
+            for k in periods:
+                runs[base][config_label(k)].append(train_run(
+                    task, inits[i], split, base, grid, seed=seed, generator=None if k is None else gen, every=k,
+                    prompt=prompt, sampling_steps=config.sampling_steps, method=config.method, t_min=config.t_min,
+                    candidates=config.candidates, moments=config.moments, device=device,
+                ))
+                bar.update(1)
+    bar.close()
+
+    bases = {}
+    for base, by_label in runs.items():
+        target = target_loss([r.test_loss[-1] for r in by_label[BASE_LABEL]])
+        configs = {}
+        for k in periods:  # the base alone first: the others' ratios refer to its rows
+            rs = by_label[config_label(k)]
+            rows = [init_row(grid, r, target, s) for r, s in zip(rs, seeds)]
+            summary = summarise(rows, None if k is None else configs[BASE_LABEL]["rows"])
+            summary.update(curve_summary(grid, rs, target, None if k is None else configs[BASE_LABEL]["summary"]))
+            configs[config_label(k)] = {
+                "every": k,
+                "rows": rows,
+                "test_loss": [r.test_loss for r in rs],  # [N, G]
+                "wall_s": [r.wall_s for r in rs],  # [N, G]
+                "summary": summary,
+            }
+        bases[base] = {"hparams": BASE_HPARAMS[base], "target": target, "configs": configs}
+
+    result = {
+        "mode": config.mode,
+        "task": TASK,
+        "config": asdict(config),
+        "moments": config.moments,
+        "prompt": describe_prompt(prompt, gen),
+        "sampler": {**sampler, "candidates": config.candidates},
+        "generator": {"name": gen.name, "sha256": gen.sha256, "metric": gen.metric_name, "best_prompt": gen.best_prompt,
+                      "metric_range": list(gen.metric_range), "model_config": gen.manifest.get("model_config")},
+        "closure_metric": f"full-batch cross-entropy on the last {config.holdout} training examples (held out), "
+                          f"given to the generator as its {gen.metric_name!r}",
+        "data": {"train_examples": int(split.train_x.shape[0]), "holdout_examples": int(split.holdout_x.shape[0]),
+                 "test_examples": int(split.test.test_y.shape[0])},
+        "hardware": hardware(config.device),
+        "seeds": seeds,
+        "grid": grid,
+        "bases": bases,
+        "wall_seconds": time.perf_counter() - t_start,
+        "learned_opt": __version__,
+    }
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(_json_safe(result), indent=1) + "\n"
+    atomic_write(out / "bench.json", lambda p: p.write_text(text, encoding="utf-8"))
+    if config.plots:
+        result["plots"] = [str(plot_periodic(result, out / "periodic.png"))]
+    return result
+
+
+MODE_RUNNERS: dict[str, Callable[[BenchConfig, Any], dict]] = {"periodic": run_periodic}
+
+
+def _warm_up(gen: LoadedGenerator, init: torch.Tensor, device: torch.device, config: BenchConfig) -> None:
+    """One untimed sample, so that one-time costs (allocator, kernels) do not land in the first run."""
+    gen.to(device)
+    one = torch.ones(1, device=device)
+    try:
+        gen.sample(init[None].to(device), one * 2.3, one * gen.best_prompt, steps=config.sampling_steps,
+                   method=config.method, t_min=config.t_min, generator=torch.Generator(device=device).manual_seed(0))
+    except Exception:  # a broken generator shows up in the runs, as failed updates
+        pass
+
+
+def _json_safe(x):
+    """NaN and Inf become None (strict JSON); tuples become lists."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x

@@ -1,0 +1,96 @@
+"""``learned-opt corpus``: its arguments, and the single- or multi-process run."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from learned_opt import tasks
+from learned_opt.errors import LearnedOptError, StoreError
+
+from ..store import Store
+from .build import build_corpus, check_settings, corpus_settings, family_for
+from .config import CorpusConfig
+from .ppo_family import PPORanges
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", default="mnist-mlp", help="task name (default: mnist-mlp)")
+    parser.add_argument("--runs", type=int, required=True, help="number of runs: ids 0 .. RUNS-1")
+    parser.add_argument("--out", required=True, help="store folder (created, or resumed if it exists)")
+    parser.add_argument("--data-root", default=None, help="dataset root (default: $LEARNED_OPT_DATA)")
+    parser.add_argument("--download", action="store_true", help="let torchvision download the dataset")
+    parser.add_argument("--batch-runs", type=int, default=16, help="runs trained together (default: 16)")
+    parser.add_argument("--seed", type=int, default=0, help="base seed; run r has seed SEED + r")
+    parser.add_argument("--epochs", type=int, default=None, help="override every run's epochs")
+    parser.add_argument("--gpt-recipe", action="store_true",
+                        help="G.pt's recipe for every run: SGD Nesterov 0.9, lr 0.1, wd 5e-4, batch 128, 25 epochs")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--train-examples", type=int, default=None,
+                        help="train on the first N training examples only (quick corpora, tests)")
+    parser.add_argument("--checkpoints", type=int, default=200, help="checkpoints per run (default: 200)")
+    parser.add_argument("--env-steps", type=int, default=None,
+                        help="cartpole-mlp: environment steps of every run (default: drawn from 25k/50k/100k)")
+    parser.add_argument("--lr-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                        help="cartpole-mlp: draw each run's Adam lr log-uniformly from [LOW, HIGH] "
+                             "(default: 1e-4 3e-3)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    config = CorpusConfig(
+        task=args.task, runs=args.runs, out=args.out, data_root=args.data_root, download=args.download,
+        batch_runs=args.batch_runs, seed=args.seed, epochs=args.epochs, gpt_recipe=args.gpt_recipe,
+        device=args.device, train_examples=args.train_examples, checkpoints=args.checkpoints,
+        progress=not args.no_progress, env_steps=args.env_steps,
+    )
+    if args.lr_range is not None:
+
+        try:
+            config.ppo_ranges = PPORanges(lr=tuple(args.lr_range))
+        except ValueError as exc:
+            raise LearnedOptError(f"--lr-range: {exc}") from None
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    distributed = world_size > 1
+    if distributed and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if distributed else 0
+    if config.device == "cuda" and distributed:
+        config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    try:
+        task = tasks.get(config.task)
+        family_for(task).check(config)
+        data = task.load_data(config.data_root, download=config.download)
+        store, error = None, None
+        if rank == 0:  # only rank 0 creates the store; the others open it once it exists
+            try:
+                store = Store.create(config.out, task, settings=corpus_settings(config))
+                check_settings(store, corpus_settings(config))  # before anything is written
+                store.clean_stale_temp()
+                store.verify()
+            except LearnedOptError as exc:
+                error = str(exc)
+        if distributed:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise StoreError(error)
+        if store is None:
+            store = Store.open(config.out)
+        summary = build_corpus(config, store=store, data=data, rank=rank, world_size=world_size)
+        prefix = f"[rank {rank}] " if distributed else ""
+        print(f"{prefix}corpus {config.out}: {summary.line()}", flush=True)
+        if distributed:
+            dist.barrier()
+        if rank == 0:
+            stats = store.stats(refresh=True)
+            print(f"store {config.out}: {stats['runs']} runs, {stats['dropped']} dropped, "
+                  f"{stats['checkpoints']} checkpoints, {stats['bytes_per_checkpoint']:,.0f} bytes/checkpoint",
+                  flush=True)
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0

@@ -1,0 +1,65 @@
+"""What ``learned-opt corpus`` builds, and what one call did."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from learned_opt.tasks import Task
+
+from .mlp_plan import HParamRanges
+
+
+@dataclass
+class CorpusConfig:
+    """What ``learned-opt corpus`` builds (one field per command-line option)."""
+
+    task: str | Task = "mnist-mlp"  # a registered name (or a Task)
+    runs: int = 8  # run ids 0 .. runs-1
+    out: str = "corpus"
+    data_root: str | None = None  # else $LEARNED_OPT_DATA
+    download: bool = False
+    batch_runs: int = 16  # runs trained together
+    seed: int = 0  # run r has seed seed + r
+    epochs: int | None = None  # overrides every run's epochs (quick corpora)
+    gpt_recipe: bool = False  # G.pt's fixed recipe instead of drawn hyperparameters
+    device: str = "cpu"
+    train_examples: int | None = None  # train on the first N training examples only
+    checkpoints: int = 200  # K per run
+    ranges: HParamRanges = field(default_factory=HParamRanges)
+    progress: bool = True
+    env_steps: int | None = None  # cartpole-mlp: overrides every run's environment steps
+    ppo_ranges: Any = None  # cartpole-mlp: a pretrain.corpus.PPORanges (None: the defaults)
+    ppo_shape: Any = None  # cartpole-mlp: a pretrain.ppo.PPOShape (None: the corpus default)
+
+
+@dataclass
+class CorpusSummary:
+    """What one call (one rank) did."""
+
+    written: int = 0
+    dropped: int = 0
+    skipped: int = 0  # finished or dropped before this call (resume)
+    checkpoints: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    dropped_ids: list[int] = field(default_factory=list)
+
+    @property
+    def checkpoints_per_s(self) -> float:
+        return self.checkpoints / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def bytes_per_checkpoint(self) -> float:
+        return self.bytes / self.checkpoints if self.checkpoints else 0.0
+
+    @property
+    def runs_per_minute(self) -> float:
+        return 60.0 * (self.written + self.dropped) / self.seconds if self.seconds > 0 else 0.0
+
+    def line(self) -> str:
+        return (
+            f"{self.written} runs written, {self.dropped} dropped (non-finite or |w| > 10), "
+            f"{self.skipped} already done; {self.checkpoints_per_s:.1f} checkpoints/s, "
+            f"{self.bytes_per_checkpoint:,.0f} bytes/checkpoint, {self.seconds:.1f} s"
+        )

@@ -1,0 +1,83 @@
+"""The corpus builder's family of ReLU MLP classifiers (``mnist-mlp``)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any, Callable, Sequence
+
+import torch
+
+from learned_opt.errors import LearnedOptError
+from learned_opt.tasks import Task
+
+from .config import CorpusConfig
+from .family import TaskFamily
+from .mlp_plan import RunPlan, plan_runs
+from .mlp_trainer import BatchedMLPTrainer, is_relu_mlp
+
+
+def _mlp_settings(config: CorpusConfig) -> dict:
+    return {
+        "seed": config.seed,
+        "epochs": config.epochs,
+        "gpt_recipe": config.gpt_recipe,
+        "train_examples": config.train_examples,
+        "checkpoints": config.checkpoints,
+        "ranges": json.loads(json.dumps(asdict(config.ranges))),
+    }
+
+
+def _training_tensors(data: Any, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (hasattr(data, "train_x") and hasattr(data, "train_y")):
+        raise LearnedOptError("the corpus builder needs a task whose data has train_x and train_y tensors")
+    x, y = data.train_x, data.train_y
+    if limit is not None:
+        if limit < 1:
+            raise LearnedOptError(f"--train-examples must be positive, got {limit}")
+        x, y = x[:limit], y[:limit]
+    return x, y
+
+
+class MLPClassifierFamily(TaskFamily):
+    """ReLU MLP classifiers (``mnist-mlp``) trained by :class:`BatchedMLPTrainer`."""
+
+    name = "ReLU MLP classifiers"
+
+    def accepts(self, task: Task) -> bool:
+        return is_relu_mlp(task)
+
+    def check(self, config: CorpusConfig) -> None:
+        if config.epochs is not None and config.epochs < 1:
+            raise LearnedOptError(f"--epochs must be >= 1, got {config.epochs}")
+        if config.env_steps is not None:
+            raise LearnedOptError("--env-steps applies to cartpole-mlp corpora; use --epochs for this task")
+        if config.ppo_ranges is not None:
+            raise LearnedOptError("--lr-range applies to cartpole-mlp corpora; this task's ranges are fixed")
+
+    def settings(self, config: CorpusConfig) -> dict:
+        return _mlp_settings(config)
+
+    def plan(self, run_ids: Sequence[int], config: CorpusConfig, data: Any) -> list[RunPlan]:
+        num_examples = len(_training_tensors(data, config.train_examples)[0])
+        return plan_runs(run_ids, base_seed=config.seed, num_examples=num_examples, ranges=config.ranges,
+                         gpt_recipe=config.gpt_recipe, epochs=config.epochs, num_checkpoints=config.checkpoints)
+
+    def groups(self, plans: list[RunPlan], batch_runs: int) -> list[list[RunPlan]]:
+        return _batches(plans, batch_runs)
+
+    def trainer(self, task: Task, config: CorpusConfig, data: Any, device: torch.device) -> Callable:
+        train_x, train_y = _training_tensors(data, config.train_examples)
+        return BatchedMLPTrainer(task, train_x, train_y, device).train
+
+
+def _batches(plans: list[RunPlan], size: int) -> list[list[RunPlan]]:
+    """Runs grouped by batch size, each group cut into batches of runs with similar epochs."""
+    by_batch: dict[int, list[RunPlan]] = {}
+    for p in plans:
+        by_batch.setdefault(p.hparams["batch_size"], []).append(p)
+    out = []
+    for _, group in sorted(by_batch.items()):
+        group.sort(key=lambda p: (p.hparams["epochs"], p.run_id))
+        out.extend(group[i : i + size] for i in range(0, len(group), size))
+    return out

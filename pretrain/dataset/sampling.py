@@ -1,0 +1,67 @@
+"""Drawing batches of pairs: one batch per step, a pure function of the step."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from learned_opt import tasks
+from learned_opt.errors import ConfigError, StoreError
+from .pairs import PairBatch, PairDataset
+from .split import seeded_generator
+
+
+class PairSampler:
+    """Global batches of pair indices (and permutations), a pure function of ``(seed, step)``.
+
+    Every rank draws the same global batch for a step and keeps ``indices[rank::world]``, so
+    ranks never overlap, resuming needs only the step number, and the data a run sees does not
+    depend on how many processes share it.
+
+    ``focus`` (pair indices, e.g. :meth:`PairDataset.start_pairs`) and ``focus_fraction`` put a
+    fixed share of every batch on those pairs; the rest is drawn from all pairs.
+    """
+
+    def __init__(self, num_pairs: int, batch_size: int, seed: int, task: tasks.Task | None, augment: bool = True,
+                 *, focus: torch.Tensor | None = None, focus_fraction: float = 0.0):
+        if num_pairs < 1:
+            raise StoreError("no training pairs: every training run has fewer than two checkpoints")
+        if not 0.0 <= focus_fraction <= 1.0:
+            raise ConfigError(f"focus_fraction must be in [0, 1], got {focus_fraction}")
+        self.num_pairs, self.batch_size, self.seed = int(num_pairs), int(batch_size), int(seed)
+        self.task, self.augment = task, augment and task is not None
+        self.focus = focus if focus is not None and focus.numel() and focus_fraction > 0 else None
+        self.num_focus = 0 if self.focus is None else round(focus_fraction * self.batch_size)
+
+    def global_batch(self, step: int, stream: str = "train") -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Pair indices ``[B]`` and per-layer permutations ``[B, H_l]`` (or None) for ``step``."""
+        gen = seeded_generator("pairs", stream, self.seed, step)
+        indices = torch.randint(self.num_pairs, (self.batch_size,), generator=gen)
+        if self.num_focus:
+            pick = torch.randint(self.focus.numel(), (self.num_focus,), generator=gen)
+            indices[: self.num_focus] = self.focus[pick]
+        perms = self.task.random_permutations(self.batch_size, gen) if self.augment else None
+        return indices, perms
+
+    @staticmethod
+    def shard(indices: torch.Tensor, perms: list[torch.Tensor] | None, rank: int, world: int):
+        """This rank's stride of a global batch."""
+        return indices[rank::world], None if perms is None else [q[rank::world] for q in perms]
+
+
+class StepBatches(Dataset):
+    """Item ``k`` is this rank's batch of step ``start + k``: wrap it in a ``DataLoader`` whose
+    workers build batches ahead of the training loop. Each batch is a pure function of its step, so
+    the number of workers never changes what the model sees."""
+
+    def __init__(self, dataset: PairDataset, sampler: PairSampler, start: int, end: int, rank: int = 0, world: int = 1):
+        self.dataset, self.sampler = dataset, sampler
+        self.start, self.end, self.rank, self.world = int(start), int(end), int(rank), int(world)
+
+    def __len__(self) -> int:
+        return max(self.end - self.start, 0)
+
+    def __getitem__(self, k: int) -> PairBatch:
+        indices, perms = self.sampler.global_batch(self.start + k)
+        indices, perms = PairSampler.shard(indices, perms, self.rank, self.world)
+        return self.dataset.batch(indices, perms)

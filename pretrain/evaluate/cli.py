@@ -1,0 +1,65 @@
+"""``learned-opt eval``: its arguments."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .config import EvalConfig
+from .report import format_summary
+from .run import evaluate_generator
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser, chosen_how: str) -> None:
+    """``--sampling-steps``, ``--method``, ``--t-min`` (each defaulting to the generator's own sampler)
+    and ``--candidates`` (samples per update; ``chosen_how`` says which one is kept)."""
+    parser.add_argument("--sampling-steps", type=int, default=None,
+                        help="diffusion sampling steps (default: the generator's own, else 50)")
+    parser.add_argument("--method", default=None,
+                        help="sampler: ddim, ddpm or dpm++2m (default: the generator's own, else ddim)")
+    parser.add_argument("--t-min", type=int, default=None,
+                        help="stop sampling at this timestep and return its x0 prediction (default: the generator's own, else 0)")
+    parser.add_argument("--candidates", type=int, default=1, help=f"samples per update, {chosen_how} (default: 1)")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--generator", required=True, help="shipped generator name or path to a .json manifest")
+    parser.add_argument("--store", default=None,
+                        help="corpus store for the memorisation and denoising checks (both skipped without)")
+    parser.add_argument("--out", required=True, help="folder for eval.json and the PNG plots")
+    parser.add_argument("--data-root", default=None,
+                        help="dataset root (default: $LEARNED_OPT_DATA; cartpole-mlp needs none and ignores it)")
+    parser.add_argument("--inits", type=int, default=20, help="fresh initialisations (default: 20)")
+    parser.add_argument("--seed", type=int, default=1_000_000, help="init i has seed SEED + i (default: 1000000)")
+    add_sampler_arguments(parser, "the best by the generator's metric on validation data kept")
+    parser.add_argument("--holdout", type=int, default=5000,
+                        help="MNIST training examples held out as validation data for --candidates (default: 5000)")
+    parser.add_argument("--max-steps", type=int, default=3000,
+                        help="Adam/SGD steps, for mnist-mlp generators (default 3000; 11700 in full)")
+    parser.add_argument("--max-env-steps", type=int, default=100_000,
+                        help="PPO environment steps per init, for cartpole-mlp generators only (default: 100000)")
+    parser.add_argument("--prompts", type=int, default=20, help="prompts per network for alignment (default: 20)")
+    parser.add_argument("--repeats", type=int, default=10, help="successive updates (default: 10)")
+    parser.add_argument("--memo-runs", type=int, default=500, help="corpus runs searched (default: 500)")
+    parser.add_argument("--memo-checkpoints", type=int, default=4, help="checkpoints per searched run (default: 4)")
+    parser.add_argument("--denoise-runs", type=int, default=64,
+                        help="held-out corpus runs (the generator's split) of the denoising check; "
+                             "0: skip (default: 64)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+
+
+def main(args: argparse.Namespace) -> int:
+    config = EvalConfig(
+        generator=args.generator, out=args.out, store=args.store, data_root=args.data_root, inits=args.inits,
+        seed=args.seed, sampling_steps=args.sampling_steps, method=args.method, t_min=args.t_min,
+        candidates=args.candidates, holdout=args.holdout, max_steps=args.max_steps,
+        max_env_steps=args.max_env_steps, prompts=args.prompts, repeats=args.repeats, memo_runs=args.memo_runs,
+        memo_checkpoints=args.memo_checkpoints, denoise_runs=args.denoise_runs, device=args.device,
+        progress=not args.no_progress, plots=not args.no_plots,
+    )
+    result = evaluate_generator(config)
+    print(format_summary(result))
+    print(f"wrote {Path(config.out) / 'eval.json'}" + "".join(f", {p}" for p in result.get("plots", [])))
+    return 0

@@ -1,0 +1,91 @@
+"""Small measures on known data: R², step grids, summaries, steps to reach a target, fresh inits."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Sequence
+
+import torch
+
+from learned_opt.demo import first_step_at_or_above, first_step_at_or_below
+from learned_opt.errors import ConfigError
+from learned_opt.tasks import Task
+
+from .config import SOLVED_RETURN
+
+
+def r2_score(prompted: torch.Tensor, achieved: torch.Tensor) -> torch.Tensor:
+    """G.pt's prompt alignment per network: R² of achieved against prompted, ``[..., K]`` -> ``[...]``.
+
+    ``1 - Σ(achieved - prompted)² / Σ(prompted - mean(prompted))²`` (the coefficient of
+    determination with the identity as the model; 1 is perfect, it can be negative).
+    """
+    p, a = prompted.double(), achieved.double()
+    ss_res = ((a - p) ** 2).sum(-1)
+    ss_tot = ((p - p.mean(-1, keepdim=True)) ** 2).sum(-1)
+    return (1.0 - ss_res / ss_tot).float()
+
+
+def log_grid(max_steps: int) -> list[int]:
+    """0 and the 1-2-3-5 steps of each decade up to ``max_steps`` (which is always included)."""
+    out, scale = {0, int(max_steps)}, 10
+    while scale <= max_steps:
+        out.update(m * scale for m in (1, 2, 3, 5) if m * scale <= max_steps)
+        scale *= 10
+    return sorted(out)
+
+
+def summary(values: Sequence[float | None]) -> dict:
+    """Median, quartiles, mean, min, max and count of the finite values (None and NaN skipped)."""
+    v = sorted(float(x) for x in values if x is not None and math.isfinite(float(x)))
+    if not v:
+        return {"n": 0, "median": None, "q1": None, "q3": None, "mean": None, "min": None, "max": None}
+    t = torch.tensor(v, dtype=torch.float64)
+    q1, med, q3 = (float(x) for x in torch.quantile(t, torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)))
+    return {"n": len(v), "median": med, "q1": q1, "q3": q3, "mean": statistics.fmean(v), "min": v[0], "max": v[-1]}
+
+
+def steps_to_reach(grid: Sequence[int], curves: torch.Tensor, targets: torch.Tensor,
+                   direction: str = "min") -> list[int | None]:
+    """Per network, the first grid step whose value is at or below its target (``direction="max"``:
+    at or above): ``[N, G]``, ``[N]``; None where never reached (or the target is NaN)."""
+    first = {"min": first_step_at_or_below, "max": first_step_at_or_above}[direction]
+    return [first(grid, c.tolist(), float(t)) for c, t in zip(curves, targets)]
+
+
+def solved_share(returns: torch.Tensor) -> float:
+    """The share of ``[N]`` returns at or above :data:`SOLVED_RETURN`."""
+    return float((returns >= SOLVED_RETURN).double().mean())
+
+
+def reach_summary(reach: list[int | None], curves: torch.Tensor) -> dict:
+    """Steps-to-reach statistics; a baseline whose curve is all NaN (dropped: it diverged) is
+    counted as diverged, not as "not reached", and left out of both."""
+    diverged = curves.isnan().all(-1).tolist()
+    kept = [r for r, d in zip(reach, diverged) if not d]
+    return {"steps_to_reach": summary(kept), "not_reached": kept.count(None), "diverged": sum(diverged)}
+
+
+def init_params(task: Task, seeds: Sequence[int], kind: str = "default") -> torch.Tensor:
+    """Fresh inits ``[N, P]``: ``torch.manual_seed(seed); task.build_model()``, then ``kind``.
+
+    ``"default"``: PyTorch's init; ``"kaiming-normal"``: weights ``kaiming_normal_`` (fan-in,
+    ReLU), biases zero; ``"uniform-x3"``: the default init times 3. The global RNG is restored.
+    """
+    layout = task.layout()
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        for seed in seeds:
+            torch.manual_seed(int(seed))
+            model = task.build_model()
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if kind == "kaiming-normal":
+                        torch.nn.init.kaiming_normal_(p, nonlinearity="relu") if p.dim() > 1 else p.zero_()
+                    elif kind == "uniform-x3":
+                        p.mul_(3.0)
+                    elif kind != "default":
+                        raise ConfigError(f"unknown init kind {kind!r}")
+            out.append(layout.flatten_module(model))
+    return torch.stack(out)  # [N, P]

@@ -1,0 +1,82 @@
+"""Prompted updates with one generator, and repeated best-prompt updates."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from learned_opt.errors import ConfigError
+from learned_opt.pretrained import LoadedGenerator
+from learned_opt.tasks import Task
+
+from .config import EvalConfig
+
+
+class Sampler:
+    """Batched prompted updates with one generator: raw θ, metric and prompt in, raw θ′ out.
+
+    With ``candidates`` > 1 each update draws that many samples and keeps the one ``score`` (the
+    generator's metric on validation data, ``[M, P]`` -> ``[M]``) rates best.
+    """
+
+    def __init__(self, generator: LoadedGenerator, config: EvalConfig, seed: int,
+                 score: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.gen, self.config, self.score = generator, config, score
+        self.rng = torch.Generator().manual_seed(seed)  # CPU noise: same draws on any device
+        self.lo, self.hi = generator.metric_range
+        # the sampler actually used: the config's choices over the generator's own
+        self.settings = {**generator.sampler(config.method, config.sampling_steps, config.t_min),
+                         "candidates": config.candidates}
+        if config.candidates > 1 and score is None:
+            raise ConfigError("--candidates needs validation data to choose among the samples")
+
+    def clamp(self, prompt: torch.Tensor) -> torch.Tensor:
+        return prompt.clamp(self.lo, self.hi)
+
+    def __call__(self, theta: torch.Tensor, metric: torch.Tensor, prompt: torch.Tensor,
+                 candidates: int | None = None, rng: torch.Generator | None = None) -> torch.Tensor:
+        """``[B, P]``, ``[B]``, ``[B]`` -> ``[B, P]`` (prompts clamped into the metric range); ``candidates``
+        (default: the configured number) samples per row, the best by ``score`` kept."""
+        c = self.config.candidates if candidates is None else candidates
+        if c > 1:
+            theta, metric, prompt = (v.repeat_interleave(c, 0) for v in (theta, metric, prompt))
+        dev, s = self.gen.device, self.settings
+        out = []
+        for i in range(0, theta.shape[0], self.config.sample_batch):
+            sl = slice(i, i + self.config.sample_batch)
+            out.append(self.gen.sample(
+                theta[sl].to(dev), metric[sl].to(dev), self.clamp(prompt[sl]).to(dev),
+                steps=s["steps"], method=s["method"], t_min=s["t_min"], generator=rng or self.rng,
+            ).cpu())
+        out = torch.cat(out)
+        if c == 1:
+            return out
+        scores = self.score(out).view(-1, c)  # [B, C]
+        best = scores.argmin(1) if self.gen.metric_direction == "min" else scores.argmax(1)
+        return out.view(-1, c, out.shape[-1])[torch.arange(scores.shape[0]), best]
+
+
+Measure = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+def measure_metrics(task: Task, flat: torch.Tensor, data, device, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The metrics ``names`` of ``[B, P]`` networks, on the CPU: name -> ``[B]``."""
+    m = task.evaluate(flat.to(device), data, list(names))
+    return {k: v.float().cpu() for k, v in m.items()}
+
+
+def repeated_updates(sampler: Sampler, theta: torch.Tensor, measure: Measure, n: int, metric: str) -> tuple[dict, torch.Tensor]:
+    """Metrics after 0..n successive best-prompt updates, ``{name: [n+1, B]}``, and θ after the first
+    update ``[B, P]``. Each update is conditioned on ``metric`` measured after the previous one."""
+    m = measure(theta)
+    hist = {k: [v] for k, v in m.items()}
+    prompt = torch.full((theta.shape[0],), sampler.gen.best_prompt)
+    first = None
+    for _ in range(n):
+        theta = sampler(theta, m[metric], prompt)
+        first = theta if first is None else first
+        m = measure(theta)
+        for k, v in m.items():
+            hist[k].append(v)
+    return {k: torch.stack(v) for k, v in hist.items()}, first

@@ -1,0 +1,83 @@
+"""Ranks and devices under ``torchrun``: setup, means over ranks, and per-rank RNG states."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from learned_opt.errors import ConfigError
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in a (possibly one-process) job."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    owns_group: bool = False  # whether this module initialised the process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun job when there is one (gloo on CPU, NCCL on CUDA) and pick the device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown --device {device!r}: use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asked for, but CUDA is not available here: use --device cpu or auto")
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)  # "cuda": this process's own GPU
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if world == 1 and not dist.is_initialized():
+        return DistInfo(device=dev)
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        owns = True
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns)
+
+
+def mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The mean of a tensor over all ranks, on the CPU (reduced on the device: NCCL needs CUDA tensors)."""
+    if info.world == 1:
+        return value.cpu()
+    on_device = value.to(info.device)
+    dist.all_reduce(on_device)
+    return on_device.cpu() / info.world
+
+
+def rng_states(info: DistInfo) -> dict:
+    """The global torch RNG state of every rank (dropout draws from it)."""
+    mine = {"cpu": torch.get_rng_state()}
+    if info.device.type == "cuda":
+        mine["cuda"] = torch.cuda.get_rng_state(info.device)
+    if info.world == 1:
+        return {"ranks": [mine]}
+    gathered: list = [None] * info.world
+    dist.all_gather_object(gathered, mine)
+    return {"ranks": gathered}
+
+
+def restore_rng(states: dict, info: DistInfo, seed: int) -> None:
+    ranks = states.get("ranks", [])
+    if len(ranks) == info.world:
+        mine = ranks[info.rank]
+        torch.set_rng_state(mine["cpu"])
+        if info.device.type == "cuda" and "cuda" in mine:
+            torch.cuda.set_rng_state(mine["cuda"], info.device)
+    else:  # another world size: a fresh, still deterministic stream per rank
+        torch.manual_seed(seed + 1000 * (info.rank + 1))

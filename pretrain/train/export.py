@@ -1,0 +1,79 @@
+"""Exporting a training checkpoint's EMA generator (``--export-only``, and at the end of training)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from learned_opt.diffusion import DiffusionConfig
+from learned_opt.generator import GptConfig, build_generator
+from learned_opt.layout import Layout, signature_from_json
+from learned_opt.normalization import Normalization
+from .outputs import load_checkpoint
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+                      name: str | None = None) -> Path:
+    """Export a training checkpoint's EMA weights as ``{name}.safetensors`` + ``{name}.json``."""
+    from learned_opt import tasks
+    from learned_opt.pretrained import save_generator
+
+    path = Path(checkpoint)
+    state = load_checkpoint(path)
+    cfg, corpus = state["config"], state["corpus"]
+    layout = Layout(signature_from_json(state["signature"]), cfg["chunk_size"], cfg.get("tokens", "chunk"))
+    diffusion = DiffusionConfig(**state["diffusion_config"])
+    model = build_generator(layout, GptConfig(**state["model_config"]), diffusion)
+    model.load_state_dict(state["ema"])
+    task = tasks.get(corpus["task"])
+    last = state.get("last") or {}
+    training = {
+        "steps": int(state["step"]),
+        "steps_planned": cfg["steps"],
+        "complete": int(state["step"]) >= cfg["steps"],
+        "batch_size": cfg["batch_size"],
+        "pairs_seen": int(state["step"]) * cfg["batch_size"],
+        "lr": cfg["lr"],
+        "weight_decay": cfg["weight_decay"],
+        "warmup": cfg["warmup"],
+        "min_lr_ratio": cfg["min_lr_ratio"],
+        "grad_clip": cfg["grad_clip"],
+        "ema_decay": cfg["ema_decay"],
+        "seed": cfg["seed"],
+        "augment": cfg["augment"],
+        "init_fraction": cfg.get("init_fraction", 0.0),
+        "pca_init": cfg.get("pca_init", False),
+        "snr_window": cfg.get("snr_window"),
+        "layer_balance": cfg.get("layer_balance", 0.0),
+        "output_matching": cfg.get("output_matching", 0.0),
+        "loss": ("x0 MSE weighted by 1 / σ_p²" if cfg.get("precondition") else "x0 MSE")
+        + (" and by (P / layer size) ** layer_balance" if cfg.get("layer_balance") else "")
+        + (f" + output_matching x the divergence of x̂0's outputs from θ′'s on {cfg.get('matching_examples')} "
+           "training inputs per step" if cfg.get("output_matching") else ""),
+        "heldout_loss": "plain x0 MSE at uniformly drawn t, fixed held-out pairs and noise",
+        "weights": "ema",
+        "final_loss": last.get("loss"),
+        "final_heldout_loss": last.get("heldout_loss"),
+        "final_heldout_loss_ema": last.get("heldout_loss_ema"),
+        "wall_time_s": float(state["wall_time_s"]),
+        "hardware": state.get("hardware"),
+        "commands": state.get("commands"),
+    }
+    if state.get("init_from"):
+        training["init_from"] = state["init_from"]
+    norm = Normalization(**state["normalization"])
+    # the task's ideal (a loss of 0, a return of 500) within what the corpus reached: G.pt's "best"
+    # prompt, and a default that GptOptimizer need not clamp
+    best = min(max(task.metric(corpus["metric"]).best_prompt, norm.metric_lo), norm.metric_hi)
+    return save_generator(
+        Path(out_dir) if out_dir is not None else path.parent,
+        name or state.get("name") or f"{corpus['task']}-{corpus['metric']}-{cfg['preset']}",
+        model,
+        diffusion,
+        norm,
+        task=corpus["task"],
+        metric=corpus["metric"],
+        best_prompt=best,
+        corpus=corpus,
+        training=training,
+    )

@@ -1,0 +1,106 @@
+"""What a job writes: the checkpoint (atomically), the JSONL log and its loss plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+from learned_opt.errors import TrainingError
+from learned_opt.fileio import atomic_write
+from .config import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+from .distributed import DistInfo
+
+
+def atomic_torch_save(obj: dict, path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A training checkpoint, checked for format and version (:class:`TrainingError` otherwise)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise TrainingError(f"no training checkpoint at {path}: train first, or point --out at a training run") from None
+    except Exception as exc:
+        raise TrainingError(
+            f"cannot read the training checkpoint {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "it is corrupt or not a training checkpoint: "
+            "restore it from a copy or train into a new --out"
+        ) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{path} is not a learned-opt generator training checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise TrainingError(
+            f"{path} has checkpoint version {state.get('version')}, this learned-opt reads version "
+            f"{CHECKPOINT_VERSION}; use the learned-opt version that wrote it"
+        )
+    return state
+
+
+def hardware_summary(info: DistInfo) -> dict:
+    """Where training ran, for the manifest."""
+    dev = info.device
+    return {
+        "device": dev.type,
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "world_size": info.world,
+        "cpu_count": os.cpu_count(),
+        "torch": str(torch.__version__),
+        "platform": platform.platform(),
+    }
+
+
+def append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    return out
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Drop log records after ``last_step`` (written after the checkpoint a job resumes from)."""
+    keep = "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r.get("step", 0) <= last_step)
+    atomic_write(path, lambda tmp: tmp.write_text(keep, encoding="utf-8"))
+
+
+def plot_losses(log_path: Path, png_path: Path) -> str | None:
+    """Draw the loss curve from the JSONL log; returns a note when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no loss-curve PNG (pip install 'learned-opt[dev]')"
+    records = read_jsonl(log_path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in (("loss", "train"), ("heldout_loss", "held-out"), ("heldout_loss_ema", "held-out (EMA)")):
+        pts = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=label, marker="." if len(pts) < 50 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("diffusion loss (training objective; held-out: plain x0 MSE)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    try:
+        atomic_write(png_path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), fsync=False)
+    finally:
+        plt.close(fig)
+    return None

@@ -11,13 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..recipes import ADAM_LR, BATCH_SIZE, GPT_RECIPE
 from ..tasks import Task
 
 
-ADAM_LR = 1e-3
-BATCH_SIZE = 128
 # G.pt's SGD recipe (Peebles et al. 2022): Nesterov 0.9, lr 0.1, wd 5e-4, cosine per epoch over 25 epochs
-SGD_RECIPE = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "epochs": 25}
+SGD_RECIPE = {k: GPT_RECIPE[k] for k in ("lr", "momentum", "weight_decay", "epochs")}
 BASELINES = ("adam", "sgd")
 
 

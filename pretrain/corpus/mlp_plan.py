@@ -11,45 +11,13 @@ from typing import Sequence
 
 import torch
 
+from learned_opt.recipes import ADAM, GPT_RECIPE, OPTIMIZERS, SGD, SupervisedRanges, cosine_lr
 from learned_opt.tasks import Task
 
 from ..seeding import checkpoint_steps, log_uniform, seeded_init, stream
 
 
-SGD, ADAM = "sgd-nesterov", "adam"
-OPTIMIZERS = (SGD, ADAM)
-
-
-@dataclass(frozen=True)
-class HParamRanges:
-    """Where each run's hyperparameters are drawn from (see the table in :mod:`pretrain.corpus`)."""
-
-    optimizers: tuple[str, ...] = OPTIMIZERS  # drawn uniformly
-    sgd_lr: tuple[float, float] = (0.01, 0.3)  # log-uniform; contains G.pt's 0.1
-    adam_lr: tuple[float, float] = (3e-4, 1e-2)  # log-uniform
-    momentum: tuple[float, float] = (0.8, 0.95)  # uniform; SGD momentum or Adam beta1
-    weight_decay: tuple[float, float] = (1e-5, 1e-3)  # log-uniform; contains G.pt's 5e-4
-    p_no_weight_decay: float = 0.1  # probability of weight decay 0
-    batch_sizes: tuple[int, ...] = (64, 128, 256)
-    epochs: tuple[int, ...] = (5, 10, 15, 20, 25)
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-
-    def __post_init__(self) -> None:
-        unknown = set(self.optimizers) - set(OPTIMIZERS)
-        if unknown or not self.optimizers:
-            raise ValueError(f"optimizers must be a non-empty subset of {OPTIMIZERS}, got {self.optimizers}")
-        for name in ("sgd_lr", "adam_lr", "weight_decay"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo <= hi:
-                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
-        if not 0 <= self.momentum[0] <= self.momentum[1] < 1:
-            raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
-        if not self.batch_sizes or min(self.batch_sizes) < 1 or not self.epochs or min(self.epochs) < 1:
-            raise ValueError("batch_sizes and epochs need at least one positive value each")
-
-
-GPT_RECIPE = {"optimizer": SGD, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "batch_size": 128, "epochs": 25}
+HParamRanges = SupervisedRanges  # the corpus's name for them
 
 
 def sample_hparams(
@@ -77,11 +45,6 @@ def sample_hparams(
         hp["epochs"] = int(epochs)
     hp.update(schedule="cosine-per-epoch", adam_beta2=ranges.adam_beta2, adam_eps=ranges.adam_eps)
     return hp
-
-
-def cosine_lr(lr: float, epoch: int, epochs: int) -> float:
-    """G.pt's schedule: cosine annealing to 0 over ``epochs``, stepped once per epoch."""
-    return lr * 0.5 * (1.0 + math.cos(math.pi * epoch / epochs))
 
 
 @dataclass

@@ -7,16 +7,10 @@ from dataclasses import dataclass
 from learned_opt.diffusion import METHODS
 from learned_opt.errors import ConfigError
 
-from ..corpus import ADAM, GPT_RECIPE
+from learned_opt.recipes import ADAM_BASELINE, SGD_BASELINE  # noqa: F401 - eval's baselines, imported from here
 
 
 REPEATS_REPORTED = (1, 2, 5, 10)
-# The batched trainer always applies a per-epoch cosine; with this many nominal epochs its factor
-# stays 1 to within 1e-15 over any evaluated run, i.e. Adam trains at a constant lr of 1e-3.
-CONSTANT_LR_EPOCHS = 10**9
-ADAM_BASELINE = {"optimizer": ADAM, "lr": 1e-3, "momentum": 0.9, "weight_decay": 0.0, "batch_size": 128,
-                 "epochs": CONSTANT_LR_EPOCHS, "schedule": "constant", "adam_beta2": 0.999, "adam_eps": 1e-8}
-SGD_BASELINE = {**GPT_RECIPE, "schedule": "cosine-per-epoch", "adam_beta2": 0.999, "adam_eps": 1e-8}
 SOLVED_RETURN = 475.0  # CartPole-v1's reward threshold: a policy with this mean return "solves" it
 PPO_TIMING_ENV_STEPS = 4096  # env steps of the single PPO run timed for seconds per env step
 RETURN_BATCH = 1024  # policies rolled out at once when measuring the PPO checkpoints' returns

@@ -32,9 +32,12 @@ non-finite or exceed ``|w| > 10`` (G.pt's filter) is dropped, recorded in the st
 skips it, and counted.
 
 How runs are trained together: runs are grouped by batch size (so that their steps align) and
-trained ``--batch-runs`` at a time by a hand-written batched forward/backward of the MLP (batched
-matmuls; on CPU it measured about 1.8x faster than ``vmap(grad(functional_call))``), each run with
-its own learning rate, momentum, weight decay, optimizer and data order. A run that finishes
+trained ``--batch-runs`` at a time (:class:`BatchedTrainer`), each run with its own learning rate,
+momentum, weight decay, optimizer and data order. The gradients of any model come through
+``torch.func`` (``functional_call`` + ``grad``, ``vmap``-ed over the runs or called per run,
+whichever measures faster on the first step); ReLU MLPs built from ``learned_opt.tasks.MLP`` take
+a hand-written batched forward/backward (batched matmuls), which measures about 2x faster
+(``benchmarks/test_corpus_speed.py``). Models with buffers (BatchNorm) are refused. A run that finishes
 (fewer epochs) or diverges leaves the batch; the others continue.
 
 ``--train-examples N`` trains on the first ``N`` training images only (quick corpora and tests);
@@ -48,13 +51,15 @@ Task families. Everything above except the training itself (run ids and seeds, r
 check, sharding, evaluation of the checkpoints, the ``|w| > 10`` filter's markers, writing, the
 progress bar) is shared by every task; what is particular to a family of tasks is a
 :class:`TaskFamily`: its settings, its run plans, how plans are grouped, and a function that trains
-one group and hands back :class:`FinishedRun` objects. :class:`MLPClassifierFamily` is the ReLU MLP
-classifiers above (``mnist-mlp``); :class:`PPOFamily` trains ``cartpole-mlp`` policies with
-batched PPO (``--env-steps N`` instead of ``--epochs``; its ranges are documented in
+one group and hands back :class:`FinishedRun` objects, chosen by the task's kind:
+:class:`SupervisedFamily` trains any supervised task as above (its ``corpus_ranges`` replace the
+default ranges); :class:`PPOFamily` trains control tasks' policies with batched PPO
+(``--env-steps N`` instead of ``--epochs``; its ranges are documented in
 :mod:`pretrain.corpus.ppo_family`).
 
-Modules: ``mlp_plan`` (hyperparameter ranges and run plans), ``mlp_trainer`` (the batched MLP
-trainer and its reference loop), ``family`` / ``mlp_family`` / ``ppo_family`` (task families),
+Modules: ``plan`` (hyperparameter draws and run plans), ``gradients`` (batched gradients: the
+hand-written ReLU-MLP path and ``torch.func`` for any model), ``trainer`` (the batched trainer and
+its reference loop), ``family`` / ``supervised_family`` / ``ppo_family`` (task families),
 ``config`` (:class:`CorpusConfig`), ``build`` (:func:`build_corpus`), ``cli`` (the command line).
 """
 
@@ -62,8 +67,8 @@ from .build import build_corpus, check_settings, corpus_settings, families, fami
 from .cli import configure, main
 from .config import CorpusConfig, CorpusSummary
 from .family import WEIGHT_LIMIT, FinishedRun, TaskFamily
-from .mlp_family import MLPClassifierFamily
-from .mlp_plan import (
+from .gradients import FunctionalGradient, MLPGradient, batched_gradient
+from .plan import (
     ADAM,
     GPT_RECIPE,
     OPTIMIZERS,
@@ -74,13 +79,14 @@ from .mlp_plan import (
     plan_runs,
     sample_hparams,
 )
-from .mlp_trainer import BatchedMLPTrainer, epoch_frac, mlp_sizes, train_run_reference
+from .supervised_family import SupervisedFamily
+from .trainer import BatchedMLPTrainer, BatchedTrainer, epoch_frac, train_run_reference
 from .ppo_family import CORPUS_SHAPE, PPOFamily, PPORanges, PPORunPlan, sample_ppo_hparams, train_ppo_runs
 
 __all__ = [
-    "ADAM", "CORPUS_SHAPE", "GPT_RECIPE", "OPTIMIZERS", "SGD", "WEIGHT_LIMIT", "BatchedMLPTrainer", "CorpusConfig",
-    "CorpusSummary", "FinishedRun", "HParamRanges", "MLPClassifierFamily", "PPOFamily", "PPORanges", "PPORunPlan",
-    "RunPlan", "TaskFamily", "build_corpus", "check_settings", "configure", "corpus_settings",
-    "cosine_lr", "epoch_frac", "families", "family_for", "main", "mlp_sizes", "plan_runs", "sample_hparams",
+    "ADAM", "CORPUS_SHAPE", "GPT_RECIPE", "OPTIMIZERS", "SGD", "WEIGHT_LIMIT", "BatchedMLPTrainer", "BatchedTrainer", "CorpusConfig",
+    "CorpusSummary", "FinishedRun", "FunctionalGradient", "HParamRanges", "MLPGradient", "PPOFamily", "PPORanges", "PPORunPlan",
+    "RunPlan", "SupervisedFamily", "TaskFamily", "batched_gradient", "build_corpus", "check_settings", "configure", "corpus_settings",
+    "cosine_lr", "epoch_frac", "families", "family_for", "main", "plan_runs", "sample_hparams",
     "sample_ppo_hparams", "train_ppo_runs", "train_run_reference",
 ]

@@ -15,7 +15,7 @@ from learned_opt.tasks import Task
 from ..store import RunRecord, Store
 from .config import CorpusConfig, CorpusSummary
 from .family import FinishedRun, TaskFamily
-from .mlp_family import MLPClassifierFamily
+from .supervised_family import SupervisedFamily
 from .ppo_family import PPOFamily
 
 
@@ -51,7 +51,7 @@ def check_settings(store: Store, settings: dict) -> None:
 
 def families() -> list[TaskFamily]:
 
-    return [MLPClassifierFamily(), PPOFamily()]
+    return [SupervisedFamily(), PPOFamily()]
 
 
 def family_for(task: Task) -> TaskFamily:
@@ -59,10 +59,9 @@ def family_for(task: Task) -> TaskFamily:
     for family in families():
         if family.accepts(task):
             return family
-    choices = [n for n in tasks.names() if any(f.accepts(tasks.get(n)) for f in families())]
     raise LearnedOptError(
-        f"the corpus builder trains {' and '.join(f.name for f in families())}; task {task.name!r} is none of "
-        f"these (choose one of: {', '.join(choices)})"
+        f"the corpus builder trains {' and '.join(f.name for f in families())}; task {task.name!r} is of kind "
+        f"{getattr(task, 'kind', None)!r}: derive it from learned_opt.tasks.SupervisedTask or ControlTask"
     )
 
 

@@ -11,11 +11,14 @@ from learned_opt.errors import LearnedOptError, StoreError
 from ..store import Store
 from .build import build_corpus, check_settings, corpus_settings, family_for
 from .config import CorpusConfig
+from .gradients import STRATEGIES
 from .ppo_family import PPORanges
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default="mnist-mlp", help="task name (default: mnist-mlp)")
+    parser.add_argument("--task", default="mnist-mlp",
+                        help="a registered task, path/to/file.py:ClassName or package.module:ClassName "
+                             "(default: mnist-mlp; docs/your-own-model.md)")
     parser.add_argument("--runs", type=int, required=True, help="number of runs: ids 0 .. RUNS-1")
     parser.add_argument("--out", required=True, help="store folder (created, or resumed if it exists)")
     parser.add_argument("--data-root", default=None, help="dataset root (default: $LEARNED_OPT_DATA)")
@@ -30,10 +33,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="train on the first N training examples only (quick corpora, tests)")
     parser.add_argument("--checkpoints", type=int, default=200, help="checkpoints per run (default: 200)")
     parser.add_argument("--env-steps", type=int, default=None,
-                        help="cartpole-mlp: environment steps of every run (default: drawn from 25k/50k/100k)")
+                        help="control tasks: environment steps of every run (default: drawn from 25k/50k/100k)")
     parser.add_argument("--lr-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
-                        help="cartpole-mlp: draw each run's Adam lr log-uniformly from [LOW, HIGH] "
+                        help="control tasks: draw each run's Adam lr log-uniformly from [LOW, HIGH] "
                              "(default: 1e-4 3e-3)")
+    parser.add_argument("--gradient", default="auto", choices=STRATEGIES,
+                        help="supervised tasks: how the runs' gradients are computed together: the hand-written "
+                             "ReLU-MLP path, torch.func vmap, or one torch.func call per run (default: auto, "
+                             "the MLP path where it applies, else the faster of vmap and loop)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -44,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
         task=args.task, runs=args.runs, out=args.out, data_root=args.data_root, download=args.download,
         batch_runs=args.batch_runs, seed=args.seed, epochs=args.epochs, gpt_recipe=args.gpt_recipe,
         device=args.device, train_examples=args.train_examples, checkpoints=args.checkpoints,
-        progress=not args.no_progress, env_steps=args.env_steps,
+        progress=not args.no_progress, env_steps=args.env_steps, gradient=args.gradient,
     )
     if args.lr_range is not None:
 

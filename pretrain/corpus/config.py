@@ -7,14 +7,14 @@ from typing import Any
 
 from learned_opt.tasks import Task
 
-from .mlp_plan import HParamRanges
+from .plan import HParamRanges
 
 
 @dataclass
 class CorpusConfig:
     """What ``learned-opt corpus`` builds (one field per command-line option)."""
 
-    task: str | Task = "mnist-mlp"  # a registered name (or a Task)
+    task: str | Task = "mnist-mlp"  # a registered name, "file.py:Class", "module:Class" (or a Task)
     runs: int = 8  # run ids 0 .. runs-1
     out: str = "corpus"
     data_root: str | None = None  # else $LEARNED_OPT_DATA
@@ -26,11 +26,12 @@ class CorpusConfig:
     device: str = "cpu"
     train_examples: int | None = None  # train on the first N training examples only
     checkpoints: int = 200  # K per run
-    ranges: HParamRanges = field(default_factory=HParamRanges)
+    ranges: HParamRanges | None = None  # supervised: None takes the task's corpus_ranges (or the defaults)
+    gradient: str = "auto"  # supervised: how batched gradients are computed (pretrain.corpus.gradients)
     progress: bool = True
-    env_steps: int | None = None  # cartpole-mlp: overrides every run's environment steps
-    ppo_ranges: Any = None  # cartpole-mlp: a pretrain.corpus.PPORanges (None: the defaults)
-    ppo_shape: Any = None  # cartpole-mlp: a pretrain.ppo.PPOShape (None: the corpus default)
+    env_steps: int | None = None  # control: overrides every run's environment steps
+    ppo_ranges: Any = None  # control: a PPORanges (None: the task's corpus_ranges or the defaults)
+    ppo_shape: Any = None  # control: a PPOShape (None: the corpus default)
 
 
 @dataclass

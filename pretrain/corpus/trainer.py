@@ -1,4 +1,4 @@
-"""The batched MLP trainer (many classifier runs in one set of matmuls) and its plain reference loop."""
+"""The batched trainer (many runs of a supervised task at once) and its plain reference loop."""
 
 from __future__ import annotations
 
@@ -6,61 +6,28 @@ import math
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from learned_opt import tasks
-from learned_opt.errors import LearnedOptError
-from learned_opt.tasks import MLP, Task
+from learned_opt.tasks import Task
 
 from .family import FinishedRun, bad_rows
-from .mlp_plan import SGD, RunPlan, cosine_lr
+from .gradients import batched_gradient
+from .plan import SGD, RunPlan, cosine_lr
 
 
-def mlp_sizes(task: Task) -> tuple[int, ...]:
-    """Layer widths of a task whose model is a ReLU :class:`MLP`; otherwise an error saying so."""
-    with torch.device("meta"):  # no weights: leaves the global RNG alone
-        model = task.build_model()
-    if not isinstance(model, MLP) or not isinstance(model.act, nn.ReLU):
-        raise LearnedOptError(
-            f"the corpus builder trains ReLU MLP classifiers; task {task.name!r} is not one "
-            f"(choose one of: {', '.join(n for n in tasks.names() if _is_mlp(n))})"
-        )
-    return model.sizes
+class BatchedTrainer:
+    """Trains R runs of one supervised task and one batch size together, one batched step at a time.
 
-
-def is_relu_mlp(task: Task) -> bool:
-    with torch.device("meta"):
-        model = task.build_model()
-    return isinstance(model, MLP) and isinstance(model.act, nn.ReLU)
-
-
-def _is_mlp(name: str) -> bool:
-    try:
-        with torch.device("meta"):
-            m = tasks.get(name).build_model()
-    except Exception:  # noqa: BLE001 - only used to list alternatives in a message
-        return False
-    return isinstance(m, MLP) and isinstance(m.act, nn.ReLU)
-
-
-class BatchedMLPTrainer:
-    """Trains R MLP classifiers of one batch size together, one batched step at a time.
-
-    Parameters of all runs live in one flat ``[R, P]`` tensor (the layout's order); gradients are
-    computed by a hand-written batched forward/backward (cross-entropy on softmax logits) and the
-    optimizers (PyTorch's SGD-Nesterov and Adam, L2 weight decay) update rows with per-run
-    hyperparameters held as ``[R, 1]`` tensors.
+    Parameters of all runs live in one flat ``[R, P]`` tensor (the layout's order); each step's
+    gradients come from :func:`~pretrain.corpus.gradients.batched_gradient` (a hand-written path
+    for ReLU MLPs, ``torch.func`` for any other model), and the optimizers (PyTorch's SGD-Nesterov
+    and Adam, L2 weight decay) update rows with per-run hyperparameters held as ``[R, 1]`` tensors.
     """
 
-    def __init__(self, task: Task, train_x: torch.Tensor, train_y: torch.Tensor, device: torch.device | str = "cpu"):
+    def __init__(self, task: Task, train_x: torch.Tensor, train_y: torch.Tensor, device: torch.device | str = "cpu",
+                 gradient: str = "auto"):
         self.task, self.layout = task, task.layout()
-        self.sizes = mlp_sizes(task)
         self.device = torch.device(device)
-        self.train_x = train_x.reshape(train_x.shape[0], -1).to(self.device, torch.float32).contiguous()  # [N, in]
-        self.train_y = train_y.to(self.device, torch.long)  # [N]
-        if self.train_x.shape[1] != self.sizes[0]:
-            raise LearnedOptError(f"training inputs have {self.train_x.shape[1]} features, the MLP takes {self.sizes[0]}")
+        self.gradient = batched_gradient(task, train_x.to(self.device), train_y.to(self.device), gradient)
 
     def train(self, plans: Sequence[RunPlan], on_finish: Callable[[list[FinishedRun]], None],
               on_progress: Callable[[float], None] = lambda runs: None) -> None:
@@ -116,7 +83,7 @@ class BatchedMLPTrainer:
             lr = lr0 * 0.5 * (1.0 + torch.cos(math.pi * epoch / epochs))  # [R, 1] cosine per epoch
             for s in range(spe):
                 idx = perm[:, s * batch : (s + 1) * batch]  # [R, b]
-                self._gradient(params, idx, grad)
+                self.gradient(params, idx, grad)
                 t += 1
                 grad.add_(params * wd)  # L2 weight decay, as torch.optim
                 if n_sgd:
@@ -156,35 +123,6 @@ class BatchedMLPTrainer:
             n_sgd = n_sgd_keep
             on_finish(finished)
 
-    def _gradient(self, params: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
-        """Mean cross-entropy gradient of every run on its own minibatch, written into ``out`` [R, P].
-
-        Activations are kept feature-major (``[R, features, b]``): ``W @ x^T`` measured faster on
-        CPU than ``x @ W^T`` for these narrow layers.
-        """
-        R, b = idx.shape
-        x = self.train_x.index_select(0, idx.reshape(-1)).view(R, b, -1)  # [R, b, in]
-        y = self.train_y[idx].unsqueeze(1)  # [R, 1, b]
-        w = self.layout.unflatten(params)
-        g = self.layout.unflatten(out)
-        n_layers = len(self.sizes) - 1
-        acts, pre = [x.transpose(1, 2)], []  # [R, in, b]
-        for l in range(1, n_layers + 1):
-            W, bias = w[f"fc{l}.weight"], w[f"fc{l}.bias"]  # [R, out, in], [R, out]
-            h = torch.baddbmm(bias.unsqueeze(2), W, acts[-1])  # [R, out, b]
-            pre.append(h)
-            if l < n_layers:
-                acts.append(h.clamp_min(0))
-        dh = torch.softmax(pre[-1], dim=1)  # [R, C, b]: d(mean CE)/d(logits) = (softmax - onehot) / b
-        dh.scatter_add_(1, y, torch.full((R, 1, b), -1.0, device=dh.device))
-        dh.div_(b)
-        for l in range(n_layers, 0, -1):
-            a_prev = x if l == 1 else acts[l - 1].transpose(1, 2)  # [R, b, in]
-            g[f"fc{l}.weight"].copy_(torch.bmm(dh, a_prev))  # [R, out, in]
-            g[f"fc{l}.bias"].copy_(dh.sum(2))
-            if l > 1:
-                dh = torch.bmm(w[f"fc{l}.weight"].transpose(1, 2), dh).mul_(pre[l - 2] > 0)  # [R, in, b]
-
     @staticmethod
     def _sgd_nesterov(p, g, buf, lr, mom) -> None:
         # torch.optim.SGD(nesterov=True, dampening=0): buf = m*buf + g; p -= lr * (g + m*buf)
@@ -212,7 +150,7 @@ def train_run_reference(task: Task, plan: RunPlan, train_x: torch.Tensor, train_
     """One run the plain way (G.pt's): ``nn.Module`` + ``torch.optim`` + a per-epoch scheduler.
 
     Same init, data order, hyperparameters and saved steps as the batched trainer; returns the
-    checkpoints ``[K, P]``. The test oracle for :class:`BatchedMLPTrainer` and the benchmark's
+    checkpoints ``[K, P]``. The test oracle for :class:`BatchedTrainer` and the benchmark's
     baseline.
     """
     hp, layout = plan.hparams, task.layout()
@@ -235,10 +173,13 @@ def train_run_reference(task: Task, plan: RunPlan, train_x: torch.Tensor, train_
         perm = torch.randperm(plan.num_examples, generator=order)
         for idx in perm.split(batch):
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(train_x[idx]), train_y[idx]).backward()
+            task.loss(model(train_x[idx]), train_y[idx]).backward()
             opt.step()
             t += 1
             if t in wanted:
                 out[wanted[t]] = layout.flatten_module(model)
         sched.step()
     return out
+
+
+BatchedMLPTrainer = BatchedTrainer  # the name earlier releases used

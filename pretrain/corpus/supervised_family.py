@@ -1,4 +1,4 @@
-"""The corpus builder's family of ReLU MLP classifiers (``mnist-mlp``)."""
+"""The corpus builder's family of supervised tasks: any :class:`~learned_opt.tasks.SupervisedTask`."""
 
 from __future__ import annotations
 
@@ -8,23 +8,29 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from learned_opt import tasks
 from learned_opt.errors import LearnedOptError
 from learned_opt.tasks import Task
 
 from .config import CorpusConfig
 from .family import TaskFamily
-from .mlp_plan import RunPlan, plan_runs
-from .mlp_trainer import BatchedMLPTrainer, is_relu_mlp
+from .plan import HParamRanges, RunPlan, plan_runs
+from .trainer import BatchedTrainer
 
 
-def _mlp_settings(config: CorpusConfig) -> dict:
+def corpus_ranges(config: CorpusConfig) -> HParamRanges:
+    """The ranges runs are drawn from: ``config.ranges``, else the task's ``corpus_ranges``, else the defaults."""
+    return config.ranges or tasks.get(config.task).corpus_ranges or HParamRanges()
+
+
+def _settings(config: CorpusConfig) -> dict:
     return {
         "seed": config.seed,
         "epochs": config.epochs,
         "gpt_recipe": config.gpt_recipe,
         "train_examples": config.train_examples,
         "checkpoints": config.checkpoints,
-        "ranges": json.loads(json.dumps(asdict(config.ranges))),
+        "ranges": json.loads(json.dumps(asdict(corpus_ranges(config)))),
     }
 
 
@@ -39,28 +45,28 @@ def _training_tensors(data: Any, limit: int | None) -> tuple[torch.Tensor, torch
     return x, y
 
 
-class MLPClassifierFamily(TaskFamily):
-    """ReLU MLP classifiers (``mnist-mlp``) trained by :class:`BatchedMLPTrainer`."""
+class SupervisedFamily(TaskFamily):
+    """Supervised tasks, trained by :class:`BatchedTrainer`."""
 
-    name = "ReLU MLP classifiers"
+    name = "supervised tasks"
 
     def accepts(self, task: Task) -> bool:
-        return is_relu_mlp(task)
+        return task.kind == "supervised"
 
     def check(self, config: CorpusConfig) -> None:
         if config.epochs is not None and config.epochs < 1:
             raise LearnedOptError(f"--epochs must be >= 1, got {config.epochs}")
         if config.env_steps is not None:
-            raise LearnedOptError("--env-steps applies to cartpole-mlp corpora; use --epochs for this task")
+            raise LearnedOptError("--env-steps applies to control tasks; use --epochs for this task")
         if config.ppo_ranges is not None:
-            raise LearnedOptError("--lr-range applies to cartpole-mlp corpora; this task's ranges are fixed")
+            raise LearnedOptError("--lr-range applies to control tasks; a supervised task's ranges are its corpus_ranges")
 
     def settings(self, config: CorpusConfig) -> dict:
-        return _mlp_settings(config)
+        return _settings(config)
 
     def plan(self, run_ids: Sequence[int], config: CorpusConfig, data: Any) -> list[RunPlan]:
         num_examples = len(_training_tensors(data, config.train_examples)[0])
-        return plan_runs(run_ids, base_seed=config.seed, num_examples=num_examples, ranges=config.ranges,
+        return plan_runs(run_ids, base_seed=config.seed, num_examples=num_examples, ranges=corpus_ranges(config),
                          gpt_recipe=config.gpt_recipe, epochs=config.epochs, num_checkpoints=config.checkpoints)
 
     def groups(self, plans: list[RunPlan], batch_runs: int) -> list[list[RunPlan]]:
@@ -68,7 +74,7 @@ class MLPClassifierFamily(TaskFamily):
 
     def trainer(self, task: Task, config: CorpusConfig, data: Any, device: torch.device) -> Callable:
         train_x, train_y = _training_tensors(data, config.train_examples)
-        return BatchedMLPTrainer(task, train_x, train_y, device).train
+        return BatchedTrainer(task, train_x, train_y, device, config.gradient).train
 
 
 def _batches(plans: list[RunPlan], size: int) -> list[list[RunPlan]]:

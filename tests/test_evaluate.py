@@ -73,7 +73,7 @@ def test_hungarian_is_exact():
         assert float(cost[torch.arange(5), col].sum()) == pytest.approx(best, abs=1e-9)
 
 
-@pytest.mark.parametrize("name", ["mnist-mlp", "cartpole-mlp"])  # one hidden layer, and two
+@pytest.mark.parametrize("name", ["mnist-mlp", "cartpole-mlp", "mnist-cnn"])  # one hidden layer, two, two convolutions
 def test_aligned_distance_sees_through_permutations(name):
     task = tasks.get(name)
     theta = init_params(task, [5, 6])  # [2, P]

@@ -10,6 +10,7 @@ import torch
 from tqdm.auto import tqdm
 
 from learned_opt.errors import ConfigError
+from learned_opt.symmetry import Slot
 from learned_opt.tasks import Task
 
 from ..store import Store
@@ -60,22 +61,26 @@ def hungarian(cost: torch.Tensor) -> torch.Tensor:
     return torch.tensor(col, dtype=torch.long)
 
 
-def _hidden_layers(task: Task) -> int:
-    """The number of hidden layers of the task's MLP (``fc1`` .. ``fc{L+1}``); at least one."""
+def _groups(task: Task) -> int:
+    """The number of the task's unit groups (hidden layers, convolutions); at least one."""
     depth = len(task.hidden_sizes())
     if depth < 1:
         raise ConfigError(f"the memorisation check aligns hidden units; task {task.name!r} has no hidden layer")
     return depth
 
 
-def _units(p: dict[str, torch.Tensor], layer: int, outgoing: bool) -> torch.Tensor:
-    """What is attached to each unit of hidden layer ``layer`` (1-based), ``[..., H, D]``: its row of
-    ``fc{layer}.weight`` and its ``fc{layer}.bias``, and with ``outgoing`` its column of
-    ``fc{layer+1}.weight`` (``p``: unflattened parameters with leading dims ``...``)."""
-    parts = [p[f"fc{layer}.weight"], p[f"fc{layer}.bias"][..., None]]
-    if outgoing:
-        parts.append(p[f"fc{layer + 1}.weight"].transpose(-1, -2))
-    return torch.cat(parts, -1)
+def _units(task: Task, p: dict[str, torch.Tensor], group: int, outgoing: bool) -> torch.Tensor:
+    """What is attached to each unit of ``group`` (0-based), ``[B, H, D]``: its incoming weights and
+    bias and, with ``outgoing``, what the next layer reads from it (``p``: parameters ``[B, *shape]``)."""
+    return task.unit_symmetry.unit_values(p, group, outgoing)
+
+
+def _residual_indices(task: Task) -> torch.Tensor:
+    """Flat indices of the values no unit holds (the output layer's bias)."""
+    layout = task.layout(scheme="neuron")
+    groups = len(task.hidden_sizes())
+    rest = [i for idx, g in zip(layout.token_indices, layout.token_groups) if g >= groups for i in idx]
+    return torch.tensor(rest, dtype=torch.long)
 
 
 def align_hidden_units(task: Task, a: torch.Tensor, b: torch.Tensor, sweeps: int = 20) -> list[torch.Tensor]:
@@ -89,14 +94,15 @@ def align_hidden_units(task: Task, a: torch.Tensor, b: torch.Tensor, sweeps: int
     layers fixed, which never increases the distance, until a sweep changes nothing (at most
     ``sweeps``): a local optimum.
     """
-    depth, layout = _hidden_layers(task), task.layout()
+    depth, layout = _groups(task), task.layout()
     pa = layout.unflatten(a[None].double())
     perms = [torch.arange(h) for h in task.hidden_sizes()]
 
     def match(layer: int, outgoing: bool) -> torch.Tensor:  # that layer as stored, the others aligned
         others = [torch.arange(len(p)) if i == layer else p for i, p in enumerate(perms, start=1)]
         pb = layout.unflatten(task.permute(b[None].double(), [p[None] for p in others]))
-        return hungarian(torch.cdist(_units(pa, layer, outgoing)[0], _units(pb, layer, outgoing)[0]) ** 2)
+        g = layer - 1
+        return hungarian(torch.cdist(_units(task, pa, g, outgoing)[0], _units(task, pb, g, outgoing)[0]) ** 2)
 
     for layer in range(1, depth + 1):
         perms[layer - 1] = match(layer, layer == depth)
@@ -145,7 +151,8 @@ def _screen(task: Task, queries: torch.Tensor, candidates: torch.Tensor, chunk: 
     incoming weights reordered by each pair's assignment of the layer before: an upper bound of the
     aligned squared distance.
     """
-    depth, layout = _hidden_layers(task), task.layout()
+    depth, layout, sym = _groups(task), task.layout(), task.unit_symmetry
+    residual = _residual_indices(task)
     pq = layout.unflatten(queries.double())
     nq = queries.shape[0]
     chunk = max(1, min(chunk, SCREEN_ELEMENTS // (nq * sum(h * h for h in task.hidden_sizes()))))
@@ -153,20 +160,28 @@ def _screen(task: Task, queries: torch.Tensor, candidates: torch.Tensor, chunk: 
     for start in range(0, candidates.shape[0], chunk):
         pc = layout.unflatten(candidates[start : start + chunk].double())
         total, prev = 0, None  # prev [Q, m, H]: each pair's assignment in the layer before
-        for layer in range(1, depth + 1):
-            uq, uc = _units(pq, layer, layer == depth), _units(pc, layer, layer == depth)  # [Q, H, D], [m, H, D]
+        for g in range(depth):
+            last = g == depth - 1
+            uq, uc = _units(task, pq, g, last), _units(task, pc, g, last)  # [Q, H, D], [m, H, D]
             if prev is None:
                 cross = torch.einsum("qid,mjd->qmij", uq, uc)
-            else:  # the candidates' incoming weights, columns in each pair's order: [Q, m, H, H_prev]
-                w = pc[f"fc{layer}.weight"]
-                k = w.shape[-1]
-                w = w[None].expand(nq, -1, -1, -1).gather(3, prev[:, :, None, :].expand(-1, -1, w.shape[1], -1))
+            else:  # the candidates' incoming weights, input units in each pair's order: [Q, m, H, k]
+                slot = sym.groups[g - 1].outgoing[0]  # this group's weight, read along its input axis
+                if slot != Slot(sym.groups[g].incoming[0].name, 1, slot.inner):
+                    raise ConfigError(f"the memorisation screening needs a chain of layers; task {task.name!r} "
+                                      "declares another symmetry")
+                m, h, h_prev = uc.shape[0], uc.shape[1], prev.shape[-1]
+                w = pc[slot.name].reshape(m, h, h_prev, -1)  # [m, H, H_prev, inner * kernel]
+                k = w.shape[2] * w.shape[3]
+                index = prev[:, :, None, :, None].expand(-1, -1, h, -1, w.shape[3])
+                w = w[None].expand(nq, -1, -1, -1, -1).gather(3, index).reshape(nq, m, h, k)
                 cross = torch.einsum("qik,qmjk->qmij", uq[..., :k], w) + torch.einsum("qid,mjd->qmij", uq[..., k:], uc[..., k:])
             # squared distances between every query unit and every candidate unit: [Q, m, H, H]
             sq = (uq * uq).sum(-1)[:, None, :, None] + (uc * uc).sum(-1)[None, :, None, :] - 2 * cross
             cost, prev = _greedy_assignment(sq.clamp_min(0))
             total = total + cost
-        rest = torch.cdist(pq[f"fc{depth + 1}.bias"], pc[f"fc{depth + 1}.bias"]) ** 2  # [Q, m]
+        flat_q, flat_c = queries.double()[:, residual], candidates[start : start + chunk].double()[:, residual]
+        rest = torch.cdist(flat_q, flat_c) ** 2 if len(residual) else 0  # [Q, m]: what no unit holds
         scores.append(total + rest)
     return torch.cat(scores, 1)
 

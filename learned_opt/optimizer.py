@@ -9,19 +9,15 @@ of NiNo, Knyazev et al. 2025, https://arxiv.org/abs/2409.04434).
 from __future__ import annotations
 
 import copy
-import math
 import threading
 import time
 import warnings
-from dataclasses import dataclass
-from numbers import Real
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 import torch
 
 from .collectives import agree, all_ranks_each, broadcast_flag, broadcast_int
 from .errors import ConfigError, GenerationError
-from .normalization import GPT_TARGET_STD
 from .optimizer_checks import (
     check_architecture,
     check_args,
@@ -29,44 +25,24 @@ from .optimizer_checks import (
     check_sampling,
     flat_params,
     materialize,
-    prompt_value,
 )
 from .optimizer_state import COUNTERS, check_state
+from .proposal import (
+    GenerationReport,
+    MetricValue,
+    call_metric,
+    load_sample,
+    metric_value,
+    resolve_prompt,
+    restore,
+    sample_candidates,
+    validate_sample,
+    worse,
+)
 from .pretrained import LoadedGenerator, load_generator
 
 __all__ = ["GenerationReport", "GptOptimizer"]
 
-MetricValue = float | torch.Tensor | Mapping[str, Any]
-# float32's largest finite value: the generator conditions on metrics and prompts in float32
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
-
-
-@dataclass
-class GenerationReport:
-    """What one generative update did.
-
-    ``accepted`` is True only when θ′ was copied into the parameters. ``failed`` marks a broken
-    sample (the generator raised, or returned a non-finite, wrongly shaped or exploding θ′);
-    ``reason`` says why an update was not accepted. ``update_ratio`` is ‖θ′−θ‖ divided by the trust
-    reference (see :class:`GptOptimizer`); the update is refused above ``max_update_ratio``.
-    ``prompt`` is the metric asked for (after clamping), ``step`` the base-step count at the time,
-    ``metric_after`` the closure's value with θ′ (None without a closure, or with ``guard=False``
-    and one candidate). With several ``candidates``, ``candidate_metrics`` holds the closure's
-    value for each sample that passed validation (None where it was not finite or the closure
-    failed) and θ′ is the best of them.
-    """
-
-    accepted: bool
-    reason: str | None
-    metric_before: float
-    metric_after: float | None
-    prompt: float
-    update_ratio: float | None
-    seconds: float
-    step: int
-    failed: bool = False
-    candidates: int = 1
-    candidate_metrics: list[float | None] | None = None
 
 
 class GptOptimizer(torch.optim.Optimizer):
@@ -278,9 +254,9 @@ class GptOptimizer(torch.optim.Optimizer):
         if prompt is not None:
             check_prompt(prompt, "generate(prompt=...)", GenerationError)
         if metric is not None:
-            before = self._metric_value(metric, "metric=")
+            before = metric_value(self, metric, "metric=")
         elif closure is not None:
-            before = self._metric_value(_call(closure), "the closure")
+            before = metric_value(self, call_metric(closure), "the closure")
         else:
             raise GenerationError(
                 f"a generative update needs the current {self.generator.metric_name!r}: pass a closure that "
@@ -291,7 +267,7 @@ class GptOptimizer(torch.optim.Optimizer):
                 f"candidates={self.candidates} needs a closure to choose among the samples; pass one "
                 f"(e.g. the metric on held-out training data) or build the optimizer with candidates=1"
             )
-        target = self._resolve_prompt(self.prompt if prompt is None else prompt, before)
+        target = resolve_prompt(self, self.prompt if prompt is None else prompt, before)
         self.counters["attempted"] += 1
         params = self.params
 
@@ -308,11 +284,11 @@ class GptOptimizer(torch.optim.Optimizer):
 
         layout = self.generator.layout
         theta = layout.flatten([p.detach() for p in params])  # [P]
-        samples, error = self._sample(theta, before, target)  # [C, P] or None
+        samples, error = sample_candidates(self, theta, before, target)  # [C, P] or None
         samples, error = agree(samples, error, theta)
         if error is not None:
             return finish(False, error, failed=True)
-        checks = [self._validate(theta, s) for s in samples]  # [(ratio, reason)] per candidate
+        checks = [validate_sample(self, theta, s) for s in samples]  # [(ratio, reason)] per candidate
         # every rank must measure the same candidates (the closure may hold collectives)
         ok = all_ranks_each([reason is None for _, reason in checks], theta.device)
         valid = [i for i, good in enumerate(ok) if good]
@@ -332,13 +308,13 @@ class GptOptimizer(torch.optim.Optimizer):
             if closure is not None and (self.guard or self.candidates > 1):
                 measured = []  # (value or None, why not) per valid candidate
                 for i in valid:
-                    _load(layout, samples[i].to(theta.dtype), params)
+                    load_sample(layout, samples[i].to(theta.dtype), params)
                     measured.append(self._measure(closure))
                 scores = [v for v, _ in measured]
                 finite = [(v, i) for (v, _), i in zip(measured, valid) if v is not None]
                 if finite:
                     after, chosen = (min if direction == "min" else max)(finite, key=lambda vi: vi[0])
-                    if self.guard and _worse(after, before, direction):
+                    if self.guard and worse(after, before, direction):
                         accept, reason = False, f"{name} went from {before:.6g} to {after:.6g}"
                         if self.candidates > 1:
                             reason += f" (the best of {len(valid)} candidates)"
@@ -349,111 +325,27 @@ class GptOptimizer(torch.optim.Optimizer):
                 accept = broadcast_flag(accept, theta.device)
                 chosen = broadcast_int(chosen, theta.device)
             if not accept:
-                _restore(params, backup)
+                restore(params, backup)
                 settled = True
                 return finish(False, reason or "rank 0 rejected the update", after=after, ratio=checks[chosen][0],
                               scores=scores)
-            _load(layout, samples[chosen].to(theta.dtype), params)
+            load_sample(layout, samples[chosen].to(theta.dtype), params)
             settled = True
             return finish(True, None, after=after, ratio=checks[chosen][0], scores=scores)
         finally:
             if not settled:  # KeyboardInterrupt, SystemExit, ... while θ′ was in: put θ back, count, re-raise
-                _restore(params, backup)
+                restore(params, backup)
                 self.counters["rejected"] += 1
 
     def _measure(self, closure: Callable[[], MetricValue]) -> tuple[float | None, str | None]:
         """The closure's finite metric for the parameters as they are, or None and why not."""
         try:
-            value = self._metric_value(_call(closure), "the closure")
+            value = metric_value(self, call_metric(closure), "the closure")
         except GenerationError:  # NaN/Inf
             return None, f"{self.generator.metric_name} is not finite with the sampled parameters"
         except Exception as exc:  # θ′ broke the closure: restore, count, report
             return None, f"the closure failed on the sampled parameters: {exc!r}"
         return value, None
-
-    def _sample(self, theta: torch.Tensor, before: float, target: float) -> tuple[torch.Tensor | None, str | None]:
-        """θ′ candidates [C, P] from the generator (one batched call), or the reason they could not be drawn."""
-        gen = self.generator
-        dtype = torch.float32
-        c, p = self.candidates, theta.numel()
-        try:
-            out = gen.sample(
-                theta.to(dtype)[None].expand(c, -1),  # [C, P]
-                torch.full((c,), before, dtype=dtype, device=theta.device),
-                torch.full((c,), target, dtype=dtype, device=theta.device),
-                steps=self.sampling_steps,
-                method=self.sampling_method,
-                t_min=self.sampling_t_min,
-                generator=self._rng,
-            )
-        except Exception as exc:  # a broken generator must not break training
-            return None, f"the generator raised {exc!r}"
-        if not isinstance(out, torch.Tensor) or out.numel() != c * p or out.dim() > 2 or (
-            out.dim() == 2 and out.shape[0] != c
-        ):
-            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            return None, f"the generator returned shape {shape}, expected {[c, p]}"
-        return out.reshape(c, p).to(theta.device, torch.float32), None
-
-    def _validate(self, theta: torch.Tensor, new: torch.Tensor) -> tuple[float | None, str | None]:
-        """``(update_ratio, reason)``: reason is None when θ′ passes the finite and trust checks."""
-        if not torch.isfinite(new).all():
-            return None, "the sampled parameters contain NaN or Inf"
-        theta32 = theta.float()
-        corpus_norm = math.sqrt(theta.numel()) * GPT_TARGET_STD / self.generator.normalization.param_scale
-        reference = max(float(theta32.norm()), corpus_norm)
-        ratio = float((new - theta32).norm()) / reference
-        if not ratio <= self.max_update_ratio:
-            return ratio, (
-                f"the update's norm is {ratio:.3g} times the reference norm, above max_update_ratio="
-                f"{self.max_update_ratio:g}"
-            )
-        return ratio, None
-
-    def _metric_value(self, value: MetricValue, where: str) -> float:
-        name = self.generator.metric_name
-        if isinstance(value, Mapping):
-            if name not in value:
-                raise GenerationError(
-                    f"{where} returned metrics {sorted(map(str, value))}, but the generator "
-                    f"{self.generator.name!r} is conditioned on {name!r}; return that metric"
-                )
-            value = value[name]
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise GenerationError(f"{where} returned a tensor of shape {list(value.shape)}; return one {name!r} value")
-            value = value.detach().item()
-        if not isinstance(value, Real):
-            raise GenerationError(f"{where} returned {type(value).__name__}; return the {name!r} as a number")
-        value = float(value)
-        if not math.isfinite(value):
-            raise GenerationError(f"{where} returned {name}={value}; a generative update needs a finite metric")
-        if abs(value) > _FLOAT32_MAX:  # the generator computes in float32: this would become inf
-            raise GenerationError(
-                f"{where} returned {name}={value:g}, beyond float32's range (about ±3.4e38) that the generator "
-                f"computes in; pass the metric in its usual units"
-            )
-        return value
-
-    def _resolve_prompt(self, prompt, metric: float) -> float:
-        gen = self.generator
-        if prompt is None:
-            prompt = gen.best_prompt
-        elif callable(prompt):
-            prompt = prompt_value(prompt(metric), "the prompt callable", gen.metric_name)
-        else:
-            prompt = prompt_value(prompt, "the prompt", gen.metric_name)
-        lo, hi = gen.metric_range
-        if not lo <= prompt <= hi:
-            clamped = min(max(prompt, lo), hi)
-            warnings.warn(
-                f"prompt {prompt:g} is outside the generator's {gen.metric_name} range [{lo:g}, {hi:g}]; "
-                f"using {clamped:g}",
-                UserWarning,
-                stacklevel=4,
-            )
-            prompt = clamped
-        return prompt
 
     # ------------------------------------------------------------------ state
 
@@ -535,25 +427,3 @@ def _unhooked_step(base: torch.optim.Optimizer):
     if "step" in vars(base) or not getattr(step, "hooked", False):
         return None
     return getattr(step, "__wrapped__", None)
-
-
-def _worse(after: float, before: float, direction: str) -> bool:
-    return after > before if direction == "min" else after < before
-
-
-def _call(closure: Callable[[], MetricValue]) -> MetricValue:
-    """The closure's value, measured under ``torch.no_grad()``; a grad mode the closure switched
-    on is switched off again when it returns (else restoring θ would fail on leaf tensors)."""
-    with torch.no_grad():
-        return closure()
-
-
-def _load(layout, flat: torch.Tensor, params: list[torch.Tensor]) -> None:
-    with torch.no_grad():
-        layout.load_into(flat, params)
-
-
-def _restore(params: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
-    with torch.no_grad():  # whatever grad mode a closure left behind
-        for p, b in zip(params, backup):
-            p.copy_(b)

@@ -7,9 +7,10 @@ A generator is two files side by side:
   range, normalisation, tokenisation, model and diffusion config, corpus and training summary,
   and the sha256 of the weights file.
 
-``load_generator`` reads the manifest, checks its format version, hashes the weights file and
-only then parses it, so a corrupt, truncated or swapped file raises :class:`WeightsError` before
-any tensor is built. Generators shipped with the package live in ``learned_opt/weights/`` and are
+``load_generator`` reads the manifest and checks every field (:mod:`learned_opt.manifest`),
+compares the weights file's header with what the manifest implies, hashes the weights file and
+only then parses it (:mod:`learned_opt.weightsfile`), so a corrupt, truncated, swapped or hostile
+file raises :class:`WeightsError` before any large tensor is built. Generators shipped with the package live in ``learned_opt/weights/`` and are
 found through ``importlib.resources``, so they load from an installed wheel as from a checkout.
 """
 
@@ -31,43 +32,28 @@ import torch
 from .errors import ConfigError, WeightsError
 from .fileio import atomic_write
 from .layout import Layout, signature_from_json, signature_to_json
+from .manifest import (
+    DEFAULT_SAMPLING,
+    MANIFEST_FORMAT_VERSION,
+    MAX_MANIFEST_BYTES,
+    READABLE_FORMAT_VERSIONS,
+    REQUIRED_KEYS,
+    SAMPLING_KEYS,
+    read_manifest,
+    sampling_from_manifest,
+)
 from .normalization import Normalization
+from .weightsfile import MAX_WEIGHTS_BYTES, check_header, check_regular, compare_shapes, read_header
+
+__all__ = [  # the manifest's constants are re-exported: they were defined here before
+    "DEFAULT_SAMPLING", "MANIFEST_FORMAT_VERSION", "READABLE_FORMAT_VERSIONS", "REQUIRED_KEYS", "SAMPLING_KEYS",
+    "LoadedGenerator", "build_manifest", "list_pretrained", "load_generator", "sampling_from_manifest",
+    "save_generator", "sha256_bytes", "sha256_file",
+]
 
 if TYPE_CHECKING:  # imported lazily at run time: keeps this module importable on its own
     from .diffusion import Diffusion, DiffusionConfig
     from .generator import Gpt
-
-# Version 2 adds neuron tokens (``tokenisation.scheme``); chunk-token generators are still written
-# as version 1, which releases before neuron tokens read correctly.
-MANIFEST_FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
-
-# Keys every manifest must hold (the writer below adds all of them).
-REQUIRED_KEYS = (
-    "format_version",
-    "name",
-    "task",
-    "signature",
-    "num_params",
-    "metric",
-    "metric_direction",
-    "metric_range",
-    "best_prompt",
-    "normalization",
-    "tokenisation",
-    "model_config",
-    "diffusion_config",
-    "weights_file",
-    "weights_sha256",
-)
-
-
-# The sampler a generator uses when the caller names none. A manifest may carry its own
-# ``"sampling"`` entry (``method``, ``steps``, ``t_min``, chosen for that generator on validation
-# inits by ``learned-opt tune-sampling``), which overrides these key by key.
-DEFAULT_SAMPLING = {"method": "ddim", "steps": 50, "t_min": 0}
-SAMPLING_KEYS = tuple(DEFAULT_SAMPLING)
-
 
 # ---------------------------------------------------------------------- small helpers
 
@@ -339,54 +325,6 @@ class LoadedGenerator:
 # ---------------------------------------------------------------------- reading
 
 
-def sampling_from_manifest(manifest: Mapping[str, Any], num_steps: int) -> dict[str, Any]:
-    """The generator's default sampler: :data:`DEFAULT_SAMPLING` updated by the manifest's
-    ``"sampling"`` entry, checked; raises ``ValueError`` on a bad entry."""
-    from .diffusion import METHODS, check_sampler
-
-    given = manifest.get("sampling")
-    given = {} if given is None else given
-    if not isinstance(given, Mapping):
-        raise ValueError(f"'sampling' must be an object with {', '.join(SAMPLING_KEYS)}, got {given!r}")
-    unknown = sorted(set(given) - {*SAMPLING_KEYS, "chosen_by"})
-    if unknown:
-        raise ValueError(f"'sampling' has unknown keys {unknown}; it takes {', '.join(SAMPLING_KEYS)} (and chosen_by)")
-    out = {**DEFAULT_SAMPLING, **{k: given[k] for k in SAMPLING_KEYS if k in given}}
-    if "steps" not in given and isinstance(out["t_min"], int):  # the default, on a short schedule: every step
-        out["steps"] = max(1, min(out["steps"], num_steps - out["t_min"]))
-    method, steps, t_min = out["method"], out["steps"], out["t_min"]
-    if method not in METHODS:
-        raise ValueError(f"sampling method {method!r} is not one of {', '.join(METHODS)}")
-    for name, value in (("steps", steps), ("t_min", t_min)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"sampling {name} must be an integer, got {value!r}")
-    try:
-        check_sampler(num_steps, method, steps, t_min)
-    except ConfigError as exc:
-        raise ValueError(f"sampling {method}, steps={steps}, t_min={t_min} does not fit: {exc}") from None
-    return out
-
-
-def _read_manifest(text: str, where: str) -> dict:
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise WeightsError(f"manifest {where} is not valid JSON ({exc}); re-download or re-save it") from None
-    if not isinstance(manifest, dict):
-        raise WeightsError(f"manifest {where} is not a JSON object")
-    version = manifest.get("format_version")
-    if version not in READABLE_FORMAT_VERSIONS:
-        raise WeightsError(
-            f"manifest {where} has format_version {version!r}; this learned-opt reads versions "
-            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}. Use the learned-opt release that wrote it, "
-            "or re-save the generator."
-        )
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise WeightsError(f"manifest {where} lacks {missing}; it is incomplete or not a generator manifest")
-    return manifest
-
-
 def _resolve(source) -> tuple[str, Any, Any]:
     """``(where, manifest Traversable/Path, folder)`` for a registry name or a path."""
     if isinstance(source, (str, os.PathLike)):
@@ -425,15 +363,15 @@ def load_generator(source, *, device: torch.device | str | None = None) -> Loade
     if isinstance(source, LoadedGenerator):
         return source.to(device) if device is not None else source
     where, manifest_file, folder = _resolve(source)
+    check_regular(manifest_file, "manifest", MAX_MANIFEST_BYTES)
     try:
-        text = manifest_file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = manifest_file.read_bytes()
+    except OSError as exc:
         raise WeightsError(f"cannot read manifest {where}: {exc}") from None
-    manifest = _read_manifest(text, where)
-    weights_name = str(manifest["weights_file"])
-    if Path(weights_name).name != weights_name:
-        raise WeightsError(f"manifest {where} names weights file {weights_name!r} outside its folder")
+    manifest = read_manifest(text, where)  # every field checked and bounded
+    weights_name = manifest["weights_file"]
     weights_file = folder / weights_name
+    check_regular(weights_file, "weights file", MAX_WEIGHTS_BYTES)  # not /dev/zero, a FIFO, a folder
     try:
         blob = weights_file.read_bytes()
     except OSError as exc:
@@ -448,10 +386,29 @@ def load_generator(source, *, device: torch.device | str | None = None) -> Loade
             f"{str(manifest['weights_sha256'])[:16]}...: the file is corrupt, truncated or from another "
             f"generator. Re-download or re-save it."
         )
-    return _build(manifest, blob, where, digest, device)
+    header = read_header(blob, where)  # shapes only, bounded
+    layout = _layout(manifest, where)
+    check_header(header, manifest["model_config"], layout, where)  # before anything large is built
+    return _build(manifest, layout, header, blob, where, digest, device)
 
 
-def _build(manifest: dict, blob: bytes, where: str, digest: str, device) -> LoadedGenerator:
+def _layout(manifest: dict, where: str) -> Layout:
+    """The manifest's layout, its token count checked against ``tokenisation.num_tokens``."""
+    tok = manifest["tokenisation"]
+    try:
+        layout = Layout(signature_from_json(manifest["signature"]), tok.get("chunk_size"), tok.get("scheme", "chunk"))
+        num_tokens = layout.num_tokens
+    except (TypeError, ValueError) as exc:  # ArchitectureMismatchError is a ValueError
+        raise WeightsError(f"generator {where} has an unusable signature or tokenisation: {exc}") from None
+    if tok.get("num_tokens", num_tokens) != num_tokens:
+        raise WeightsError(
+            f"manifest {where} says tokenisation.num_tokens = {tok['num_tokens']}, its signature and scheme "
+            f"give {num_tokens}; re-save the generator"
+        )
+    return layout
+
+
+def _build(manifest: dict, layout: Layout, header: dict, blob: bytes, where: str, digest: str, device) -> LoadedGenerator:
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
@@ -466,22 +423,16 @@ def _build(manifest: dict, blob: bytes, where: str, digest: str, device) -> Load
     if bad:
         raise WeightsError(f"weights of {where} contain NaN or Inf in {bad[:5]}; the generator is unusable")
     try:
-        tok = manifest["tokenisation"]
-        layout = Layout(signature_from_json(manifest["signature"]), tok.get("chunk_size"), tok.get("scheme", "chunk"))
-        if layout.num_params != int(manifest["num_params"]):
-            raise ValueError(f"signature has {layout.num_params} parameters, num_params says {manifest['num_params']}")
         # The initial weights are overwritten below: build on a forked RNG so that loading a
         # generator never advances the caller's global random stream.
         with torch.random.fork_rng(devices=[]):
             diffusion_config = DiffusionConfig(**manifest["diffusion_config"])
             model = build_generator(layout, GptConfig(**manifest["model_config"]), diffusion_config)
+        compare_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, header, where)
         model.load_state_dict(tensors, strict=True)
         diffusion = Diffusion(diffusion_config)
         sampling_from_manifest(manifest, diffusion.num_steps)  # a bad "sampling" entry fails here, as WeightsError
         normalization = Normalization(**manifest["normalization"])
-        lo, hi = (float(v) for v in manifest["metric_range"])
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise ValueError(f"metric_range {manifest['metric_range']} is not a finite interval lo < hi")
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
         raise WeightsError(f"generator {where} does not match its manifest: {exc}") from None
     model.eval()
@@ -504,7 +455,8 @@ def list_pretrained() -> list[dict]:
         if not entry.name.endswith(".json"):
             continue
         try:
-            m = _read_manifest(entry.read_text(encoding="utf-8"), entry.name)
+            check_regular(entry, "manifest", MAX_MANIFEST_BYTES)
+            m = read_manifest(entry.read_bytes(), entry.name)
         except (WeightsError, OSError, UnicodeDecodeError) as exc:
             warnings.warn(f"skipping shipped generator manifest {entry.name}: {exc}", stacklevel=2)
             continue

@@ -107,8 +107,8 @@ def check_fields(m: dict) -> None:
     jsoncheck.number_field(m["best_prompt"], "best_prompt")
     _check_numbers(m["normalization"], "normalization", ("param_scale", "metric_lo", "metric_hi"))
     _check_tokenisation(m["tokenisation"])
-    _check_config(m["model_config"], "model_config")
-    _check_config(m["diffusion_config"], "diffusion_config")
+    _check_config(m["model_config"], "model_config", ("d_model", "n_layers", "n_heads"))
+    _check_config(m["diffusion_config"], "diffusion_config", ())
     mlp_ratio = m["model_config"].get("mlp_ratio", 4.0)
     if not (jsoncheck.is_number(mlp_ratio) and 0 < mlp_ratio <= MAX_MLP_RATIO):
         raise ValueError(f"model_config.mlp_ratio must be a number in (0, {MAX_MLP_RATIO:g}], got {mlp_ratio!r}")
@@ -134,11 +134,14 @@ def _check_tokenisation(tok: Any) -> None:
         jsoncheck.int_field(tok["num_tokens"], "tokenisation.num_tokens", lo=1, hi=MAX_NETWORK_PARAMS)
 
 
-def _check_config(config: Any, name: str) -> None:
-    """A model or diffusion config: an object of JSON scalars, integers within :data:`INT_BOUNDS`
-    (the dataclass itself checks the rest when it is built)."""
+def _check_config(config: Any, name: str, required: tuple[str, ...]) -> None:
+    """A model or diffusion config: an object of JSON scalars holding ``required``, integers within
+    :data:`INT_BOUNDS` (the dataclass itself checks the rest when it is built)."""
     if not isinstance(config, dict):
         raise ValueError(f"{name} must be an object, got {str(config)[:80]}")
+    missing = [k for k in required if k not in config]
+    if missing:
+        raise ValueError(f"{name} lacks {missing}")
     for key, value in config.items():
         if key in INT_BOUNDS:
             jsoncheck.int_field(value, f"{name}.{key}", lo=1, hi=INT_BOUNDS[key])

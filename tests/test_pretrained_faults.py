@@ -9,23 +9,11 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from test_pretrained import _save
+from test_pretrained import copy_of, saved  # noqa: F401 - the fixtures: a saved tiny generator, a copy
 
 from learned_opt import manifest as manifest_module
 from learned_opt.errors import WeightsError
 from learned_opt.pretrained import load_generator
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory) -> Path:
-    return _save(tmp_path_factory.mktemp("weights"))
-
-
-@pytest.fixture
-def copy_of(saved, tmp_path):
-    for suffix in (".json", ".safetensors"):
-        (tmp_path / f"mnist-tiny{suffix}").write_bytes(saved.with_suffix(suffix).read_bytes())
-    return tmp_path / "mnist-tiny.json"
 
 
 def _edit(path: Path, edit) -> None:

@@ -279,7 +279,7 @@ class GptOptimizer(torch.optim.Optimizer):
                 self.counters["steps"], failed, self.candidates, scores,
             )
             if failed:
-                warnings.warn(f"generative update failed and was skipped: {reason}", RuntimeWarning, stacklevel=4)
+                warnings.warn(f"generative update failed and was skipped: {reason}", RuntimeWarning, stacklevel=5)
             return report
 
         layout = self.generator.layout

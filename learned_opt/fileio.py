@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["atomic_write", "written_temp", "fsync_dir"]
+__all__ = ["atomic_write", "write_exclusive", "written_temp", "fsync_dir"]
 
 
 def _read_umask() -> int:
@@ -77,3 +77,18 @@ def fsync_dir(folder: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_exclusive(path: Path, data: bytes) -> bool:
+    """Atomically create ``path`` with ``data``; ``False`` (and nothing changed) if it exists."""
+    with written_temp(path, lambda tmp: tmp.write_bytes(data)) as tmp:
+        try:
+            os.link(tmp, path)  # atomic and fails if path exists: never overwrites
+        except FileExistsError:
+            return False
+        except OSError:  # a filesystem without hard links: check, then rename (tiny race window)
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+        return True

@@ -9,54 +9,40 @@ of NiNo, Knyazev et al. 2025, https://arxiv.org/abs/2409.04434).
 from __future__ import annotations
 
 import copy
-import math
+import threading
 import time
 import warnings
-from dataclasses import dataclass
-from numbers import Real
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 import torch
 
-from .errors import ConfigError, GenerationError, OptimizerStateError
-from .layout import check_signature
-from .normalization import GPT_TARGET_STD
+from .collectives import agree, all_ranks_each, broadcast_flag, broadcast_int
+from .errors import ConfigError, GenerationError
+from .optimizer_checks import (
+    check_architecture,
+    check_args,
+    check_prompt,
+    check_sampling,
+    flat_params,
+    materialize,
+)
+from .optimizer_state import COUNTERS, check_state
+from .proposal import (
+    GenerationReport,
+    MetricValue,
+    call_metric,
+    load_sample,
+    metric_value,
+    resolve_prompt,
+    restore,
+    sample_candidates,
+    validate_sample,
+    worse,
+)
 from .pretrained import LoadedGenerator, load_generator
 
 __all__ = ["GenerationReport", "GptOptimizer"]
 
-MetricValue = float | torch.Tensor | Mapping[str, Any]
-COUNTERS = ("steps", "attempted", "accepted", "rejected", "failed")
-# Prefixes that wrappers add to parameter names (DistributedDataParallel, torch.compile).
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-@dataclass
-class GenerationReport:
-    """What one generative update did.
-
-    ``accepted`` is True only when θ′ was copied into the parameters. ``failed`` marks a broken
-    sample (the generator raised, or returned a non-finite, wrongly shaped or exploding θ′);
-    ``reason`` says why an update was not accepted. ``update_ratio`` is ‖θ′−θ‖ divided by the trust
-    reference (see :class:`GptOptimizer`); the update is refused above ``max_update_ratio``.
-    ``prompt`` is the metric asked for (after clamping), ``step`` the base-step count at the time,
-    ``metric_after`` the closure's value with θ′ (None without a closure, or with ``guard=False``
-    and one candidate). With several ``candidates``, ``candidate_metrics`` holds the closure's
-    value for each sample that passed validation (None where it was not finite or the closure
-    failed) and θ′ is the best of them.
-    """
-
-    accepted: bool
-    reason: str | None
-    metric_before: float
-    metric_after: float | None
-    prompt: float
-    update_ratio: float | None
-    seconds: float
-    step: int
-    failed: bool = False
-    candidates: int = 1
-    candidate_metrics: list[float | None] | None = None
 
 
 class GptOptimizer(torch.optim.Optimizer):
@@ -123,8 +109,16 @@ class GptOptimizer(torch.optim.Optimizer):
     closure changed while measuring θ′ (e.g. BatchNorm running statistics updated in train mode)
     stay changed after a rejection, so a metric closure should evaluate in eval mode and under
     ``torch.no_grad()`` (the shipped MLP tasks have no buffers). A broken sample does not raise:
-    it returns a report with ``failed=True`` and warns. Bad input (no metric, a NaN metric) raises
-    :class:`GenerationError` before anything happens.
+    it returns a report with ``failed=True`` and warns. Bad input (no metric, a NaN metric, a
+    metric beyond float32's range, a prompt that is not one finite number) raises
+    :class:`GenerationError` before anything happens. θ is restored on *every* exit from an
+    update: an exception the closure raises while θ′ is in (``KeyboardInterrupt``,
+    ``SystemExit``, ...) restores θ, counts the update as rejected and propagates; closures run
+    under ``torch.no_grad()`` and θ is restored under it even if a closure switched grad mode on.
+
+    **Threads.** ``step`` and ``generate`` hold a per-optimizer lock (re-entrant), so two threads
+    calling them at once run one update after the other, never interleaved. The lock guards only
+    this optimizer's own calls: another thread changing the parameters directly is not serialised.
 
     **After an accepted update** θ′ replaces every parameter given (frozen ones included: the
     generator models the whole network), the base optimizer's state (Adam's moments and step
@@ -168,16 +162,16 @@ class GptOptimizer(torch.optim.Optimizer):
         max_update_ratio: float = 10.0,
         **base_kwargs: Any,
     ) -> None:
-        _check_args(params, every, seed, metric_closure, prompt, max_update_ratio)
-        _check_sampling(sampling_steps, sampling_method, sampling_t_min, candidates)
-        params = _materialize(params)
+        check_args(params, every, seed, metric_closure, prompt, max_update_ratio)
+        check_sampling(sampling_steps, sampling_method, sampling_t_min, candidates)
+        params = materialize(params)
         self.generator = load_generator(generator)  # WeightsError for unknown names / bad files
         sampler = self.generator.sampler(sampling_method, sampling_steps, sampling_t_min)  # ConfigError if unfit
-        tensors, names = _flat_params(params)
+        tensors, names = flat_params(params)
         device = tensors[0].device
         if any(t.device != device for t in tensors):
             raise ConfigError("all parameters must be on one device for GptOptimizer; move the model first")
-        _check_architecture(self.generator, tensors, names)
+        check_architecture(self.generator, tensors, names)
         self.generator.to(device)
 
         self.base = base(params, **base_kwargs)
@@ -201,6 +195,7 @@ class GptOptimizer(torch.optim.Optimizer):
         self.last_report: GenerationReport | None = None
         self._rng = torch.Generator(device=device)
         self._rng.manual_seed(seed)
+        self._lock = threading.RLock()  # serialises step/generate across threads (not pickled)
 
     # ------------------------------------------------------------------ the base step
 
@@ -211,20 +206,21 @@ class GptOptimizer(torch.optim.Optimizer):
         In periodic mode a broken sample is skipped with a warning, but a ``metric_closure`` that
         returns NaN/Inf raises :class:`GenerationError` after the base step (training diverged).
         """
-        # torch wraps every Optimizer subclass's step with the step hooks and a profiler range.
-        # This optimizer's own wrapper has just run them, so the base's step is called unwrapped:
-        # global hooks run once per step, not twice, and the step costs no second wrapper. The
-        # base step sets its own grad mode (and enables grad around the closure).
-        base_step = _unhooked_step(self.base)
-        if base_step is None:
-            loss = self.base.step() if closure is None else self.base.step(closure)
-        else:
-            loss = base_step(self.base) if closure is None else base_step(self.base, closure)
-        counters = self.counters
-        counters["steps"] += 1
-        if self.every is not None and counters["steps"] % self.every == 0:
-            self.last_report = self.generate(self.metric_closure)
-        return loss
+        with self._lock:
+            # torch wraps every Optimizer subclass's step with the step hooks and a profiler range.
+            # This optimizer's own wrapper has just run them, so the base's step is called unwrapped:
+            # global hooks run once per step, not twice, and the step costs no second wrapper. The
+            # base step sets its own grad mode (and enables grad around the closure).
+            base_step = _unhooked_step(self.base)
+            if base_step is None:
+                loss = self.base.step() if closure is None else self.base.step(closure)
+            else:
+                loss = base_step(self.base) if closure is None else base_step(self.base, closure)
+            counters = self.counters
+            counters["steps"] += 1
+            if self.every is not None and counters["steps"] % self.every == 0:
+                self.last_report = self.generate(self.metric_closure)
+            return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base.zero_grad(set_to_none=set_to_none)
@@ -250,11 +246,17 @@ class GptOptimizer(torch.optim.Optimizer):
         and, with ``guard``, after the update); ``metric`` gives the current value directly.
         ``prompt`` overrides the optimizer's prompt for this update.
         """
+        with self._lock:  # one update at a time: see "Threads" in the class docstring
+            return self._generate(closure, metric, prompt)
+
+    def _generate(self, closure, metric, prompt) -> GenerationReport:
         start = time.perf_counter()
+        if prompt is not None:
+            check_prompt(prompt, "generate(prompt=...)", GenerationError)
         if metric is not None:
-            before = self._metric_value(metric, "metric=")
+            before = metric_value(self, metric, "metric=")
         elif closure is not None:
-            before = self._metric_value(closure(), "the closure")
+            before = metric_value(self, call_metric(closure), "the closure")
         else:
             raise GenerationError(
                 f"a generative update needs the current {self.generator.metric_name!r}: pass a closure that "
@@ -265,7 +267,7 @@ class GptOptimizer(torch.optim.Optimizer):
                 f"candidates={self.candidates} needs a closure to choose among the samples; pass one "
                 f"(e.g. the metric on held-out training data) or build the optimizer with candidates=1"
             )
-        target = self._resolve_prompt(self.prompt if prompt is None else prompt, before)
+        target = resolve_prompt(self, self.prompt if prompt is None else prompt, before)
         self.counters["attempted"] += 1
         params = self.params
 
@@ -277,18 +279,18 @@ class GptOptimizer(torch.optim.Optimizer):
                 self.counters["steps"], failed, self.candidates, scores,
             )
             if failed:
-                warnings.warn(f"generative update failed and was skipped: {reason}", RuntimeWarning, stacklevel=3)
+                warnings.warn(f"generative update failed and was skipped: {reason}", RuntimeWarning, stacklevel=5)
             return report
 
         layout = self.generator.layout
         theta = layout.flatten([p.detach() for p in params])  # [P]
-        samples, error = self._sample(theta, before, target)  # [C, P] or None
-        samples, error = _agree(samples, error, theta)
+        samples, error = sample_candidates(self, theta, before, target)  # [C, P] or None
+        samples, error = agree(samples, error, theta)
         if error is not None:
             return finish(False, error, failed=True)
-        checks = [self._validate(theta, s) for s in samples]  # [(ratio, reason)] per candidate
+        checks = [validate_sample(self, theta, s) for s in samples]  # [(ratio, reason)] per candidate
         # every rank must measure the same candidates (the closure may hold collectives)
-        ok = _all_ranks_each([reason is None for _, reason in checks], theta.device)
+        ok = all_ranks_each([reason is None for _, reason in checks], theta.device)
         valid = [i for i, good in enumerate(ok) if good]
         if not valid:
             ratio, error = checks[0]
@@ -298,125 +300,52 @@ class GptOptimizer(torch.optim.Optimizer):
             return finish(False, error, ratio=ratio, failed=True)
 
         backup = [p.detach().clone() for p in params]
-        direction, name = self.generator.metric_direction, self.generator.metric_name
-        after, scores, reason, accept = None, None, None, True
-        chosen = valid[0]
-        if closure is not None and (self.guard or self.candidates > 1):
-            measured = []  # (value or None, why not) per valid candidate
-            for i in valid:
-                layout.load_into(samples[i].to(theta.dtype), params)
-                measured.append(self._measure(closure))
-            scores = [v for v, _ in measured]
-            finite = [(v, i) for (v, _), i in zip(measured, valid) if v is not None]
-            if finite:
-                after, chosen = (min if direction == "min" else max)(finite, key=lambda vi: vi[0])
-                if self.guard and _worse(after, before, direction):
-                    accept, reason = False, f"{name} went from {before:.6g} to {after:.6g}"
-                    if self.candidates > 1:
-                        reason += f" (the best of {len(valid)} candidates)"
-            elif self.guard or self.candidates > 1:  # nothing measurable to keep
-                accept, reason = False, measured[0][1]
-                if len(valid) > 1:
-                    reason = f"no candidate of {len(valid)} gave a finite metric (the first: {reason})"
-            accept = _broadcast_flag(accept, theta.device)
-            chosen = _broadcast_int(chosen, theta.device)
-        if not accept:
-            for p, b in zip(params, backup):
-                p.copy_(b)
-            return finish(False, reason or "rank 0 rejected the update", after=after, ratio=checks[chosen][0],
-                          scores=scores)
-        layout.load_into(samples[chosen].to(theta.dtype), params)
-        return finish(True, None, after=after, ratio=checks[chosen][0], scores=scores)
+        settled = False  # True once θ′ is committed, or θ restored and the update counted
+        try:
+            direction, name = self.generator.metric_direction, self.generator.metric_name
+            after, scores, reason, accept = None, None, None, True
+            chosen = valid[0]
+            if closure is not None and (self.guard or self.candidates > 1):
+                measured = []  # (value or None, why not) per valid candidate
+                for i in valid:
+                    load_sample(layout, samples[i].to(theta.dtype), params)
+                    measured.append(self._measure(closure))
+                scores = [v for v, _ in measured]
+                finite = [(v, i) for (v, _), i in zip(measured, valid) if v is not None]
+                if finite:
+                    after, chosen = (min if direction == "min" else max)(finite, key=lambda vi: vi[0])
+                    if self.guard and worse(after, before, direction):
+                        accept, reason = False, f"{name} went from {before:.6g} to {after:.6g}"
+                        if self.candidates > 1:
+                            reason += f" (the best of {len(valid)} candidates)"
+                elif self.guard or self.candidates > 1:  # nothing measurable to keep
+                    accept, reason = False, measured[0][1]
+                    if len(valid) > 1:
+                        reason = f"no candidate of {len(valid)} gave a finite metric (the first: {reason})"
+                accept = broadcast_flag(accept, theta.device)
+                chosen = broadcast_int(chosen, theta.device)
+            if not accept:
+                restore(params, backup)
+                settled = True
+                return finish(False, reason or "rank 0 rejected the update", after=after, ratio=checks[chosen][0],
+                              scores=scores)
+            load_sample(layout, samples[chosen].to(theta.dtype), params)
+            settled = True
+            return finish(True, None, after=after, ratio=checks[chosen][0], scores=scores)
+        finally:
+            if not settled:  # KeyboardInterrupt, SystemExit, ... while θ′ was in: put θ back, count, re-raise
+                restore(params, backup)
+                self.counters["rejected"] += 1
 
     def _measure(self, closure: Callable[[], MetricValue]) -> tuple[float | None, str | None]:
         """The closure's finite metric for the parameters as they are, or None and why not."""
         try:
-            value = self._metric_value(closure(), "the closure")
+            value = metric_value(self, call_metric(closure), "the closure")
         except GenerationError:  # NaN/Inf
             return None, f"{self.generator.metric_name} is not finite with the sampled parameters"
         except Exception as exc:  # θ′ broke the closure: restore, count, report
             return None, f"the closure failed on the sampled parameters: {exc!r}"
         return value, None
-
-    def _sample(self, theta: torch.Tensor, before: float, target: float) -> tuple[torch.Tensor | None, str | None]:
-        """θ′ candidates [C, P] from the generator (one batched call), or the reason they could not be drawn."""
-        gen = self.generator
-        dtype = torch.float32
-        c, p = self.candidates, theta.numel()
-        try:
-            out = gen.sample(
-                theta.to(dtype)[None].expand(c, -1),  # [C, P]
-                torch.full((c,), before, dtype=dtype, device=theta.device),
-                torch.full((c,), target, dtype=dtype, device=theta.device),
-                steps=self.sampling_steps,
-                method=self.sampling_method,
-                t_min=self.sampling_t_min,
-                generator=self._rng,
-            )
-        except Exception as exc:  # a broken generator must not break training
-            return None, f"the generator raised {exc!r}"
-        if not isinstance(out, torch.Tensor) or out.numel() != c * p or out.dim() > 2 or (
-            out.dim() == 2 and out.shape[0] != c
-        ):
-            shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            return None, f"the generator returned shape {shape}, expected {[c, p]}"
-        return out.reshape(c, p).to(theta.device, torch.float32), None
-
-    def _validate(self, theta: torch.Tensor, new: torch.Tensor) -> tuple[float | None, str | None]:
-        """``(update_ratio, reason)``: reason is None when θ′ passes the finite and trust checks."""
-        if not torch.isfinite(new).all():
-            return None, "the sampled parameters contain NaN or Inf"
-        theta32 = theta.float()
-        corpus_norm = math.sqrt(theta.numel()) * GPT_TARGET_STD / self.generator.normalization.param_scale
-        reference = max(float(theta32.norm()), corpus_norm)
-        ratio = float((new - theta32).norm()) / reference
-        if not ratio <= self.max_update_ratio:
-            return ratio, (
-                f"the update's norm is {ratio:.3g} times the reference norm, above max_update_ratio="
-                f"{self.max_update_ratio:g}"
-            )
-        return ratio, None
-
-    def _metric_value(self, value: MetricValue, where: str) -> float:
-        name = self.generator.metric_name
-        if isinstance(value, Mapping):
-            if name not in value:
-                raise GenerationError(
-                    f"{where} returned metrics {sorted(map(str, value))}, but the generator "
-                    f"{self.generator.name!r} is conditioned on {name!r}; return that metric"
-                )
-            value = value[name]
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise GenerationError(f"{where} returned a tensor of shape {list(value.shape)}; return one {name!r} value")
-            value = value.detach().item()
-        if not isinstance(value, Real):
-            raise GenerationError(f"{where} returned {type(value).__name__}; return the {name!r} as a number")
-        value = float(value)
-        if not math.isfinite(value):
-            raise GenerationError(f"{where} returned {name}={value}; a generative update needs a finite metric")
-        return value
-
-    def _resolve_prompt(self, prompt, metric: float) -> float:
-        gen = self.generator
-        if prompt is None:
-            prompt = gen.best_prompt
-        elif callable(prompt):
-            prompt = prompt(metric)
-        prompt = float(prompt.item() if isinstance(prompt, torch.Tensor) else prompt)
-        if not math.isfinite(prompt):
-            raise GenerationError(f"the prompt is {prompt}; give a finite {gen.metric_name!r} to aim for")
-        lo, hi = gen.metric_range
-        if not lo <= prompt <= hi:
-            clamped = min(max(prompt, lo), hi)
-            warnings.warn(
-                f"prompt {prompt:g} is outside the generator's {gen.metric_name} range [{lo:g}, {hi:g}]; "
-                f"using {clamped:g}",
-                UserWarning,
-                stacklevel=4,
-            )
-            prompt = clamped
-        return prompt
 
     # ------------------------------------------------------------------ state
 
@@ -435,6 +364,9 @@ class GptOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (the input is copied, never mutated).
 
+        Everything is checked before anything is loaded (the generator's sha256, the counters, the
+        RNG state, the groups and every base-state tensor's shape against its parameter): a bad
+        state raises :class:`OptimizerStateError` and leaves the optimizer exactly as it was.
         Runs this optimizer's load-state-dict pre-hooks (on the copy; one may return a new state
         dict) before anything is checked, and its post-hooks after loading, as the base class does.
         """
@@ -444,34 +376,28 @@ class GptOptimizer(torch.optim.Optimizer):
             if result is not None:
                 state_dict = dict(result)
         gpt = state_dict.pop("gpt", None)
-        if gpt is not None and gpt.get("generator_sha256") != self.generator.sha256:
-            raise OptimizerStateError(
-                f"this state was saved with generator {gpt.get('generator_name')!r} (sha256 "
-                f"{str(gpt.get('generator_sha256'))[:12]}...), but the optimizer uses {self.generator.name!r} "
-                f"(sha256 {self.generator.sha256[:12]}...); load it with the same generator"
-            )
-        if gpt is not None:
-            unknown = set(gpt.get("counters", {})) - set(COUNTERS)
-            if unknown:
-                raise OptimizerStateError(f"unknown counters {sorted(unknown)} in the state; it is not a GptOptimizer state")
+        counters, rng_state = check_state(self, state_dict, gpt)  # OptimizerStateError; nothing changed yet
         self.base.load_state_dict(state_dict)  # rebinds the base's groups and state: share them again
         self.param_groups = self.base.param_groups
         self.state = self.base.state
-        if gpt is None:
-            self.counters = {k: 0 for k in COUNTERS}
+        self.counters = counters
+        if rng_state is None:
             self._rng.manual_seed(self.seed)
         else:
-            self.counters = {k: int(gpt["counters"].get(k, 0)) for k in COUNTERS}
-            self._rng.set_state(gpt["rng_state"].to("cpu", torch.uint8))
+            self._rng.set_state(rng_state)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     def __getstate__(self) -> dict[str, Any]:
-        # Optimizer.__getstate__ keeps only defaults/state/param_groups; a GptOptimizer needs all.
-        return self.__dict__.copy()
+        # Optimizer.__getstate__ keeps only defaults/state/param_groups; a GptOptimizer needs all
+        # but its lock (locks cannot be pickled or copied: a copy gets its own)
+        state = self.__dict__.copy()
+        state.pop("_lock", None)
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # restores hooks and the profiled step
+        self._lock = threading.RLock()
         self.param_groups = self.base.param_groups
         self.state = self.base.state
 
@@ -485,106 +411,6 @@ class GptOptimizer(torch.optim.Optimizer):
             f"steps={c['steps']}, generative updates accepted/rejected/failed="
             f"{c['accepted']}/{c['rejected']}/{c['failed']})"
         )
-
-
-# ---------------------------------------------------------------------- construction helpers
-
-
-def _check_sampling(steps, method, t_min, candidates) -> None:
-    from .diffusion import METHODS
-
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ConfigError(f"Invalid sampling_steps: {steps!r} (None for the generator's own, or an int >= 1)")
-    if method is not None and method not in METHODS:
-        raise ConfigError(f"Invalid sampling_method: {method!r} (None for the generator's own, or one of {', '.join(METHODS)})")
-    if t_min is not None and (isinstance(t_min, bool) or not isinstance(t_min, int) or t_min < 0):
-        raise ConfigError(f"Invalid sampling_t_min: {t_min!r} (None for the generator's own, or an int >= 0)")
-    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
-        raise ConfigError(f"Invalid candidates: {candidates!r} (an int >= 1: samples drawn per update, the best kept)")
-
-
-def _check_args(params, every, seed, metric_closure, prompt, max_update_ratio) -> None:
-    if isinstance(params, torch.Tensor):
-        raise ConfigError(
-            "params must be an iterable of tensors or parameter-group dicts, got a single tensor; "
-            "pass model.parameters() or [tensor]"
-        )
-    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
-        raise ConfigError(f"Invalid every: {every!r} (use None for no periodic updates, or an int >= 1)")
-    if every is not None and metric_closure is None:
-        raise ConfigError(
-            f"every={every} needs metric_closure=<callable returning the generator's metric>, so that periodic "
-            f"updates know the current metric; or use every=None and call generate() yourself"
-        )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"Invalid seed: {seed!r} (must be an int)")
-    if metric_closure is not None and not callable(metric_closure):
-        raise ConfigError("metric_closure must be a callable that returns the generator's metric")
-    if prompt is not None and not callable(prompt) and not isinstance(prompt, Real):
-        raise ConfigError(f"Invalid prompt: {prompt!r} (None, a number, or a callable metric -> prompt)")
-    if not (isinstance(max_update_ratio, Real) and max_update_ratio > 0):
-        raise ConfigError(f"Invalid max_update_ratio: {max_update_ratio!r} (must be > 0; math.inf disables the bound)")
-
-
-def _materialize(params) -> list:
-    """A list of tensors, ``(name, tensor)`` pairs or group dicts; refuses duplicates and empties."""
-    params = [
-        dict(g, params=[g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"]))
-        if isinstance(g, dict) else g
-        for g in params
-    ]
-    if not params:
-        raise ConfigError("GptOptimizer got an empty parameter list; pass model.parameters()")
-    seen: set[int] = set()
-    for t in _flat_params(params)[0]:
-        if not isinstance(t, torch.Tensor):
-            raise ConfigError(f"params must hold tensors, got {type(t).__name__}")
-        if id(t) in seen:
-            raise ConfigError(f"a parameter of shape {list(t.shape)} is listed twice; list each parameter once")
-        seen.add(id(t))
-    return params
-
-
-def _flat_params(params: list) -> tuple[list[torch.Tensor], list[str] | None]:
-    """All tensors in order, and their names when every one is named (else None)."""
-    tensors: list[torch.Tensor] = []
-    names: list[str | None] = []
-
-    def add(items) -> None:
-        if isinstance(items, torch.Tensor):
-            items = [items]
-        for item in items:
-            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
-                names.append(item[0])
-                tensors.append(item[1])
-            else:
-                names.append(None)
-                tensors.append(item)
-
-    for item in params:
-        if isinstance(item, dict):
-            add(item["params"])
-        else:
-            add([item])
-    return tensors, (None if any(n is None for n in names) else names)  # type: ignore[return-value]
-
-
-def _check_architecture(gen: LoadedGenerator, tensors: list[torch.Tensor], names: list[str] | None) -> None:
-    expected = gen.layout.signature
-    if names is None:  # positional: take the generator's names for the shapes we were given
-        exp_names = [n for n, _ in expected]
-        names = [exp_names[i] if i < len(exp_names) else f"<extra parameter #{i}>" for i in range(len(tensors))]
-    else:
-        names = [_strip_prefix(n) for n in names]
-    actual = tuple((n, tuple(t.shape)) for n, t in zip(names, tensors))
-    check_signature(expected, actual, what=f"the parameters given to GptOptimizer (generator {gen.name!r})")
-
-
-def _strip_prefix(name: str) -> str:
-    for prefix in _WRAPPER_PREFIXES:
-        while name.startswith(prefix):
-            name = name[len(prefix):]
-    return name
 
 
 # ---------------------------------------------------------------------- update helpers
@@ -601,49 +427,3 @@ def _unhooked_step(base: torch.optim.Optimizer):
     if "step" in vars(base) or not getattr(step, "hooked", False):
         return None
     return getattr(step, "__wrapped__", None)
-
-
-def _worse(after: float, before: float, direction: str) -> bool:
-    return after > before if direction == "min" else after < before
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
-
-
-def _agree(new: torch.Tensor | None, error: str | None, theta: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
-    """Under torch.distributed: fail everywhere if any rank failed, else take rank 0's θ′."""
-    if not _distributed():
-        return new, error
-    if not _all_ranks(error is None, theta.device):
-        return None, error or "the generator failed on another rank"
-    torch.distributed.broadcast(new, src=0)
-    return new, None
-
-
-def _all_ranks(flag: bool, device: torch.device) -> bool:
-    """Whether ``flag`` holds on every rank (the flag itself when not distributed)."""
-    return _all_ranks_each([flag], device)[0]
-
-
-def _all_ranks_each(flags: list[bool], device: torch.device) -> list[bool]:
-    """Per entry, whether it holds on every rank (the flags themselves when not distributed)."""
-    if not _distributed():
-        return list(flags)
-    t = torch.tensor([int(f) for f in flags], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
-    return [bool(v) for v in t.tolist()]
-
-
-def _broadcast_int(value: int, device: torch.device) -> int:
-    """Rank 0's integer on every rank (the value itself when not distributed)."""
-    if not _distributed():
-        return value
-    t = torch.tensor([int(value)], device=device)
-    torch.distributed.broadcast(t, src=0)
-    return int(t.item())
-
-
-def _broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """Rank 0's decision on every rank (the flag itself when not distributed)."""
-    return bool(_broadcast_int(int(flag), device))

@@ -7,21 +7,18 @@ A generator is two files side by side:
   range, normalisation, tokenisation, model and diffusion config, corpus and training summary,
   and the sha256 of the weights file.
 
-``load_generator`` reads the manifest, checks its format version, hashes the weights file and
-only then parses it, so a corrupt, truncated or swapped file raises :class:`WeightsError` before
-any tensor is built. Generators shipped with the package live in ``learned_opt/weights/`` and are
+``load_generator`` reads the manifest and checks every field (:mod:`learned_opt.manifest`),
+compares the weights file's header with what the manifest implies, hashes the weights file and
+only then parses it (:mod:`learned_opt.weightsfile`), so a corrupt, truncated, swapped or hostile
+file raises :class:`WeightsError` before any large tensor is built. Generators shipped with the package live in ``learned_opt/weights/`` and are
 found through ``importlib.resources``, so they load from an installed wheel as from a checkout.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
 import warnings
-from dataclasses import asdict, is_dataclass
-from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -29,188 +26,35 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from .errors import ConfigError, WeightsError
-from .fileio import atomic_write
-from .layout import Layout, signature_from_json, signature_to_json
+from .layout import Layout, signature_from_json
+from .manifest import (
+    DEFAULT_SAMPLING,
+    MANIFEST_FORMAT_VERSION,
+    MAX_MANIFEST_BYTES,
+    READABLE_FORMAT_VERSIONS,
+    REQUIRED_KEYS,
+    SAMPLING_KEYS,
+    read_manifest,
+    sampling_from_manifest,
+)
 from .normalization import Normalization
+from .saving import build_manifest, save_generator, sha256_bytes, sha256_file
+from .weightsfile import MAX_WEIGHTS_BYTES, check_header, check_regular, compare_shapes, read_header
+
+__all__ = [  # the manifest's constants and the writers are re-exported: they were defined here before
+    "DEFAULT_SAMPLING", "MANIFEST_FORMAT_VERSION", "READABLE_FORMAT_VERSIONS", "REQUIRED_KEYS", "SAMPLING_KEYS",
+    "LoadedGenerator", "build_manifest", "list_pretrained", "load_generator", "sampling_from_manifest",
+    "save_generator", "sha256_bytes", "sha256_file",
+]
 
 if TYPE_CHECKING:  # imported lazily at run time: keeps this module importable on its own
     from .diffusion import Diffusion, DiffusionConfig
     from .generator import Gpt
 
-# Version 2 adds neuron tokens (``tokenisation.scheme``); chunk-token generators are still written
-# as version 1, which releases before neuron tokens read correctly.
-MANIFEST_FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
-
-# Keys every manifest must hold (the writer below adds all of them).
-REQUIRED_KEYS = (
-    "format_version",
-    "name",
-    "task",
-    "signature",
-    "num_params",
-    "metric",
-    "metric_direction",
-    "metric_range",
-    "best_prompt",
-    "normalization",
-    "tokenisation",
-    "model_config",
-    "diffusion_config",
-    "weights_file",
-    "weights_sha256",
-)
-
-
-# The sampler a generator uses when the caller names none. A manifest may carry its own
-# ``"sampling"`` entry (``method``, ``steps``, ``t_min``, chosen for that generator on validation
-# inits by ``learned-opt tune-sampling``), which overrides these key by key.
-DEFAULT_SAMPLING = {"method": "ddim", "steps": 50, "t_min": 0}
-SAMPLING_KEYS = tuple(DEFAULT_SAMPLING)
-
-
-# ---------------------------------------------------------------------- small helpers
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _to_json(manifest: Mapping) -> str:
-    """The manifest as indented JSON; paths and tensor/numpy scalars become plain values."""
-
-    def plain(value):
-        if isinstance(value, os.PathLike):
-            return os.fspath(value)
-        if isinstance(value, torch.Tensor):
-            return value.tolist()
-        if hasattr(value, "item") and callable(value.item):  # numpy scalars
-            return value.item()
-        if isinstance(value, (set, frozenset, tuple)):
-            return list(value)
-        raise TypeError(
-            f"cannot write {type(value).__name__} into a generator manifest; pass JSON-able "
-            f"corpus/training/extra summaries (numbers, strings, lists, dicts)"
-        )
-
-    return json.dumps(manifest, indent=2, default=plain) + "\n"
-
-
-def _package_version() -> str:
-    from . import __version__  # lazy: the package imports this module while initialising
-
-    return __version__
-
 
 def _weights_dir():
     """The shipped weights folder inside the installed package (a Traversable)."""
     return resources.files("learned_opt") / "weights"
-
-
-# ---------------------------------------------------------------------- writing
-
-
-def build_manifest(
-    name: str,
-    model: "Gpt",
-    diffusion: "DiffusionConfig",
-    normalization: Normalization,
-    *,
-    task: str,
-    metric: str,
-    best_prompt: float,
-    corpus: Mapping | None = None,
-    training: Mapping | None = None,
-    extra: Mapping | None = None,
-    metric_direction: str | None = None,
-) -> dict:
-    """The manifest of a generator, without the weights' file name and hash.
-
-    ``metric_direction`` defaults to the registered task's metric direction.
-    """
-    if metric_direction is None:
-        from . import tasks
-
-        metric_direction = tasks.get(task).metric(metric).direction
-    if metric_direction not in ("min", "max"):
-        raise ValueError(f"metric_direction must be 'min' or 'max', got {metric_direction!r}")
-    layout: Layout = model.layout
-    manifest = {
-        "format_version": 1 if layout.scheme == "chunk" else MANIFEST_FORMAT_VERSION,
-        "name": name,
-        "task": task,
-        "signature": signature_to_json(layout.signature),
-        "num_params": layout.num_params,
-        "metric": metric,
-        "metric_direction": metric_direction,
-        "metric_range": [float(normalization.metric_lo), float(normalization.metric_hi)],
-        "best_prompt": float(best_prompt),
-        "normalization": normalization.to_dict(),
-        "tokenisation": {"scheme": layout.scheme, "chunk_size": layout.chunk_size, "num_tokens": layout.num_tokens},
-        "model_config": asdict(model.config),
-        "diffusion_config": asdict(diffusion) if is_dataclass(diffusion) else dict(diffusion),
-        "corpus": dict(corpus or {}),
-        "training": dict(training or {}),
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "package_version": _package_version(),
-    }
-    if extra:
-        manifest["extra"] = dict(extra)
-    return manifest
-
-
-def save_generator(
-    out_dir: str | os.PathLike,
-    name: str,
-    model: "Gpt",
-    diffusion: "DiffusionConfig",
-    normalization: Normalization,
-    *,
-    task: str,
-    metric: str,
-    best_prompt: float,
-    corpus: dict,
-    training: dict,
-    extra: dict | None = None,
-) -> Path:
-    """Write ``out_dir/{name}.safetensors`` and ``out_dir/{name}.json``; return the manifest's path.
-
-    Each file is written atomically (temporary file + ``os.replace``), the weights first, so a
-    manifest on disk always describes a complete weights file. ``corpus`` and ``training`` are
-    JSON-able summaries (sizes, epochs, final loss, ...) recorded as they are.
-    """
-    from safetensors.torch import save_file
-
-    if not name or any(c in name for c in "/\\") or name.startswith("."):
-        raise ValueError(f"invalid generator name {name!r}: use letters, digits, '-', '_' and '.'")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = build_manifest(
-        name, model, diffusion, normalization,
-        task=task, metric=metric, best_prompt=best_prompt, corpus=corpus, training=training, extra=extra,
-    )
-    # Own, contiguous fp32 copies: safetensors refuses shared storage and non-contiguous tensors.
-    tensors = {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in model.state_dict().items()}
-    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise WeightsError(f"refusing to save generator {name!r}: non-finite values in {bad[:5]}")
-    weights_path, manifest_path = out / f"{name}.safetensors", out / f"{name}.json"
-    _to_json(manifest)  # fail on an unserialisable summary before anything is written
-    atomic_write(weights_path, lambda p: save_file(tensors, str(p), metadata={"name": name}))
-    manifest["weights_file"] = weights_path.name
-    manifest["weights_sha256"] = sha256_file(weights_path)
-    text = _to_json(manifest)
-    atomic_write(manifest_path, lambda p: p.write_text(text, encoding="utf-8"))
-    return manifest_path
 
 
 # ---------------------------------------------------------------------- the loaded generator
@@ -339,54 +183,6 @@ class LoadedGenerator:
 # ---------------------------------------------------------------------- reading
 
 
-def sampling_from_manifest(manifest: Mapping[str, Any], num_steps: int) -> dict[str, Any]:
-    """The generator's default sampler: :data:`DEFAULT_SAMPLING` updated by the manifest's
-    ``"sampling"`` entry, checked; raises ``ValueError`` on a bad entry."""
-    from .diffusion import METHODS, check_sampler
-
-    given = manifest.get("sampling")
-    given = {} if given is None else given
-    if not isinstance(given, Mapping):
-        raise ValueError(f"'sampling' must be an object with {', '.join(SAMPLING_KEYS)}, got {given!r}")
-    unknown = sorted(set(given) - {*SAMPLING_KEYS, "chosen_by"})
-    if unknown:
-        raise ValueError(f"'sampling' has unknown keys {unknown}; it takes {', '.join(SAMPLING_KEYS)} (and chosen_by)")
-    out = {**DEFAULT_SAMPLING, **{k: given[k] for k in SAMPLING_KEYS if k in given}}
-    if "steps" not in given and isinstance(out["t_min"], int):  # the default, on a short schedule: every step
-        out["steps"] = max(1, min(out["steps"], num_steps - out["t_min"]))
-    method, steps, t_min = out["method"], out["steps"], out["t_min"]
-    if method not in METHODS:
-        raise ValueError(f"sampling method {method!r} is not one of {', '.join(METHODS)}")
-    for name, value in (("steps", steps), ("t_min", t_min)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"sampling {name} must be an integer, got {value!r}")
-    try:
-        check_sampler(num_steps, method, steps, t_min)
-    except ConfigError as exc:
-        raise ValueError(f"sampling {method}, steps={steps}, t_min={t_min} does not fit: {exc}") from None
-    return out
-
-
-def _read_manifest(text: str, where: str) -> dict:
-    try:
-        manifest = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise WeightsError(f"manifest {where} is not valid JSON ({exc}); re-download or re-save it") from None
-    if not isinstance(manifest, dict):
-        raise WeightsError(f"manifest {where} is not a JSON object")
-    version = manifest.get("format_version")
-    if version not in READABLE_FORMAT_VERSIONS:
-        raise WeightsError(
-            f"manifest {where} has format_version {version!r}; this learned-opt reads versions "
-            f"{', '.join(map(str, READABLE_FORMAT_VERSIONS))}. Use the learned-opt release that wrote it, "
-            "or re-save the generator."
-        )
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise WeightsError(f"manifest {where} lacks {missing}; it is incomplete or not a generator manifest")
-    return manifest
-
-
 def _resolve(source) -> tuple[str, Any, Any]:
     """``(where, manifest Traversable/Path, folder)`` for a registry name or a path."""
     if isinstance(source, (str, os.PathLike)):
@@ -425,15 +221,15 @@ def load_generator(source, *, device: torch.device | str | None = None) -> Loade
     if isinstance(source, LoadedGenerator):
         return source.to(device) if device is not None else source
     where, manifest_file, folder = _resolve(source)
+    check_regular(manifest_file, "manifest", MAX_MANIFEST_BYTES)
     try:
-        text = manifest_file.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = manifest_file.read_bytes()
+    except OSError as exc:
         raise WeightsError(f"cannot read manifest {where}: {exc}") from None
-    manifest = _read_manifest(text, where)
-    weights_name = str(manifest["weights_file"])
-    if Path(weights_name).name != weights_name:
-        raise WeightsError(f"manifest {where} names weights file {weights_name!r} outside its folder")
+    manifest = read_manifest(text, where)  # every field checked and bounded
+    weights_name = manifest["weights_file"]
     weights_file = folder / weights_name
+    check_regular(weights_file, "weights file", MAX_WEIGHTS_BYTES)  # not /dev/zero, a FIFO, a folder
     try:
         blob = weights_file.read_bytes()
     except OSError as exc:
@@ -448,10 +244,29 @@ def load_generator(source, *, device: torch.device | str | None = None) -> Loade
             f"{str(manifest['weights_sha256'])[:16]}...: the file is corrupt, truncated or from another "
             f"generator. Re-download or re-save it."
         )
-    return _build(manifest, blob, where, digest, device)
+    header = read_header(blob, where)  # shapes only, bounded
+    layout = _layout(manifest, where)
+    check_header(header, manifest["model_config"], layout, where)  # before anything large is built
+    return _build(manifest, layout, header, blob, where, digest, device)
 
 
-def _build(manifest: dict, blob: bytes, where: str, digest: str, device) -> LoadedGenerator:
+def _layout(manifest: dict, where: str) -> Layout:
+    """The manifest's layout, its token count checked against ``tokenisation.num_tokens``."""
+    tok = manifest["tokenisation"]
+    try:
+        layout = Layout(signature_from_json(manifest["signature"]), tok.get("chunk_size"), tok.get("scheme", "chunk"))
+        num_tokens = layout.num_tokens
+    except (TypeError, ValueError) as exc:  # ArchitectureMismatchError is a ValueError
+        raise WeightsError(f"generator {where} has an unusable signature or tokenisation: {exc}") from None
+    if tok.get("num_tokens", num_tokens) != num_tokens:
+        raise WeightsError(
+            f"manifest {where} says tokenisation.num_tokens = {tok['num_tokens']}, its signature and scheme "
+            f"give {num_tokens}; re-save the generator"
+        )
+    return layout
+
+
+def _build(manifest: dict, layout: Layout, header: dict, blob: bytes, where: str, digest: str, device) -> LoadedGenerator:
     from safetensors import SafetensorError
     from safetensors.torch import load as load_safetensors
 
@@ -466,22 +281,16 @@ def _build(manifest: dict, blob: bytes, where: str, digest: str, device) -> Load
     if bad:
         raise WeightsError(f"weights of {where} contain NaN or Inf in {bad[:5]}; the generator is unusable")
     try:
-        tok = manifest["tokenisation"]
-        layout = Layout(signature_from_json(manifest["signature"]), tok.get("chunk_size"), tok.get("scheme", "chunk"))
-        if layout.num_params != int(manifest["num_params"]):
-            raise ValueError(f"signature has {layout.num_params} parameters, num_params says {manifest['num_params']}")
         # The initial weights are overwritten below: build on a forked RNG so that loading a
         # generator never advances the caller's global random stream.
         with torch.random.fork_rng(devices=[]):
             diffusion_config = DiffusionConfig(**manifest["diffusion_config"])
             model = build_generator(layout, GptConfig(**manifest["model_config"]), diffusion_config)
+        compare_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, header, where)
         model.load_state_dict(tensors, strict=True)
         diffusion = Diffusion(diffusion_config)
         sampling_from_manifest(manifest, diffusion.num_steps)  # a bad "sampling" entry fails here, as WeightsError
         normalization = Normalization(**manifest["normalization"])
-        lo, hi = (float(v) for v in manifest["metric_range"])
-        if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
-            raise ValueError(f"metric_range {manifest['metric_range']} is not a finite interval lo < hi")
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
         raise WeightsError(f"generator {where} does not match its manifest: {exc}") from None
     model.eval()
@@ -504,7 +313,8 @@ def list_pretrained() -> list[dict]:
         if not entry.name.endswith(".json"):
             continue
         try:
-            m = _read_manifest(entry.read_text(encoding="utf-8"), entry.name)
+            check_regular(entry, "manifest", MAX_MANIFEST_BYTES)
+            m = read_manifest(entry.read_bytes(), entry.name)
         except (WeightsError, OSError, UnicodeDecodeError) as exc:
             warnings.warn(f"skipping shipped generator manifest {entry.name}: {exc}", stacklevel=2)
             continue

@@ -16,7 +16,23 @@ A run file is a plain safetensors file (no pickle) holding
 ``metric.<name>``     [K] f32      one per task metric, e.g. ``metric.test_loss``
 ====================  ===========  ==============================================================
 
-and JSON in the safetensors metadata: ``run_id``, ``seed``, ``hparams``, ``info``, ``task``.
+and JSON in the safetensors metadata: ``run_id``, ``seed``, ``hparams``, ``info``, ``task``, and
+``checksums`` (the sha256 of each tensor's data, written with it; see :mod:`pretrain.runfile`).
+
+**Checksums.** A run's data is checked against its checksums the first time it is read in a
+process (metrics and steps when they are read, ``params`` when checkpoints are read), and
+:meth:`Store.verify_all` checks a whole store. A corrupt run is *refused*, not skipped: reading it
+raises :class:`StoreError` naming the file and saying to delete it and rerun ``learned-opt
+corpus``, which retrains exactly the missing runs (skipping it silently would change the
+train/validation split of every generator trained on the store). Run files written before
+checksums existed carry none and load unchecked.
+
+**Writers.** :meth:`Store.create` is the way to open a store for adding runs: it creates
+``store.json`` first (so a job killed while creating the store leaves a store a rerun resumes),
+checks that the store can be written, and takes the store's writer lock (see
+:mod:`pretrain.store_lock`): a second ``corpus`` process on the same store is refused, while the
+ranks of one ``torchrun`` job share it (only rank 0 creates the store). :meth:`Store.open` takes
+no lock: readers (training, evaluation) never block.
 
 The set of run files *is* the index of finished runs: a file appears only through an atomic
 ``link``/``rename`` of a fully written and fsynced temporary file in the same folder, so a killed
@@ -30,76 +46,34 @@ can be used for training.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-import struct
 import time
-import warnings
-from dataclasses import dataclass, field
+import weakref
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from safetensors.torch import save as safetensors_save
 
 from learned_opt import tasks
 from learned_opt.errors import StoreError
-from learned_opt.fileio import atomic_write, fsync_dir, written_temp
+from learned_opt.fileio import atomic_write, write_exclusive
 from learned_opt.layout import Signature, signature_from_json, signature_to_json
 from learned_opt.tasks import Task
 
-STORE_FORMAT_VERSION = 1
-STORE_FILE = "store.json"
+from .runfile import CHECKSUMS_KEY, METRIC_PREFIX, RunHeader, RunRecord, checksums, read_header, record_tensors
+from .store_lock import acquire_writer, check_writable
+from .store_meta import STORE_FILE, STORE_FORMAT_VERSION, read_meta
+from .store_stats import compute_stats
+
+__all__ = ["METRIC_PREFIX", "STORE_FILE", "STORE_FORMAT_VERSION", "RunRecord", "Store"]
+
 INDEX_FILE = "index.json"
 RUNS_DIR = "runs"
 DROPPED_DIR = "dropped"
-METRIC_PREFIX = "metric."
 _RUN_RE = re.compile(r"^run-(\d{8})\.safetensors$")
 _DROP_RE = re.compile(r"^run-(\d{8})\.json$")
-_HEADER_LIMIT = 100 * 2**20  # a safetensors header larger than this is not one of ours
-_DTYPES = {"F32": (np.float32, torch.float32), "I64": (np.int64, torch.int64)}
-
-
-@dataclass
-class RunRecord:
-    """One training run: its checkpoints, their metrics, and how the run was made."""
-
-    params: torch.Tensor  # [K, P] float32, K checkpoints in step order; memory-mapped when read
-    steps: torch.Tensor  # [K] int64, training iteration of each checkpoint (0 = the init)
-    metrics: dict[str, torch.Tensor]  # name -> [K] float32 ('train_loss', 'test_loss', ...)
-    hparams: dict  # JSON-able: optimizer, lr, momentum, weight_decay, batch_size, epochs, ...
-    seed: int
-    info: dict = field(default_factory=dict)  # JSON-able extras: writer rank, seconds, ...
-
-    @property
-    def num_checkpoints(self) -> int:
-        return int(self.steps.shape[0])
-
-
-@dataclass(frozen=True)
-class _RunHeader:
-    """What the header of a run file says: where each tensor lies, and the metadata."""
-
-    path: Path
-    data_start: int  # byte offset of the data buffer
-    tensors: dict  # name -> (dtype, shape, start, stop) relative to data_start
-    metadata: dict  # parsed JSON values
-
-    def tensor(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Read one tensor (or only ``rows`` of it) through a copy-on-write memory map."""
-        dtype, shape, start, stop = self.tensors[name]
-        np_dtype, _ = _DTYPES[dtype]
-        if math.prod(shape) == 0:
-            return torch.zeros(shape, dtype=_DTYPES[dtype][1])
-        # mode "c": writable private pages, so callers may modify the tensor without touching the file
-        arr = np.memmap(self.path, dtype=np_dtype, mode="c", offset=self.data_start + start, shape=tuple(shape))
-        if rows is not None:
-            return torch.from_numpy(np.ascontiguousarray(arr[rows.numpy()]))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # numpy memmaps are fine for torch.from_numpy
-            return torch.from_numpy(arr)
 
 
 class Store:
@@ -114,7 +88,8 @@ class Store:
         self.signature: Signature = signature_from_json(meta["signature"])
         self.num_params: int = int(meta["num_params"])
         self.metric_names: tuple[str, ...] = tuple(meta.get("metrics", ()))
-        self._headers: dict[int, _RunHeader] = {}  # small: offsets and metadata only
+        self._headers: dict[int, RunHeader] = {}  # small: offsets and metadata only
+        self._release = _no_lock  # a writer lock's release, set by create()
 
     # ------------------------------------------------------------------ creating and opening
 
@@ -139,31 +114,39 @@ class Store:
         }
         if settings is not None:
             meta["settings"] = json.loads(json.dumps(settings))  # as it reads back: tuples become lists
-        if (root / STORE_FILE).exists():
-            store = cls._reopen_for(root, meta)
-            try:  # a resumed writer needs its folders even if someone removed an empty one
-                for sub in (root / RUNS_DIR, root / DROPPED_DIR):
-                    sub.mkdir(exist_ok=True)
+        if not (root / STORE_FILE).exists():
+            if root.exists() and not root.is_dir():
+                raise StoreError(f"cannot create a store at {root}: it is a file; choose another --out folder")
+            if root.is_dir() and not _only_empty_store_folders(root):
+                raise StoreError(
+                    f"{root} is not empty and holds no {STORE_FILE}: choose a new or empty --out folder"
+                )
+            try:  # store.json first: whatever happens after it, a rerun finds a store to resume
+                root.mkdir(parents=True, exist_ok=True)
+                write_exclusive(root / STORE_FILE, _json_bytes(meta))
             except OSError as exc:
-                raise StoreError(f"cannot write to the store at {root} ({exc.strerror or exc}): check permissions") from None
-            return store
-        if root.exists() and not root.is_dir():
-            raise StoreError(f"cannot create a store at {root}: it is a file; choose another --out folder")
-        if root.is_dir() and any(not p.name.startswith(".") for p in root.iterdir()):
-            raise StoreError(
-                f"{root} is not empty and holds no {STORE_FILE}: choose a new or empty --out folder"
-            )
-        try:
+                raise StoreError(
+                    f"cannot write a store at {root} ({exc.strerror or exc}): choose a writable --out folder"
+                ) from None
+        # whoever wrote store.json (this call, a killed earlier one, another process): same rules
+        store = cls._reopen_for(root, meta)
+        try:  # a resumed writer needs its folders even if someone removed an empty one
             for sub in (root / RUNS_DIR, root / DROPPED_DIR):
-                sub.mkdir(parents=True, exist_ok=True)
-            created = _write_exclusive(root / STORE_FILE, _json_bytes(meta))
+                sub.mkdir(exist_ok=True)
         except OSError as exc:
-            raise StoreError(
-                f"cannot write a store at {root} ({exc.strerror or exc}): choose a writable --out folder"
-            ) from None
-        if not created:  # another process created it first: same rules as reopening
-            return cls._reopen_for(root, meta)
-        return cls(root, meta)
+            raise StoreError(f"cannot write to the store at {root} ({exc.strerror or exc}): check permissions") from None
+        store.check_writable()
+        store._release = weakref.finalize(store, acquire_writer(root))
+        return store
+
+    def check_writable(self) -> None:
+        """:class:`StoreError` unless new runs can be written (call before training any);
+        :meth:`create` calls it."""
+        check_writable(self.root, (RUNS_DIR, DROPPED_DIR))
+
+    def close(self) -> None:
+        """Release the writer lock taken by :meth:`create` (also released when the store is gone)."""
+        self._release()
 
     @classmethod
     def _reopen_for(cls, root: Path, meta: dict) -> "Store":
@@ -188,17 +171,7 @@ class Store:
         if not path.is_file():
             what = "does not exist" if not root.exists() else f"has no {STORE_FILE}"
             raise StoreError(f"no checkpoint store at {root} ({what}): build one with `learned-opt corpus --out {root}`")
-        try:
-            meta = json.loads(path.read_text())
-            version = meta["format_version"]
-            meta["task"], meta["signature"], meta["num_params"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise StoreError(f"{path} is not a valid store description ({exc}): rebuild the store") from None
-        if version != STORE_FORMAT_VERSION:
-            raise StoreError(
-                f"{root} has store format version {version}, this learned-opt reads version "
-                f"{STORE_FORMAT_VERSION}: rebuild the corpus with this version"
-            )
+        meta = read_meta(root)  # every field checked: StoreError naming the file and field
         return cls(root, meta)
 
     # ------------------------------------------------------------------ listing
@@ -241,7 +214,7 @@ class Store:
         Never overwrites: if the run exists already, raises :class:`StoreError`, or returns ``False``
         when ``exist_ok`` (another writer finished it first). Returns ``True`` when written.
         """
-        tensors = self._record_tensors(record)
+        tensors = record_tensors(record, self.num_params, self.task_name)
         metadata = {
             "format_version": str(STORE_FORMAT_VERSION),
             "task": self.task_name,
@@ -249,6 +222,7 @@ class Store:
             "seed": str(int(record.seed)),
             "hparams": json.dumps(record.hparams, sort_keys=True),
             "info": json.dumps(record.info, sort_keys=True),
+            CHECKSUMS_KEY: checksums(tensors),
         }
         path = self.run_path(run_id)
         if path.exists():
@@ -256,7 +230,7 @@ class Store:
                 return False
             raise StoreError(f"run {run_id} already exists in {self.root}; runs are never overwritten")
         try:
-            written = _write_exclusive(path, safetensors_save(tensors, metadata=metadata))
+            written = write_exclusive(path, safetensors_save(tensors, metadata=metadata))
         except OSError as exc:
             raise StoreError(f"cannot write {path} ({exc.strerror or exc}): check free space and permissions") from None
         if not written and not exist_ok:
@@ -267,43 +241,22 @@ class Store:
         """Record that run ``run_id`` was filtered out, so a resumed job does not redo it."""
         payload = {"run_id": int(run_id), "seed": int(seed), "hparams": hparams, "reason": reason, "step": step}
         try:
-            return _write_exclusive(self.dropped_path(run_id), _json_bytes(payload))
+            return write_exclusive(self.dropped_path(run_id), _json_bytes(payload))
         except OSError as exc:
             raise StoreError(f"cannot write {self.dropped_path(run_id)} ({exc.strerror or exc})") from None
 
     def read_dropped(self, run_id: int) -> dict:
         return json.loads(self.dropped_path(run_id).read_text())
 
-    def _record_tensors(self, record: RunRecord) -> dict[str, torch.Tensor]:
-        params, steps = record.params, record.steps
-        if params.dim() != 2 or params.shape[1] != self.num_params:
-            raise StoreError(
-                f"params must have shape [K, {self.num_params}] for task {self.task_name!r}, got {list(params.shape)}"
-            )
-        k = params.shape[0]
-        if steps.shape != (k,):
-            raise StoreError(f"steps must have shape [{k}], got {list(steps.shape)}")
-        if k > 1 and not bool((steps[1:] > steps[:-1]).all()):
-            raise StoreError("checkpoint steps must be strictly increasing")
-        out = {
-            "params": params.detach().to("cpu", torch.float32).contiguous(),
-            "steps": steps.detach().to("cpu", torch.int64).contiguous(),
-        }
-        for name, values in record.metrics.items():
-            if values.shape != (k,):
-                raise StoreError(f"metric {name!r} must have shape [{k}], got {list(values.shape)}")
-            out[METRIC_PREFIX + name] = values.detach().to("cpu", torch.float32).contiguous()
-        return out
-
     # ------------------------------------------------------------------ reading
 
-    def _header(self, run_id: int) -> _RunHeader:
+    def _header(self, run_id: int) -> RunHeader:
         header = self._headers.get(run_id)
         if header is None:
             path = self.run_path(run_id)
             if not path.is_file():
                 raise StoreError(f"run {run_id} is not in {self.root} (finished runs: {len(self)})")
-            header = _read_header(path, self.num_params, self.task_name)
+            header = read_header(path, self.num_params, self.task_name)
             self._headers[run_id] = header
         return header
 
@@ -311,12 +264,14 @@ class Store:
         """The whole run; ``params`` is memory-mapped (copy-on-write), the rest is small."""
         h = self._header(run_id)
         steps, metrics = self.read_metrics(run_id)
+        h.verify(["params"])
         md = h.metadata
         return RunRecord(h.tensor("params"), steps, metrics, md["hparams"], md["seed"], md.get("info", {}))
 
     def read_metrics(self, run_id: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``(steps [K], {metric: [K]})`` of a run, without reading its parameters."""
         h = self._header(run_id)
+        h.verify([name for name in h.tensors if name != "params"])
         metrics = {
             name[len(METRIC_PREFIX) :]: h.tensor(name).clone()
             for name in h.tensors
@@ -328,6 +283,7 @@ class Store:
         """Rows ``index`` of a run's parameters: ``[len(index), P]`` float32, reading only those rows."""
         h = self._header(run_id)
         k = h.tensors["params"][1][0]
+        h.verify(["params"])
         rows = torch.as_tensor(index, dtype=torch.long).reshape(-1)
         if rows.numel() and (int(rows.min()) < -k or int(rows.max()) >= k):
             raise IndexError(f"checkpoint index out of range for run {run_id} with {k} checkpoints")
@@ -343,6 +299,24 @@ class Store:
         for run_id in self.run_ids():
             self._headers.pop(run_id, None)
             self._header(run_id)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_release"] = _no_lock  # a copy (a DataLoader worker, say) holds no writer lock
+        return state
+
+    def verify_all(self) -> dict[int, str]:
+        """Check every run file whole (header, size and the checksum of every tensor); returns
+        ``{run_id: what is wrong}`` for the corrupt ones (empty when all are sound). What
+        ``learned-opt corpus --verify`` reports; delete the runs named and rerun ``corpus``."""
+        corrupt = {}
+        for run_id in self.run_ids():
+            self._headers.pop(run_id, None)
+            try:
+                self._header(run_id).verify()
+            except StoreError as exc:
+                corrupt[run_id] = str(exc)
+        return corrupt
 
     def clean_stale_temp(self, older_than_s: float = 600.0) -> int:
         """Remove temporary files left by killed writers (older than ``older_than_s``); returns the count."""
@@ -375,54 +349,15 @@ class Store:
             cached = self._read_index()
             if cached and cached.get("run_ids") == ids and cached.get("dropped_ids") == dropped:
                 return cached["stats"]
-        stats = self._compute_stats(ids, dropped)
+        stats = compute_stats(self, ids, dropped)
         self.write_index(ids, dropped, stats)
         return stats
-
-    def _compute_stats(self, ids: list[int], dropped: list[int]) -> dict:
-        total = total_sq = 0.0
-        count = checkpoints = nbytes = 0
-        absmax = 0.0
-        mins: dict[str, float] = {}
-        maxs: dict[str, float] = {}
-        sums: dict[str, float] = {}
-        for run_id in ids:
-            params = self.read_run(run_id).params
-            for part in params.split(64):  # stream: one run's rows at a time, in float64
-                p = part.double()
-                total += float(p.sum())
-                total_sq += float((p * p).sum())
-                absmax = max(absmax, float(p.abs().max()))
-            count += params.numel()
-            checkpoints += params.shape[0]
-            nbytes += self.run_path(run_id).stat().st_size
-            for name, v in self.read_metrics(run_id)[1].items():
-                mins[name] = min(mins.get(name, math.inf), float(v.min()))
-                maxs[name] = max(maxs.get(name, -math.inf), float(v.max()))
-                sums[name] = sums.get(name, 0.0) + float(v.double().sum())
-        mean = total / count if count else float("nan")
-        var = max(total_sq / count - mean * mean, 0.0) if count else float("nan")
-        return {
-            "task": self.task_name,
-            "runs": len(ids),
-            "dropped": len(dropped),
-            "checkpoints": checkpoints,
-            "bytes": nbytes,
-            "bytes_per_checkpoint": nbytes / checkpoints if checkpoints else float("nan"),
-            "num_params": self.num_params,
-            "param_mean": mean,
-            "param_std": math.sqrt(var) if count else float("nan"),
-            "param_absmax": absmax,
-            "metrics": {
-                n: {"min": mins[n], "max": maxs[n], "mean": sums[n] / checkpoints} for n in sorted(mins)
-            },
-        }
 
     def write_index(self, ids: list[int] | None = None, dropped: list[int] | None = None, stats: dict | None = None) -> None:
         """Rewrite ``index.json`` (atomically; last writer wins, every version is valid)."""
         ids = self.run_ids() if ids is None else ids
         dropped = self.dropped_ids() if dropped is None else dropped
-        stats = self._compute_stats(ids, dropped) if stats is None else stats
+        stats = compute_stats(self, ids, dropped) if stats is None else stats
         payload = {"format_version": STORE_FORMAT_VERSION, "run_ids": ids, "dropped_ids": dropped, "stats": stats}
         try:
             data = _json_bytes(payload)
@@ -448,76 +383,20 @@ def _ids_in(folder: Path, pattern: re.Pattern) -> list[int]:
     return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
 
 
+def _only_empty_store_folders(root: Path) -> bool:
+    """Whether ``root`` holds nothing but hidden files and empty ``runs``/``dropped`` folders (what
+    a store creation killed before ``store.json`` was written leaves behind)."""
+    for p in root.iterdir():
+        if p.name.startswith("."):
+            continue
+        if p.name not in (RUNS_DIR, DROPPED_DIR) or not p.is_dir() or any(p.iterdir()):
+            return False
+    return True
+
+
+def _no_lock() -> None:
+    return None
+
+
 def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
-
-
-def _write_exclusive(path: Path, data: bytes) -> bool:
-    """Atomically create ``path`` with ``data``; ``False`` (and nothing changed) if it exists."""
-    with written_temp(path, lambda tmp: tmp.write_bytes(data)) as tmp:
-        try:
-            os.link(tmp, path)  # atomic and fails if path exists: never overwrites
-        except FileExistsError:
-            return False
-        except OSError:  # a filesystem without hard links: check, then rename (tiny race window)
-            if path.exists():
-                return False
-            os.replace(tmp, path)
-        fsync_dir(path.parent)
-        return True
-
-
-def _read_header(path: Path, num_params: int, task: str) -> _RunHeader:
-    """Parse and validate a run file's safetensors header without reading its data."""
-
-    def bad(why: str) -> StoreError:
-        return StoreError(
-            f"run file {path} is {why}: delete it and run `learned-opt corpus` again to retrain that run"
-        )
-
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise bad("truncated (no header)")
-            (n,) = struct.unpack("<Q", head)
-            if n > min(_HEADER_LIMIT, size - 8):
-                raise bad("truncated or not a safetensors file (header length out of range)")
-            raw = f.read(n)
-    except OSError as exc:
-        raise StoreError(f"cannot read run file {path} ({exc.strerror or exc})") from None
-    try:
-        header = json.loads(raw)
-        md = header.pop("__metadata__", {})
-        metadata = {
-            "run_id": int(md["run_id"]),
-            "seed": int(md["seed"]),
-            "hparams": json.loads(md["hparams"]),
-            "info": json.loads(md.get("info", "{}")),
-            "task": md.get("task"),
-        }
-        tensors = {
-            name: (t["dtype"], [int(d) for d in t["shape"]], int(t["data_offsets"][0]), int(t["data_offsets"][1]))
-            for name, t in header.items()
-        }
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise bad(f"corrupt (unreadable header: {exc})") from None
-    end = 0
-    for name, (dtype, shape, start, stop) in tensors.items():
-        if dtype not in _DTYPES or stop - start != math.prod(shape) * np.dtype(_DTYPES[dtype][0]).itemsize:
-            raise bad(f"corrupt (tensor {name!r} has an inconsistent dtype or size)")
-        end = max(end, stop)
-    if "params" not in tensors or "steps" not in tensors:
-        raise bad("corrupt (no 'params' or 'steps' tensor)")
-    shape = tensors["params"][1]
-    if len(shape) != 2 or shape[1] != num_params or tensors["steps"][1] != [shape[0]]:
-        raise bad(f"of another architecture or corrupt (params shape {shape}, expected [K, {num_params}])")
-    if size != 8 + n + end:
-        raise bad(f"truncated ({size} bytes, expected {8 + n + end})")
-    if metadata["task"] is not None and metadata["task"] != task:
-        raise StoreError(
-            f"run file {path} is a run of task {metadata['task']!r}, not of this store's task {task!r}: "
-            "move it to a store of its own task"
-        )
-    return _RunHeader(path, 8 + n, tensors, metadata)

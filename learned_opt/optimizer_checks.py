@@ -1,0 +1,137 @@
+"""Argument checks and parameter handling for :class:`~learned_opt.optimizer.GptOptimizer`'s
+constructor: each invalid value raises :class:`ConfigError` with a message that says what to pass.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+from .errors import ConfigError, GenerationError
+from .layout import check_signature
+from .pretrained import LoadedGenerator
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # prefixes that DDP and torch.compile add to names
+
+
+def check_sampling(steps, method, t_min, candidates) -> None:
+    from .diffusion import METHODS
+
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"Invalid sampling_steps: {steps!r} (None for the generator's own, or an int >= 1)")
+    if method is not None and method not in METHODS:
+        raise ConfigError(f"Invalid sampling_method: {method!r} (None for the generator's own, or one of {', '.join(METHODS)})")
+    if t_min is not None and (isinstance(t_min, bool) or not isinstance(t_min, int) or t_min < 0):
+        raise ConfigError(f"Invalid sampling_t_min: {t_min!r} (None for the generator's own, or an int >= 0)")
+    if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
+        raise ConfigError(f"Invalid candidates: {candidates!r} (an int >= 1: samples drawn per update, the best kept)")
+
+
+def check_prompt(prompt, where: str, error: type[Exception]) -> None:
+    """``error`` unless ``prompt`` is a callable or a finite number (a one-element tensor too)."""
+    if callable(prompt):
+        return
+    if isinstance(prompt, torch.Tensor) and prompt.numel() == 1:
+        prompt = prompt.item()
+    if isinstance(prompt, bool) or not isinstance(prompt, Real) or not math.isfinite(float(prompt)):
+        raise error(
+            f"Invalid {where}: {prompt!r} (None for the generator's best prompt, a finite number, or a "
+            f"callable metric -> prompt)"
+        )
+
+
+def prompt_value(value, where: str, metric_name: str) -> float:
+    """The prompt as a float; :class:`GenerationError` unless it is one finite number."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(float(value)):
+        shown = f"a tensor of shape {list(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+        raise GenerationError(f"{where} gave {shown}; give one finite {metric_name!r} value to aim for")
+    return float(value)
+
+
+def check_args(params, every, seed, metric_closure, prompt, max_update_ratio) -> None:
+    if isinstance(params, torch.Tensor):
+        raise ConfigError(
+            "params must be an iterable of tensors or parameter-group dicts, got a single tensor; "
+            "pass model.parameters() or [tensor]"
+        )
+    if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
+        raise ConfigError(f"Invalid every: {every!r} (use None for no periodic updates, or an int >= 1)")
+    if every is not None and metric_closure is None:
+        raise ConfigError(
+            f"every={every} needs metric_closure=<callable returning the generator's metric>, so that periodic "
+            f"updates know the current metric; or use every=None and call generate() yourself"
+        )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError(f"Invalid seed: {seed!r} (must be an int)")
+    if metric_closure is not None and not callable(metric_closure):
+        raise ConfigError("metric_closure must be a callable that returns the generator's metric")
+    if prompt is not None:
+        check_prompt(prompt, "prompt", ConfigError)
+    if not (isinstance(max_update_ratio, Real) and max_update_ratio > 0):
+        raise ConfigError(f"Invalid max_update_ratio: {max_update_ratio!r} (must be > 0; math.inf disables the bound)")
+
+
+def materialize(params) -> list:
+    """A list of tensors, ``(name, tensor)`` pairs or group dicts; refuses duplicates and empties."""
+    params = [
+        dict(g, params=[g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"]))
+        if isinstance(g, dict) else g
+        for g in params
+    ]
+    if not params:
+        raise ConfigError("GptOptimizer got an empty parameter list; pass model.parameters()")
+    seen: set[int] = set()
+    for t in flat_params(params)[0]:
+        if not isinstance(t, torch.Tensor):
+            raise ConfigError(f"params must hold tensors, got {type(t).__name__}")
+        if id(t) in seen:
+            raise ConfigError(f"a parameter of shape {list(t.shape)} is listed twice; list each parameter once")
+        seen.add(id(t))
+    return params
+
+
+def flat_params(params: list) -> tuple[list[torch.Tensor], list[str] | None]:
+    """All tensors in order, and their names when every one is named (else None)."""
+    tensors: list[torch.Tensor] = []
+    names: list[str | None] = []
+
+    def add(items) -> None:
+        if isinstance(items, torch.Tensor):
+            items = [items]
+        for item in items:
+            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str):
+                names.append(item[0])
+                tensors.append(item[1])
+            else:
+                names.append(None)
+                tensors.append(item)
+
+    for item in params:
+        if isinstance(item, dict):
+            add(item["params"])
+        else:
+            add([item])
+    return tensors, (None if any(n is None for n in names) else names)  # type: ignore[return-value]
+
+
+def check_architecture(gen: LoadedGenerator, tensors: list[torch.Tensor], names: list[str] | None) -> None:
+    expected = gen.layout.signature
+    if names is None:  # positional: take the generator's names for the shapes we were given
+        exp_names = [n for n, _ in expected]
+        names = [exp_names[i] if i < len(exp_names) else f"<extra parameter #{i}>" for i in range(len(tensors))]
+    else:
+        names = [_strip_prefix(n) for n in names]
+    actual = tuple((n, tuple(t.shape)) for n, t in zip(names, tensors))
+    check_signature(expected, actual, what=f"the parameters given to GptOptimizer (generator {gen.name!r})")
+
+
+def _strip_prefix(name: str) -> str:
+    for prefix in _WRAPPER_PREFIXES:
+        while name.startswith(prefix):
+            name = name[len(prefix):]
+    return name
+

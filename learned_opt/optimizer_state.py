@@ -1,0 +1,107 @@
+"""Checks of a :class:`~learned_opt.optimizer.GptOptimizer` ``state_dict`` before anything is loaded.
+
+``load_state_dict`` must be all or nothing: every part of the state (the ``"gpt"`` entry and the
+base optimizer's groups and per-parameter tensors) is checked here first, so a bad state raises
+:class:`OptimizerStateError` and leaves the optimizer exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .errors import OptimizerStateError
+
+COUNTERS = ("steps", "attempted", "accepted", "rejected", "failed")
+
+
+def check_state(opt, state_dict: dict, gpt: Any) -> tuple[dict[str, int], torch.Tensor | None]:
+    """``(counters, rng_state)`` to load into ``opt`` (rng_state None: reseed); raises
+    :class:`OptimizerStateError` on anything that would fail or corrupt the optimizer."""
+    _check_base(opt, state_dict)
+    if gpt is None:  # a plain base-optimizer state
+        return {k: 0 for k in COUNTERS}, None
+    if not isinstance(gpt, Mapping):
+        raise _refuse(f"its 'gpt' entry is a {type(gpt).__name__}, not a mapping")
+    if gpt.get("generator_sha256") != opt.generator.sha256:
+        raise OptimizerStateError(
+            f"this state was saved with generator {gpt.get('generator_name')!r} (sha256 "
+            f"{str(gpt.get('generator_sha256'))[:12]}...), but the optimizer uses {opt.generator.name!r} "
+            f"(sha256 {opt.generator.sha256[:12]}...); load it with the same generator"
+        )
+    return _counters(gpt.get("counters", {})), _rng_state(gpt.get("rng_state"), opt._rng)
+
+
+def _refuse(why: str) -> OptimizerStateError:
+    return OptimizerStateError(
+        f"cannot load this optimizer state: {why}; nothing was changed. Load a state saved by "
+        "GptOptimizer.state_dict() for this model"
+    )
+
+
+def _counters(given: Any) -> dict[str, int]:
+    if not isinstance(given, Mapping):
+        raise _refuse(f"its counters are a {type(given).__name__}, not a mapping")
+    unknown = set(given) - set(COUNTERS)
+    if unknown:
+        raise OptimizerStateError(f"unknown counters {sorted(map(str, unknown))} in the state; it is not a GptOptimizer state")
+    out = {}
+    for k in COUNTERS:
+        v = given.get(k, 0)
+        if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_floating_point():
+            v = v.item()
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise _refuse(f"counter {k!r} is {v!r}, not an integer >= 0")
+        out[k] = int(v)
+    return out
+
+
+def _rng_state(given: Any, rng: torch.Generator) -> torch.Tensor:
+    if not isinstance(given, torch.Tensor):
+        raise _refuse(f"its rng_state is {type(given).__name__}, not the uint8 tensor state_dict() saves")
+    if given.dtype != torch.uint8 or given.dim() != 1:
+        raise _refuse(f"its rng_state is a {given.dtype} tensor of shape {list(given.shape)}, not a uint8 vector")
+    state = given.to("cpu")
+    probe = torch.Generator(device=rng.device)  # try it on a scratch generator, never on the real one
+    try:
+        probe.set_state(state)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise _refuse(f"its rng_state does not fit a {rng.device.type} generator ({exc})") from None
+    return state
+
+
+def _check_base(opt, state_dict: dict) -> None:
+    """The groups and per-parameter state, as ``torch.optim.Optimizer.load_state_dict`` reads them."""
+    groups, state = state_dict.get("param_groups"), state_dict.get("state")
+    if not isinstance(groups, Sequence) or not isinstance(state, Mapping):
+        raise _refuse("it has no 'param_groups' list and 'state' mapping")
+    mine = opt.param_groups
+    if len(groups) != len(mine):
+        raise _refuse(f"it has {len(groups)} parameter groups, the optimizer {len(mine)}")
+    params: dict[Any, torch.Tensor] = {}
+    for i, (saved, group) in enumerate(zip(groups, mine)):
+        ids = saved.get("params") if isinstance(saved, Mapping) else None
+        if not isinstance(ids, Sequence) or len(ids) != len(group["params"]):
+            n = len(ids) if isinstance(ids, Sequence) else "no"
+            raise _refuse(f"group {i} has {n} parameters, the optimizer's has {len(group['params'])}")
+        params.update(zip(ids, group["params"]))
+    for key, entry in state.items():
+        p = params.get(key)
+        if p is None or not isinstance(entry, Mapping):
+            continue  # torch ignores state of unknown parameters
+        for name, value in entry.items():
+            # element-wise state (Adam's moments) has the parameter's shape; factored state
+            # (Adafactor's row/column statistics) broadcasts to it; a step count is a scalar
+            if isinstance(value, torch.Tensor) and not _broadcasts(value.shape, p.shape):
+                raise _refuse(
+                    f"state {name!r} of a parameter of shape {list(p.shape)} has shape {list(value.shape)}"
+                )
+
+
+def _broadcasts(shape: torch.Size, target: torch.Size) -> bool:
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False

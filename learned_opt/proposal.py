@@ -1,0 +1,157 @@
+"""The parts of one generative update that talk to the user and to the generator: the metric and
+prompt read from what the user gave, θ′ candidates drawn from the generator, and each candidate's
+finite and trust-region checks. Used by :meth:`GptOptimizer.generate <learned_opt.optimizer.GptOptimizer.generate>`.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from numbers import Real
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .errors import GenerationError
+from .normalization import GPT_TARGET_STD
+from .optimizer_checks import prompt_value
+
+MetricValue = float | torch.Tensor | Mapping[str, Any]
+# float32's largest finite value: the generator conditions on metrics and prompts in float32
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+@dataclass
+class GenerationReport:
+    """What one generative update did.
+
+    ``accepted`` is True only when θ′ was copied into the parameters. ``failed`` marks a broken
+    sample (the generator raised, or returned a non-finite, wrongly shaped or exploding θ′);
+    ``reason`` says why an update was not accepted. ``update_ratio`` is ‖θ′−θ‖ divided by the trust
+    reference (see :class:`GptOptimizer`); the update is refused above ``max_update_ratio``.
+    ``prompt`` is the metric asked for (after clamping), ``step`` the base-step count at the time,
+    ``metric_after`` the closure's value with θ′ (None without a closure, or with ``guard=False``
+    and one candidate). With several ``candidates``, ``candidate_metrics`` holds the closure's
+    value for each sample that passed validation (None where it was not finite or the closure
+    failed) and θ′ is the best of them.
+    """
+
+    accepted: bool
+    reason: str | None
+    metric_before: float
+    metric_after: float | None
+    prompt: float
+    update_ratio: float | None
+    seconds: float
+    step: int
+    failed: bool = False
+    candidates: int = 1
+    candidate_metrics: list[float | None] | None = None
+
+
+def sample_candidates(opt, theta: torch.Tensor, before: float, target: float) -> tuple[torch.Tensor | None, str | None]:
+    """θ′ candidates [C, P] from the generator (one batched call), or the reason they could not be drawn."""
+    gen = opt.generator
+    dtype = torch.float32
+    c, p = opt.candidates, theta.numel()
+    try:
+        out = gen.sample(
+            theta.to(dtype)[None].expand(c, -1),  # [C, P]
+            torch.full((c,), before, dtype=dtype, device=theta.device),
+            torch.full((c,), target, dtype=dtype, device=theta.device),
+            steps=opt.sampling_steps,
+            method=opt.sampling_method,
+            t_min=opt.sampling_t_min,
+            generator=opt._rng,
+        )
+    except Exception as exc:  # a broken generator must not break training
+        return None, f"the generator raised {exc!r}"
+    if not isinstance(out, torch.Tensor) or out.numel() != c * p or out.dim() > 2 or (
+        out.dim() == 2 and out.shape[0] != c
+    ):
+        shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        return None, f"the generator returned shape {shape}, expected {[c, p]}"
+    return out.reshape(c, p).to(theta.device, torch.float32), None
+
+def validate_sample(opt, theta: torch.Tensor, new: torch.Tensor) -> tuple[float | None, str | None]:
+    """``(update_ratio, reason)``: reason is None when θ′ passes the finite and trust checks."""
+    if not torch.isfinite(new).all():
+        return None, "the sampled parameters contain NaN or Inf"
+    theta32 = theta.float()
+    corpus_norm = math.sqrt(theta.numel()) * GPT_TARGET_STD / opt.generator.normalization.param_scale
+    reference = max(float(theta32.norm()), corpus_norm)
+    ratio = float((new - theta32).norm()) / reference
+    if not ratio <= opt.max_update_ratio:
+        return ratio, (
+            f"the update's norm is {ratio:.3g} times the reference norm, above max_update_ratio="
+            f"{opt.max_update_ratio:g}"
+        )
+    return ratio, None
+
+def metric_value(opt, value: MetricValue, where: str) -> float:
+    name = opt.generator.metric_name
+    if isinstance(value, Mapping):
+        if name not in value:
+            raise GenerationError(
+                f"{where} returned metrics {sorted(map(str, value))}, but the generator "
+                f"{opt.generator.name!r} is conditioned on {name!r}; return that metric"
+            )
+        value = value[name]
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise GenerationError(f"{where} returned a tensor of shape {list(value.shape)}; return one {name!r} value")
+        value = value.detach().item()
+    if not isinstance(value, Real):
+        raise GenerationError(f"{where} returned {type(value).__name__}; return the {name!r} as a number")
+    value = float(value)
+    if not math.isfinite(value):
+        raise GenerationError(f"{where} returned {name}={value}; a generative update needs a finite metric")
+    if abs(value) > _FLOAT32_MAX:  # the generator computes in float32: this would become inf
+        raise GenerationError(
+            f"{where} returned {name}={value:g}, beyond float32's range (about ±3.4e38) that the generator "
+            f"computes in; pass the metric in its usual units"
+        )
+    return value
+
+def resolve_prompt(opt, prompt, metric: float) -> float:
+    gen = opt.generator
+    if prompt is None:
+        prompt = gen.best_prompt
+    elif callable(prompt):
+        prompt = prompt_value(prompt(metric), "the prompt callable", gen.metric_name)
+    else:
+        prompt = prompt_value(prompt, "the prompt", gen.metric_name)
+    lo, hi = gen.metric_range
+    if not lo <= prompt <= hi:
+        clamped = min(max(prompt, lo), hi)
+        warnings.warn(
+            f"prompt {prompt:g} is outside the generator's {gen.metric_name} range [{lo:g}, {hi:g}]; "
+            f"using {clamped:g}",
+            UserWarning,
+            stacklevel=5,
+        )
+        prompt = clamped
+    return prompt
+
+
+def worse(after: float, before: float, direction: str) -> bool:
+    return after > before if direction == "min" else after < before
+
+
+def call_metric(closure: Callable[[], MetricValue]) -> MetricValue:
+    """The closure's value, measured under ``torch.no_grad()``; a grad mode the closure switched
+    on is switched off again when it returns (else restoring θ would fail on leaf tensors)."""
+    with torch.no_grad():
+        return closure()
+
+
+def load_sample(layout, flat: torch.Tensor, params: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        layout.load_into(flat, params)
+
+
+def restore(params: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
+    with torch.no_grad():  # whatever grad mode a closure left behind
+        for p, b in zip(params, backup):
+            p.copy_(b)

@@ -1,0 +1,163 @@
+"""Writing a generator: its manifest (``build_manifest``) and the manifest + safetensors pair
+(``save_generator``), each file written atomically; the sha256 helpers both sides use."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, is_dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
+
+import torch
+
+from .errors import WeightsError
+from .fileio import atomic_write
+from .layout import Layout, signature_to_json
+from .manifest import MANIFEST_FORMAT_VERSION
+from .normalization import Normalization
+
+if TYPE_CHECKING:
+    from .diffusion import DiffusionConfig
+    from .generator import Gpt
+
+
+# ---------------------------------------------------------------------- small helpers
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _to_json(manifest: Mapping) -> str:
+    """The manifest as indented JSON; paths and tensor/numpy scalars become plain values."""
+
+    def plain(value):
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, torch.Tensor):
+            return value.tolist()
+        if hasattr(value, "item") and callable(value.item):  # numpy scalars
+            return value.item()
+        if isinstance(value, (set, frozenset, tuple)):
+            return list(value)
+        raise TypeError(
+            f"cannot write {type(value).__name__} into a generator manifest; pass JSON-able "
+            f"corpus/training/extra summaries (numbers, strings, lists, dicts)"
+        )
+
+    return json.dumps(manifest, indent=2, default=plain) + "\n"
+
+
+def _package_version() -> str:
+    from . import __version__  # lazy: the package imports this module while initialising
+
+    return __version__
+
+
+# ---------------------------------------------------------------------- writing
+
+
+def build_manifest(
+    name: str,
+    model: "Gpt",
+    diffusion: "DiffusionConfig",
+    normalization: Normalization,
+    *,
+    task: str,
+    metric: str,
+    best_prompt: float,
+    corpus: Mapping | None = None,
+    training: Mapping | None = None,
+    extra: Mapping | None = None,
+    metric_direction: str | None = None,
+) -> dict:
+    """The manifest of a generator, without the weights' file name and hash.
+
+    ``metric_direction`` defaults to the registered task's metric direction.
+    """
+    if metric_direction is None:
+        from . import tasks
+
+        metric_direction = tasks.get(task).metric(metric).direction
+    if metric_direction not in ("min", "max"):
+        raise ValueError(f"metric_direction must be 'min' or 'max', got {metric_direction!r}")
+    layout: Layout = model.layout
+    manifest = {
+        "format_version": 1 if layout.scheme == "chunk" else MANIFEST_FORMAT_VERSION,
+        "name": name,
+        "task": task,
+        "signature": signature_to_json(layout.signature),
+        "num_params": layout.num_params,
+        "metric": metric,
+        "metric_direction": metric_direction,
+        "metric_range": [float(normalization.metric_lo), float(normalization.metric_hi)],
+        "best_prompt": float(best_prompt),
+        "normalization": normalization.to_dict(),
+        "tokenisation": {"scheme": layout.scheme, "chunk_size": layout.chunk_size, "num_tokens": layout.num_tokens},
+        "model_config": asdict(model.config),
+        "diffusion_config": asdict(diffusion) if is_dataclass(diffusion) else dict(diffusion),
+        "corpus": dict(corpus or {}),
+        "training": dict(training or {}),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "package_version": _package_version(),
+    }
+    if extra:
+        manifest["extra"] = dict(extra)
+    return manifest
+
+
+def save_generator(
+    out_dir: str | os.PathLike,
+    name: str,
+    model: "Gpt",
+    diffusion: "DiffusionConfig",
+    normalization: Normalization,
+    *,
+    task: str,
+    metric: str,
+    best_prompt: float,
+    corpus: dict,
+    training: dict,
+    extra: dict | None = None,
+) -> Path:
+    """Write ``out_dir/{name}.safetensors`` and ``out_dir/{name}.json``; return the manifest's path.
+
+    Each file is written atomically (temporary file + ``os.replace``), the weights first, so a
+    manifest on disk always describes a complete weights file. ``corpus`` and ``training`` are
+    JSON-able summaries (sizes, epochs, final loss, ...) recorded as they are.
+    """
+    from safetensors.torch import save_file
+
+    if not name or any(c in name for c in "/\\") or name.startswith("."):
+        raise ValueError(f"invalid generator name {name!r}: use letters, digits, '-', '_' and '.'")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = build_manifest(
+        name, model, diffusion, normalization,
+        task=task, metric=metric, best_prompt=best_prompt, corpus=corpus, training=training, extra=extra,
+    )
+    # Own, contiguous fp32 copies: safetensors refuses shared storage and non-contiguous tensors.
+    tensors = {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in model.state_dict().items()}
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise WeightsError(f"refusing to save generator {name!r}: non-finite values in {bad[:5]}")
+    weights_path, manifest_path = out / f"{name}.safetensors", out / f"{name}.json"
+    _to_json(manifest)  # fail on an unserialisable summary before anything is written
+    atomic_write(weights_path, lambda p: save_file(tensors, str(p), metadata={"name": name}))
+    manifest["weights_file"] = weights_path.name
+    manifest["weights_sha256"] = sha256_file(weights_path)
+    text = _to_json(manifest)
+    atomic_write(manifest_path, lambda p: p.write_text(text, encoding="utf-8"))
+    return manifest_path

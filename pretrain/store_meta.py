@@ -1,0 +1,62 @@
+"""``store.json``, the description of a checkpoint store: its format version, task, architecture
+signature, parameter count, metric names and the corpus builder's settings.
+
+:func:`parse_meta` checks every field's type before a :class:`~pretrain.store.Store` uses it, so a
+damaged or hand-edited file gives one :class:`StoreError` naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from learned_opt import jsoncheck
+from learned_opt.errors import StoreError
+
+STORE_FORMAT_VERSION = 1
+STORE_FILE = "store.json"
+_META_LIMIT = 16 * 2**20  # bytes: a store.json is a few kilobytes
+
+
+def read_meta(root: Path) -> dict:
+    """The checked ``store.json`` of the store at ``root``; :class:`StoreError` if it is not one."""
+    path = root / STORE_FILE
+    try:
+        if path.stat().st_size > _META_LIMIT:
+            raise ValueError(f"it is larger than {_META_LIMIT} bytes")
+        meta = json.loads(path.read_bytes())
+        return parse_meta(meta, path)
+    except StoreError:
+        raise
+    except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+        raise StoreError(f"{path} is not a valid store description ({exc}): rebuild the store") from None
+
+
+def parse_meta(meta, path: Path) -> dict:
+    """``meta`` with every field checked (``ValueError`` describing the first bad one), except the
+    format version, which raises :class:`StoreError` saying which version reads it."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"it holds a JSON {type(meta).__name__}, not an object")
+    missing = [k for k in ("format_version", "task", "signature", "num_params") if k not in meta]
+    if missing:
+        raise ValueError(f"it lacks {missing}")
+    version = meta["format_version"]
+    if not jsoncheck.is_int(version) or version != STORE_FORMAT_VERSION:
+        raise StoreError(
+            f"{path.parent} has store format version {version!r}, this learned-opt reads version "
+            f"{STORE_FORMAT_VERSION}: rebuild the corpus with this version"
+        )
+    jsoncheck.str_field(meta["task"], "task")
+    signature = jsoncheck.signature(meta["signature"])
+    num_params = jsoncheck.int_field(meta["num_params"], "num_params", lo=1)
+    total = sum(math.prod(shape) for _, shape in signature)
+    if num_params != total:
+        raise ValueError(f"num_params is {num_params}, but the signature has {total} parameters")
+    metrics = meta.get("metrics", [])
+    if not isinstance(metrics, list) or not all(isinstance(m, str) and m for m in metrics):
+        raise ValueError(f"metrics must be a list of metric names, got {str(metrics)[:80]}")
+    settings = meta.get("settings")
+    if settings is not None and not isinstance(settings, dict):
+        raise ValueError(f"settings must be an object, got {str(settings)[:80]}")
+    return meta

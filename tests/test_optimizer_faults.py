@@ -1,0 +1,242 @@
+"""Faults thrown at GptOptimizer on purpose: interrupts, grad mode, threads, bad states and inputs.
+
+Every exit path of an update must leave θ as it was (or θ′ when accepted), and a state that
+cannot be loaded must change nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+
+import pytest
+import torch
+from gpt_helpers import FnGenerator, assert_same, snapshot, tiny_generator, toy_loss, toy_model
+
+from learned_opt.errors import ConfigError, GenerationError, OptimizerStateError
+from learned_opt.optimizer import GptOptimizer
+
+
+def _warm(model, opt, steps: int = 2) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        toy_loss(model).backward()
+        opt.step()
+
+
+def _interrupting(model, exc: type[BaseException]):
+    """A metric closure that measures θ once, then raises ``exc`` while it measures θ′."""
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) > 1:
+            raise exc()
+        return toy_loss(model)
+
+    return closure
+
+
+# ---------------------------------------------------------------------- interrupts
+
+
+@pytest.mark.parametrize("exc", [KeyboardInterrupt, SystemExit])
+@pytest.mark.parametrize("candidates", [1, 4])
+def test_interrupt_in_the_closure_restores_theta_counts_and_reraises(exc, candidates):
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 0.01), lr=1e-2, candidates=candidates)
+    _warm(model, opt)
+    before = snapshot(model, opt)
+    with pytest.raises(exc):
+        opt.generate(_interrupting(model, exc))
+    assert_same(snapshot(model, opt), before)
+    c = opt.counters
+    assert c["attempted"] == 1 and c["rejected"] == 1 and c["accepted"] == c["failed"] == 0
+
+
+def test_interrupt_in_a_periodic_update_restores_theta():
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 0.01), lr=1e-2, every=1,
+                       metric_closure=_interrupting(model, KeyboardInterrupt))
+    reference = toy_model()  # the same base step without the update
+    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
+    for m, o in ((model, opt), (reference, ref_opt)):
+        o.zero_grad()
+        toy_loss(m).backward()
+    ref_opt.step()
+    with pytest.raises(KeyboardInterrupt):
+        opt.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(p, q)
+    assert opt.counters["steps"] == 1 and opt.counters["rejected"] == 1
+
+
+def test_closure_that_switches_grad_mode_on_still_restores():
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 0.5), lr=1e-2)
+    _warm(model, opt)
+    before = snapshot(model, opt)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        torch.set_grad_enabled(True)  # leaks grad mode on, as careless evaluation code does
+        return toy_loss(model) + (10.0 if len(calls) > 1 else 0.0)  # θ′ is worse: rejected
+
+    report = opt.generate(closure)
+    assert not report.accepted and not report.failed
+    assert_same(snapshot(model, opt), before)
+    assert torch.is_grad_enabled()  # the caller's mode (on, outside generate) is back
+
+
+# ---------------------------------------------------------------------- threads
+
+
+def test_two_threads_with_rejecting_closures_leave_parameters_unchanged():
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 0.3), lr=1e-2)
+    before = snapshot(model)
+    base = float(toy_loss(model).detach())
+    barrier = threading.Barrier(2)
+    errors = []
+
+    def closure():
+        # θ′ is worse than θ, so every update is rejected; the sleep widens the race window
+        value = float(toy_loss(model).detach())
+        threading.Event().wait(0.002)
+        return value if abs(value - base) < 1e-9 else value + 1.0
+
+    def worker():
+        try:
+            barrier.wait()
+            for _ in range(15):
+                opt.generate(closure)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert_same(snapshot(model), before)
+    assert opt.counters["rejected"] == 30
+
+
+def test_the_lock_survives_deepcopy_and_pickle():
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), tiny_generator(), lr=1e-2, sampling_steps=2)
+    for copied in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert copied._lock is not opt._lock
+        copied.generate(metric=1.0)
+        assert copied.counters["attempted"] == 1
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def test_metric_beyond_float32_is_bad_input_not_a_generator_failure():
+    model = toy_model()
+    gen = FnGenerator(lambda th: th + 0.01)
+    opt = GptOptimizer(model.parameters(), gen, lr=1e-2)
+    before = snapshot(model, opt)
+    with pytest.raises(GenerationError, match="float32"):
+        opt.generate(metric=1e308)
+    assert_same(snapshot(model, opt), before)
+    assert gen.calls == 0 and opt.counters["attempted"] == opt.counters["failed"] == 0
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["abc", lambda m: None, lambda m: torch.ones(3), lambda m: "x", lambda m: float("nan")],
+    ids=["string", "callable-none", "callable-vector", "callable-string", "callable-nan"],
+)
+def test_bad_prompt_at_generate_raises_before_anything_happens(prompt):
+    model = toy_model()
+    gen = FnGenerator(lambda th: th + 0.01)
+    opt = GptOptimizer(model.parameters(), gen, lr=1e-2)
+    before = snapshot(model, opt)
+    with pytest.raises(GenerationError, match="prompt"):
+        opt.generate(metric=1.0, prompt=prompt)
+    assert_same(snapshot(model, opt), before)
+    assert gen.calls == 0 and opt.counters["attempted"] == 0
+
+
+@pytest.mark.parametrize("prompt", [float("nan"), float("inf"), "abc", True])
+def test_bad_prompt_at_construction_is_a_config_error(prompt):
+    with pytest.raises(ConfigError, match="Invalid prompt"):
+        GptOptimizer(toy_model().parameters(), FnGenerator(lambda th: th), prompt=prompt)
+
+
+# ---------------------------------------------------------------------- load_state_dict
+
+
+def _trained_pair():
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 0.01), lr=1e-2, seed=3)
+    _warm(model, opt, 3)
+    opt.generate(metric=1.0)
+    return model, opt
+
+
+def _fresh():
+    model = toy_model(seed=5)
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 0.01), lr=0.5, seed=9)
+    _warm(model, opt, 1)
+    return model, opt
+
+
+def _set(sd, path, value):
+    target = sd
+    for key in path[:-1]:
+        target = target[key]
+    if value is _DELETE:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        (("gpt", "rng_state"), None),
+        (("gpt", "rng_state"), _DELETE),
+        (("gpt", "rng_state"), torch.zeros(7, dtype=torch.uint8)),
+        (("gpt", "rng_state"), torch.zeros(5056, dtype=torch.float32)),
+        (("gpt", "rng_state"), "abc"),
+        (("gpt", "counters", "steps"), -1),
+        (("gpt", "counters", "accepted"), 1.5),
+        (("gpt", "counters"), None),
+        (("gpt",), 5),
+        (("state", 0, "exp_avg"), torch.zeros(3, 3)),
+        (("state", 1, "exp_avg_sq"), torch.zeros(7)),
+        (("param_groups",), []),
+    ],
+    ids=["rng-none", "rng-missing", "rng-short", "rng-float", "rng-string", "negative-steps", "float-counter",
+         "counters-none", "gpt-int", "exp-avg-shape", "exp-avg-sq-shape", "no-groups"],
+)
+def test_load_state_dict_refuses_a_bad_state_and_changes_nothing(path, value):
+    _, source = _trained_pair()
+    sd = source.state_dict()
+    _set(sd, path, value)
+    model, opt = _fresh()
+    before = snapshot(model, opt)
+    counters, rng = dict(opt.counters), opt._rng.get_state()
+    with pytest.raises(OptimizerStateError, match="nothing was changed|not a GptOptimizer|cannot load"):
+        opt.load_state_dict(sd)
+    assert_same(snapshot(model, opt), before)
+    assert opt.counters == counters and torch.equal(opt._rng.get_state(), rng)
+    assert opt.param_groups[0]["lr"] == 0.5
+
+
+def test_load_state_dict_still_loads_a_good_state():
+    _, source = _trained_pair()
+    model, opt = _fresh()
+    opt.load_state_dict(source.state_dict())
+    assert opt.counters == source.counters and opt.param_groups[0]["lr"] == 1e-2
+    assert torch.equal(opt._rng.get_state(), source._rng.get_state())

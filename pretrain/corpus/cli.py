@@ -19,7 +19,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="mnist-mlp",
                         help="a registered task, path/to/file.py:ClassName or package.module:ClassName "
                              "(default: mnist-mlp; docs/your-own-model.md)")
-    parser.add_argument("--runs", type=int, required=True, help="number of runs: ids 0 .. RUNS-1")
+    parser.add_argument("--runs", type=int, default=None, help="number of runs: ids 0 .. RUNS-1 (required unless --verify)")
     parser.add_argument("--out", required=True, help="store folder (created, or resumed if it exists)")
     parser.add_argument("--data-root", default=None, help="dataset root (default: $LEARNED_OPT_DATA)")
     parser.add_argument("--download", action="store_true", help="let torchvision download the dataset")
@@ -41,11 +41,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="supervised tasks: how the runs' gradients are computed together: the hand-written "
                              "ReLU-MLP path, torch.func vmap, or one torch.func call per run (default: auto, "
                              "the MLP path where it applies, else the faster of vmap and loop)")
+    parser.add_argument("--verify", action="store_true",
+                        help="check every run file of --out against its checksums, name the corrupt runs, and exit "
+                             "(status 1 if any is corrupt)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def verify(out: str) -> int:
+    """``--verify``: check a whole store; 0 if every run is intact, 1 if any is corrupt."""
+    store = Store.open(out)
+    corrupt = store.verify_all()
+    for why in corrupt.values():
+        print(why)
+    print(f"store {out}: {len(store)} runs checked, {len(corrupt)} corrupt"
+          + ("; delete the corrupt run files and run the same corpus command again to retrain them" if corrupt else ""))
+    return 1 if corrupt else 0
 
 
 def main(args: argparse.Namespace) -> int:
     import torch.distributed as dist
+
+    if args.verify:
+        return verify(args.out)
+    if args.runs is None:
+        raise LearnedOptError("--runs N is required: the number of runs the store should hold (ids 0 .. N-1)")
 
     config = CorpusConfig(
         task=args.task, runs=args.runs, out=args.out, data_root=args.data_root, download=args.download,

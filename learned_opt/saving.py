@@ -131,8 +131,11 @@ def save_generator(
     corpus: dict,
     training: dict,
     extra: dict | None = None,
+    metric_direction: str | None = None,
 ) -> Path:
     """Write ``out_dir/{name}.safetensors`` and ``out_dir/{name}.json``; return the manifest's path.
+
+    ``metric_direction`` defaults to the registered task's (a task loaded from a file passes its own).
 
     Each file is written atomically (temporary file + ``os.replace``), the weights first, so a
     manifest on disk always describes a complete weights file. ``corpus`` and ``training`` are
@@ -147,6 +150,7 @@ def save_generator(
     manifest = build_manifest(
         name, model, diffusion, normalization,
         task=task, metric=metric, best_prompt=best_prompt, corpus=corpus, training=training, extra=extra,
+        metric_direction=metric_direction,
     )
     # Own, contiguous fp32 copies: safetensors refuses shared storage and non-contiguous tensors.
     tensors = {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in model.state_dict().items()}

@@ -57,7 +57,7 @@ import torch
 from safetensors.torch import save as safetensors_save
 
 from learned_opt import tasks
-from learned_opt.errors import StoreError
+from learned_opt.errors import StoreError, UnknownTaskError
 from learned_opt.fileio import atomic_write, write_exclusive
 from learned_opt.layout import Signature, signature_from_json, signature_to_json
 from learned_opt.tasks import Task
@@ -82,6 +82,8 @@ class Store:
     def __init__(self, root: Path, meta: dict):
         self.root = Path(root)
         self.task_name: str = meta["task"]
+        # where a task loaded by reference came from ("file.py:Class"); None for registered tasks
+        self.task_source: str | None = meta.get("task_source")
         # how the corpus builder made the runs (seed, epochs, ranges, ...); None in a store made
         # without them (tests, or a store from before they were recorded)
         self.settings: dict | None = meta.get("settings")
@@ -112,6 +114,8 @@ class Store:
             "num_params": task.num_params,
             "metrics": list(task.metrics),
         }
+        if tasks.source_of(task) != task.name:  # a user task: how train, eval and export find it again
+            meta["task_source"] = tasks.source_of(task)
         if settings is not None:
             meta["settings"] = json.loads(json.dumps(settings))  # as it reads back: tuples become lists
         if not (root / STORE_FILE).exists():
@@ -138,6 +142,26 @@ class Store:
         store.check_writable()
         store._release = weakref.finalize(store, acquire_writer(root))
         return store
+
+    def task(self, override: str | Task | None = None) -> Task:
+        """The store's task: ``override`` (a ``--task``) if given, else the registered task of its
+        name, else the file or module it was loaded from when the store was made."""
+        if override is not None and not (isinstance(override, str) and override == self.task_name):
+            task = tasks.get(override)
+            if task.name != self.task_name:
+                raise StoreError(f"the store at {self.root} holds runs of task {self.task_name!r}, not "
+                                 f"{task.name!r}: pass the store's own task or point --store at a {task.name} corpus")
+            return task
+        try:
+            return tasks.get(self.task_name)
+        except UnknownTaskError:
+            if not self.task_source:
+                raise
+        try:
+            return tasks.get(self.task_source)
+        except UnknownTaskError as exc:
+            raise StoreError(f"the store at {self.root} was built for task {self.task_source}, which cannot be "
+                             f"loaded now ({exc}); pass --task path/to/file.py:ClassName") from None
 
     def check_writable(self) -> None:
         """:class:`StoreError` unless new runs can be written (call before training any);

@@ -56,6 +56,8 @@ def parse_meta(meta, path: Path) -> dict:
     metrics = meta.get("metrics", [])
     if not isinstance(metrics, list) or not all(isinstance(m, str) and m for m in metrics):
         raise ValueError(f"metrics must be a list of metric names, got {str(metrics)[:80]}")
+    if meta.get("task_source") is not None:
+        jsoncheck.str_field(meta["task_source"], "task_source")
     settings = meta.get("settings")
     if settings is not None and not isinstance(settings, dict):
         raise ValueError(f"settings must be an object, got {str(settings)[:80]}")

@@ -34,7 +34,7 @@ def test_two_cpu_processes_end_with_identical_weights(tmp_path):
     assert len(state["rng"]["ranks"]) == 2
     steps = [r["step"] for r in read_jsonl(out / LOG_NAME)]
     assert steps == [2, 4]  # one writer: no record twice
-    manifest = json.loads((out / "mnist-mlp-test_loss-tiny.json").read_text())
+    manifest = json.loads((out / "mnist-mlp.json").read_text())
     assert manifest["training"]["hardware"]["world_size"] == 2
 
 
@@ -52,5 +52,5 @@ def test_two_cpu_processes_with_output_matching_end_with_identical_weights(tmp_p
     assert hashes[0] == hashes[1]
     records = read_jsonl(out / LOG_NAME)
     assert [r["step"] for r in records] == [2, 4] and all(r["output_divergence"] > 0 for r in records)
-    manifest = json.loads((out / "mnist-mlp-test_loss-tiny.json").read_text())
+    manifest = json.loads((out / "mnist-mlp.json").read_text())
     assert manifest["training"]["output_matching"] == 1.0

@@ -40,6 +40,7 @@ class PairCorpus:
         return {
             "store": str(Path(self.store.root).resolve()),
             "task": self.task.name,
+            "task_source": tasks.source_of(self.task),
             "metric": self.metric,
             "runs_total": len(self.store),
             "runs_train": len(self.train.run_ids),
@@ -62,12 +63,7 @@ class PairCorpus:
 def open_store(root: str | Path, task: str | None = None) -> Store:
     """Open a store, checking that it holds runs and (when given) runs of ``task``."""
     store = Store.open(root)
-    if task is not None and store.task_name != tasks.get(task).name:
-        raise StoreError(
-            f"the store at {root} holds runs of task {store.task_name!r}, not {task!r}: pass "
-            f"--task {store.task_name} or point --store at a {task} corpus"
-        )
-    expected = tasks.get(store.task_name).signature
+    expected = store.task(task).signature
     check_signature(expected, store.signature, what=f"the store at {root}")
     if len(store) == 0:
         raise StoreError(
@@ -118,7 +114,7 @@ def open_pairs(
     """
     config = config or PairConfig()
     store = open_store(root, task)
-    task_obj = tasks.get(store.task_name)
+    task_obj = store.task(task)
     metric = task_obj.metric(config.metric).name
     if split is None:
         split = split_runs(store.run_ids(), config.heldout_fraction, config.split_seed)

@@ -110,7 +110,7 @@ class PairDataset(Dataset):
         self.normalization = normalization
         self.metric_name = metric
         self.max_gap = int(max_gap)
-        self.task = task or tasks.get(store.task_name)
+        self.task = task or store.task()
         # Metrics are small ([K] per run): keep them all in memory.
         values = metric_values or {}
         self.metric_values = {int(r): values.get(int(r)) for r in run_ids}

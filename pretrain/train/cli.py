@@ -75,7 +75,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--eval-batches", type=int, default=S, help=f"held-out batches per evaluation (default {d.eval_batches})")
     add("--checkpoint-every", type=int, default=S, help=f"steps per checkpoint (default {d.checkpoint_every})")
     add("--stop-after", type=int, default=S, help="stop at this step with a checkpoint (resume later)")
-    add("--name", default=S, help="name of the exported generator (default TASK-METRIC-PRESET)")
+    add("--name", default=S, help="name of the exported generator (default: the task's name, e.g. mnist-mlp-32 -> OUT/mnist-mlp-32.json)")
     add("--no-export", dest="export", action="store_false", default=S, help="do not export at the end")
     add("--resume", action="store_true", default=S, help="continue the checkpoint in --out (fresh start if none)")
     add("--init-from", default=S, metavar="GENERATOR",

@@ -68,7 +68,7 @@ class TrainConfig:
     eval_batches: int = 2  # held-out batches per evaluation (fixed pairs, fixed noise)
     checkpoint_every: int = 500
     stop_after: int | None = None  # stop (with a checkpoint) at this step, e.g. before a preemption
-    name: str | None = None  # export name; None: "{task}-{metric}-{preset}"
+    name: str | None = None  # export name; None: the task's name
     export: bool = True  # export the EMA generator when training reaches `steps`
     resume: bool = False  # continue the checkpoint in `out` (start fresh when there is none)
     init_from: str | None = None  # start from this generator's weights (registry name or manifest path): a fine-tune

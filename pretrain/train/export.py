@@ -25,7 +25,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
     diffusion = DiffusionConfig(**state["diffusion_config"])
     model = build_generator(layout, GptConfig(**state["model_config"]), diffusion)
     model.load_state_dict(state["ema"])
-    task = tasks.get(corpus["task"])
+    task = tasks.get(corpus.get("task_source") or corpus["task"])
     last = state.get("last") or {}
     training = {
         "steps": int(state["step"]),
@@ -67,13 +67,14 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
     best = min(max(task.metric(corpus["metric"]).best_prompt, norm.metric_lo), norm.metric_hi)
     return save_generator(
         Path(out_dir) if out_dir is not None else path.parent,
-        name or state.get("name") or f"{corpus['task']}-{corpus['metric']}-{cfg['preset']}",
+        name or state.get("name") or corpus["task"],  # the task's name: what the generator is for
         model,
         diffusion,
         norm,
         task=corpus["task"],
         metric=corpus["metric"],
         best_prompt=best,
+        metric_direction=task.metric(corpus["metric"]).direction,
         corpus=corpus,
         training=training,
     )

@@ -134,7 +134,7 @@ class Trainer:
             self.notes.append(f"--layer-balance changed from {before:g} to {config.layer_balance:g} at step {state['step']}")
         config.task, config.metric = self.corpus.task.name, self.corpus.metric  # resolved, as recorded
         self.config = config
-        self.name = config.name or f"{config.task}-{config.metric}-{config.preset}"
+        self.name = config.name or config.task  # a generator is named for the task it serves
 
         # ---- model, EMA, optimizer, schedule
         self.layout = Layout(self.corpus.store.signature, config.chunk_size, config.tokens)

@@ -69,3 +69,16 @@ def test_corpus_and_eval_of_a_control_task_from_a_file(task, tmp_path, capsys):
     scored = r["sampler"]["candidates_scored"]["one_step_and_repeats"]
     assert scored["networks"] == 2 * 2 and 0 < scored["env_steps"] <= scored["networks"] * 3 * 40
     assert "PPO env steps to reach the update" in format_summary(r)
+
+
+def test_the_control_demo_runs_on_acrobot(task, tmp_path):
+    from learned_opt.demo.cartpole import format_control_table, run_control_demo
+    from learned_opt.demo.update import DemoConfig
+
+    manifest = save_tiny_generator(task, tmp_path / "gen")
+    config = DemoConfig(task=REF, generator=str(manifest), out=str(tmp_path / "demo"), ppo_env_steps=1024,
+                        sampling_steps=2)
+    result = run_control_demo(config)
+    assert result["ppo"]["env_steps"] == [0, 1024] and result["episode"]["label"] == "observation 0"
+    assert 1 <= len(result["episode"]["traced"]["init"]) <= 40 and Path(result["plot"]).stat().st_size > 1000
+    assert "greedy return" in format_control_table(result)

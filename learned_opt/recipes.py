@@ -4,7 +4,12 @@ supervised corpus draws its runs' hyperparameters from.
 * :data:`GPT_RECIPE` — G.pt's SGD recipe (Peebles et al. 2022): Nesterov momentum 0.9, lr 0.1,
   weight decay 5e-4, batch 128, cosine annealing stepped per epoch over 25 epochs;
 * :data:`ADAM_BASELINE` — Adam, lr 1e-3, batch 128, constant learning rate;
-* :class:`SupervisedRanges` — the corpus's per-run draws (the table in :mod:`pretrain.corpus`).
+* :class:`SupervisedRanges` — the corpus's per-run draws (the table in :mod:`pretrain.corpus`);
+* :data:`PPO_BASELINE` and :data:`PPO_STEPS` — PPO's default hyperparameters (the control baseline
+  of ``eval`` and ``demo``, and the fixed ones of a control corpus) and its step structure;
+* :class:`PPORanges` — a control corpus's per-run draws (the table in
+  :mod:`pretrain.corpus.ppo_family`); a :class:`~learned_opt.tasks.ControlTask` may set its own as
+  ``corpus_ranges``.
 
 Hyperparameter dicts use the corpus's keys (``optimizer``, ``lr``, ``momentum`` — SGD's momentum or
 Adam's beta1 —, ``weight_decay``, ``batch_size``, ``epochs``, ``schedule``, ``adam_beta2``,
@@ -63,3 +68,41 @@ class SupervisedRanges:
             raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
         if not self.batch_sizes or min(self.batch_sizes) < 1 or not self.epochs or min(self.epochs) < 1:
             raise ValueError("batch_sizes and epochs need at least one positive value each")
+
+
+# PPO (Schulman et al. 2017, https://arxiv.org/abs/1707.06347), trained by learned_opt.baselines.ppo.
+PPO_BASELINE = {"lr": 3e-4, "gamma": 0.99, "gae_lambda": 0.95, "clip": 0.2, "entropy_coef": 0.0, "value_coef": 0.5,
+                "max_grad_norm": 0.5}
+PPO_ADAM_EPS = 1e-5  # Adam's eps for the policy and the value network
+# What runs trained together share: sub-environments per run, steps per sub-environment between updates,
+# passes over each rollout, minibatches per pass, and the value network's hidden width (two tanh layers).
+PPO_STEPS = {"envs": 8, "horizon": 128, "epochs": 4, "minibatches": 4, "value_hidden": 64}
+
+
+@dataclass(frozen=True)
+class PPORanges:
+    """Where each control corpus run's PPO hyperparameters are drawn from (one draw per run)."""
+
+    lr: tuple[float, float] = (1e-4, 3e-3)  # log-uniform
+    gamma: tuple[float, float] = (0.97, 0.999)  # uniform
+    gae_lambda: tuple[float, float] = (0.9, 0.99)  # uniform
+    clip: tuple[float, float] = (0.1, 0.3)  # uniform
+    entropy_coef: tuple[float, float] = (1e-4, 1e-2)  # log-uniform, when not 0
+    p_no_entropy: float = 0.5  # probability of entropy_coef 0
+    env_steps: tuple[int, ...] = (25_000, 50_000, 100_000)
+    value_coef: float = PPO_BASELINE["value_coef"]
+    max_grad_norm: float = PPO_BASELINE["max_grad_norm"]
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "entropy_coef"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
+        for name in ("gamma", "gae_lambda"):
+            lo, hi = getattr(self, name)
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError(f"{name} must lie in [0, 1], got {(lo, hi)}")
+        if not 0 < self.clip[0] <= self.clip[1]:
+            raise ValueError(f"clip must satisfy 0 < low <= high, got {self.clip}")
+        if not self.env_steps or min(self.env_steps) < 1:
+            raise ValueError("env_steps needs at least one positive value")

@@ -1,4 +1,4 @@
-"""``learned-opt demo`` on CartPole (the default task) and the single-policy PPO baseline."""
+"""``learned-opt demo`` on CartPole (the default task) and batched PPO used with one run, as the demo does."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import torch
 
 from learned_opt import tasks
 from learned_opt.cli import main as cli_main
-from learned_opt.demo.cartpole import FAILURE_ANGLE, first_step_at_or_above
+from learned_opt.baselines.ppo import PPOShape, train_ppo
+from learned_opt.demo.cartpole import first_step_at_or_above
 from learned_opt.diffusion import DiffusionConfig
 from learned_opt.errors import EnvironmentStepError
 from learned_opt.generator import build_generator
 from learned_opt.normalization import Normalization
-from learned_opt.ppo import PPOConfig, train_ppo
 from learned_opt.pretrained import save_generator
 
 from test_demo import save_tiny_mnist_generator
@@ -57,29 +57,30 @@ def break_cartpole_step(monkeypatch):
 # ---------------------------------------------------------------------- the PPO baseline
 
 
+def one_run(task, init, updates, seed=0):
+    """The demo's PPO: one run of the batched PPO, a checkpoint after every update."""
+    return train_ppo(task, init[None], shape=PPOShape(total_steps=updates * 1024), run_seeds=[seed],
+                     checkpoint_at=[u * 16 for u in range(updates + 1)])
+
+
 def test_ppo_raises_the_greedy_return_of_a_random_policy():
     task = tasks.get("cartpole-mlp")
     init = seeded_policy(0)
     kept = init.clone()
     rng = torch.random.get_rng_state()
-    run = train_ppo(task, init, 8 * 1024, seed=0)
+    run = one_run(task, init, 8)
     assert torch.equal(torch.random.get_rng_state(), rng)  # the global RNG is left alone
     assert torch.equal(init, kept)  # the init is not modified
-    assert run.env_steps == [i * 1024 for i in range(9)]
-    assert run.policies.shape == (9, task.num_params)
-    assert torch.equal(run.policies[0], init)
-    returns = task.evaluate(run.policies)["return"]
+    assert run.env_steps.tolist() == [[i * 1024 for i in range(9)]]
+    assert run.checkpoints.shape == (1, 9, task.num_params)
+    assert torch.equal(run.checkpoints[0, 0], init)
+    returns = task.evaluate(run.checkpoints[0])["return"]
     # a random tanh policy balances for a few dozen steps; 8 updates of PPO hold it several times
     # longer (an update with the wrong sign drives the return down to CartPole's minimum of ~9)
     assert returns[0] < 40
     assert returns[-1] > max(100.0, 3 * returns[0])
-    again = train_ppo(task, init, 2 * 1024, seed=0)
-    assert torch.equal(again.policies, run.policies[:3])  # deterministic for a seed
-
-
-def test_ppo_refuses_a_budget_below_one_update():
-    with pytest.raises(ValueError, match="at least 1024 environment steps"):
-        train_ppo(tasks.get("cartpole-mlp"), seeded_policy(0), 1000, PPOConfig())
+    again = one_run(task, init, 2)
+    assert torch.equal(again.checkpoints[0], run.checkpoints[0, :3])  # deterministic for a seed
 
 
 def test_a_failing_environment_step_raises_and_leaves_the_policy_alone(monkeypatch):
@@ -90,7 +91,7 @@ def test_a_failing_environment_step_raises_and_leaves_the_policy_alone(monkeypat
     with pytest.raises(EnvironmentStepError, match="CartPole(-v1)? failed to step: simulated physics failure"):
         task.evaluate(init[None])
     with pytest.raises(EnvironmentStepError, match="CartPole(-v1)? failed to step: simulated physics failure"):
-        train_ppo(task, init, 1024, seed=0)
+        one_run(task, init, 1)
     assert torch.equal(init, kept)
 
 
@@ -142,15 +143,16 @@ def test_cartpole_is_the_default_and_runs_end_to_end(tmp_path, capsys):
     assert result["ppo_reaches_update_at"] == (reached[0] if reached else None)
 
     ep = result["episode"]
-    assert ep["failure_angle_rad"] == pytest.approx(0.2095, abs=1e-4) == FAILURE_ANGLE
+    assert ep["observation"] == 2 and ep["label"] == "pole angle (rad)"  # CartPole's pole angle
+    assert ep["limit"] == pytest.approx(0.2095, abs=1e-4) == task.traced_limit
     for policy in ("init", "update", "ppo"):
-        angles = ep["pole_angle_rad"][policy]
+        angles = ep["traced"][policy]
         assert 1 <= len(angles) <= 500 and all(math.isfinite(a) for a in angles)
-        assert angles[0] == pytest.approx(ep["start_state"][2], abs=1e-6)  # the episode's start
+        assert angles[0] == pytest.approx(ep["start"][2], abs=1e-6)  # the episode's start
         # the episode ends once the pole leaves ±12° (or the cart leaves the track, or at 500 steps)
-        assert all(abs(a) <= FAILURE_ANGLE for a in angles)
-    assert len(ep["pole_angle_rad"]["init"]) == int(result["init"]["episode_returns"][0])
-    assert len(ep["pole_angle_rad"]["ppo"]) == int(ppo["episode_returns"][0])
+        assert all(abs(a) <= task.traced_limit for a in angles)
+    assert len(ep["traced"]["init"]) == int(result["init"]["episode_returns"][0])
+    assert len(ep["traced"]["ppo"]) == int(ppo["episode_returns"][0])
 
 
 def test_the_default_demo_uses_the_shipped_generator(tmp_path, capsys):

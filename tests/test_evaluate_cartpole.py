@@ -16,7 +16,6 @@ from learned_opt import tasks
 from learned_opt.cli import main as cli_main
 from pretrain.store import Store
 from pretrain.evaluate import (
-    SOLVED_RETURN,
     align_hidden_units,
     aligned_distance,
     init_params,
@@ -46,8 +45,8 @@ def test_env_steps_to_reach_a_return_on_known_curves():
 
 
 def test_solved_share_counts_returns_at_or_above_475():
-    assert SOLVED_RETURN == 475.0
-    assert solved_share(torch.tensor([475.0, 474.9, 500.0, 9.0])) == 0.5
+    assert TASK.solved_return == 475.0
+    assert solved_share(torch.tensor([475.0, 474.9, 500.0, 9.0]), TASK.solved_return) == 0.5
 
 
 def test_weight_matching_sweeps_never_increase_the_distance():

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from learned_opt import tasks
-from pretrain import ppo
+from learned_opt.baselines import ppo
 from pretrain.seeding import checkpoint_steps
-from pretrain.ppo import PPOHparams, PPOShape, train_ppo
+from learned_opt.baselines.ppo import PPOHparams, PPOShape, train_ppo
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,24 @@
-"""The ``cartpole-mlp`` demo: one generative update of a random CartPole policy, next to PPO.
+"""The control demo: one generative update of a random policy of any control task, next to PPO.
 
-``learned-opt demo`` (``--task cartpole-mlp``, the default) builds a fresh 4-32-32-2 policy
-(PyTorch's default init, seeded), measures its greedy return over the task's 10 fixed episodes,
-makes one :meth:`GptOptimizer.generate` update prompted with the generator's best prompt (the
-closure measures the same return), then trains the *same* init with PPO
-(:func:`learned_opt.ppo.train_ppo`) for ``--ppo-env-steps`` environment steps and reports the
+``learned-opt demo`` on a control task (``cartpole-mlp``, the default) builds a fresh policy
+(PyTorch's default init, seeded), measures its greedy return over the task's fixed episodes, makes
+one :meth:`GptOptimizer.generate` update prompted with the generator's best prompt (the closure
+measures the same return), then trains the *same* init with PPO (one run of the batched
+:func:`learned_opt.baselines.ppo.train_ppo`, its default hyperparameters and step structure, the
+demo's seed as the run's seed) for ``--ppo-env-steps`` environment steps, and reports the
 environment steps PPO needed to reach the update's return.
 
-It writes ``demo_cartpole.json`` (the numbers) and ``demo_cartpole.png``: the pole's angle over
-the first evaluation episode for the random policy, the updated one and PPO's final one, with
-CartPole's failure angle (±12°) drawn, next to PPO's greedy return against environment steps.
-Nothing is downloaded: CartPole is simulated by gymnasium.
+It writes ``demo_cartpole.json`` (the numbers) and ``demo_cartpole.png``: the task's traced
+observation (:attr:`~learned_opt.tasks.ControlTask.traced_observation`; CartPole's pole angle)
+over the first evaluation episode for the random policy, the updated one and PPO's final one,
+with the task's ``traced_limit`` drawn where it has one (CartPole's ±12°), next to PPO's greedy
+return against environment steps. Nothing is downloaded: the environment is gymnasium's.
 """
 
 from __future__ import annotations
 
 import json
-import math
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
@@ -25,15 +27,13 @@ import numpy as np
 import torch
 
 from .. import tasks
+from ..baselines.ppo import PPOHparams, PPOShape, train_ppo
 from ..errors import ConfigError
 from ..fileio import atomic_write
-from ..ppo import PPOConfig, train_ppo
 from .update import DemoConfig, one_update
 
 
 JSON_NAME, PNG_NAME = "demo_cartpole.json", "demo_cartpole.png"
-FAILURE_ANGLE = 12 * 2 * math.pi / 360  # rad; CartPole-v1 ends an episode beyond it (or at |x| > 2.4)
-SECONDS_PER_STEP = 0.02  # CartPole's tau
 EPISODE = 0  # the evaluation episode drawn in the picture
 POLICIES = ("init", "update", "ppo")  # the rows of the table and the lines of the picture
 
@@ -46,27 +46,34 @@ def first_step_at_or_above(steps: Sequence[int], values: Sequence[float], target
     return None
 
 
-def run_cartpole_demo(config: "DemoConfig") -> dict:
-    """Run the CartPole demo; returns the results (also written to ``out/demo_cartpole.json``)."""
-
-    task = tasks.get("cartpole-mlp")
-    ppo_config = PPOConfig()
-    if config.ppo_env_steps < ppo_config.steps_per_update:
-        raise ConfigError(f"--ppo-env-steps must be >= {ppo_config.steps_per_update} (one PPO update of "
-                          f"{ppo_config.envs} environments x {ppo_config.horizon} steps), got {config.ppo_env_steps}")
+def run_control_demo(config: DemoConfig) -> dict:
+    """Run the demo on ``config.task`` (a control task); returns the results (also written to
+    ``out/demo_cartpole.json``)."""
+    task = tasks.get(config.task)
+    if task.kind != "control":
+        raise ConfigError(f"the control demo needs a control task; {task.name} is a {task.kind} task")
+    hparams, shape = PPOHparams(), PPOShape(total_steps=config.ppo_env_steps)
+    if config.ppo_env_steps < shape.steps_per_update:
+        raise ConfigError(f"--ppo-env-steps must be >= {shape.steps_per_update} (one PPO update of "
+                          f"{shape.envs} environments x {shape.horizon} steps), got {config.ppo_env_steps}")
     data = task.load_data()
     generator, model, layout, init, report = one_update(task, data, config)
     updated = layout.flatten_module(model)
-    ppo = train_ppo(task, init, config.ppo_env_steps, ppo_config, seed=config.seed)
+    per_update = shape.epochs * shape.minibatches
+    start = time.perf_counter()
+    ppo = train_ppo(task, init[None], hparams, shape, run_seeds=[config.seed],
+                    checkpoint_at=[u * per_update for u in range(shape.updates + 1)])
+    ppo_seconds = time.perf_counter() - start
+    env_steps = ppo.env_steps[0].tolist()
 
     # one batched rollout: the updated policy, then PPO's policies (the first of which is the init)
-    returns, angles = task.rollout(torch.cat([updated[None], ppo.policies]), data)  # [1+K, E], [T, 1+K, E]
+    returns, traced = task.rollout(torch.cat([updated[None], ppo.checkpoints[0]]), data)  # [1+K, E], [T, 1+K, E]
     mean = returns.mean(-1).tolist()
     update_return, curve = mean[0], mean[1:]
     rows = {"init": 1, "update": 0, "ppo": len(mean) - 1}  # policy -> index in the rollout
     trajectory = {}
     for policy, i in rows.items():
-        a = angles[:, i, EPISODE]
+        a = traced[:, i, EPISODE]
         trajectory[policy] = a[np.isfinite(a)].tolist()  # NaN after the episode ended
     result = {
         "task": task.name,
@@ -78,13 +85,14 @@ def run_cartpole_demo(config: "DemoConfig") -> dict:
             "reason": report.reason, "prompt": report.prompt, "seconds": report.seconds,
         },
         "ppo": {
-            "return": curve[-1], "episode_returns": returns[-1].tolist(), "env_steps": ppo.env_steps,
-            "curve": curve, "seconds": ppo.seconds, "config": asdict(ppo_config),
+            "return": curve[-1], "episode_returns": returns[-1].tolist(), "env_steps": env_steps,
+            "curve": curve, "seconds": ppo_seconds, "hparams": asdict(hparams), "shape": asdict(shape),
         },
-        "ppo_reaches_update_at": first_step_at_or_above(ppo.env_steps, curve, update_return),
+        "ppo_reaches_update_at": first_step_at_or_above(env_steps, curve, update_return),
         "episode": {
-            "index": EPISODE, "start_state": data.start_states[EPISODE].tolist(), "seconds_per_step": SECONDS_PER_STEP,
-            "failure_angle_rad": FAILURE_ANGLE, "pole_angle_rad": trajectory,
+            "index": EPISODE, "start": np.asarray(data.start_states[EPISODE]).tolist(),
+            "observation": task.traced_observation, "label": _traced_label(task), "limit": task.traced_limit,
+            "traced": trajectory,
         },
         "config": asdict(config),
     }
@@ -93,12 +101,12 @@ def run_cartpole_demo(config: "DemoConfig") -> dict:
     text = json.dumps(result, indent=2) + "\n"
     atomic_write(out / JSON_NAME, lambda p: p.write_text(text, encoding="utf-8"))
     if config.plot:
-        result["plot"] = str(plot_cartpole(result, out / PNG_NAME))
+        result["plot"] = str(plot_control(result, out / PNG_NAME))
     return result
 
 
-def format_cartpole_table(result: dict) -> str:
-    """The CartPole demo's printed table."""
+def format_control_table(result: dict) -> str:
+    """The control demo's printed table."""
     up, ppo = result["update"], result["ppo"]
     budget = ppo["env_steps"][-1]
     rows = [
@@ -116,8 +124,8 @@ def format_cartpole_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_cartpole(result: dict, path: Path) -> Path:
-    """Pole angle over one episode before and after the update (and after PPO); PPO's return curve."""
+def plot_control(result: dict, path: Path) -> Path:
+    """The traced observation over one episode before and after the update (and after PPO); PPO's return curve."""
     try:
         import matplotlib
     except ModuleNotFoundError:
@@ -134,29 +142,28 @@ def plot_cartpole(result: dict, path: Path) -> Path:
     }
     fig, (ax, ax_ppo) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     for policy, (label, color, width) in labels.items():
-        a = np.degrees(np.asarray(ep["pole_angle_rad"][policy], dtype=float))
-        ax.plot(np.arange(len(a)) * ep["seconds_per_step"], a, color=color, lw=width,
-                label=f"{label} ({len(a)} steps)")
-    limit = math.degrees(ep["failure_angle_rad"])
-    for sign in (1, -1):
-        ax.axhline(sign * limit, color="red", ls="--", lw=1, label="failure angle (±12°)" if sign > 0 else None)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("pole angle (degrees)")
-    ax.set_ylim(-1.5 * limit, 1.5 * limit)
-    ax.set_title(f"pole angle, evaluation episode {ep['index'] + 1}")
+        a = np.asarray(ep["traced"][policy], dtype=float)
+        ax.plot(np.arange(len(a)), a, color=color, lw=width, label=f"{label} ({len(a)} steps)")
+    limit = ep["limit"]
+    if limit is not None:
+        for sign in (1, -1):
+            ax.axhline(sign * limit, color="red", ls="--", lw=1, label=f"episode ends beyond ±{limit:.4g}" if sign > 0 else None)
+        ax.set_ylim(-1.5 * limit, 1.5 * limit)
+    ax.set_xlabel("environment step")
+    ax.set_ylabel(ep["label"])
+    ax.set_title(f"{ep['label']}, evaluation episode {ep['index'] + 1}")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)
 
     ax_ppo.plot(ppo["env_steps"], ppo["curve"], color="tab:orange", marker=".", label="PPO")
     ax_ppo.axhline(result["update"]["return"], color="tab:blue", ls="--", label="1 generative update")
     ax_ppo.axhline(result["init"]["return"], color="tab:grey", ls=":", label="random init")
     ax_ppo.set_xlabel("PPO environment steps")
-    ax_ppo.set_ylabel("greedy return (10 episodes)")
-    ax_ppo.set_ylim(0, 510)
+    ax_ppo.set_ylabel(f"greedy return ({len(result['init']['episode_returns'])} episodes)")
     ax_ppo.set_title("PPO from the same init")
     ax_ppo.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8)
     fig.suptitle(
-        f"CartPole, generator {result['generator']['name']}: greedy return {result['init']['return']:.1f} at init, "
-        f"{result['update']['return']:.1f} after one update, {ppo['return']:.1f} after PPO"
+        f"{result['task']}, generator {result['generator']['name']}: greedy return {result['init']['return']:.1f} "
+        f"at init, {result['update']['return']:.1f} after one update, {ppo['return']:.1f} after PPO"
     )
     fig.tight_layout()
     try:
@@ -164,3 +171,11 @@ def plot_cartpole(result: dict, path: Path) -> Path:
     finally:
         plt.close(fig)
     return path
+
+
+def _traced_label(task) -> str:
+    return task.traced_label or f"observation {task.traced_observation}"
+
+
+# the names the demo dispatch imported before control tasks were general
+run_cartpole_demo, format_cartpole_table, plot_cartpole = run_control_demo, format_control_table, plot_control

@@ -58,7 +58,11 @@ class ControlTask(Task):
     matching_box: Sequence[float] | None = None  # observations output matching may use: uniform in ±box
     metrics = {"return": Metric("return", "max", 500.0, "mean greedy return over fixed episodes")}
     default_metric = "return"
-    corpus_ranges = None  # a learned_opt.tasks.recipes.PPORanges, or None for the kind's defaults
+    corpus_ranges = None  # a learned_opt.recipes.PPORanges, or None for the kind's defaults
+    solved_return: float | None = None  # the mean return at which the environment counts as solved, if it has one
+    traced_observation = 0  # which observation entry rollout() traces (the control demo plots it)
+    traced_label: str | None = None  # what that entry is (None: "observation <i>")
+    traced_limit: float | None = None  # |entry| beyond which an episode ends, drawn by the demo (None: none)
 
     # ------------------------------------------------------------------ the environment
 
@@ -71,16 +75,27 @@ class ControlTask(Task):
         mode = "vector_entry_point" if getattr(spec, "vector_entry_point", None) else "sync"
         return gym.make_vec(self.env_id, num_envs=num_envs, vectorization_mode=mode)
 
-    def episode_starts(self, episodes: int, seed: int) -> np.ndarray:
-        """Where ``episodes`` episodes start: ``[E]`` reset seeds drawn from ``seed``; a task that
-        sets start states itself returns ``[E, obs]`` and overrides :meth:`reset_to`."""
-        return np.random.default_rng(seed).integers(0, 2**31 - 1, size=episodes)
+    def draw_starts(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``n`` episode starts drawn from ``rng``: ``[n]`` reset seeds. A task that sets start states
+        itself returns ``[n, obs]`` states and overrides :meth:`reset_to` (PPO draws each run's
+        episodes from the run's own generator with this)."""
+        return rng.integers(0, 2**31 - 1, size=n)
 
-    def reset_to(self, env, starts: np.ndarray) -> np.ndarray:
-        """Reset every sub-environment of ``env`` to ``starts[i]`` (one per sub-environment);
-        returns the first observations ``[N, obs]``."""
-        obs, _ = env.reset(seed=[int(s) for s in starts])
-        return np.asarray(obs, dtype=np.float32)
+    def episode_starts(self, episodes: int, seed: int) -> np.ndarray:
+        """Where ``episodes`` fixed episodes start: :meth:`draw_starts` from ``default_rng(seed)``."""
+        return self.draw_starts(np.random.default_rng(seed), episodes)
+
+    def reset_to(self, env, starts: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Reset the sub-environments of ``env`` to ``starts`` (one per sub-environment, or one per
+        ``True`` entry of the bool ``mask`` ``[N]``, in order; the others are left as they are);
+        returns the first observations of the reset ones ``[n, obs]``."""
+        if mask is None:
+            obs, _ = env.reset(seed=[int(s) for s in starts])
+            return np.asarray(obs, dtype=np.float32)
+        seeds = np.zeros(len(mask), dtype=np.int64)
+        seeds[mask] = starts
+        obs, _ = env.reset(seed=[int(s) for s in seeds], options={"reset_mask": np.asarray(mask, dtype=bool)})
+        return np.asarray(obs, dtype=np.float32)[mask]
 
     def load_data(self, root=None, *, download: bool = False) -> ControlData:
         """The fixed evaluation episodes (a control task needs no dataset; ``root`` is ignored)."""
@@ -145,8 +160,6 @@ class ControlTask(Task):
         finally:
             env.close()
         return torch.from_numpy(returns).float().view(b, e), np.stack(trace).reshape(-1, b, e)
-
-    traced_observation = 0  # which observation entry rollout() traces (a demo plots it)
 
     def evaluate(self, flat: torch.Tensor, data: ControlData | None = None, metrics: Sequence[str] | None = None):
         """``return`` of many policies ``[B, P]`` at once (greedy, over the fixed episodes)."""

@@ -1,7 +1,8 @@
-"""The corpus builder's ``cartpole-mlp`` family: CartPole policies trained by batched PPO.
+"""The corpus builder's family of control tasks: policies of any ControlTask trained by batched PPO.
 
-The ``cartpole-mlp`` corpus (``learned-opt corpus --task cartpole-mlp``; :class:`PPOFamily`)
-draws each run's hyperparameters with ``random.Random(seed)`` from :class:`PPORanges`:
+A control corpus (``learned-opt corpus --task cartpole-mlp``, or any task of kind ``control``;
+:class:`PPOFamily`) draws each run's hyperparameters with ``random.Random(seed)`` from the task's
+``corpus_ranges``, else :class:`~learned_opt.recipes.PPORanges` (the defaults below):
 
 ==================  =========================================================================
 hyperparameter      range
@@ -22,7 +23,7 @@ minibatches) is fixed per corpus, recorded in the store's settings and in every 
 runs with the same ``env_steps`` train together in one batch. A stored run's ``steps`` are
 gradient steps; the environment steps its checkpoints had seen are ``info["env_steps"]`` (a
 list of ``K`` ints; also ``ceil(step / (ppo_epochs * minibatches)) * envs * horizon``). Its metric
-``return`` is the task's greedy return over its 10 fixed evaluation episodes.
+``return`` is the task's greedy return over its fixed evaluation episodes.
 """
 
 from __future__ import annotations
@@ -34,44 +35,17 @@ from typing import Callable, Sequence
 
 import torch
 
+from learned_opt import tasks
+from learned_opt.baselines.ppo import PPOHparams, PPOShape, train_ppo
 from learned_opt.errors import LearnedOptError
+from learned_opt.recipes import PPO_ADAM_EPS, PPORanges
 from learned_opt.tasks import Task
 
-from ..ppo import PPOHparams, PPOShape, train_ppo
 from ..seeding import log_uniform, seeded_init
 from .family import FinishedRun, bad_rows
 
 
-@dataclass(frozen=True)
-class PPORanges:
-    """Where each ``cartpole-mlp`` corpus run's hyperparameters are drawn from (module table)."""
-
-    lr: tuple[float, float] = (1e-4, 3e-3)  # log-uniform
-    gamma: tuple[float, float] = (0.97, 0.999)  # uniform
-    gae_lambda: tuple[float, float] = (0.9, 0.99)  # uniform
-    clip: tuple[float, float] = (0.1, 0.3)  # uniform
-    entropy_coef: tuple[float, float] = (1e-4, 1e-2)  # log-uniform, when not 0
-    p_no_entropy: float = 0.5  # probability of entropy_coef 0
-    env_steps: tuple[int, ...] = (25_000, 50_000, 100_000)
-    value_coef: float = 0.5
-    max_grad_norm: float = 0.5
-
-    def __post_init__(self) -> None:
-        for name in ("lr", "entropy_coef"):
-            lo, hi = getattr(self, name)
-            if not 0 < lo <= hi:
-                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
-        for name in ("gamma", "gae_lambda"):
-            lo, hi = getattr(self, name)
-            if not 0 <= lo <= hi <= 1:
-                raise ValueError(f"{name} must lie in [0, 1], got {(lo, hi)}")
-        if not 0 < self.clip[0] <= self.clip[1]:
-            raise ValueError(f"clip must satisfy 0 < low <= high, got {self.clip}")
-        if not self.env_steps or min(self.env_steps) < 1:
-            raise ValueError("env_steps needs at least one positive value")
-
-
-CORPUS_SHAPE = PPOShape(envs=8, horizon=128, epochs=4, minibatches=4)  # total_steps is per run
+CORPUS_SHAPE = PPOShape()  # recipes.PPO_STEPS: 8 environments x 128 steps, 4 epochs of 4 minibatches; total_steps is per run
 _SHAPE_KEYS = ("envs", "horizon", "epochs", "minibatches", "value_hidden")
 _SHAPE_HPARAMS = {"envs": "envs", "horizon": "horizon", "epochs": "ppo_epochs", "minibatches": "minibatches",
                   "value_hidden": "value_hidden"}  # PPOShape field -> hparams key (not "epochs": that is MNIST's)
@@ -80,7 +54,7 @@ _SHAPE_HPARAMS = {"envs": "envs", "horizon": "horizon", "epochs": "ppo_epochs", 
 def sample_ppo_hparams(
     seed: int, ranges: PPORanges = PPORanges(), *, env_steps: int | None = None, shape: PPOShape = CORPUS_SHAPE
 ) -> dict:
-    """The hyperparameters of the ``cartpole-mlp`` run with this seed (same seed, same result)."""
+    """The hyperparameters of the control corpus run with this seed (same seed, same result)."""
     rng = random.Random(seed)
     # every value is drawn in a fixed order, so one setting never shifts the others
     u_lr, gamma, lam, clip = rng.random(), rng.uniform(*ranges.gamma), rng.uniform(*ranges.gae_lambda), rng.uniform(*ranges.clip)
@@ -97,13 +71,13 @@ def sample_ppo_hparams(
         "max_grad_norm": ranges.max_grad_norm,
         "env_steps": int(steps if env_steps is None else env_steps),
         **{_SHAPE_HPARAMS[k]: getattr(shape, k) for k in _SHAPE_KEYS},
-        "adam_eps": 1e-5,
+        "adam_eps": PPO_ADAM_EPS,
     }
 
 
 @dataclass
 class PPORunPlan:
-    """Everything that defines one ``cartpole-mlp`` corpus run before it is trained."""
+    """Everything that defines one control corpus run before it is trained."""
 
     run_id: int
     seed: int
@@ -161,21 +135,20 @@ def train_ppo_runs(task: Task, plans: Sequence[PPORunPlan], on_finish: Callable[
 
 
 class PPOFamily:
-    """The corpus builder's ``cartpole-mlp`` family (see :class:`pretrain.corpus.TaskFamily`)."""
+    """The corpus builder's family of control tasks (see :class:`pretrain.corpus.TaskFamily`)."""
 
-    name = "CartPole policies"
+    name = "control policies"
 
     def accepts(self, task: Task) -> bool:
-        from learned_opt.tasks.cartpole_mlp import CartPoleMLP
-
-        return isinstance(task, CartPoleMLP)
+        return task.kind == "control"
 
     def check(self, config) -> None:
+        name = tasks.get(config.task).name
         for flag, value in (("--epochs", config.epochs), ("--train-examples", config.train_examples)):
             if value is not None:
-                raise LearnedOptError(f"{flag} applies to classifier corpora; use --env-steps for cartpole-mlp")
+                raise LearnedOptError(f"{flag} applies to classifier corpora; use --env-steps for {name}")
         if config.gpt_recipe:
-            raise LearnedOptError("--gpt-recipe applies to classifier corpora, not to cartpole-mlp")
+            raise LearnedOptError(f"--gpt-recipe applies to classifier corpora, not to {name}")
         shape = self.shape(config)
         if config.env_steps is not None and config.env_steps < shape.envs * shape.horizon:
             raise LearnedOptError(
@@ -183,7 +156,8 @@ class PPOFamily:
                 f"x {shape.horizon} steps), got {config.env_steps}"
             )
         if torch.device(config.device).type != "cpu":
-            raise LearnedOptError("cartpole-mlp corpora train on the CPU (gymnasium's CartPole is NumPy); drop --device")
+            raise LearnedOptError(f"{name} corpora train on the CPU (gymnasium environments step in NumPy); "
+                                  "drop --device")
 
     @staticmethod
     def shape(config) -> PPOShape:
@@ -191,7 +165,8 @@ class PPOFamily:
 
     @staticmethod
     def ranges(config) -> PPORanges:
-        return config.ppo_ranges or PPORanges()
+        """``--lr-range``'s ranges, else the task's ``corpus_ranges``, else the defaults."""
+        return config.ppo_ranges or tasks.get(config.task).corpus_ranges or PPORanges()
 
     def settings(self, config) -> dict:
         shape = self.shape(config)

@@ -3,8 +3,8 @@
 What ``learned-opt eval`` measures, on ``--inits N`` fresh initialisations (PyTorch's default init
 after ``torch.manual_seed(seed)``, seeds ``--seed + i``, default ``1_000_000 + i``: corpus runs use
 ``corpus_seed + run_id`` with small seeds; with ``--store`` an overlap is refused). The baselines
-depend on the generator's task (:func:`suite_for`): Adam and SGD for ``mnist-mlp``, PPO for
-``cartpole-mlp``.
+depend on the generator's task's kind (:func:`suite_for`): Adam and SGD for classifiers such as
+``mnist-mlp``, PPO for control tasks such as ``cartpole-mlp``.
 
 * **one step** — one update prompted with the generator's best prompt (clamped into its metric
   range, as :class:`~learned_opt.GptOptimizer` does), with the generator's own sampler (its
@@ -14,9 +14,9 @@ depend on the generator's task (:func:`suite_for`): Adam and SGD for ``mnist-mlp
   measures the generator itself) draws N samples and keeps the best by the generator's metric on
   the task's validation data (:meth:`~learned_opt.tasks.Task.validation_data`: the last
   ``--holdout`` MNIST training examples, or CartPole episodes from other starting states), as
-  ``GptOptimizer(candidates=N)`` does with a held-out closure; the test set is only reported. On ``cartpole-mlp`` the greedy return,
-  and the share of inits whose return is at least ``SOLVED_RETURN`` = 475 (CartPole-v1's "solved"
-  threshold) at init and after 1, 2, 5 and 10 updates.
+  ``GptOptimizer(candidates=N)`` does with a held-out closure; the test set is only reported. On a control task the greedy return,
+  and, where the task has a ``solved_return`` (``cartpole-mlp``: 475, CartPole-v1's "solved"
+  threshold), the share of inits whose return is at least that at init and after 1, 2, 5 and 10 updates.
 * **baselines** — ``mnist-mlp``: the same inits trained with Adam (lr 1e-3, batch 128, constant
   lr) and SGD with G.pt's recipe (Nesterov 0.9, lr 0.1, wd 5e-4, batch 128, cosine over 25 epochs
   stepped per epoch), together, by :class:`pretrain.corpus.BatchedMLPTrainer`; test loss at a
@@ -26,13 +26,13 @@ depend on the generator's task (:func:`suite_for`): Adam and SGD for ``mnist-mlp
   medians of 3) against that many Adam steps, timed with a plain ``torch.optim.Adam`` loop
   (evaluation excluded). The Adam loop always runs on the CPU: with ``--device cuda`` the update is
   timed on the GPU and the ratio compares different hardware.
-  ``cartpole-mlp``: the same inits trained with PPO (:func:`pretrain.ppo.train_ppo`, the default
-  :class:`~pretrain.ppo.PPOHparams`, the corpus's step structure ``CORPUS_SHAPE``: 8 environments x
+  Control tasks (``cartpole-mlp``): the same inits trained with PPO
+  (:func:`learned_opt.baselines.ppo.train_ppo`, the default :class:`~learned_opt.baselines.ppo.PPOHparams`, the corpus's step structure ``CORPUS_SHAPE``: 8 environments x
   128 steps per update, 4 epochs of 4 minibatches; run seeds = the init seeds, so it is
   reproducible) for ``--max-env-steps`` environment steps (rounded down to whole updates), a
   checkpoint after every update (every 1,024 env steps) and its greedy return. Per init: the first
-  checkpoint's env steps at or above the update's return, and at or above 475 (None: not
-  reached). Wall time: one update (measuring the return, plus sampling; medians of 3) against the
+  checkpoint's env steps at or above the update's return, and at or above the task's
+  ``solved_return`` if it has one (None: not reached). Wall time: one update (measuring the return, plus sampling; medians of 3) against the
   PPO env steps it replaces, PPO's seconds per env step timed by a separate call training one run
   alone for min(``--max-env-steps``, 4,096) env steps (checkpointing only its ends, evaluation
   excluded), since the batched baseline shares each step among all inits.
@@ -70,17 +70,17 @@ reach), ``sampler`` (prompted updates), ``suites`` (each task's baselines), ``me
 """
 
 from .cli import add_sampler_arguments, configure, main
-from .config import SOLVED_RETURN, EvalConfig
+from .config import EvalConfig
 from .denoising import denoise_timesteps
 from .memorisation import align_hidden_units, aligned_distance, hungarian, nearest_aligned
 from .metrics import init_params, log_grid, r2_score, reach_summary, solved_share, steps_to_reach, summary
 from .report import format_summary, plot_eval
 from .run import evaluate_generator
 from .sampler import Sampler
-from .suites import CartPoleSuite, ClassifierSuite, suite_for
+from .suites import ClassifierSuite, ControlSuite, suite_for
 
 __all__ = [
-    "SOLVED_RETURN", "CartPoleSuite", "ClassifierSuite", "EvalConfig", "Sampler", "add_sampler_arguments",
+    "ClassifierSuite", "ControlSuite", "EvalConfig", "Sampler", "add_sampler_arguments",
     "align_hidden_units", "aligned_distance", "configure", "denoise_timesteps", "evaluate_generator",
     "format_summary", "hungarian", "init_params", "log_grid", "main", "nearest_aligned", "plot_eval", "r2_score",
     "reach_summary", "solved_share", "steps_to_reach", "suite_for", "summary",

@@ -11,7 +11,6 @@ from learned_opt.recipes import ADAM_BASELINE, SGD_BASELINE  # noqa: F401 - eval
 
 
 REPEATS_REPORTED = (1, 2, 5, 10)
-SOLVED_RETURN = 475.0  # CartPole-v1's reward threshold: a policy with this mean return "solves" it
 PPO_TIMING_ENV_STEPS = 4096  # env steps of the single PPO run timed for seconds per env step
 RETURN_BATCH = 1024  # policies rolled out at once when measuring the PPO checkpoints' returns
 SCREEN_ELEMENTS = 2**22  # bounds the [Q, m, H, H] tensors of the memorisation screening per chunk
@@ -34,7 +33,7 @@ class EvalConfig:
     candidates: int = 1  # samples per update, the best on validation data kept
     holdout: int = 5000  # MNIST training examples held out as validation data for --candidates
     max_steps: int = 3000  # Adam / SGD steps (11,700 for the full comparison)
-    max_env_steps: int = 100_000  # PPO environment steps per init (cartpole-mlp)
+    max_env_steps: int = 100_000  # PPO environment steps per init (control tasks)
     prompts: int = 20  # per network, for prompt alignment
     repeats: int = 10  # successive updates
     memo_runs: int = 500  # corpus runs searched in the memorisation check

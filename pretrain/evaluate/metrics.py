@@ -12,7 +12,6 @@ from learned_opt.demo import first_step_at_or_above, first_step_at_or_below
 from learned_opt.errors import ConfigError
 from learned_opt.tasks import Task
 
-from .config import SOLVED_RETURN
 
 
 def r2_score(prompted: torch.Tensor, achieved: torch.Tensor) -> torch.Tensor:
@@ -54,9 +53,9 @@ def steps_to_reach(grid: Sequence[int], curves: torch.Tensor, targets: torch.Ten
     return [first(grid, c.tolist(), float(t)) for c, t in zip(curves, targets)]
 
 
-def solved_share(returns: torch.Tensor) -> float:
-    """The share of ``[N]`` returns at or above :data:`SOLVED_RETURN`."""
-    return float((returns >= SOLVED_RETURN).double().mean())
+def solved_share(returns: torch.Tensor, threshold: float) -> float:
+    """The share of ``[N]`` returns at or above ``threshold`` (a task's ``solved_return``)."""
+    return float((returns >= threshold).double().mean())
 
 
 def reach_summary(reach: list[int | None], curves: torch.Tensor) -> dict:

@@ -8,10 +8,10 @@ from learned_opt import tasks
 
 from .config import METRIC_LABELS, REPEATS_REPORTED
 from .plots import plot_denoising, save_figure
-from .suites import ClassifierSuite, CartPoleSuite, suite_for
+from .suites import ClassifierSuite, ControlSuite, suite_for
 
 
-def _suite_of(result: dict) -> ClassifierSuite | CartPoleSuite:
+def _suite_of(result: dict) -> ClassifierSuite | ControlSuite:
     return suite_for(tasks.get(result["generator"]["task"]))
 
 

@@ -10,13 +10,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from learned_opt import __version__, tasks
 from learned_opt.errors import ConfigError
 from learned_opt.pretrained import load_generator
-from learned_opt.tasks.cartpole_mlp import CartPoleMLP
 
 from ..store import Store
 from .config import REPEATS_REPORTED, EvalConfig
@@ -37,7 +37,7 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
     suite.check(task, config)
     if data is None:
         data = task.load_data(config.data_root)
-    dev_data = data.to(config.device) if config.device != "cpu" and hasattr(data, "to") else data  # CartPole: no tensors
+    dev_data = data.to(config.device) if config.device != "cpu" and hasattr(data, "to") else data  # control tasks: no tensors
     store = Store.open(config.store) if config.store else None
     if store is not None and store.task_name != gen.task:
         raise ConfigError(f"--store holds {store.task_name!r} runs but the generator is for {gen.task!r}")
@@ -58,11 +58,12 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
         val_data = val_data.to(config.device) if config.device != "cpu" and hasattr(val_data, "to") else val_data
 
         def score_on_validation(flat: torch.Tensor) -> torch.Tensor:
-            values = measure_metrics(task, flat, val_data, config.device, [name])[name]
             scored["networks"] += flat.shape[0]
-            if isinstance(task, CartPoleMLP):  # a return is the steps an episode lasted: count the interaction
-                scored["env_steps"] += int(round(float(values.sum()) * len(val_data.start_states)))
-            return values
+            if task.kind == "control":  # count the interaction: the steps every scored episode lasted
+                returns, trace = task.rollout(flat, val_data)  # trace: NaN once an episode has ended
+                scored["env_steps"] += int(np.isfinite(trace).sum())
+                return returns.mean(-1)
+            return measure_metrics(task, flat, val_data, config.device, [name])[name]
 
         score = score_on_validation
 

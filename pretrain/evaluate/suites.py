@@ -1,4 +1,4 @@
-"""The baselines and metrics of each task: Adam and SGD for classifiers, PPO for CartPole."""
+"""The baselines and metrics of each kind of task: Adam and SGD for classifiers, PPO for control tasks."""
 
 from __future__ import annotations
 
@@ -11,22 +11,13 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from learned_opt.baselines.ppo import PPOHparams, PPOShape, train_ppo
 from learned_opt.demo import train_baseline
 from learned_opt.errors import ConfigError
 from learned_opt.tasks import Task
-from learned_opt.tasks.cartpole_mlp import CartPoleMLP
 
 from ..corpus import CORPUS_SHAPE, BatchedMLPTrainer, RunPlan
-from ..ppo import PPOHparams, PPOShape, train_ppo
-from .config import (
-    ADAM_BASELINE,
-    PPO_TIMING_ENV_STEPS,
-    REPEATS_REPORTED,
-    RETURN_BATCH,
-    SGD_BASELINE,
-    SOLVED_RETURN,
-    EvalConfig,
-)
+from .config import ADAM_BASELINE, PPO_TIMING_ENV_STEPS, REPEATS_REPORTED, RETURN_BATCH, SGD_BASELINE, EvalConfig
 from .metrics import log_grid, reach_summary, solved_share, steps_to_reach, summary
 from .plots import plot_before_after, plot_curves
 from .sampler import measure_metrics
@@ -89,12 +80,18 @@ class ClassifierSuite:
         )
 
 
-class CartPoleSuite:
-    """``cartpole-mlp``: PPO from the same inits, the greedy return after every PPO update."""
+class ControlSuite:
+    """Control tasks: PPO from the same inits, the greedy return after every PPO update.
+
+    ``solved_return`` (the task's, None if it has none) adds the share of policies that reach it
+    and the PPO env steps to reach it."""
 
     metrics = ("return",)
     memo_metric = table_metric = "return"
     baseline, baseline_label, unit = "ppo", "PPO", "env_step"
+
+    def __init__(self, solved_return: float | None = None):
+        self.solved_return = solved_return
 
     @staticmethod
     def shape(config: EvalConfig) -> PPOShape:
@@ -131,27 +128,35 @@ class CartPoleSuite:
         returns = torch.cat([task.evaluate(flat[s : s + RETURN_BATCH], data)["return"]
                              for s in range(0, n * g, RETURN_BATCH)]).float().view(n, g)
         reach = steps_to_reach(grid, returns, after["return"], "max")
-        solve = steps_to_reach(grid, returns, torch.full((n,), SOLVED_RETURN), "max")
-        r, s = reach_summary(reach, returns), reach_summary(solve, returns)
-        return {
+        r = reach_summary(reach, returns)
+        section = {
             "env_steps": grid,
             "ppo": {"hparams": asdict(PPOHparams()), "shape": asdict(shape), "return": returns.tolist(),
-                    "steps_to_reach": reach, "steps_to_solve": solve},
+                    "steps_to_reach": reach},
             "summary": {
                 "ppo_steps_to_reach": r["steps_to_reach"], "ppo_not_reached": r["not_reached"],
-                "ppo_steps_to_solve": s["steps_to_reach"], "ppo_not_solved": s["not_reached"],
                 "ppo_final_return": summary(returns[:, -1].tolist()),
-                "ppo_final_solved_share": solved_share(returns[:, -1]),
             },
-        }, reach
+        }
+        if self.solved_return is not None:
+            solve = steps_to_reach(grid, returns, torch.full((n,), self.solved_return), "max")
+            s = reach_summary(solve, returns)
+            section["ppo"]["steps_to_solve"] = solve
+            section["summary"].update(ppo_steps_to_solve=s["steps_to_reach"], ppo_not_solved=s["not_reached"],
+                                      ppo_final_solved_share=solved_share(returns[:, -1], self.solved_return))
+        return section, reach
 
     def one_step_extra(self, hist: dict[str, torch.Tensor]) -> dict:
         """The share of inits at or above the solved return after 0, 1, 2, 5, 10 updates."""
-        returns = hist["return"]  # [n+1, N]
+        if self.solved_return is None:
+            return {}
+        returns, t = hist["return"], self.solved_return  # [n+1, N]
         reported = [r for r in (0, *REPEATS_REPORTED) if r < returns.shape[0]]
-        return {"solved": {"threshold": SOLVED_RETURN, "share": {str(r): solved_share(returns[r]) for r in reported}}}
+        return {"solved": {"threshold": t, "share": {str(r): solved_share(returns[r], t) for r in reported}}}
 
     def share_rows(self, result: dict) -> list:
+        if "solved" not in result["one_step"]:
+            return []
         solved = result["one_step"]["solved"]
         return [(f"share with return >= {solved['threshold']:g}, {_updates(int(r))}", {"median": s})
                 for r, s in solved["share"].items()]
@@ -159,27 +164,29 @@ class CartPoleSuite:
     def baseline_rows(self, result: dict) -> list:
         bl, n = result["baselines"]["summary"], len(result["seeds"])
         steps = result["baselines"]["env_steps"][-1]
-        return [(f"PPO env steps to reach the update (not reached: {bl['ppo_not_reached']}/{n})", bl["ppo_steps_to_reach"]),
-                (f"PPO env steps to reach {SOLVED_RETURN:g} (not reached: {bl['ppo_not_solved']}/{n})",
-                 bl["ppo_steps_to_solve"]),
-                (f"PPO return after {steps:,} env steps", bl["ppo_final_return"])]
+        rows = [(f"PPO env steps to reach the update (not reached: {bl['ppo_not_reached']}/{n})", bl["ppo_steps_to_reach"])]
+        if "ppo_steps_to_solve" in bl:
+            rows.append((f"PPO env steps to reach {result['one_step']['solved']['threshold']:g} "
+                         f"(not reached: {bl['ppo_not_solved']}/{n})", bl["ppo_steps_to_solve"]))
+        return rows + [(f"PPO return after {steps:,} env steps", bl["ppo_final_return"])]
 
     def plot_one_step(self, result: dict, out: Path) -> Path:
-        return plot_before_after(result, out, "return", log=False, solved=SOLVED_RETURN)
+        return plot_before_after(result, out, "return", log=False, solved=self.solved_return)
 
     def plot_baselines(self, result: dict, out: Path) -> Path:
         bl = result["baselines"]
+        lines = [(result["one_step"]["summary"]["after_return"]["median"], "--", "1 generative update (median)")]
+        if self.solved_return is not None:
+            lines.append((self.solved_return, ":", f"solved ({self.solved_return:g})"))
         return plot_curves(
-            out, bl["env_steps"], [("PPO (default hyperparameters)", bl["ppo"]["return"])],
-            [(result["one_step"]["summary"]["after_return"]["median"], "--", "1 generative update (median)"),
-             (SOLVED_RETURN, ":", f"solved ({SOLVED_RETURN:g})")],
+            out, bl["env_steps"], [("PPO (default hyperparameters)", bl["ppo"]["return"])], lines,
             "environment steps", f"{result['generator']['task']} greedy return", log_x=False,
         )
 
 
-def suite_for(task: Task) -> ClassifierSuite | CartPoleSuite:
-    """The baselines and metrics ``eval`` uses for ``task``."""
-    return CartPoleSuite() if isinstance(task, CartPoleMLP) else ClassifierSuite()
+def suite_for(task: Task) -> ClassifierSuite | ControlSuite:
+    """The baselines and metrics ``eval`` uses for ``task``, by its kind."""
+    return ControlSuite(task.solved_return) if task.kind == "control" else ClassifierSuite()
 
 
 def _updates(r: int) -> str:

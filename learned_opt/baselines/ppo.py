@@ -1,30 +1,35 @@
-"""Batched PPO: many CartPole policies trained at once, for the ``cartpole-mlp`` corpus.
+"""Batched PPO: ``R`` policies of any control task trained at once (discrete actions).
 
-``R`` independent runs share one gymnasium vector environment of ``R x envs`` sub-environments
-and one set of batched matmuls; each run has its own policy (the task's 4-32-32-2 MLP), its own
-value network (4-64-64-1, not stored), its own Adam state and its own hyperparameters (learning
-rate, discount, GAE lambda, clip range, entropy bonus). Runs never interact: the loss is a sum of
-per-run losses, so each run's gradient is exactly what it would be alone.
+``R`` independent runs share one vector environment of ``R x envs`` sub-environments (the task's
+:meth:`~learned_opt.tasks.ControlTask.make_env`) and one set of batched matmuls; each run has its
+own policy (the task's model), its own value network (observations-64-64-1, tanh, not stored), its
+own Adam state and its own hyperparameters (learning rate, discount, GAE lambda, clip range,
+entropy bonus). Runs never interact: the loss is a sum of per-run losses, so each run's gradient
+is exactly what it would be alone. The control corpus trains its runs with this
+(:mod:`pretrain.corpus.ppo_family`); ``eval`` and ``demo`` use it as the control baseline (the
+demo with one run). Schulman et al. 2017, https://arxiv.org/abs/1707.06347.
+
+The observation size and the number of actions come from the environment's spaces (a
+``Discrete`` action space is required); actions are sampled from the policy's softmax.
 
 Gymnasium 1.x vector environments reset a finished sub-environment on the *next* ``step`` call
 ("next-step" autoreset): that step ignores the action, returns the new episode's first observation
 and a reward of 0. Such steps are not transitions; they are masked out of the loss, and the
-advantage recursion is cut at every episode end. A truncated episode (500 steps) is bootstrapped
-with the value of its final observation, which the done step itself returns.
+advantage recursion is cut at every episode end. A truncated episode is bootstrapped with the
+value of its final observation, which the done step itself returns.
 
 Checkpoints are taken at gradient steps (one per minibatch): the init, 198 random intermediate
-steps and the final step, as the MNIST corpus does with SGD iterations.
+steps and the final step, as a supervised corpus does with its iterations.
 
 Randomness. With ``run_seeds`` (what the corpus builder passes) every run has its own streams,
-derived from its seed alone: its checkpoint steps (stream 1, as an MNIST run's), its action
-sampling and minibatch order (stream 2), the starting states of its episodes (stream 3: drawn
-from CartPole's reset distribution, uniform in +-0.05, by the run's own NumPy generator, written
-into the vector environment on every reset) and its value network's init (stream 4). A run is then
-the same whatever other runs train beside it, so a resumed or sharded corpus reproduces it.
-Without ``run_seeds`` the streams of run ``r`` derive from ``(seed, r)`` and all runs share the
-checkpoint steps drawn from ``seed``.
-
-The ``cartpole-mlp`` corpus trains its runs with this (see :mod:`pretrain.corpus.ppo_family`).
+derived from its seed alone: its checkpoint steps (stream 1, as a supervised run's), its action
+sampling and minibatch order (stream 2), the starting points of its episodes (stream 3: the
+run's own NumPy generator, handed to the task's
+:meth:`~learned_opt.tasks.ControlTask.draw_starts`; every sub-environment is reset to them with
+:meth:`~learned_opt.tasks.ControlTask.reset_to`, at the start and after every episode) and its
+value network's init (stream 4). A run is then the same whatever other runs train beside it, so a
+resumed or sharded corpus reproduces it. Without ``run_seeds`` the streams of run ``r`` derive
+from ``(seed, r)`` and all runs share the checkpoint steps drawn from ``seed``.
 """
 
 from __future__ import annotations
@@ -36,26 +41,31 @@ import numpy as np
 import torch
 from torch import nn
 
-from learned_opt.layout import Layout
-from learned_opt.tasks import MLP, Task
-
-from .seeding import checkpoint_steps, stream, stream_seed
+from ..errors import ConfigError, EnvironmentStepError
+from ..layout import Layout
+from ..recipes import PPO_ADAM_EPS, PPO_BASELINE, PPO_STEPS
+from ..seeding import checkpoint_steps, stream, stream_seed
+from ..tasks import MLP, ControlTask
 
 
 @dataclass(frozen=True)
 class PPOShape:
-    """What all runs trained together must share (the step structure)."""
+    """What all runs trained together must share (the step structure; defaults: recipes.PPO_STEPS)."""
 
-    envs: int = 8  # sub-environments per run
-    horizon: int = 128  # environment steps per run between updates
-    epochs: int = 4  # passes over each rollout
-    minibatches: int = 4  # minibatches per pass
-    total_steps: int = 100_000  # environment steps per run
-    value_hidden: int = 64
+    envs: int = PPO_STEPS["envs"]  # sub-environments per run
+    horizon: int = PPO_STEPS["horizon"]  # environment steps per run between updates
+    epochs: int = PPO_STEPS["epochs"]  # passes over each rollout
+    minibatches: int = PPO_STEPS["minibatches"]  # minibatches per pass
+    total_steps: int = 100_000  # environment steps per run (rounded down to whole updates, at least one)
+    value_hidden: int = PPO_STEPS["value_hidden"]
+
+    @property
+    def steps_per_update(self) -> int:
+        return self.envs * self.horizon
 
     @property
     def updates(self) -> int:
-        return max(1, self.total_steps // (self.envs * self.horizon))
+        return max(1, self.total_steps // self.steps_per_update)
 
     @property
     def grad_steps(self) -> int:
@@ -64,15 +74,15 @@ class PPOShape:
 
 @dataclass
 class PPOHparams:
-    """Per-run hyperparameters (each a float, or one value per run when batched)."""
+    """Per-run hyperparameters (each a float, or one value per run when batched; defaults: recipes.PPO_BASELINE)."""
 
-    lr: float = 3e-4
-    gamma: float = 0.99
-    gae_lambda: float = 0.95
-    clip: float = 0.2
-    entropy_coef: float = 0.0
-    value_coef: float = 0.5
-    max_grad_norm: float = 0.5
+    lr: float = PPO_BASELINE["lr"]  # Adam (eps recipes.PPO_ADAM_EPS), policy and value network
+    gamma: float = PPO_BASELINE["gamma"]
+    gae_lambda: float = PPO_BASELINE["gae_lambda"]
+    clip: float = PPO_BASELINE["clip"]
+    entropy_coef: float = PPO_BASELINE["entropy_coef"]
+    value_coef: float = PPO_BASELINE["value_coef"]
+    max_grad_norm: float = PPO_BASELINE["max_grad_norm"]
 
 
 @dataclass
@@ -101,7 +111,7 @@ class _Batched:
 class _BatchedAdam:
     """Adam on a ``[R, P]`` leaf with one learning rate per row."""
 
-    def __init__(self, flat: torch.Tensor, lr: torch.Tensor, betas=(0.9, 0.999), eps: float = 1e-5):
+    def __init__(self, flat: torch.Tensor, lr: torch.Tensor, betas=(0.9, 0.999), eps: float = PPO_ADAM_EPS):
         self.flat, self.lr, self.betas, self.eps = flat, lr[:, None], betas, eps
         self.m, self.v, self.t = torch.zeros_like(flat), torch.zeros_like(flat), 0
 
@@ -121,10 +131,24 @@ def _as_column(values, runs: int) -> torch.Tensor:
     return t.expand(runs).clone() if t.numel() == 1 else t
 
 
+def _spaces(task: ControlTask, env) -> tuple[int, int]:
+    """``(observation size, number of actions)`` of one sub-environment."""
+    n = getattr(env.single_action_space, "n", None)
+    if n is None:
+        raise ConfigError(f"PPO here needs discrete actions; {task.env_id} has {env.single_action_space}")
+    return int(np.prod(env.single_observation_space.shape)), int(n)
+
+
+def _checked(task: ControlTask, obs: np.ndarray) -> np.ndarray:
+    if not np.isfinite(obs).all():
+        raise EnvironmentStepError(f"{task.env_id} returned non-finite observations; check the gymnasium installation")
+    return np.asarray(obs, dtype=np.float32)
+
+
 def train_ppo(
-    task: Task,
+    task: ControlTask,
     init: torch.Tensor,
-    hparams: PPOHparams,
+    hparams: PPOHparams = PPOHparams(),
     shape: PPOShape = PPOShape(),
     *,
     seed: int = 0,
@@ -142,8 +166,9 @@ def train_ppo(
     (``num_checkpoints`` is then ignored; training is unchanged). ``progress`` (optional) is called
     with the number of gradient steps done after each update.
     """
-    import gymnasium as gym
-
+    if shape.steps_per_update % shape.minibatches:
+        raise ConfigError(f"envs x horizon ({shape.steps_per_update}) must be a multiple of minibatches "
+                          f"({shape.minibatches})")
     runs, e = init.shape[0], shape.envs
     hp = {k: _as_column(getattr(hparams, k), runs) for k in vars(hparams)}
     for k, v in hp.items():
@@ -158,17 +183,6 @@ def train_ppo(
     gens = [stream(s, 2) for s in run_seeds]  # actions and minibatch order
     env_rngs = [np.random.default_rng(stream_seed(s, 3)) for s in run_seeds]  # episode starts
 
-    value_sizes = (4, shape.value_hidden, shape.value_hidden, 1)
-    value_nets = []
-    with torch.random.fork_rng(devices=[]):  # module inits must not touch the global RNG
-        policy = _Batched(task.build_model(), init.float())
-        for s in run_seeds:
-            torch.manual_seed(stream_seed(s, 4))
-            value_nets.append(MLP(value_sizes, nn.Tanh, flatten=False))
-    value = _Batched(value_nets[0], torch.stack([Layout.of(v).flatten_module(v) for v in value_nets]))
-    params = [policy.flat, value.flat]
-    opts = [_BatchedAdam(p, hp["lr"]) for p in params]
-
     if checkpoint_at is not None:
         save_at = torch.as_tensor(list(checkpoint_at), dtype=torch.long)
         if save_at.numel() == 0 or bool((save_at.diff() <= 0).any()) or int(save_at[0]) < 0 \
@@ -180,56 +194,71 @@ def train_ppo(
         save_rows = save_at.expand(runs, -1)
     else:
         save_rows = torch.stack([checkpoint_steps(shape.grad_steps, num_checkpoints, stream(s, 1)) for s in run_seeds])
-    saved = torch.empty(runs, save_rows.shape[1], init.shape[1])
-    save_when: dict[int, list[tuple[int, int]]] = {}  # grad step -> [(run, slot)]
-    for r, row in enumerate(save_rows.tolist()):
-        for slot, step in enumerate(row):
-            save_when.setdefault(step, []).append((r, slot))
-    grad_step = 0
 
-    def maybe_save():
-        for r, slot in save_when.get(grad_step, ()):
-            saved[r, slot] = policy.flat[r].detach()
-
-    def starts(r: int, n: int) -> np.ndarray:  # [n, 4] CartPole reset states from run r's stream
-        return env_rngs[r].uniform(-0.05, 0.05, size=(n, 4))
-
-    maybe_save()
-    env = gym.make_vec("CartPole-v1", num_envs=runs * e, vectorization_mode="vector_entry_point")
-    env.reset(seed=seed)
-    base = env.unwrapped
-    base.state = np.concatenate([starts(r, e) for r in range(runs)]).T.copy()  # [4, R*E]
-    obs_np = base.state.T.astype(np.float32)
-    rows = torch.arange(runs)[:, None]
-    prev_done = np.zeros(runs * e, dtype=bool)
-    finished_returns = [[] for _ in range(runs)]
-    episode_return = np.zeros(runs * e)
-    T = shape.horizon
+    env = task.make_env(runs * e)
     try:
+        obs_dim, _ = _spaces(task, env)
+        value_sizes = (obs_dim, shape.value_hidden, shape.value_hidden, 1)
+        value_nets = []
+        with torch.random.fork_rng(devices=[]):  # module inits must not touch the global RNG
+            policy = _Batched(task.build_model(), init.float())
+            for s in run_seeds:
+                torch.manual_seed(stream_seed(s, 4))
+                value_nets.append(MLP(value_sizes, nn.Tanh, flatten=False))
+        value = _Batched(value_nets[0], torch.stack([Layout.of(v).flatten_module(v) for v in value_nets]))
+        params = [policy.flat, value.flat]
+        opts = [_BatchedAdam(p, hp["lr"]) for p in params]
+
+        saved = torch.empty(runs, save_rows.shape[1], init.shape[1])
+        save_when: dict[int, list[tuple[int, int]]] = {}  # grad step -> [(run, slot)]
+        for r, row in enumerate(save_rows.tolist()):
+            for slot, step in enumerate(row):
+                save_when.setdefault(step, []).append((r, slot))
+        grad_step = 0
+
+        def maybe_save():
+            for r, slot in save_when.get(grad_step, ()):
+                saved[r, slot] = policy.flat[r].detach()
+
+        def starts(done: np.ndarray) -> np.ndarray:  # the next episodes' starts, each from its run's stream
+            runs_done = np.flatnonzero(done) // e
+            return np.concatenate([task.draw_starts(env_rngs[r], int((runs_done == r).sum()))
+                                   for r in np.unique(runs_done)])
+
+        maybe_save()
+        everyone = np.ones(runs * e, dtype=bool)
+        obs_np = _checked(task, task.reset_to(env, starts(everyone)))
+        rows = torch.arange(runs)[:, None]
+        prev_done = np.zeros(runs * e, dtype=bool)
+        finished_returns = [[] for _ in range(runs)]
+        episode_return = np.zeros(runs * e)
+        T = shape.horizon
         for _update in range(shape.updates):
             # ---------------------------------------------------------- rollout [T, R, E]
-            obs_buf = torch.zeros(T + 1, runs, e, 4)
+            obs_buf = torch.zeros(T + 1, runs, e, obs_dim)
             act_buf = torch.zeros(T, runs, e, dtype=torch.long)
             logp_buf, rew_buf = torch.zeros(T, runs, e), torch.zeros(T, runs, e)
             done_buf, valid_buf = (torch.zeros(T, runs, e, dtype=torch.bool) for _ in range(2))
             boot_buf = torch.zeros(T, runs, e)  # value of the final obs of truncated episodes
             uniforms = torch.stack([torch.rand(T, e, generator=g) for g in gens], dim=1)  # [T, R, E]
             for t in range(T):
-                obs = torch.from_numpy(obs_np).view(runs, e, 4)
+                obs = torch.from_numpy(obs_np).view(runs, e, obs_dim)
                 with torch.no_grad():
-                    logits = policy(obs)  # [R, E, 2]
-                    probs = logits.softmax(-1)
-                    a = (uniforms[t] >= probs[..., 0]).long()  # P(a = 1) = probs[..., 1]
+                    logits = policy(obs)  # [R, E, A]
+                    cdf = logits.softmax(-1).cumsum(-1)
+                    a = (uniforms[t, ..., None] >= cdf[..., :-1]).sum(-1)  # P(a) = softmax(logits)[a]
                     logp = torch.log_softmax(logits, -1).gather(-1, a[..., None])[..., 0]
                 obs_buf[t], act_buf[t], logp_buf[t] = obs, a, logp
                 valid_buf[t] = torch.from_numpy(~prev_done).view(runs, e)
-                obs_np, r, term, trunc, _ = env.step(a.view(-1).numpy())
+                try:
+                    obs_np, r, term, trunc, _ = env.step(a.view(-1).numpy())
+                except Exception as exc:  # a broken environment must not look like a bad policy
+                    raise EnvironmentStepError(f"{task.env_id} failed to step: {exc}") from exc
+                obs_np = np.asarray(obs_np, dtype=np.float32).reshape(runs * e, obs_dim)
+                r, term, trunc = np.asarray(r), np.asarray(term), np.asarray(trunc)
                 if prev_done.any():  # autoreset: the new episodes start where the runs' own streams say
-                    for run in np.unique(np.flatnonzero(prev_done) // e):
-                        idx = np.flatnonzero(prev_done[run * e : (run + 1) * e]) + run * e
-                        state = starts(int(run), len(idx))
-                        base.state[:, idx] = state.T
-                        obs_np[idx] = state.astype(np.float32)
+                    obs_np[prev_done] = task.reset_to(env, starts(prev_done), prev_done).reshape(-1, obs_dim)
+                _checked(task, obs_np)
                 episode_return += np.where(prev_done, 0.0, r)
                 done = term | trunc
                 for i in np.flatnonzero(done & ~prev_done):
@@ -239,14 +268,14 @@ def train_ppo(
                 done_buf[t] = torch.from_numpy(done).view(runs, e)
                 if trunc.any():
                     with torch.no_grad():
-                        v_final = value(torch.from_numpy(obs_np).view(runs, e, 4))[..., 0]
+                        v_final = value(torch.from_numpy(obs_np).view(runs, e, obs_dim))[..., 0]
                     boot_buf[t] = torch.where(torch.from_numpy(trunc & ~term).view(runs, e), v_final, 0.0)
                 prev_done = done
-            obs_buf[T] = torch.from_numpy(obs_np).view(runs, e, 4)
+            obs_buf[T] = torch.from_numpy(obs_np).view(runs, e, obs_dim)
 
             # ---------------------------------------------------------- GAE
             with torch.no_grad():
-                values = value(obs_buf.permute(1, 0, 2, 3).reshape(runs, -1, 4)).view(runs, T + 1, e)
+                values = value(obs_buf.permute(1, 0, 2, 3).reshape(runs, -1, obs_dim)).view(runs, T + 1, e)
                 values = values.permute(1, 0, 2)  # [T+1, R, E]
                 gamma, lam = hp["gamma"][:, None], hp["gae_lambda"][:, None]
                 adv = torch.zeros(T, runs, e)
@@ -276,7 +305,7 @@ def train_ppo(
                     mean = (ad * w).sum(1, keepdim=True) / count[:, None]
                     var = ((ad - mean) ** 2 * w).sum(1, keepdim=True) / count[:, None]
                     ad = (ad - mean) / (var.sqrt() + 1e-8)
-                    logits = policy(o)  # [R, mb, 2]
+                    logits = policy(o)  # [R, mb, A]
                     logp_all = torch.log_softmax(logits, -1)
                     logp = logp_all.gather(-1, a[..., None])[..., 0]
                     ratio = (logp - old).exp()

@@ -114,7 +114,7 @@ def test_generator_of_another_task_is_refused(tmp_path):
 def test_holdout_must_leave_training_data(manifest, tmp_path):
     data = _marked_data(100)
     with pytest.raises(ConfigError, match="--holdout 100 must be between 1 and 99"):
-        split_holdout(data, 100)
+        split_holdout(TASK, data, 100)
     config = BenchConfig(generator=str(manifest), out=str(tmp_path / "b"), holdout=150, steps=10, every=(5,),
                          progress=False)
     with pytest.raises(ConfigError, match="--holdout 150"):
@@ -137,20 +137,20 @@ def test_cli_lists_bench(capsys):
 
 def test_holdout_is_disjoint_from_training_and_test_data():
     data = _marked_data(100, 20)
-    split = split_holdout(data, 30)
-    train = set(split.train_x[:, 0, 0, 0].tolist())
+    split = split_holdout(TASK, data, 30)
+    train = set(split.train.train_x[:, 0, 0, 0].tolist())
     held = set(split.holdout_x[:, 0, 0, 0].tolist())
     assert train == set(range(70)) and held == set(range(70, 100))  # the last 30 are held out
-    assert torch.equal(split.holdout_y, data.train_y[70:]) and torch.equal(split.train_y, data.train_y[:70])
-    assert torch.equal(split.test.test_x, data.test_x) and split.test.train_x.shape[0] == 0
+    assert torch.equal(split.holdout_y, data.train_y[70:]) and torch.equal(split.train.train_y, data.train_y[:70])
+    assert torch.equal(split.train.test_x, data.test_x)  # the test set is read only by the reporting evaluation
     assert not (train | held) & set(data.test_x[:, 0, 0, 0].tolist())
 
 
 def test_closure_measures_the_holdout_and_never_the_test_set(small_data, manifest):
-    split = split_holdout(small_data, 500)
+    split = split_holdout(TASK, small_data, 500)
     torch.manual_seed(0)
     model = TASK.build_model()
-    value = holdout_closure(model, split.holdout_x, split.holdout_y)()
+    value = holdout_closure(TASK, model, split.holdout_x, split.holdout_y)()
     with torch.no_grad():
         assert value == pytest.approx(float(F.cross_entropy(model(split.holdout_x), split.holdout_y)))
         assert value != pytest.approx(float(F.cross_entropy(model(small_data.test_x), small_data.test_y)), abs=1e-4)
@@ -159,7 +159,7 @@ def test_closure_measures_the_holdout_and_never_the_test_set(small_data, manifes
     # finite metric (a NaN one raises in GptOptimizer), so the closure never read the test set
     poisoned = MnistData(small_data.train_x, small_data.train_y, torch.full_like(small_data.test_x, math.nan),
                          small_data.test_y)
-    split = split_holdout(poisoned, 500)
+    split = split_holdout(TASK, poisoned, 500)
     gen = FnGenerator(lambda theta: theta, load_generator(manifest))  # θ′ = θ: always accepted
     captured = []
     init = init_params(TASK, [3])[0]
@@ -168,7 +168,7 @@ def test_closure_measures_the_holdout_and_never_the_test_set(small_data, manifes
     assert all(math.isnan(v) for v in run.test_loss)
     # the metric the generator was conditioned on is the held-out loss of the final parameters
     flat = torch.cat([p.detach().reshape(-1) for p in captured[0].params])[None]
-    held = MnistData(split.train_x[:0], split.train_y[:0], split.holdout_x, split.holdout_y)
+    held = MnistData(split.train.train_x[:0], split.train.train_y[:0], split.holdout_x, split.holdout_y)
     expected = float(TASK.evaluate(flat, held, ["test_loss"])["test_loss"][0])
     assert float(gen.last_call["metric"][0]) == pytest.approx(expected, rel=1e-5)
 
@@ -244,7 +244,7 @@ def _adam_steps(opt) -> list[int]:
 def test_moments_reset_only_after_an_accepted_update(small_data, manifest, moments, sample, expected):
     fn = (lambda theta: theta) if sample == "identity" else (lambda theta: torch.full_like(theta, math.nan))
     gen = FnGenerator(fn, load_generator(manifest))
-    split = split_holdout(small_data, 500)
+    split = split_holdout(TASK, small_data, 500)
     captured = []
     with pytest.warns(RuntimeWarning) if sample == "nan" else contextlib.nullcontext():
         run = train_run(TASK, init_params(TASK, [1])[0], split, "adam", [0, 15], seed=1, generator=gen, every=10,

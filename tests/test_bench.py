@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gpt_helpers import FnGenerator, save_tiny_generator
-from test_demo import save_tiny_mnist_generator
+from test_demo import USER_CNN, save_tiny_mnist_generator, write_user_task
 
 from learned_opt import tasks
 from learned_opt.cli import main as cli_main
@@ -329,3 +329,39 @@ def test_median_curve_counts_a_diverged_init_as_worse_than_any_loss():
     assert median_curve([[2.0, nan], [2.0, nan], [2.0, 0.5]]) == [2.0, float("inf")]
     runs = [Run([2.0, nan], [0.0, nan]), Run([2.0, nan], [0.0, nan]), Run([2.0, 0.5], [0.0, 1.0])]
     assert curve_summary([0, 10], runs, target=1.0)["curve_steps_to_target"] is None
+
+
+# ---------------------------------------------------------------------- any supervised task
+
+
+def test_a_control_task_is_refused_in_one_line(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="bench measures supervised tasks.*'cartpole-mlp' is a control task"):
+        run_bench(BenchConfig(generator="cartpole-mlp", out=str(tmp_path / "b"), progress=False))
+    code = cli_main(["bench", "--generator", "cartpole-mlp", "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "bench measures supervised tasks" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_user_cnn_task_named_with_task(tmp_path, capsys):
+    ref = write_user_task(tmp_path, "bench-user-cnn", USER_CNN)
+    manifest = save_tiny_mnist_generator(tmp_path / "gen", task=ref, name="tiny-cnn")
+    # the manifest of a task this process has never seen: bench needs --task
+    moved = json.loads(manifest.read_text())
+    moved["task"] = "bench-user-cnn-elsewhere"
+    manifest.write_text(json.dumps(moved))
+    args = ["bench", "--generator", str(manifest), "--out", str(tmp_path / "b"), "--inits", "1", "--steps", "10",
+            "--bases", "adam", "--every", "5", "--eval-every", "5", "--holdout", "100", "--sampling-steps", "2",
+            "--no-progress", "--no-plots"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'bench-user-cnn-elsewhere', which is not registered" in err and "--task" in err
+    assert cli_main([*args, "--task", ref]) == 0
+    saved = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert saved["task"] == "bench-user-cnn" and saved["config"]["task"] == ref
+    assert saved["data"] == {"train_examples": 400, "holdout_examples": 100, "test_examples": 200}
+    assert saved["bases"]["adam"]["hparams"]["lr"] == 1e-3 and saved["grid"] == [0, 5, 10]
+    assert saved["bases"]["adam"]["configs"]["every=5"]["rows"][0]["attempted"] == 2
+    # a task whose network is not the generator's
+    with pytest.raises(ConfigError, match="does not fit the network of task 'mnist-mlp'"):
+        run_bench(BenchConfig(generator=str(manifest), out=str(tmp_path / "c"), task="mnist-mlp", progress=False))

@@ -355,7 +355,8 @@ def test_a_user_cnn_task_named_with_task(tmp_path, capsys):
             "--no-progress", "--no-plots"]
     assert cli_main(args) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "'bench-user-cnn-elsewhere', which is not registered" in err and "--task" in err
+    assert len(err.splitlines()) == 1 and "--task" in err
+    assert "'bench-user-cnn-elsewhere', which is not registered" in err
     assert cli_main([*args, "--task", ref]) == 0
     saved = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert saved["task"] == "bench-user-cnn" and saved["config"]["task"] == ref

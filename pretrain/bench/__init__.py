@@ -33,8 +33,9 @@ same init.
 (``test_loss``), and the guard keeps an update only if that metric does not get worse. Measuring it
 on the test set would let the test set steer training. So the last ``--holdout`` examples of the
 training set are held out (the task's ``validation_data``): the networks train on the rest, and the
-metric closure returns the full-batch training loss (``task.loss``, a cross-entropy) on the held-out slice. The test set is read only by the evaluation on
-the grid, which is what is reported and is not timed.
+metric closure returns the full-batch training loss (``task.loss``, a cross-entropy) on the
+held-out slice. The test set is read only by the evaluation on the grid, which is what is reported
+and is not timed.
 
 ``--prompt`` is the generator's best prompt by default, a fixed value, or ``frac:X`` (X times the
 current metric). The sampler is the generator's own (its manifest's ``sampling`` entry, else

@@ -42,9 +42,9 @@ def load_demo_generator(config: DemoConfig, task: Task):
     if config.generator is None and task.name not in {g["name"] for g in list_pretrained()}:
         source = tasks.source_of(task)
         raise WeightsError(
-            f"no {task.name} generator ships with this learned-opt; make one with `learned-opt corpus --task {source} "
-            f"--out CORPUS/` and `learned-opt train --store CORPUS/ --out GEN/`, then pass "
-            f"--generator GEN/{task.name}.json (docs/your-own-model.md)"
+            f"no {task.name} generator ships with this learned-opt yet; pass one with --generator PATH.json, or make "
+            f"one with `learned-opt corpus --task {source} --out CORPUS/` and `learned-opt train --store CORPUS/ "
+            f"--out GEN/` (then --generator GEN/{task.name}.json; see docs/your-own-model.md)"
         )
     return load_generator(config.generator or task.name)
 

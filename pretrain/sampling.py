@@ -9,9 +9,10 @@ makes networks worse, and stopping at ``t_min`` (returning the x0 prediction mad
   from corpus runs, ``learned-opt eval``'s ``1_000_000 + i`` and ``bench``'s ``3_000_000 + i``);
 * for every ``--steps`` × ``--t-min`` pair (``--method``, default DDIM), ``--samples`` updates per
   init with the generator's best prompt, conditioned on the init's metric;
-* every metric is measured on the task's **validation data** (:meth:`Task.validation_data`: the last
-  ``--holdout`` MNIST training examples, or CartPole episodes from other starting states), never on
-  the test set, so that the evaluation that reports results afterwards stays unseen.
+* every metric is measured on the task's **validation data** (:meth:`Task.validation_data`: for a
+  supervised task the last ``--holdout`` training examples, for a control task episodes from other
+  starting states), never on the test set, so that the evaluation that reports results afterwards
+  stays unseen.
 
 The chosen sampler is the cheapest (fewest steps, then the best median, then the best mean) whose
 median metric over all samples is within ``--tolerance`` (default 1%, relative) of the best median.
@@ -62,7 +63,7 @@ class TuneConfig:
     method: str = "ddim"
     steps: tuple[int, ...] = DEFAULT_STEPS
     t_min: tuple[int, ...] = DEFAULT_T_MIN
-    holdout: int = 5000  # MNIST training examples held out as validation data
+    holdout: int = 5000  # training examples held out as validation data (supervised tasks)
     tolerance: float = 0.01  # relative: samplers this close to the best median count as equal; the cheapest wins
     sample_batch: int = 256  # networks sampled at once
     write: bool = False  # record the choice in the generator's manifest
@@ -240,7 +241,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="ddim", help="ddim, ddpm or dpm++2m (default: ddim)")
     parser.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)), help="sampling steps to try")
     parser.add_argument("--t-min", default=",".join(map(str, DEFAULT_T_MIN)), help="early-stop timesteps to try")
-    parser.add_argument("--holdout", type=int, default=5000, help="MNIST training examples held out (default: 5000)")
+    parser.add_argument("--holdout", type=int, default=5000, help="supervised tasks: training examples held out as validation data (default: 5000)")
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="samplers within this relative distance of the best median count as equal; the one "
                              "with the fewest steps is chosen (default: 0.01)")

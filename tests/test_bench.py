@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from gpt_helpers import FnGenerator, save_tiny_generator
-from test_demo import save_tiny_mnist_generator
+from test_demo import USER_CNN, save_tiny_mnist_generator, write_user_task
 
 from learned_opt import tasks
 from learned_opt.cli import main as cli_main
@@ -114,7 +114,7 @@ def test_generator_of_another_task_is_refused(tmp_path):
 def test_holdout_must_leave_training_data(manifest, tmp_path):
     data = _marked_data(100)
     with pytest.raises(ConfigError, match="--holdout 100 must be between 1 and 99"):
-        split_holdout(data, 100)
+        split_holdout(TASK, data, 100)
     config = BenchConfig(generator=str(manifest), out=str(tmp_path / "b"), holdout=150, steps=10, every=(5,),
                          progress=False)
     with pytest.raises(ConfigError, match="--holdout 150"):
@@ -137,20 +137,20 @@ def test_cli_lists_bench(capsys):
 
 def test_holdout_is_disjoint_from_training_and_test_data():
     data = _marked_data(100, 20)
-    split = split_holdout(data, 30)
-    train = set(split.train_x[:, 0, 0, 0].tolist())
+    split = split_holdout(TASK, data, 30)
+    train = set(split.train.train_x[:, 0, 0, 0].tolist())
     held = set(split.holdout_x[:, 0, 0, 0].tolist())
     assert train == set(range(70)) and held == set(range(70, 100))  # the last 30 are held out
-    assert torch.equal(split.holdout_y, data.train_y[70:]) and torch.equal(split.train_y, data.train_y[:70])
-    assert torch.equal(split.test.test_x, data.test_x) and split.test.train_x.shape[0] == 0
+    assert torch.equal(split.holdout_y, data.train_y[70:]) and torch.equal(split.train.train_y, data.train_y[:70])
+    assert torch.equal(split.train.test_x, data.test_x)  # the test set is read only by the reporting evaluation
     assert not (train | held) & set(data.test_x[:, 0, 0, 0].tolist())
 
 
 def test_closure_measures_the_holdout_and_never_the_test_set(small_data, manifest):
-    split = split_holdout(small_data, 500)
+    split = split_holdout(TASK, small_data, 500)
     torch.manual_seed(0)
     model = TASK.build_model()
-    value = holdout_closure(model, split.holdout_x, split.holdout_y)()
+    value = holdout_closure(TASK, model, split.holdout_x, split.holdout_y)()
     with torch.no_grad():
         assert value == pytest.approx(float(F.cross_entropy(model(split.holdout_x), split.holdout_y)))
         assert value != pytest.approx(float(F.cross_entropy(model(small_data.test_x), small_data.test_y)), abs=1e-4)
@@ -159,7 +159,7 @@ def test_closure_measures_the_holdout_and_never_the_test_set(small_data, manifes
     # finite metric (a NaN one raises in GptOptimizer), so the closure never read the test set
     poisoned = MnistData(small_data.train_x, small_data.train_y, torch.full_like(small_data.test_x, math.nan),
                          small_data.test_y)
-    split = split_holdout(poisoned, 500)
+    split = split_holdout(TASK, poisoned, 500)
     gen = FnGenerator(lambda theta: theta, load_generator(manifest))  # θ′ = θ: always accepted
     captured = []
     init = init_params(TASK, [3])[0]
@@ -168,7 +168,7 @@ def test_closure_measures_the_holdout_and_never_the_test_set(small_data, manifes
     assert all(math.isnan(v) for v in run.test_loss)
     # the metric the generator was conditioned on is the held-out loss of the final parameters
     flat = torch.cat([p.detach().reshape(-1) for p in captured[0].params])[None]
-    held = MnistData(split.train_x[:0], split.train_y[:0], split.holdout_x, split.holdout_y)
+    held = MnistData(split.train.train_x[:0], split.train.train_y[:0], split.holdout_x, split.holdout_y)
     expected = float(TASK.evaluate(flat, held, ["test_loss"])["test_loss"][0])
     assert float(gen.last_call["metric"][0]) == pytest.approx(expected, rel=1e-5)
 
@@ -244,7 +244,7 @@ def _adam_steps(opt) -> list[int]:
 def test_moments_reset_only_after_an_accepted_update(small_data, manifest, moments, sample, expected):
     fn = (lambda theta: theta) if sample == "identity" else (lambda theta: torch.full_like(theta, math.nan))
     gen = FnGenerator(fn, load_generator(manifest))
-    split = split_holdout(small_data, 500)
+    split = split_holdout(TASK, small_data, 500)
     captured = []
     with pytest.warns(RuntimeWarning) if sample == "nan" else contextlib.nullcontext():
         run = train_run(TASK, init_params(TASK, [1])[0], split, "adam", [0, 15], seed=1, generator=gen, every=10,
@@ -329,3 +329,40 @@ def test_median_curve_counts_a_diverged_init_as_worse_than_any_loss():
     assert median_curve([[2.0, nan], [2.0, nan], [2.0, 0.5]]) == [2.0, float("inf")]
     runs = [Run([2.0, nan], [0.0, nan]), Run([2.0, nan], [0.0, nan]), Run([2.0, 0.5], [0.0, 1.0])]
     assert curve_summary([0, 10], runs, target=1.0)["curve_steps_to_target"] is None
+
+
+# ---------------------------------------------------------------------- any supervised task
+
+
+def test_a_control_task_is_refused_in_one_line(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="bench measures supervised tasks.*'cartpole-mlp' is a control task"):
+        run_bench(BenchConfig(generator="cartpole-mlp", out=str(tmp_path / "b"), progress=False))
+    code = cli_main(["bench", "--generator", "cartpole-mlp", "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "bench measures supervised tasks" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_user_cnn_task_named_with_task(tmp_path, capsys):
+    ref = write_user_task(tmp_path, "bench-user-cnn", USER_CNN)
+    manifest = save_tiny_mnist_generator(tmp_path / "gen", task=ref, name="tiny-cnn")
+    # the manifest of a task this process has never seen: bench needs --task
+    moved = json.loads(manifest.read_text())
+    moved["task"] = "bench-user-cnn-elsewhere"
+    manifest.write_text(json.dumps(moved))
+    args = ["bench", "--generator", str(manifest), "--out", str(tmp_path / "b"), "--inits", "1", "--steps", "10",
+            "--bases", "adam", "--every", "5", "--eval-every", "5", "--holdout", "100", "--sampling-steps", "2",
+            "--no-progress", "--no-plots"]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--task" in err
+    assert "'bench-user-cnn-elsewhere', which is not registered" in err
+    assert cli_main([*args, "--task", ref]) == 0
+    saved = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert saved["task"] == "bench-user-cnn" and saved["config"]["task"] == ref
+    assert saved["data"] == {"train_examples": 400, "holdout_examples": 100, "test_examples": 200}
+    assert saved["bases"]["adam"]["hparams"]["lr"] == 1e-3 and saved["grid"] == [0, 5, 10]
+    assert saved["bases"]["adam"]["configs"]["every=5"]["rows"][0]["attempted"] == 2
+    # a task whose network is not the generator's
+    with pytest.raises(ConfigError, match="does not fit the network of task 'mnist-mlp'"):
+        run_bench(BenchConfig(generator=str(manifest), out=str(tmp_path / "c"), task="mnist-mlp", progress=False))

@@ -17,9 +17,37 @@ from learned_opt.normalization import Normalization
 from learned_opt.pretrained import save_generator
 
 
-def save_tiny_mnist_generator(folder, perturb: float = 1e-3, seed: int = 0):
-    """A tiny untrained ``mnist-mlp`` generator with slightly perturbed decoders, saved to ``folder``."""
-    task = tasks.get("mnist-mlp")
+USER_TASK = """
+import torch
+from torch import nn
+from learned_opt.tasks import ClassificationData, SupervisedTask
+
+class {cls}(SupervisedTask):
+    name = "{name}"
+    def build_model(self):
+        return {model}
+    def load_data(self, root=None, *, download=False):  # 4x4 one-channel images, 3 learnable classes
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(700, 1, 4, 4, generator=g)
+        y = x.flatten(1)[:, :3].argmax(1)
+        return ClassificationData(x[:500], y[:500], x[500:], y[500:])
+"""
+USER_MLP = "nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))"
+USER_CNN = "nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3))"
+
+
+def write_user_task(folder, name: str, model: str = USER_MLP, cls: str = "UserTask") -> str:
+    """A supervised task of one's own in ``folder/user_task.py``; returns its ``file.py:Class`` reference."""
+    path = folder / "user_task.py"
+    path.write_text(USER_TASK.format(cls=cls, name=name, model=model), encoding="utf-8")
+    return f"{path}:{cls}"
+
+
+def save_tiny_mnist_generator(folder, perturb: float = 1e-3, seed: int = 0, task: str = "mnist-mlp",
+                              name: str = "tiny-mnist"):
+    """A tiny untrained generator (``mnist-mlp``'s, or ``task``'s) with slightly perturbed decoders,
+    saved to ``folder``."""
+    task = tasks.get(task)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_generator(task.layout(), "tiny")
@@ -27,8 +55,8 @@ def save_tiny_mnist_generator(folder, perturb: float = 1e-3, seed: int = 0):
             for p in model.decoder.parameters():
                 p.add_(torch.randn(p.shape) * perturb)
     return save_generator(
-        folder, "tiny-mnist", model, DiffusionConfig(num_steps=50), Normalization(4.0, 0.0, 2.5),
-        task="mnist-mlp", metric="test_loss", best_prompt=0.0, corpus={"runs": 0}, training={"steps": 0},
+        folder, name, model, DiffusionConfig(num_steps=50), Normalization(4.0, 0.0, 2.5),
+        task=task.name, metric="test_loss", best_prompt=0.0, corpus={"runs": 0}, training={"steps": 0},
     )
 
 
@@ -99,3 +127,38 @@ def test_the_mnist_demo_uses_the_shipped_generator(mnist_root, tmp_path, capsys)
     result = json.loads((tmp_path / "out" / "demo.json").read_text())
     assert result["generator"]["name"] == "mnist-mlp"
     assert (tmp_path / "out" / "demo.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------------- a task of one's own
+
+
+def test_demo_of_a_user_task_without_a_generator_says_how_to_make_one(tmp_path, capsys):
+    ref = write_user_task(tmp_path, "demo-user-mlp-a")
+    code = cli_main(["demo", "--task", ref, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"learned-opt corpus --task {ref}" in err and "learned-opt train --store" in err
+    assert "--generator GEN/demo-user-mlp-a.json" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_demo_runs_a_supervised_task_from_a_file(tmp_path, capsys):
+    ref = write_user_task(tmp_path, "demo-user-mlp-b")
+    manifest = save_tiny_mnist_generator(tmp_path / "gen", task=ref, name="tiny-user")
+    out = tmp_path / "demo"
+    code = cli_main(["demo", "--task", ref, "--generator", str(manifest), "--out", str(out), "--steps", "10",
+                     "--eval-every", "5", "--sampling-steps", "2", "--no-plot"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "random init" in printed and "Adam lr 1e-3" in printed and "demo.json" in printed
+    result = json.loads((out / "demo.json").read_text())
+    assert result["task"] == "demo-user-mlp-b" and result["generator"]["name"] == "tiny-user"
+    assert result["baselines"]["adam"]["steps"] == [0, 5, 10]
+    assert not (out / "demo.png").exists()
+
+
+def test_demo_refuses_an_unknown_task_in_one_line(tmp_path, capsys):
+    code = cli_main(["demo", "--task", "no-such-task", "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "unknown task 'no-such-task'" in err
+    assert "mnist-mlp" in err and "file.py:ClassName" in err

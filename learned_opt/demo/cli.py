@@ -1,29 +1,54 @@
-"""``learned-opt demo``: its arguments."""
+"""``learned-opt demo``: its arguments, and the demo of each task kind (:func:`run_demo`)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from .cartpole import JSON_NAME, format_cartpole_table
-from .mnist import format_table, run_demo
-from .update import DEMO_TASKS, DemoConfig
+from .. import tasks
+from ..errors import ConfigError
+from . import mnist
+from .cartpole import JSON_NAME as CONTROL_JSON_NAME
+from .cartpole import format_cartpole_table, run_cartpole_demo
+from .update import DEFAULT_TASK, DemoConfig
+
+# task kind -> (run the demo, format its table, the JSON it writes)
+DEMOS = {
+    "control": (run_cartpole_demo, format_cartpole_table, CONTROL_JSON_NAME),
+    "supervised": (mnist.run_supervised_demo, mnist.format_table, mnist.JSON_NAME),
+}
+
+
+def run_demo(config: DemoConfig) -> dict:
+    """Run the demo of ``config.task``'s kind; returns the results (also written into ``config.out``)."""
+    return DEMOS[demo_kind(config.task)][0](config)
+
+
+def demo_kind(task: str) -> str:
+    """The kind of the task named ``task`` (a name, ``file.py:Class`` or ``module:Class``), if the demo runs it."""
+    kind = tasks.get(task).kind
+    if kind not in DEMOS:
+        raise ConfigError(f"the demo runs {' and '.join(DEMOS)} tasks; {task!r} is a {kind} task")
+    return kind
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default=DEMO_TASKS[0], choices=DEMO_TASKS,
-                        help=f"cartpole-mlp needs no download; mnist-mlp reads MNIST (default: {DEMO_TASKS[0]})")
+    parser.add_argument("--task", default=DEFAULT_TASK,
+                        help=f"a task name, path/to/file.py:ClassName or package.module:ClassName; {DEFAULT_TASK} "
+                             f"needs no download, supervised tasks read their data (default: {DEFAULT_TASK})")
     parser.add_argument("--generator", default=None,
                         help="shipped generator name or path to a .json manifest (default: the task's name)")
-    parser.add_argument("--data-root", default=None, help="dataset root for mnist-mlp (default: $LEARNED_OPT_DATA)")
-    parser.add_argument("--download", action="store_true", help="let torchvision download MNIST")
+    parser.add_argument("--data-root", default=None,
+                        help="dataset root for supervised tasks (default: $LEARNED_OPT_DATA)")
+    parser.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     parser.add_argument("--out", default="learned-opt-demo",
-                        help="folder for the PNG and JSON (demo_cartpole.* or demo.*)")
+                        help=f"folder for the PNG and JSON ({CONTROL_JSON_NAME.split('.')[0]}.* or "
+                             f"{mnist.JSON_NAME.split('.')[0]}.*)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init, the data order and the sampler")
-    parser.add_argument("--steps", type=int, default=300, help="mnist-mlp: Adam and SGD steps (default: 300)")
-    parser.add_argument("--eval-every", type=int, default=10, help="mnist-mlp: baseline test metrics every N steps")
+    parser.add_argument("--steps", type=int, default=300, help="supervised: Adam and SGD steps (default: 300)")
+    parser.add_argument("--eval-every", type=int, default=10, help="supervised: baseline test metrics every N steps")
     parser.add_argument("--ppo-env-steps", type=int, default=50_000,
-                        help="cartpole-mlp: PPO's budget in environment steps (default: 50000)")
+                        help="control: PPO's budget in environment steps (default: 50000)")
     parser.add_argument("--sampling-steps", type=int, default=None,
                         help="diffusion sampling steps (default: the generator's own)")
     parser.add_argument("--method", default=None, help="sampler: ddim, ddpm or dpm++2m (default: the generator's own)")
@@ -36,11 +61,8 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed, steps=args.steps, eval_every=args.eval_every, ppo_env_steps=args.ppo_env_steps,
         sampling_steps=args.sampling_steps, method=args.method, plot=not args.no_plot,
     )
-    result = run_demo(config)
-    if config.task == "cartpole-mlp":
-        table, written = format_cartpole_table, JSON_NAME
-    else:
-        table, written = format_table, "demo.json"
+    run, table, written = DEMOS[demo_kind(config.task)]
+    result = run(config)
     print(table(result))
     print(f"wrote {Path(config.out) / written}" + (f" and {result['plot']}" if "plot" in result else ""))
     return 0

@@ -1,6 +1,5 @@
-"""Running the demo (:func:`run_demo`; ``cartpole-mlp`` goes to :mod:`learned_opt.demo.cartpole`), and the
-``mnist-mlp`` demo's table and plot.
-"""
+"""The demo of a supervised task (``mnist-mlp``, or any :class:`~learned_opt.tasks.SupervisedTask`):
+one update next to Adam and SGD, its table and plot (``demo.json``, ``demo.png``)."""
 
 from __future__ import annotations
 
@@ -12,18 +11,14 @@ from .. import tasks
 from ..errors import ConfigError
 from ..fileio import atomic_write
 from .baselines import BASELINES, first_step_at_or_below, train_baseline
-from .cartpole import run_cartpole_demo
-from .update import DEMO_TASKS, DemoConfig, one_update
+from .update import DemoConfig, one_update
+
+JSON_NAME, PNG_NAME = "demo.json", "demo.png"
 
 
-def run_demo(config: DemoConfig, data=None) -> dict:
-    """Run the demo; returns the results (also written to ``out/demo.json``, or for
-    ``cartpole-mlp`` to ``out/demo_cartpole.json``)."""
-    if config.task not in DEMO_TASKS:
-        raise ConfigError(f"the demo runs {' or '.join(DEMO_TASKS)}, not {config.task!r}")
-    if config.task == "cartpole-mlp":
-
-        return run_cartpole_demo(config)
+def run_supervised_demo(config: DemoConfig, data=None) -> dict:
+    """Run the demo of ``config.task``, a supervised task; returns the results (also written to
+    ``out/demo.json``)."""
     if config.steps < 1 or config.eval_every < 1:
         raise ConfigError("--steps and --eval-every must be >= 1")
     task = tasks.get(config.task)
@@ -54,9 +49,9 @@ def run_demo(config: DemoConfig, data=None) -> dict:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2) + "\n"
-    atomic_write(out / "demo.json", lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write(out / JSON_NAME, lambda p: p.write_text(text, encoding="utf-8"))
     if config.plot:
-        result["plot"] = str(plot_demo(result, out / "demo.png"))
+        result["plot"] = str(plot_demo(result, out / PNG_NAME))
     return result
 
 

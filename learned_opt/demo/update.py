@@ -7,28 +7,29 @@ from typing import Any
 
 import torch
 
+from .. import tasks
 from ..errors import ArchitectureMismatchError, WeightsError
 from ..layout import compare_signatures
+from ..recipes import ADAM_LR
 from ..tasks import Task
-from .baselines import ADAM_LR
 
 
-DEMO_TASKS = ("cartpole-mlp", "mnist-mlp")  # the first is the default
+DEFAULT_TASK = "cartpole-mlp"  # needs no download
 
 
 @dataclass
 class DemoConfig:
     """What ``learned-opt demo`` runs (one field per command-line option)."""
 
-    task: str = DEMO_TASKS[0]
+    task: str = DEFAULT_TASK  # a registered name, path/to/file.py:ClassName or package.module:ClassName
     generator: str | None = None  # registry name or manifest path; None: the task's shipped generator
-    data_root: str | None = None  # else $LEARNED_OPT_DATA (mnist-mlp)
+    data_root: str | None = None  # else $LEARNED_OPT_DATA (supervised tasks)
     download: bool = False
     out: str = "learned-opt-demo"
     seed: int = 0
-    steps: int = 300  # Adam / SGD steps (mnist-mlp)
-    eval_every: int = 10  # baseline test metrics every this many steps (mnist-mlp)
-    ppo_env_steps: int = 50_000  # PPO's budget (cartpole-mlp), rounded down to whole updates
+    steps: int = 300  # Adam / SGD steps (supervised tasks)
+    eval_every: int = 10  # baseline test metrics every this many steps (supervised tasks)
+    ppo_env_steps: int = 50_000  # PPO's budget (control tasks), rounded down to whole updates
     sampling_steps: int | None = None  # None: the generator's own sampler
     method: str | None = None
     plot: bool = True
@@ -39,9 +40,11 @@ def load_demo_generator(config: DemoConfig, task: Task):
     from ..pretrained import list_pretrained, load_generator
 
     if config.generator is None and task.name not in {g["name"] for g in list_pretrained()}:
+        source = tasks.source_of(task)
         raise WeightsError(
-            f"no {task.name} generator ships with this learned-opt yet; pass one with --generator PATH.json "
-            f"(the manifest `learned-opt train` writes for a {task.name} corpus)"
+            f"no {task.name} generator ships with this learned-opt yet; pass one with --generator PATH.json, or make "
+            f"one with `learned-opt corpus --task {source} --out CORPUS/` and `learned-opt train --store CORPUS/ "
+            f"--out GEN/` (then --generator GEN/{task.name}.json; see docs/your-own-model.md)"
         )
     return load_generator(config.generator or task.name)
 
@@ -55,7 +58,7 @@ def demo_optimizer(model: torch.nn.Module, generator, task: Task, config: DemoCo
                             sampling_method=config.method, seed=config.seed)
     except ArchitectureMismatchError:
         diffs = compare_signatures(generator.layout.signature, task.layout().signature)
-        hint = (f"pass --task {generator.task}" if generator.task in DEMO_TASKS and generator.task != task.name
+        hint = (f"pass --task {generator.task}" if generator.task in tasks.names() and generator.task != task.name
                 else f"pass a {task.name} generator with --generator PATH.json")
         raise ArchitectureMismatchError(
             f"generator {generator.name!r} (task {generator.task or '?'}, {generator.layout.num_params:,} parameters) "

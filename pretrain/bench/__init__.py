@@ -1,10 +1,13 @@
 """Benchmark GptOptimizer's periodic mode against its base optimizer: steps and seconds to a target.
 
-What ``learned-opt bench --mode periodic`` measures, on ``--inits N`` fresh ``mnist-mlp``
-initialisations (PyTorch's default init, seeds ``--seed + i``, default ``3_000_000 + i``: far from
+What ``learned-opt bench --mode periodic`` measures, on ``--inits N`` fresh initialisations of the
+generator's task (its manifest's ``task``, or ``--task`` for a task of your own; supervised tasks
+only) (PyTorch's default init, seeds ``--seed + i``, default ``3_000_000 + i``: far from
 the small seeds of corpus runs and from ``learned-opt eval``'s ``1_000_000 + i``), for each base
 optimizer in ``--bases`` (``adam``: lr 1e-3; ``sgd``: G.pt's recipe, Nesterov 0.9, lr 0.1, wd 5e-4,
-cosine over 25 epochs stepped per epoch; both with minibatches of 128, as in ``learned-opt demo``):
+cosine over 25 epochs stepped per epoch; both with minibatches of 128, as in ``learned-opt demo``;
+the recipes of :mod:`learned_opt.recipes`, trained by the one loop of
+:mod:`learned_opt.baselines.supervised`):
 
 * **the base alone** for ``--steps`` steps;
 * **the same base inside** ``GptOptimizer(..., every=k, metric_closure=..., guard=True)`` for each
@@ -29,9 +32,10 @@ same init.
 **The closure's metric is not the test set.** The generator is conditioned on a cross-entropy
 (``test_loss``), and the guard keeps an update only if that metric does not get worse. Measuring it
 on the test set would let the test set steer training. So the last ``--holdout`` examples of the
-MNIST training set are held out: the networks train on the rest, and the metric closure returns
-the full-batch cross-entropy on the held-out slice. The test set is read only by the evaluation on
-the grid, which is what is reported and is not timed.
+training set are held out (the task's ``validation_data``): the networks train on the rest, and the
+metric closure returns the full-batch training loss (``task.loss``, a cross-entropy) on the
+held-out slice. The test set is read only by the evaluation on the grid, which is what is reported
+and is not timed.
 
 ``--prompt`` is the generator's best prompt by default, a fixed value, or ``frac:X`` (X times the
 current metric). The sampler is the generator's own (its manifest's ``sampling`` entry, else

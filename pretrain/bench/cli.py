@@ -15,6 +15,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=MODES, default="periodic", help="what to measure (default: periodic)")
     parser.add_argument("--generator", required=True, help="shipped generator name or path to a .json manifest")
     parser.add_argument("--out", required=True, help="folder for bench.json and periodic.png")
+    parser.add_argument("--task", default=None,
+                        help="the generator's task, where its manifest names one that is not registered here: "
+                             "path/to/file.py:ClassName or package.module:ClassName (default: the manifest's)")
     parser.add_argument("--data-root", default=None, help="dataset root (default: $LEARNED_OPT_DATA)")
     parser.add_argument("--inits", type=int, default=10, help="fresh initialisations (default: 10)")
     parser.add_argument("--seed", type=int, default=3_000_000, help="init i has seed SEED + i (default: 3000000)")
@@ -37,7 +40,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = BenchConfig(
-        generator=args.generator, out=args.out, mode=args.mode, data_root=args.data_root, inits=args.inits,
+        generator=args.generator, out=args.out, task=args.task, mode=args.mode, data_root=args.data_root, inits=args.inits,
         seed=args.seed, steps=args.steps, bases=parse_bases(args.bases), every=parse_every(args.every),
         holdout=args.holdout, eval_every=args.eval_every, prompt=args.prompt, moments=args.moments,
         sampling_steps=args.sampling_steps, method=args.method, t_min=args.t_min, candidates=args.candidates,

@@ -7,22 +7,28 @@ from dataclasses import dataclass
 
 import torch
 
-from learned_opt.demo import ADAM_LR, BASELINES, BATCH_SIZE, SGD_RECIPE
+from learned_opt.baselines.supervised import BASELINES
 from learned_opt.diffusion import METHODS
 from learned_opt.errors import ConfigError
 from learned_opt.pretrained import LoadedGenerator
+from learned_opt.recipes import ADAM
 
 
 MODES = ("periodic",)
-TASK = "mnist-mlp"
 # Generator metrics that are a cross-entropy, for which the held-out cross-entropy stands in.
 LOSS_METRICS = ("test_loss", "train_loss")
 MOMENTS = ("keep", "reset")
-BASE_HPARAMS = {
-    "adam": {"optimizer": "Adam", "lr": ADAM_LR, "batch_size": BATCH_SIZE, "schedule": "constant"},
-    "sgd": {"optimizer": "SGD", "nesterov": True, **SGD_RECIPE, "batch_size": BATCH_SIZE,
-            "schedule": "cosine-per-epoch"},
-}
+
+
+def applicable(recipe: dict) -> dict:
+    """A recipe of :mod:`learned_opt.recipes` without the keys that do not apply to it (for ``bench.json``)."""
+    skip = {"epochs"} if recipe.get("schedule") == "constant" else set()
+    if recipe["optimizer"] != ADAM:
+        skip |= {"adam_beta2", "adam_eps"}
+    return {k: v for k, v in recipe.items() if k not in skip}
+
+
+BASE_HPARAMS = {name: applicable(recipe) for name, recipe in BASELINES.items()}  # what each base trains with
 BASE_LABEL = "base"  # the configuration without generative updates
 
 
@@ -32,6 +38,7 @@ class BenchConfig:
 
     generator: str  # registry name or manifest path
     out: str = "bench"
+    task: str | None = None  # None: the generator's; else a name, path/to/file.py:ClassName or module:ClassName
     mode: str = "periodic"
     data_root: str | None = None
     inits: int = 10

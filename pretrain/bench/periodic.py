@@ -13,13 +13,14 @@ import torch
 from tqdm.auto import tqdm
 
 from learned_opt import __version__, tasks
-from learned_opt.errors import ConfigError
+from learned_opt.errors import ConfigError, UnknownTaskError
 from learned_opt.fileio import atomic_write
+from learned_opt.layout import compare_signatures
 from learned_opt.pretrained import LoadedGenerator, load_generator
 
 from ..evaluate import init_params
 from ..evaluate.run import hardware
-from .config import BASE_HPARAMS, BASE_LABEL, LOSS_METRICS, TASK, BenchConfig, describe_prompt, parse_prompt
+from .config import BASE_HPARAMS, BASE_LABEL, LOSS_METRICS, BenchConfig, describe_prompt, parse_prompt
 from .report import plot_periodic
 from .runs import Run, eval_grid, split_holdout, train_run
 from .summaries import curve_summary, init_row, summarise, target_loss
@@ -37,11 +38,8 @@ def run_bench(config: BenchConfig, data=None) -> dict:
 def run_periodic(config: BenchConfig, data=None) -> dict:
     """The base alone and the base inside a periodic GptOptimizer, on the same inits."""
     t_start = time.perf_counter()
-    task = tasks.get(TASK)
     gen = load_generator(config.generator)
-    if gen.task != TASK:
-        raise ConfigError(f"generator {gen.name!r} is for task {gen.task!r}; the periodic benchmark trains "
-                          f"{TASK}: pass a {TASK} generator")
+    task = bench_task(gen, config.task)
     if gen.metric_name not in LOSS_METRICS:
         raise ConfigError(f"generator {gen.name!r} is conditioned on {gen.metric_name!r}; the benchmark's closure "
                           f"measures a cross-entropy, so use a generator of {' or '.join(LOSS_METRICS)}")
@@ -49,7 +47,7 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
     prompt = parse_prompt(config.prompt)
     if data is None:
         data = task.load_data(config.data_root)
-    split = split_holdout(data, config.holdout)
+    split = split_holdout(task, data, config.holdout)
     device = torch.device(config.device)
     if device.type != "cpu":
         split = split.to(device)
@@ -93,7 +91,7 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
 
     result = {
         "mode": config.mode,
-        "task": TASK,
+        "task": task.name,
         "config": asdict(config),
         "moments": config.moments,
         "prompt": describe_prompt(prompt, gen),
@@ -102,8 +100,8 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
                       "metric_range": list(gen.metric_range), "model_config": gen.manifest.get("model_config")},
         "closure_metric": f"full-batch cross-entropy on the last {config.holdout} training examples (held out), "
                           f"given to the generator as its {gen.metric_name!r}",
-        "data": {"train_examples": int(split.train_x.shape[0]), "holdout_examples": int(split.holdout_x.shape[0]),
-                 "test_examples": int(split.test.test_y.shape[0])},
+        "data": {"train_examples": int(split.train.train_x.shape[0]), "holdout_examples": int(split.holdout_x.shape[0]),
+                 "test_examples": int(split.train.test_y.shape[0])},
         "hardware": hardware(config.device),
         "seeds": seeds,
         "grid": grid,
@@ -118,6 +116,26 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
     if config.plots:
         result["plots"] = [str(plot_periodic(result, out / "periodic.png"))]
     return result
+
+
+def bench_task(gen: LoadedGenerator, task: str | None = None) -> tasks.Task:
+    """The task ``gen`` was trained for (``task`` names it where the manifest's is not registered here);
+    refused unless it is supervised and its network is the generator's."""
+    try:
+        found = tasks.get(task or gen.task)
+    except UnknownTaskError:
+        if task:
+            raise
+        raise ConfigError(f"generator {gen.name!r} is for task {gen.task!r}, which is not registered here; "
+                          f"name it with --task path/to/file.py:ClassName") from None
+    if found.kind != "supervised":
+        raise ConfigError(f"bench measures supervised tasks (a training loop with minibatches); {found.name!r} "
+                          f"is a {found.kind} task")
+    diffs = compare_signatures(gen.layout.signature, found.layout().signature)
+    if diffs:
+        raise ConfigError(f"generator {gen.name!r} (task {gen.task!r}) does not fit the network of task "
+                          f"{found.name!r}: {'; '.join(diffs[:3])}; pass that task's generator or --task")
+    return found
 
 
 MODE_RUNNERS: dict[str, Callable[[BenchConfig, Any], dict]] = {"periodic": run_periodic}

@@ -1,20 +1,17 @@
 """One benchmark run: the held-out split, the evaluation grid, and a base optimizer with or without
-periodic generative updates.
+periodic generative updates (the one supervised training loop, :func:`learned_opt.baselines.supervised.train_baseline`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from learned_opt.demo import BATCH_SIZE, make_optimizer
-from learned_opt.errors import ConfigError, GenerationError
+from learned_opt.baselines.supervised import train_baseline
+from learned_opt.errors import ConfigError
 from learned_opt.optimizer import GptOptimizer
 from learned_opt.pretrained import LoadedGenerator
 from learned_opt.tasks import Task
@@ -23,41 +20,37 @@ from .config import FractionPrompt
 
 @dataclass
 class Split:
-    """The training data split for one benchmark.
+    """The data of one benchmark, split by the task's :meth:`~learned_opt.tasks.Task.validation_data`.
 
-    The networks train on ``train_x``/``train_y`` (the first ``n - holdout`` training examples); the
-    metric closure sees only ``holdout_x``/``holdout_y`` (the last ``holdout``); ``test`` is the task's
-    data object, from which only the test set is read, by the reporting evaluation.
+    The networks train on ``train``'s training set (the first ``n - holdout`` training examples); its
+    test set is the task's own, read only by the reporting evaluation. The metric closure sees only
+    ``holdout_x``/``holdout_y`` (the last ``holdout`` training examples).
     """
 
-    train_x: torch.Tensor
-    train_y: torch.Tensor
+    train: Any
     holdout_x: torch.Tensor
     holdout_y: torch.Tensor
-    test: Any
 
     def to(self, device: torch.device | str) -> "Split":
-        moved = [t.to(device) for t in (self.train_x, self.train_y, self.holdout_x, self.holdout_y)]
-        return Split(*moved, self.test.to(device))
+        return Split(self.train.to(device), self.holdout_x.to(device), self.holdout_y.to(device))
 
 
-def split_holdout(data, holdout: int) -> Split:
-    """Hold out the last ``holdout`` training examples of ``data`` (views, no copies)."""
+def split_holdout(task: Task, data, holdout: int) -> Split:
+    """Hold out the last ``holdout`` training examples of ``data`` (``task.validation_data``; views, no copies)."""
     n = int(data.train_x.shape[0])
     if not 1 <= holdout < n:
         raise ConfigError(f"--holdout {holdout} must be between 1 and {n - 1}: the training set has {n} examples "
                           f"and the networks need some to train on (default 5000)")
-    m = n - holdout
-    test = dataclasses.replace(data, train_x=data.train_x[:0], train_y=data.train_y[:0])  # only its test set stays
-    return Split(data.train_x[:m], data.train_y[:m], data.train_x[m:], data.train_y[m:], test)
+    val = task.validation_data(data, holdout)  # its test set is the held-out slice
+    return Split(dataclasses.replace(data, train_x=val.train_x, train_y=val.train_y), val.test_x, val.test_y)
 
 
-def holdout_closure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
-    """The metric closure: full-batch cross-entropy of ``model`` on the held-out slice ``x``, ``y``."""
+def holdout_closure(task: Task, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
+    """The metric closure: the full-batch training loss (``task.loss``) of ``model`` on the held-out ``x``, ``y``."""
 
     def closure() -> float:
         with torch.no_grad():
-            return float(F.cross_entropy(model(x), y))
+            return float(task.loss(model(x), y))
 
     return closure
 
@@ -104,85 +97,42 @@ def train_run(
     """Train the flat ``init`` [P] for ``grid[-1]`` steps with ``base``, alone (``generator=None``)
     or inside a periodic GptOptimizer (``every=k``), measuring the test loss at each ``grid`` step.
 
-    Minibatches of 128 come from a fresh permutation of ``split.train_x`` each epoch, drawn from a
+    The loop is :func:`~learned_opt.baselines.supervised.train_baseline`: minibatches of the base's
+    batch size from a fresh permutation of ``split.train``'s training set each epoch, drawn from a
     ``torch.Generator`` seeded with ``seed`` (also the optimizer's sampling seed); the global RNG is
     not used. ``moments="reset"`` clears the base optimizer's per-parameter state after every
     accepted generative update. ``on_optimizer`` is called with the optimizer once it is built.
     """
-    device = torch.device(device)
-    layout = task.layout()
-    with torch.random.fork_rng(devices=[]):
-        model = task.build_model()
-    layout.load_into(init.detach().float(), list(model.parameters()))
-    model.to(device)
-    x, y = split.train_x, split.train_y
-    n, steps = int(x.shape[0]), int(grid[-1])
-    made: dict[str, Any] = {}
+    run = Run([], [])
+    state: dict[str, Any] = {"gpt": None, "last": None}
 
-    def base_optimizer(params) -> torch.optim.Optimizer:
-        opt, made["sched"] = make_optimizer(base, params, math.ceil(n / BATCH_SIZE))
+    def wrap(model: torch.nn.Module, base_optimizer) -> torch.optim.Optimizer:
+        if generator is None:
+            opt = base_optimizer(model.parameters())
+        else:
+            opt = state["gpt"] = GptOptimizer(
+                model.named_parameters(), generator, base=base_optimizer, every=every, prompt=prompt,
+                sampling_steps=sampling_steps, sampling_method=method, sampling_t_min=t_min, candidates=candidates,
+                seed=seed, guard=True, metric_closure=holdout_closure(task, model, split.holdout_x, split.holdout_y),
+            )
+        if on_optimizer is not None:
+            on_optimizer(opt)
         return opt
 
-    gpt = None
-    if generator is None:
-        opt = base_optimizer(model.parameters())
-    else:
-        gpt = opt = GptOptimizer(
-            model.named_parameters(), generator, base=base_optimizer, every=every, prompt=prompt,
-            sampling_steps=sampling_steps, sampling_method=method, sampling_t_min=t_min, candidates=candidates,
-            seed=seed, guard=True,
-            metric_closure=holdout_closure(model, split.holdout_x, split.holdout_y),
-        )
-    sched = made["sched"]
-    if on_optimizer is not None:
-        on_optimizer(opt)
+    def after_step(t: int, model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+        gpt = state["gpt"]
+        if gpt is None or gpt.last_report is state["last"]:
+            return
+        state["last"] = report = gpt.last_report  # a generative update ran after this step
+        run.generation_seconds += report.seconds
+        if report.accepted:
+            run.accepted_at.append(t)
+            if moments == "reset":
+                gpt.base.state.clear()  # the base re-initialises its state lazily at the next step
 
-    def test_loss() -> float:
-        flat = layout.flatten_module(model)[None]  # [1, P]
-        return float(task.evaluate(flat, split.test, ["test_loss"])["test_loss"][0])
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    run = Run([], [])
-    wanted = set(grid)
-    if 0 in wanted:
-        run.test_loss.append(test_loss())
-        run.wall_s.append(0.0)
-    order = torch.Generator().manual_seed(seed)
-    perm, pos, elapsed, last = None, n, 0.0, None
-    start = time.perf_counter()
-    for t in range(1, steps + 1):
-        if pos >= n:  # a new epoch: the per-epoch schedule steps, then a fresh order
-            if perm is not None and sched is not None:
-                sched.step()
-            perm, pos = torch.randperm(n, generator=order).to(device), 0
-        idx = perm[pos : pos + BATCH_SIZE]
-        pos += BATCH_SIZE
-        opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        try:
-            opt.step()
-        except GenerationError:  # the metric closure returned NaN/Inf: training diverged
-            run.diverged_at = t
-            break
-        if gpt is not None and gpt.last_report is not last:  # a generative update ran after this step
-            last = gpt.last_report
-            run.generation_seconds += last.seconds
-            if last.accepted:
-                run.accepted_at.append(t)
-                if moments == "reset":
-                    gpt.base.state.clear()  # the base re-initialises its state lazily at the next step
-        if t in wanted:
-            sync()
-            elapsed += time.perf_counter() - start
-            run.wall_s.append(elapsed)
-            run.test_loss.append(test_loss())
-            start = time.perf_counter()
-    missing = len(grid) - len(run.test_loss)  # grid steps after a divergence
-    run.test_loss += [math.nan] * missing
-    run.wall_s += [math.nan] * missing
-    if gpt is not None:
-        run.counters = {k: int(gpt.counters[k]) for k in ("attempted", "accepted", "rejected", "failed")}
+    curve = train_baseline(task, init, split.train, base, int(grid[-1]), grid, seed=seed, wrap=wrap,
+                           on_step=after_step, device=device)
+    run.test_loss, run.wall_s, run.diverged_at = curve.test_loss, curve.wall_s, curve.diverged_at
+    if state["gpt"] is not None:
+        run.counters = {k: int(state["gpt"].counters[k]) for k in ("attempted", "accepted", "rejected", "failed")}
     return run

@@ -56,6 +56,7 @@ class TuneConfig:
 
     generator: str  # registry name or manifest path
     out: str = "tune-sampling"
+    task: str | None = None  # the generator's task where its manifest's cannot be found ("file.py:Class")
     data_root: str | None = None
     inits: int = 32
     seed: int = 2_000_000  # init i has seed seed + i
@@ -199,7 +200,7 @@ def tune_sampling(config: TuneConfig) -> dict:
             raise ConfigError(f"--write needs the path of the generator's .json manifest, got {config.generator!r}; "
                               f"pass the file (e.g. learned_opt/weights/NAME.json), not a registry name")
     gen = load_generator(config.generator)
-    task = tasks.get(gen.task)
+    task = tasks.for_generator(gen, config.task)
     val_data = task.validation_data(task.load_data(config.data_root), config.holdout)
     inits = init_params(task, [config.seed + i for i in range(config.inits)])
     result = {"config": asdict(config), "generator": {"name": gen.name, "sha256": gen.sha256},
@@ -234,6 +235,9 @@ def format_table(result: dict) -> str:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generator", required=True, help="registry name or path to a generator's .json manifest")
     parser.add_argument("--out", default="tune-sampling", help="output folder for sweep.json and sweep.png")
+    parser.add_argument("--task", default=None,
+                        help="the generator's task, where its manifest names one that cannot be found: "
+                             "path/to/file.py:ClassName or package.module:ClassName")
     parser.add_argument("--data-root", default=None, help="dataset folder (default: $LEARNED_OPT_DATA)")
     parser.add_argument("--inits", type=int, default=32, help="fresh inits (default: 32)")
     parser.add_argument("--seed", type=int, default=2_000_000, help="init i has seed SEED + i (default: 2000000)")
@@ -252,7 +256,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = TuneConfig(
-        generator=args.generator, out=args.out, data_root=args.data_root, inits=args.inits, seed=args.seed,
+        generator=args.generator, out=args.out, task=args.task, data_root=args.data_root, inits=args.inits, seed=args.seed,
         samples=args.samples, method=args.method, steps=parse_ints(args.steps, "--steps"),
         t_min=parse_ints(args.t_min, "--t-min"), holdout=args.holdout, tolerance=args.tolerance, write=args.write,
         progress=not args.no_progress, plots=not args.no_plots,

@@ -123,3 +123,36 @@ def test_validation_data_is_not_test_data(task):
     else:
         assert isinstance(val, ControlData)
         assert not np.array_equal(val.start_states, data.start_states)
+
+
+@pytest.mark.slow
+def test_corpus_generator_and_update_round_trip(task, tmp_path):
+    """A 2-run corpus, a tiny generator trained on it, and one GptOptimizer update of a fresh model."""
+    from learned_opt import GptOptimizer
+    from pretrain.corpus import CorpusConfig, build_corpus
+    from pretrain.train import TrainConfig, train
+
+    data = small_data(task)
+    quick = dict(epochs=1, train_examples=256) if task.kind == "supervised" else dict(env_steps=1024)
+    summary = build_corpus(CorpusConfig(task=task, runs=2, out=str(tmp_path / "c"), checkpoints=4, progress=False,
+                                        **quick), data=data)
+    assert summary.written == 2
+    result = train(TrainConfig(store=str(tmp_path / "c"), out=str(tmp_path / "g"), preset="tiny", steps=2,
+                               batch_size=4, warmup=1, log_every=1, eval_every=2, eval_batches=1, diffusion_steps=10,
+                               tokens="neuron", heldout_fraction=0.5))
+    assert result.manifest is not None and result.manifest.name == f"{task.name}.json"
+    torch.manual_seed(0)
+    model = task.build_model()
+    before = task.layout().flatten_module(model)
+    opt = GptOptimizer(model.parameters(), generator=str(result.manifest), lr=1e-3)
+    val = task.validation_data(data, 100) if task.kind == "supervised" else task.validation_data(data)
+    metric = opt.generator.metric_name
+
+    def measured() -> float:  # the generator's metric on validation data, as a user's closure would
+        return float(task.evaluate(task.layout().flatten_module(model)[None], val, [metric])[metric][0])
+
+    report = opt.generate(measured)
+    after = task.layout().flatten_module(model)
+    assert report.accepted == (not torch.equal(before, after)) and report.metric_before == pytest.approx(
+        task.evaluate(before[None], val, [metric])[metric][0].item())
+    assert torch.isfinite(after).all()

@@ -26,7 +26,7 @@ from .control import ControlData, ControlTask
 from .datasets import load_cifar10, load_mnist, tensors_from
 from .mnist_cnn import MnistCNN
 from .mnist_mlp import MnistMLP
-from .registry import get, names, register, source_of
+from .registry import for_generator, get, names, register, source_of
 from .supervised import ClassificationData, SupervisedTask, cross_entropy
 
 for _task in (MnistMLP, MnistCNN, Cifar10CNN, CartPoleMLP):
@@ -38,5 +38,5 @@ CartPoleData = ControlData
 __all__ = [
     "MLP", "CartPoleData", "CartPoleMLP", "Cifar10CNN", "ClassificationData", "ControlData", "ControlTask",
     "Metric", "MnistCNN", "MnistData", "MnistMLP", "SupervisedTask", "Task", "batched_forward",
-    "cross_entropy", "get", "load_cifar10", "load_mnist", "names", "register", "source_of", "tensors_from",
+    "cross_entropy", "for_generator", "get", "load_cifar10", "load_mnist", "names", "register", "source_of", "tensors_from",
 ]

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
-from ..errors import UnknownTaskError
+from ..errors import ConfigError, UnknownTaskError
 from .base import Task
 
 ENTRY_POINT_GROUP = "learned_opt.tasks"
@@ -134,4 +134,38 @@ def _instantiate(cls, ref: str) -> Task:
         raise UnknownTaskError(f"cannot create task {ref!r}: {exc}") from None
     if not isinstance(getattr(task, "name", None), str) or not task.name:
         raise UnknownTaskError(f"task {ref!r} needs a class attribute name = '...'")
+    return task
+
+
+def for_generator(gen, override: str | Task | None = None, *, kind: str | None = None, what: str = "this command") -> Task:
+    """The task a generator serves: ``override`` (a ``--task``) if given, else the registered task
+    its manifest names, else the file or module the manifest records it was loaded from.
+
+    ``kind`` (``"supervised"`` / ``"control"``) refuses tasks of the other kind, naming ``what``
+    needs it. Raises :class:`ConfigError` saying what to do when the task cannot be found, is of
+    another kind, or has another network than the generator's.
+    """
+    from ..layout import compare_signatures
+
+    if override is not None:
+        task = get(override)
+    else:
+        source = (gen.manifest.get("corpus") or {}).get("task_source") if isinstance(gen.manifest, dict) else None
+        try:
+            task = get(gen.task)
+        except UnknownTaskError:
+            if not source:
+                raise ConfigError(f"generator {gen.name!r} is for task {gen.task!r}, which is not registered "
+                                       "here; name it with --task path/to/file.py:ClassName") from None
+            try:
+                task = get(source)
+            except UnknownTaskError as exc:
+                raise ConfigError(f"generator {gen.name!r} is for task {source}, which cannot be loaded now "
+                                       f"({exc}); name it with --task path/to/file.py:ClassName") from None
+    if kind is not None and task.kind != kind:
+        raise ConfigError(f"{what} measures {kind} tasks; {task.name!r} is a {task.kind} task")
+    diffs = compare_signatures(gen.layout.signature, task.signature)
+    if diffs:
+        raise ConfigError(f"generator {gen.name!r} (task {gen.task!r}) does not fit the network of task "
+                          f"{task.name!r}: {'; '.join(diffs[:3])}; pass that task's generator or --task")
     return task

@@ -13,9 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from learned_opt import __version__, tasks
-from learned_opt.errors import ConfigError, UnknownTaskError
+from learned_opt.errors import ConfigError
 from learned_opt.fileio import atomic_write
-from learned_opt.layout import compare_signatures
 from learned_opt.pretrained import LoadedGenerator, load_generator
 
 from ..evaluate import init_params
@@ -119,23 +118,9 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
 
 
 def bench_task(gen: LoadedGenerator, task: str | None = None) -> tasks.Task:
-    """The task ``gen`` was trained for (``task`` names it where the manifest's is not registered here);
+    """The task ``gen`` was trained for (``task`` names it where the manifest's cannot be found);
     refused unless it is supervised and its network is the generator's."""
-    try:
-        found = tasks.get(task or gen.task)
-    except UnknownTaskError:
-        if task:
-            raise
-        raise ConfigError(f"generator {gen.name!r} is for task {gen.task!r}, which is not registered here; "
-                          f"name it with --task path/to/file.py:ClassName") from None
-    if found.kind != "supervised":
-        raise ConfigError(f"bench measures supervised tasks (a training loop with minibatches); {found.name!r} "
-                          f"is a {found.kind} task")
-    diffs = compare_signatures(gen.layout.signature, found.layout().signature)
-    if diffs:
-        raise ConfigError(f"generator {gen.name!r} (task {gen.task!r}) does not fit the network of task "
-                          f"{found.name!r}: {'; '.join(diffs[:3])}; pass that task's generator or --task")
-    return found
+    return tasks.for_generator(gen, task, kind="supervised", what="bench")
 
 
 MODE_RUNNERS: dict[str, Callable[[BenchConfig, Any], dict]] = {"periodic": run_periodic}

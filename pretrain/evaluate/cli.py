@@ -27,6 +27,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--store", default=None,
                         help="corpus store for the memorisation and denoising checks (both skipped without)")
     parser.add_argument("--out", required=True, help="folder for eval.json and the PNG plots")
+    parser.add_argument("--task", default=None,
+                        help="the generator's task, where its manifest names one that cannot be found: "
+                             "path/to/file.py:ClassName or package.module:ClassName")
     parser.add_argument("--data-root", default=None,
                         help="dataset root (default: $LEARNED_OPT_DATA; cartpole-mlp needs none and ignores it)")
     parser.add_argument("--inits", type=int, default=20, help="fresh initialisations (default: 20)")
@@ -52,7 +55,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = EvalConfig(
-        generator=args.generator, out=args.out, store=args.store, data_root=args.data_root, inits=args.inits,
+        generator=args.generator, out=args.out, task=args.task, store=args.store, data_root=args.data_root, inits=args.inits,
         seed=args.seed, sampling_steps=args.sampling_steps, method=args.method, t_min=args.t_min,
         candidates=args.candidates, holdout=args.holdout, max_steps=args.max_steps,
         max_env_steps=args.max_env_steps, prompts=args.prompts, repeats=args.repeats, memo_runs=args.memo_runs,

@@ -23,6 +23,7 @@ class EvalConfig:
 
     generator: str  # registry name or manifest path
     out: str = "eval"
+    task: str | None = None  # the generator's task where its manifest's cannot be found ("file.py:Class")
     store: str | None = None  # corpus store for the memorisation and denoising checks (skipped when None)
     data_root: str | None = None
     inits: int = 20

@@ -32,7 +32,7 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
     """Run every section; returns the results (also written to ``out/eval.json``)."""
     t_start = time.perf_counter()
     gen = load_generator(config.generator, device=config.device)
-    task = tasks.get(gen.task)
+    task = tasks.for_generator(gen, config.task)
     suite = suite_for(task)
     suite.check(task, config)
     if data is None:

@@ -9,8 +9,7 @@ from numbers import Real
 
 import torch
 
-from .errors import ConfigError, GenerationError
-from .layout import check_signature
+from .errors import ArchitectureMismatchError, ConfigError, GenerationError
 from .pretrained import LoadedGenerator
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # prefixes that DDP and torch.compile add to names
@@ -119,14 +118,37 @@ def flat_params(params: list) -> tuple[list[torch.Tensor], list[str] | None]:
 
 
 def check_architecture(gen: LoadedGenerator, tensors: list[torch.Tensor], names: list[str] | None) -> None:
+    """:class:`ArchitectureMismatchError` unless the parameters have the generator's shapes, in order.
+
+    Names are labels only (``nn.Sequential`` calls its first layer ``1.weight``, an MLP class
+    ``fc1.weight``): shapes in order are what a generator samples. The message names the user's
+    parameters by their own names (by position when given ``model.parameters()``) and says how to
+    make a generator for their model.
+    """
     expected = gen.layout.signature
-    if names is None:  # positional: take the generator's names for the shapes we were given
-        exp_names = [n for n, _ in expected]
-        names = [exp_names[i] if i < len(exp_names) else f"<extra parameter #{i}>" for i in range(len(tensors))]
-    else:
-        names = [_strip_prefix(n) for n in names]
-    actual = tuple((n, tuple(t.shape)) for n, t in zip(names, tensors))
-    check_signature(expected, actual, what=f"the parameters given to GptOptimizer (generator {gen.name!r})")
+    given = [_strip_prefix(n) for n in names] if names is not None else [f"parameter #{i}" for i in range(len(tensors))]
+    shapes = [tuple(t.shape) for t in tensors]
+    if shapes == [shape for _, shape in expected]:
+        return
+    diffs = []
+    for i in range(max(len(shapes), len(expected))):
+        if i >= len(expected):
+            diffs.append(f"{given[i]} {list(shapes[i])} is one more than the generator's {len(expected)} parameters")
+        elif i >= len(shapes):
+            diffs.append(f"missing a parameter like the generator's {expected[i][0]} {list(expected[i][1])}")
+        elif shapes[i] != expected[i][1]:
+            diffs.append(f"{given[i]} has shape {list(shapes[i])} where the generator's {expected[i][0]} has "
+                         f"{list(expected[i][1])}")
+    lines = "\n  - ".join(diffs[:8] + ([f"... {len(diffs) - 8} more"] if len(diffs) > 8 else []))
+    raise ArchitectureMismatchError(
+        f"the parameters given to GptOptimizer do not fit generator {gen.name!r} (made for task {gen.task!r}, "
+        f"{gen.layout.num_params:,} parameters; yours: {sum(math.prod(s) for s in shapes):,}):\n  - {lines}\n"
+        "A generator serves one architecture. To make one for yours, describe it as a task in a file "
+        "(docs/your-own-model.md), then:\n"
+        "  learned-opt corpus --task my_task.py:MyTask --runs 1000 --out corpus/ --data-root DATA\n"
+        "  learned-opt train --store corpus/ --out gen/\n"
+        "and pass generator='gen/<task name>.json'."
+    )
 
 
 def _strip_prefix(name: str) -> str:

@@ -103,14 +103,14 @@ def test_invalid_configurations_raise_clear_errors(gen, make, error, message):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda: MLP((8, 7, 3)).parameters(), "has shape \\[7, 8\\], expected \\[6, 8\\]"),
-        (lambda: list(toy_model().parameters())[:-1], "missing parameter 'fc2.bias'"),
-        (lambda: [*toy_model().parameters(), nn.Parameter(torch.zeros(2))], "unexpected parameter"),
-        (lambda: list(toy_model().parameters())[::-1], "fc1.weight"),
-        (lambda: list(toy_model().named_parameters())[::-1], "in order"),
-        (lambda: [(f"x.{n}", p) for n, p in toy_model().named_parameters()], "missing parameter 'fc1.weight'"),
+        (lambda: MLP((8, 7, 3)).parameters(), "parameter #0 has shape \\[7, 8\\] where the generator's fc1.weight has \\[6, 8\\]"),
+        (lambda: list(toy_model().parameters())[:-1], "missing a parameter like the generator's fc2.bias"),
+        (lambda: [*toy_model().parameters(), nn.Parameter(torch.zeros(2))], "one more than the generator's 4"),
+        (lambda: list(toy_model().parameters())[::-1], "parameter #0 has shape \\[3\\] where the generator's fc1.weight"),
+        (lambda: list(toy_model().named_parameters())[::-1], "fc2.bias has shape \\[3\\] where the generator's fc1.weight"),
+        (lambda: [(f"conv{i}.weight", p) for i, p in enumerate(MLP((8, 7, 3)).parameters())], "conv0.weight has shape"),
     ],
-    ids=["width", "missing", "extra", "order", "named order", "names"],
+    ids=["width", "missing", "extra", "order", "named order", "the user's names"],
 )
 def test_architecture_mismatch_fails_before_touching_anything(gen, make, message):
     params = list(make())
@@ -119,6 +119,20 @@ def test_architecture_mismatch_fails_before_touching_anything(gen, make, message
     with pytest.raises(ArchitectureMismatchError, match=message):
         GptOptimizer(params, gen)
     assert all(torch.equal(t, b) and t.grad is None for t, b in zip(tensors, before))
+
+
+def test_names_are_labels_shapes_in_order_are_the_architecture(gen):
+    sequential = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 3))  # "0.weight", ... vs "fc1.weight"
+    GptOptimizer(sequential.named_parameters(), gen)
+    GptOptimizer([(f"x.{n}", p) for n, p in toy_model().named_parameters()], gen)
+
+
+def test_the_mismatch_error_says_how_to_make_a_generator(gen):
+    with pytest.raises(ArchitectureMismatchError) as info:
+        GptOptimizer(MLP((8, 7, 3)).parameters(), gen)
+    message = str(info.value)
+    assert "learned-opt corpus --task" in message and "learned-opt train --store" in message
+    assert "docs/your-own-model.md" in message
 
 
 def test_wrapped_model_names_are_accepted(gen):

@@ -7,8 +7,9 @@ A task is named on the command line (``--task``) and in Python (:func:`get`) in 
 * ``path/to/file.py:ClassName``: a :class:`~learned_opt.tasks.Task` subclass in a file;
 * ``package.module:ClassName``: one in an importable module.
 
-A task loaded from a file or module is registered under its ``name`` for the rest of the process;
-a name that is already taken by another task is refused. :func:`source_of` gives the string that
+A task loaded from a file or module is registered under its ``name`` for the rest of the process
+(loading another file with a task of that name replaces it); the name of a package's task or an
+installed one is refused. :func:`source_of` gives the string that
 finds a task again (what a corpus store records, so that ``learned-opt train`` needs no ``--task``).
 """
 
@@ -28,6 +29,7 @@ ENTRY_POINT_GROUP = "learned_opt.tasks"
 
 _REGISTRY: dict[str, Callable[[], Task]] = {}
 _SOURCES: dict[str, str] = {}  # name -> "file.py:Class" / "module:Class" for tasks loaded by reference
+_LOADED_BY_REFERENCE: set[str] = set()  # names a file or module registered (the latest load wins)
 
 
 def register(name: str, factory: Callable[[], Task], source: str | None = None) -> None:
@@ -118,10 +120,12 @@ def _load_reference(ref: str) -> Task:
         raise UnknownTaskError(f"{where!r} has no class {cls_name!r}; tasks defined there: {', '.join(found) or 'none'}")
     task = _instantiate(cls, ref)
     known = _REGISTRY.get(task.name)
-    if known is not None and _SOURCES.get(task.name) != source:
+    if known is not None and known is not cls and task.name not in _LOADED_BY_REFERENCE:
         raise UnknownTaskError(f"task {ref!r} is named {task.name!r}, which is already a registered task; "
                                "give your task another name")
-    register(task.name, lambda: _instantiate(cls, ref), source)
+    if known is not cls:  # a registered class named by its module is that task; a user's file may be reloaded
+        register(task.name, cls, source)
+        _LOADED_BY_REFERENCE.add(task.name)
     return task
 
 

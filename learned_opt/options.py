@@ -47,7 +47,7 @@ def parse_device(spec: str, *, local_rank: int = 0, option: str = "--device") ->
 def check_seed(seed: int, count: int = 1, *, option: str = "--seed") -> None:
     """Refuse a seed for which ``seed .. seed + count - 1`` (one per run or init) is not a valid torch seed."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 or seed + max(count, 1) > SEED_LIMIT:
-        span = f" (and {option} + {count - 1} for the last one)" if count > 1 else ""
+        span = f" (it seeds {count:,} runs or inits, {option} to {option} + {count - 1:,}, all below 2**63)" if count > 1 else ""
         raise ConfigError(f"{option} must be an integer from 0 to {SEED_LIMIT - max(count, 1):,}{span}, got {seed!r}")
 
 

@@ -116,3 +116,24 @@ def test_a_save_that_fails_midway_keeps_the_previous_checkpoint(store_dir, tmp_p
         train(tiny(store_dir, out, resume=True))
     assert file_hash(out / CHECKPOINT_NAME) == before
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_all_ranks_stop_together_when_one_rank_diverges(store_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "out"
+    worker = Path(__file__).with_name("ddp_train_faults_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(worker), str(store_dir), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert "diverged by step 3" in (out / f"stopped-rank{rank}.txt").read_text()
+    state = load_checkpoint(out / CHECKPOINT_NAME)
+    assert state["step"] == 2 and nonfinite_tensors(state) == []

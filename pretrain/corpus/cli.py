@@ -7,6 +7,7 @@ import os
 
 from learned_opt import tasks
 from learned_opt.errors import LearnedOptError, StoreError
+from learned_opt.options import parse_device
 
 from ..store import Store
 from .build import build_corpus, check_settings, corpus_settings, family_for
@@ -28,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override every run's epochs")
     parser.add_argument("--gpt-recipe", action="store_true",
                         help="G.pt's recipe for every run: SGD Nesterov 0.9, lr 0.1, wd 5e-4, batch 128, 25 epochs")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     parser.add_argument("--train-examples", type=int, default=None,
                         help="train on the first N training examples only (quick corpora, tests)")
     parser.add_argument("--checkpoints", type=int, default=200, help="checkpoints per run (default: 200)")
@@ -72,6 +73,9 @@ def main(args: argparse.Namespace) -> int:
         device=args.device, train_examples=args.train_examples, checkpoints=args.checkpoints,
         progress=not args.no_progress, env_steps=args.env_steps, gradient=args.gradient,
     )
+    config.validate()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    config.device = str(parse_device(config.device, local_rank=local_rank))  # plain cuda: this process's GPU
     if args.lr_range is not None:
 
         try:
@@ -83,8 +87,6 @@ def main(args: argparse.Namespace) -> int:
     if distributed and not dist.is_initialized():
         dist.init_process_group("gloo")
     rank = dist.get_rank() if distributed else 0
-    if config.device == "cuda" and distributed:
-        config.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     try:
         task = tasks.get(config.task)
         family_for(task).check(config)

@@ -5,9 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from learned_opt.errors import ConfigError
+from learned_opt.options import check_seed
 from learned_opt.tasks import Task
 
 from .plan import HParamRanges
+
+
+# Ceilings of a plan, checked before anything is planned or allocated:
+MAX_RUNS = 1_000_000  # every run's plan (seed, hyperparameters, checkpoint steps) is made before training starts
+MAX_EPOCHS = 10_000  # a run's checkpoint steps are drawn from a permutation of all its steps: 10,000 epochs of
+                     # 60,000 examples at batch 32 are already 18.75 million steps (150 MB per run)
 
 
 @dataclass
@@ -32,6 +40,14 @@ class CorpusConfig:
     env_steps: int | None = None  # control: overrides every run's environment steps
     ppo_ranges: Any = None  # control: a PPORanges (None: the task's corpus_ranges or the defaults)
     ppo_shape: Any = None  # control: a PPOShape (None: the corpus default)
+
+    def validate(self) -> None:
+        """Refuse (:class:`ConfigError`) run counts, epochs and seeds that cannot be planned."""
+        for option, value, ceiling in (("--runs", self.runs, MAX_RUNS), ("--epochs", self.epochs, MAX_EPOCHS)):
+            if value is not None and value > ceiling:
+                raise ConfigError(f"{option} {value:,} is more than this builder plans: at most {ceiling:,} "
+                                  "(every run is planned, with all its steps, before training starts)")
+        check_seed(self.seed, max(self.runs, 1))  # run r has seed SEED + r
 
 
 @dataclass

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from learned_opt.options import check_out_dir, check_seed, parse_device
+
 from .config import EvalConfig
 from .report import format_summary
 from .run import evaluate_generator
@@ -48,18 +50,22 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--denoise-runs", type=int, default=64,
                         help="held-out corpus runs (the generator's split) of the denoising check; "
                              "0: skip (default: 64)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
 
 
 def main(args: argparse.Namespace) -> int:
+    # checked here, before the generator is loaded and anything is written
+    device = str(parse_device(args.device))
+    check_out_dir(args.out)
+    check_seed(args.seed, max(args.inits, 1))  # init i has seed SEED + i
     config = EvalConfig(
         generator=args.generator, out=args.out, task=args.task, store=args.store, data_root=args.data_root, inits=args.inits,
         seed=args.seed, sampling_steps=args.sampling_steps, method=args.method, t_min=args.t_min,
         candidates=args.candidates, holdout=args.holdout, max_steps=args.max_steps,
         max_env_steps=args.max_env_steps, prompts=args.prompts, repeats=args.repeats, memo_runs=args.memo_runs,
-        memo_checkpoints=args.memo_checkpoints, denoise_runs=args.denoise_runs, device=args.device,
+        memo_checkpoints=args.memo_checkpoints, denoise_runs=args.denoise_runs, device=device,
         progress=not args.no_progress, plots=not args.no_plots,
     )
     result = evaluate_generator(config)

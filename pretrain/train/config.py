@@ -11,6 +11,7 @@ from learned_opt.diffusion import DiffusionConfig
 from learned_opt.errors import ConfigError, TrainingError
 from learned_opt.generator import PRESETS
 from learned_opt.layout import SCHEMES
+from learned_opt.options import check_seed
 
 from ..dataset import PairConfig
 
@@ -75,7 +76,8 @@ class TrainConfig:
 
     def validate(self, world: int = 1) -> None:
         """Raise :class:`ConfigError` for values that cannot work."""
-        positive = ("steps", "batch_size", "chunk_size", "log_every", "checkpoint_every", "diffusion_steps", "max_gap")
+        positive = ("steps", "batch_size", "chunk_size", "log_every", "checkpoint_every", "diffusion_steps", "max_gap",
+                    "eval_batches")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)!r}")
@@ -83,6 +85,15 @@ class TrainConfig:
             raise ConfigError("no corpus given: pass --store DIR (a store built by `learned-opt corpus`)")
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown --preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        for f in fields(self):  # nan or inf in any number (--weight-decay nan would train to NaN weights)
+            value = getattr(self, f.name)
+            numbers = value if isinstance(value, (tuple, list)) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                raise ConfigError(f"--{f.name.replace('_', '-')} must be a finite number, got {value}")
+        check_seed(self.seed)
+        if self.name is not None and not is_plain_name(self.name):
+            raise ConfigError(f"--name {self.name!r} must be a plain file name (no '/', '\\' or NUL, not starting "
+                              "with '.'): the export writes NAME.json and NAME.safetensors into --out")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"--lr must be a positive number, got {self.lr}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.warmup < 0 or self.eval_every < 0:
@@ -126,6 +137,24 @@ class TrainConfig:
 
     def diffusion_config(self) -> DiffusionConfig:
         return DiffusionConfig(num_steps=self.diffusion_steps, schedule=self.schedule)
+
+
+MAX_BATCH_FLOATS = 2**33  # batch size x parameters per network: one batch tensor of 32 GiB in float32
+
+
+def check_batch_size(batch_size: int, num_params: int) -> None:
+    """Refuse a batch whose tensors (pairs x parameters, several of them per step) cannot be held."""
+    if batch_size * num_params > MAX_BATCH_FLOATS:
+        raise ConfigError(
+            f"--batch-size {batch_size:,} of {num_params:,}-parameter networks makes batch tensors of "
+            f"{batch_size * num_params:,} floats; at most {MAX_BATCH_FLOATS:,} (32 GiB each) are allowed: "
+            f"use --batch-size {max(1, MAX_BATCH_FLOATS // num_params):,} or less"
+        )
+
+
+def is_plain_name(name: str) -> bool:
+    """Whether ``name`` is a file name that stays in its folder (what an export may be called)."""
+    return bool(name) and not any(c in name for c in "/\\\0") and not name.startswith(".")
 
 
 # Settings a resumed job may change; every other field must equal the checkpoint's.

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from learned_opt.errors import ConfigError
+from learned_opt.options import parse_device
 
 
 @dataclass
@@ -30,16 +30,7 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     """Join the torchrun job when there is one (gloo on CPU, NCCL on CUDA) and pick the device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ConfigError(f"unknown --device {device!r}: use cpu, cuda, cuda:N or auto") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device} asked for, but CUDA is not available here: use --device cpu or auto")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)  # "cuda": this process's own GPU
+    dev = parse_device(device, local_rank=local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world == 1 and not dist.is_initialized():

@@ -9,6 +9,8 @@ from learned_opt.diffusion import DiffusionConfig
 from learned_opt.generator import GptConfig, build_generator
 from learned_opt.layout import Layout, signature_from_json
 from learned_opt.normalization import Normalization
+from learned_opt.errors import ConfigError
+from .config import is_plain_name
 from .outputs import load_checkpoint
 
 
@@ -18,6 +20,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
     from learned_opt import tasks
     from learned_opt.pretrained import save_generator
 
+    if name is not None and not is_plain_name(name):
+        raise ConfigError(f"--name {name!r} must be a plain file name (no '/', '\\' or NUL, not starting with '.')")
     path = Path(checkpoint)
     state = load_checkpoint(path)
     cfg, corpus = state["config"], state["corpus"]

@@ -42,6 +42,25 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
+def nonfinite_tensors(tree, prefix: str = "") -> list[str]:
+    """The names (``model.x.weight``, ``optimizer.state.3.exp_avg``, ...) of the floating-point
+    tensors in a nest of dicts and lists that hold NaN or ±inf."""
+    if isinstance(tree, torch.Tensor):
+        return [prefix] if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else []
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    return [name for k, v in items for name in nonfinite_tensors(v, f"{prefix}.{k}" if prefix else str(k))]
+
+
+def refuse_nonfinite_checkpoint(state: dict, path: Path) -> None:
+    """Refuse to resume a checkpoint whose weights, EMA or optimizer state hold NaN or ±inf."""
+    bad = nonfinite_tensors({k: state.get(k) for k in ("model", "ema", "optimizer")})
+    if bad:
+        raise TrainingError(
+            f"cannot resume {path}: it holds non-finite values ({', '.join(bad[:3])}"
+            f"{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}); restore it from a copy or train into a new --out"
+        )
+
+
 def hardware_summary(info: DistInfo) -> dict:
     """Where training ran, for the manifest."""
     dev = info.device

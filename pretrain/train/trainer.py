@@ -23,6 +23,7 @@ from learned_opt.errors import ConfigError, TrainingError
 from learned_opt.generator import Gpt, GptConfig, build_generator, get_config
 from learned_opt.layout import Layout, signature_to_json
 from learned_opt.normalization import Normalization
+from learned_opt.options import check_out_dir
 from learned_opt.pretrained import load_generator
 
 from ..dataset import PairBatch, PairSampler, Split, StepBatches, open_pairs, open_store, seeded_generator
@@ -33,6 +34,7 @@ from .config import (
     LOG_NAME,
     PLOT_NAME,
     TrainConfig,
+    check_batch_size,
     check_resumable,
     with_defaults,
 )
@@ -46,6 +48,7 @@ from .outputs import (
     hardware_summary,
     load_checkpoint,
     plot_losses,
+    refuse_nonfinite_checkpoint,
     truncate_log,
 )
 
@@ -91,6 +94,7 @@ class Trainer:
     def __init__(self, config: TrainConfig, info: DistInfo, command: str) -> None:
         config = dataclasses.replace(config)  # task and metric get resolved below
         config.validate(info.world)
+        check_out_dir(config.out)
         self.info, self.out = info, Path(config.out)
         self.ckpt_path, self.log_path = self.out / CHECKPOINT_NAME, self.out / LOG_NAME
         self.notes: list[str] = []
@@ -104,6 +108,7 @@ class Trainer:
                     "or choose another --out"
                 )
             state = load_checkpoint(self.ckpt_path)
+            refuse_nonfinite_checkpoint(state, self.ckpt_path)
             if config.init_from is not None:  # what a fine-tune took from its source, as it took it
                 saved = with_defaults(state["config"], TrainConfig)
                 given = set(explicit_settings(config, ADOPTED_FIELDS))  # anything else asked for is refused below
@@ -126,6 +131,7 @@ class Trainer:
             split=split, normalization=normalization,
         )
         self.notes += self.corpus.notes
+        check_batch_size(config.batch_size, self.corpus.store.num_params)
         if source is not None and self.corpus.store.signature != source.layout.signature:
             raise ConfigError(f"--init-from {config.init_from!r} generates {source.layout.num_params}-parameter networks "
                               f"of another shape than the store's; fine-tune on a corpus of its task's model")
@@ -185,6 +191,7 @@ class Trainer:
         self.ema = Ema(self.model, config.ema_decay)
         self.opt, self.sched = make_optimizer(self.model, config)
         self.step, self.wall_before, self.commands, self.last = 0, 0.0, [command], {}
+        self.saved_step = int(state["step"]) if state else None  # the checkpoint on disk, kept if training diverges
         if state:
             self.model.load_state_dict(state["model"])
             self.ema.module.load_state_dict(state["ema"])
@@ -210,6 +217,7 @@ class Trainer:
             task = self.corpus.task
             self.matching_inputs = task.matching_inputs(task.load_data(config.data_root)).to(info.device)
         self.divergence = torch.zeros((), dtype=torch.float64, device=info.device)  # summed between log records
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=info.device)  # non-finite losses/grad norms seen
         self.use_amp = config.amp and info.device.type == "cuda"
         self.t_start = time.perf_counter()
 
@@ -243,13 +251,29 @@ class Trainer:
                 t_probs=self.t_probs, extra=self.matching_loss if self.matching_inputs is not None else None,
             )
         loss.backward()
+        self.nonfinite += ~torch.isfinite(loss.detach())  # checked (and reduced over ranks) before any log or save
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         self.ema.update(self.model, self.step)
+        self.nonfinite += ~torch.isfinite(grad_norm.detach())
         return loss.detach(), grad_norm.detach()
+
+    def stop_if_diverged(self) -> None:
+        """Raise :class:`TrainingError` on every rank if any rank met a non-finite loss or gradient
+        since the last check, or holds non-finite weights: a count reduced over ranks, so that all
+        stop together, before the log record or checkpoint that would carry the NaN."""
+        weights = [(~torch.isfinite(p.detach())).sum() for p in (*self.model.parameters(), *self.ema.module.parameters())]
+        if float(mean_over_ranks((self.nonfinite + torch.stack(weights).sum()).double(), self.info)) == 0:
+            return
+        kept = (f"the checkpoint of step {self.saved_step} in {self.out} is kept" if self.saved_step is not None
+                else "no checkpoint was written")
+        raise TrainingError(
+            f"training diverged by step {self.step}: a non-finite loss, gradient or weight; {kept}. "
+            "Lower --lr (or set --grad-clip) and train into a new --out"
+        )
 
     @torch.no_grad()
     def heldout_loss(self) -> dict[str, float]:
@@ -304,10 +328,11 @@ class Trainer:
     def save(self) -> None:
         state = self.checkpoint()  # on every rank: the RNG gather is a collective
         if self.info.is_main:
-            atomic_torch_save(state, self.ckpt_path)
+            atomic_torch_save(state, self.ckpt_path)  # temp file, fsync, rename: the old one stays until then
             note = plot_losses(self.log_path, self.out / PLOT_NAME)
             if note and note not in self.notes:
                 self.notes.append(note)
+        self.saved_step = self.step
 
     # ------------------------------------------------------------------ the loop
 
@@ -344,7 +369,10 @@ class Trainer:
                 bar.update(1)
                 step = self.step
                 evaluate = has_heldout and (step == end or (cfg.eval_every and step % cfg.eval_every == 0))
-                if step % cfg.log_every == 0 or step == end or evaluate:
+                log = step % cfg.log_every == 0 or step == end or evaluate
+                if log or step % cfg.checkpoint_every == 0:
+                    self.stop_if_diverged()
+                if log:
                     now = time.perf_counter()
                     self.last = {
                         "step": step,

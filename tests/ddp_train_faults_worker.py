@@ -1,0 +1,36 @@
+"""Run under torchrun by test_train_faults: rank 1 alone goes non-finite at step 3; every rank
+must stop with the same TrainingError (a flag reduced over ranks), writing ``stopped-rankN.txt``."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from learned_opt.errors import TrainingError
+from pretrain.train import TrainConfig, train, trainer
+
+real = trainer.Trainer.train_step
+
+
+def train_step(self, batch):
+    out = real(self, batch)
+    if self.step == 3 and self.info.rank == 1:
+        with torch.no_grad():
+            next(self.model.parameters()).fill_(math.nan)
+    return out
+
+
+if __name__ == "__main__":
+    store, out = sys.argv[1:3]
+    torch.set_num_threads(1)
+    trainer.Trainer.train_step = train_step
+    cfg = TrainConfig(store=store, out=out, steps=4, batch_size=4, warmup=1, log_every=1, eval_every=2,
+                      eval_batches=1, checkpoint_every=2, diffusion_steps=50, export=False)
+    try:
+        train(cfg)
+    except TrainingError as exc:
+        Path(out, f"stopped-rank{os.environ['RANK']}.txt").write_text(str(exc))

@@ -1,0 +1,120 @@
+"""Bad command-line values are one-line errors (exit code 2) that write nothing and lose nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_helpers import make_store
+
+from learned_opt import cli
+from learned_opt.errors import ConfigError
+from learned_opt.options import parse_device
+from pretrain.train import CHECKPOINT_NAME
+
+NO_CUDA = not torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-errors") / "store"
+    make_store(root, runs=4, checkpoints=5)
+    return root
+
+
+def one_line_error(argv, capsys, command: str, match: str) -> None:
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith(f"learned-opt {command}: error: ") and err.count("\n") == 1, err
+    assert match in err, err
+
+
+def test_device_validator_accepts_cpu_and_auto_and_refuses_the_rest():
+    assert parse_device("cpu") == torch.device("cpu")
+    assert parse_device("auto").type == ("cpu" if NO_CUDA else "cuda")
+    for bad in ("nonsense", "meta", "mps", "", "cuda:99"):
+        if bad == "cuda:99" and NO_CUDA:
+            continue
+        with pytest.raises(ConfigError, match="--device"):
+            parse_device(bad)
+
+
+CORPUS_CASES = [
+    (["--device", "nonsense"], "unknown --device 'nonsense'"),
+    (["--device", "meta"], "--device 'meta' is not supported"),
+    pytest.param(["--device", "cuda"], "CUDA is not available", marks=pytest.mark.skipif(not NO_CUDA, reason="has CUDA")),
+    (["--seed", str(2**64)], "--seed must be an integer from 0"),
+    (["--seed", "-1"], "--seed must be an integer from 0"),
+    (["--seed", str(2**63 - 1)], "--seed must be an integer from 0"),  # run 1 would need 2**63
+    (["--epochs", "100000000000"], "--epochs 100,000,000,000 is more than this builder plans: at most 10,000"),
+    (["--runs", "1000000000"], "--runs 1,000,000,000 is more than this builder plans: at most 1,000,000"),
+]
+
+
+@pytest.mark.parametrize("extra, match", CORPUS_CASES)
+def test_corpus_refuses_bad_values_before_creating_the_store(tmp_path, capsys, extra, match):
+    out = tmp_path / "store"
+    argv = ["corpus", "--task", "mnist-mlp", "--runs", "2", "--epochs", "1", "--train-examples", "64",
+            "--checkpoints", "3", "--out", str(out), "--no-progress", "--data-root", str(tmp_path / "no-data")]
+    one_line_error(argv + extra, capsys, "corpus", match)
+    assert not out.exists()
+
+
+TRAIN_CASES = [
+    (["--device", "nonsense"], "unknown --device"),
+    (["--device", "meta"], "not supported"),
+    (["--seed", str(2**64)], "--seed must be an integer from 0"),
+    (["--seed", "-1"], "--seed must be an integer from 0"),
+    (["--batch-size", "100000000"], "--batch-size 100,000,000 of"),
+    (["--name", "../escape"], "--name '../escape' must be a plain file name"),
+    (["--name", ".hidden"], "must be a plain file name"),
+    (["--eval-batches", "0"], "--eval-batches must be a positive integer"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number"),
+]
+
+
+@pytest.mark.parametrize("extra, match", TRAIN_CASES)
+def test_train_refuses_bad_values_before_writing(store_dir, tmp_path, capsys, extra, match):
+    out = tmp_path / "out"
+    argv = ["train", "--store", str(store_dir), "--out", str(out), "--steps", "2", "--batch-size", "4",
+            "--diffusion-steps", "50"]
+    one_line_error(argv + extra, capsys, "train", match)
+    assert not out.exists()
+
+
+def test_train_and_eval_refuse_an_out_that_is_a_file_and_leave_it_alone(store_dir, tmp_path, capsys):
+    file = tmp_path / "passwd"
+    file.write_text("keep me\n")
+    one_line_error(["train", "--store", str(store_dir), "--out", str(file), "--steps", "2"], capsys, "train",
+                   "exists and is not a folder")
+    one_line_error(["train", "--store", str(store_dir), "--out", str(file / "sub"), "--steps", "2"], capsys,
+                   "train", "which is not a folder")
+    one_line_error(["eval", "--generator", "mnist-mlp", "--out", str(file)], capsys, "eval",
+                   "exists and is not a folder")
+    assert file.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--device", "nonsense"], "unknown --device 'nonsense'"),
+    (["--device", "meta"], "not supported"),
+    (["--seed", "-1"], "--seed must be an integer from 0"),
+])
+def test_eval_refuses_bad_values_before_loading_anything(tmp_path, capsys, extra, match):
+    out = tmp_path / "eval"
+    one_line_error(["eval", "--generator", "no-such-generator", "--out", str(out)] + extra, capsys, "eval", match)
+    assert not out.exists()
+
+
+def test_a_bad_name_is_refused_on_resume_and_at_export_before_any_step(store_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["train", "--store", str(store_dir), "--out", str(out), "--steps", "4", "--batch-size", "4",
+            "--diffusion-steps", "50", "--no-export"]
+    assert cli.main(base + ["--stop-after", "2"]) == 0
+    before = (out / CHECKPOINT_NAME).read_bytes()
+    capsys.readouterr()
+    one_line_error(base + ["--resume", "--name", "../escape"], capsys, "train", "must be a plain file name")
+    one_line_error(["train", "--out", str(out), "--export-only", "--name", "a/b"], capsys, "train",
+                   "must be a plain file name")
+    assert (out / CHECKPOINT_NAME).read_bytes() == before
+    assert not (tmp_path / "escape.json").exists()

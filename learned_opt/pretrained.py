@@ -39,6 +39,7 @@ from .manifest import (
 )
 from .normalization import Normalization
 from .saving import build_manifest, save_generator, sha256_bytes, sha256_file
+from .symmetry import Symmetry
 from .weightsfile import MAX_WEIGHTS_BYTES, check_header, check_regular, compare_shapes, read_header
 
 __all__ = [  # the manifest's constants and the writers are re-exported: they were defined here before
@@ -254,7 +255,9 @@ def _layout(manifest: dict, where: str) -> Layout:
     """The manifest's layout, its token count checked against ``tokenisation.num_tokens``."""
     tok = manifest["tokenisation"]
     try:
-        layout = Layout(signature_from_json(manifest["signature"]), tok.get("chunk_size"), tok.get("scheme", "chunk"))
+        symmetry = Symmetry.from_json(tok["symmetry"]) if tok.get("symmetry") is not None else None
+        layout = Layout(signature_from_json(manifest["signature"]), tok.get("chunk_size"), tok.get("scheme", "chunk"),
+                        symmetry)
         num_tokens = layout.num_tokens
     except (TypeError, ValueError) as exc:  # ArchitectureMismatchError is a ValueError
         raise WeightsError(f"generator {where} has an unusable signature or tokenisation: {exc}") from None

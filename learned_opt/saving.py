@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Mapping
 
 import torch
 
-from .errors import WeightsError
+from .errors import ArchitectureMismatchError, WeightsError
 from .fileio import atomic_write
 from .layout import Layout, signature_to_json
 from .manifest import MANIFEST_FORMAT_VERSION
 from .normalization import Normalization
+from .symmetry import chain_symmetry
 
 if TYPE_CHECKING:
     from .diffusion import DiffusionConfig
@@ -105,7 +106,7 @@ def build_manifest(
         "metric_range": [float(normalization.metric_lo), float(normalization.metric_hi)],
         "best_prompt": float(best_prompt),
         "normalization": normalization.to_dict(),
-        "tokenisation": {"scheme": layout.scheme, "chunk_size": layout.chunk_size, "num_tokens": layout.num_tokens},
+        "tokenisation": tokenisation(layout),
         "model_config": asdict(model.config),
         "diffusion_config": asdict(diffusion) if is_dataclass(diffusion) else dict(diffusion),
         "corpus": dict(corpus or {}),
@@ -116,6 +117,20 @@ def build_manifest(
     if extra:
         manifest["extra"] = dict(extra)
     return manifest
+
+
+def tokenisation(layout: Layout) -> dict:
+    """The manifest's ``tokenisation``: the scheme, and for neuron tokens a unit symmetry that is not
+    the one derived from the signature (a chain of layers derives its own)."""
+    tok = {"scheme": layout.scheme, "chunk_size": layout.chunk_size, "num_tokens": layout.num_tokens}
+    if layout.symmetry is not None:
+        try:
+            derived = chain_symmetry(layout.signature)
+        except ArchitectureMismatchError:  # declared by hand: not a chain of layers
+            derived = None
+        if layout.symmetry != derived:
+            tok["symmetry"] = layout.symmetry.to_json()
+    return tok
 
 
 def save_generator(

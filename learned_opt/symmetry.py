@@ -170,6 +170,8 @@ def chain_symmetry(signature: Signature) -> Symmetry:
     while k < len(sig) and ok:
         name, shape = sig[k]
         ok = len(shape) in (2, 3, 4)
+        if not ok:
+            break
         bias = None
         if ok and k + 1 < len(sig) and sig[k + 1][1] == (shape[0],):
             bias, k = sig[k + 1][0], k + 1

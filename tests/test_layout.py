@@ -119,7 +119,8 @@ def test_neuron_tokens_refuse_what_is_not_a_chain_of_layers():
     conv_mismatch = (("w", (4, 3, 3, 3)), ("b", (4,)), ("w2", (2, 6)), ("b2", (2,)))
     lone = (("w", (4, 3)), ("b", (4,)))
     linear_mismatch = (("w", (4, 3)), ("b", (4,)), ("w2", (2, 8)), ("b2", (2,)))  # a multiple only after a conv
-    for sig in [conv_mismatch, lone, linear_mismatch]:
+    layernorm = (("w", (4, 3)), ("b", (4,)), ("ln.weight", (4,)), ("ln.bias", (4,)), ("w2", (2, 4)), ("b2", (2,)))
+    for sig in [conv_mismatch, lone, linear_mismatch, layernorm]:
         with pytest.raises(ArchitectureMismatchError, match="chain of at least two linear or convolutional"):
             Layout(sig, scheme="neuron")
     with pytest.raises(ValueError, match="token scheme"):

@@ -18,7 +18,8 @@ from learned_opt.tasks.datasets import CIFAR10_MEAN, CIFAR10_STD
 
 from conftest import REPO, data_root
 
-USER_TASKS = [f"{REPO}/examples/custom_mlp.py:Mnist32", f"{REPO}/examples/custom_cnn.py:SmallCNN"]
+USER_TASKS = [f"{REPO}/examples/custom_mlp.py:Mnist32", f"{REPO}/examples/custom_cnn.py:SmallCNN",
+              f"{REPO}/tests/layernorm_task.py:LayerNormMLP"]  # the last declares its symmetry by hand
 TASKS = tasks.names() + USER_TASKS
 
 
@@ -128,7 +129,7 @@ def test_validation_data_is_not_test_data(task):
 @pytest.mark.slow
 def test_corpus_generator_and_update_round_trip(task, tmp_path):
     """A 2-run corpus, a tiny generator trained on it, and one GptOptimizer update of a fresh model."""
-    from learned_opt import GptOptimizer
+    from learned_opt import GptOptimizer, load_generator
     from pretrain.corpus import CorpusConfig, build_corpus
     from pretrain.train import TrainConfig, train
 
@@ -141,6 +142,7 @@ def test_corpus_generator_and_update_round_trip(task, tmp_path):
                                batch_size=4, warmup=1, log_every=1, eval_every=2, eval_batches=1, diffusion_steps=10,
                                tokens="neuron", heldout_fraction=0.5))
     assert result.manifest is not None and result.manifest.name == f"{task.name}.json"
+    assert load_generator(result.manifest).layout == task.layout(scheme="neuron")  # its symmetry travels with it
     torch.manual_seed(0)
     model = task.build_model()
     before = task.layout().flatten_module(model)

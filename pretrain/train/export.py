@@ -7,9 +7,11 @@ from pathlib import Path
 
 from learned_opt.diffusion import DiffusionConfig
 from learned_opt.generator import GptConfig, build_generator
+from learned_opt.errors import ConfigError
 from learned_opt.layout import Layout, signature_from_json
 from learned_opt.normalization import Normalization
-from learned_opt.errors import ConfigError
+from learned_opt.symmetry import Symmetry
+
 from .config import is_plain_name
 from .outputs import load_checkpoint
 
@@ -25,7 +27,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
     path = Path(checkpoint)
     state = load_checkpoint(path)
     cfg, corpus = state["config"], state["corpus"]
-    layout = Layout(signature_from_json(state["signature"]), cfg["chunk_size"], cfg.get("tokens", "chunk"))
+    symmetry = Symmetry.from_json(state["symmetry"]) if state.get("symmetry") else None  # None: derived
+    layout = Layout(signature_from_json(state["signature"]), cfg["chunk_size"], cfg.get("tokens", "chunk"), symmetry)
     diffusion = DiffusionConfig(**state["diffusion_config"])
     model = build_generator(layout, GptConfig(**state["model_config"]), diffusion)
     model.load_state_dict(state["ema"])

@@ -143,7 +143,7 @@ class Trainer:
         self.name = config.name or config.task  # a generator is named for the task it serves
 
         # ---- model, EMA, optimizer, schedule
-        self.layout = Layout(self.corpus.store.signature, config.chunk_size, config.tokens)
+        self.layout = self.corpus.task.layout(config.chunk_size, config.tokens)  # the task's unit symmetry
         # the same initialisation on every rank; train() runs this inside fork_rng, so the
         # caller's global RNG is restored afterwards
         torch.manual_seed(config.seed)
@@ -310,6 +310,7 @@ class Trainer:
             "model_config": asdict(self.model.config),
             "diffusion_config": asdict(self.diffusion.config),
             "signature": signature_to_json(self.layout.signature),
+            "symmetry": self.layout.symmetry.to_json() if self.layout.symmetry is not None else None,
             "normalization": self.corpus.normalization.to_dict(),
             "corpus": self.corpus.summary(),
             "model": self.model.state_dict(),

@@ -111,3 +111,17 @@ def test_a_store_of_another_task_is_refused_and_kept(tmp_path, capsys, mnist_roo
     err = one_line_error(capsys, corpus(tmp_path, "mnist-mlp", "c", "--data-root", str(mnist_root)))
     assert "is a store of task 'user-mnist-16', not 'mnist-mlp'" in err
     assert sorted(p.name for p in (tmp_path / "c" / "runs").iterdir()) == runs  # nothing lost
+
+
+def test_installed_packages_register_tasks_through_entry_points(monkeypatch):
+    from importlib import metadata
+
+    from learned_opt.tasks import registry
+
+    point = metadata.EntryPoint(name="acrobot-from-a-package", value="acrobot_task:AcrobotMLP",
+                                group=registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry.metadata, "entry_points", lambda group: [point] if group == point.group else [])
+    monkeypatch.setattr(registry, "_REGISTRY", {k: v for k, v in registry._REGISTRY.items() if not k.startswith("__")})
+    assert "acrobot-from-a-package" in tasks.names()
+    task = tasks.get("acrobot-from-a-package")
+    assert task.kind == "control" and task.env_id == "Acrobot-v1"

@@ -65,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     )
     run, table, written = DEMOS[demo_kind(config.task)]
     # torch's threads fight any other busy process: on a shared machine a few threads are much faster
-    print(f"torch uses {torch.get_num_threads()} CPU threads (set OMP_NUM_THREADS, e.g. OMP_NUM_THREADS=1, "
+    print(f"torch uses {torch.get_num_threads()} CPU thread(s) (set OMP_NUM_THREADS, e.g. OMP_NUM_THREADS=1, "
           f"on a busy machine)")
     result = run(config)
     print(table(result))

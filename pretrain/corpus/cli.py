@@ -75,9 +75,10 @@ def main(args: argparse.Namespace) -> int:
     )
     config.validate()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if config.device == "auto" and tasks.get(config.task).kind == "control":
-        config.device = "cpu"  # environments step in NumPy: control corpora train on the CPU
-    config.device = str(parse_device(config.device, local_rank=local_rank))  # plain cuda: this process's GPU
+    if tasks.get(config.task).kind == "control":  # environments step in NumPy: control corpora train on the CPU
+        config.device = "cpu" if config.device == "auto" else config.device  # the family refuses any other
+    else:
+        config.device = str(parse_device(config.device, local_rank=local_rank))  # plain cuda: this process's GPU
     if args.lr_range is not None:
 
         try:

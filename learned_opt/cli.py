@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from . import __version__
@@ -26,10 +27,28 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+START_HERE = """\
+Start here: `learned-opt demo` makes one generative update on a random CartPole policy and
+trains the same policy with PPO next to it (offline, nothing to download, seconds on a CPU).
+Then `learned-opt demo --task mnist-mlp --data-root DIR` for MNIST, and `learned-opt COMMAND -h`
+for each command. On a busy machine set OMP_NUM_THREADS (e.g. OMP_NUM_THREADS=1)."""
+
+# reStructuredText roles and literals of docstrings, which --help would print as they are
+_RST_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc):`~?([^`]+)`")
+
+
+def plain_text(text: str) -> str:
+    """``text`` without reStructuredText markup: ``x`` -> x, :func:`~a.b.f` -> f."""
+    text = _RST_ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    return text.replace("``", "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="learned-opt",
         description="Train networks with a generative model of neural-network checkpoints.",
+        epilog=START_HERE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -42,8 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
                 raise
             continue
-        p = sub.add_parser(name, help=help_text, description=module.__doc__.strip().splitlines()[0])
+        p = sub.add_parser(name, help=help_text, description=plain_text(module.__doc__.strip().splitlines()[0]))
         module.configure(p)
+        for action in p._actions:  # argparse keeps no public list; help texts may quote docstrings
+            if action.help and action.help is not argparse.SUPPRESS:
+                action.help = plain_text(action.help)
         p.set_defaults(_main=module.main)
     return parser
 

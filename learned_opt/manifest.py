@@ -113,6 +113,21 @@ def check_fields(m: dict) -> None:
     if not (jsoncheck.is_number(mlp_ratio) and 0 < mlp_ratio <= MAX_MLP_RATIO):
         raise ValueError(f"model_config.mlp_ratio must be a number in (0, {MAX_MLP_RATIO:g}], got {mlp_ratio!r}")
     _check_split(m.get("corpus"))
+    check_input_normalization(m.get("input_normalization"))
+
+
+def check_input_normalization(value: Any) -> None:
+    """``input_normalization``, where present: ``{"mean": [...], "std": [...]}``, one finite number
+    per input channel, every std > 0 (the per-channel normalisation of the corpus's inputs)."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or set(value) != {"mean", "std"}:
+        raise ValueError('input_normalization must be {"mean": [...], "std": [...]}')
+    mean, std = value["mean"], value["std"]
+    if not (isinstance(mean, list) and isinstance(std, list) and 0 < len(mean) == len(std) <= 4096):
+        raise ValueError("input_normalization.mean and .std must be lists of one number per input channel")
+    if not all(map(jsoncheck.is_number, mean + std)) or min(std) <= 0:
+        raise ValueError("input_normalization holds finite numbers, every std above 0")
 
 
 def _check_numbers(value: Any, name: str, keys: tuple[str, ...]) -> None:

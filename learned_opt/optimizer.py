@@ -75,7 +75,9 @@ class GptOptimizer(torch.optim.Optimizer):
     **Metrics.** A metric closure returns the metric the generator is conditioned on
     (``generator.metric_name``, e.g. MNIST test loss) as a number or a one-element tensor (a
     tensor with grad is fine), or a mapping that contains that name. Metric closures run under
-    ``torch.no_grad()``. ``generate(closure)`` calls it before and after the update;
+    ``torch.no_grad()``; torch's usual loss closure (one that calls ``backward()``) is accepted too:
+    it is run with gradients and its loss detached, and ``.grad`` is restored afterwards (a metric
+    closure is cheaper). ``generate(closure)`` calls it before and after the update;
     ``generate(metric=m)`` takes the current value directly, and then there is no guard;
     ``generate(closure, metric=m)`` uses ``m`` as the value before the update and still calls
     the closure after it, for the guard.
@@ -256,7 +258,7 @@ class GptOptimizer(torch.optim.Optimizer):
         if metric is not None:
             before = metric_value(self, metric, "metric=")
         elif closure is not None:
-            before = metric_value(self, call_metric(closure), "the closure")
+            before = metric_value(self, call_metric(closure, self.params), "the closure")
         else:
             raise GenerationError(
                 f"a generative update needs the current {self.generator.metric_name!r}: pass a closure that "
@@ -340,7 +342,7 @@ class GptOptimizer(torch.optim.Optimizer):
     def _measure(self, closure: Callable[[], MetricValue]) -> tuple[float | None, str | None]:
         """The closure's finite metric for the parameters as they are, or None and why not."""
         try:
-            value = metric_value(self, call_metric(closure), "the closure")
+            value = metric_value(self, call_metric(closure, self.params), "the closure")
         except GenerationError:  # NaN/Inf
             return None, f"{self.generator.metric_name} is not finite with the sampled parameters"
         except Exception as exc:  # θ′ broke the closure: restore, count, report

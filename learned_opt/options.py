@@ -7,16 +7,28 @@ does so before anything is written.
 
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
 
 from .errors import ConfigError
 
-__all__ = ["SEED_LIMIT", "parse_device", "check_seed", "check_out_dir"]
+__all__ = ["SEED_LIMIT", "DeprecatedAlias", "parse_device", "check_seed", "check_out_dir"]
 
 SEED_LIMIT = 2**63  # seeds (and seed + i for the i-th run or init) must lie in [0, SEED_LIMIT): torch's int64
+
+
+class DeprecatedAlias(argparse.Action):
+    """An option's old spelling, hidden from --help: stores into the new option's ``dest`` and says
+    on stderr which name to use instead."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        new = "--" + self.dest.replace("_", "-")
+        print(f"{parser.prog}: {option_string} is deprecated here; use {new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def parse_device(spec: str, *, local_rank: int = 0, option: str = "--device") -> torch.device:

@@ -88,6 +88,8 @@ class LoadedGenerator:
         self.metric_name: str = self.manifest["metric"]
         self.metric_direction: str = self.manifest.get("metric_direction", "min")
         self.best_prompt = float(self.manifest["best_prompt"])
+        # {"mean": [...], "std": [...]} per input channel, or None (a control task, an older manifest)
+        self.input_normalization: dict | None = self.manifest.get("input_normalization")
         self.sampling: dict[str, Any] = sampling_from_manifest(self.manifest, diffusion.num_steps)
         lo, hi = self.manifest.get("metric_range", (normalization.metric_lo, normalization.metric_hi))
         self.metric_range: tuple[float, float] = (float(lo), float(hi))
@@ -303,7 +305,8 @@ def _build(manifest: dict, layout: Layout, header: dict, blob: bytes, where: str
 
 
 def list_pretrained() -> list[dict]:
-    """The generators shipped with the package: name, task, metric, architecture, sha256.
+    """The generators shipped with the package: name, task, metric, architecture, the input
+    normalisation its networks expect (``None`` where the task has none), sha256.
 
     Reads manifests only (weights are not hashed or parsed); an unreadable manifest is skipped
     with a warning.
@@ -335,6 +338,7 @@ def list_pretrained() -> list[dict]:
                     "signature": ", ".join(f"{n}{list(s)}" for n, s in sig),
                     "model_config": m["model_config"],
                 },
+                "input_normalization": m.get("input_normalization"),
                 "sha256": m["weights_sha256"],
             }
         )

@@ -139,11 +139,28 @@ def worse(after: float, before: float, direction: str) -> bool:
     return after > before if direction == "min" else after < before
 
 
-def call_metric(closure: Callable[[], MetricValue]) -> MetricValue:
+def call_metric(closure: Callable[[], MetricValue], params: list[torch.Tensor]) -> MetricValue:
     """The closure's value, measured under ``torch.no_grad()``; a grad mode the closure switched
-    on is switched off again when it returns (else restoring θ would fail on leaf tensors)."""
-    with torch.no_grad():
-        return closure()
+    on is switched off again when it returns (else restoring θ would fail on leaf tensors).
+
+    torch's usual loss closure (``zero_grad(); loss = ...; loss.backward(); return loss``) cannot
+    run without gradients: it is run again with them and its loss detached. Either way the
+    parameters' ``.grad`` are left as they were, so an update stays transactional.
+    """
+    grads = [None if p.grad is None else p.grad.clone() for p in params]
+    try:
+        with torch.no_grad():
+            return closure()
+    except RuntimeError as exc:
+        if "does not require grad" not in str(exc):  # not backward() under no_grad: the closure's own error
+            raise
+        with torch.enable_grad():
+            value = closure()
+        return value.detach() if isinstance(value, torch.Tensor) else value
+    finally:
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p.grad = g
 
 
 def load_sample(layout, flat: torch.Tensor, params: list[torch.Tensor]) -> None:

@@ -83,10 +83,12 @@ def build_manifest(
     training: Mapping | None = None,
     extra: Mapping | None = None,
     metric_direction: str | None = None,
+    input_normalization: Mapping | None = None,
 ) -> dict:
     """The manifest of a generator, without the weights' file name and hash.
 
-    ``metric_direction`` defaults to the registered task's metric direction.
+    ``metric_direction`` defaults to the registered task's metric direction; ``input_normalization``
+    (``{"mean": [...], "std": [...]}``, a supervised task's) is how the corpus's inputs were prepared.
     """
     if metric_direction is None:
         from . import tasks
@@ -114,6 +116,8 @@ def build_manifest(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "package_version": _package_version(),
     }
+    if input_normalization is not None:
+        manifest["input_normalization"] = {k: [float(v) for v in input_normalization[k]] for k in ("mean", "std")}
     if extra:
         manifest["extra"] = dict(extra)
     return manifest
@@ -147,6 +151,7 @@ def save_generator(
     training: dict,
     extra: dict | None = None,
     metric_direction: str | None = None,
+    input_normalization: dict | None = None,
 ) -> Path:
     """Write ``out_dir/{name}.safetensors`` and ``out_dir/{name}.json``; return the manifest's path.
 
@@ -165,7 +170,7 @@ def save_generator(
     manifest = build_manifest(
         name, model, diffusion, normalization,
         task=task, metric=metric, best_prompt=best_prompt, corpus=corpus, training=training, extra=extra,
-        metric_direction=metric_direction,
+        metric_direction=metric_direction, input_normalization=input_normalization,
     )
     # Own, contiguous fp32 copies: safetensors refuses shared storage and non-contiguous tensors.
     tensors = {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in model.state_dict().items()}

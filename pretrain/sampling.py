@@ -40,6 +40,7 @@ from learned_opt import tasks
 from learned_opt.diffusion import METHODS
 from learned_opt.errors import ConfigError
 from learned_opt.fileio import atomic_write
+from learned_opt.options import DeprecatedAlias
 from learned_opt.pretrained import LoadedGenerator, load_generator
 
 from .evaluate import init_params
@@ -243,7 +244,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=2_000_000, help="init i has seed SEED + i (default: 2000000)")
     parser.add_argument("--samples", type=int, default=4, help="updates per init and sampler (default: 4)")
     parser.add_argument("--method", default="ddim", help="ddim, ddpm or dpm++2m (default: ddim)")
-    parser.add_argument("--steps", default=",".join(map(str, DEFAULT_STEPS)), help="sampling steps to try")
+    parser.add_argument("--sampling-steps", default=",".join(map(str, DEFAULT_STEPS)),
+                        help=f"sampling steps to try, comma-separated (default: {','.join(map(str, DEFAULT_STEPS))})")
+    parser.add_argument("--steps", dest="sampling_steps", action=DeprecatedAlias, default=argparse.SUPPRESS,
+                        help=argparse.SUPPRESS)  # its name before 0.x: --steps means training steps elsewhere
     parser.add_argument("--t-min", default=",".join(map(str, DEFAULT_T_MIN)), help="early-stop timesteps to try")
     parser.add_argument("--holdout", type=int, default=5000, help="supervised tasks: training examples held out as validation data (default: 5000)")
     parser.add_argument("--tolerance", type=float, default=0.01,
@@ -257,7 +261,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     config = TuneConfig(
         generator=args.generator, out=args.out, task=args.task, data_root=args.data_root, inits=args.inits, seed=args.seed,
-        samples=args.samples, method=args.method, steps=parse_ints(args.steps, "--steps"),
+        samples=args.samples, method=args.method, steps=parse_ints(args.sampling_steps, "--sampling-steps"),
         t_min=parse_ints(args.t_min, "--t-min"), holdout=args.holdout, tolerance=args.tolerance, write=args.write,
         progress=not args.no_progress, plots=not args.no_plots,
     )

@@ -94,7 +94,7 @@ def test_tune_sampling_end_to_end_writes_the_manifest(mnist_root, tmp_path, caps
     weights = manifest.with_suffix(".safetensors").read_bytes()
     out = tmp_path / "tune"
     code = cli_main(["tune-sampling", "--generator", str(manifest), "--data-root", str(mnist_root), "--out", str(out),
-                     "--inits", "2", "--samples", "2", "--steps", "1,2", "--t-min", "0,20", "--write",
+                     "--inits", "2", "--samples", "2", "--sampling-steps", "1,2", "--t-min", "0,20", "--write",
                      "--no-progress"])
     printed = capsys.readouterr().out
     assert code == 0, printed

@@ -151,7 +151,7 @@ def plot_control(result: dict, path: Path) -> Path:
         ax.set_ylim(-1.5 * limit, 1.5 * limit)
     ax.set_xlabel("environment step")
     ax.set_ylabel(ep["label"])
-    ax.set_title(f"{ep['label']}, evaluation episode {ep['index'] + 1}")
+    ax.set_title(f"one evaluation episode (number {ep['index'] + 1}), the same start for each policy", fontsize=10)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8)
 
     ax_ppo.plot(ppo["env_steps"], ppo["curve"], color="tab:orange", marker=".", label="PPO")
@@ -159,18 +159,30 @@ def plot_control(result: dict, path: Path) -> Path:
     ax_ppo.axhline(result["init"]["return"], color="tab:grey", ls=":", label="random init")
     ax_ppo.set_xlabel("PPO environment steps")
     ax_ppo.set_ylabel(f"greedy return ({len(result['init']['episode_returns'])} episodes)")
-    ax_ppo.set_title("PPO from the same init")
+    ax_ppo.set_title("PPO from the same random init", fontsize=10)
     ax_ppo.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8)
-    fig.suptitle(
-        f"{result['task']}, generator {result['generator']['name']}: greedy return {result['init']['return']:.1f} "
-        f"at init, {result['update']['return']:.1f} after one update, {ppo['return']:.1f} after PPO"
-    )
+    fig.suptitle(control_headline(result))
     fig.tight_layout()
     try:
         atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120))
     finally:
         plt.close(fig)
     return path
+
+
+def control_headline(result: dict) -> str:
+    """What happened, in two lines: return before -> after the update, and its wall time against PPO's."""
+    up, ppo = result["update"], result["ppo"]
+    budget, at = ppo["env_steps"][-1], result["ppo_reaches_update_at"]
+    verdict = "accepted" if up["accepted"] else "rejected"
+    first = (f"{result['task']}: one generative update ({verdict}) took greedy return "
+             f"{result['init']['return']:.0f} -> {up['return']:.0f} in {up['seconds']:.2f} s")
+    if at is not None:  # PPO's time to there, pro rata of its whole run
+        second = (f"PPO from the same init needs {at:,} env steps (~{ppo['seconds'] * at / budget:.1f} s) to match it; "
+                  f"return {ppo['return']:.0f} after {budget:,} env steps ({ppo['seconds']:.1f} s)")
+    else:
+        second = f"PPO does not match it within {budget:,} env steps ({ppo['seconds']:.1f} s): return {ppo['return']:.0f}"
+    return first + "\n" + second
 
 
 def _traced_label(task) -> str:

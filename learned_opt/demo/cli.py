@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from .. import tasks
 from ..errors import ConfigError
 from . import mnist
@@ -42,7 +44,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="dataset root for supervised tasks (default: $LEARNED_OPT_DATA)")
     parser.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     parser.add_argument("--out", default="learned-opt-demo",
-                        help=f"folder for the PNG and JSON ({CONTROL_JSON_NAME.split('.')[0]}.* or "
+                        help=f"folder for the PNG and JSON, default learned-opt-demo (git-ignored here) ({CONTROL_JSON_NAME.split('.')[0]}.* or "
                              f"{mnist.JSON_NAME.split('.')[0]}.*)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init, the data order and the sampler")
     parser.add_argument("--steps", type=int, default=300, help="supervised: Adam and SGD steps (default: 300)")
@@ -62,6 +64,9 @@ def main(args: argparse.Namespace) -> int:
         sampling_steps=args.sampling_steps, method=args.method, plot=not args.no_plot,
     )
     run, table, written = DEMOS[demo_kind(config.task)]
+    # torch's threads fight any other busy process: on a shared machine a few threads are much faster
+    print(f"torch uses {torch.get_num_threads()} CPU thread(s) (set OMP_NUM_THREADS, e.g. OMP_NUM_THREADS=1, "
+          f"on a busy machine)")
     result = run(config)
     print(table(result))
     print(f"wrote {Path(config.out) / written}" + (f" and {result['plot']}" if "plot" in result else ""))

@@ -77,6 +77,21 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def supervised_headline(result: dict) -> str:
+    """What happened, in two lines: test error before -> after the update, and its wall time against Adam's steps."""
+    up, adam = result["update"], result["baselines"]["adam"]
+    verdict = "accepted" if up["accepted"] else "rejected"
+    first = (f"{result['task']}: one generative update ({verdict}): test error "
+             f"{result['init']['test_error']:.1f}% -> {up['test_error']:.1f}% in {up['seconds']:.2f} s")
+    at = result["adam_matches_update_at"]
+    if at is not None:
+        second = f"Adam from the same init needs {at:,} steps (~{at * adam['seconds_per_step']:.2f} s) to match its test loss"
+    else:
+        second = (f"Adam does not match its test loss within {adam['steps'][-1]:,} steps "
+                  f"(~{adam['steps'][-1] * adam['seconds_per_step']:.2f} s)")
+    return first + "\n" + second
+
+
 def plot_demo(result: dict, path: Path) -> Path:
     """Test loss against steps for Adam and SGD, with the update's test loss as a line."""
     import matplotlib
@@ -84,15 +99,15 @@ def plot_demo(result: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for o, label in (("adam", "Adam lr 1e-3"), ("sgd", "SGD (G.pt recipe)")):
         c = result["baselines"][o]
         ax.plot(c["steps"], c["test_loss"], label=label)
     ax.axhline(result["update"]["test_loss"], color="k", ls="--", label="1 generative update")
     ax.axhline(result["init"]["test_loss"], color="grey", ls=":", label="random init")
     ax.set_xlabel("training steps (batch 128)")
-    ax.set_ylabel(f"{result['task']} test loss")
-    ax.set_title(f"{result['task']}: generator {result['generator']['name']}")
+    ax.set_ylabel("test loss (cross-entropy, nats)")
+    ax.set_title(supervised_headline(result), fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -6,7 +6,7 @@ error says how to get it (``--download``, on a machine with a network).
 
 from torch import nn
 
-from .datasets import load_cifar10
+from .datasets import CIFAR10_NORMALIZATION, load_cifar10
 from .mnist_cnn import gpt_cnn
 from .supervised import SupervisedTask
 
@@ -14,6 +14,7 @@ from .supervised import SupervisedTask
 class Cifar10CNN(SupervisedTask):
     name = "cifar10-cnn"
     description = "CIFAR-10, G.pt's CNN (5,418 parameters)"
+    input_normalization = CIFAR10_NORMALIZATION
 
     def build_model(self) -> nn.Sequential:
         return gpt_cnn(3)

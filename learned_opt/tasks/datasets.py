@@ -19,6 +19,9 @@ from .supervised import ClassificationData
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+# what the loaders apply, as tasks expose it (``SupervisedTask.input_normalization``) and manifests record it
+MNIST_NORMALIZATION = {"mean": list(MNIST_MEAN), "std": list(MNIST_STD)}
+CIFAR10_NORMALIZATION = {"mean": list(CIFAR10_MEAN), "std": list(CIFAR10_STD)}
 
 
 def tensors_from(dataset, mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:

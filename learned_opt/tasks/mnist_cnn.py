@@ -8,7 +8,7 @@
 
 from torch import nn
 
-from .datasets import load_mnist
+from .datasets import MNIST_NORMALIZATION, load_mnist
 from .supervised import SupervisedTask
 
 
@@ -25,6 +25,7 @@ def gpt_cnn(in_channels: int) -> nn.Sequential:
 class MnistCNN(SupervisedTask):
     name = "mnist-cnn"
     description = "MNIST, G.pt's CNN with one input channel (5,130 parameters)"
+    input_normalization = MNIST_NORMALIZATION
 
     def build_model(self) -> nn.Sequential:
         return gpt_cnn(1)

@@ -7,13 +7,14 @@ and returns logits ``[N, 10]``.
 """
 
 from .base import MLP, Metric
-from .datasets import load_mnist
+from .datasets import MNIST_NORMALIZATION, load_mnist
 from .supervised import SupervisedTask
 
 
 class MnistMLP(SupervisedTask):
     name = "mnist-mlp"
     description = "MNIST, MLP 784-10-10 ReLU (7,960 parameters), G.pt's MNIST task"
+    input_normalization = MNIST_NORMALIZATION
     metrics = {**SupervisedTask.metrics,
                "test_error": Metric("test_error", "min", 5.0, "error on the MNIST test set, in percent")}
 

@@ -59,6 +59,9 @@ class SupervisedTask(Task):
     }
     default_metric = "test_loss"
     train_loss_examples = 10_000  # the fixed slice of training data ``train_loss`` measures
+    # per-channel {"mean": [...], "std": [...]} that load_data applies to pixel values in [0, 1]: a
+    # generator's manifest records it, since its networks only work on inputs prepared the same way
+    input_normalization = None
     corpus_ranges = None  # a learned_opt.tasks.recipes.SupervisedRanges, or None for the kind's defaults
 
     def validation_data(self, data: ClassificationData, holdout: int = 5000) -> ClassificationData:

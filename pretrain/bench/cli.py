@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from learned_opt.options import parse_device
+
 from ..evaluate import add_sampler_arguments
 from .config import MODES, MOMENTS, BenchConfig, parse_bases, parse_every
 from .periodic import run_bench
@@ -33,7 +35,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moments", choices=MOMENTS, default="keep",
                         help="after an accepted update keep or reset the base optimizer's state (default: keep)")
     add_sampler_arguments(parser, "the best by the metric closure kept")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto: CUDA where there is one (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG")
 
@@ -44,7 +46,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed, steps=args.steps, bases=parse_bases(args.bases), every=parse_every(args.every),
         holdout=args.holdout, eval_every=args.eval_every, prompt=args.prompt, moments=args.moments,
         sampling_steps=args.sampling_steps, method=args.method, t_min=args.t_min, candidates=args.candidates,
-        device=args.device,
+        device=str(parse_device(args.device)),
         progress=not args.no_progress, plots=not args.no_plots,
     )
     result = run_bench(config)

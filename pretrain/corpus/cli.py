@@ -29,7 +29,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override every run's epochs")
     parser.add_argument("--gpt-recipe", action="store_true",
                         help="G.pt's recipe for every run: SGD Nesterov 0.9, lr 0.1, wd 5e-4, batch 128, 25 epochs")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto: CUDA where there is one (default: auto)")
     parser.add_argument("--train-examples", type=int, default=None,
                         help="train on the first N training examples only (quick corpora, tests)")
     parser.add_argument("--checkpoints", type=int, default=200, help="checkpoints per run (default: 200)")
@@ -75,7 +75,10 @@ def main(args: argparse.Namespace) -> int:
     )
     config.validate()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    config.device = str(parse_device(config.device, local_rank=local_rank))  # plain cuda: this process's GPU
+    if tasks.get(config.task).kind == "control":  # environments step in NumPy: control corpora train on the CPU
+        config.device = "cpu" if config.device == "auto" else config.device  # the family refuses any other
+    else:
+        config.device = str(parse_device(config.device, local_rank=local_rank))  # plain cuda: this process's GPU
     if args.lr_range is not None:
 
         try:

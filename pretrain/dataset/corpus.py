@@ -38,7 +38,7 @@ class PairCorpus:
     def summary(self) -> dict:
         """The corpus summary recorded in checkpoints and manifests."""
         return {
-            "store": str(Path(self.store.root).resolve()),
+            "store": Path(self.store.root).resolve().name,  # named, not located: manifests travel
             "task": self.task.name,
             "task_source": tasks.source_of(self.task),
             "metric": self.metric,

@@ -69,7 +69,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--schedule", default=S, choices=["linear", "cosine"], help=f"noise schedule (default {d.schedule})")
     add("--no-amp", dest="amp", action="store_false", default=S, help="no bf16 autocast on CUDA")
     add("--workers", type=int, default=S, help="processes building batches ahead (default: 0 on CPU, up to 4 on CUDA)")
-    add("--device", default=S, help="cpu, cuda, cuda:N or auto (default)")
+    add("--device", default=S, help="cpu, cuda, cuda:N or auto: CUDA where there is one (default: auto)")
     add("--log-every", type=int, default=S, help=f"steps per log record (default {d.log_every})")
     add("--eval-every", type=int, default=S, help=f"steps per held-out evaluation (default {d.eval_every})")
     add("--eval-batches", type=int, default=S, help=f"held-out batches per evaluation (default {d.eval_batches})")

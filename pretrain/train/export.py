@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 from learned_opt.diffusion import DiffusionConfig
@@ -14,6 +15,14 @@ from learned_opt.symmetry import Symmetry
 
 from .config import is_plain_name
 from .outputs import load_checkpoint
+
+
+def portable_command(command: str) -> str:
+    """``command`` with its program named, not located (``/home/me/.venv/bin/learned-opt`` -> ``learned-opt``)."""
+    parts = shlex.split(command)
+    if parts and os.path.isabs(parts[0]):
+        parts[0] = Path(parts[0]).name
+    return shlex.join(parts)
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
@@ -64,7 +73,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
         "final_heldout_loss_ema": last.get("heldout_loss_ema"),
         "wall_time_s": float(state["wall_time_s"]),
         "hardware": state.get("hardware"),
-        "commands": state.get("commands"),
+        "commands": [portable_command(c) for c in state.get("commands") or []],
     }
     if state.get("init_from"):
         training["init_from"] = state["init_from"]
@@ -84,4 +93,5 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
         metric_direction=task.metric(corpus["metric"]).direction,
         corpus=corpus,
         training=training,
+        input_normalization=getattr(task, "input_normalization", None),
     )

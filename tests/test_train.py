@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -11,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from train_helpers import make_store, state_hash
+from train_helpers import file_hash, make_store, state_hash, tiny_config
 
 from learned_opt import cli
 from learned_opt.errors import ConfigError, DataNotFoundError, StoreError, TrainingError, WeightsError
@@ -41,14 +40,7 @@ def store_dir(tmp_path_factory):
     return root
 
 
-def tiny(store_dir, out, **kw) -> TrainConfig:
-    base = dict(store=str(store_dir), out=str(out), steps=6, batch_size=4, warmup=2, log_every=2,
-                eval_every=3, eval_batches=1, checkpoint_every=3, diffusion_steps=50, export=False)
-    return TrainConfig(**{**base, **kw})
-
-
-def file_hash(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+tiny = tiny_config
 
 
 def log_without_timing(out) -> list[dict]:

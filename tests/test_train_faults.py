@@ -3,12 +3,11 @@ non-finite checkpoint refused on resume, and a failed save keeps the previous ch
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import pytest
 import torch
-from train_helpers import make_store
+from train_helpers import file_hash, make_store, tiny_config
 
 from learned_opt import cli
 from learned_opt.errors import ConfigError, TrainingError
@@ -24,14 +23,7 @@ def store_dir(tmp_path_factory):
     return root
 
 
-def tiny(store_dir, out, **kw) -> TrainConfig:
-    base = dict(store=str(store_dir), out=str(out), steps=6, batch_size=4, warmup=2, log_every=2,
-                eval_every=3, eval_batches=1, checkpoint_every=3, diffusion_steps=50, export=False)
-    return TrainConfig(**{**base, **kw})
-
-
-def file_hash(path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+tiny = tiny_config
 
 
 @pytest.mark.parametrize("change", [

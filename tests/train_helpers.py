@@ -15,6 +15,18 @@ from pathlib import Path
 import torch
 
 from pretrain.store import RunRecord, Store
+from pretrain.train import TrainConfig
+
+
+def tiny_config(store_dir, out, **kw) -> TrainConfig:
+    """A training job of a few steps on a store from :func:`make_store` (``kw`` overrides)."""
+    base = dict(store=str(store_dir), out=str(out), steps=6, batch_size=4, warmup=2, log_every=2,
+                eval_every=3, eval_batches=1, checkpoint_every=3, diffusion_steps=50, export=False)
+    return TrainConfig(**{**base, **kw})
+
+
+def file_hash(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def make_store(root: Path, task: str = "mnist-mlp", runs: int = 4, checkpoints: int = 6, seed: int = 0,

@@ -17,7 +17,6 @@ return against environment steps. Nothing is downloaded: the environment is gymn
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,7 +29,7 @@ from .. import tasks
 from ..baselines.ppo import PPOHparams, PPOShape, train_ppo
 from ..errors import ConfigError
 from ..fileio import atomic_write
-from .update import DemoConfig, one_update
+from .update import DemoConfig, one_update, save_result
 
 
 JSON_NAME, PNG_NAME = "demo_cartpole.json", "demo_cartpole.png"
@@ -96,13 +95,7 @@ def run_control_demo(config: DemoConfig) -> dict:
         },
         "config": asdict(config),
     }
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2) + "\n"
-    atomic_write(out / JSON_NAME, lambda p: p.write_text(text, encoding="utf-8"))
-    if config.plot:
-        result["plot"] = str(plot_control(result, out / PNG_NAME))
-    return result
+    return save_result(result, config.out, JSON_NAME, PNG_NAME, plot_control if config.plot else None)
 
 
 def format_control_table(result: dict) -> str:

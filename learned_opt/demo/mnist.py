@@ -3,15 +3,13 @@ one update next to Adam and SGD, its table and plot (``demo.json``, ``demo.png``
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 from .. import tasks
 from ..errors import ConfigError
-from ..fileio import atomic_write
 from .baselines import BASELINES, first_step_at_or_below, train_baseline
-from .update import DemoConfig, one_update
+from .update import DemoConfig, one_update, save_result
 
 JSON_NAME, PNG_NAME = "demo.json", "demo.png"
 
@@ -46,13 +44,7 @@ def run_supervised_demo(config: DemoConfig, data=None) -> dict:
         "adam_matches_update_at": first_step_at_or_below(curves["adam"].steps, curves["adam"].test_loss, gen_loss),
         "config": asdict(config),
     }
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2) + "\n"
-    atomic_write(out / JSON_NAME, lambda p: p.write_text(text, encoding="utf-8"))
-    if config.plot:
-        result["plot"] = str(plot_demo(result, out / PNG_NAME))
-    return result
+    return save_result(result, config.out, JSON_NAME, PNG_NAME, plot_demo if config.plot else None)
 
 
 def format_table(result: dict) -> str:

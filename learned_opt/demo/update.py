@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from .. import tasks
 from ..errors import ArchitectureMismatchError, WeightsError
+from ..fileio import atomic_write
 from ..layout import compare_signatures
 from ..recipes import ADAM_LR
 from ..tasks import Task
@@ -82,3 +85,15 @@ def one_update(task: Task, data, config) -> tuple[Any, torch.nn.Module, Any, tor
 
     report = demo_optimizer(model, generator, task, config).generate(closure)
     return generator, model, layout, init, report
+
+
+def save_result(result: dict, out: str | Path, json_name: str, png_name: str, plot: Callable[[dict, Path], Path] | None) -> dict:
+    """Write ``result`` as ``out/json_name`` (atomically) and, when ``plot`` is given, its picture as
+    ``out/png_name`` (recorded under ``result["plot"]``); returns ``result``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2) + "\n"
+    atomic_write(out / json_name, lambda p: p.write_text(text, encoding="utf-8"))
+    if plot is not None:
+        result["plot"] = str(plot(result, out / png_name))
+    return result

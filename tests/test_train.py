@@ -566,3 +566,18 @@ def test_output_matching_on_cartpole_compares_policies_without_a_dataset(tmp_pat
     cartpole = make_store(tmp_path / "cp", task="cartpole-mlp", runs=2, checkpoints=3)
     train(tiny(cartpole.root, tmp_path / "run", steps=2, output_matching=1.0, matching_examples=8, data_root="/nowhere"))
     assert all(json.loads(r)["output_divergence"] > 0 for r in (tmp_path / "run" / LOG_NAME).read_text().splitlines())
+
+
+def test_a_recipe_sets_its_options_and_the_command_line_overrides_them(tmp_path):
+    from learned_opt import cli as cli_mod
+    from pretrain.train.cli import config_from_args
+
+    parser = cli_mod.build_parser()
+    args = parser.parse_args(["train", "--store", "s", "--out", str(tmp_path / "o"), "--recipe", "neuron", "--steps", "7"])
+    config = config_from_args(args)
+    assert config.tokens == "neuron" and config.precondition and config.snr_window == (-4.0, 6.0)
+    assert config.steps == 7 and config.lr == 1e-3  # given beats the recipe, the recipe beats the defaults
+    assert config_from_args(parser.parse_args(["train", "--store", "s", "--out", "o", "--recipe", "gpt"])) == TrainConfig(
+        store="s", out="o")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--store", "s", "--out", "o", "--recipe", "nope"])

@@ -14,6 +14,7 @@ from learned_opt.layout import SCHEMES
 from .config import CHECKPOINT_NAME, TrainConfig
 from .export import export_checkpoint
 from .outputs import load_checkpoint
+from .recipes import RECIPES, recipe
 from .trainer import train
 
 
@@ -27,6 +28,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--out", required=True, help="output folder: checkpoint, log.jsonl, loss.png, exported weights")
     add("--task", default=S, help="refuse a store of any other task")
     add("--metric", default=S, help="conditioning metric (default: the task's default metric)")
+    add("--recipe", default=None, choices=list(RECIPES),
+        help="a named set of the options below (gpt: G.pt's; neuron: the shipped mnist-mlp generator's "
+             "training; output-matching: its fine-tune, with --init-from); options given here override it")
     add("--preset", default=S, choices=list(PRESETS), help=f"generator size (default {d.preset})")
     add("--chunk-size", type=int, default=S, help=f"parameters per token (default {d.chunk_size})")
     add("--tokens", choices=SCHEMES, default=S,
@@ -88,6 +92,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """A :class:`TrainConfig` from parsed arguments: the checkpoint's settings on ``--resume``,
     else the defaults, with every option given on the command line on top."""
     given = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    if getattr(args, "recipe", None):
+        given = {**recipe(args.recipe), **given}
     ckpt = Path(args.out) / CHECKPOINT_NAME
     if given.get("resume") and ckpt.exists():
         base = {k: v for k, v in load_checkpoint(ckpt)["config"].items() if k in {f.name for f in fields(TrainConfig)}}

@@ -212,11 +212,13 @@ def module_symmetry(model: nn.Module) -> Symmetry:
         if isinstance(m, LAYERS):
             if getattr(m, "groups", 1) != 1:
                 raise ArchitectureMismatchError(f"unsupported module {what}: grouped convolutions have no "
-                                                "derived unit symmetry; declare the task's symmetry() by hand")
+                                                "derived unit symmetry; declare the task's symmetry() by hand, "
+                                                "or train its generator with --tokens chunk --no-augment")
         elif not isinstance(m, ELEMENTWISE):
             raise ArchitectureMismatchError(
                 f"unsupported module {what}: unit symmetries are derived for chains of Linear/Conv layers "
-                "with elementwise activations, Flatten, Dropout and pooling; declare the task's symmetry() by hand"
+                "with elementwise activations, Flatten, Dropout and pooling; declare the task's symmetry() by hand "
+                "(docs/your-own-model.md), or train its generator with --tokens chunk --no-augment"
             )
     signature = tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
     return chain_symmetry(signature)

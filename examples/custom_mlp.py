@@ -33,6 +33,8 @@ if __name__ == "__main__":
 
     from learned_opt import GptOptimizer
 
+    if len(sys.argv) != 2:
+        sys.exit("usage: python examples/custom_mlp.py GENERATOR.json  (make one with the commands above)")
     task = Mnist32()
     data = task.load_data()  # $LEARNED_OPT_DATA
     model = task.build_model()
@@ -43,4 +45,5 @@ if __name__ == "__main__":
         return F.cross_entropy(model(x_val), y_val)
 
     report = opt.generate(held_out_loss)
-    print(f"accepted={report.accepted} held-out loss {report.metric_before:.3f} -> {report.metric_after:.3f}")
+    print(f"accepted={report.accepted} ({report.reason}) held-out loss {report.metric_before:.3f} -> "
+          f"{report.metric_after:.3f}")

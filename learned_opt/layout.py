@@ -78,6 +78,27 @@ def compare_signatures(expected: Signature, actual: Signature) -> list[str]:
     return diffs
 
 
+def shape_differences(expected: Signature, names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> list[str]:
+    """How parameters ``names`` / ``shapes`` (in order) differ from ``expected``, one line each: the
+    rule a generator applies, since it samples shapes in order (names are labels)."""
+    diffs = []
+    for i in range(max(len(shapes), len(expected))):
+        if i >= len(expected):
+            diffs.append(f"{names[i]} {list(shapes[i])} is beyond the generator's {len(expected)} parameters")
+        elif i >= len(shapes):
+            diffs.append(f"missing a parameter like the generator's {expected[i][0]} {list(expected[i][1])}")
+        elif tuple(shapes[i]) != tuple(expected[i][1]):
+            diffs.append(f"{names[i]} has shape {list(shapes[i])} where the generator's {expected[i][0]} has "
+                         f"{list(expected[i][1])}")
+    return diffs
+
+
+def listed(diffs: Sequence[str], most: int = 8) -> str:
+    """``diffs`` as indented lines, at most ``most`` of them and a count of the rest."""
+    lines = list(diffs[:most]) + ([f"... and {len(diffs) - most} more"] if len(diffs) > most else [])
+    return "".join(f"\n  - {line}" for line in lines)
+
+
 def check_signature(expected: Signature, actual: Signature, what: str = "the model") -> None:
     """Raise :class:`ArchitectureMismatchError` listing every difference, if there are any."""
     diffs = compare_signatures(expected, actual)

@@ -10,6 +10,7 @@ from numbers import Real
 import torch
 
 from .errors import ArchitectureMismatchError, ConfigError, GenerationError
+from .layout import listed, shape_differences
 from .pretrained import LoadedGenerator
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # prefixes that DDP and torch.compile add to names
@@ -128,21 +129,12 @@ def check_architecture(gen: LoadedGenerator, tensors: list[torch.Tensor], names:
     expected = gen.layout.signature
     given = [_strip_prefix(n) for n in names] if names is not None else [f"parameter #{i}" for i in range(len(tensors))]
     shapes = [tuple(t.shape) for t in tensors]
-    if shapes == [shape for _, shape in expected]:
+    diffs = shape_differences(expected, given, shapes)
+    if not diffs:
         return
-    diffs = []
-    for i in range(max(len(shapes), len(expected))):
-        if i >= len(expected):
-            diffs.append(f"{given[i]} {list(shapes[i])} is one more than the generator's {len(expected)} parameters")
-        elif i >= len(shapes):
-            diffs.append(f"missing a parameter like the generator's {expected[i][0]} {list(expected[i][1])}")
-        elif shapes[i] != expected[i][1]:
-            diffs.append(f"{given[i]} has shape {list(shapes[i])} where the generator's {expected[i][0]} has "
-                         f"{list(expected[i][1])}")
-    lines = "\n  - ".join(diffs[:8] + ([f"... {len(diffs) - 8} more"] if len(diffs) > 8 else []))
     raise ArchitectureMismatchError(
         f"the parameters given to GptOptimizer do not fit generator {gen.name!r} (made for task {gen.task!r}, "
-        f"{gen.layout.num_params:,} parameters; yours: {sum(math.prod(s) for s in shapes):,}):\n  - {lines}\n"
+        f"{gen.layout.num_params:,} parameters; yours: {sum(math.prod(s) for s in shapes):,}):{listed(diffs)}\n"
         "A generator serves one architecture. To make one for yours, describe it as a task in a file "
         "(docs/your-own-model.md), then:\n"
         "  learned-opt corpus --task my_task.py:MyTask --runs 1000 --out corpus/ --data-root DATA\n"

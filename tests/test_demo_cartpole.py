@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+from unittest import mock
 
 import pytest
 import torch
@@ -179,12 +181,18 @@ def test_without_a_shipped_generator_the_demo_says_how_to_pass_one(tmp_path, cap
 
 def test_a_generator_for_another_architecture_is_a_one_line_error(tmp_path, capsys):
     manifest = save_tiny_mnist_generator(tmp_path / "gen")
-    code = cli_main(["demo", "--generator", str(manifest), "--out", str(tmp_path / "out"), "--ppo-env-steps", "1024"])
+    args = ["demo", "--generator", str(manifest), "--out", str(tmp_path / "out"), "--ppo-env-steps", "1024"]
+    code = cli_main([*args, "--task", "cartpole-mlp"])
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1
-    assert "does not fit the cartpole-mlp network" in err and "fc3.weight" in err and "--task mnist-mlp" in err
+    assert "does not fit the network of task 'cartpole-mlp'" in err and "fc1.weight" in err and "leave --task out" in err
     assert not (tmp_path / "out").exists()
+    # without --task the demo runs the generator's own task (here: MNIST, which needs its data)
+    monkeypatch_env = {k: v for k, v in os.environ.items() if k != "LEARNED_OPT_DATA"}
+    with mock.patch.dict(os.environ, monkeypatch_env, clear=True):
+        assert cli_main(args) == 2
+    assert "no data root given" in capsys.readouterr().err
 
 
 def test_a_broken_environment_is_a_one_line_error(tmp_path, capsys, monkeypatch):

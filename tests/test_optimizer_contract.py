@@ -105,7 +105,7 @@ def test_invalid_configurations_raise_clear_errors(gen, make, error, message):
     [
         (lambda: MLP((8, 7, 3)).parameters(), "parameter #0 has shape \\[7, 8\\] where the generator's fc1.weight has \\[6, 8\\]"),
         (lambda: list(toy_model().parameters())[:-1], "missing a parameter like the generator's fc2.bias"),
-        (lambda: [*toy_model().parameters(), nn.Parameter(torch.zeros(2))], "one more than the generator's 4"),
+        (lambda: [*toy_model().parameters(), nn.Parameter(torch.zeros(2))], "is beyond the generator's 4 parameters"),
         (lambda: list(toy_model().parameters())[::-1], "parameter #0 has shape \\[3\\] where the generator's fc1.weight"),
         (lambda: list(toy_model().named_parameters())[::-1], "fc2.bias has shape \\[3\\] where the generator's fc1.weight"),
         (lambda: [(f"conv{i}.weight", p) for i, p in enumerate(MLP((8, 7, 3)).parameters())], "conv0.weight has shape"),

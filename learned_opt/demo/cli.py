@@ -9,6 +9,7 @@ import torch
 
 from .. import tasks
 from ..errors import ConfigError
+from ..pretrained import load_generator
 from . import mnist
 from .cartpole import JSON_NAME as CONTROL_JSON_NAME
 from .cartpole import format_cartpole_table, run_cartpole_demo
@@ -35,16 +36,17 @@ def demo_kind(task: str) -> str:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", default=DEFAULT_TASK,
+    parser.add_argument("--task", default=None,
                         help=f"a task name, path/to/file.py:ClassName or package.module:ClassName; {DEFAULT_TASK} "
-                             f"needs no download, supervised tasks read their data (default: {DEFAULT_TASK})")
+                             f"needs no download, supervised tasks read their data (default: the --generator's own "
+                             f"task, else {DEFAULT_TASK})")
     parser.add_argument("--generator", default=None,
                         help="shipped generator name or path to a .json manifest (default: the task's name)")
     parser.add_argument("--data-root", default=None,
                         help="dataset root for supervised tasks (default: $LEARNED_OPT_DATA)")
     parser.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     parser.add_argument("--out", default="learned-opt-demo",
-                        help=f"folder for the PNG and JSON, default learned-opt-demo (git-ignored here) ({CONTROL_JSON_NAME.split('.')[0]}.* or "
+                        help=f"folder for the PNG and JSON (default: learned-opt-demo; {CONTROL_JSON_NAME.split('.')[0]}.* or "
                              f"{mnist.JSON_NAME.split('.')[0]}.*)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init, the data order and the sampler")
     parser.add_argument("--steps", type=int, default=300, help="supervised: Adam and SGD steps (default: 300)")
@@ -58,8 +60,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    task = args.task
+    if task is None:  # the generator's own task (a user task is found through its recorded source)
+        task = tasks.source_of(tasks.for_generator(load_generator(args.generator))) if args.generator else DEFAULT_TASK
     config = DemoConfig(
-        task=args.task, generator=args.generator, data_root=args.data_root, download=args.download, out=args.out,
+        task=task, generator=args.generator, data_root=args.data_root, download=args.download, out=args.out,
         seed=args.seed, steps=args.steps, eval_every=args.eval_every, ppo_env_steps=args.ppo_env_steps,
         sampling_steps=args.sampling_steps, method=args.method, plot=not args.no_plot,
     )

@@ -10,9 +10,8 @@ from typing import Any, Callable
 import torch
 
 from .. import tasks
-from ..errors import ArchitectureMismatchError, WeightsError
+from ..errors import ArchitectureMismatchError, ConfigError, WeightsError
 from ..fileio import atomic_write
-from ..layout import compare_signatures
 from ..recipes import ADAM_LR
 from ..tasks import Task
 
@@ -60,13 +59,11 @@ def demo_optimizer(model: torch.nn.Module, generator, task: Task, config: DemoCo
         return GptOptimizer(model.named_parameters(), generator, lr=ADAM_LR, sampling_steps=config.sampling_steps,
                             sampling_method=config.method, seed=config.seed)
     except ArchitectureMismatchError:
-        diffs = compare_signatures(generator.layout.signature, task.layout().signature)
-        hint = (f"pass --task {generator.task}" if generator.task in tasks.names() and generator.task != task.name
-                else f"pass a {task.name} generator with --generator PATH.json")
-        raise ArchitectureMismatchError(
-            f"generator {generator.name!r} (task {generator.task or '?'}, {generator.layout.num_params:,} parameters) "
-            f"does not fit the {task.name} network ({task.num_params:,} parameters): {'; '.join(diffs)}; {hint}"
-        ) from None
+        try:  # say it the command line's way: the generator's task, or another generator
+            tasks.for_generator(generator, task)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (leave --task out to run the generator's own)") from None
+        raise
 
 
 def one_update(task: Task, data, config) -> tuple[Any, torch.nn.Module, Any, torch.Tensor, Any]:

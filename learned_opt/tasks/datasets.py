@@ -63,11 +63,11 @@ def _load(cls, what: str, root, download: bool, mean, std, expected: str) -> Cla
     for train in (True, False):
         try:
             ds = cls(str(root), train=train, download=download)
-        except RuntimeError as exc:  # torchvision: "Dataset not found. You can use download=True ..."
+        except RuntimeError:  # torchvision: "Dataset not found. You can use download=True ..."
             raise DataNotFoundError(
                 f"{what} not found under {root} (expected {root / expected}): point --data-root or "
-                f"LEARNED_OPT_DATA at a folder holding {what} in torchvision's layout, or pass "
-                f"--download to fetch it ({exc})"
+                f"LEARNED_OPT_DATA at a folder holding {what} in torchvision's layout; nothing is downloaded "
+                f"unless asked (`learned-opt corpus --download`, or download=True in Python)"
             ) from None
         splits[train] = tensors_from(ds, mean, std)
     return ClassificationData(*splits[True], *splits[False])

@@ -72,6 +72,8 @@ def get(name: str | Task) -> Task:
         return _REGISTRY[name]()
     if ":" in name:
         return _load_reference(name)
+    if name.endswith(".py"):
+        raise UnknownTaskError(f"{name!r} is a file: name the task class in it too, as {name}:ClassName")
     raise UnknownTaskError(
         f"unknown task {name!r}; known tasks: {', '.join(names()) or 'none'}; or name a Task subclass "
         "as path/to/file.py:ClassName or package.module:ClassName"
@@ -149,7 +151,7 @@ def for_generator(gen, override: str | Task | None = None, *, kind: str | None =
     needs it. Raises :class:`ConfigError` saying what to do when the task cannot be found, is of
     another kind, or has another network than the generator's.
     """
-    from ..layout import compare_signatures
+    from ..layout import shape_differences
 
     if override is not None:
         task = get(override)
@@ -168,8 +170,13 @@ def for_generator(gen, override: str | Task | None = None, *, kind: str | None =
                                        f"({exc}); name it with --task path/to/file.py:ClassName") from None
     if kind is not None and task.kind != kind:
         raise ConfigError(f"{what} measures {kind} tasks; {task.name!r} is a {task.kind} task")
-    diffs = compare_signatures(gen.layout.signature, task.signature)
+    names, shapes = zip(*task.signature)
+    diffs = shape_differences(gen.layout.signature, names, shapes)
     if diffs:
-        raise ConfigError(f"generator {gen.name!r} (task {gen.task!r}) does not fit the network of task "
-                          f"{task.name!r}: {'; '.join(diffs[:3])}; pass that task's generator or --task")
+        raise ConfigError(
+            f"generator {gen.name!r} (task {gen.task!r}, {gen.layout.num_params:,} parameters) does not fit the "
+            f"network of task {task.name!r} ({task.num_params:,} parameters): {'; '.join(diffs[:3])}"
+            + (f" and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+            + f"; pass a generator made for {task.name!r}, or --task naming the generator's own task"
+        )
     return task

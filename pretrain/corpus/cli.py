@@ -64,8 +64,8 @@ def main(args: argparse.Namespace) -> int:
 
     if args.verify:
         return verify(args.out)
-    if args.runs is None:
-        raise LearnedOptError("--runs N is required: the number of runs the store should hold (ids 0 .. N-1)")
+    if args.runs is None or args.runs < 1:
+        raise LearnedOptError("--runs N is required, N >= 1: the number of runs the store should hold (ids 0 .. N-1)")
 
     config = CorpusConfig(
         task=args.task, runs=args.runs, out=args.out, data_root=args.data_root, download=args.download,

@@ -60,10 +60,13 @@ def format_table(result: dict) -> str:
     lines = [f"{'':{width}}  test loss  test error", *(
         f"{label:{width}}  {m['test_loss']:9.4f}  {m['test_error']:9.2f}%" for label, m in rows)]
     at = result["adam_matches_update_at"]
-    lines.append(
-        f"Adam first reaches the update's test loss at step {at}" if at is not None
-        else f"Adam does not reach the update's test loss within {k} steps"
-    )
+    if not up["accepted"]:  # the network kept its init: nothing to compare Adam with
+        lines.append("the update was rejected, so the network kept its init; no comparison with Adam")
+    else:
+        lines.append(
+            f"Adam first reaches the update's test loss at step {at}" if at is not None
+            else f"Adam does not reach the update's test loss within {k} steps"
+        )
     lines.append(f"one generative update took {up['seconds']:.2f} s; Adam "
                  f"{result['baselines']['adam']['seconds_per_step'] * 1e3:.2f} ms per step")
     return "\n".join(lines)

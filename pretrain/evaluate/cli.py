@@ -38,11 +38,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1_000_000, help="init i has seed SEED + i (default: 1000000)")
     add_sampler_arguments(parser, "the best by the generator's metric on validation data kept")
     parser.add_argument("--holdout", type=int, default=5000,
-                        help="MNIST training examples held out as validation data for --candidates (default: 5000)")
+                        help="training examples held out as validation data for --candidates (default: 5000)")
     parser.add_argument("--max-steps", type=int, default=3000,
-                        help="Adam/SGD steps, for mnist-mlp generators (default 3000; 11700 in full)")
+                        help="supervised tasks: Adam and SGD steps of the baselines the update is compared with "
+                             "(default 3000)")
     parser.add_argument("--max-env-steps", type=int, default=100_000,
-                        help="PPO environment steps per init, for cartpole-mlp generators only (default: 100000)")
+                        help="control tasks: PPO environment steps per init (default: 100000)")
     parser.add_argument("--prompts", type=int, default=20, help="prompts per network for alignment (default: 20)")
     parser.add_argument("--repeats", type=int, default=10, help="successive updates (default: 10)")
     parser.add_argument("--memo-runs", type=int, default=500, help="corpus runs searched (default: 500)")

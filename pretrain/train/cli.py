@@ -35,7 +35,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--chunk-size", type=int, default=S, help=f"parameters per token (default {d.chunk_size})")
     add("--tokens", choices=SCHEMES, default=S,
         help="token scheme: 'chunk' (G.pt: chunks of --chunk-size within each layer) or 'neuron' (one token "
-             "per hidden unit, weights shared within a layer; linear chains only) (default chunk)")
+             "per hidden unit or convolution channel, weights shared within a layer; needs the task's unit symmetry: a "
+             "chain of linear or convolutional layers, or one its task declares) (default chunk)")
     add("--steps", type=int, default=S, help=f"optimizer steps (default {d.steps})")
     add("--batch-size", type=int, default=S, help=f"pairs per step over all processes (default {d.batch_size})")
     add("--lr", type=float, default=S, help=f"peak learning rate (default {d.lr})")

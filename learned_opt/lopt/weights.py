@@ -154,6 +154,14 @@ def _weights_dir():
     return resources.files("learned_opt") / "weights"
 
 
+def _is_rule(entry) -> bool:
+    """Whether a shipped manifest is a learned optimizer's (a bounded peek at its ``kind``)."""
+    try:
+        return json.loads(entry.read_bytes()[:MAX_MANIFEST_BYTES]).get("kind") == KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def load_rule(source=None) -> LoadedRule:
     """A :class:`LoadedRule` from ``None`` (the shipped weights), a registry name, a manifest or
     weights path, a :class:`LoadedRule`, or a dict of MLP tensors."""
@@ -173,9 +181,9 @@ def load_rule(source=None) -> LoadedRule:
         folder = _weights_dir()
         manifest_file, where = folder / f"{source}.json", f"{source!r} (shipped)"
         if not manifest_file.is_file():
-            hint = (f"; until learned-optimizer weights ship, meta-train some with `{META_TRAIN_COMMAND}` "
-                    "and pass weights='runs/lopt/<name>.json'") if source == SHIPPED else ""
-            raise WeightsError(f"no shipped learned optimizer named {source!r}{hint}")
+            known = sorted(e.name[:-5] for e in folder.iterdir() if e.name.endswith(".json") and _is_rule(e))
+            raise WeightsError(f"no shipped learned optimizer named {source!r} (shipped: {', '.join(known) or 'none yet'}); "
+                               f"meta-train one with `{META_TRAIN_COMMAND}` and pass weights='runs/lopt/lopt.json'")
     check_regular(manifest_file, "manifest", MAX_MANIFEST_BYTES)
     try:
         m = check_rule_manifest(manifest_file.read_bytes(), where)

@@ -27,6 +27,7 @@ import torch
 
 from .errors import ConfigError, WeightsError
 from .layout import Layout, signature_from_json
+from .lopt.weights import check_rule_manifest, rule_kind, rule_listing
 from .manifest import (
     DEFAULT_SAMPLING,
     MANIFEST_FORMAT_VERSION,
@@ -303,7 +304,9 @@ def _build(manifest: dict, layout: Layout, header: dict, blob: bytes, where: str
 
 
 def list_pretrained() -> list[dict]:
-    """The generators shipped with the package: name, task, metric, architecture, sha256.
+    """The weights shipped with the package, both kinds: ``kind`` ("generator" or
+    "learned-optimizer"), name, task, metric, architecture, sha256 (a learned optimizer's ``task``
+    says what it was meta-trained on; it has no metric).
 
     Reads manifests only (weights are not hashed or parsed); an unreadable manifest is skipped
     with a warning.
@@ -317,13 +320,18 @@ def list_pretrained() -> list[dict]:
             continue
         try:
             check_regular(entry, "manifest", MAX_MANIFEST_BYTES)
-            m = read_manifest(entry.read_bytes(), entry.name)
+            text = entry.read_bytes()
+            if rule_kind(text):
+                out.append(rule_listing(check_rule_manifest(text, entry.name)))
+                continue
+            m = read_manifest(text, entry.name)
         except (WeightsError, OSError, UnicodeDecodeError) as exc:
             warnings.warn(f"skipping shipped generator manifest {entry.name}: {exc}", stacklevel=2)
             continue
         sig = signature_from_json(m["signature"])
         out.append(
             {
+                "kind": "generator",
                 "name": m["name"],
                 "task": m["task"],
                 "metric": m["metric"],

@@ -11,6 +11,7 @@ generators' (:mod:`learned_opt.weightsfile`, :mod:`learned_opt.saving`, :mod:`le
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -150,6 +151,30 @@ def check_rule_manifest(text: bytes | str, where: str) -> dict:
     return m
 
 
+def rule_kind(text: bytes) -> bool:
+    """Whether manifest bytes say ``"kind": "learned-optimizer"`` (False for anything unreadable)."""
+    try:
+        m = json.loads(text)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(m, dict) and m.get("kind") == KIND
+
+
+def rule_listing(m: dict) -> dict:
+    """A checked learned-optimizer manifest as a row of :func:`learned_opt.list_pretrained`."""
+    hidden = m["architecture"]["hidden"]
+    shapes = theta_shapes(hidden)
+    meta = m.get("meta_training", {}) if isinstance(m.get("meta_training"), dict) else {}
+    return {
+        "kind": KIND, "name": m["name"], "task": f"any (meta-trained on {meta.get('tasks', 'unknown tasks')})",
+        "metric": None, "metric_direction": None, "best_prompt": None,
+        "architecture": {"num_params": sum(math.prod(s) for s in shapes.values()), "num_tensors": len(shapes),
+                         "signature": f"per-parameter MLP {'-'.join(map(str, [FEATURE_CONFIG['num_features'], *hidden, 2]))}",
+                         "model_config": dict(m["architecture"])},
+        "meta_training": meta, "sha256": m["weights_sha256"],
+    }
+
+
 def _weights_dir():
     return resources.files("learned_opt") / "weights"
 
@@ -157,8 +182,8 @@ def _weights_dir():
 def _is_rule(entry) -> bool:
     """Whether a shipped manifest is a learned optimizer's (a bounded peek at its ``kind``)."""
     try:
-        return json.loads(entry.read_bytes()[:MAX_MANIFEST_BYTES]).get("kind") == KIND
-    except (OSError, ValueError, AttributeError):
+        return rule_kind(entry.read_bytes()[:MAX_MANIFEST_BYTES])
+    except OSError:
         return False
 
 

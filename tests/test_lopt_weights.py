@@ -1,0 +1,90 @@
+"""Learned-optimizer weights: save/load, the registry with both kinds, and bad files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from learned_opt import LearnedOptimizer, list_pretrained, pretrained
+from learned_opt.errors import WeightsError
+from learned_opt.lopt import hand_set_theta, load_rule, save_rule
+from learned_opt.lopt import weights as lopt_weights
+
+META = {"tasks": "tests", "outer_steps": 0}
+
+
+@pytest.fixture
+def saved(tmp_path) -> Path:
+    return save_rule(tmp_path, "lopt-test", hand_set_theta(seed=3), meta_training=META)
+
+
+def test_round_trip(saved):
+    rule = load_rule(saved)
+    ref = hand_set_theta(seed=3)
+    assert rule.name == "lopt-test" and all(torch.equal(rule.theta[k], ref[k]) for k in ref)
+    m = json.loads(saved.read_text())
+    assert m["kind"] == "learned-optimizer" and m["meta_training"] == META and m["architecture"]["hidden"] == [32, 32]
+    assert load_rule(saved.with_suffix(".safetensors")).sha256 == rule.sha256 == m["weights_sha256"]
+    w = torch.ones(3, requires_grad=True)
+    assert LearnedOptimizer([w], weights=str(saved)).rule.sha256 == rule.sha256
+
+
+def test_registry_lists_both_kinds(saved, monkeypatch):
+    folder = Path(pretrained._weights_dir())
+    for f in folder.iterdir():
+        (saved.parent / f.name).write_bytes(f.read_bytes())
+    monkeypatch.setattr(pretrained, "_weights_dir", lambda: saved.parent)
+    monkeypatch.setattr(lopt_weights, "_weights_dir", lambda: saved.parent)
+    rows = {r["name"]: r for r in list_pretrained()}
+    assert rows["lopt-test"]["kind"] == "learned-optimizer" and "tests" in rows["lopt-test"]["task"]
+    assert rows["lopt-test"]["architecture"]["num_tensors"] == 6
+    assert all(r["kind"] == "generator" for n, r in rows.items() if n != "lopt-test") and len(rows) > 1
+    assert load_rule("lopt-test").name == "lopt-test"
+    with pytest.raises(WeightsError, match="shipped: lopt-test"):
+        load_rule("nope")
+
+
+def test_generator_manifest_refused():
+    generator = Path(pretrained._weights_dir()) / "mnist-mlp.json"
+    with pytest.raises(WeightsError, match="generator's manifest.*GptOptimizer"):
+        LearnedOptimizer([torch.ones(2, requires_grad=True)], weights=str(generator))
+
+
+def _edit(path: Path, **changes) -> None:
+    m = json.loads(path.read_text())
+    m.update(changes)
+    path.write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("damage", ["hash", "truncated", "features", "hidden", "version", "json", "escape"])
+def test_bad_files_raise_weights_error(saved, damage):
+    weights = saved.with_suffix(".safetensors")
+    if damage == "hash":
+        blob = bytearray(weights.read_bytes())
+        blob[-1] ^= 1
+        weights.write_bytes(bytes(blob))
+    elif damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif damage == "features":
+        _edit(saved, features={"betas": [0.9]})
+    elif damage == "hidden":
+        _edit(saved, architecture={"hidden": [10**9]})
+    elif damage == "version":
+        _edit(saved, format_version=99)
+    elif damage == "json":
+        saved.write_text("{not json")
+    else:
+        _edit(saved, weights_file="../x.safetensors")
+    with pytest.raises(WeightsError):
+        load_rule(saved)
+
+
+def test_nan_weights_refused_on_save(tmp_path):
+    bad = {k: v.clone() for k, v in hand_set_theta().items()}
+    bad["b0"][0] = float("nan")
+    with pytest.raises(WeightsError, match="NaN"):
+        save_rule(tmp_path, "x", bad, meta_training=META)
+    assert not list(tmp_path.iterdir())

@@ -228,6 +228,9 @@ def load_generator(source, *, device: torch.device | str | None = None) -> Loade
         text = manifest_file.read_bytes()
     except OSError as exc:
         raise WeightsError(f"cannot read manifest {where}: {exc}") from None
+    if rule_kind(text):
+        raise WeightsError(f"{where} holds a learned optimizer's weights, not a generator: pass it to "
+                           f"LearnedOptimizer(params, weights=...)")
     manifest = read_manifest(text, where)  # every field checked and bounded
     weights_name = manifest["weights_file"]
     weights_file = folder / weights_name

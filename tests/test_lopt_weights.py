@@ -88,3 +88,10 @@ def test_nan_weights_refused_on_save(tmp_path):
     with pytest.raises(WeightsError, match="NaN"):
         save_rule(tmp_path, "x", bad, meta_training=META)
     assert not list(tmp_path.iterdir())
+
+
+def test_learned_optimizer_given_to_load_generator(saved):
+    from learned_opt import load_generator
+
+    with pytest.raises(WeightsError, match="learned optimizer's weights.*LearnedOptimizer"):
+        load_generator(saved)

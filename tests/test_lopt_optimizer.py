@@ -218,3 +218,17 @@ def test_hand_set_rule_is_an_adam_like_step():
     step = p - new[0]
     assert torch.allclose(step.square().mean().sqrt(), torch.tensor(1e-3), rtol=1e-3)
     assert (torch.sign(step) == torch.sign(g)).all()
+
+
+def test_update_equals_the_mlp_on_full_feature_vectors():
+    from learned_opt.lopt.model import BETA2, BETAS, EXP_MULT, STEP_MULT, features, mlp, step_features
+
+    p, g = torch.randn(6, 5), torch.randn(6, 5)
+    state = init_state([p])
+    new, _ = update(THETA, [p], [g], state, 42, lr=0.7, num_tensors=9)
+    m = torch.stack([(1 - b) * g for b in BETAS])
+    v = (1 - BETA2) * g.square()
+    x = torch.cat([features(p, g, m, v), step_features(42, 9, p.device).unsqueeze(1).expand(-1, 30)]).T
+    out = mlp(THETA, x)
+    expected = p - (out[:, 0] * torch.exp(EXP_MULT * out[:, 1]) * STEP_MULT * 0.7).view(6, 5)
+    assert torch.allclose(new[0], expected, atol=1e-7)

@@ -112,12 +112,15 @@ def step_features(step, num_tensors: int, device, dtype=torch.float32) -> torch.
 
 def mlp(theta: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """The MLP on features ``x`` ``[n, NUM_FEATURES]`` -> ``[n, 2]`` (direction, log magnitude)."""
+    return head(theta, x @ theta["w0"] + theta["b0"])
+
+
+def head(theta: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    """The MLP after its first linear layer: ``h`` ``[n, hidden[0]]`` (pre-activation) -> ``[n, 2]``."""
     n_layers = sum(1 for k in theta if k.startswith("w"))
-    for i in range(n_layers):
-        x = x @ theta[f"w{i}"] + theta[f"b{i}"]
-        if i < n_layers - 1:
-            x = torch.relu(x)
-    return x
+    for i in range(1, n_layers):
+        h = torch.relu(h) @ theta[f"w{i}"] + theta[f"b{i}"]
+    return h
 
 
 def update(
@@ -133,15 +136,21 @@ def update(
     modified in place.
 
     ``step`` is the index of this step (0 for the first); ``num_tensors`` (default ``len(params)``)
-    is the tensor count the rule is told. The features of all tensors are concatenated and the MLP
-    runs once over all of them. Computed in fp32; new parameters take each parameter's dtype.
+    is the tensor count the rule is told. The first layer runs per tensor, the rest of the MLP once
+    over all tensors' elements concatenated; the result is :func:`mlp` on every element's full
+    feature vector. Computed in fp32; new parameters take each parameter's dtype.
     """
     if not params:
         return (), {"m": (), "v": ()}
     num_tensors = len(params) if num_tensors is None else num_tensors
     betas = torch.tensor(BETAS, dtype=torch.float32, device=params[0].device)
-    new_m, new_v, feats = [], [], []
+    new_m, new_v, hidden = [], [], []
     scalars = step_features(step, num_tensors, params[0].device)  # [S]
+    # The first layer in two parts: the per-element features of each tensor, and the per-tensor
+    # scalars, whose contribution is one bias row shared by all elements (same sum as
+    # mlp(theta, cat([features, scalars]))).
+    w0 = theta["w0"]
+    bias = scalars @ w0[NUM_ELEMENT_FEATURES:] + theta["b0"]  # [hidden0]
     for p, g, m, v in zip(params, grads, state["m"], state["v"]):
         g = g.float()
         b = betas.view(-1, *([1] * g.dim()))  # [K, 1, ...]
@@ -150,8 +159,8 @@ def update(
         new_m.append(m)
         new_v.append(v)
         f = features(p.float(), g, m, v)  # [F_e, n]
-        feats.append(torch.cat([f, scalars.unsqueeze(1).expand(-1, f.shape[1])]).T)  # [n, F]
-    out = mlp(theta, torch.cat(feats))  # [N, 2]
+        hidden.append(f.T @ w0[:NUM_ELEMENT_FEATURES] + bias)  # [n, hidden0]
+    out = head(theta, torch.cat(hidden))  # [N, 2]
     delta = out[:, 0] * torch.exp(EXP_MULT * out[:, 1]) * STEP_MULT * lr  # [N]
     new_params = tuple(
         (p.float() - d.view(p.shape)).to(p.dtype) for p, d in zip(params, delta.split([p.numel() for p in params]))

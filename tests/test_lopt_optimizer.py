@@ -126,7 +126,7 @@ def test_load_state_dict_validates_before_changing():
     with pytest.raises(OptimizerStateError, match="other|weights"):
         other.load_state_dict(good)
     bad = copy.deepcopy(good)
-    bad["state"][0]["m"] = torch.zeros(2)
+    bad["state"][0]["m1"] = torch.zeros(2)
     with pytest.raises(OptimizerStateError, match="does not fit"):
         opt.load_state_dict(bad)
     with pytest.raises(OptimizerStateError):
@@ -167,7 +167,7 @@ def test_grad_scaler_skips_inf_step():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     after = opt.state_dict()
     assert after["param_groups"] == state["param_groups"]
-    assert all(torch.equal(after["state"][i]["m"], state["state"][i]["m"]) for i in state["state"])
+    assert all(torch.equal(after["state"][i][k], state["state"][i][k]) for i in state["state"] for k in ("m0", "m3", "v"))
 
 
 def test_deterministic_and_global_rng_untouched():
@@ -232,3 +232,32 @@ def test_update_equals_the_mlp_on_full_feature_vectors():
     out = mlp(THETA, x)
     expected = p - (out[:, 0] * torch.exp(EXP_MULT * out[:, 1]) * STEP_MULT * 0.7).view(6, 5)
     assert torch.allclose(new[0], expected, atol=1e-7)
+
+
+def test_as_gpt_optimizer_base_with_state_round_trip():
+    from gpt_helpers import tiny_generator, toy_loss, toy_model
+
+    from learned_opt import GptOptimizer
+
+    def make(model):
+        return GptOptimizer(model.parameters(), generator=tiny_generator(perturb=0.01), base=LearnedOptimizer,
+                            weights=THETA)
+
+    model = toy_model()
+    opt = make(model)
+    assert opt.generate(metric=1.0).accepted
+    for _ in range(2):
+        opt.zero_grad()
+        toy_loss(model).backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    model2 = copy.deepcopy(model)
+    opt2 = make(model2)
+    opt2.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        toy_loss(m).backward()
+        o.step()
+    assert opt2.base.param_groups[0]["step"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))

@@ -27,6 +27,10 @@ from ..errors import ConfigError, OptimizerStateError
 from .model import BETAS, init_state, update
 from .weights import LoadedRule, load_rule
 
+# per-parameter state: one momentum per decay rate (shaped like the parameter, as Adam's
+# exp_avg, so wrappers that check state shapes, such as GptOptimizer, accept it) and "v"
+MOMENTA = tuple(f"m{i}" for i in range(len(BETAS)))
+
 
 class LearnedOptimizer(Optimizer):
     """A learned update rule (Metz et al. 2020 style) applied to every parameter at every step.
@@ -86,16 +90,17 @@ class LearnedOptimizer(Optimizer):
             for p in with_grad:
                 if not self.state[p]:  # lazy initialisation
                     fresh = init_state([p])
-                    self.state[p]["m"], self.state[p]["v"] = fresh["m"][0], fresh["v"][0]
+                    self.state[p].update(zip(MOMENTA, fresh["m"][0].unbind(0)), v=fresh["v"][0])
             # one vectorised pass per device: the rule's MLP runs once over all tensors' elements
             for device in dict.fromkeys(p.device for p in with_grad):
                 ps = [p for p in with_grad if p.device == device]
-                state = {"m": [self.state[p]["m"] for p in ps], "v": [self.state[p]["v"] for p in ps]}
+                state = {"m": [torch.stack([self.state[p][k] for k in MOMENTA]) for p in ps],
+                         "v": [self.state[p]["v"] for p in ps]}
                 new_p, new_state = update(self._theta(device), ps, [p.grad for p in ps], state, group["step"],
                                           lr=group["lr"], num_tensors=len(group["params"]))
                 torch._foreach_copy_(ps, list(new_p))
                 for p, m, v in zip(ps, new_state["m"], new_state["v"]):
-                    self.state[p]["m"], self.state[p]["v"] = m, v
+                    self.state[p].update(zip(MOMENTA, m.unbind(0)), v=v)
             group["step"] += 1
         return loss
 
@@ -126,17 +131,16 @@ class LearnedOptimizer(Optimizer):
             if pid not in flat_ids:
                 raise OptimizerStateError(f"state for parameter id {pid} that no param group lists")
             shape = shapes[flat_ids.index(pid)]
-            m, v = s.get("m"), s.get("v")
-            if not (isinstance(m, torch.Tensor) and isinstance(v, torch.Tensor)
-                    and tuple(m.shape) == (len(BETAS), *shape) and tuple(v.shape) == tuple(shape)):
-                raise OptimizerStateError(f"state of parameter {pid} does not fit a parameter of shape {list(shape)}")
+            if not all(isinstance(s.get(k), torch.Tensor) and tuple(s[k].shape) == tuple(shape) for k in (*MOMENTA, "v")):
+                raise OptimizerStateError(f"state of parameter {pid} does not fit a parameter of shape {list(shape)} "
+                                          f"(it needs {', '.join(MOMENTA)} and v of that shape)")
         for g in groups:
             if not isinstance(g.get("step"), int) or g["step"] < 0:
                 raise OptimizerStateError(f"a param group's step is {g.get('step')!r}, not an integer >= 0")
             _check_lr(g.get("lr"), OptimizerStateError)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "rule_sha256"})
         for s in self.state.values():  # keep the rule's fp32 state whatever the parameter's dtype
-            s["m"], s["v"] = s["m"].float(), s["v"].float()
+            s.update({k: s[k].float() for k in (*MOMENTA, "v")})
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "rule": self.rule, "_theta_cache": {}}

@@ -66,3 +66,14 @@ def test_cli_registers_meta_train():
 
     args = build_parser().parse_args(["meta-train", "--out", "x", "--widths", "8,16", "--outer-steps", "3"])
     assert args.widths == (8, 16) and args.outer_steps == 3
+
+
+def test_non_finite_rule_is_never_checkpointed(tmp_path, monkeypatch):
+    from pretrain.metatrain import trainer
+
+    meta_train(MetaConfig(outer_steps=2, **TINY), _data(), tmp_path, progress=False, export=False)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    monkeypatch.setattr(trainer, "_adam_step", lambda theta, *a, **k: {k2: v * float("nan") for k2, v in theta.items()})
+    with pytest.raises(TrainingError, match="non-finite"):
+        meta_train(MetaConfig(outer_steps=4, **TINY), _data(), tmp_path, resume=True, progress=False)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before

@@ -176,6 +176,9 @@ def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = Fals
         scale = min(1.0, config.grad_clip / (float(norm) + 1e-12))
         s.theta = _adam_step(s.theta, {k: g * scale for k, g in grad.items()}, s.adam, config.outer_lr,
                              s.outer_step + 1)
+        if not all(torch.isfinite(v).all() for v in s.theta.values()):  # never checkpointed
+            raise TrainingError(f"the rule's weights became non-finite at outer step {s.outer_step + 1}; the last "
+                                "checkpoint is kept: resume from it with a lower --outer-lr or --sigma")
         s.outer_step += 1
         row = {"outer_step": s.outer_step, "meta_loss": float(losses.mean()), "grad_norm": float(norm),
                "inner_step": s.unroll.step, "task": s.unroll.spec.to_json(),

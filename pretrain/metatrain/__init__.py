@@ -33,6 +33,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unroll", type=int, default=d.unroll, help="inner steps per task")
     p.add_argument("--sigma", type=float, default=d.sigma)
     p.add_argument("--outer-lr", type=float, default=d.outer_lr)
+    p.add_argument("--outer-loss", choices=("mean", "log-mean"), default=d.outer_loss,
+                   help="per truncation: the mean validation loss, or the mean of its log")
     p.add_argument("--widths", type=_ints, default=d.widths, help="hidden widths to draw from, e.g. 16,32,64")
     p.add_argument("--depths", type=_ints, default=d.depths, help="hidden layer counts to draw from, e.g. 1,2")
     p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes)
@@ -48,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     config = MetaConfig(
         outer_steps=args.outer_steps, pairs=args.pairs, truncation=args.truncation, unroll=args.unroll,
-        sigma=args.sigma, outer_lr=args.outer_lr, widths=args.widths, depths=args.depths,
+        sigma=args.sigma, outer_lr=args.outer_lr, outer_loss=args.outer_loss, widths=args.widths, depths=args.depths,
         batch_sizes=args.batch_sizes, image_size=args.image_size, seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )

@@ -6,7 +6,8 @@ inner steps, member ``i`` of pair ``i`` uses the rule's weights ``theta + eps_i`
 truncation. Each member keeps its own inner network and optimizer state across truncations
 (persistent), and PES keeps the sum ``xi_i`` of every ``eps_i`` since the task began. The outer
 loss of a member is its mean validation loss over the truncation's steps (clipped at
-``loss_clip``, non-finite counted as ``loss_clip``), and the gradient estimate is
+``loss_clip``, non-finite counted as ``loss_clip``; with ``log_loss`` the mean of its logarithm,
+which weighs a late halving of the loss as much as an early one), and the gradient estimate is
 
     g = sum_i xi_i * (L+_i - L-_i) / (2 * pairs * sigma^2),
 
@@ -75,16 +76,17 @@ def truncation(
     length: int,
     val_batch: int,
     loss_clip: float,
+    log_loss: bool = False,
     gen: torch.Generator,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Run ``length`` inner steps of every member; return (PES gradient estimate, per-member outer
-    losses ``[2P]``). ``unroll`` is advanced in place."""
+    """Run ``length`` inner steps of every member; return (PES gradient estimate, per-member mean
+    validation losses ``[2P]``, whatever the objective). ``unroll`` is advanced in place."""
     eps = {k: torch.randn((pairs, *v.shape), generator=gen) * sigma for k, v in theta.items()}
     pop_theta = {k: torch.cat([theta[k] + e, theta[k] - e]) for k, e in eps.items()}  # [2P, ...]
     for k, e in eps.items():
         unroll.xi[k] = unroll.xi[k] + e
     n_train, n_val = data.train_x.shape[0], data.test_x.shape[0]
-    total = torch.zeros(2 * pairs)
+    total, objective = torch.zeros(2 * pairs), torch.zeros(2 * pairs)
     for _ in range(length):
         idx = torch.randint(n_train, (unroll.spec.batch_size,), generator=gen)
         vidx = torch.randint(n_val, (val_batch,), generator=gen)
@@ -97,10 +99,11 @@ def truncation(
         params, m, v, vloss = vmap(one)(pop_theta, unroll.params, unroll.state["m"], unroll.state["v"])
         vloss = torch.nan_to_num(vloss, nan=loss_clip, posinf=loss_clip).clamp(max=loss_clip)
         total += vloss
+        objective += vloss.clamp(min=1e-6).log() if log_loss else vloss
         unroll.params, unroll.state, unroll.step = tuple(params), {"m": tuple(m), "v": tuple(v)}, step + 1
         if not all(torch.isfinite(p).all() for p in unroll.params):  # a diverged member stays at the clip value
             unroll.params = tuple(torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0) for p in unroll.params)
-    losses = total / length  # [2P]
-    diff = losses[:pairs] - losses[pairs:]  # [P]
+    losses, objective = total / length, objective / length  # [2P]
+    diff = objective[:pairs] - objective[pairs:]  # [P]
     grad = {k: torch.einsum("p,p...->...", diff, xi) / (2 * pairs * sigma**2) for k, xi in unroll.xi.items()}
     return grad, losses

@@ -39,6 +39,7 @@ class MetaConfig:
     outer_lr: float = 3e-3  # Adam on the rule's weights
     grad_clip: float = 10.0  # the PES estimate's norm is clipped to this
     loss_clip: float = 3.0  # a member's outer loss is clipped here (ln 10 ~ 2.3 is chance)
+    outer_loss: str = "mean"  # "mean": mean validation loss over a truncation; "log-mean": mean of its log
     val_batch: int = 256  # validation examples per inner step
     holdout: int = 10_000  # training images held out as the validation set
     image_size: int = 14
@@ -57,6 +58,8 @@ class MetaConfig:
         for k in ("sigma", "outer_lr", "grad_clip", "loss_clip"):
             if not getattr(self, k) > 0:
                 raise ConfigError(f"{k} must be > 0, got {getattr(self, k)!r}")
+        if self.outer_loss not in ("mean", "log-mean"):
+            raise ConfigError(f"outer_loss must be 'mean' or 'log-mean', got {self.outer_loss!r}")
         if self.unroll % self.truncation:
             raise ConfigError(f"unroll ({self.unroll}) must be a multiple of truncation ({self.truncation})")
         self.family()  # an empty or invalid task distribution fails here
@@ -108,6 +111,7 @@ def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
     if not isinstance(blob, dict) or blob.get("kind") != "lopt-meta-train" or blob.get("version") != CHECKPOINT_VERSION:
         raise TrainingError(f"{path} is not a learned-opt meta-training checkpoint of version {CHECKPOINT_VERSION}")
     saved = json.loads(blob["settings"])
+    saved.setdefault("outer_loss", "mean")  # written before the setting existed
     if saved != config.settings():
         diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.settings().items() if saved.get(k) != v]
         raise TrainingError(f"cannot resume {path} with other settings ({'; '.join(diffs)}); use the saved ones "
@@ -171,7 +175,7 @@ def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = Fals
             s.unroll = new_unroll(family.sample(gen), s.theta, config.pairs, gen)
         grad, losses = truncation(s.theta, s.unroll, data, pairs=config.pairs, sigma=config.sigma,
                                   length=config.truncation, val_batch=config.val_batch,
-                                  loss_clip=config.loss_clip, gen=gen)
+                                  loss_clip=config.loss_clip, log_loss=config.outer_loss == "log-mean", gen=gen)
         norm = torch.sqrt(sum(g.square().sum() for g in grad.values()))
         scale = min(1.0, config.grad_clip / (float(norm) + 1e-12))
         s.theta = _adam_step(s.theta, {k: g * scale for k, g in grad.items()}, s.adam, config.outer_lr,

@@ -135,6 +135,11 @@ def plot_meta_loss(log_path: Path, png: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(steps, loss, alpha=0.3, label="per outer step")
     ax.plot(steps[w - 1:], smooth, label=f"mean of {w}")
+    # one point per task: the mean over its whole unroll (the per-step curve follows each unroll's descent)
+    ends = [i for i in range(len(rows)) if i + 1 == len(rows) or rows[i + 1]["inner_step"] <= rows[i]["inner_step"]]
+    starts = [0] + [e + 1 for e in ends[:-1]]
+    ax.plot([steps[e] for e in ends], [float(loss[a:e + 1].mean()) for a, e in zip(starts, ends)], "o-",
+            label="mean over each task's unroll")
     ax.set_xlabel("outer step")
     ax.set_ylabel("mean validation loss over the truncation")
     ax.set_title("PES meta-training of the learned optimizer")

@@ -200,7 +200,7 @@ def _resolve(source) -> tuple[str, Any, Any]:
         folder = _weights_dir()
         candidate = folder / f"{source}.json"
         if not candidate.is_file():
-            known = [g["name"] for g in list_pretrained()]
+            known = [g["name"] for g in list_pretrained() if g["kind"] == "generator"]
             raise WeightsError(
                 f"unknown generator {source!r}; shipped generators: {', '.join(known) or 'none yet'}. "
                 f"Pass one of these names, or a path to a generator's .json manifest."

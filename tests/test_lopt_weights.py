@@ -41,9 +41,12 @@ def test_registry_lists_both_kinds(saved, monkeypatch):
     rows = {r["name"]: r for r in list_pretrained()}
     assert rows["lopt-test"]["kind"] == "learned-optimizer" and "tests" in rows["lopt-test"]["task"]
     assert rows["lopt-test"]["architecture"]["num_tensors"] == 6
-    assert all(r["kind"] == "generator" for n, r in rows.items() if n != "lopt-test") and len(rows) > 1
+    for n, r in rows.items():  # the shipped generators, and any shipped learned optimizer, with their own kind
+        kind = json.loads((saved.parent / f"{n}.json").read_text()).get("kind", "generator")
+        assert r["kind"] == kind
+    assert {r["kind"] for r in rows.values()} == {"generator", "learned-optimizer"}
     assert load_rule("lopt-test").name == "lopt-test"
-    with pytest.raises(WeightsError, match="shipped: lopt-test"):
+    with pytest.raises(WeightsError, match="shipped: .*lopt-test"):
         load_rule("nope")
 
 
@@ -95,3 +98,27 @@ def test_learned_optimizer_given_to_load_generator(saved):
 
     with pytest.raises(WeightsError, match="learned optimizer's weights.*LearnedOptimizer"):
         load_generator(saved)
+
+
+def test_hand_set_by_name():
+    rule = load_rule("hand-set")
+    assert rule.name == "hand-set" and torch.equal(rule.theta["w0"], hand_set_theta()["w0"])
+
+
+def test_shipped_rule_is_the_default_and_trains():
+    rows = [r for r in list_pretrained() if r["kind"] == "learned-optimizer"]
+    if not rows:
+        pytest.skip("no learned optimizer shipped")
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 10), torch.randint(3, (64,))
+    model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    opt = LearnedOptimizer(model.parameters())
+    assert opt.rule.name == lopt_weights.SHIPPED and opt.rule.sha256 == rows[0]["sha256"]
+    first = None
+    for _ in range(50):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        first = float(loss.detach()) if first is None else first
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.8 * first

@@ -32,6 +32,7 @@ from .model import FEATURE_CONFIG, theta_shapes
 KIND = "learned-optimizer"
 FORMAT_VERSION = 1
 SHIPPED = "lopt-mnist-mlp"  # the weights LearnedOptimizer uses when given none
+HAND_SET = "hand-set"  # the name of the hand-set Adam-like rule (model.hand_set_theta), never a file
 MAX_HIDDEN = 4096  # bounds on what a manifest may ask for, far above any rule this package trains
 MAX_LAYERS = 16
 META_TRAIN_COMMAND = "learned-opt meta-train --out runs/lopt"
@@ -196,6 +197,10 @@ def load_rule(source=None) -> LoadedRule:
         return rule_from_theta(source)
     if source is None:
         source = SHIPPED
+    if source == HAND_SET:
+        from .model import hand_set_theta
+
+        return rule_from_theta(hand_set_theta(), HAND_SET)
     if not isinstance(source, (str, os.PathLike)):
         raise WeightsError(f"cannot load learned-optimizer weights from {type(source).__name__}: pass None, "
                            "a registry name, a path to a .json manifest, or a dict of MLP tensors")

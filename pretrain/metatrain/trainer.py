@@ -81,6 +81,7 @@ class MetaState:
     unroll: Unroll | None = None
     outer_step: int = 0
     gen_state: torch.Tensor | None = None
+    seconds: float = 0.0  # wall time of the outer steps so far, over every session
 
 
 def _adam_step(theta, grad, adam: dict, lr: float, t: int, b1=0.9, b2=0.999, eps=1e-8):
@@ -97,7 +98,7 @@ def _adam_step(theta, grad, adam: dict, lr: float, t: int, b1=0.9, b2=0.999, eps
 def save_checkpoint(path: Path, config: MetaConfig, s: MetaState) -> None:
     blob = {"version": CHECKPOINT_VERSION, "kind": "lopt-meta-train", "settings": json.dumps(config.settings()),
             "theta": s.theta, "adam": s.adam, "unroll": s.unroll.to_dict() if s.unroll else None,
-            "outer_step": s.outer_step, "gen_state": s.gen_state}
+            "outer_step": s.outer_step, "gen_state": s.gen_state, "seconds": s.seconds}
     atomic_write(path, lambda p: torch.save(blob, p))
 
 
@@ -117,7 +118,8 @@ def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
         raise TrainingError(f"cannot resume {path} with other settings ({'; '.join(diffs)}); use the saved ones "
                             "or a new --out")
     unroll = Unroll.from_dict(blob["unroll"]) if blob["unroll"] else None
-    return MetaState(blob["theta"], blob["adam"], unroll, blob["outer_step"], blob["gen_state"])
+    return MetaState(blob["theta"], blob["adam"], unroll, blob["outer_step"], blob["gen_state"],
+                     float(blob.get("seconds", 0.0)))
 
 
 def plot_meta_loss(log_path: Path, png: Path) -> None:
@@ -189,9 +191,11 @@ def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = Fals
             raise TrainingError(f"the rule's weights became non-finite at outer step {s.outer_step + 1}; the last "
                                 "checkpoint is kept: resume from it with a lower --outer-lr or --sigma")
         s.outer_step += 1
+        s.seconds += time.perf_counter() - start
+        start = time.perf_counter()
         row = {"outer_step": s.outer_step, "meta_loss": float(losses.mean()), "grad_norm": float(norm),
                "inner_step": s.unroll.step, "task": s.unroll.spec.to_json(),
-               "seconds": round(time.perf_counter() - start, 3)}
+               "seconds": round(s.seconds, 3)}
         with open(log_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         bar.update(1)
@@ -206,7 +210,8 @@ def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = Fals
             "method": "antithetic PES over truncated unrolls, Adam outer optimizer",
             "tasks": f"MLPs on {config.image_size}x{config.image_size} MNIST, hidden depths {list(config.depths)}, "
                      f"widths {list(config.widths)}, batch sizes {list(config.batch_sizes)}",
-            "outer_steps": s.outer_step, "config": config.settings(), "features": FEATURE_CONFIG,
+            "outer_steps": s.outer_step, "wall_seconds": round(s.seconds, 1),
+            "torch_threads": torch.get_num_threads(), "config": config.settings(), "features": FEATURE_CONFIG,
         })
     return s.theta
 

@@ -16,6 +16,7 @@ from .errors import (  # noqa: E402
     WeightsError,
 )
 from .generator import PRESETS, Gpt, GptConfig, build_generator  # noqa: E402
+from .lopt import LearnedOptimizer  # noqa: E402
 from .layout import Layout, Signature, compare_signatures, signature_of  # noqa: E402
 from .normalization import Normalization  # noqa: E402
 from .optimizer import GenerationReport, GptOptimizer  # noqa: E402
@@ -35,6 +36,7 @@ __all__ = [
     "GptOptimizer",
     "Layout",
     "LearnedOptError",
+    "LearnedOptimizer",
     "LoadedGenerator",
     "Normalization",
     "OptimizerStateError",

@@ -27,6 +27,7 @@ import torch
 
 from .errors import ConfigError, WeightsError
 from .layout import Layout, signature_from_json
+from .lopt.weights import check_rule_manifest, rule_kind, rule_listing
 from .manifest import (
     DEFAULT_SAMPLING,
     MANIFEST_FORMAT_VERSION,
@@ -201,7 +202,7 @@ def _resolve(source) -> tuple[str, Any, Any]:
         folder = _weights_dir()
         candidate = folder / f"{source}.json"
         if not candidate.is_file():
-            known = [g["name"] for g in list_pretrained()]
+            known = [g["name"] for g in list_pretrained() if g["kind"] == "generator"]
             raise WeightsError(
                 f"unknown generator {source!r}; shipped generators: {', '.join(known) or 'none yet'}. "
                 f"Pass one of these names, or a path to a generator's .json manifest."
@@ -229,6 +230,9 @@ def load_generator(source, *, device: torch.device | str | None = None) -> Loade
         text = manifest_file.read_bytes()
     except OSError as exc:
         raise WeightsError(f"cannot read manifest {where}: {exc}") from None
+    if rule_kind(text):
+        raise WeightsError(f"{where} holds a learned optimizer's weights, not a generator: pass it to "
+                           f"LearnedOptimizer(params, weights=...)")
     manifest = read_manifest(text, where)  # every field checked and bounded
     weights_name = manifest["weights_file"]
     weights_file = folder / weights_name
@@ -305,8 +309,10 @@ def _build(manifest: dict, layout: Layout, header: dict, blob: bytes, where: str
 
 
 def list_pretrained() -> list[dict]:
-    """The generators shipped with the package: name, task, metric, architecture, the input
-    normalisation its networks expect (``None`` where the task has none), sha256.
+    """The weights shipped with the package, both kinds: ``kind`` ("generator" or
+    "learned-optimizer"), name, task, metric, architecture, the input normalisation a generator's
+    networks expect (``None`` where the task has none), sha256 (a learned optimizer's ``task`` says
+    what it was meta-trained on; it has no metric).
 
     Reads manifests only (weights are not hashed or parsed); an unreadable manifest is skipped
     with a warning.
@@ -320,13 +326,18 @@ def list_pretrained() -> list[dict]:
             continue
         try:
             check_regular(entry, "manifest", MAX_MANIFEST_BYTES)
-            m = read_manifest(entry.read_bytes(), entry.name)
+            text = entry.read_bytes()
+            if rule_kind(text):
+                out.append(rule_listing(check_rule_manifest(text, entry.name)))
+                continue
+            m = read_manifest(text, entry.name)
         except (WeightsError, OSError, UnicodeDecodeError) as exc:
             warnings.warn(f"skipping shipped generator manifest {entry.name}: {exc}", stacklevel=2)
             continue
         sig = signature_from_json(m["signature"])
         out.append(
             {
+                "kind": "generator",
                 "name": m["name"],
                 "task": m["task"],
                 "metric": m["metric"],

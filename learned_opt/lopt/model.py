@@ -1,0 +1,168 @@
+"""The per-parameter update rule: its features, its MLP, and the pure update function.
+
+In the spirit of Metz et al. 2020 ("Tasks, stability, architecture, and compute", the
+``small_fc_lopt`` of ``learned_optimization``): every element of every parameter tensor is fed to
+one small MLP, shared by all elements, that reads
+
+* the parameter and its gradient;
+* momenta of the gradient at decay rates ``BETAS`` (0.5, 0.9, 0.99, 0.999);
+* a second-moment estimate ``v`` (decay ``BETA2``), used to normalise the gradient and each momentum
+  (``g / sqrt(v)``, ``m / sqrt(v)``: Adam's direction at several momenta);
+* each of those per-element features divided by its root mean square over the tensor, then clipped
+  to ``[-CLIP, CLIP]`` (so the rule sees shapes, not scales, and works on any network);
+* the training step through sinusoids of several periods (``TIMESCALES``) and the log of the
+  number of tensors (per-tensor scalars, broadcast to the tensor's elements).
+
+It outputs a direction ``d`` and a log magnitude ``s``; the update is, as in Metz 2020,
+``p <- p - lr * d * exp(EXP_MULT * s) * STEP_MULT``.
+
+:func:`update` is pure (no in-place writes, no Python loop over elements, no RNG), so it runs under
+``torch.func.vmap`` over a population of MLP weights and inner networks, which is how meta-training
+(``learned-opt meta-train``) trains a whole population in one process.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+BETAS = (0.5, 0.9, 0.99, 0.999)  # momentum decay rates
+BETA2 = 0.999  # second-moment decay rate
+TIMESCALES = (10.0, 100.0, 1000.0, 10000.0)  # periods / 2π of the step sinusoids
+CLIP = 5.0  # per-element features are clipped to [-CLIP, CLIP] after RMS normalisation
+EPS = 1e-8
+STEP_MULT = 1e-3  # Metz 2020's step_mult: a unit direction moves a parameter by 1e-3
+EXP_MULT = 1e-2  # the log magnitude's multiplier
+HIDDEN = (32, 32)
+NUM_ELEMENT_FEATURES = 3 + 2 * len(BETAS)  # p, g, g/sqrt(v), m_k, m_k/sqrt(v)
+NUM_FEATURES = NUM_ELEMENT_FEATURES + 2 * len(TIMESCALES) + 1  # + sinusoids + log(num tensors)
+ADAM_FEATURE = 3 + len(BETAS) + BETAS.index(0.9)  # m_0.9 / sqrt(v): the hand-set rule's direction
+
+FEATURE_CONFIG = {
+    "betas": list(BETAS), "beta2": BETA2, "timescales": list(TIMESCALES), "clip": CLIP, "eps": EPS,
+    "step_mult": STEP_MULT, "exp_mult": EXP_MULT, "num_features": NUM_FEATURES,
+}
+
+
+def theta_shapes(hidden: Sequence[int] = HIDDEN) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the MLP's tensors: ``w{i}`` ``[in, out]`` and ``b{i}`` ``[out]``."""
+    sizes = [NUM_FEATURES, *hidden, 2]
+    shapes = {}
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        shapes[f"w{i}"], shapes[f"b{i}"] = (a, b), (b,)
+    return shapes
+
+
+def hand_set_theta(hidden: Sequence[int] = HIDDEN, seed: int = 0, noise: float = 0.01) -> dict[str, torch.Tensor]:
+    """An MLP whose direction is ``m_0.9 / sqrt(v)`` normalised per tensor: an Adam-like step of
+    RMS ``lr * 1e-3`` per tensor (lr=1 ~ Adam(1e-3)), plus small random weights (``noise``) elsewhere.
+
+    Two hidden units carry ``relu(x)`` and ``relu(-x)`` of that feature through every layer and the
+    direction output takes their difference, so the rule is exactly that step when ``noise=0``.
+    It is where meta-training starts. Drawn from its own generator: the global RNG is untouched.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    theta = {k: torch.randn(s, generator=gen) * (noise / math.sqrt(s[0]) if len(s) == 2 else 0.0)
+             for k, s in theta_shapes(hidden).items()}
+    n = len(hidden)
+    theta["w0"][:, :2] = 0.0
+    theta["w0"][ADAM_FEATURE, 0], theta["w0"][ADAM_FEATURE, 1] = 1.0, -1.0
+    for i in range(1, n):
+        theta[f"w{i}"][:, :2] = 0.0
+        theta[f"w{i}"][:2, :] = 0.0
+        theta[f"w{i}"][0, 0] = theta[f"w{i}"][1, 1] = 1.0
+    out = theta[f"w{n}"]
+    out[:2, :] = 0.0
+    out[0, 0], out[1, 0] = 1.0, -1.0
+    out[:, 1] = 0.0  # magnitude 0: exp(0) = 1
+    return theta
+
+
+def init_state(params: Sequence[torch.Tensor]) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Zero momenta ``m`` ``[len(BETAS), *shape]`` and second moments ``v`` per tensor (fp32)."""
+    return {
+        "m": tuple(torch.zeros((len(BETAS), *p.shape), dtype=torch.float32, device=p.device) for p in params),
+        "v": tuple(torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params),
+    }
+
+
+def _rms_normalise(x: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[F, n]`` divided by each row's root mean square, clipped."""
+    rms = x.square().mean(dim=1, keepdim=True).add(EPS).sqrt()
+    return (x / rms).clamp(-CLIP, CLIP)
+
+
+def features(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Per-element features ``[NUM_ELEMENT_FEATURES, n]`` of one tensor (``n`` = its numel)."""
+    n = p.numel()
+    m = m.reshape(len(BETAS), n)  # [K, n]
+    rsqrt = torch.rsqrt(v.reshape(1, n) + EPS)
+    g = g.reshape(1, n)
+    raw = torch.cat([p.reshape(1, n), g, g * rsqrt, m, m * rsqrt])  # [F_e, n]
+    return _rms_normalise(raw)
+
+
+def step_features(step, num_tensors: int, device, dtype=torch.float32) -> torch.Tensor:
+    """Per-tensor features ``[2 * len(TIMESCALES) + 1]``: sin/cos of step / timescale, log(#tensors)."""
+    t = torch.as_tensor(step, dtype=dtype, device=device) / torch.tensor(TIMESCALES, dtype=dtype, device=device)
+    return torch.cat([t.sin(), t.cos(), torch.full((1,), math.log(max(num_tensors, 1)), dtype=dtype, device=device)])
+
+
+def mlp(theta: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The MLP on features ``x`` ``[n, NUM_FEATURES]`` -> ``[n, 2]`` (direction, log magnitude)."""
+    return head(theta, x @ theta["w0"] + theta["b0"])
+
+
+def head(theta: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+    """The MLP after its first linear layer: ``h`` ``[n, hidden[0]]`` (pre-activation) -> ``[n, 2]``."""
+    n_layers = sum(1 for k in theta if k.startswith("w"))
+    for i in range(1, n_layers):
+        h = torch.relu(h) @ theta[f"w{i}"] + theta[f"b{i}"]
+    return h
+
+
+def update(
+    theta: dict[str, torch.Tensor],
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    state: dict[str, Sequence[torch.Tensor]],
+    step,
+    lr: float | torch.Tensor = 1.0,
+    num_tensors: int | None = None,
+) -> tuple[tuple[torch.Tensor, ...], dict[str, tuple[torch.Tensor, ...]]]:
+    """One learned step of every tensor in ``params``: ``(new_params, new_state)``; nothing is
+    modified in place.
+
+    ``step`` is the index of this step (0 for the first); ``num_tensors`` (default ``len(params)``)
+    is the tensor count the rule is told. The first layer runs per tensor, the rest of the MLP once
+    over all tensors' elements concatenated; the result is :func:`mlp` on every element's full
+    feature vector. Computed in fp32; new parameters take each parameter's dtype.
+    """
+    if not params:
+        return (), {"m": (), "v": ()}
+    num_tensors = len(params) if num_tensors is None else num_tensors
+    betas = torch.tensor(BETAS, dtype=torch.float32, device=params[0].device)
+    new_m, new_v, hidden = [], [], []
+    scalars = step_features(step, num_tensors, params[0].device)  # [S]
+    # The first layer in two parts: the per-element features of each tensor, and the per-tensor
+    # scalars, whose contribution is one bias row shared by all elements (same sum as
+    # mlp(theta, cat([features, scalars]))).
+    w0 = theta["w0"]
+    bias = scalars @ w0[NUM_ELEMENT_FEATURES:] + theta["b0"]  # [hidden0]
+    for p, g, m, v in zip(params, grads, state["m"], state["v"]):
+        g = g.float()
+        b = betas.view(-1, *([1] * g.dim()))  # [K, 1, ...]
+        m = b * m + (1 - b) * g.unsqueeze(0)  # [K, *shape]
+        v = BETA2 * v + (1 - BETA2) * g.square()
+        new_m.append(m)
+        new_v.append(v)
+        f = features(p.float(), g, m, v)  # [F_e, n]
+        hidden.append(f.T @ w0[:NUM_ELEMENT_FEATURES] + bias)  # [n, hidden0]
+    out = head(theta, torch.cat(hidden))  # [N, 2]
+    delta = out[:, 0] * torch.exp(EXP_MULT * out[:, 1]) * STEP_MULT * lr  # [N]
+    new_params = tuple(
+        (p.float() - d.view(p.shape)).to(p.dtype) for p, d in zip(params, delta.split([p.numel() for p in params]))
+    )
+    return new_params, {"m": tuple(new_m), "v": tuple(new_v)}

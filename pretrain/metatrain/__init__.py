@@ -1,0 +1,60 @@
+"""Meta-train the per-parameter learned optimizer (LearnedOptimizer) by persistent evolution strategies.
+
+``learned-opt meta-train --data-root DIR --out runs/lopt`` trains the rule's MLP with antithetic
+PES over truncated unrolls of small MLPs on downsampled MNIST (:mod:`pretrain.metatrain.family`,
+:mod:`pretrain.metatrain.pes`), Adam as the outer optimizer, starting from the hand-set Adam-like
+rule (:func:`learned_opt.lopt.model.hand_set_theta`). ``--resume`` continues ``out/checkpoint.pt``
+exactly; the weights are written as ``out/{name}.safetensors`` + ``out/{name}.json``, ready for
+``LearnedOptimizer(params, weights="out/{name}.json")``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .trainer import MetaConfig, meta_train
+
+__all__ = ["MetaConfig", "configure", "main", "meta_train"]
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(t) for t in text.split(",") if t.strip())
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    d = MetaConfig()
+    p.add_argument("--out", required=True, help="folder for the checkpoint, log.jsonl, meta_loss.png and weights")
+    p.add_argument("--data-root", default=None, help="folder holding MNIST (default: $LEARNED_OPT_DATA)")
+    p.add_argument("--name", default="lopt", help="name of the exported weights (default: lopt)")
+    p.add_argument("--resume", action="store_true", help="continue out/checkpoint.pt with the same settings")
+    p.add_argument("--outer-steps", type=int, default=d.outer_steps)
+    p.add_argument("--pairs", type=int, default=d.pairs, help="antithetic pairs (population = 2 x pairs)")
+    p.add_argument("--truncation", type=int, default=d.truncation, help="inner steps per truncation")
+    p.add_argument("--unroll", type=int, default=d.unroll, help="inner steps per task")
+    p.add_argument("--sigma", type=float, default=d.sigma)
+    p.add_argument("--outer-lr", type=float, default=d.outer_lr)
+    p.add_argument("--outer-loss", choices=("mean", "log-mean"), default=d.outer_loss,
+                   help="per truncation: the mean validation loss, or the mean of its log")
+    p.add_argument("--widths", type=_ints, default=d.widths, help="hidden widths to draw from, e.g. 16,32,64")
+    p.add_argument("--depths", type=_ints, default=d.depths, help="hidden layer counts to draw from, e.g. 1,2")
+    p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes)
+    p.add_argument("--image-size", type=int, default=d.image_size, help="MNIST downsampled to this (7, 14 or 28)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    config = MetaConfig(
+        outer_steps=args.outer_steps, pairs=args.pairs, truncation=args.truncation, unroll=args.unroll,
+        sigma=args.sigma, outer_lr=args.outer_lr, outer_loss=args.outer_loss, widths=args.widths, depths=args.depths,
+        batch_sizes=args.batch_sizes, image_size=args.image_size, seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+    )
+    data = config.family().load_data(args.data_root)
+    meta_train(config, data, args.out, resume=args.resume, name=args.name)
+    print(f"weights written to {args.out}/{args.name}.json")
+    return 0

@@ -1,0 +1,225 @@
+"""The meta-training loop: PES gradient estimates, Adam on the rule's weights, checkpoints and logs.
+
+Everything random comes from one ``torch.Generator`` whose state is checkpointed with the rule's
+weights, Adam's state and the population's inner trainings, so a resumed run equals an
+uninterrupted one bit for bit (on the same machine and thread count). Outputs in ``out``:
+``checkpoint.pt`` (``torch.load(weights_only=True)``), ``log.jsonl`` (one line per outer step),
+``meta_loss.png`` and, at the end, the weights as ``{name}.safetensors`` + ``{name}.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from learned_opt.errors import ConfigError, TrainingError
+from learned_opt.fileio import atomic_write
+from learned_opt.lopt.model import FEATURE_CONFIG, HIDDEN, hand_set_theta
+from learned_opt.lopt.weights import save_rule
+
+from .family import MnistMlpFamily
+from .pes import Unroll, new_unroll, truncation
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass
+class MetaConfig:
+    """Meta-training settings; every one but ``outer_steps`` must match on resume."""
+
+    outer_steps: int = 300  # outer (Adam) steps, one truncation each
+    pairs: int = 8  # antithetic pairs: the population is 2 * pairs inner trainings
+    truncation: int = 10  # inner steps per truncation
+    unroll: int = 200  # inner steps per task before a new task is drawn
+    sigma: float = 0.01  # ES perturbation scale
+    outer_lr: float = 3e-3  # Adam on the rule's weights
+    grad_clip: float = 10.0  # the PES estimate's norm is clipped to this
+    loss_clip: float = 3.0  # a member's outer loss is clipped here (ln 10 ~ 2.3 is chance)
+    outer_loss: str = "mean"  # "mean": mean validation loss over a truncation; "log-mean": mean of its log
+    val_batch: int = 256  # validation examples per inner step
+    holdout: int = 10_000  # training images held out as the validation set
+    image_size: int = 14
+    widths: tuple[int, ...] = (16, 32, 64)
+    depths: tuple[int, ...] = (1, 2)
+    batch_sizes: tuple[int, ...] = (32, 64, 128)
+    init_scales: tuple[float, float] = (0.5, 2.0)
+    hidden: tuple[int, ...] = HIDDEN  # the rule's MLP
+    seed: int = 0
+    checkpoint_every: int = 25
+
+    def __post_init__(self):
+        for k in ("outer_steps", "pairs", "truncation", "unroll", "val_batch", "checkpoint_every"):
+            if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+                raise ConfigError(f"{k} must be an integer >= 1, got {getattr(self, k)!r}")
+        for k in ("sigma", "outer_lr", "grad_clip", "loss_clip"):
+            if not getattr(self, k) > 0:
+                raise ConfigError(f"{k} must be > 0, got {getattr(self, k)!r}")
+        if self.outer_loss not in ("mean", "log-mean"):
+            raise ConfigError(f"outer_loss must be 'mean' or 'log-mean', got {self.outer_loss!r}")
+        if self.unroll % self.truncation:
+            raise ConfigError(f"unroll ({self.unroll}) must be a multiple of truncation ({self.truncation})")
+        self.family()  # an empty or invalid task distribution fails here
+
+    def family(self) -> MnistMlpFamily:
+        return MnistMlpFamily(self.image_size, self.widths, self.depths, self.batch_sizes, self.init_scales)
+
+    def settings(self) -> dict:
+        """What must match on resume: everything but the number of outer steps."""
+        d = json.loads(json.dumps(asdict(self)))
+        d.pop("outer_steps")
+        return d
+
+
+@dataclass
+class MetaState:
+    theta: dict[str, torch.Tensor]
+    adam: dict = field(default_factory=dict)
+    unroll: Unroll | None = None
+    outer_step: int = 0
+    gen_state: torch.Tensor | None = None
+    seconds: float = 0.0  # wall time of the outer steps so far, over every session
+
+
+def _adam_step(theta, grad, adam: dict, lr: float, t: int, b1=0.9, b2=0.999, eps=1e-8):
+    """Adam on a dict of tensors (functional: returns the new weights, updates ``adam`` in place)."""
+    out = {}
+    for k, g in grad.items():
+        m = adam.get(f"m.{k}", torch.zeros_like(g)) * b1 + (1 - b1) * g
+        v = adam.get(f"v.{k}", torch.zeros_like(g)) * b2 + (1 - b2) * g * g
+        adam[f"m.{k}"], adam[f"v.{k}"] = m, v
+        out[k] = theta[k] - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+    return out
+
+
+def save_checkpoint(path: Path, config: MetaConfig, s: MetaState) -> None:
+    blob = {"version": CHECKPOINT_VERSION, "kind": "lopt-meta-train", "settings": json.dumps(config.settings()),
+            "theta": s.theta, "adam": s.adam, "unroll": s.unroll.to_dict() if s.unroll else None,
+            "outer_step": s.outer_step, "gen_state": s.gen_state, "seconds": s.seconds}
+    atomic_write(path, lambda p: torch.save(blob, p))
+
+
+def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise TrainingError(f"no meta-training checkpoint at {path}: start without --resume") from None
+    except Exception as exc:  # a corrupt file: pickle/zip errors of many kinds
+        raise TrainingError(f"{path} is not a readable meta-training checkpoint ({str(exc)[:200]})") from None
+    if not isinstance(blob, dict) or blob.get("kind") != "lopt-meta-train" or blob.get("version") != CHECKPOINT_VERSION:
+        raise TrainingError(f"{path} is not a learned-opt meta-training checkpoint of version {CHECKPOINT_VERSION}")
+    saved = json.loads(blob["settings"])
+    saved.setdefault("outer_loss", "mean")  # written before the setting existed
+    if saved != config.settings():
+        diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.settings().items() if saved.get(k) != v]
+        raise TrainingError(f"cannot resume {path} with other settings ({'; '.join(diffs)}); use the saved ones "
+                            "or a new --out")
+    unroll = Unroll.from_dict(blob["unroll"]) if blob["unroll"] else None
+    return MetaState(blob["theta"], blob["adam"], unroll, blob["outer_step"], blob["gen_state"],
+                     float(blob.get("seconds", 0.0)))
+
+
+def plot_meta_loss(log_path: Path, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    steps, loss = [r["outer_step"] for r in rows], torch.tensor([r["meta_loss"] for r in rows])
+    w = min(25, len(rows))
+    smooth = torch.nn.functional.avg_pool1d(loss.view(1, 1, -1), w, 1).view(-1)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(steps, loss, alpha=0.3, label="per outer step")
+    ax.plot(steps[w - 1:], smooth, label=f"mean of {w}")
+    # one point per task: the mean over its whole unroll (the per-step curve follows each unroll's descent)
+    ends = [i for i in range(len(rows)) if i + 1 == len(rows) or rows[i + 1]["inner_step"] <= rows[i]["inner_step"]]
+    starts = [0] + [e + 1 for e in ends[:-1]]
+    ax.plot([steps[e] for e in ends], [float(loss[a:e + 1].mean()) for a, e in zip(starts, ends)], "o-",
+            label="mean over each task's unroll")
+    ax.set_xlabel("outer step")
+    ax.set_ylabel("mean validation loss over the truncation")
+    ax.set_title("PES meta-training of the learned optimizer")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = False, name: str = "lopt",
+               progress: bool = True, export: bool = True) -> dict[str, torch.Tensor]:
+    """Meta-train the rule on ``data`` (a downsampled :class:`ClassificationData`: ``train_x``
+    ``[N, image_size**2]``; its ``validation_data`` split is made here); return its weights."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt, log_path = out / "checkpoint.pt", out / "log.jsonl"
+    family = config.family()
+    if data.train_x.dim() != 2 or data.train_x.shape[1] != config.image_size ** 2:
+        raise ConfigError(f"meta-training data must be flat images of {config.image_size}x{config.image_size}, "
+                          f"got train_x of shape {list(data.train_x.shape)}")
+    data = family.validation_data(data, config.holdout)
+    gen = torch.Generator().manual_seed(config.seed)
+    if resume:
+        s = load_checkpoint(ckpt, config)
+        gen.set_state(s.gen_state)
+        _truncate_log(log_path, s.outer_step)
+    else:
+        if ckpt.exists():
+            raise TrainingError(f"{ckpt} exists: pass --resume to continue it, or choose a new --out")
+        s = MetaState(hand_set_theta(config.hidden, seed=config.seed))
+        log_path.write_text("")
+    bar = tqdm(total=config.outer_steps, initial=s.outer_step, disable=not progress, desc="meta-train")
+    start = time.perf_counter()
+    while s.outer_step < config.outer_steps:
+        if s.unroll is None or s.unroll.step >= config.unroll:
+            s.unroll = new_unroll(family.sample(gen), s.theta, config.pairs, gen)
+        grad, losses = truncation(s.theta, s.unroll, data, pairs=config.pairs, sigma=config.sigma,
+                                  length=config.truncation, val_batch=config.val_batch,
+                                  loss_clip=config.loss_clip, log_loss=config.outer_loss == "log-mean", gen=gen)
+        norm = torch.sqrt(sum(g.square().sum() for g in grad.values()))
+        scale = min(1.0, config.grad_clip / (float(norm) + 1e-12))
+        s.theta = _adam_step(s.theta, {k: g * scale for k, g in grad.items()}, s.adam, config.outer_lr,
+                             s.outer_step + 1)
+        if not all(torch.isfinite(v).all() for v in s.theta.values()):  # never checkpointed
+            raise TrainingError(f"the rule's weights became non-finite at outer step {s.outer_step + 1}; the last "
+                                "checkpoint is kept: resume from it with a lower --outer-lr or --sigma")
+        s.outer_step += 1
+        s.seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        row = {"outer_step": s.outer_step, "meta_loss": float(losses.mean()), "grad_norm": float(norm),
+               "inner_step": s.unroll.step, "task": s.unroll.spec.to_json(),
+               "seconds": round(s.seconds, 3)}
+        with open(log_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        bar.update(1)
+        bar.set_postfix(meta_loss=f"{row['meta_loss']:.3f}")
+        if s.outer_step % config.checkpoint_every == 0 or s.outer_step == config.outer_steps:
+            s.gen_state = gen.get_state()
+            save_checkpoint(ckpt, config, s)
+            plot_meta_loss(log_path, out / "meta_loss.png")
+    bar.close()
+    if export:
+        save_rule(out, name, s.theta, meta_training={
+            "method": "antithetic PES over truncated unrolls, Adam outer optimizer",
+            "tasks": f"MLPs on {config.image_size}x{config.image_size} MNIST, hidden depths {list(config.depths)}, "
+                     f"widths {list(config.widths)}, batch sizes {list(config.batch_sizes)}",
+            "outer_steps": s.outer_step, "wall_seconds": round(s.seconds, 1),
+            "torch_threads": torch.get_num_threads(), "config": config.settings(), "features": FEATURE_CONFIG,
+        })
+    return s.theta
+
+
+def _truncate_log(log_path: Path, outer_step: int) -> None:
+    """Drop log lines written after the checkpoint being resumed (they will be written again)."""
+    if not log_path.exists():
+        return
+    rows = [line for line in log_path.read_text().splitlines() if line.strip()]
+    keep = [line for line in rows if json.loads(line)["outer_step"] <= outer_step]
+    log_path.write_text("".join(line + "\n" for line in keep))

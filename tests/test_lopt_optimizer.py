@@ -1,0 +1,263 @@
+"""LearnedOptimizer's optimizer contract (docs TESTING.md items 1-4, 6-8, 11) and its functional core."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from learned_opt import LearnedOptimizer
+from learned_opt.errors import ConfigError, LearnedOptError, OptimizerStateError, WeightsError
+from learned_opt.lopt import hand_set_theta, init_state, update
+
+THETA = hand_set_theta(noise=0.05)
+
+
+def _problem(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(128, 8, generator=g)
+    y = x @ torch.randn(8, 1, generator=g)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1))
+    return model, lambda: ((model(x) - y) ** 2).mean()
+
+
+def _train(model, loss_fn, opt, steps, sched=None):
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return float(loss_fn().detach())
+
+
+@pytest.mark.parametrize("lr", [1.0, 0.5, 0, 3])
+def test_valid_configs(lr):
+    model, _ = _problem()
+    opt = LearnedOptimizer(model.parameters(), weights=THETA, lr=lr)
+    assert opt.param_groups[0]["lr"] == lr and "LearnedOptimizer(" in repr(opt) and "lr=" in repr(opt)
+
+
+@pytest.mark.parametrize("lr", [-1.0, float("nan"), float("inf"), "1", True])
+def test_bad_lr(lr):
+    model, _ = _problem()
+    with pytest.raises(ConfigError, match="Invalid learning rate"):
+        LearnedOptimizer(model.parameters(), weights=THETA, lr=lr)
+
+
+def test_bare_tensor_and_duplicate_and_wrong_weights():
+    w = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ConfigError, match="single tensor"):
+        LearnedOptimizer(w, weights=THETA)
+    with pytest.raises(ConfigError, match="listed twice"):
+        LearnedOptimizer([w, w], weights=THETA)
+    with pytest.raises(ConfigError, match="listed twice"):
+        LearnedOptimizer([{"params": [w]}, {"params": [w]}], weights=THETA)
+    with pytest.raises(WeightsError, match="do not match"):
+        LearnedOptimizer([w], weights={"w0": torch.zeros(2, 2)})
+    with pytest.raises(WeightsError, match="NaN"):
+        LearnedOptimizer([w], weights={k: v * float("nan") for k, v in THETA.items()})
+    with pytest.raises(WeightsError, match="cannot load"):
+        LearnedOptimizer([w], weights=3)
+    with pytest.raises(LearnedOptError, match="meta-train"):
+        LearnedOptimizer([w], weights="not-shipped-name")
+
+
+def test_loss_goes_down_with_a_scheduler():
+    model, loss_fn = _problem()
+    opt = LearnedOptimizer(model.parameters(), weights=THETA, lr=10.0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 50, gamma=0.5)
+    before = float(loss_fn().detach())
+    after = _train(model, loss_fn, opt, 150, sched)
+    assert after < 0.2 * before and opt.param_groups[0]["lr"] == 10.0 * 0.5**3
+
+
+def test_lr_zero_freezes_and_groups_have_own_lr():
+    model, loss_fn = _problem()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    before = [p.detach().clone() for p in second]
+    opt = LearnedOptimizer([{"params": first}, {"params": second, "lr": 0.0}], weights=THETA)
+    _train(model, loss_fn, opt, 3)
+    assert all(torch.equal(a, b) for a, b in zip(before, second))
+    assert not torch.equal(first[0], _problem()[0][0].weight)
+    assert [g["step"] for g in opt.param_groups] == [3, 3]
+
+
+def test_grad_none_untouched_zero_grad_still_steps():
+    a, b = torch.ones(4, requires_grad=True), torch.ones(4, requires_grad=True)
+    opt = LearnedOptimizer([a, b], weights=THETA)
+    a.grad = torch.zeros(4)
+    opt.step()
+    assert torch.equal(b, torch.ones(4)) and b not in opt.state and a in opt.state
+    assert torch.isfinite(a).all()
+
+
+def test_state_dict_round_trip_equals_uninterrupted(tmp_path):
+    model, loss_fn = _problem()
+    opt = LearnedOptimizer(model.parameters(), weights=THETA)
+    _train(model, loss_fn, opt, 5)
+    sd = opt.state_dict()
+    snapshot = copy.deepcopy(sd)
+    torch.save({"model": model.state_dict(), "opt": sd}, tmp_path / "ck.pt")
+    _train(model, loss_fn, opt, 5)
+    expected = [p.detach().clone() for p in model.parameters()]
+
+    blob = torch.load(tmp_path / "ck.pt", weights_only=True)
+    model2, loss2 = _problem()
+    model2.load_state_dict(blob["model"])
+    opt2 = LearnedOptimizer(model2.parameters(), weights=THETA)
+    opt2.load_state_dict(blob["opt"])
+    _train(model2, loss2, opt2, 5)
+    assert all(torch.equal(a, b) for a, b in zip(expected, model2.parameters()))
+    assert sd.keys() == snapshot.keys() and sd["param_groups"] == snapshot["param_groups"]
+
+
+def test_load_state_dict_validates_before_changing():
+    model, loss_fn = _problem()
+    opt = LearnedOptimizer(model.parameters(), weights=THETA)
+    _train(model, loss_fn, opt, 2)
+    good = opt.state_dict()
+    other = LearnedOptimizer(model.parameters(), weights=hand_set_theta(seed=1))
+    with pytest.raises(OptimizerStateError, match="other|weights"):
+        other.load_state_dict(good)
+    bad = copy.deepcopy(good)
+    bad["state"][0]["m1"] = torch.zeros(2)
+    with pytest.raises(OptimizerStateError, match="does not fit"):
+        opt.load_state_dict(bad)
+    with pytest.raises(OptimizerStateError):
+        opt.load_state_dict({"state": {}})
+    assert opt.state_dict()["param_groups"] == good["param_groups"]
+
+
+def test_deepcopy_and_pickle_keep_a_working_optimizer():
+    model, loss_fn = _problem()
+    opt = LearnedOptimizer(model.parameters(), weights=THETA)
+    _train(model, loss_fn, opt, 2)
+    clone = copy.deepcopy((model, opt))
+    buf = io.BytesIO()
+    pickle.dump((model, opt), buf)
+    unpickled = pickle.loads(buf.getvalue())
+    for m2, o2 in (clone, unpickled):
+        assert o2.rule.sha256 == opt.rule.sha256
+        x = torch.randn(4, 8)
+        o2.zero_grad()
+        m2(x).pow(2).mean().backward()
+        o2.step()
+        assert o2.param_groups[0]["step"] == 3
+
+
+def test_grad_scaler_skips_inf_step():
+    model, loss_fn = _problem()
+    opt = LearnedOptimizer(model.parameters(), weights=THETA)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    scaler.scale(loss_fn()).backward()
+    scaler.step(opt)
+    scaler.update()
+    before = [p.detach().clone() for p in model.parameters()]
+    state = copy.deepcopy(opt.state_dict())
+    opt.zero_grad()
+    scaler.scale(loss_fn()).backward()
+    model[0].weight.grad[0, 0] = float("inf")
+    scaler.step(opt)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    after = opt.state_dict()
+    assert after["param_groups"] == state["param_groups"]
+    assert all(torch.equal(after["state"][i][k], state["state"][i][k]) for i in state["state"] for k in ("m0", "m3", "v"))
+
+
+def test_deterministic_and_global_rng_untouched():
+    results = []
+    for _ in range(2):
+        model, loss_fn = _problem()
+        opt = LearnedOptimizer(model.parameters(), weights=THETA)
+        rng = torch.get_rng_state()
+        _train(model, loss_fn, opt, 3)
+        assert torch.equal(rng, torch.get_rng_state())
+        results.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_optimizer_equals_functional_core():
+    model, loss_fn = _problem()
+    ref = [p.detach().clone() for p in model.parameters()]
+    state = init_state(ref)
+    opt = LearnedOptimizer(model.parameters(), weights=THETA)
+    for step in range(3):
+        opt.zero_grad()
+        loss_fn().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        ref, state = update(THETA, ref, grads, state, step)
+    assert all(torch.allclose(a, b, atol=0, rtol=0) for a, b in zip(ref, model.parameters()))
+
+
+def test_functional_core_under_vmap():
+    pop = 3
+    theta = {k: torch.stack([v + 0.01 * i for i in range(pop)]) for k, v in THETA.items()}
+    params = (torch.randn(pop, 5, 4), torch.randn(pop, 5))
+    grads = (torch.randn(pop, 5, 4), torch.randn(pop, 5))
+    one = init_state([p[0] for p in params])
+    state = {k: tuple(t.expand(pop, *t.shape).clone() for t in v) for k, v in one.items()}
+    new_p, new_s = torch.func.vmap(lambda t, p, g, s: update(t, p, g, s, 7))(theta, params, grads, state)
+    for i in range(pop):
+        ref_p, ref_s = update({k: v[i] for k, v in theta.items()}, [p[i] for p in params], [g[i] for g in grads],
+                              {k: [t[i] for t in v] for k, v in state.items()}, 7)
+        assert all(torch.allclose(a[i], b, atol=1e-6) for a, b in zip(new_p, ref_p))
+        assert all(torch.allclose(a[i], b, atol=1e-6) for a, b in zip(new_s["m"], ref_s["m"]))
+
+
+def test_hand_set_rule_is_an_adam_like_step():
+    p, g = torch.randn(50), torch.randn(50)
+    exact = hand_set_theta(noise=0.0)
+    new, _ = update(exact, [p], [g], init_state([p]), 0)
+    step = p - new[0]
+    assert torch.allclose(step.square().mean().sqrt(), torch.tensor(1e-3), rtol=1e-3)
+    assert (torch.sign(step) == torch.sign(g)).all()
+
+
+def test_update_equals_the_mlp_on_full_feature_vectors():
+    from learned_opt.lopt.model import BETA2, BETAS, EXP_MULT, STEP_MULT, features, mlp, step_features
+
+    p, g = torch.randn(6, 5), torch.randn(6, 5)
+    state = init_state([p])
+    new, _ = update(THETA, [p], [g], state, 42, lr=0.7, num_tensors=9)
+    m = torch.stack([(1 - b) * g for b in BETAS])
+    v = (1 - BETA2) * g.square()
+    x = torch.cat([features(p, g, m, v), step_features(42, 9, p.device).unsqueeze(1).expand(-1, 30)]).T
+    out = mlp(THETA, x)
+    expected = p - (out[:, 0] * torch.exp(EXP_MULT * out[:, 1]) * STEP_MULT * 0.7).view(6, 5)
+    assert torch.allclose(new[0], expected, atol=1e-7)
+
+
+def test_as_gpt_optimizer_base_with_state_round_trip():
+    from gpt_helpers import tiny_generator, toy_loss, toy_model
+
+    from learned_opt import GptOptimizer
+
+    def make(model):
+        return GptOptimizer(model.parameters(), generator=tiny_generator(perturb=0.01), base=LearnedOptimizer,
+                            weights=THETA)
+
+    model = toy_model()
+    opt = make(model)
+    assert opt.generate(metric=1.0).accepted
+    for _ in range(2):
+        opt.zero_grad()
+        toy_loss(model).backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    model2 = copy.deepcopy(model)
+    opt2 = make(model2)
+    opt2.load_state_dict(torch.load(io.BytesIO(buf.getvalue()), weights_only=True))
+    for m, o in ((model, opt), (model2, opt2)):
+        o.zero_grad()
+        toy_loss(m).backward()
+        o.step()
+    assert opt2.base.param_groups[0]["step"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))

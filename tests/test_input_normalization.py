@@ -39,11 +39,13 @@ def test_a_bad_input_normalization_is_refused(bad):
 
 
 def test_shipped_manifests_hold_no_machine_paths():
-    for path in WEIGHTS.glob("*.json"):
+    for path in WEIGHTS.glob("*.json"):  # generators and learned optimizers alike
         text = path.read_text()
         for prefix in ('"/', "/work/", "/home/", "/tmp/", "C:\\\\"):
             assert prefix not in text, f"{path.name} holds a path starting {prefix}"
-        assert json.loads(text)["corpus"]["store"] == Path(json.loads(text)["corpus"]["store"]).name
+        corpus = json.loads(text).get("corpus")  # a generator's corpus is named, not located
+        if corpus is not None:
+            assert corpus["store"] == Path(corpus["store"]).name
 
 
 def test_commands_name_their_program_without_its_folder():

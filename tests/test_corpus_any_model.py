@@ -104,3 +104,29 @@ class WrongInputs(WithBatchNorm):
 def test_models_the_trainer_cannot_train_are_refused_with_what_to_do(mnist_data, task, message):
     with pytest.raises(LearnedOptError, match=message):
         batched_gradient(task, mnist_data.train_x[:8], mnist_data.train_y[:8])
+
+
+def test_eval_examples_evaluates_checkpoints_on_a_recorded_subset(tmp_path, mnist_data, mnist_root, capsys):
+    from learned_opt import cli
+    from learned_opt.tasks import ClassificationData
+
+    config = CorpusConfig(task="mnist-cnn", runs=1, out=str(tmp_path / "c"), epochs=1, train_examples=128,
+                          checkpoints=3, progress=False, eval_examples=200)
+    assert build_corpus(config, data=mnist_data).written == 1
+    store = Store.open(tmp_path / "c")
+    assert store.settings["eval_examples"] == 200
+    run = store.read_run(0)
+    task = tasks.get("mnist-cnn")
+    subset = ClassificationData(mnist_data.train_x[:200], mnist_data.train_y[:200], mnist_data.test_x[:200],
+                                mnist_data.test_y[:200])
+    expected = task.evaluate(run.params, subset)
+    for name, values in expected.items():
+        torch.testing.assert_close(run.metrics[name], values, rtol=1e-5, atol=1e-6)
+    # a resume with another evaluation is refused, and so is the option on a control task
+    args = ["corpus", "--task", "mnist-cnn", "--runs", "2", "--epochs", "1", "--train-examples", "128",
+            "--checkpoints", "3", "--out", str(tmp_path / "c"), "--no-progress", "--eval-examples", "100",
+            "--data-root", str(mnist_root)]
+    assert cli.main(args) == 2 and "--eval-examples 200, not 100" in capsys.readouterr().err
+    assert cli.main(["corpus", "--task", "cartpole-mlp", "--runs", "1", "--out", str(tmp_path / "p"),
+                     "--eval-examples", "10"]) == 2
+    assert "--eval-examples applies to classifier corpora" in capsys.readouterr().err

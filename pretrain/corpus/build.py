@@ -25,7 +25,8 @@ def corpus_settings(config: CorpusConfig) -> dict:
 
 
 _SETTING_NAMES = {"seed": "--seed", "epochs": "--epochs", "gpt_recipe": "--gpt-recipe",
-                  "train_examples": "--train-examples", "checkpoints": "--checkpoints", "env_steps": "--env-steps"}
+                  "train_examples": "--train-examples", "checkpoints": "--checkpoints", "env_steps": "--env-steps",
+                  "eval_examples": "--eval-examples"}
 
 
 def check_settings(store: Store, settings: dict) -> None:
@@ -92,7 +93,8 @@ def build_corpus(
     summary = CorpusSummary(skipped=len(mine) - len(todo))
     plans = family.plan(todo, config, data)
     train = family.trainer(task, config, data, device)
-    eval_data = data.to(device) if hasattr(data, "to") and device.type != "cpu" else data
+    eval_data = family.evaluation_data(data, config)
+    eval_data = eval_data.to(device) if hasattr(eval_data, "to") and device.type != "cpu" else eval_data
     info = {"rank": rank, "world_size": world_size, "device": str(device), "learned_opt": __version__}
     start = time.perf_counter()
     bar = tqdm(total=float(len(plans)), unit="run", desc=f"corpus {task.name}", dynamic_ncols=True,

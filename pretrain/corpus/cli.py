@@ -33,6 +33,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-examples", type=int, default=None,
                         help="train on the first N training examples only (quick corpora, tests)")
     parser.add_argument("--checkpoints", type=int, default=200, help="checkpoints per run (default: 200)")
+    parser.add_argument("--eval-examples", type=int, default=None,
+                        help="supervised tasks: evaluate every saved checkpoint on the first N test examples and "
+                             "the first N training examples only, recorded in the store (default: the whole test set "
+                             "and the task's train_loss examples); for models whose evaluation outweighs training")
     parser.add_argument("--env-steps", type=int, default=None,
                         help="control tasks: environment steps of every run (default: drawn from 25k/50k/100k)")
     parser.add_argument("--lr-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
@@ -72,6 +76,7 @@ def main(args: argparse.Namespace) -> int:
         batch_runs=args.batch_runs, seed=args.seed, epochs=args.epochs, gpt_recipe=args.gpt_recipe,
         device=args.device, train_examples=args.train_examples, checkpoints=args.checkpoints,
         progress=not args.no_progress, env_steps=args.env_steps, gradient=args.gradient,
+        eval_examples=args.eval_examples,
     )
     config.validate()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -36,6 +36,7 @@ class CorpusConfig:
     checkpoints: int = 200  # K per run
     ranges: HParamRanges | None = None  # supervised: None takes the task's corpus_ranges (or the defaults)
     gradient: str = "auto"  # supervised: how batched gradients are computed (pretrain.corpus.gradients)
+    eval_examples: int | None = None  # supervised: checkpoints evaluated on the first N test (and training) examples
     progress: bool = True
     env_steps: int | None = None  # control: overrides every run's environment steps
     ppo_ranges: Any = None  # control: a PPORanges (None: the task's corpus_ranges or the defaults)

@@ -54,6 +54,10 @@ class TaskFamily:
     def settings(self, config: CorpusConfig) -> dict:
         raise NotImplementedError
 
+    def evaluation_data(self, data: Any, config: CorpusConfig) -> Any:
+        """What the saved checkpoints are evaluated on (the task's own data, unless a family cuts it)."""
+        return data
+
     def plan(self, run_ids: Sequence[int], config: CorpusConfig, data: Any) -> list:
         raise NotImplementedError
 

@@ -42,7 +42,7 @@ from learned_opt.recipes import PPO_ADAM_EPS, PPORanges
 from learned_opt.tasks import Task
 
 from ..seeding import log_uniform, seeded_init
-from .family import FinishedRun, bad_rows
+from .family import FinishedRun, TaskFamily, bad_rows
 
 
 CORPUS_SHAPE = PPOShape()  # recipes.PPO_STEPS: 8 environments x 128 steps, 4 epochs of 4 minibatches; total_steps is per run
@@ -134,7 +134,7 @@ def train_ppo_runs(task: Task, plans: Sequence[PPORunPlan], on_finish: Callable[
     on_finish(finished)
 
 
-class PPOFamily:
+class PPOFamily(TaskFamily):
     """The corpus builder's family of control tasks (see :class:`pretrain.corpus.TaskFamily`)."""
 
     name = "control policies"
@@ -144,7 +144,8 @@ class PPOFamily:
 
     def check(self, config) -> None:
         name = tasks.get(config.task).name
-        for flag, value in (("--epochs", config.epochs), ("--train-examples", config.train_examples)):
+        for flag, value in (("--epochs", config.epochs), ("--train-examples", config.train_examples),
+                            ("--eval-examples", config.eval_examples)):
             if value is not None:
                 raise LearnedOptError(f"{flag} applies to classifier corpora; use --env-steps for {name}")
         if config.gpt_recipe:

@@ -31,6 +31,7 @@ def _settings(config: CorpusConfig) -> dict:
         "train_examples": config.train_examples,
         "checkpoints": config.checkpoints,
         "ranges": json.loads(json.dumps(asdict(corpus_ranges(config)))),
+        **({"eval_examples": config.eval_examples} if config.eval_examples is not None else {}),
     }
 
 
@@ -60,6 +61,17 @@ class SupervisedFamily(TaskFamily):
             raise LearnedOptError("--env-steps applies to control tasks; use --epochs for this task")
         if config.ppo_ranges is not None:
             raise LearnedOptError("--lr-range applies to control tasks; a supervised task's ranges are its corpus_ranges")
+        if config.eval_examples is not None and config.eval_examples < 1:
+            raise LearnedOptError(f"--eval-examples must be >= 1, got {config.eval_examples}")
+
+    def evaluation_data(self, data: Any, config: CorpusConfig) -> Any:
+        """With ``--eval-examples N``: the first N test examples, and the first N training examples
+        for ``train_loss`` (evaluating 200 checkpoints of a CNN on the whole test set can cost more
+        than training the run)."""
+        n = config.eval_examples
+        if n is None:
+            return data
+        return type(data)(data.train_x[:n], data.train_y[:n], data.test_x[:n], data.test_y[:n])
 
     def settings(self, config: CorpusConfig) -> dict:
         return _settings(config)

@@ -32,10 +32,12 @@ from .proposal import (
     MetricValue,
     call_metric,
     load_sample,
+    measure,
     metric_value,
     resolve_prompt,
     restore,
     sample_candidates,
+    unhooked_step,
     validate_sample,
     worse,
 )
@@ -65,10 +67,10 @@ class GptOptimizer(torch.optim.Optimizer):
     hooks on the ``GptOptimizer``, not on ``opt.base``.
 
     **Parameters.** All of the model's parameters, in ``named_parameters()`` order (several groups
-    are concatenated in order), on one device. ``model.named_parameters()`` is accepted too and
-    then the names are checked as well (a ``module.`` / ``_orig_mod.`` prefix is ignored). The
-    signature must equal the generator's, else :class:`ArchitectureMismatchError` lists the
-    differences before anything is built. The generator runs on the parameters' device: a
+    are concatenated in order), on one device; ``model.named_parameters()`` works alike. Their
+    shapes, in order, must be the generator's (names are labels), else
+    :class:`ArchitectureMismatchError` lists the differences, by the user's own names, before
+    anything is built, with the two commands that make a generator for the model. The generator runs on the parameters' device: a
     :class:`LoadedGenerator` passed in is moved there *in place* (not copied), so the caller's
     object moves too.
 
@@ -78,23 +80,18 @@ class GptOptimizer(torch.optim.Optimizer):
     ``torch.no_grad()``; torch's usual loss closure (one that calls ``backward()``) is accepted too:
     it is run with gradients and its loss detached, and ``.grad`` is restored afterwards (a metric
     closure is cheaper). ``generate(closure)`` calls it before and after the update;
-    ``generate(metric=m)`` takes the current value directly, and then there is no guard;
-    ``generate(closure, metric=m)`` uses ``m`` as the value before the update and still calls
-    the closure after it, for the guard.
-    Periodic mode (``every=k``) evaluates ``metric_closure`` (a constructor argument) every k base
-    steps; ``every`` without ``metric_closure`` is refused at construction.
+    ``generate(metric=m)`` takes the current value directly (no guard then); with both, ``m`` is
+    the value before and the closure guards after. Periodic mode (``every=k``) evaluates
+    ``metric_closure`` (required with ``every``) every k base steps.
 
     **Sampling.** ``sampling_steps``, ``sampling_method`` and ``sampling_t_min`` (see
     :meth:`~learned_opt.diffusion.Diffusion.sample`) default to the generator's own sampler
     (``generator.sampling``: the manifest's, chosen for that generator, else DDIM-50), overridden
     key by key: on a generator whose sampler stops at ``t_min`` 300, ``sampling_steps=50`` still
     stops there unless ``sampling_t_min=0`` is given too.
-    ``candidates=N`` draws N samples in one batched call and keeps the one the closure scores
-    best (a search over the generator's proposals: N closure calls per update besides the one that
-    measures the metric before, so N forward passes over whatever data the closure reads); it
-    needs a closure. If no candidate gives a finite metric the update is rejected, with or
-    without the guard. Measure that closure on held-out
-    training data, not on the test set.
+    ``candidates=N`` draws N samples in one batched call and keeps the one the closure (needed;
+    measure it on held-out training data, not the test set) scores best: N closure calls per update
+    besides the first. If no candidate gives a finite metric, the update is rejected.
 
     **Prompts.** ``prompt=None`` uses the generator's recommended ``best_prompt``; a number is used
     as is; a callable maps the current metric to a prompt. A prompt outside the generator's metric
@@ -142,8 +139,7 @@ class GptOptimizer(torch.optim.Optimizer):
     decision are broadcast, so every rank ends with identical parameters (all ranks must call
     ``generate`` / ``step`` together, as with any collective).
 
-    Copies: ``copy.deepcopy`` and pickling keep a working optimizer (the generator is copied along;
-    a lambda ``metric_closure`` or ``prompt`` cannot be pickled).
+    ``copy.deepcopy`` and pickling keep a working optimizer (a lambda closure or prompt cannot be pickled).
     """
 
     def __init__(
@@ -213,7 +209,7 @@ class GptOptimizer(torch.optim.Optimizer):
             # This optimizer's own wrapper has just run them, so the base's step is called unwrapped:
             # global hooks run once per step, not twice, and the step costs no second wrapper. The
             # base step sets its own grad mode (and enables grad around the closure).
-            base_step = _unhooked_step(self.base)
+            base_step = unhooked_step(self.base)
             if base_step is None:
                 loss = self.base.step() if closure is None else self.base.step(closure)
             else:
@@ -311,7 +307,7 @@ class GptOptimizer(torch.optim.Optimizer):
                 measured = []  # (value or None, why not) per valid candidate
                 for i in valid:
                     load_sample(layout, samples[i].to(theta.dtype), params)
-                    measured.append(self._measure(closure))
+                    measured.append(measure(self, closure))
                 scores = [v for v, _ in measured]
                 finite = [(v, i) for (v, _), i in zip(measured, valid) if v is not None]
                 if finite:
@@ -338,16 +334,6 @@ class GptOptimizer(torch.optim.Optimizer):
             if not settled:  # KeyboardInterrupt, SystemExit, ... while θ′ was in: put θ back, count, re-raise
                 restore(params, backup)
                 self.counters["rejected"] += 1
-
-    def _measure(self, closure: Callable[[], MetricValue]) -> tuple[float | None, str | None]:
-        """The closure's finite metric for the parameters as they are, or None and why not."""
-        try:
-            value = metric_value(self, call_metric(closure, self.params), "the closure")
-        except GenerationError:  # NaN/Inf
-            return None, f"{self.generator.metric_name} is not finite with the sampled parameters"
-        except Exception as exc:  # θ′ broke the closure: restore, count, report
-            return None, f"the closure failed on the sampled parameters: {exc!r}"
-        return value, None
 
     # ------------------------------------------------------------------ state
 
@@ -413,19 +399,3 @@ class GptOptimizer(torch.optim.Optimizer):
             f"steps={c['steps']}, generative updates accepted/rejected/failed="
             f"{c['accepted']}/{c['rejected']}/{c['failed']})"
         )
-
-
-# ---------------------------------------------------------------------- update helpers
-
-
-def _unhooked_step(base: torch.optim.Optimizer):
-    """The base class's step without torch's hook wrapper, or None when that is not safe.
-
-    Only torch's own wrapper (marked ``hooked``) is skipped, and only when nothing patched the
-    instance's ``step`` (an LR scheduler or a library built on ``opt.base``): then the base's own
-    ``step`` is called as usual.
-    """
-    step = type(base).step
-    if "step" in vars(base) or not getattr(step, "hooked", False):
-        return None
-    return getattr(step, "__wrapped__", None)

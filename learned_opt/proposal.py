@@ -1,6 +1,7 @@
 """The parts of one generative update that talk to the user and to the generator: the metric and
 prompt read from what the user gave, θ′ candidates drawn from the generator, and each candidate's
-finite and trust-region checks. Used by :meth:`GptOptimizer.generate <learned_opt.optimizer.GptOptimizer.generate>`.
+finite and trust-region checks, the measurement of a candidate, and the base step without torch's
+second hook wrapper. Used by :meth:`GptOptimizer.generate <learned_opt.optimizer.GptOptimizer.generate>`.
 """
 
 from __future__ import annotations
@@ -172,3 +173,27 @@ def restore(params: list[torch.Tensor], backup: list[torch.Tensor]) -> None:
     with torch.no_grad():  # whatever grad mode a closure left behind
         for p, b in zip(params, backup):
             p.copy_(b)
+
+
+def measure(opt, closure: Callable[[], MetricValue]) -> tuple[float | None, str | None]:
+    """The closure's finite metric for ``opt``'s parameters as they are, or None and why not."""
+    try:
+        value = metric_value(opt, call_metric(closure, opt.params), "the closure")
+    except GenerationError:  # NaN/Inf
+        return None, f"{opt.generator.metric_name} is not finite with the sampled parameters"
+    except Exception as exc:  # θ′ broke the closure: the caller restores, counts and reports
+        return None, f"the closure failed on the sampled parameters: {exc!r}"
+    return value, None
+
+
+def unhooked_step(base: torch.optim.Optimizer):
+    """The base class's step without torch's hook wrapper, or None when that is not safe.
+
+    Only torch's own wrapper (marked ``hooked``) is skipped, and only when nothing patched the
+    instance's ``step`` (an LR scheduler or a library built on ``opt.base``): then the base's own
+    ``step`` is called as usual.
+    """
+    step = type(base).step
+    if "step" in vars(base) or not getattr(step, "hooked", False):
+        return None
+    return getattr(step, "__wrapped__", None)

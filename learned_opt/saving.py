@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
@@ -143,23 +143,14 @@ def save_generator(
     model: "Gpt",
     diffusion: "DiffusionConfig",
     normalization: Normalization,
-    *,
-    task: str,
-    metric: str,
-    best_prompt: float,
-    corpus: dict,
-    training: dict,
-    extra: dict | None = None,
-    metric_direction: str | None = None,
-    input_normalization: dict | None = None,
+    **fields: Any,
 ) -> Path:
     """Write ``out_dir/{name}.safetensors`` and ``out_dir/{name}.json``; return the manifest's path.
 
-    ``metric_direction`` defaults to the registered task's (a task loaded from a file passes its own).
-
-    Each file is written atomically (temporary file + ``os.replace``), the weights first, so a
-    manifest on disk always describes a complete weights file. ``corpus`` and ``training`` are
-    JSON-able summaries (sizes, epochs, final loss, ...) recorded as they are.
+    ``fields`` are :func:`build_manifest`'s keyword arguments (``task``, ``metric``, ``best_prompt``,
+    ``corpus``, ``training``, ...). Each file is written atomically (temporary file +
+    ``os.replace``), the weights first, so a manifest on disk always describes a complete weights
+    file.
     """
     from safetensors.torch import save_file
 
@@ -167,11 +158,7 @@ def save_generator(
         raise ValueError(f"invalid generator name {name!r}: use letters, digits, '-', '_' and '.'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = build_manifest(
-        name, model, diffusion, normalization,
-        task=task, metric=metric, best_prompt=best_prompt, corpus=corpus, training=training, extra=extra,
-        metric_direction=metric_direction, input_normalization=input_normalization,
-    )
+    manifest = build_manifest(name, model, diffusion, normalization, **fields)
     # Own, contiguous fp32 copies: safetensors refuses shared storage and non-contiguous tensors.
     tensors = {k: v.detach().to("cpu", torch.float32, copy=True).contiguous() for k, v in model.state_dict().items()}
     bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
 import warnings
 from dataclasses import dataclass, field

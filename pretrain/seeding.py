@@ -1,4 +1,5 @@
-"""Random streams shared by the corpus builders: per-run seeds, inits, checkpoint steps, log-uniform draws."""
+"""What the corpus builders draw besides :mod:`learned_opt.seeding`'s streams: seeded inits and
+log-uniform draws."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import math
 
 import torch
 
-from learned_opt.seeding import checkpoint_steps, stream, stream_seed  # noqa: F401 - the corpus builders' streams
 from learned_opt.tasks import Task
 
 

@@ -58,18 +58,17 @@ from safetensors.torch import save as safetensors_save
 
 from learned_opt import tasks
 from learned_opt.errors import StoreError, UnknownTaskError
-from learned_opt.fileio import atomic_write, write_exclusive
+from learned_opt.fileio import write_exclusive
 from learned_opt.layout import Signature, signature_from_json, signature_to_json
 from learned_opt.tasks import Task
 
 from .runfile import CHECKSUMS_KEY, METRIC_PREFIX, RunHeader, RunRecord, checksums, read_header, record_tensors
 from .store_lock import acquire_writer, check_writable
-from .store_meta import STORE_FILE, STORE_FORMAT_VERSION, read_meta
-from .store_stats import compute_stats
+from .store_meta import STORE_FILE, STORE_FORMAT_VERSION, json_bytes, read_meta
+from .store_stats import cached_stats, write_index
 
 __all__ = ["METRIC_PREFIX", "STORE_FILE", "STORE_FORMAT_VERSION", "RunRecord", "Store"]
 
-INDEX_FILE = "index.json"
 RUNS_DIR = "runs"
 DROPPED_DIR = "dropped"
 _RUN_RE = re.compile(r"^run-(\d{8})\.safetensors$")
@@ -127,7 +126,7 @@ class Store:
                 )
             try:  # store.json first: whatever happens after it, a rerun finds a store to resume
                 root.mkdir(parents=True, exist_ok=True)
-                write_exclusive(root / STORE_FILE, _json_bytes(meta))
+                write_exclusive(root / STORE_FILE, json_bytes(meta))
             except OSError as exc:
                 raise StoreError(
                     f"cannot write a store at {root} ({exc.strerror or exc}): choose a writable --out folder"
@@ -265,7 +264,7 @@ class Store:
         """Record that run ``run_id`` was filtered out, so a resumed job does not redo it."""
         payload = {"run_id": int(run_id), "seed": int(seed), "hparams": hparams, "reason": reason, "step": step}
         try:
-            return write_exclusive(self.dropped_path(run_id), _json_bytes(payload))
+            return write_exclusive(self.dropped_path(run_id), json_bytes(payload))
         except OSError as exc:
             raise StoreError(f"cannot write {self.dropped_path(run_id)} ({exc.strerror or exc})") from None
 
@@ -368,32 +367,11 @@ class Store:
         checkpoint), ``metrics`` (name -> ``{min, max, mean}``), ``task``. The cache is used only
         while the set of runs is unchanged.
         """
-        ids, dropped = self.run_ids(), self.dropped_ids()
-        if not refresh:
-            cached = self._read_index()
-            if cached and cached.get("run_ids") == ids and cached.get("dropped_ids") == dropped:
-                return cached["stats"]
-        stats = compute_stats(self, ids, dropped)
-        self.write_index(ids, dropped, stats)
-        return stats
+        return cached_stats(self, refresh)
 
     def write_index(self, ids: list[int] | None = None, dropped: list[int] | None = None, stats: dict | None = None) -> None:
         """Rewrite ``index.json`` (atomically; last writer wins, every version is valid)."""
-        ids = self.run_ids() if ids is None else ids
-        dropped = self.dropped_ids() if dropped is None else dropped
-        stats = compute_stats(self, ids, dropped) if stats is None else stats
-        payload = {"format_version": STORE_FORMAT_VERSION, "run_ids": ids, "dropped_ids": dropped, "stats": stats}
-        try:
-            data = _json_bytes(payload)
-            atomic_write(self.root / INDEX_FILE, lambda tmp: tmp.write_bytes(data))
-        except OSError:
-            pass  # the index is a cache: a read-only store still works
-
-    def _read_index(self) -> dict | None:
-        try:
-            return json.loads((self.root / INDEX_FILE).read_text())
-        except (OSError, ValueError):
-            return None
+        write_index(self, ids, dropped, stats)
 
 
 # ---------------------------------------------------------------------- file helpers
@@ -420,7 +398,3 @@ def _only_empty_store_folders(root: Path) -> bool:
 
 def _no_lock() -> None:
     return None
-
-
-def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()

@@ -19,6 +19,11 @@ STORE_FILE = "store.json"
 _META_LIMIT = 16 * 2**20  # bytes: a store.json is a few kilobytes
 
 
+def json_bytes(obj) -> bytes:
+    """How a store writes its JSON files (``store.json``, dropped runs, ``index.json``)."""
+    return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
 def read_meta(root: Path) -> dict:
     """The checked ``store.json`` of the store at ``root``; :class:`StoreError` if it is not one."""
     path = root / STORE_FILE

@@ -2,7 +2,48 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
+
+from learned_opt.fileio import atomic_write
+
+from .store_meta import STORE_FORMAT_VERSION, json_bytes
+
+INDEX_FILE = "index.json"
+
+
+def cached_stats(store, refresh: bool = False) -> dict:
+    """:func:`compute_stats` of the store's runs, from ``index.json`` while the set of runs is
+    unchanged (and unless ``refresh``), else computed and cached."""
+    ids, dropped = store.run_ids(), store.dropped_ids()
+    if not refresh:
+        cached = read_index(store.root)
+        if cached and cached.get("run_ids") == ids and cached.get("dropped_ids") == dropped:
+            return cached["stats"]
+    stats = compute_stats(store, ids, dropped)
+    write_index(store, ids, dropped, stats)
+    return stats
+
+
+def write_index(store, ids: list[int] | None = None, dropped: list[int] | None = None, stats: dict | None = None) -> None:
+    """Rewrite ``index.json`` (atomically; last writer wins, every version is valid)."""
+    ids = store.run_ids() if ids is None else ids
+    dropped = store.dropped_ids() if dropped is None else dropped
+    stats = compute_stats(store, ids, dropped) if stats is None else stats
+    payload = {"format_version": STORE_FORMAT_VERSION, "run_ids": ids, "dropped_ids": dropped, "stats": stats}
+    try:
+        data = json_bytes(payload)
+        atomic_write(Path(store.root) / INDEX_FILE, lambda tmp: tmp.write_bytes(data))
+    except OSError:
+        pass  # the index is a cache: a read-only store still works
+
+
+def read_index(root: Path) -> dict | None:
+    try:
+        return json.loads((Path(root) / INDEX_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def compute_stats(store, ids: list[int], dropped: list[int]) -> dict:

@@ -83,8 +83,6 @@ def test_permuted_policy_acts_the_same(task):
 
 
 def test_nan_observations_raise_a_clear_error(task):
-    from learned_opt.tasks import cartpole_mlp
-
     bad = tasks.ControlData(np.full((2, 4), np.nan))
     with pytest.raises(EnvironmentStepError, match="non-finite observations"):
         task.evaluate(policies(task, 1), bad)

@@ -17,10 +17,10 @@ import torch
 from learned_opt import cli, tasks
 from learned_opt.errors import StoreError
 from pretrain.corpus import (
-    ADAM, GPT_RECIPE, SGD, BatchedMLPTrainer, CorpusConfig, HParamRanges, RunPlan, build_corpus, sample_hparams,
+    ADAM, GPT_RECIPE, SGD, BatchedTrainer, CorpusConfig, HParamRanges, RunPlan, build_corpus, sample_hparams,
     train_run_reference,
 )
-from pretrain.seeding import checkpoint_steps
+from learned_opt.seeding import checkpoint_steps
 from pretrain.store import RunRecord, Store
 from test_store import OtherTask
 
@@ -93,7 +93,7 @@ def test_batched_training_equals_the_plain_pytorch_loop(mnist_data):
         hp = {**sample_hparams(i), "optimizer": opt, "lr": lr, "epochs": epochs, "batch_size": 64, "weight_decay": 1e-3}
         plans.append(RunPlan(i, 100 + i, hp, len(x), num_checkpoints=7))
     finished = []
-    BatchedMLPTrainer(task, x, y).train(plans, finished.extend)
+    BatchedTrainer(task, x, y).train(plans, finished.extend)
     assert sorted(r.plan.run_id for r in finished) == [0, 1, 2, 3]
     assert [r.plan.hparams["epochs"] for r in finished] == [2, 2, 3, 3]  # handed over as they end
     for run in finished:
@@ -110,7 +110,7 @@ def test_diverging_runs_are_dropped(mnist_data):
     base = {**sample_hparams(0), "optimizer": SGD, "batch_size": 64, "epochs": 2}
     plans = [RunPlan(0, 0, {**base, "lr": 0.05}, 256, 5), RunPlan(1, 1, {**base, "lr": 1e5}, 256, 5)]
     finished = []
-    BatchedMLPTrainer(task, x, y).train(plans, finished.extend)
+    BatchedTrainer(task, x, y).train(plans, finished.extend)
     by_id = {r.plan.run_id: r for r in finished}
     assert by_id[0].dropped is None and torch.isfinite(by_id[0].params).all()
     assert by_id[1].dropped and by_id[1].params is None and by_id[1].dropped_at == 4  # found after epoch 1

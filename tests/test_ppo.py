@@ -3,7 +3,7 @@ import torch
 
 from learned_opt import tasks
 from learned_opt.baselines import ppo
-from pretrain.seeding import checkpoint_steps
+from learned_opt.seeding import checkpoint_steps
 from learned_opt.baselines.ppo import PPOHparams, PPOShape, train_ppo
 
 

@@ -11,7 +11,7 @@ from train_helpers import file_hash, make_store, tiny_config
 
 from learned_opt import cli
 from learned_opt.errors import ConfigError, TrainingError
-from pretrain.train import CHECKPOINT_NAME, LOG_NAME, TrainConfig, load_checkpoint, train
+from pretrain.train import CHECKPOINT_NAME, LOG_NAME, load_checkpoint, train
 from pretrain.train import outputs, trainer
 from pretrain.train.outputs import nonfinite_tensors
 

@@ -63,28 +63,20 @@ its reference loop), ``family`` / ``supervised_family`` / ``ppo_family`` (task f
 ``config`` (:class:`CorpusConfig`), ``build`` (:func:`build_corpus`), ``cli`` (the command line).
 """
 
+from learned_opt.recipes import ADAM, GPT_RECIPE, OPTIMIZERS, SGD, cosine_lr
+
 from .build import build_corpus, check_settings, corpus_settings, families, family_for
 from .cli import configure, main
 from .config import CorpusConfig, CorpusSummary
 from .family import WEIGHT_LIMIT, FinishedRun, TaskFamily
 from .gradients import FunctionalGradient, MLPGradient, batched_gradient
-from .plan import (
-    ADAM,
-    GPT_RECIPE,
-    OPTIMIZERS,
-    SGD,
-    HParamRanges,
-    RunPlan,
-    cosine_lr,
-    plan_runs,
-    sample_hparams,
-)
+from .plan import HParamRanges, RunPlan, plan_runs, sample_hparams
 from .supervised_family import SupervisedFamily
-from .trainer import BatchedMLPTrainer, BatchedTrainer, epoch_frac, train_run_reference
+from .trainer import BatchedTrainer, epoch_frac, train_run_reference
 from .ppo_family import CORPUS_SHAPE, PPOFamily, PPORanges, PPORunPlan, sample_ppo_hparams, train_ppo_runs
 
 __all__ = [
-    "ADAM", "CORPUS_SHAPE", "GPT_RECIPE", "OPTIMIZERS", "SGD", "WEIGHT_LIMIT", "BatchedMLPTrainer", "BatchedTrainer", "CorpusConfig",
+    "ADAM", "CORPUS_SHAPE", "GPT_RECIPE", "OPTIMIZERS", "SGD", "WEIGHT_LIMIT", "BatchedTrainer", "CorpusConfig",
     "CorpusSummary", "FinishedRun", "FunctionalGradient", "HParamRanges", "MLPGradient", "PPOFamily", "PPORanges", "PPORunPlan",
     "RunPlan", "SupervisedFamily", "TaskFamily", "batched_gradient", "build_corpus", "check_settings", "configure", "corpus_settings",
     "cosine_lr", "epoch_frac", "families", "family_for", "main", "plan_runs", "sample_hparams",

@@ -11,10 +11,11 @@ from typing import Sequence
 
 import torch
 
-from learned_opt.recipes import ADAM, GPT_RECIPE, OPTIMIZERS, SGD, SupervisedRanges, cosine_lr
+from learned_opt.recipes import GPT_RECIPE, SGD, SupervisedRanges
+from learned_opt.seeding import checkpoint_steps, stream
 from learned_opt.tasks import Task
 
-from ..seeding import checkpoint_steps, log_uniform, seeded_init, stream
+from ..seeding import log_uniform, seeded_init
 
 
 HParamRanges = SupervisedRanges  # the corpus's name for them

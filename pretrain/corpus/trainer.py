@@ -7,11 +7,12 @@ from typing import Callable, Sequence
 
 import torch
 
+from learned_opt.recipes import SGD, cosine_lr
 from learned_opt.tasks import Task
 
 from .family import FinishedRun, bad_rows
 from .gradients import batched_gradient
-from .plan import SGD, RunPlan, cosine_lr
+from .plan import RunPlan
 
 
 class BatchedTrainer:
@@ -181,5 +182,3 @@ def train_run_reference(task: Task, plan: RunPlan, train_x: torch.Tensor, train_
         sched.step()
     return out
 
-
-BatchedMLPTrainer = BatchedTrainer  # the name earlier releases used

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from learned_opt import tasks
 from learned_opt.errors import ConfigError, StoreError
@@ -65,3 +67,11 @@ class StepBatches(Dataset):
         indices, perms = self.sampler.global_batch(self.start + k)
         indices, perms = PairSampler.shard(indices, perms, self.rank, self.world)
         return self.dataset.batch(indices, perms)
+
+    def loader(self, workers: int, device: torch.device) -> DataLoader:
+        """These batches, built ahead by ``workers`` processes (negative: none on the CPU, up to 4
+        on CUDA), pinned for a CUDA ``device``."""
+        if workers < 0:
+            workers = 0 if device.type == "cpu" else max(0, min(4, (os.cpu_count() or 1) // self.world - 1))
+        return DataLoader(self, batch_size=None, shuffle=False, num_workers=workers,
+                          pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)

@@ -19,7 +19,7 @@ depend on the generator's task's kind (:func:`suite_for`): Adam and SGD for clas
   threshold), the share of inits whose return is at least that at init and after 1, 2, 5 and 10 updates.
 * **baselines** — ``mnist-mlp``: the same inits trained with Adam (lr 1e-3, batch 128, constant
   lr) and SGD with G.pt's recipe (Nesterov 0.9, lr 0.1, wd 5e-4, batch 128, cosine over 25 epochs
-  stepped per epoch), together, by :class:`pretrain.corpus.BatchedMLPTrainer`; test loss at a
+  stepped per epoch), together, by :class:`pretrain.corpus.BatchedTrainer`; test loss at a
   1-2-3-5 log grid up to ``--max-steps``. Per init: the first grid step at or below the update's
   test loss (None: not reached). Wall time: one update for one network (measuring its metric on
   the full test set, which conditions the generator, plus ``LoadedGenerator.sample`` with B = 1;

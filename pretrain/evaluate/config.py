@@ -7,7 +7,6 @@ from dataclasses import dataclass
 from learned_opt.diffusion import METHODS
 from learned_opt.errors import ConfigError
 
-from learned_opt.recipes import ADAM_BASELINE, SGD_BASELINE  # noqa: F401 - eval's baselines, imported from here
 
 
 REPEATS_REPORTED = (1, 2, 5, 10)

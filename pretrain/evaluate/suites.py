@@ -14,17 +14,18 @@ from tqdm.auto import tqdm
 from learned_opt.baselines.ppo import PPOHparams, PPOShape, train_ppo
 from learned_opt.demo import train_baseline
 from learned_opt.errors import ConfigError
+from learned_opt.recipes import ADAM_BASELINE, SGD_BASELINE
 from learned_opt.tasks import Task
 
-from ..corpus import CORPUS_SHAPE, BatchedMLPTrainer, RunPlan
-from .config import ADAM_BASELINE, PPO_TIMING_ENV_STEPS, REPEATS_REPORTED, RETURN_BATCH, SGD_BASELINE, EvalConfig
+from ..corpus import CORPUS_SHAPE, BatchedTrainer, RunPlan
+from .config import PPO_TIMING_ENV_STEPS, REPEATS_REPORTED, RETURN_BATCH, EvalConfig
 from .metrics import log_grid, reach_summary, solved_share, steps_to_reach, summary
 from .plots import plot_before_after, plot_curves
 from .sampler import measure_metrics
 
 
 class ClassifierSuite:
-    """``mnist-mlp``: Adam and SGD from the same inits, test loss on a 1-2-3-5 grid of steps."""
+    """Supervised tasks: Adam and SGD from the same inits, test loss on a 1-2-3-5 grid of steps."""
 
     metrics = ("test_loss", "test_error")  # measured for every network, besides the generator's metric
     memo_metric = "test_loss"  # reported for the nearest corpus checkpoint
@@ -207,7 +208,7 @@ def _baselines(task, theta0: torch.Tensor, seeds: Sequence[int], data, config: E
     n = theta0.shape[0]
     plans = [GridPlan(i, int(seeds[i]), dict(ADAM_BASELINE), len(data.train_x), len(grid)) for i in range(n)]
     plans += [GridPlan(n + i, int(seeds[i]), dict(SGD_BASELINE), len(data.train_x), len(grid)) for i in range(n)]
-    trainer = BatchedMLPTrainer(task, data.train_x, data.train_y, config.device)
+    trainer = BatchedTrainer(task, data.train_x, data.train_y, config.device)
     params: dict[int, torch.Tensor] = {}
     bar = tqdm(total=2 * n, desc="Adam + SGD baselines", unit="run", disable=not config.progress)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shlex
 import sys
 import time
@@ -21,7 +20,7 @@ from tqdm.auto import tqdm
 from learned_opt.diffusion import Diffusion
 from learned_opt.errors import ConfigError, TrainingError
 from learned_opt.generator import Gpt, GptConfig, build_generator, get_config
-from learned_opt.layout import Layout, signature_to_json
+from learned_opt.layout import signature_to_json
 from learned_opt.normalization import Normalization
 from learned_opt.options import check_out_dir
 from learned_opt.pretrained import load_generator
@@ -339,14 +338,9 @@ class Trainer:
 
     def batches(self, end: int) -> DataLoader:
         """This rank's batches of steps ``self.step .. end - 1``, built ahead by worker processes."""
-        info, workers = self.info, self.config.workers
-        if workers < 0:
-            workers = 0 if info.device.type == "cpu" else max(0, min(4, (os.cpu_count() or 1) // info.world - 1))
-        return DataLoader(
-            StepBatches(self.corpus.train, self.sampler, self.step, end, info.rank, info.world),
-            batch_size=None, shuffle=False, num_workers=workers, pin_memory=info.device.type == "cuda",
-            prefetch_factor=4 if workers else None,
-        )
+        info = self.info
+        steps = StepBatches(self.corpus.train, self.sampler, self.step, end, info.rank, info.world)
+        return steps.loader(self.config.workers, info.device)
 
     def run(self) -> TrainResult:
         cfg, info = self.config, self.info

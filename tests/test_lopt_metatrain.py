@@ -9,17 +9,10 @@ import torch
 
 from learned_opt.errors import ConfigError, TrainingError
 from learned_opt.lopt import load_rule
-from learned_opt.tasks import ClassificationData
 from pretrain.metatrain import MetaConfig, meta_train
 
-TINY = dict(pairs=2, truncation=3, unroll=6, val_batch=16, holdout=40, image_size=7, widths=(4, 6), depths=(0, 1),
-            batch_sizes=(8,), checkpoint_every=2)
-
-
-def _data(n: int = 200) -> ClassificationData:
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(n, 49, generator=g), torch.randint(10, (n,), generator=g)
-    return ClassificationData(x, y, x[:50], y[:50])
+from metatrain_helpers import TINY
+from metatrain_helpers import fake_data as _data
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -74,7 +67,79 @@ def test_non_finite_rule_is_never_checkpointed(tmp_path, monkeypatch):
 
     meta_train(MetaConfig(outer_steps=2, **TINY), _data(), tmp_path, progress=False, export=False)
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    monkeypatch.setattr(trainer, "_adam_step", lambda theta, *a, **k: {k2: v * float("nan") for k2, v in theta.items()})
+    monkeypatch.setattr(trainer.OuterOptimizer, "step",
+                        lambda self, theta, *a, **k: {k2: v * float("nan") for k2, v in theta.items()})
     with pytest.raises(TrainingError, match="non-finite"):
         meta_train(MetaConfig(outer_steps=4, **TINY), _data(), tmp_path, resume=True, progress=False)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_learned_outer_optimizer_trains_the_rule_itself_and_resumes_exactly(tmp_path):
+    cfg = {**TINY, "outer_optimizer": "learned", "outer_lr": 1e-3}
+    whole = meta_train(MetaConfig(outer_steps=4, **cfg), _data(), tmp_path / "a", progress=False)
+    meta_train(MetaConfig(outer_steps=2, **cfg), _data(), tmp_path / "b", progress=False, export=False)
+    resumed = meta_train(MetaConfig(outer_steps=4, **cfg), _data(), tmp_path / "b", resume=True, progress=False)
+    start = MetaConfig(**cfg)  # where the rule starts: its hidden sizes and seed
+    for k in whole:
+        assert torch.equal(whole[k], resumed[k])
+    moved = meta_train(MetaConfig(outer_steps=1, **cfg), _data(), tmp_path / "c", progress=False, export=False)
+    from learned_opt.lopt.model import hand_set_theta
+
+    assert any(not torch.equal(moved[k], v) for k, v in hand_set_theta(start.hidden, seed=start.seed).items())
+    manifest = json.loads((tmp_path / "a" / "lopt.json").read_text())
+    assert "trains itself" in manifest["meta_training"]["method"]
+    with pytest.raises(TrainingError, match="outer_optimizer"):  # the outer optimizer is a setting of the run
+        meta_train(MetaConfig(outer_steps=6, **TINY), _data(), tmp_path / "b", resume=True, progress=False)
+
+
+def test_learned_outer_optimizer_with_other_weights_and_bad_ones(tmp_path):
+    theta = meta_train(MetaConfig(outer_steps=2, **{**TINY, "outer_optimizer": "learned", "outer_weights": "hand-set"}),
+                       _data(), tmp_path, progress=False, export=False)
+    assert all(torch.isfinite(v).all() for v in theta.values())
+    with pytest.raises(Exception, match="nowhere.json"):
+        MetaConfig(**{**TINY, "outer_optimizer": "learned", "outer_weights": "nowhere.json"})
+    with pytest.raises(ConfigError, match="outer_optimizer"):
+        MetaConfig(**{**TINY, "outer_optimizer": "sgd"})
+
+
+def test_pairs_must_divide_among_processes():
+    from pretrain.metatrain.shard import shard_of
+
+    assert (shard_of(8, 1, 4).lo, shard_of(8, 1, 4).hi) == (2, 4)
+    with pytest.raises(ConfigError, match="multiple of the number of processes"):
+        shard_of(3, 0, 2)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_population_shared_out_over_two_torchrun_processes(tmp_path):
+    """Two gloo ranks, one antithetic pair each, take the same outer steps as one process with both
+    pairs (to float rounding of the sum), write one log, and their checkpoint resumes in one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    helper = Path(__file__).with_name("metatrain_helpers.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    two = tmp_path / "two"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(helper),
+           str(two), "4"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (two / "hash-rank0.txt").read_text() == (two / "hash-rank1.txt").read_text()
+    rows = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
+    assert [r["outer_step"] for r in rows] == [1, 2, 3, 4]
+    assert json.loads((two / "lopt.json").read_text())["meta_training"]["processes"] == 2
+
+    one = meta_train(MetaConfig(outer_steps=4, **TINY), _data(), tmp_path / "one", progress=False)
+    sharded = torch.load(two / "theta-rank0.pt", weights_only=True)
+    for k in one:
+        torch.testing.assert_close(sharded[k], one[k], rtol=1e-4, atol=1e-6)
+    ones = [json.loads(line)["meta_loss"] for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    assert [r["meta_loss"] for r in rows] == pytest.approx(ones, rel=1e-4)
+
+    resumed = meta_train(MetaConfig(outer_steps=6, **TINY), _data(), two, resume=True, progress=False)
+    longer = meta_train(MetaConfig(outer_steps=6, **TINY), _data(), tmp_path / "one6", progress=False)
+    for k in longer:
+        torch.testing.assert_close(resumed[k], longer[k], rtol=1e-4, atol=1e-6)

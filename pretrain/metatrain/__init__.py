@@ -4,7 +4,10 @@
 PES over truncated unrolls of small MLPs on downsampled MNIST (:mod:`pretrain.metatrain.family`,
 :mod:`pretrain.metatrain.pes`), Adam as the outer optimizer, starting from the hand-set Adam-like
 rule (:func:`learned_opt.lopt.model.hand_set_theta`). ``--resume`` continues ``out/checkpoint.pt``
-exactly; the weights are written as ``out/{name}.safetensors`` + ``out/{name}.json``, ready for
+exactly (with any number of ``torchrun`` processes that divides ``--pairs``: the population is
+shared out between them, :mod:`pretrain.metatrain.shard`); ``--outer-optimizer learned`` lets a
+learned rule, by default the one being meta-trained, step the rule's weights
+(:mod:`pretrain.metatrain.outer`); the weights are written as ``out/{name}.safetensors`` + ``out/{name}.json``, ready for
 ``LearnedOptimizer(params, weights="out/{name}.json")``.
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 
+from .outer import OUTER_OPTIMIZERS
 from .trainer import MetaConfig, meta_train
 
 __all__ = ["MetaConfig", "configure", "main", "meta_train"]
@@ -33,6 +37,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unroll", type=int, default=d.unroll, help="inner steps per task")
     p.add_argument("--sigma", type=float, default=d.sigma)
     p.add_argument("--outer-lr", type=float, default=d.outer_lr)
+    p.add_argument("--outer-optimizer", choices=OUTER_OPTIMIZERS, default=d.outer_optimizer,
+                   help="what steps the rule's weights: adam, or learned, a learned rule (default: adam)")
+    p.add_argument("--outer-weights", default=d.outer_weights,
+                   help="with --outer-optimizer learned: self (the rule being meta-trained trains itself), a "
+                        "shipped name, a manifest path or hand-set (default: self)")
     p.add_argument("--outer-loss", choices=("mean", "log-mean"), default=d.outer_loss,
                    help="per truncation: the mean validation loss, or the mean of its log")
     p.add_argument("--widths", type=_ints, default=d.widths, help="hidden widths to draw from, e.g. 16,32,64")
@@ -50,7 +59,8 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     config = MetaConfig(
         outer_steps=args.outer_steps, pairs=args.pairs, truncation=args.truncation, unroll=args.unroll,
-        sigma=args.sigma, outer_lr=args.outer_lr, outer_loss=args.outer_loss, widths=args.widths, depths=args.depths,
+        sigma=args.sigma, outer_lr=args.outer_lr, outer_optimizer=args.outer_optimizer,
+        outer_weights=args.outer_weights, outer_loss=args.outer_loss, widths=args.widths, depths=args.depths,
         batch_sizes=args.batch_sizes, image_size=args.image_size, seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )

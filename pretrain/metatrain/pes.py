@@ -52,6 +52,8 @@ class Unroll:
 
 
 def new_unroll(spec: MlpSpec, theta: dict[str, torch.Tensor], pairs: int, gen: torch.Generator) -> Unroll:
+    """A fresh population of ``2 * pairs`` members (this process's pairs), all from one init drawn
+    from ``gen`` (the same draw whatever ``pairs`` is)."""
     params = init_params(spec, gen, 2 * pairs)
     one = init_state([p[0] for p in params])
     state = {k: tuple(t.expand(2 * pairs, *t.shape).clone() for t in v) for k, v in one.items()}
@@ -78,15 +80,23 @@ def truncation(
     loss_clip: float,
     log_loss: bool = False,
     gen: torch.Generator,
+    part: tuple[int, int] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Run ``length`` inner steps of every member; return (PES gradient estimate, per-member mean
-    validation losses ``[2P]``, whatever the objective). ``unroll`` is advanced in place."""
-    eps = {k: torch.randn((pairs, *v.shape), generator=gen) * sigma for k, v in theta.items()}
+    validation losses ``[2P]``, whatever the objective). ``unroll`` is advanced in place.
+
+    ``part = (lo, hi)``: ``unroll`` holds only pairs ``[lo, hi)`` of ``pairs`` (one rank's share,
+    :mod:`pretrain.metatrain.shard`); the perturbations of all pairs are still drawn, so every rank
+    consumes ``gen`` alike, and the estimate returned is this share's term of the sum over pairs.
+    """
+    lo, hi = part if part is not None else (0, pairs)
+    eps = {k: (torch.randn((pairs, *v.shape), generator=gen) * sigma)[lo:hi] for k, v in theta.items()}
     pop_theta = {k: torch.cat([theta[k] + e, theta[k] - e]) for k, e in eps.items()}  # [2P, ...]
     for k, e in eps.items():
         unroll.xi[k] = unroll.xi[k] + e
     n_train, n_val = data.train_x.shape[0], data.test_x.shape[0]
-    total, objective = torch.zeros(2 * pairs), torch.zeros(2 * pairs)
+    mine = hi - lo
+    total, objective = torch.zeros(2 * mine), torch.zeros(2 * mine)
     for _ in range(length):
         idx = torch.randint(n_train, (unroll.spec.batch_size,), generator=gen)
         vidx = torch.randint(n_val, (val_batch,), generator=gen)
@@ -103,7 +113,7 @@ def truncation(
         unroll.params, unroll.state, unroll.step = tuple(params), {"m": tuple(m), "v": tuple(v)}, step + 1
         if not all(torch.isfinite(p).all() for p in unroll.params):  # a diverged member stays at the clip value
             unroll.params = tuple(torch.nan_to_num(p, nan=0.0, posinf=0.0, neginf=0.0) for p in unroll.params)
-    losses, objective = total / length, objective / length  # [2P]
-    diff = objective[:pairs] - objective[pairs:]  # [P]
+    losses, objective = total / length, objective / length  # [2 * mine]
+    diff = objective[:mine] - objective[mine:]  # [mine]
     grad = {k: torch.einsum("p,p...->...", diff, xi) / (2 * pairs * sigma**2) for k, xi in unroll.xi.items()}
     return grad, losses

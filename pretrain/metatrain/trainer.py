@@ -11,20 +11,26 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from learned_opt.errors import ConfigError, TrainingError
 from learned_opt.fileio import atomic_write
 from learned_opt.lopt.model import FEATURE_CONFIG, HIDDEN, hand_set_theta
 from learned_opt.lopt.weights import save_rule
 
+from pretrain.train.distributed import setup_distributed
+
 from .family import MnistMlpFamily
+from .outer import OUTER_OPTIMIZERS, OuterOptimizer
 from .pes import Unroll, new_unroll, truncation
+from .shard import part_of, shard_of, sum_over_ranks, whole_population
 
 CHECKPOINT_VERSION = 1
+LOSS_SUM = "__outer_loss_sum__"  # the population's summed outer loss, reduced with the gradient
 
 
 @dataclass
@@ -36,7 +42,9 @@ class MetaConfig:
     truncation: int = 10  # inner steps per truncation
     unroll: int = 200  # inner steps per task before a new task is drawn
     sigma: float = 0.01  # ES perturbation scale
-    outer_lr: float = 3e-3  # Adam on the rule's weights
+    outer_lr: float = 3e-3  # the outer optimizer's step size (Adam's units)
+    outer_optimizer: str = "adam"  # "adam", or "learned": a learned rule steps the rule's weights
+    outer_weights: str = "self"  # the learned outer rule: "self" (the rule trains itself) or weights to load
     grad_clip: float = 10.0  # the PES estimate's norm is clipped to this
     loss_clip: float = 3.0  # a member's outer loss is clipped here (ln 10 ~ 2.3 is chance)
     outer_loss: str = "mean"  # "mean": mean validation loss over a truncation; "log-mean": mean of its log
@@ -58,14 +66,20 @@ class MetaConfig:
         for k in ("sigma", "outer_lr", "grad_clip", "loss_clip"):
             if not getattr(self, k) > 0:
                 raise ConfigError(f"{k} must be > 0, got {getattr(self, k)!r}")
+        if self.outer_optimizer not in OUTER_OPTIMIZERS:
+            raise ConfigError(f"outer_optimizer must be one of {', '.join(OUTER_OPTIMIZERS)}, got {self.outer_optimizer!r}")
         if self.outer_loss not in ("mean", "log-mean"):
             raise ConfigError(f"outer_loss must be 'mean' or 'log-mean', got {self.outer_loss!r}")
         if self.unroll % self.truncation:
             raise ConfigError(f"unroll ({self.unroll}) must be a multiple of truncation ({self.truncation})")
         self.family()  # an empty or invalid task distribution fails here
+        self.outer()  # and outer weights that do not load
 
     def family(self) -> MnistMlpFamily:
         return MnistMlpFamily(self.image_size, self.widths, self.depths, self.batch_sizes, self.init_scales)
+
+    def outer(self) -> OuterOptimizer:
+        return OuterOptimizer(self.outer_optimizer, self.outer_lr, self.outer_weights)
 
     def settings(self) -> dict:
         """What must match on resume: everything but the number of outer steps."""
@@ -77,27 +91,16 @@ class MetaConfig:
 @dataclass
 class MetaState:
     theta: dict[str, torch.Tensor]
-    adam: dict = field(default_factory=dict)
+    outer_state: dict = field(default_factory=dict)  # the outer optimizer's (the checkpoint's "adam" entry)
     unroll: Unroll | None = None
     outer_step: int = 0
     gen_state: torch.Tensor | None = None
     seconds: float = 0.0  # wall time of the outer steps so far, over every session
 
 
-def _adam_step(theta, grad, adam: dict, lr: float, t: int, b1=0.9, b2=0.999, eps=1e-8):
-    """Adam on a dict of tensors (functional: returns the new weights, updates ``adam`` in place)."""
-    out = {}
-    for k, g in grad.items():
-        m = adam.get(f"m.{k}", torch.zeros_like(g)) * b1 + (1 - b1) * g
-        v = adam.get(f"v.{k}", torch.zeros_like(g)) * b2 + (1 - b2) * g * g
-        adam[f"m.{k}"], adam[f"v.{k}"] = m, v
-        out[k] = theta[k] - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
-    return out
-
-
 def save_checkpoint(path: Path, config: MetaConfig, s: MetaState) -> None:
     blob = {"version": CHECKPOINT_VERSION, "kind": "lopt-meta-train", "settings": json.dumps(config.settings()),
-            "theta": s.theta, "adam": s.adam, "unroll": s.unroll.to_dict() if s.unroll else None,
+            "theta": s.theta, "adam": s.outer_state, "unroll": s.unroll.to_dict() if s.unroll else None,
             "outer_step": s.outer_step, "gen_state": s.gen_state, "seconds": s.seconds}
     atomic_write(path, lambda p: torch.save(blob, p))
 
@@ -112,7 +115,10 @@ def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
     if not isinstance(blob, dict) or blob.get("kind") != "lopt-meta-train" or blob.get("version") != CHECKPOINT_VERSION:
         raise TrainingError(f"{path} is not a learned-opt meta-training checkpoint of version {CHECKPOINT_VERSION}")
     saved = json.loads(blob["settings"])
-    saved.setdefault("outer_loss", "mean")  # written before the setting existed
+    # written before these settings existed
+    saved.setdefault("outer_loss", "mean")
+    saved.setdefault("outer_optimizer", "adam")
+    saved.setdefault("outer_weights", "self")
     if saved != config.settings():
         diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.settings().items() if saved.get(k) != v]
         raise TrainingError(f"cannot resume {path} with other settings ({'; '.join(diffs)}); use the saved ones "
@@ -154,63 +160,87 @@ def plot_meta_loss(log_path: Path, png: Path) -> None:
 def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = False, name: str = "lopt",
                progress: bool = True, export: bool = True) -> dict[str, torch.Tensor]:
     """Meta-train the rule on ``data`` (a downsampled :class:`ClassificationData`: ``train_x``
-    ``[N, image_size**2]``; its ``validation_data`` split is made here); return its weights."""
+    ``[N, image_size**2]``; its ``validation_data`` split is made here); return its weights.
+
+    Under ``torchrun`` the population is shared out between the ranks (:mod:`.shard`); rank 0
+    writes the log, the checkpoint, the plot and the weights, and every rank returns the same weights.
+    """
     from tqdm import tqdm
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    info = setup_distributed("cpu")
+    try:
+        shard = shard_of(config.pairs, info.rank, info.world)
+        return _meta_train(config, data, Path(out), shard, resume=resume, name=name, export=export,
+                           progress=progress and shard.is_main, tqdm=tqdm)
+    finally:
+        if info.owns_group:
+            dist.destroy_process_group()
+
+
+def _meta_train(config, data, out: Path, shard, *, resume, name, export, progress, tqdm):
+    main = shard.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     ckpt, log_path = out / "checkpoint.pt", out / "log.jsonl"
     family = config.family()
     if data.train_x.dim() != 2 or data.train_x.shape[1] != config.image_size ** 2:
         raise ConfigError(f"meta-training data must be flat images of {config.image_size}x{config.image_size}, "
                           f"got train_x of shape {list(data.train_x.shape)}")
     data = family.validation_data(data, config.holdout)
+    outer = config.outer()
     gen = torch.Generator().manual_seed(config.seed)
     if resume:
         s = load_checkpoint(ckpt, config)
         gen.set_state(s.gen_state)
-        _truncate_log(log_path, s.outer_step)
+        s.unroll = part_of(s.unroll, shard) if s.unroll is not None else None
+        if main:
+            _truncate_log(log_path, s.outer_step)
     else:
         if ckpt.exists():
             raise TrainingError(f"{ckpt} exists: pass --resume to continue it, or choose a new --out")
         s = MetaState(hand_set_theta(config.hidden, seed=config.seed))
-        log_path.write_text("")
+        if main:
+            log_path.write_text("")
     bar = tqdm(total=config.outer_steps, initial=s.outer_step, disable=not progress, desc="meta-train")
     start = time.perf_counter()
     while s.outer_step < config.outer_steps:
         if s.unroll is None or s.unroll.step >= config.unroll:
-            s.unroll = new_unroll(family.sample(gen), s.theta, config.pairs, gen)
+            s.unroll = new_unroll(family.sample(gen), s.theta, shard.hi - shard.lo, gen)
         grad, losses = truncation(s.theta, s.unroll, data, pairs=config.pairs, sigma=config.sigma,
                                   length=config.truncation, val_batch=config.val_batch,
-                                  loss_clip=config.loss_clip, log_loss=config.outer_loss == "log-mean", gen=gen)
+                                  loss_clip=config.loss_clip, log_loss=config.outer_loss == "log-mean", gen=gen,
+                                  part=(shard.lo, shard.hi))
+        grad = sum_over_ranks({**grad, LOSS_SUM: losses.sum().reshape(1)}, shard)
+        meta_loss = float(grad.pop(LOSS_SUM)) / (2 * config.pairs)
         norm = torch.sqrt(sum(g.square().sum() for g in grad.values()))
         scale = min(1.0, config.grad_clip / (float(norm) + 1e-12))
-        s.theta = _adam_step(s.theta, {k: g * scale for k, g in grad.items()}, s.adam, config.outer_lr,
-                             s.outer_step + 1)
+        s.theta = outer.step(s.theta, {k: g * scale for k, g in grad.items()}, s.outer_state, s.outer_step + 1)
         if not all(torch.isfinite(v).all() for v in s.theta.values()):  # never checkpointed
             raise TrainingError(f"the rule's weights became non-finite at outer step {s.outer_step + 1}; the last "
                                 "checkpoint is kept: resume from it with a lower --outer-lr or --sigma")
         s.outer_step += 1
         s.seconds += time.perf_counter() - start
         start = time.perf_counter()
-        row = {"outer_step": s.outer_step, "meta_loss": float(losses.mean()), "grad_norm": float(norm),
-               "inner_step": s.unroll.step, "task": s.unroll.spec.to_json(),
-               "seconds": round(s.seconds, 3)}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        if main:
+            row = {"outer_step": s.outer_step, "meta_loss": meta_loss, "grad_norm": float(norm),
+                   "inner_step": s.unroll.step, "task": s.unroll.spec.to_json(), "seconds": round(s.seconds, 3)}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
         bar.update(1)
-        bar.set_postfix(meta_loss=f"{row['meta_loss']:.3f}")
+        bar.set_postfix(meta_loss=f"{meta_loss:.3f}")
         if s.outer_step % config.checkpoint_every == 0 or s.outer_step == config.outer_steps:
             s.gen_state = gen.get_state()
-            save_checkpoint(ckpt, config, s)
-            plot_meta_loss(log_path, out / "meta_loss.png")
+            whole = replace(s, unroll=whole_population(s.unroll, shard))  # collective: every rank takes part
+            if main:
+                save_checkpoint(ckpt, config, whole)
+                plot_meta_loss(log_path, out / "meta_loss.png")
     bar.close()
-    if export:
+    if export and main:
         save_rule(out, name, s.theta, meta_training={
-            "method": "antithetic PES over truncated unrolls, Adam outer optimizer",
+            "method": f"antithetic PES over truncated unrolls, outer optimizer {outer.describe()}",
             "tasks": f"MLPs on {config.image_size}x{config.image_size} MNIST, hidden depths {list(config.depths)}, "
                      f"widths {list(config.widths)}, batch sizes {list(config.batch_sizes)}",
-            "outer_steps": s.outer_step, "wall_seconds": round(s.seconds, 1),
+            "outer_steps": s.outer_step, "wall_seconds": round(s.seconds, 1), "processes": shard.world,
             "torch_threads": torch.get_num_threads(), "config": config.settings(), "features": FEATURE_CONFIG,
         })
     return s.theta

@@ -127,3 +127,50 @@ def test_damaged_store_json_bytes_open_or_raise_store_error(store_root, cut, byt
         Store.open(root)
     except StoreError:
         pass
+
+
+@pytest.fixture(scope="module")
+def rule_pair(tmp_path_factory) -> Path:
+    from learned_opt.lopt import hand_set_theta, save_rule
+
+    folder = tmp_path_factory.mktemp("fuzz-rule")
+    save_rule(folder, "lopt-tiny", hand_set_theta(), meta_training={"tasks": "none", "outer_steps": 0})
+    return folder / "lopt-tiny.json"
+
+
+def _rule_copy(pair: Path, sub: str) -> Path:
+    folder = pair.parent / sub
+    folder.mkdir(exist_ok=True)
+    weights = folder / pair.with_suffix(".safetensors").name
+    if not weights.exists():
+        shutil.copy(pair.with_suffix(".safetensors"), weights)
+    return folder / pair.name
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_learned_optimizer_manifests_load_or_raise_weights_error(rule_pair, data):
+    from learned_opt.lopt import LoadedRule, load_rule
+
+    path = _rule_copy(rule_pair, "mutated")
+    path.write_text(json.dumps(_mutate(json.loads(rule_pair.read_text()), data)))
+    try:
+        loaded = load_rule(path)
+    except WeightsError:
+        return
+    assert isinstance(loaded, LoadedRule) and all(v.isfinite().all() for v in loaded.theta.values())
+
+
+@FUZZ
+@given(cut=st.integers(0, 4000), byte=st.integers(0, 255))
+def test_damaged_learned_optimizer_manifest_bytes_load_or_raise_weights_error(rule_pair, cut, byte):
+    from learned_opt.lopt import load_rule
+
+    text = bytearray(rule_pair.read_bytes())
+    text[cut % len(text)] = byte
+    path = _rule_copy(rule_pair, "bytes")
+    path.write_bytes(bytes(text))
+    try:
+        load_rule(path)
+    except WeightsError:
+        pass

@@ -10,6 +10,10 @@ one small MLP, shared by all elements, that reads
   (``g / sqrt(v)``, ``m / sqrt(v)``: Adam's direction at several momenta);
 * each of those per-element features divided by its root mean square over the tensor, then clipped
   to ``[-CLIP, CLIP]`` (so the rule sees shapes, not scales, and works on any network);
+* and, not normalised per tensor, Adam's direction at each momentum, ``m̂_k / sqrt(v̂)`` with Adam's
+  bias corrections, clipped: scale-free already, these keep what the normalised features lose, how
+  large the momentum is against the gradient's noise (which is what makes Adam's steps shrink late
+  in training);
 * the training step through sinusoids of several periods (``TIMESCALES``) and the log of the
   number of tensors (per-tensor scalars, broadcast to the tensor's elements).
 
@@ -36,13 +40,14 @@ EPS = 1e-8
 STEP_MULT = 1e-3  # Metz 2020's step_mult: a unit direction moves a parameter by 1e-3
 EXP_MULT = 1e-2  # the log magnitude's multiplier
 HIDDEN = (32, 32)
-NUM_ELEMENT_FEATURES = 3 + 2 * len(BETAS)  # p, g, g/sqrt(v), m_k, m_k/sqrt(v)
+NUM_NORMALISED = 3 + 2 * len(BETAS)  # p, g, g/sqrt(v), m_k, m_k/sqrt(v): divided by their RMS over the tensor
+NUM_ELEMENT_FEATURES = NUM_NORMALISED + len(BETAS)  # + m̂_k/sqrt(v̂), bias-corrected, not normalised
 NUM_FEATURES = NUM_ELEMENT_FEATURES + 2 * len(TIMESCALES) + 1  # + sinusoids + log(num tensors)
-ADAM_FEATURE = 3 + len(BETAS) + BETAS.index(0.9)  # m_0.9 / sqrt(v): the hand-set rule's direction
+ADAM_FEATURE = NUM_NORMALISED + BETAS.index(0.9)  # m̂_0.9 / sqrt(v̂): the hand-set rule's direction (Adam's)
 
 FEATURE_CONFIG = {
     "betas": list(BETAS), "beta2": BETA2, "timescales": list(TIMESCALES), "clip": CLIP, "eps": EPS,
-    "step_mult": STEP_MULT, "exp_mult": EXP_MULT, "num_features": NUM_FEATURES,
+    "step_mult": STEP_MULT, "exp_mult": EXP_MULT, "num_features": NUM_FEATURES, "adam_directions": "bias-corrected",
 }
 
 
@@ -56,8 +61,8 @@ def theta_shapes(hidden: Sequence[int] = HIDDEN) -> dict[str, tuple[int, ...]]:
 
 
 def hand_set_theta(hidden: Sequence[int] = HIDDEN, seed: int = 0, noise: float = 0.01) -> dict[str, torch.Tensor]:
-    """An MLP whose direction is ``m_0.9 / sqrt(v)`` normalised per tensor: an Adam-like step of
-    RMS ``lr * 1e-3`` per tensor (lr=1 ~ Adam(1e-3)), plus small random weights (``noise``) elsewhere.
+    """An MLP whose step is Adam(lr 1e-3)'s, ``1e-3 * m̂_0.9 / sqrt(v̂ + EPS)`` (clipped at
+    ``CLIP``), at ``lr=1``, plus small random weights (``noise``) elsewhere.
 
     Two hidden units carry ``relu(x)`` and ``relu(-x)`` of that feature through every layer and the
     direction output takes their difference, so the rule is exactly that step when ``noise=0``.
@@ -94,14 +99,26 @@ def _rms_normalise(x: torch.Tensor) -> torch.Tensor:
     return (x / rms).clamp(-CLIP, CLIP)
 
 
-def features(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Per-element features ``[NUM_ELEMENT_FEATURES, n]`` of one tensor (``n`` = its numel)."""
+def bias_corrections(step, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam's bias corrections after step ``step`` (0-based): ``1 - beta_k^(step+1)`` ``[K, 1]``
+    and ``1 - BETA2^(step+1)``."""
+    t = torch.as_tensor(step, dtype=torch.float32, device=device) + 1
+    betas = torch.tensor(BETAS, dtype=torch.float32, device=device)
+    return (1 - betas ** t).unsqueeze(1), 1 - torch.tensor(BETA2, device=device) ** t
+
+
+def features(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step=0) -> torch.Tensor:
+    """Per-element features ``[NUM_ELEMENT_FEATURES, n]`` of one tensor (``n`` = its numel), after
+    step ``step`` (0-based) updated the momenta ``m`` and ``v``."""
     n = p.numel()
     m = m.reshape(len(BETAS), n)  # [K, n]
-    rsqrt = torch.rsqrt(v.reshape(1, n) + EPS)
+    v = v.reshape(1, n)
+    rsqrt = torch.rsqrt(v + EPS)
     g = g.reshape(1, n)
-    raw = torch.cat([p.reshape(1, n), g, g * rsqrt, m, m * rsqrt])  # [F_e, n]
-    return _rms_normalise(raw)
+    raw = torch.cat([p.reshape(1, n), g, g * rsqrt, m, m * rsqrt])  # [NUM_NORMALISED, n]
+    bc_m, bc_v = bias_corrections(step, p.device)
+    adam = (m / bc_m) * torch.rsqrt(v / bc_v + EPS)  # [K, n]
+    return torch.cat([_rms_normalise(raw), adam.clamp(-CLIP, CLIP)])
 
 
 def step_features(step, num_tensors: int, device, dtype=torch.float32) -> torch.Tensor:
@@ -158,7 +175,7 @@ def update(
         v = BETA2 * v + (1 - BETA2) * g.square()
         new_m.append(m)
         new_v.append(v)
-        f = features(p.float(), g, m, v)  # [F_e, n]
+        f = features(p.float(), g, m, v, step)  # [F_e, n]
         hidden.append(f.T @ w0[:NUM_ELEMENT_FEATURES] + bias)  # [n, hidden0]
     out = head(theta, torch.cat(hidden))  # [N, 2]
     delta = out[:, 0] * torch.exp(EXP_MULT * out[:, 1]) * STEP_MULT * lr  # [N]

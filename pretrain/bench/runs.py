@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from learned_opt.baselines.supervised import train_baseline
+from learned_opt.baselines.supervised import Recipe, train_baseline
 from learned_opt.errors import ConfigError
 from learned_opt.optimizer import GptOptimizer
 from learned_opt.pretrained import LoadedGenerator
@@ -79,7 +79,7 @@ def train_run(
     task: Task,
     init: torch.Tensor,
     split: Split,
-    base: str,
+    base: str | Recipe,
     grid: Sequence[int],
     *,
     seed: int,
@@ -94,8 +94,9 @@ def train_run(
     device: str | torch.device = "cpu",
     on_optimizer: Callable[[torch.optim.Optimizer], None] | None = None,
 ) -> Run:
-    """Train the flat ``init`` [P] for ``grid[-1]`` steps with ``base``, alone (``generator=None``)
-    or inside a periodic GptOptimizer (``every=k``), measuring the test loss at each ``grid`` step.
+    """Train the flat ``init`` [P] for ``grid[-1]`` steps with ``base`` (a recipe or its name:
+    ``"adam"``, ``"sgd"``, ``"lopt"``), alone (``generator=None``) or inside a periodic GptOptimizer
+    (``every=k``), measuring the test loss at each ``grid`` step.
 
     The loop is :func:`~learned_opt.baselines.supervised.train_baseline`: minibatches of the base's
     batch size from a fresh permutation of ``split.train``'s training set each epoch, drawn from a

@@ -176,7 +176,8 @@ def check_names(names: tuple[str, ...], option: str, known: tuple[str, ...], wha
     if unknown:
         raise ConfigError(f"unknown {what} {unknown[0]!r} in {option}; choose from {', '.join(known)}")
     if len(set(names)) != len(names):
-        raise ConfigError(f"{option} lists a {what} twice ({','.join(names)}); list each once")
+        raise ConfigError(f"{option} lists {'an' if what[0] in 'aeiou' else 'a'} {what} twice ({','.join(names)}); "
+                          f"list each once")
 
 
 def check_device(device: str) -> None:

@@ -22,17 +22,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from learned_opt import __version__, tasks
+from learned_opt import tasks
 from learned_opt.baselines.supervised import BaselineCurve, BaselineRun
 from learned_opt.demo import first_step_at_or_below
 from learned_opt.errors import ConfigError
 from learned_opt.lopt import LoadedRule, load_rule
 
 from ..evaluate import init_params
-from ..evaluate.run import hardware
 from .config import TARGET_OPTIMIZER, TUNED_OPTIMIZER, LoptBenchConfig, applicable, named_recipe
-from .report import plot_lopt_task, write_bench_json
-from .runs import Split, eval_grid, holdout_closure, split_holdout
+from .report import finish_result, plot_lopt_task
+from .runs import Split, eval_grid, holdout_closure, load_split
 from .summaries import curve_summary, median_curve, median_finite
 
 FIXED = ("adam", "sgd", "lopt")  # the optimizers with one recipe each; adam-tuned is chosen per task
@@ -70,15 +69,12 @@ def run_lopt(config: LoptBenchConfig, data=None) -> dict:
         "target": f"median test loss of Adam(1e-3) at step {config.grid_steps}",
         "lr_choice": f"the lr of --lr-grid with the lowest median (over inits) full-batch loss on the last "
                      f"{config.holdout} training examples (held out, never trained on) at step {config.grid_steps}",
-        "hardware": hardware(config.device),
         "seeds": seeds,
         "grid": grid,
         "tasks": sections,
-        "wall_seconds": time.perf_counter() - t_start,
-        "learned_opt": __version__,
     }
+    finish_result(result, config, t_start)
     out = Path(config.out)
-    write_bench_json(out, result)
     if config.plots:
         result["plots"] = [str(plot_lopt_task(result, name, out / f"{file_stem(name)}.png")) for name in sections]
     return result
@@ -100,12 +96,8 @@ def validation_loss(task: tasks.Task, model: torch.nn.Module, split: Split) -> f
 def measure_task(task: tasks.Task, config: LoptBenchConfig, rule: LoadedRule | None, seeds: list[int],
                  grid: list[int], bar, data=None) -> dict:
     """One task: every optimizer on every init, the lr grid, the target and the summaries."""
-    if data is None:
-        data = task.load_data(config.data_root)
-    split = split_holdout(task, data, config.holdout)
     device = torch.device(config.device)
-    if device.type != "cpu":
-        split = split.to(device)
+    split = load_split(task, data, config.data_root, config.holdout, device)
     inits = init_params(task, seeds)  # [N, P]
     recipes = {name: named_recipe(name, rule) for name in FIXED}
     lrs = config.lr_grid if TUNED_OPTIMIZER in config.optimizers else ()
@@ -156,8 +148,7 @@ def measure_task(task: tasks.Task, config: LoptBenchConfig, rule: LoadedRule | N
         "task": task.name,
         "source": tasks.source_of(task),
         "num_params": task.num_params,
-        "data": {"train_examples": int(split.train.train_x.shape[0]), "holdout_examples": int(split.holdout_x.shape[0]),
-                 "test_examples": int(split.train.test_y.shape[0])},
+        "data": split.sizes(),
         "target": target,
         "lr_grid": choice,
         "optimizers": sections,

@@ -11,13 +11,12 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from learned_opt import __version__, tasks
+from learned_opt import tasks
 from learned_opt.errors import ConfigError
 from learned_opt.lopt import load_rule
 from learned_opt.pretrained import LoadedGenerator, load_generator
 
 from ..evaluate import init_params
-from ..evaluate.run import hardware
 from .config import (
     BASE_LABEL,
     LOSS_METRICS,
@@ -29,8 +28,8 @@ from .config import (
     parse_prompt,
 )
 from .lopt import run_lopt
-from .report import plot_periodic, write_bench_json
-from .runs import Run, eval_grid, split_holdout, train_run
+from .report import finish_result, plot_periodic
+from .runs import Run, eval_grid, load_split, train_run
 from .summaries import curve_summary, init_row, summarise, target_loss
 
 
@@ -55,12 +54,8 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
                           f"measures a cross-entropy, so use a generator of {' or '.join(LOSS_METRICS)}")
     sampler = gen.sampler(config.method, config.sampling_steps, config.t_min)  # a sampler that cannot run fails here
     prompt = parse_prompt(config.prompt)
-    if data is None:
-        data = task.load_data(config.data_root)
-    split = split_holdout(task, data, config.holdout)
     device = torch.device(config.device)
-    if device.type != "cpu":
-        split = split.to(device)
+    split = load_split(task, data, config.data_root, config.holdout, device)
     seeds = [config.seed + i for i in range(config.inits)]
     inits = init_params(task, seeds)  # [N, P]
     grid = eval_grid(config.steps, config.eval_every)
@@ -110,19 +105,14 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
                       "metric_range": list(gen.metric_range), "model_config": gen.manifest.get("model_config")},
         "closure_metric": f"full-batch cross-entropy on the last {config.holdout} training examples (held out), "
                           f"given to the generator as its {gen.metric_name!r}",
-        "data": {"train_examples": int(split.train.train_x.shape[0]), "holdout_examples": int(split.holdout_x.shape[0]),
-                 "test_examples": int(split.train.test_y.shape[0])},
-        "hardware": hardware(config.device),
+        "data": split.sizes(),
         "seeds": seeds,
         "grid": grid,
         "bases": bases,
-        "wall_seconds": time.perf_counter() - t_start,
-        "learned_opt": __version__,
     }
-    out = Path(config.out)
-    write_bench_json(out, result)
+    finish_result(result, config, t_start)
     if config.plots:
-        result["plots"] = [str(plot_periodic(result, out / "periodic.png"))]
+        result["plots"] = [str(plot_periodic(result, Path(config.out) / "periodic.png"))]
     return result
 
 

@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
+from learned_opt import __version__
 from learned_opt.fileio import atomic_write
 
 from ..evaluate.plots import save_figure
+from ..evaluate.run import hardware
 from .config import BASE_LABEL
 from .summaries import median_curve
+
+
+def finish_result(result: dict, config, t_start: float) -> Path:
+    """Add what every ``bench.json`` records (hardware, wall seconds since ``t_start``, version) to
+    ``result`` and write it into ``config.out``."""
+    result.update(hardware=hardware(config.device), wall_seconds=time.perf_counter() - t_start, learned_opt=__version__)
+    return write_bench_json(Path(config.out), result)
 
 
 def write_bench_json(out: Path, result: dict) -> Path:
@@ -49,14 +59,20 @@ def plot_periodic(result: dict, path: Path) -> Path:
             alone = label == BASE_LABEL  # drawn on top, thin: periodic runs equal to it hide beneath
             ax.plot(grid, [v if math.isfinite(v) else math.nan for v in median], label=f"{base} alone" if alone else label, color="k" if alone else None,
                     lw=1.2 if alone else 2, zorder=3 if alone else 2)
-        if section["target"] is not None:
-            ax.axhline(section["target"], color="grey", ls="--", label=f"target {section['target']:.4f}")
-        ax.set_yscale("log")
-        ax.set_xlabel("training steps (batch 128)")
-        ax.set_ylabel(f"{result['task']} test loss (median of {len(result['seeds'])} inits)")
-        ax.set_title(f"{base}: generator {result['generator']['name']}, moments {result['moments']}")
-        ax.legend(fontsize=8)
+        label_axes(ax, section["target"], f"{result['task']} test loss (median of {len(result['seeds'])} inits)",
+                   f"{base}: generator {result['generator']['name']}, moments {result['moments']}")
     return save_figure(fig, path)
+
+
+def label_axes(ax, target: float | None, ylabel: str, title: str) -> None:
+    """The target as a dashed line, a log loss axis against training steps, labels and legend."""
+    if target is not None:
+        ax.axhline(target, color="grey", ls="--", lw=1, label=f"target {target:.4f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("training steps (batch 128)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
 
 
 def _fmt(x, spec: str) -> str:
@@ -126,14 +142,9 @@ def plot_lopt_task(result: dict, task: str, path: Path) -> Path:
     for name, o in section["optimizers"].items():
         values = [v if math.isfinite(v) else math.nan for v in o["median_test_loss"]]
         ax.plot(grid, values, label=optimizer_label(name, o), lw=1.6)
-    if section["target"] is not None:
-        ax.axhline(section["target"], color="grey", ls="--", lw=1, label=f"target {section['target']:.4f}")
     ax.axvline(result["config"]["grid_steps"], color="grey", ls=":", lw=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("training steps (batch 128)")
-    ax.set_ylabel(f"test loss (median of {len(result['seeds'])} inits)")
-    ax.set_title(f"{task} ({section['num_params']:,} parameters)")
-    ax.legend(fontsize=8)
+    label_axes(ax, section["target"], f"test loss (median of {len(result['seeds'])} inits)",
+               f"{task} ({section['num_params']:,} parameters)")
     return save_figure(fig, path)
 
 

@@ -34,6 +34,11 @@ class Split:
     def to(self, device: torch.device | str) -> "Split":
         return Split(self.train.to(device), self.holdout_x.to(device), self.holdout_y.to(device))
 
+    def sizes(self) -> dict[str, int]:
+        """How many examples train, are held out, and test (for ``bench.json``)."""
+        return {"train_examples": int(self.train.train_x.shape[0]), "holdout_examples": int(self.holdout_x.shape[0]),
+                "test_examples": int(self.train.test_y.shape[0])}
+
 
 def split_holdout(task: Task, data, holdout: int) -> Split:
     """Hold out the last ``holdout`` training examples of ``data`` (``task.validation_data``; views, no copies)."""
@@ -43,6 +48,14 @@ def split_holdout(task: Task, data, holdout: int) -> Split:
                           f"and the networks need some to train on (default 5000)")
     val = task.validation_data(data, holdout)  # its test set is the held-out slice
     return Split(dataclasses.replace(data, train_x=val.train_x, train_y=val.train_y), val.test_x, val.test_y)
+
+
+def load_split(task: Task, data, root: str | None, holdout: int, device: torch.device) -> Split:
+    """``data`` (else the task's own, read from ``root``) split by :func:`split_holdout`, on ``device``."""
+    if data is None:
+        data = task.load_data(root)
+    split = split_holdout(task, data, holdout)
+    return split.to(device) if device.type != "cpu" else split
 
 
 def holdout_closure(task: Task, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:

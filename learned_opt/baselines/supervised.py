@@ -110,9 +110,10 @@ def train_baseline(
     ``wrap(model, base)`` builds the optimizer around the recipe's (``base(params)`` makes it, and
     its schedule is kept): a :class:`~learned_opt.GptOptimizer` with ``base=base``, for instance. If
     its ``step`` raises :class:`GenerationError` (its metric closure diverged) the run stops there:
-    ``diverged_at`` is set and the remaining metrics are NaN. So it does where, at a measurement,
-    the last minibatch loss or a parameter is not finite. ``on_step(t, model, optimizer)`` is
-    called after every step ``t`` (1-based), before any measurement at ``t``.
+    ``diverged_at`` is set and the remaining metrics are NaN. The run stops in the same way where,
+    at a measurement step, the last minibatch loss or a parameter is not finite (any optimizer).
+    ``on_step(t, model, optimizer)`` is called after every step ``t`` (1-based), before any
+    measurement at ``t``.
     """
     run = BaselineRun(task, init, data, recipe, seed=seed, wrap=wrap, on_step=on_step, device=device)
     return run.train_to(steps, eval_steps)
@@ -207,7 +208,8 @@ class BaselineRun:
         return curve
 
     def _measure(self, t: int) -> None:
-        m = self.task.evaluate(self.layout.flatten_module(self.model)[None], self.data, list(TEST_METRICS))  # name -> [1]
+        flat = self.layout.flatten_module(self.model)[None]  # [1, P]
+        m = self.task.evaluate(flat, self.data, list(TEST_METRICS))  # name -> [1]
         self.curve.steps.append(t)
         self.curve.wall_s.append(self._elapsed)
         self.curve.test_loss.append(float(m["test_loss"][0]))

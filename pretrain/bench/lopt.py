@@ -96,6 +96,7 @@ def validation_loss(task: tasks.Task, model: torch.nn.Module, split: Split) -> f
 def measure_task(task: tasks.Task, config: LoptBenchConfig, rule: LoadedRule | None, seeds: list[int],
                  grid: list[int], bar, data=None) -> dict:
     """One task: every optimizer on every init, the lr grid, the target and the summaries."""
+    t_start = time.perf_counter()
     device = torch.device(config.device)
     split = load_split(task, data, config.data_root, config.holdout, device)
     inits = init_params(task, seeds)  # [N, P]
@@ -153,6 +154,7 @@ def measure_task(task: tasks.Task, config: LoptBenchConfig, rule: LoadedRule | N
         "lr_grid": choice,
         "optimizers": sections,
         "lopt_beats_tuned_adam": beats(sections.get("lopt"), sections.get(TUNED_OPTIMIZER)),
+        "wall_seconds": time.perf_counter() - t_start,  # loading, training and evaluation
     }
 
 

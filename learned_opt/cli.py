@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("pretrain.train", "train a generator on a checkpoint corpus"),
     "eval": ("pretrain.evaluate", "evaluate a generator on fresh inits, against Adam and SGD (MNIST) or PPO (CartPole)"),
     "demo": ("learned_opt.demo", "one generative update on a random CartPole policy or MNIST MLP, next to PPO or Adam and SGD"),
-    "bench": ("pretrain.bench", "measure GptOptimizer's periodic mode against its base optimizer"),
+    "bench": ("pretrain.bench", "measure GptOptimizer's periodic mode against its base, or the learned optimizer against Adam and SGD"),
     "meta-train": ("pretrain.metatrain", "meta-train the per-parameter learned optimizer (LearnedOptimizer) by PES"),
     "tune-sampling": ("pretrain.sampling", "choose a generator's sampler (steps, early stop) on validation inits"),
 }

@@ -4,6 +4,8 @@ supervised corpus draws its runs' hyperparameters from.
 * :data:`GPT_RECIPE` — G.pt's SGD recipe (Peebles et al. 2022): Nesterov momentum 0.9, lr 0.1,
   weight decay 5e-4, batch 128, cosine annealing stepped per epoch over 25 epochs;
 * :data:`ADAM_BASELINE` — Adam, lr 1e-3, batch 128, constant learning rate;
+* :data:`LOPT_BASELINE` — the learned optimizer (:class:`~learned_opt.LearnedOptimizer`), lr 1.0
+  (the step size it was meta-trained with), batch 128, its shipped weights;
 * :class:`SupervisedRanges` — the corpus's per-run draws (the table in :mod:`pretrain.corpus`);
 * :data:`PPO_BASELINE` and :data:`PPO_STEPS` — PPO's default hyperparameters (the control baseline
   of ``eval`` and ``demo``, and the fixed ones of a control corpus) and its step structure;
@@ -13,7 +15,8 @@ supervised corpus draws its runs' hyperparameters from.
 
 Hyperparameter dicts use the corpus's keys (``optimizer``, ``lr``, ``momentum`` — SGD's momentum or
 Adam's beta1 —, ``weight_decay``, ``batch_size``, ``epochs``, ``schedule``, ``adam_beta2``,
-``adam_eps``).
+``adam_eps``; the learned optimizer's ``weights``: None for the shipped ones, a registry name, a
+manifest path or a :class:`~learned_opt.lopt.LoadedRule`).
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ import math
 from dataclasses import dataclass
 
 SGD, ADAM = "sgd-nesterov", "adam"
-OPTIMIZERS = (SGD, ADAM)
+OPTIMIZERS = (SGD, ADAM)  # what a supervised corpus draws from
+LOPT = "learned"  # LearnedOptimizer: a baseline only, never drawn by a corpus
 
 ADAM_LR = 1e-3
 BATCH_SIZE = 128
@@ -34,6 +38,7 @@ GPT_RECIPE = {"optimizer": SGD, "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4
 SGD_BASELINE = {**GPT_RECIPE, "schedule": "cosine-per-epoch", "adam_beta2": 0.999, "adam_eps": 1e-8}
 ADAM_BASELINE = {"optimizer": ADAM, "lr": ADAM_LR, "momentum": 0.9, "weight_decay": 0.0, "batch_size": BATCH_SIZE,
                  "epochs": CONSTANT_LR_EPOCHS, "schedule": "constant", "adam_beta2": 0.999, "adam_eps": 1e-8}
+LOPT_BASELINE = {"optimizer": LOPT, "lr": 1.0, "batch_size": BATCH_SIZE, "schedule": "constant", "weights": None}
 
 
 def cosine_lr(lr: float, epoch: int, epochs: int) -> float:

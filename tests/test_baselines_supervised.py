@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch import nn
 
-from learned_opt.baselines.supervised import BASELINES, make_optimizer, recipe_of, train_baseline
+from learned_opt import LearnedOptimizer
+from learned_opt.baselines.supervised import BASELINES, BaselineRun, make_optimizer, recipe_of, train_baseline
 from learned_opt.errors import ConfigError, GenerationError
-from learned_opt.recipes import ADAM_BASELINE, GPT_RECIPE, SGD_BASELINE, cosine_lr
+from learned_opt.recipes import ADAM_BASELINE, GPT_RECIPE, LOPT_BASELINE, SGD_BASELINE, cosine_lr
 from learned_opt.tasks import ClassificationData, SupervisedTask
 
 
@@ -83,6 +84,34 @@ def test_recipes_make_their_optimizers():
         recipe_of("lion")
     with pytest.raises(ConfigError, match="missing"):
         recipe_of({"optimizer": "adam"})
+    lopt, sched = make_optimizer("lopt", params)  # the learned optimizer: a named recipe, not a demo baseline
+    assert isinstance(lopt, LearnedOptimizer) and sched is None and lopt.param_groups[0]["lr"] == 1.0
+    lopt, _ = make_optimizer({**LOPT_BASELINE, "weights": "hand-set", "lr": 0.5}, params)
+    assert lopt.rule.name == "hand-set" and lopt.param_groups[0]["lr"] == 0.5
+    with pytest.raises(ConfigError, match="takes no weight_decay"):
+        recipe_of({**LOPT_BASELINE, "weight_decay": 1e-4})
+
+
+@pytest.mark.parametrize("recipe", ["sgd", {**LOPT_BASELINE, "weights": "hand-set"}])
+def test_a_run_in_stages_equals_one_in_one_go(few_images, recipe):
+    task = TwoConv()
+    init = _init(task)
+    whole = train_baseline(task, init, few_images, recipe, 12, [0, 4, 9, 12], seed=3)
+    staged = BaselineRun(task, init, few_images, recipe, seed=3)
+    staged.train_to(5, [0, 4, 9, 12])  # 600 examples, batch 128: the first epoch ends in the second stage
+    assert staged.t == 5 and staged.curve.steps == [0, 4]
+    staged.train_to(12, [0, 4, 9, 12])
+    assert staged.curve.steps == whole.steps and staged.curve.test_loss == whole.test_loss
+    assert staged.train_to(12, [12]).steps == whole.steps  # nothing left to train or measure
+    assert staged.curve.seconds_per_step > 0 and staged.curve.wall_s[-1] >= staged.curve.wall_s[1]
+
+
+def test_a_run_whose_parameters_turn_non_finite_stops_as_diverged(few_images):
+    task = TwoConv()
+    curve = train_baseline(task, _init(task), few_images, {**SGD_BASELINE, "lr": 1e30}, 12, [0, 4, 8, 12], seed=0)
+    assert curve.diverged_at == 4 and curve.steps == [0, 4, 8, 12]
+    assert math.isfinite(curve.test_loss[0]) and all(math.isnan(v) for v in curve.test_loss[1:])
+    assert math.isnan(curve.wall_s[-1]) and curve.seconds_per_step > 0
 
 
 def test_a_wrapped_optimizer_that_diverges_stops_the_run(few_images):

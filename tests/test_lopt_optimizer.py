@@ -68,6 +68,17 @@ def test_bare_tensor_and_duplicate_and_wrong_weights():
         LearnedOptimizer([w], weights="not-shipped-name")
 
 
+def test_named_parameters_train_as_the_plain_ones():
+    (model, loss_fn), (twin, twin_loss) = _problem(), _problem()  # the same network and data twice
+    named = LearnedOptimizer(model.named_parameters(), weights=THETA)
+    assert named.param_groups[0]["param_names"] == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    _train(model, loss_fn, named, 3)
+    _train(twin, twin_loss, LearnedOptimizer(twin.parameters(), weights=THETA), 3)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters()))
+    with pytest.raises(ConfigError, match="tensors only"):
+        LearnedOptimizer([("w", "not a tensor")], weights=THETA)
+
+
 def test_loss_goes_down_with_a_scheduler():
     model, loss_fn = _problem()
     opt = LearnedOptimizer(model.parameters(), weights=THETA, lr=10.0)

@@ -36,7 +36,8 @@ class LearnedOptimizer(Optimizer):
     """A learned update rule (Metz et al. 2020 style) applied to every parameter at every step.
 
     Args:
-        params: an iterable of tensors or of param-group dicts (each may set its own ``lr``).
+        params: an iterable of tensors, of ``(name, tensor)`` pairs (``model.named_parameters()``) or
+            of param-group dicts (each may set its own ``lr``).
         weights: ``None`` for the shipped weights, a registry name, a path to a learned optimizer's
             ``.json`` manifest, a :class:`~learned_opt.lopt.weights.LoadedRule`, or a dict of the
             MLP's tensors (e.g. :func:`~learned_opt.lopt.model.hand_set_theta`).
@@ -57,9 +58,12 @@ class LearnedOptimizer(Optimizer):
         if isinstance(params, torch.Tensor):
             params = [params]
         params = list(params)
-        if any(not isinstance(p, torch.Tensor) for p in params):
-            raise ConfigError("LearnedOptimizer optimizes tensors only; a param group holds something else")
-        ids = [id(p) for p in params]
+        # (name, tensor) pairs, as model.named_parameters() gives, are torch's named parameters
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) else p for p in params]
+        if any(not isinstance(p, torch.Tensor) for p in tensors):
+            raise ConfigError("LearnedOptimizer optimizes tensors only (or (name, tensor) pairs, as "
+                              "named_parameters() gives); a param group holds something else")
+        ids = [id(p) for p in tensors]
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         if len(set(ids)) != len(ids) or seen.intersection(ids):
             raise ConfigError("a parameter is listed twice (in one param group or in two); list each once")

@@ -1,11 +1,13 @@
-"""Benchmark GptOptimizer's periodic mode against its base optimizer: steps and seconds to a target.
+"""Benchmark GptOptimizer's periodic mode against its base optimizer (``--mode periodic``), and the
+learned optimizer against Adam, grid-tuned Adam and SGD (``--mode lopt``): steps to a target.
 
 What ``learned-opt bench --mode periodic`` measures, on ``--inits N`` fresh initialisations of the
 generator's task (its manifest's ``task``, or ``--task`` for a task of your own; supervised tasks
 only) (PyTorch's default init, seeds ``--seed + i``, default ``3_000_000 + i``: far from
 the small seeds of corpus runs and from ``learned-opt eval``'s ``1_000_000 + i``), for each base
 optimizer in ``--bases`` (``adam``: lr 1e-3; ``sgd``: G.pt's recipe, Nesterov 0.9, lr 0.1, wd 5e-4,
-cosine over 25 epochs stepped per epoch; both with minibatches of 128, as in ``learned-opt demo``;
+cosine over 25 epochs stepped per epoch; ``lopt``: :class:`~learned_opt.LearnedOptimizer`, lr 1.0,
+``--weights``; all with minibatches of 128, as in ``learned-opt demo``;
 the recipes of :mod:`learned_opt.recipes`, trained by the one loop of
 :mod:`learned_opt.baselines.supervised`):
 
@@ -46,31 +48,48 @@ update, so both choices can be measured.
 
 Writes ``bench.json`` (config, hardware, generator name and sha256, per-init rows, curves,
 summaries) and ``periodic.png`` (median test loss against steps, one panel per base) into ``--out``
-and prints a summary table. ``--mode`` names what is measured; ``periodic`` is the only mode so far.
+and prints a summary table.
 
-Modules: ``config`` (:class:`BenchConfig`, option parsing), ``runs`` (the held-out split and one
-training run), ``summaries`` (per-init rows, targets, median curves), ``periodic``
-(:func:`run_bench`), ``report`` (``periodic.png``, the summary table), ``cli``.
+``--mode lopt`` (:mod:`pretrain.bench.lopt`; no generator) trains, per ``--task`` (supervised tasks,
+several at once) and init, the same init with the same minibatch order with Adam(1e-3), Adam with
+the lr of ``--lr-grid`` chosen on the held-out slice at ``--grid-steps`` (``adam-tuned``), G.pt's
+SGD recipe and the learned optimizer (``--weights``, lr 1.0), all for ``--steps``. The target is
+Adam(1e-3)'s median test loss at ``--grid-steps``; per optimizer it reports the median curve's
+steps to it and their ratio to Adam(1e-3)'s, each init's steps, the median test loss at
+``--grid-steps`` and ``--steps``, divergences and seconds per step, and whether the learned
+optimizer reached the target in fewer steps than grid-tuned Adam. Writes ``bench.json`` and one PNG
+per task.
+
+Modules: ``config`` (:class:`BenchConfig`, :class:`LoptBenchConfig`, option parsing), ``runs`` (the
+held-out split and one training run), ``summaries`` (per-init rows, targets, median curves),
+``periodic`` (:func:`run_bench`), ``lopt`` (:func:`run_lopt`), ``report`` (``bench.json``, the
+PNGs, the summary tables), ``cli``.
 """
 
 from .cli import configure, main
 from .config import (
+    LOPT_OPTIMIZERS,
+    LR_GRID,
     MODES,
     BenchConfig,
     FractionPrompt,
+    LoptBenchConfig,
     describe_prompt,
     parse_bases,
     parse_every,
+    parse_floats,
     parse_prompt,
 )
+from .lopt import choose_lr, run_lopt
 from .periodic import run_bench, run_periodic
-from .report import format_summary, plot_periodic
+from .report import format_lopt_summary, format_summary, plot_lopt_task, plot_periodic
 from .runs import Run, Split, eval_grid, holdout_closure, split_holdout, train_run
 from .summaries import curve_summary, init_row, median_curve, summarise, target_loss
 
 __all__ = [
-    "MODES", "BenchConfig", "FractionPrompt", "Run", "Split", "configure", "curve_summary", "describe_prompt",
-    "eval_grid", "format_summary", "holdout_closure", "init_row", "main", "median_curve", "parse_bases", "parse_every",
-    "parse_prompt", "plot_periodic", "run_bench", "run_periodic", "split_holdout", "summarise", "target_loss",
-    "train_run",
+    "LOPT_OPTIMIZERS", "LR_GRID", "MODES", "BenchConfig", "FractionPrompt", "LoptBenchConfig", "Run", "Split",
+    "choose_lr", "configure", "curve_summary", "describe_prompt", "eval_grid", "format_lopt_summary", "format_summary",
+    "holdout_closure", "init_row", "main", "median_curve", "parse_bases", "parse_every", "parse_floats",
+    "parse_prompt", "plot_lopt_task", "plot_periodic", "run_bench", "run_lopt", "run_periodic", "split_holdout",
+    "summarise", "target_loss", "train_run",
 ]

@@ -1,9 +1,8 @@
-"""The benchmark itself: every init, base and configuration of ``--mode periodic``, written to ``bench.json``."""
+"""The benchmark itself: every init, base and configuration of ``--mode periodic``, written to
+``bench.json``; :func:`run_bench` runs either mode."""
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -12,16 +11,25 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from learned_opt import __version__, tasks
+from learned_opt import tasks
 from learned_opt.errors import ConfigError
-from learned_opt.fileio import atomic_write
+from learned_opt.lopt import load_rule
 from learned_opt.pretrained import LoadedGenerator, load_generator
 
 from ..evaluate import init_params
-from ..evaluate.run import hardware
-from .config import BASE_HPARAMS, BASE_LABEL, LOSS_METRICS, BenchConfig, describe_prompt, parse_prompt
-from .report import plot_periodic
-from .runs import Run, eval_grid, split_holdout, train_run
+from .config import (
+    BASE_LABEL,
+    LOSS_METRICS,
+    BenchConfig,
+    LoptBenchConfig,
+    applicable,
+    describe_prompt,
+    named_recipe,
+    parse_prompt,
+)
+from .lopt import run_lopt
+from .report import finish_result, plot_periodic
+from .runs import Run, eval_grid, load_split, train_run
 from .summaries import curve_summary, init_row, summarise, target_loss
 
 
@@ -29,7 +37,7 @@ def config_label(every: int | None) -> str:
     return BASE_LABEL if every is None else f"every={every}"
 
 
-def run_bench(config: BenchConfig, data=None) -> dict:
+def run_bench(config: BenchConfig | LoptBenchConfig, data=None) -> dict:
     """Run the benchmark of ``config.mode``; returns the results (also written to ``out/bench.json``)."""
     return MODE_RUNNERS[config.mode](config, data)
 
@@ -37,6 +45,8 @@ def run_bench(config: BenchConfig, data=None) -> dict:
 def run_periodic(config: BenchConfig, data=None) -> dict:
     """The base alone and the base inside a periodic GptOptimizer, on the same inits."""
     t_start = time.perf_counter()
+    rule = load_rule(config.weights) if "lopt" in config.bases else None  # bad weights fail before any work
+    recipes = {b: named_recipe(b, rule) for b in config.bases}
     gen = load_generator(config.generator)
     task = bench_task(gen, config.task)
     if gen.metric_name not in LOSS_METRICS:
@@ -44,12 +54,8 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
                           f"measures a cross-entropy, so use a generator of {' or '.join(LOSS_METRICS)}")
     sampler = gen.sampler(config.method, config.sampling_steps, config.t_min)  # a sampler that cannot run fails here
     prompt = parse_prompt(config.prompt)
-    if data is None:
-        data = task.load_data(config.data_root)
-    split = split_holdout(task, data, config.holdout)
     device = torch.device(config.device)
-    if device.type != "cpu":
-        split = split.to(device)
+    split = load_split(task, data, config.data_root, config.holdout, device)
     seeds = [config.seed + i for i in range(config.inits)]
     inits = init_params(task, seeds)  # [N, P]
     grid = eval_grid(config.steps, config.eval_every)
@@ -63,7 +69,7 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
         for base in config.bases:
             for k in periods:
                 runs[base][config_label(k)].append(train_run(
-                    task, inits[i], split, base, grid, seed=seed, generator=None if k is None else gen, every=k,
+                    task, inits[i], split, recipes[base], grid, seed=seed, generator=None if k is None else gen, every=k,
                     prompt=prompt, sampling_steps=config.sampling_steps, method=config.method, t_min=config.t_min,
                     candidates=config.candidates, moments=config.moments, device=device,
                 ))
@@ -86,7 +92,7 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
                 "wall_s": [r.wall_s for r in rs],  # [N, G]
                 "summary": summary,
             }
-        bases[base] = {"hparams": BASE_HPARAMS[base], "target": target, "configs": configs}
+        bases[base] = {"hparams": applicable(recipes[base]), "target": target, "configs": configs}
 
     result = {
         "mode": config.mode,
@@ -99,21 +105,14 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
                       "metric_range": list(gen.metric_range), "model_config": gen.manifest.get("model_config")},
         "closure_metric": f"full-batch cross-entropy on the last {config.holdout} training examples (held out), "
                           f"given to the generator as its {gen.metric_name!r}",
-        "data": {"train_examples": int(split.train.train_x.shape[0]), "holdout_examples": int(split.holdout_x.shape[0]),
-                 "test_examples": int(split.train.test_y.shape[0])},
-        "hardware": hardware(config.device),
+        "data": split.sizes(),
         "seeds": seeds,
         "grid": grid,
         "bases": bases,
-        "wall_seconds": time.perf_counter() - t_start,
-        "learned_opt": __version__,
     }
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(_json_safe(result), indent=1) + "\n"
-    atomic_write(out / "bench.json", lambda p: p.write_text(text, encoding="utf-8"))
+    finish_result(result, config, t_start)
     if config.plots:
-        result["plots"] = [str(plot_periodic(result, out / "periodic.png"))]
+        result["plots"] = [str(plot_periodic(result, Path(config.out) / "periodic.png"))]
     return result
 
 
@@ -123,7 +122,7 @@ def bench_task(gen: LoadedGenerator, task: str | None = None) -> tasks.Task:
     return tasks.for_generator(gen, task, kind="supervised", what="bench")
 
 
-MODE_RUNNERS: dict[str, Callable[[BenchConfig, Any], dict]] = {"periodic": run_periodic}
+MODE_RUNNERS: dict[str, Callable[[Any, Any], dict]] = {"periodic": run_periodic, "lopt": run_lopt}
 
 
 def _warm_up(gen: LoadedGenerator, init: torch.Tensor, device: torch.device, config: BenchConfig) -> None:
@@ -135,14 +134,3 @@ def _warm_up(gen: LoadedGenerator, init: torch.Tensor, device: torch.device, con
                    method=config.method, t_min=config.t_min, generator=torch.Generator(device=device).manual_seed(0))
     except Exception:  # a broken generator shows up in the runs, as failed updates
         pass
-
-
-def _json_safe(x):
-    """NaN and Inf become None (strict JSON); tuples become lists."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    return x

@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from learned_opt.baselines.supervised import train_baseline
+from learned_opt.baselines.supervised import Recipe, train_baseline
 from learned_opt.errors import ConfigError
 from learned_opt.optimizer import GptOptimizer
 from learned_opt.pretrained import LoadedGenerator
@@ -34,6 +34,11 @@ class Split:
     def to(self, device: torch.device | str) -> "Split":
         return Split(self.train.to(device), self.holdout_x.to(device), self.holdout_y.to(device))
 
+    def sizes(self) -> dict[str, int]:
+        """How many examples train, are held out, and test (for ``bench.json``)."""
+        return {"train_examples": int(self.train.train_x.shape[0]), "holdout_examples": int(self.holdout_x.shape[0]),
+                "test_examples": int(self.train.test_y.shape[0])}
+
 
 def split_holdout(task: Task, data, holdout: int) -> Split:
     """Hold out the last ``holdout`` training examples of ``data`` (``task.validation_data``; views, no copies)."""
@@ -43,6 +48,14 @@ def split_holdout(task: Task, data, holdout: int) -> Split:
                           f"and the networks need some to train on (default 5000)")
     val = task.validation_data(data, holdout)  # its test set is the held-out slice
     return Split(dataclasses.replace(data, train_x=val.train_x, train_y=val.train_y), val.test_x, val.test_y)
+
+
+def load_split(task: Task, data, root: str | None, holdout: int, device: torch.device) -> Split:
+    """``data`` (else the task's own, read from ``root``) split by :func:`split_holdout`, on ``device``."""
+    if data is None:
+        data = task.load_data(root)
+    split = split_holdout(task, data, holdout)
+    return split.to(device) if device.type != "cpu" else split
 
 
 def holdout_closure(task: Task, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], float]:
@@ -79,7 +92,7 @@ def train_run(
     task: Task,
     init: torch.Tensor,
     split: Split,
-    base: str,
+    base: str | Recipe,
     grid: Sequence[int],
     *,
     seed: int,
@@ -94,8 +107,9 @@ def train_run(
     device: str | torch.device = "cpu",
     on_optimizer: Callable[[torch.optim.Optimizer], None] | None = None,
 ) -> Run:
-    """Train the flat ``init`` [P] for ``grid[-1]`` steps with ``base``, alone (``generator=None``)
-    or inside a periodic GptOptimizer (``every=k``), measuring the test loss at each ``grid`` step.
+    """Train the flat ``init`` [P] for ``grid[-1]`` steps with ``base`` (a recipe or its name:
+    ``"adam"``, ``"sgd"``, ``"lopt"``), alone (``generator=None``) or inside a periodic GptOptimizer
+    (``every=k``), measuring the test loss at each ``grid`` step.
 
     The loop is :func:`~learned_opt.baselines.supervised.train_baseline`: minibatches of the base's
     batch size from a fresh permutation of ``split.train``'s training set each epoch, drawn from a

@@ -14,7 +14,8 @@ def _finite(x) -> bool:
     return x is not None and math.isfinite(x)
 
 
-def _median(values) -> float | None:
+def median_finite(values) -> float | None:
+    """The median of the finite ones of ``values`` (None where there are none)."""
     v = [float(x) for x in values if _finite(x)]
     return statistics.median(v) if v else None
 
@@ -28,7 +29,7 @@ def ratio(value: float | None, reference: float | None) -> float | None:
 
 def target_loss(final_losses: Sequence[float]) -> float | None:
     """The median of the base alone's final test losses (diverged runs left out)."""
-    return _median(final_losses)
+    return median_finite(final_losses)
 
 
 def init_row(grid: Sequence[int], run: Run, target: float | None, seed: int) -> dict:
@@ -58,22 +59,22 @@ def summarise(rows: Sequence[dict], base_rows: Sequence[dict] | None = None) -> 
     how many did); the ratios divide this configuration's median by the base alone's.
     """
     reached = [r for r in rows if r["steps_to_target"] is not None]
-    steps = _median(r["steps_to_target"] for r in reached)
-    wall = _median(r["wall_to_target_s"] for r in reached)
+    steps = median_finite(r["steps_to_target"] for r in reached)
+    wall = median_finite(r["wall_to_target_s"] for r in reached)
     attempted = sum(r["attempted"] for r in rows)
     out = {
         "inits": len(rows),
         "reached": len(reached),
         "median_steps_to_target": steps,
         "median_wall_to_target_s": wall,
-        "median_final_test_loss": _median(r["final_test_loss"] for r in rows),
-        "median_train_seconds": _median(r["train_seconds"] for r in rows),
+        "median_final_test_loss": median_finite(r["final_test_loss"] for r in rows),
+        "median_train_seconds": median_finite(r["train_seconds"] for r in rows),
         "attempted": attempted,
         "accepted": sum(r["accepted"] for r in rows),
         "rejected": sum(r["rejected"] for r in rows),
         "failed": sum(r["failed"] for r in rows),
         "acceptance_rate": sum(r["accepted"] for r in rows) / attempted if attempted else None,
-        "median_generation_seconds": _median(r["generation_seconds"] for r in rows),
+        "median_generation_seconds": median_finite(r["generation_seconds"] for r in rows),
         "diverged": sum(r["diverged_at"] is not None for r in rows),
     }
     if base_rows is not None:

@@ -143,3 +143,30 @@ def test_population_shared_out_over_two_torchrun_processes(tmp_path):
     longer = meta_train(MetaConfig(outer_steps=6, **TINY), _data(), tmp_path / "one6", progress=False)
     for k in longer:
         torch.testing.assert_close(resumed[k], longer[k], rtol=1e-4, atol=1e-6)
+
+
+def test_tasks_pooled_per_task_and_bounded_in_size():
+    from pretrain.metatrain.family import MnistMlpFamily
+
+    family = MnistMlpFamily(28, widths=(8, 64), depths=(1, 2), pools=(1, 2), max_params=20_000)
+    gen = torch.Generator().manual_seed(0)
+    specs = [family.sample(gen) for _ in range(200)]
+    assert {s.sizes[0] for s in specs} == {784, 196}
+    assert max(s.num_params for s in specs) <= 20_000
+    x = torch.randn(5, 784)
+    small = next(s for s in specs if s.sizes[0] == 196)
+    assert small.inputs(x).shape == (5, 196) and torch.allclose(small.inputs(x)[:, 0], x.view(5, 28, 28)[:, :2, :2].mean((1, 2)))
+    with pytest.raises(ConfigError, match="yields no task within max_params"):
+        MnistMlpFamily(28, widths=(64,), depths=(1,), max_params=100)
+    with pytest.raises(ConfigError, match="pool factors"):
+        MnistMlpFamily(28, pools=(3,))
+
+
+def test_meta_training_on_tasks_of_two_resolutions(tmp_path):
+    cfg = {**TINY, "image_size": 14, "pools": (1, 2), "max_params": 2000}
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 196, generator=g), torch.randint(10, (200,), generator=g)
+    from learned_opt.tasks import ClassificationData
+
+    meta_train(MetaConfig(outer_steps=4, **cfg), ClassificationData(x, y, x[:50], y[:50]), tmp_path, progress=False)
+    assert "14x14, 7x7" in json.loads((tmp_path / "lopt.json").read_text())["meta_training"]["tasks"]

@@ -238,14 +238,15 @@ def test_hand_set_rule_is_adam_with_lr_1e_3():
 
 
 def test_update_equals_the_mlp_on_full_feature_vectors():
-    from learned_opt.lopt.model import BETA2, BETAS, EXP_MULT, STEP_MULT, features, mlp, step_features
+    from learned_opt.lopt.model import BETA2, BETAS, EXP_MULT, STEP_MULT, features, mlp, step_features, tensor_features
 
     p, g = torch.randn(6, 5), torch.randn(6, 5)
     state = init_state([p])
     new, _ = update(THETA, [p], [g], state, 42, lr=0.7, num_tensors=9)
     m = torch.stack([(1 - b) * g for b in BETAS])
     v = (1 - BETA2) * g.square()
-    x = torch.cat([features(p, g, m, v, 42), step_features(42, 9, p.device).unsqueeze(1).expand(-1, 30)]).T
+    scalars = torch.cat([tensor_features(p), step_features(42, 9, p.device)])
+    x = torch.cat([features(p, g, m, v, 42), scalars.unsqueeze(1).expand(-1, 30)]).T
     out = mlp(THETA, x)
     expected = p - (out[:, 0] * torch.exp(EXP_MULT * out[:, 1]) * STEP_MULT * 0.7).view(6, 5)
     assert torch.allclose(new[0], expected, atol=1e-7)

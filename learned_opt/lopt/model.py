@@ -14,8 +14,9 @@ one small MLP, shared by all elements, that reads
   bias corrections, clipped: scale-free already, these keep what the normalised features lose, how
   large the momentum is against the gradient's noise (which is what makes Adam's steps shrink late
   in training);
-* the training step through sinusoids of several periods (``TIMESCALES``) and the log of the
-  number of tensors (per-tensor scalars, broadcast to the tensor's elements).
+* the log of the tensor's number of elements (per tensor), the training step through sinusoids of
+  several periods (``TIMESCALES``) and the log of the number of tensors (scalars broadcast to the
+  elements: with the size, a rule meta-trained on small networks can scale its steps to wide ones).
 
 It outputs a direction ``d`` and a log magnitude ``s``; the update is, as in Metz 2020,
 ``p <- p - lr * d * exp(EXP_MULT * s) * STEP_MULT``.
@@ -42,12 +43,13 @@ EXP_MULT = 1e-2  # the log magnitude's multiplier
 HIDDEN = (32, 32)
 NUM_NORMALISED = 3 + 2 * len(BETAS)  # p, g, g/sqrt(v), m_k, m_k/sqrt(v): divided by their RMS over the tensor
 NUM_ELEMENT_FEATURES = NUM_NORMALISED + len(BETAS)  # + m̂_k/sqrt(v̂), bias-corrected, not normalised
-NUM_FEATURES = NUM_ELEMENT_FEATURES + 2 * len(TIMESCALES) + 1  # + sinusoids + log(num tensors)
+NUM_FEATURES = NUM_ELEMENT_FEATURES + 1 + 2 * len(TIMESCALES) + 1  # + log(numel) + sinusoids + log(num tensors)
 ADAM_FEATURE = NUM_NORMALISED + BETAS.index(0.9)  # m̂_0.9 / sqrt(v̂): the hand-set rule's direction (Adam's)
 
 FEATURE_CONFIG = {
     "betas": list(BETAS), "beta2": BETA2, "timescales": list(TIMESCALES), "clip": CLIP, "eps": EPS,
     "step_mult": STEP_MULT, "exp_mult": EXP_MULT, "num_features": NUM_FEATURES, "adam_directions": "bias-corrected",
+    "tensor_features": ["log numel"],
 }
 
 
@@ -121,6 +123,11 @@ def features(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
     return torch.cat([_rms_normalise(raw), adam.clamp(-CLIP, CLIP)])
 
 
+def tensor_features(p: torch.Tensor) -> torch.Tensor:
+    """Per-tensor features ``[1]``: the log of the tensor's number of elements."""
+    return torch.full((1,), math.log(max(p.numel(), 1)), dtype=torch.float32, device=p.device)
+
+
 def step_features(step, num_tensors: int, device, dtype=torch.float32) -> torch.Tensor:
     """Per-tensor features ``[2 * len(TIMESCALES) + 1]``: sin/cos of step / timescale, log(#tensors)."""
     t = torch.as_tensor(step, dtype=dtype, device=device) / torch.tensor(TIMESCALES, dtype=dtype, device=device)
@@ -163,11 +170,12 @@ def update(
     betas = torch.tensor(BETAS, dtype=torch.float32, device=params[0].device)
     new_m, new_v, hidden = [], [], []
     scalars = step_features(step, num_tensors, params[0].device)  # [S]
-    # The first layer in two parts: the per-element features of each tensor, and the per-tensor
-    # scalars, whose contribution is one bias row shared by all elements (same sum as
-    # mlp(theta, cat([features, scalars]))).
+    # The first layer in parts: the per-element features of each tensor, and the per-tensor and
+    # shared scalars, whose contribution is one bias row per tensor (same sum as
+    # mlp(theta, cat([features, tensor_features, scalars]))).
     w0 = theta["w0"]
-    bias = scalars @ w0[NUM_ELEMENT_FEATURES:] + theta["b0"]  # [hidden0]
+    size_row = w0[NUM_ELEMENT_FEATURES:NUM_ELEMENT_FEATURES + 1]  # [1, hidden0]
+    bias = scalars @ w0[NUM_ELEMENT_FEATURES + 1:] + theta["b0"]  # [hidden0]
     for p, g, m, v in zip(params, grads, state["m"], state["v"]):
         g = g.float()
         b = betas.view(-1, *([1] * g.dim()))  # [K, 1, ...]
@@ -176,7 +184,7 @@ def update(
         new_m.append(m)
         new_v.append(v)
         f = features(p.float(), g, m, v, step)  # [F_e, n]
-        hidden.append(f.T @ w0[:NUM_ELEMENT_FEATURES] + bias)  # [n, hidden0]
+        hidden.append(f.T @ w0[:NUM_ELEMENT_FEATURES] + (bias + tensor_features(p) @ size_row))  # [n, hidden0]
     out = head(theta, torch.cat(hidden))  # [N, 2]
     delta = out[:, 0] * torch.exp(EXP_MULT * out[:, 1]) * STEP_MULT * lr  # [N]
     new_params = tuple(

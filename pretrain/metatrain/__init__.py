@@ -48,6 +48,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depths", type=_ints, default=d.depths, help="hidden layer counts to draw from, e.g. 1,2")
     p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes)
     p.add_argument("--image-size", type=int, default=d.image_size, help="MNIST downsampled to this (7, 14 or 28)")
+    p.add_argument("--pools", type=_ints, default=d.pools,
+                   help="per task, inputs pooled further by a factor drawn from these, e.g. 1,2 (default: 1)")
+    p.add_argument("--max-params", type=int, default=d.max_params,
+                   help="tasks with more parameters are drawn again (default: 0, no limit)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
@@ -61,7 +65,8 @@ def main(args: argparse.Namespace) -> int:
         outer_steps=args.outer_steps, pairs=args.pairs, truncation=args.truncation, unroll=args.unroll,
         sigma=args.sigma, outer_lr=args.outer_lr, outer_optimizer=args.outer_optimizer,
         outer_weights=args.outer_weights, outer_loss=args.outer_loss, widths=args.widths, depths=args.depths,
-        batch_sizes=args.batch_sizes, image_size=args.image_size, seed=args.seed,
+        batch_sizes=args.batch_sizes, image_size=args.image_size, pools=args.pools,
+        max_params=args.max_params, seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
     data = config.family().load_data(args.data_root)

@@ -1,7 +1,8 @@
 """The inner tasks of meta-training: small MLPs on downsampled MNIST, drawn at random.
 
-A task is an MLP of random depth and widths (:class:`MlpSpec`) on ``image_size`` x ``image_size``
-MNIST (average-pooled from 28 x 28 for speed), a random minibatch size and a random init scale.
+A task is an MLP of random depth and widths (:class:`MlpSpec`) on MNIST at ``image_size`` x
+``image_size`` (average-pooled from 28 x 28 for speed) or, per task, pooled further by a factor of
+``pools``, with a random minibatch size and a random init scale; ``max_params`` bounds its size.
 The data split is the package's :class:`~learned_opt.tasks.SupervisedTask` machinery: the last
 ``holdout`` training images are the validation set the outer loss reads; the test set is never
 seen. A population trains one task at a time, every member from the same init on the same
@@ -33,6 +34,17 @@ class MlpSpec:
     def to_json(self) -> dict:
         return {"sizes": list(self.sizes), "batch_size": self.batch_size, "init_scale": self.init_scale}
 
+    @property
+    def num_params(self) -> int:
+        return sum(a * b + b for a, b in zip(self.sizes[:-1], self.sizes[1:]))
+
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """Flat images ``[B, S*S]`` average-pooled to this task's input resolution."""
+        side, mine = math.isqrt(x.shape[1]), math.isqrt(self.sizes[0])
+        if mine == side:
+            return x
+        return F.avg_pool2d(x.view(-1, 1, side, side), side // mine).flatten(1)
+
 
 class MnistMlpFamily(SupervisedTask):
     """MLPs of varied depths and widths on downsampled MNIST (the task kind's data split and loss)."""
@@ -41,7 +53,7 @@ class MnistMlpFamily(SupervisedTask):
     description = "MLPs of random depth/width on downsampled MNIST"
 
     def __init__(self, image_size: int = 14, widths=(16, 32, 64), depths=(1, 2), batch_sizes=(32, 64, 128),
-                 init_scales=(0.5, 2.0)):
+                 init_scales=(0.5, 2.0), pools=(1,), max_params: int = 0):
         if not widths or not depths or not batch_sizes:
             raise ConfigError(f"the task distribution yields no task: widths {list(widths)}, depths {list(depths)}, "
                               f"batch sizes {list(batch_sizes)}; give at least one of each")
@@ -52,18 +64,33 @@ class MnistMlpFamily(SupervisedTask):
             raise ConfigError(f"init scales must satisfy 0 < low <= high, got {list(init_scales)}")
         if not 1 <= image_size <= 28 or 28 % image_size:
             raise ConfigError(f"image_size must divide 28 (7, 14 or 28), got {image_size}")
+        if not pools or any(int(k) < 1 or image_size % int(k) for k in pools):
+            raise ConfigError(f"pool factors must divide image_size {image_size}, got {list(pools)}")
+        if max_params < 0:
+            raise ConfigError(f"max_params must be >= 0 (0: no limit), got {max_params}")
         self.image_size, self.widths, self.depths = image_size, tuple(widths), tuple(depths)
         self.batch_sizes, self.init_scales = tuple(batch_sizes), (float(lo), float(hi))
+        self.pools, self.max_params = tuple(int(k) for k in pools), int(max_params)
+        smallest = MlpSpec(((image_size // max(self.pools)) ** 2, *[min(widths)] * min(depths), 10), 1, 1.0)
+        if self.max_params and smallest.num_params > self.max_params:
+            raise ConfigError(f"the task distribution yields no task within max_params {self.max_params}: the "
+                              f"smallest MLP has {smallest.num_params} parameters")
 
     def sample(self, gen: torch.Generator) -> MlpSpec:
+        """A task: input resolution ``image_size / k`` for a pool factor ``k`` of ``pools``, hidden
+        widths, batch size and init scale; drawn again while it has more than ``max_params``."""
         def pick(options):
             return options[int(torch.randint(len(options), (1,), generator=gen))]
 
-        depth = pick(self.depths)
-        hidden = [pick(self.widths) for _ in range(depth)]
-        lo, hi = self.init_scales
-        scale = math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * float(torch.rand((), generator=gen)))
-        return MlpSpec((self.image_size ** 2, *hidden, 10), pick(self.batch_sizes), round(scale, 6))
+        while True:  # terminates: the smallest task fits (checked in __init__)
+            side = self.image_size // pick(self.pools)
+            depth = pick(self.depths)
+            hidden = [pick(self.widths) for _ in range(depth)]
+            lo, hi = self.init_scales
+            scale = math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * float(torch.rand((), generator=gen)))
+            spec = MlpSpec((side ** 2, *hidden, 10), pick(self.batch_sizes), round(scale, 6))
+            if not self.max_params or spec.num_params <= self.max_params:
+                return spec
 
     def build_model(self, spec: MlpSpec | None = None) -> nn.Module:
         return MLP(list(spec.sizes if spec else (self.image_size ** 2, 32, 10)))

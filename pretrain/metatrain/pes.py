@@ -100,7 +100,8 @@ def truncation(
     for _ in range(length):
         idx = torch.randint(n_train, (unroll.spec.batch_size,), generator=gen)
         vidx = torch.randint(n_val, (val_batch,), generator=gen)
-        x, y, xv, yv = data.train_x[idx], data.train_y[idx], data.test_x[vidx], data.test_y[vidx]
+        x, xv = unroll.spec.inputs(data.train_x[idx]), unroll.spec.inputs(data.test_x[vidx])
+        y, yv = data.train_y[idx], data.test_y[vidx]
         step = unroll.step
 
         def one(th, p, m, v):

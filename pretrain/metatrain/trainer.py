@@ -50,7 +50,9 @@ class MetaConfig:
     outer_loss: str = "mean"  # "mean": mean validation loss over a truncation; "log-mean": mean of its log
     val_batch: int = 256  # validation examples per inner step
     holdout: int = 10_000  # training images held out as the validation set
-    image_size: int = 14
+    image_size: int = 14  # the data's resolution
+    pools: tuple[int, ...] = (1,)  # per task, inputs average-pooled by a factor drawn from these
+    max_params: int = 0  # tasks with more parameters are drawn again (0: no limit)
     widths: tuple[int, ...] = (16, 32, 64)
     depths: tuple[int, ...] = (1, 2)
     batch_sizes: tuple[int, ...] = (32, 64, 128)
@@ -76,7 +78,8 @@ class MetaConfig:
         self.outer()  # and outer weights that do not load
 
     def family(self) -> MnistMlpFamily:
-        return MnistMlpFamily(self.image_size, self.widths, self.depths, self.batch_sizes, self.init_scales)
+        return MnistMlpFamily(self.image_size, self.widths, self.depths, self.batch_sizes, self.init_scales,
+                              self.pools, self.max_params)
 
     def outer(self) -> OuterOptimizer:
         return OuterOptimizer(self.outer_optimizer, self.outer_lr, self.outer_weights)
@@ -119,6 +122,8 @@ def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
     saved.setdefault("outer_loss", "mean")
     saved.setdefault("outer_optimizer", "adam")
     saved.setdefault("outer_weights", "self")
+    saved.setdefault("pools", [1])
+    saved.setdefault("max_params", 0)
     if saved != config.settings():
         diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.settings().items() if saved.get(k) != v]
         raise TrainingError(f"cannot resume {path} with other settings ({'; '.join(diffs)}); use the saved ones "
@@ -238,8 +243,9 @@ def _meta_train(config, data, out: Path, shard, *, resume, name, export, progres
     if export and main:
         save_rule(out, name, s.theta, meta_training={
             "method": f"antithetic PES over truncated unrolls, outer optimizer {outer.describe()}",
-            "tasks": f"MLPs on {config.image_size}x{config.image_size} MNIST, hidden depths {list(config.depths)}, "
-                     f"widths {list(config.widths)}, batch sizes {list(config.batch_sizes)}",
+            "tasks": f"MLPs on MNIST at {', '.join(f'{config.image_size // k}x{config.image_size // k}' for k in config.pools)}"
+                     f", hidden depths {list(config.depths)}, widths {list(config.widths)}, batch sizes "
+                     f"{list(config.batch_sizes)}" + (f", at most {config.max_params} parameters" if config.max_params else ""),
             "outer_steps": s.outer_step, "wall_seconds": round(s.seconds, 1), "processes": shard.world,
             "torch_threads": torch.get_num_threads(), "config": config.settings(), "features": FEATURE_CONFIG,
         })

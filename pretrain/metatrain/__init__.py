@@ -55,6 +55,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -70,6 +71,6 @@ def main(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
     )
     data = config.family().load_data(args.data_root)
-    meta_train(config, data, args.out, resume=args.resume, name=args.name)
+    meta_train(config, data, args.out, resume=args.resume, name=args.name, progress=not args.no_progress)
     print(f"weights written to {args.out}/{args.name}.json")
     return 0

@@ -90,3 +90,24 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.ln1(x)))
         x = x + self.drop(self.mlp(self.ln2(x)))
         return x
+
+
+class MetricHead(nn.Module):
+    """Predicts the normalised metric of a network from its encoded parameter tokens.
+
+    One transformer block mixes the tokens (a network's metric depends on how its layers fit
+    together), then the mean token, normalised, is mapped to one number: ``[B, T, D] -> [B]``.
+    """
+
+    def __init__(self, config: GptConfig) -> None:
+        super().__init__()
+        self.block = Block(config)
+        self.ln = nn.LayerNorm(config.d_model)
+        self.out = nn.Linear(config.d_model, 1)
+        with torch.no_grad():  # an untrained head predicts the middle of the corpus's metric range
+            self.out.weight.zero_()
+            self.out.bias.fill_(0.5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.ln(self.block(tokens).mean(1))  # [B, D]
+        return self.out(h).squeeze(-1)  # [B]

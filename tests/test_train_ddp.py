@@ -54,3 +54,22 @@ def test_two_cpu_processes_with_output_matching_end_with_identical_weights(tmp_p
     assert [r["step"] for r in records] == [2, 4] and all(r["output_divergence"] > 0 for r in records)
     manifest = json.loads((out / "mnist-mlp.json").read_text())
     assert manifest["training"]["output_matching"] == 1.0
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_cpu_processes_with_prompt_dropout_and_a_property_head_end_with_identical_weights(tmp_path):
+    make_store(tmp_path / "store", runs=4, checkpoints=5)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(HELPER), str(tmp_path / "store"), str(out), "", "auxiliary"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    hashes = [(out / f"hash-rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert hashes[0] == hashes[1]  # the head's and the null prompt's gradients are averaged over ranks too
+    records = read_jsonl(out / LOG_NAME)
+    assert [r["step"] for r in records] == [2, 4] and all(r["property_loss"] > 0 for r in records)
+    manifest = json.loads((out / "mnist-mlp.json").read_text())
+    assert manifest["model_config"]["null_prompt"] and manifest["model_config"]["property_head"]
+    assert (manifest["training"]["prompt_dropout"], manifest["training"]["property_head"]) == (0.5, 1.0)

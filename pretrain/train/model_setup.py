@@ -20,7 +20,8 @@ def new_model(config: TrainConfig, layout: Layout, pairs: PairDataset, sampler: 
     PCA directions and the encoders measured on sampled training ``pairs`` where asked), the
     architecture a checkpoint recorded (``state``), or ``source``'s architecture and weights. A
     fine-tune may add a null prompt (``--prompt-dropout``) or a property head (``--property-head``)
-    to a source that lacks them; everything else starts at the source's weights.
+    to a source that lacks them (everything else starts at the source's weights), and keeps those
+    of the source that it does not train frozen.
 
     Draws from the global RNG (the initialisation): seed it first."""
     # Measured on sampled training pairs for a fresh model (deterministic: the same on every
@@ -59,4 +60,9 @@ def new_model(config: TrainConfig, layout: Layout, pairs: PairDataset, sampler: 
         model.residual_scale.copy_(residual_scale if residual_scale is not None else residual_std)
     if state is None and source is None and config.pca_init:
         model.init_encoders_from_updates(updates)
+    # what a fine-tune's source has but this job does not train stays as it is (DDP then sees no unused parameters)
+    if model.null_prompt is not None and not config.prompt_dropout > 0:
+        model.null_prompt.requires_grad_(False)
+    if model.property_head is not None and not config.property_head > 0:
+        model.property_head.requires_grad_(False)
     return model

@@ -27,18 +27,8 @@ from .optimizer_checks import (
     materialize,
 )
 from .optimizer_state import COUNTERS, check_state
-from .proposal import (
-    GenerationReport,
-    MetricValue,
-    call_metric,
-    load_sample,
-    metric_value,
-    resolve_prompt,
-    restore,
-    sample_candidates,
-    unhooked_step,
-    validate_sample,
-)
+from .proposal import (GenerationReport, MetricValue, call_metric, load_sample, metric_value, resolve_prompt, restore,
+                       sample_candidates, unhooked_step, validate_sample)
 from .pretrained import LoadedGenerator, load_generator
 from .selection import check_rank, choose_by_closure, rank_by_prediction
 

@@ -30,6 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from .guidance import check_guidance, guided_denoiser
 
 SCHEDULES = ("linear", "cosine")
 METHODS = ("ddim", "ddpm", "dpm++2m")
@@ -228,6 +229,7 @@ class Diffusion:
         x_T: torch.Tensor | None = None,
         t_min: int = 0,
         progress: bool = False,
+        guidance: float = 1.0,
     ) -> torch.Tensor:
         """Draw ``x0`` of ``shape`` (``[B, ...]``) by reverse diffusion.
 
@@ -244,12 +246,17 @@ class Diffusion:
         whose predictions at low noise are less accurate than its estimate at ``t_min`` is better
         off stopping there; 0 (the default) is the full trajectory.
 
+        ``guidance`` w != 1 is classifier-free guidance (:mod:`learned_opt.guidance`): each step's
+        prediction is ``uncond + w (cond - uncond)``, both from one model call on a doubled batch
+        (the model must take ``drop_prompt``); w = 1 (the default) calls the model as without it.
+
         Tensors live on the device of ``x_T`` or of the first tensor in ``cond`` (else the
         generator's); noise is drawn on the generator's device and moved there, so a CPU generator
         gives the same draws for a model on any device. A module ``model`` is put in eval mode for
         the duration and restored after.
         """
         check_sampler(self.num_steps, method, steps, t_min)
+        guidance = check_guidance(guidance)
         if method == "ddim" and not eta >= 0.0:
             raise ConfigError(f"DDIM needs eta >= 0, got {eta}")
         shape = tuple(int(s) for s in shape)
@@ -276,7 +283,9 @@ class Diffusion:
         try:
             # A model may precompute what does not change between steps: model.condition(**cond)
             # returns an equivalent ``(x_t, t) -> x0`` (see Gpt.condition).
-            if callable(getattr(model, "condition", None)):
+            if guidance != 1.0:
+                denoise = guided_denoiser(model, cond, guidance)
+            elif callable(getattr(model, "condition", None)):
                 denoise = model.condition(**cond)
             else:
                 denoise = functools.partial(model, **cond)

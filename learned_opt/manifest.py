@@ -44,9 +44,10 @@ REQUIRED_KEYS = (
 )
 
 # The sampler a generator uses when the caller names none. A manifest may carry its own
-# ``"sampling"`` entry (``method``, ``steps``, ``t_min``, chosen for that generator on validation
-# inits by ``learned-opt tune-sampling``), which overrides these key by key.
-DEFAULT_SAMPLING = {"method": "ddim", "steps": 50, "t_min": 0}
+# ``"sampling"`` entry (``method``, ``steps``, ``t_min`` and, for a generator trained with prompt
+# dropout, ``guidance``, chosen for that generator on validation inits by ``learned-opt
+# tune-sampling``), which overrides these key by key.
+DEFAULT_SAMPLING = {"method": "ddim", "steps": 50, "t_min": 0, "guidance": 1.0}
 SAMPLING_KEYS = tuple(DEFAULT_SAMPLING)
 
 # Bounds on what a manifest may ask to build: far above any generator this package trains, low
@@ -196,7 +197,10 @@ def sampling_from_manifest(manifest: Mapping[str, Any], num_steps: int) -> dict[
     out = {**DEFAULT_SAMPLING, **{k: given[k] for k in SAMPLING_KEYS if k in given}}
     if "steps" not in given and jsoncheck.is_int(out["t_min"]):  # the default, on a short schedule: every step
         out["steps"] = max(1, min(out["steps"], num_steps - out["t_min"]))
-    method, steps, t_min = out["method"], out["steps"], out["t_min"]
+    method, steps, t_min, guidance = out["method"], out["steps"], out["t_min"], out["guidance"]
+    if not (jsoncheck.is_number(guidance) and guidance >= 0):
+        raise ValueError(f"sampling guidance must be a finite number >= 0, got {guidance!r}")
+    out["guidance"] = float(guidance)
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"sampling method {method!r} is not one of {', '.join(METHODS)}")
     for name, value in (("steps", steps), ("t_min", t_min)):

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .collectives import agree, all_ranks_each, broadcast_flag, broadcast_int
+from .collectives import agree, all_ranks_each
 from .errors import ConfigError, GenerationError
 from .optimizer_checks import (
     check_architecture,
@@ -27,21 +27,10 @@ from .optimizer_checks import (
     materialize,
 )
 from .optimizer_state import COUNTERS, check_state
-from .proposal import (
-    GenerationReport,
-    MetricValue,
-    call_metric,
-    load_sample,
-    measure,
-    metric_value,
-    resolve_prompt,
-    restore,
-    sample_candidates,
-    unhooked_step,
-    validate_sample,
-    worse,
-)
+from .proposal import (GenerationReport, MetricValue, call_metric, load_sample, metric_value, resolve_prompt, restore,
+                       sample_candidates, unhooked_step, validate_sample)
 from .pretrained import LoadedGenerator, load_generator
+from .selection import check_rank, choose_by_closure, rank_by_prediction
 
 __all__ = ["GenerationReport", "GptOptimizer"]
 
@@ -89,9 +78,15 @@ class GptOptimizer(torch.optim.Optimizer):
     (``generator.sampling``: the manifest's, chosen for that generator, else DDIM-50), overridden
     key by key: on a generator whose sampler stops at ``t_min`` 300, ``sampling_steps=50`` still
     stops there unless ``sampling_t_min=0`` is given too.
-    ``candidates=N`` draws N samples in one batched call and keeps the one the closure (needed;
-    measure it on held-out training data, not the test set) scores best: N closure calls per update
-    besides the first. If no candidate gives a finite metric, the update is rejected.
+    ``guidance`` (None: the generator's own, else 1) is the classifier-free guidance scale
+    (:mod:`learned_opt.guidance`; a generator trained with ``--prompt-dropout`` only; 1 is plain
+    conditional sampling). ``candidates=N`` draws N samples in one batched call and keeps the best:
+    with ``rank="closure"`` the one the closure (needed; measure it on held-out training data, not
+    the test set) scores best, N closure calls per update besides the first (if no candidate gives
+    a finite metric, the update is rejected); with ``rank="self"`` the one whose metric the
+    generator's property head predicts best (a generator trained with ``--property-head``), with
+    no closure call, so it works with ``generate(metric=m)`` alone (the guard, if on and given a
+    closure, measures the chosen sample only). ``report.predicted_metrics`` holds the predictions.
 
     **Prompts.** ``prompt=None`` uses the generator's recommended ``best_prompt``; a number is used
     as is; a callable maps the current metric to a prompt. A prompt outside the generator's metric
@@ -154,6 +149,8 @@ class GptOptimizer(torch.optim.Optimizer):
         sampling_method: str | None = None,
         sampling_t_min: int | None = None,
         candidates: int = 1,
+        guidance: float | None = None,
+        rank: str = "closure",
         seed: int = 0,
         metric_closure: Callable[[], MetricValue] | None = None,
         guard: bool = True,
@@ -164,7 +161,8 @@ class GptOptimizer(torch.optim.Optimizer):
         check_sampling(sampling_steps, sampling_method, sampling_t_min, candidates)
         params = materialize(params)
         self.generator = load_generator(generator)  # WeightsError for unknown names / bad files
-        sampler = self.generator.sampler(sampling_method, sampling_steps, sampling_t_min)  # ConfigError if unfit
+        sampler = self.generator.sampler(sampling_method, sampling_steps, sampling_t_min, guidance)  # ConfigError if unfit
+        check_rank(rank, self.generator)
         tensors, names = flat_params(params)
         device = tensors[0].device
         if any(t.device != device for t in tensors):
@@ -184,7 +182,8 @@ class GptOptimizer(torch.optim.Optimizer):
         self.sampling_steps = sampler["steps"]
         self.sampling_method = sampler["method"]
         self.sampling_t_min = sampler["t_min"]
-        self.candidates = candidates
+        self.guidance = sampler["guidance"]
+        self.candidates, self.rank = candidates, rank
         self.seed = seed
         self.metric_closure = metric_closure
         self.guard = guard
@@ -260,21 +259,23 @@ class GptOptimizer(torch.optim.Optimizer):
                 f"a generative update needs the current {self.generator.metric_name!r}: pass a closure that "
                 f"returns it, or metric=<value>"
             )
-        if closure is None and self.candidates > 1:
+        if closure is None and self.candidates > 1 and self.rank == "closure":
             raise GenerationError(
-                f"candidates={self.candidates} needs a closure to choose among the samples; pass one "
-                f"(e.g. the metric on held-out training data) or build the optimizer with candidates=1"
+                f"candidates={self.candidates} needs a closure to choose among the samples; pass one (e.g. the "
+                f"metric on held-out training data), or build the optimizer with candidates=1 or rank='self'"
             )
         target = resolve_prompt(self, self.prompt if prompt is None else prompt, before)
         self.counters["attempted"] += 1
         params = self.params
+
+        predicted = None  # the property head's prediction per candidate, with rank="self"
 
         def finish(accepted: bool, reason: str | None, after=None, ratio=None, failed=False, scores=None) -> GenerationReport:
             key = "accepted" if accepted else ("failed" if failed else "rejected")
             self.counters[key] += 1
             report = GenerationReport(
                 accepted, reason, before, after, target, ratio, time.perf_counter() - start,
-                self.counters["steps"], failed, self.candidates, scores,
+                self.counters["steps"], failed, self.candidates, scores, predicted,
             )
             if failed:
                 warnings.warn(f"generative update failed and was skipped: {reason}", RuntimeWarning, stacklevel=5)
@@ -296,32 +297,21 @@ class GptOptimizer(torch.optim.Optimizer):
             if len(checks) > 1:
                 error = f"all {len(checks)} candidates failed validation (the first: {error})"
             return finish(False, error, ratio=ratio, failed=True)
+        pool = valid  # the candidates the closure may measure
+        if self.rank == "self":  # the generator's own prediction chooses; the guard measures that one only
+            chosen, predicted, error = rank_by_prediction(self, samples, valid)
+            if error is not None:
+                return finish(False, error, failed=True)
+            pool = [chosen]
 
         backup = [p.detach().clone() for p in params]
         settled = False  # True once θ′ is committed, or θ restored and the update counted
         try:
-            direction, name = self.generator.metric_direction, self.generator.metric_name
-            after, scores, reason, accept = None, None, None, True
-            chosen = valid[0]
-            if closure is not None and (self.guard or self.candidates > 1):
-                measured = []  # (value or None, why not) per valid candidate
-                for i in valid:
-                    load_sample(layout, samples[i].to(theta.dtype), params)
-                    measured.append(measure(self, closure))
-                scores = [v for v, _ in measured]
-                finite = [(v, i) for (v, _), i in zip(measured, valid) if v is not None]
-                if finite:
-                    after, chosen = (min if direction == "min" else max)(finite, key=lambda vi: vi[0])
-                    if self.guard and worse(after, before, direction):
-                        accept, reason = False, f"{name} went from {before:.6g} to {after:.6g}"
-                        if self.candidates > 1:
-                            reason += f" (the best of {len(valid)} candidates)"
-                elif self.guard or self.candidates > 1:  # nothing measurable to keep
-                    accept, reason = False, measured[0][1]
-                    if len(valid) > 1:
-                        reason = f"no candidate of {len(valid)} gave a finite metric (the first: {reason})"
-                accept = broadcast_flag(accept, theta.device)
-                chosen = broadcast_int(chosen, theta.device)
+            after, scores, reason, accept, chosen = None, None, None, True, pool[0]
+            many = self.rank == "closure" and self.candidates > 1  # the closure chooses among the candidates
+            if closure is not None and (self.guard or many):
+                choice = choose_by_closure(self, closure, samples, pool, before, theta.dtype, many)
+                after, scores, reason, accept, chosen = choice.after, choice.scores, choice.reason, choice.accept, choice.chosen
             if not accept:
                 restore(params, backup)
                 settled = True
@@ -395,7 +385,7 @@ class GptOptimizer(torch.optim.Optimizer):
             f"GptOptimizer(base={type(self.base).__name__}, generator={self.generator.name!r}, "
             f"metric={self.generator.metric_name!r}, every={self.every}, prompt={self.prompt!r}, "
             f"sampler={self.sampling_method}-{self.sampling_steps} t_min={self.sampling_t_min}, "
-            f"candidates={self.candidates}, seed={self.seed}, groups={len(self.param_groups)}, "
+            f"guidance={self.guidance:g}, candidates={self.candidates}, rank={self.rank!r}, seed={self.seed}, groups={len(self.param_groups)}, "
             f"steps={c['steps']}, generative updates accepted/rejected/failed="
             f"{c['accepted']}/{c['rejected']}/{c['failed']})"
         )

@@ -134,19 +134,38 @@ class LoadedGenerator:
         self.model.to(device)
         return self
 
-    def sampler(self, method: str | None = None, steps: int | None = None, t_min: int | None = None) -> dict[str, Any]:
+    @property
+    def supports_guidance(self) -> bool:
+        """Whether the model was trained with prompt dropout (``GptConfig.null_prompt``), so that
+        it can sample with classifier-free guidance other than 1."""
+        return bool(self.model.config.null_prompt)
+
+    @property
+    def has_property_head(self) -> bool:
+        """Whether the model predicts the metric of a network (``GptConfig.property_head``)."""
+        return bool(self.model.config.property_head)
+
+    def sampler(self, method: str | None = None, steps: int | None = None, t_min: int | None = None,
+                guidance: float | None = None) -> dict[str, Any]:
         """This generator's :attr:`sampling` with the given settings on top, key by key (None keeps
-        the generator's); :class:`ConfigError` if they cannot run on its noise schedule."""
+        the generator's); :class:`ConfigError` if they cannot run on its noise schedule, or if a
+        guidance other than 1 is asked of a generator trained without prompt dropout."""
         from .diffusion import check_sampler
+        from .guidance import check_guidance
 
         s = self.sampling
         out = {"method": s["method"] if method is None else method, "steps": s["steps"] if steps is None else steps,
-               "t_min": s["t_min"] if t_min is None else t_min}
+               "t_min": s["t_min"] if t_min is None else t_min,
+               "guidance": check_guidance(s.get("guidance", 1.0) if guidance is None else guidance)}
         try:
             check_sampler(self.diffusion.num_steps, out["method"], out["steps"], out["t_min"])
         except ConfigError as exc:
             raise ConfigError(f"sampling_method={out['method']!r}, sampling_steps={out['steps']}, "
                               f"sampling_t_min={out['t_min']} does not fit the generator {self.name!r}: {exc}") from None
+        if out["guidance"] != 1.0 and not self.supports_guidance:
+            raise ConfigError(f"guidance={out['guidance']:g} needs a generator trained with prompt dropout, and "
+                              f"{self.name!r} was not: retrain it with `learned-opt train --prompt-dropout P` "
+                              f"(e.g. 0.1), or use guidance 1")
         return out
 
     @torch.no_grad()
@@ -159,23 +178,36 @@ class LoadedGenerator:
         steps: int | None = None,
         method: str | None = None,
         t_min: int | None = None,
+        guidance: float | None = None,
         generator: torch.Generator,
     ) -> torch.Tensor:
         """θ′ for parameters ``theta`` [B, P] at ``metric`` [B], prompted with ``prompt`` [B].
 
-        ``steps``, ``method`` and ``t_min`` (see :meth:`~learned_opt.diffusion.Diffusion.sample`)
-        default to this generator's :attr:`sampling`.
+        ``steps``, ``method``, ``t_min`` and ``guidance`` (see
+        :meth:`~learned_opt.diffusion.Diffusion.sample`) default to this generator's :attr:`sampling`.
         """
-        s = self.sampler(method, steps, t_min)
+        s = self.sampler(method, steps, t_min, guidance)
         norm = self.normalization
         dtype = next(self.model.parameters()).dtype
         x = norm.params(theta.to(dtype))  # [B, P] generator units
         cond = dict(theta=x, metric=norm.metric(metric.to(dtype)), target=norm.metric(prompt.to(dtype)))
         out = self.diffusion.sample(
             self.model, cond, tuple(x.shape),
-            method=s["method"], steps=s["steps"], t_min=s["t_min"], generator=generator,
+            method=s["method"], steps=s["steps"], t_min=s["t_min"], guidance=s["guidance"], generator=generator,
         )  # [B, P]
         return norm.unparams(out).to(theta.dtype)
+
+    @torch.no_grad()
+    def predict_metric(self, theta: torch.Tensor) -> torch.Tensor:
+        """The property head's estimate of the metric of networks ``theta`` [B, P] (raw units in and
+        out) -> ``[B]``; :class:`ConfigError` for a generator trained without ``--property-head``."""
+        if not self.has_property_head:
+            raise ConfigError(f"generator {self.name!r} has no property head to predict metrics with: retrain it "
+                              f"with `learned-opt train --property-head W` (e.g. 1.0), or rank candidates by a closure")
+        norm = self.normalization
+        dtype = next(self.model.parameters()).dtype
+        predicted = self.model.predict_metric(norm.params(theta.to(self.device, dtype)))  # [B] generator units
+        return norm.unmetric(predicted).to(theta.dtype)
 
     def __repr__(self) -> str:
         return (
@@ -298,7 +330,9 @@ def _build(manifest: dict, layout: Layout, header: dict, blob: bytes, where: str
         compare_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, header, where)
         model.load_state_dict(tensors, strict=True)
         diffusion = Diffusion(diffusion_config)
-        sampling_from_manifest(manifest, diffusion.num_steps)  # a bad "sampling" entry fails here, as WeightsError
+        sampling = sampling_from_manifest(manifest, diffusion.num_steps)  # a bad "sampling" entry fails here
+        if sampling["guidance"] != 1.0 and not model.config.null_prompt:
+            raise ValueError(f"its sampling guidance {sampling['guidance']:g} needs a null prompt (model_config.null_prompt)")
         normalization = Normalization(**manifest["normalization"])
     except (TypeError, ValueError, KeyError, RuntimeError) as exc:
         raise WeightsError(f"generator {where} does not match its manifest: {exc}") from None

@@ -35,7 +35,9 @@ class GenerationReport:
     ``metric_after`` the closure's value with θ′ (None without a closure, or with ``guard=False``
     and one candidate). With several ``candidates``, ``candidate_metrics`` holds the closure's
     value for each sample that passed validation (None where it was not finite or the closure
-    failed) and θ′ is the best of them.
+    failed) and θ′ is the best of them; with ``rank="self"`` ``predicted_metrics`` holds the
+    generator's predicted metric per sample (None where the sample failed validation) and θ′ is
+    the best predicted (``candidate_metrics`` then holds the guard's measurement of it alone).
     """
 
     accepted: bool
@@ -49,6 +51,7 @@ class GenerationReport:
     failed: bool = False
     candidates: int = 1
     candidate_metrics: list[float | None] | None = None
+    predicted_metrics: list[float | None] | None = None
 
 
 def sample_candidates(opt, theta: torch.Tensor, before: float, target: float) -> tuple[torch.Tensor | None, str | None]:
@@ -64,6 +67,7 @@ def sample_candidates(opt, theta: torch.Tensor, before: float, target: float) ->
             steps=opt.sampling_steps,
             method=opt.sampling_method,
             t_min=opt.sampling_t_min,
+            guidance=opt.guidance,
             generator=opt._rng,
         )
     except Exception as exc:  # a broken generator must not break training

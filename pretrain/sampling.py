@@ -7,14 +7,16 @@ makes networks worse, and stopping at ``t_min`` (returning the x0 prediction mad
 
 * ``--inits N`` fresh initialisations with seeds ``--seed + i`` (default ``2_000_000 + i``: apart
   from corpus runs, ``learned-opt eval``'s ``1_000_000 + i`` and ``bench``'s ``3_000_000 + i``);
-* for every ``--steps`` × ``--t-min`` pair (``--method``, default DDIM), ``--samples`` updates per
-  init with the generator's best prompt, conditioned on the init's metric;
+* for every ``--steps`` × ``--t-min`` pair (``--method``, default DDIM) and every ``--guidance``
+  scale (default 1 alone; above 1 needs a generator trained with ``--prompt-dropout``),
+  ``--samples`` updates per init with the generator's best prompt, conditioned on the init's metric;
 * every metric is measured on the task's **validation data** (:meth:`Task.validation_data`: for a
   supervised task the last ``--holdout`` training examples, for a control task episodes from other
   starting states), never on the test set, so that the evaluation that reports results afterwards
   stays unseen.
 
-The chosen sampler is the cheapest (fewest steps, then the best median, then the best mean) whose
+The chosen sampler is the cheapest (fewest model evaluations: the steps, doubled with a guidance
+other than 1, whose doubled batch costs about two; then the best median, then the best mean) whose
 median metric over all samples is within ``--tolerance`` (default 1%, relative) of the best median.
 The mean breaks ties where most updates reach the metric's ceiling (CartPole's return of 500), so
 that the median alone cannot tell samplers apart.
@@ -27,6 +29,7 @@ manifest (a path, not a registry name), which :class:`~learned_opt.GptOptimizer`
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -40,6 +43,7 @@ from learned_opt import tasks
 from learned_opt.diffusion import METHODS
 from learned_opt.errors import ConfigError
 from learned_opt.fileio import atomic_write
+from learned_opt.guidance import check_guidance
 from learned_opt.options import DeprecatedAlias
 from learned_opt.pretrained import LoadedGenerator, load_generator
 
@@ -65,6 +69,7 @@ class TuneConfig:
     method: str = "ddim"
     steps: tuple[int, ...] = DEFAULT_STEPS
     t_min: tuple[int, ...] = DEFAULT_T_MIN
+    guidance: tuple[float, ...] = (1.0,)  # classifier-free guidance scales (above 1: generators trained with prompt dropout)
     holdout: int = 5000  # training examples held out as validation data (supervised tasks)
     tolerance: float = 0.01  # relative: samplers this close to the best median count as equal; the cheapest wins
     sample_batch: int = 256  # networks sampled at once
@@ -74,6 +79,9 @@ class TuneConfig:
 
     def __post_init__(self) -> None:
         self.steps, self.t_min = tuple(self.steps), tuple(self.t_min)
+        self.guidance = tuple(check_guidance(w, "--guidance") for w in self.guidance)
+        if not self.guidance:
+            raise ConfigError("--guidance must list at least one scale, e.g. 1,1.5,2,3")
         for name in ("inits", "samples", "sample_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -88,12 +96,13 @@ class TuneConfig:
             raise ConfigError(f"--t-min must list integers >= 0, e.g. 0,200,400; got {self.t_min!r}")
 
 
-def parse_ints(text: str, option: str) -> tuple[int, ...]:
-    """``"1,2,4"`` -> ``(1, 2, 4)``; anything else raises :class:`ConfigError` naming ``option``."""
+def parse_numbers(text: str, option: str, kind: type = int) -> tuple:
+    """``"1,2,4"`` -> ``(1, 2, 4)`` (numbers of ``kind``); anything else raises :class:`ConfigError`
+    naming ``option``."""
     try:
-        return tuple(int(s) for s in text.split(",") if s.strip())
+        return tuple(kind(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise ConfigError(f"{option} takes comma-separated integers, e.g. 1,2,4; got {text!r}") from None
+        raise ConfigError(f"{option} takes comma-separated {kind.__name__}s, e.g. 1,2,4; got {text!r}") from None
 
 
 def sampler_grid(config: TuneConfig, num_steps: int) -> list[tuple[int, int]]:
@@ -112,7 +121,7 @@ def sampler_grid(config: TuneConfig, num_steps: int) -> list[tuple[int, int]]:
 
 @torch.no_grad()
 def sweep(gen: LoadedGenerator, task: tasks.Task, val_data: Any, inits: torch.Tensor, config: TuneConfig) -> dict:
-    """Per ``(steps, t_min)``: the validation metrics of ``config.samples`` updates of each init."""
+    """Per ``(steps, t_min, guidance)``: the validation metrics of ``config.samples`` updates of each init."""
     metric = gen.metric_name
     direction = gen.metric_direction
     lo, hi = gen.metric_range
@@ -121,13 +130,13 @@ def sweep(gen: LoadedGenerator, task: tasks.Task, val_data: Any, inits: torch.Te
     prompt = torch.full_like(start, min(max(gen.best_prompt, lo), hi))
     extra = [m for m in ("test_error",) if m in task.metrics and m != metric]
     rows = []
-    grid = sampler_grid(config, gen.diffusion.num_steps)
-    for steps, t_min in tqdm(grid, desc="samplers", disable=not config.progress):
+    grid = list(itertools.product(sampler_grid(config, gen.diffusion.num_steps), config.guidance))
+    for (steps, t_min), guidance in tqdm(grid, desc="samplers", disable=not config.progress):
         rng = torch.Generator().manual_seed(config.seed)  # the same noise for every sampler
         began = time.perf_counter()
         out = torch.cat([
             gen.sample(xb, mb.to(gen.device), pb.to(gen.device), steps=steps, method=config.method, t_min=t_min,
-                       generator=rng).cpu()
+                       guidance=guidance, generator=rng).cpu()
             for xb, mb, pb in zip(x.split(config.sample_batch), start.split(config.sample_batch),
                                   prompt.split(config.sample_batch))
         ])
@@ -136,7 +145,7 @@ def sweep(gen: LoadedGenerator, task: tasks.Task, val_data: Any, inits: torch.Te
         per_init = values[metric].view(config.inits, config.samples)
         best = per_init.min(1).values if direction == "min" else per_init.max(1).values
         rows.append({
-            "steps": steps, "t_min": t_min,
+            "steps": steps, "t_min": t_min, "guidance": guidance,
             f"median_{metric}": float(values[metric].median()),
             f"mean_{metric}": float(values[metric].mean()),
             f"median_best_of_samples_{metric}": float(best.median()),
@@ -147,12 +156,14 @@ def sweep(gen: LoadedGenerator, task: tasks.Task, val_data: Any, inits: torch.Te
     sign = 1.0 if direction == "min" else -1.0
     best = min(sign * r[key] for r in rows)
     close = [r for r in rows if sign * r[key] <= best + config.tolerance * abs(best)]
-    chosen = min(close, key=lambda r: (r["steps"], sign * r[key], sign * r[f"mean_{metric}"]))
+    cost = lambda r: r["steps"] * (1 if r["guidance"] == 1.0 else 2)  # noqa: E731 (model evaluations per sample)
+    chosen = min(close, key=lambda r: (cost(r), sign * r[key], sign * r[f"mean_{metric}"]))
     return {
         "metric": metric, "direction": direction,
         "start_median": float(start.median()),
         "rows": rows,
-        "chosen": {"method": config.method, "steps": chosen["steps"], "t_min": chosen["t_min"], key: chosen[key]},
+        "chosen": {"method": config.method, "steps": chosen["steps"], "t_min": chosen["t_min"],
+                   "guidance": chosen["guidance"], key: chosen[key]},
     }
 
 
@@ -162,6 +173,7 @@ def record_choice(manifest_path: Path, result: dict, config: TuneConfig) -> None
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     manifest["sampling"] = {
         "method": chosen["method"], "steps": chosen["steps"], "t_min": chosen["t_min"],
+        **({"guidance": chosen["guidance"]} if chosen["guidance"] != 1.0 else {}),  # left out: readable by older releases
         "chosen_by": (f"learned-opt tune-sampling: the fewest steps within {config.tolerance:.0%} of the best median "
                       f"{result['metric']} (ties broken by the mean) on validation data, over {config.inits} inits "
                       f"(seeds {config.seed} + i) x {config.samples} samples"),
@@ -177,11 +189,13 @@ def _plot(result: dict, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     key = f"median_{result['metric']}"
-    steps = sorted({r["steps"] for r in result["rows"]})
+    lines = sorted({(r["steps"], r.get("guidance", 1.0)) for r in result["rows"]})
+    guided = len({w for _, w in lines}) > 1
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for s in steps:
-        rows = sorted((r for r in result["rows"] if r["steps"] == s), key=lambda r: r["t_min"])
-        ax.plot([r["t_min"] for r in rows], [r[key] for r in rows], marker="o", label=f"{s} steps")
+    for s, w in lines:
+        rows = sorted((r for r in result["rows"] if (r["steps"], r.get("guidance", 1.0)) == (s, w)), key=lambda r: r["t_min"])
+        ax.plot([r["t_min"] for r in rows], [r[key] for r in rows], marker="o",
+                label=f"{s} steps" + (f", guidance {w:g}" if guided else ""))
     c = result["chosen"]
     ax.plot([c["t_min"]], [c[key]], marker="*", ms=16, color="black", ls="none", label="chosen")
     ax.set_xlabel("t_min (the sampler stops there and returns its x0 prediction)")
@@ -201,6 +215,8 @@ def tune_sampling(config: TuneConfig) -> dict:
             raise ConfigError(f"--write needs the path of the generator's .json manifest, got {config.generator!r}; "
                               f"pass the file (e.g. learned_opt/weights/NAME.json), not a registry name")
     gen = load_generator(config.generator)
+    for w in config.guidance:  # ConfigError for guidance other than 1 on a generator trained without prompt dropout
+        gen.sampler(guidance=w)
     task = tasks.for_generator(gen, config.task)
     val_data = task.validation_data(task.load_data(config.data_root), config.holdout)
     inits = init_params(task, [config.seed + i for i in range(config.inits)])
@@ -222,14 +238,14 @@ def format_table(result: dict) -> str:
     mean_key = f"mean_{result['metric']}"
     best_key = f"median_best_of_samples_{result['metric']}"
     extra = [k for k in result["rows"][0] if k.startswith("median_") and k not in (key, best_key)]
-    lines = [f"{'steps':>5} {'t_min':>5} {key:>18} {mean_key:>16} {'best of samples':>16} "
+    lines = [f"{'steps':>5} {'t_min':>5} {'guidance':>8} {key:>18} {mean_key:>16} {'best of samples':>16} "
              + " ".join(f"{k:>18}" for k in extra)]
     for r in result["rows"]:
-        lines.append(f"{r['steps']:>5} {r['t_min']:>5} {r[key]:>18.4f} {r[mean_key]:>16.4f} {r[best_key]:>16.4f} "
-                     + " ".join(f"{r[k]:>18.4f}" for k in extra))
+        lines.append(f"{r['steps']:>5} {r['t_min']:>5} {r['guidance']:>8g} {r[key]:>18.4f} {r[mean_key]:>16.4f} "
+                     f"{r[best_key]:>16.4f} " + " ".join(f"{r[k]:>18.4f}" for k in extra))
     c = result["chosen"]
     lines.append(f"inits: median {result['metric']} {result['start_median']:.4f}; chosen: {c['method']}, "
-                 f"{c['steps']} steps, t_min {c['t_min']} ({key} {c[key]:.4f})")
+                 f"{c['steps']} steps, t_min {c['t_min']}, guidance {c['guidance']:g} ({key} {c[key]:.4f})")
     return "\n".join(lines)
 
 
@@ -249,6 +265,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", dest="sampling_steps", action=DeprecatedAlias, default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)  # its name before 0.x: --steps means training steps elsewhere
     parser.add_argument("--t-min", default=",".join(map(str, DEFAULT_T_MIN)), help="early-stop timesteps to try")
+    parser.add_argument("--guidance", default="1",
+                        help="classifier-free guidance scales to try, comma-separated, e.g. 1,1.5,2,3; above 1 needs a "
+                             "generator trained with --prompt-dropout (default: 1)")
     parser.add_argument("--holdout", type=int, default=5000, help="supervised tasks: training examples held out as validation data (default: 5000)")
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="samplers within this relative distance of the best median count as equal; the one "
@@ -261,8 +280,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     config = TuneConfig(
         generator=args.generator, out=args.out, task=args.task, data_root=args.data_root, inits=args.inits, seed=args.seed,
-        samples=args.samples, method=args.method, steps=parse_ints(args.sampling_steps, "--sampling-steps"),
-        t_min=parse_ints(args.t_min, "--t-min"), holdout=args.holdout, tolerance=args.tolerance, write=args.write,
+        samples=args.samples, method=args.method, steps=parse_numbers(args.sampling_steps, "--sampling-steps"),
+        t_min=parse_numbers(args.t_min, "--t-min"), guidance=parse_numbers(args.guidance, "--guidance", float),
+        holdout=args.holdout, tolerance=args.tolerance, write=args.write,
         progress=not args.no_progress, plots=not args.no_plots,
     )
     result = tune_sampling(config)

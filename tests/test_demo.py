@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -12,7 +13,7 @@ from learned_opt import tasks
 from learned_opt.cli import main as cli_main
 from learned_opt.demo import first_step_at_or_below, train_baseline
 from learned_opt.diffusion import DiffusionConfig
-from learned_opt.generator import build_generator
+from learned_opt.generator import build_generator, get_config
 from learned_opt.normalization import Normalization
 from learned_opt.pretrained import save_generator
 
@@ -44,13 +45,13 @@ def write_user_task(folder, name: str, model: str = USER_MLP, cls: str = "UserTa
 
 
 def save_tiny_mnist_generator(folder, perturb: float = 1e-3, seed: int = 0, task: str = "mnist-mlp",
-                              name: str = "tiny-mnist"):
+                              name: str = "tiny-mnist", **config):
     """A tiny untrained generator (``mnist-mlp``'s, or ``task``'s) with slightly perturbed decoders,
-    saved to ``folder``."""
+    saved to ``folder``; ``config`` overrides fields of the tiny preset (``null_prompt=True``, ...)."""
     task = tasks.get(task)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = build_generator(task.layout(), "tiny")
+        model = build_generator(task.layout(), dataclasses.replace(get_config("tiny"), **config))
         with torch.no_grad():
             for p in model.decoder.parameters():
                 p.add_(torch.randn(p.shape) * perturb)

@@ -56,7 +56,7 @@ def state_hash(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _ddp_main(store: str, out: str, data_root: str | None = None) -> None:
+def _ddp_main(store: str, out: str, data_root: str | None = None, auxiliary: str | None = None) -> None:
     import torch.distributed as dist
 
     from pretrain.train import TrainConfig, train
@@ -64,8 +64,10 @@ def _ddp_main(store: str, out: str, data_root: str | None = None) -> None:
     torch.set_num_threads(1)
     cfg = TrainConfig(store=store, out=out, steps=4, batch_size=4, warmup=1, log_every=2, eval_every=2,
                       eval_batches=1, checkpoint_every=2, diffusion_steps=50, chunk_size=1000, export=True)
-    if data_root is not None:  # with output matching: each rank draws its own inputs
+    if data_root:  # with output matching: each rank draws its own inputs
         cfg.output_matching, cfg.matching_examples, cfg.data_root = 1.0, 8, data_root
+    if auxiliary:  # prompt dropout (each rank draws its own) and the property head's loss
+        cfg.prompt_dropout, cfg.property_head = 0.5, 1.0
     result = train(cfg)
     rank = int(__import__("os").environ["RANK"])
     Path(out, f"hash-rank{rank}.txt").write_text(f"{state_hash(result.model)} {state_hash(result.ema)}\n")
@@ -74,4 +76,4 @@ def _ddp_main(store: str, out: str, data_root: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    _ddp_main(*sys.argv[1:4])
+    _ddp_main(*sys.argv[1:5])

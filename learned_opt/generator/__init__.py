@@ -52,6 +52,17 @@ Two output parameterisations (``GptConfig.precondition``):
   the directions where updates live. This variant needs the noise schedule, given as a
   :class:`~learned_opt.diffusion.DiffusionConfig` at construction.
 
+Two optional parts, each off by default and built after the rest (a generator without them is
+initialised exactly as before):
+
+* ``GptConfig.null_prompt``: two learned embeddings that replace the prompt's tokens (l′ and
+  l′ − l) in the rows where ``forward``'s ``drop_prompt`` is True, trained with prompt dropout, so
+  that the same model predicts θ′ without a prompt (given θ and l) for classifier-free guidance
+  (:mod:`learned_opt.guidance`);
+* ``GptConfig.property_head``: a :class:`~learned_opt.generator.layers.MetricHead` that reads the
+  θ encoder's tokens and predicts the normalised metric of clean parameters
+  (:meth:`Gpt.predict_metric`), with which an optimizer ranks its own samples.
+
 Modules: ``config`` (:class:`GptConfig`, ``PRESETS``), ``layers`` (the transformer's blocks),
 ``model`` (:class:`Gpt`, :func:`build_generator`).
 """

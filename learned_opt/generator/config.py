@@ -27,6 +27,8 @@ class GptConfig:
     precondition: bool = False  # False: G.pt's θ + decoded; True: noise-level skips around θ (module doc)
     residual_std: float = 0.25  # root mean square of θ′ - θ in generator units (preconditioned: the initial residual_scale)
     subspace_skip: bool = False  # preconditioned only: skip x_t to the output within each token's update directions
+    null_prompt: bool = False  # a learned stand-in for the prompt's tokens (l′, l′ - l): classifier-free guidance
+    property_head: bool = False  # a head that predicts the metric of clean parameters (ranks samples without data)
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "num_frequencies"):

@@ -90,3 +90,28 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.ln1(x)))
         x = x + self.drop(self.mlp(self.ln2(x)))
         return x
+
+
+class MetricHead(nn.Module):
+    """Predicts the normalised metric of a network from its encoded parameter tokens.
+
+    One transformer block mixes the tokens (a network's metric depends on how its layers fit
+    together), a per-token linear map and GELU make features that are pooled by their mean, and a
+    linear read-out maps the pool to one number: ``[B, T, D] -> [B]`` (the DeepSets form
+    ρ(mean φ(h)); the nonlinearity comes before the pooling and no norm after it, so that the
+    scale of the weights, which says much about a network's metric, is not averaged or normalised away).
+    """
+
+    def __init__(self, config: GptConfig) -> None:
+        super().__init__()
+        d = config.d_model
+        self.block = Block(config)
+        self.features = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"))
+        self.out = nn.Linear(d, 1)
+        with torch.no_grad():  # an untrained head predicts the middle of the corpus's metric range
+            self.out.weight.zero_()
+            self.out.bias.fill_(0.5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        pooled = self.features(self.block(tokens)).mean(1)  # [B, T, D] -> [B, D]
+        return self.out(pooled).squeeze(-1)  # [B]

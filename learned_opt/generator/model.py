@@ -13,7 +13,7 @@ from ..diffusion import DiffusionConfig, make_betas
 from ..errors import ArchitectureMismatchError, ConfigError
 from ..layout import Layout
 from .config import NUM_SCALAR_TOKENS, GptConfig, get_config
-from .layers import Block, ScalarEmbedding, TokenLinear
+from .layers import Block, MetricHead, ScalarEmbedding, TokenLinear
 
 
 class Gpt(nn.Module):
@@ -82,6 +82,11 @@ class Gpt(nn.Module):
         self.ln_f = nn.LayerNorm(d)
         self.decoder = TokenLinear(t, d, m, groups)
         self.reset_parameters()
+        # Built after the initialisation above, so that a generator without them starts as it always did.
+        # null_prompt [2, D]: the l′ and l′ - l tokens of a dropped prompt (classifier-free guidance)
+        null = nn.Parameter(0.02 * torch.randn(2, d)) if config.null_prompt else None
+        self.register_parameter("null_prompt", null)
+        self.property_head = MetricHead(config) if config.property_head else None
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -166,35 +171,42 @@ class Gpt(nn.Module):
         theta: torch.Tensor,
         metric: torch.Tensor,
         target: torch.Tensor,
+        drop_prompt: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict clean θ′.
 
         x_t: ``[B, P]`` noised θ′ (normalised units); t: ``[B]`` diffusion step (long,
         ``0..num_steps-1``); theta: ``[B, P]`` starting parameters (normalised units); metric,
-        target: ``[B]`` the current metric l and the prompted metric l′, normalised to ~[0, 1].
+        target: ``[B]`` the current metric l and the prompted metric l′, normalised to ~[0, 1];
+        drop_prompt: ``[B]`` bool, where True the prompt's tokens (l′ and l′ − l) are replaced by
+        the learned ``null_prompt`` (needs ``GptConfig.null_prompt``): the prediction without a
+        prompt, given θ and l, that classifier-free guidance extrapolates away from.
         Returns ``[B, P]`` = theta + decoded output.
         """
-        return self._denoise(x_t, t, self._encode_condition(theta, metric, target))
+        return self._denoise(x_t, t, self._encode_condition(theta, metric, target, drop_prompt))
 
     def condition(
-        self, theta: torch.Tensor, metric: torch.Tensor, target: torch.Tensor
+        self, theta: torch.Tensor, metric: torch.Tensor, target: torch.Tensor, drop_prompt: torch.Tensor | None = None
     ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """``(x_t, t) -> θ′`` for fixed (θ, l, l′), equal to ``forward``, with the θ tokens and the
         metric tokens encoded once. :meth:`Diffusion.sample` uses it so that a sampled update does
         not re-encode θ at every step."""
-        context = self._encode_condition(theta, metric, target)
+        context = self._encode_condition(theta, metric, target, drop_prompt)
         return lambda x_t, t: self._denoise(x_t, t, context)
 
-    def _encode_condition(
-        self, theta: torch.Tensor, metric: torch.Tensor, target: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """θ [B, P] and the metrics [B] -> (θ, encoded θ tokens [B, T, D], metric tokens [B, 3, D])."""
+    def _check_theta(self, theta: torch.Tensor) -> None:
         p = self.layout.num_params
         if theta.dim() != 2 or theta.shape[-1] != p:
             raise ArchitectureMismatchError(
                 f"Gpt expects theta of shape [B, {p}], got {list(theta.shape)}; "
                 "flatten parameters with the generator's layout"
             )
+
+    def _encode_condition(
+        self, theta: torch.Tensor, metric: torch.Tensor, target: torch.Tensor, drop_prompt: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """θ [B, P] and the metrics [B] -> (θ, encoded θ tokens [B, T, D], metric tokens [B, 3, D])."""
+        self._check_theta(theta)
         b = theta.shape[0]
         metric, target = metric.reshape(b), target.reshape(b)
         theta_tokens = self.theta_encoder(self._tokens(theta))  # [B, T, D]
@@ -202,7 +214,25 @@ class Gpt(nn.Module):
             [self.metric_embedding(metric), self.target_embedding(target), self.delta_embedding(target - metric)],
             dim=1,
         )  # [B, 3, D]
+        if drop_prompt is not None:
+            if self.null_prompt is None:
+                raise ConfigError("this generator has no null prompt (GptConfig.null_prompt): it cannot drop the "
+                                  "prompt; retrain it with --prompt-dropout")
+            drop = drop_prompt.reshape(b, 1, 1).to(device=metric_tokens.device, dtype=torch.bool)
+            null = self.null_prompt.to(metric_tokens.dtype).expand(b, 2, -1)  # [B, 2, D]
+            metric_tokens = torch.cat([metric_tokens[:, :1], torch.where(drop, null, metric_tokens[:, 1:])], dim=1)
         return theta, theta_tokens, metric_tokens
+
+    def predict_metric(self, theta: torch.Tensor) -> torch.Tensor:
+        """The property head's estimate of the normalised metric of clean parameters θ ``[B, P]``
+        (generator units) -> ``[B]``, from the θ encoder's tokens and their position embeddings."""
+        if self.property_head is None:
+            raise ConfigError("this generator has no property head (GptConfig.property_head): it cannot predict "
+                              "metrics; retrain it with --property-head")
+        self._check_theta(theta)
+        tokens = self.theta_encoder(self._tokens(theta))  # [B, T, D]
+        tokens = tokens + self.pos_embedding[:, self.pos_index[: self.num_tokens]].to(tokens.dtype)
+        return self.property_head(tokens).float()
 
     def _denoise(
         self, x_t: torch.Tensor, t: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor, torch.Tensor]

@@ -56,6 +56,11 @@ depend on the generator's task's kind (:func:`suite_for`): Adam and SGD for clas
   is not overfitting its corpus. Task-independent
   (:func:`~pretrain.evaluate.denoising.measure_denoising`); skipped without a store or a recorded
   split.
+* **property head** (a generator trained with ``--property-head``) — Spearman's rank correlation
+  of its predicted metric with the true one on held-out corpus checkpoints and on the generated
+  samples of the one-step and prompt-alignment sections (:mod:`pretrain.evaluate.property`).
+  ``--rank self`` makes ``--candidates`` keep the best-predicted sample instead of the best on
+  validation data; ``--guidance W`` samples with classifier-free guidance.
 * **out-of-distribution inits** — Kaiming-normal weights (zero biases) and the default uniform init
   scaled by 3: one update and up to 10 repeated.
 
@@ -65,7 +70,7 @@ section ran) into ``--out`` and prints a summary table.
 
 Modules: ``config`` (:class:`EvalConfig` and constants), ``metrics`` (summaries, R², steps to
 reach), ``sampler`` (prompted updates), ``suites`` (each task's baselines), ``memorisation``
-(hidden-unit alignment and nearest corpus checkpoints), ``denoising``, ``run``
+(hidden-unit alignment and nearest corpus checkpoints), ``denoising``, ``property``, ``run``
 (:func:`evaluate_generator`), ``plots`` and ``report`` (figures and the summary table), ``cli``.
 """
 

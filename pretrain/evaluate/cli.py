@@ -13,15 +13,24 @@ from .run import evaluate_generator
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser, chosen_how: str) -> None:
-    """``--sampling-steps``, ``--method``, ``--t-min`` (each defaulting to the generator's own sampler)
-    and ``--candidates`` (samples per update; ``chosen_how`` says which one is kept)."""
+    """``--sampling-steps``, ``--method``, ``--t-min``, ``--guidance`` (each defaulting to the generator's
+    own sampler), ``--candidates`` (samples per update; ``chosen_how`` says which one is kept) and
+    ``--rank`` (who chooses)."""
     parser.add_argument("--sampling-steps", type=int, default=None,
                         help="diffusion sampling steps (default: the generator's own, else 50)")
     parser.add_argument("--method", default=None,
                         help="sampler: ddim, ddpm or dpm++2m (default: the generator's own, else ddim)")
     parser.add_argument("--t-min", type=int, default=None,
                         help="stop sampling at this timestep and return its x0 prediction (default: the generator's own, else 0)")
+    parser.add_argument("--guidance", type=float, default=None, metavar="W",
+                        help="classifier-free guidance scale: 1 is plain conditional sampling, above 1 follows the "
+                             "prompt more strongly; needs a generator trained with --prompt-dropout "
+                             "(default: the generator's own, else 1)")
     parser.add_argument("--candidates", type=int, default=1, help=f"samples per update, {chosen_how} (default: 1)")
+    parser.add_argument("--rank", choices=("closure", "self"), default="closure",
+                        help="with --candidates: 'closure' keeps the best on validation data, 'self' the best by the "
+                             "generator's own metric prediction (a generator trained with --property-head; no data "
+                             "and no environment steps) (default: closure)")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
     config = EvalConfig(
         generator=args.generator, out=args.out, task=args.task, store=args.store, data_root=args.data_root, inits=args.inits,
         seed=args.seed, sampling_steps=args.sampling_steps, method=args.method, t_min=args.t_min,
-        candidates=args.candidates, holdout=args.holdout, max_steps=args.max_steps,
+        guidance=args.guidance, candidates=args.candidates, rank=args.rank, holdout=args.holdout, max_steps=args.max_steps,
         max_env_steps=args.max_env_steps, prompts=args.prompts, repeats=args.repeats, memo_runs=args.memo_runs,
         memo_checkpoints=args.memo_checkpoints, denoise_runs=args.denoise_runs, device=device,
         progress=not args.no_progress, plots=not args.no_plots,

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from learned_opt.diffusion import METHODS
 from learned_opt.errors import ConfigError
+from learned_opt.guidance import check_guidance
+from learned_opt.selection import RANKS
 
 
 
@@ -30,7 +32,9 @@ class EvalConfig:
     sampling_steps: int | None = None  # None: the generator's own sampler (its manifest's, else DDIM-50)
     method: str | None = None
     t_min: int | None = None
-    candidates: int = 1  # samples per update, the best on validation data kept
+    candidates: int = 1  # samples per update, the best kept (rank "closure": on validation data; "self": predicted)
+    rank: str = "closure"  # who chooses among the candidates: validation data, or the generator's property head
+    guidance: float | None = None  # classifier-free guidance scale; None: the generator's own (else 1)
     holdout: int = 5000  # MNIST training examples held out as validation data for --candidates
     max_steps: int = 3000  # Adam / SGD steps (11,700 for the full comparison)
     max_env_steps: int = 100_000  # PPO environment steps per init (control tasks)
@@ -55,6 +59,10 @@ class EvalConfig:
             raise ConfigError(f"--t-min must be >= 0, got {self.t_min}")
         if self.method is not None and self.method not in METHODS:
             raise ConfigError(f"unknown sampling --method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.rank not in RANKS:
+            raise ConfigError(f"--rank must be one of {', '.join(RANKS)}, got {self.rank!r}")
+        if self.guidance is not None:
+            check_guidance(self.guidance, "--guidance")
         if self.prompts < 2:
             raise ConfigError("--prompts must be >= 2 (R² needs prompts that differ)")
         if self.denoise_runs < 0:

@@ -26,6 +26,29 @@ def r2_score(prompted: torch.Tensor, achieved: torch.Tensor) -> torch.Tensor:
     return (1.0 - ss_res / ss_tot).float()
 
 
+def spearman(x: Sequence[float] | torch.Tensor, y: Sequence[float] | torch.Tensor) -> float | None:
+    """Spearman's rank correlation of two equally long sequences (ties get their mean rank); None
+    for fewer than two values or a constant sequence."""
+    x, y = (torch.as_tensor(v, dtype=torch.float64).reshape(-1) for v in (x, y))
+    if x.numel() != y.numel():
+        raise ValueError(f"spearman needs sequences of one length, got {x.numel()} and {y.numel()}")
+    if x.numel() < 2:
+        return None
+    rx, ry = _mean_ranks(x), _mean_ranks(y)
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    scale = math.sqrt(float((rx * rx).sum() * (ry * ry).sum()))
+    return float((rx * ry).sum()) / scale if scale > 0 else None
+
+
+def _mean_ranks(v: torch.Tensor) -> torch.Tensor:
+    """Ranks 0..n-1 of ``v`` [n], tied values given the mean of their ranks."""
+    ranks = torch.empty_like(v)
+    ranks[v.argsort()] = torch.arange(v.numel(), dtype=v.dtype)
+    _, group = torch.unique(v, return_inverse=True)
+    sums = torch.zeros(int(group.max()) + 1, dtype=v.dtype).index_add_(0, group, ranks)
+    return (sums / torch.bincount(group).to(v.dtype))[group]
+
+
 def log_grid(max_steps: int) -> list[int]:
     """0 and the 1-2-3-5 steps of each decade up to ``max_steps`` (which is always included)."""
     out, scale = {0, int(max_steps)}, 10

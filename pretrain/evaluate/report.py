@@ -80,8 +80,10 @@ def format_summary(result: dict) -> str:
     b, unit = suite.baseline, suite.unit.replace("_", " ")
     if "sampler" in result:  # results written before the sampler was recorded lack it
         sm = result["sampler"]
+        chooser = "by the generator's own prediction" if sm.get("rank") == "self" else "on validation data"
         lines.append(f"sampler: {sm['method']}, {sm['steps']} steps, t_min {sm['t_min']}"
-                     + (f", best of {sm['candidates']} candidates on validation data" if sm["candidates"] > 1 else ""))
+                     + (f", guidance {sm['guidance']:g}" if sm.get("guidance", 1.0) != 1.0 else "")
+                     + (f", best of {sm['candidates']} candidates {chooser}" if sm["candidates"] > 1 else ""))
     choosing = " and choosing among the candidates" if result.get("sampler", {}).get("candidates", 1) > 1 else ""
     lines.append(f"one update: {tm['update_seconds']:.3f} s (sampling{choosing} {tm['sample_seconds']:.3f} s + measuring the "
                  f"metric {tm['metric_seconds']:.3f} s); {suite.baseline_label}: "
@@ -90,7 +92,22 @@ def format_summary(result: dict) -> str:
     if "skipped" in memo:
         lines.append(f"memorisation: {memo['skipped']}")
     lines += denoising_lines(result.get("denoising", {}))
+    lines += property_lines(result.get("property_head", {}))
     return "\n".join(lines)
+
+
+def property_lines(prop: dict) -> list[str]:
+    """The property head's rank correlations, one line (nothing for a generator without a head)."""
+    if "generated_one_step" not in prop:
+        return []
+    held = prop["heldout_checkpoints"]
+    parts = [f"held-out checkpoints {_fmt(held['spearman'], '.3f')} (n={held['count']})" if "spearman" in held
+             else f"held-out checkpoints skipped ({held['skipped']})"]
+    for key, label in (("generated_one_step", "one-step samples"), ("generated_prompt_alignment", "prompted samples")):
+        parts.append(f"{label} {_fmt(prop[key]['spearman'], '.3f')} (n={prop[key]['count']})")
+    within = prop["generated_prompt_alignment"]["within_init_spearman_mean"]
+    return [f"property head, Spearman with the true {prop['metric']}: " + "; ".join(parts)
+            + f"; within an init's prompted samples {_fmt(within, '.3f')}"]
 
 
 def denoising_lines(den: dict) -> list[str]:

@@ -23,6 +23,7 @@ from .config import REPEATS_REPORTED, EvalConfig
 from .denoising import measure_denoising
 from .memorisation import corpus_seeds, measure_memorisation
 from .metrics import init_params, r2_score, summary
+from .property import measure_property_head
 from .report import plot_eval
 from .sampler import Sampler, measure_metrics, repeated_updates
 from .suites import suite_for
@@ -53,7 +54,7 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
         return measure_metrics(task, flat, dev_data, config.device, names)
 
     score, scored = None, {"networks": 0, "env_steps": 0}
-    if config.candidates > 1:
+    if config.candidates > 1 and config.rank == "closure":
         val_data = task.validation_data(data, config.holdout)
         val_data = val_data.to(config.device) if config.device != "cpu" and hasattr(val_data, "to") else val_data
 
@@ -69,7 +70,7 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
 
     sampler = Sampler(gen, config, seed=config.seed, score=score)
     times: dict[str, float] = {}
-    bar = tqdm(total=7, desc="eval", unit="section", disable=not config.progress)
+    bar = tqdm(total=8, desc="eval", unit="section", disable=not config.progress)
 
     # one step + repeated prompting (the first of the repeats is the one-step update)
     t = time.perf_counter()
@@ -131,6 +132,13 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
     times["denoising_s"] = time.perf_counter() - t
     bar.update(1)
 
+    # the property head: how well its predicted metric ranks held-out checkpoints and generated samples
+    t = time.perf_counter()
+    prop = measure_property_head(gen, store, config, (generated, after[name]),
+                                 (out_k.view(n, k, -1), achieved_k))
+    times["property_head_s"] = time.perf_counter() - t
+    bar.update(1)
+
     # out-of-distribution inits
     t = time.perf_counter()
     ood = {}
@@ -150,7 +158,7 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
                       "metric_range": list(gen.metric_range), "model_config": gen.manifest.get("model_config")},
         "sampler": {**sampler.settings, **({"candidates_scored": {"one_step_and_repeats": scored_in_repeats,
                                                                    "all_sections": scored}}
-                                           if config.candidates > 1 else {})},
+                                           if config.candidates > 1 and config.rank == "closure" else {})},
         "hardware": hardware(config.device),
         "one_step": {
             "before": {k: v.tolist() for k, v in before.items()},
@@ -171,6 +179,7 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
         "repeated": _repeat_section(hist),
         "memorisation": memo,
         "denoising": denoising,
+        "property_head": prop,
         "ood": ood,
         "wall_times": times,
         "learned_opt": __version__,

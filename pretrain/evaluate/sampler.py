@@ -8,16 +8,19 @@ import torch
 
 from learned_opt.errors import ConfigError
 from learned_opt.pretrained import LoadedGenerator
+from learned_opt.selection import check_rank
 from learned_opt.tasks import Task
 
 from .config import EvalConfig
+from .property import predict
 
 
 class Sampler:
     """Batched prompted updates with one generator: raw θ, metric and prompt in, raw θ′ out.
 
     With ``candidates`` > 1 each update draws that many samples and keeps the one ``score`` (the
-    generator's metric on validation data, ``[M, P]`` -> ``[M]``) rates best.
+    generator's metric on validation data, ``[M, P]`` -> ``[M]``) rates best, or with the config's
+    ``rank="self"`` the one the generator's property head predicts best (no ``score`` needed).
     """
 
     def __init__(self, generator: LoadedGenerator, config: EvalConfig, seed: int,
@@ -26,9 +29,12 @@ class Sampler:
         self.rng = torch.Generator().manual_seed(seed)  # CPU noise: same draws on any device
         self.lo, self.hi = generator.metric_range
         # the sampler actually used: the config's choices over the generator's own
-        self.settings = {**generator.sampler(config.method, config.sampling_steps, config.t_min),
-                         "candidates": config.candidates}
-        if config.candidates > 1 and score is None:
+        self.settings = {**generator.sampler(config.method, config.sampling_steps, config.t_min, config.guidance),
+                         "candidates": config.candidates, "rank": config.rank}
+        check_rank(config.rank, generator)
+        if config.rank == "self":
+            self.score = lambda flat: predict(generator, flat, config.sample_batch)
+        elif config.candidates > 1 and score is None:
             raise ConfigError("--candidates needs validation data to choose among the samples")
 
     def clamp(self, prompt: torch.Tensor) -> torch.Tensor:
@@ -47,7 +53,7 @@ class Sampler:
             sl = slice(i, i + self.config.sample_batch)
             out.append(self.gen.sample(
                 theta[sl].to(dev), metric[sl].to(dev), self.clamp(prompt[sl]).to(dev),
-                steps=s["steps"], method=s["method"], t_min=s["t_min"], generator=rng or self.rng,
+                steps=s["steps"], method=s["method"], t_min=s["t_min"], guidance=s["guidance"], generator=rng or self.rng,
             ).cpu())
         out = torch.cat(out)
         if c == 1:

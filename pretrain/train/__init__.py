@@ -22,6 +22,10 @@ Everything a job writes lives in ``--out``:
 networks (x̂0) from the targets (θ′) on task inputs drawn per step, so that the model is also
 judged by how its networks behave, not only by how close their weights are.
 
+``--prompt-dropout P`` and ``--property-head W`` (:mod:`pretrain.train.auxiliary`) train a null
+prompt for classifier-free guidance and a head that predicts a network's metric, for
+``GptOptimizer(guidance=...)`` and ``GptOptimizer(candidates=N, rank="self")``.
+
 ``--init-from GENERATOR`` fine-tunes a trained generator instead of starting fresh: the model is
 built from its manifest and starts at its weights (σ_p and PCA buffers included), pairs are in its
 units (normalisation), the runs it held out stay held out, and the export records the source

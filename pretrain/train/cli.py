@@ -68,6 +68,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
              "(default 0: off)")
     add("--matching-examples", type=int, default=S, help=f"inputs per step for --output-matching (default {d.matching_examples})")
     add("--data-root", default=S, help="the task's data for --output-matching (default: $LEARNED_OPT_DATA)")
+    add("--prompt-dropout", type=float, default=S, metavar="P",
+        help="classifier-free guidance: in a share P of the pairs replace the prompt by a learned null prompt, so "
+             "that the generator can sample with --guidance above 1 (e.g. 0.1; default 0: off)")
+    add("--property-head", type=float, default=S, metavar="W",
+        help="self-ranking: add a head that predicts the metric of a network, trained with W x its squared "
+             "error on both checkpoints of each pair, for GptOptimizer(candidates=N, rank='self') "
+             "(e.g. 1.0; default 0: no head)")
     add("--residual-std", type=float, default=S,
         help="one σ of θ′ - θ for every parameter with --precondition (default: σ_p measured per parameter on training pairs)")
     add("--diffusion-steps", type=int, default=S, help=f"diffusion steps (default {d.diffusion_steps})")

@@ -59,6 +59,8 @@ class TrainConfig:
     output_matching: float = 0.0  # weight of the output-matching loss (Task.output_divergence of x̂0 from θ′); 0: off (G.pt)
     matching_examples: int = 256  # training inputs the output-matching loss draws per step
     data_root: str | None = None  # the task's data, for output matching; None: $LEARNED_OPT_DATA
+    prompt_dropout: float = 0.0  # share of pairs whose prompt is replaced by a learned null prompt (guidance); 0: off
+    property_head: float = 0.0  # weight of the property head's metric regression (self-ranking); 0: no head
     diffusion_steps: int = 1000  # G.pt: 1000
     schedule: str = "linear"  # G.pt: linear betas 1e-4..0.02
     amp: bool = True  # bf16 autocast on CUDA (no effect on CPU)
@@ -126,6 +128,12 @@ class TrainConfig:
         if isinstance(self.matching_examples, bool) or not isinstance(self.matching_examples, int) \
                 or self.matching_examples < 1:
             raise ConfigError(f"--matching-examples must be a positive integer, got {self.matching_examples!r}")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ConfigError(f"--prompt-dropout must be in [0, 1) (the share of pairs trained without their "
+                              f"prompt; 0: off), got {self.prompt_dropout}")
+        if not (self.property_head >= 0 and math.isfinite(self.property_head)):
+            raise ConfigError(f"--property-head must be a number >= 0 (the weight of its loss; 0: no head), "
+                              f"got {self.property_head}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ConfigError(f"--stop-after must be a positive step number, got {self.stop_after}")
 
@@ -163,7 +171,8 @@ RESUMABLE_CHANGES = frozenset(
      "checkpoint_every", "device", "amp", "workers", "name", "export", "resume", "layer_balance", "data_root"}
 )
 # Checked first and named in the error: they change what the model *is*.
-IDENTITY_FIELDS = ("init_from", "task", "metric", "preset", "chunk_size", "tokens", "diffusion_steps", "schedule", "precondition", "pca_init", "subspace_skip")
+IDENTITY_FIELDS = ("init_from", "task", "metric", "preset", "chunk_size", "tokens", "diffusion_steps", "schedule", "precondition",
+                   "pca_init", "subspace_skip", "prompt_dropout", "property_head")
 
 
 def with_defaults(saved: dict, cls) -> dict:

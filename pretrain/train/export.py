@@ -62,15 +62,23 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
         "snr_window": cfg.get("snr_window"),
         "layer_balance": cfg.get("layer_balance", 0.0),
         "output_matching": cfg.get("output_matching", 0.0),
+        "prompt_dropout": cfg.get("prompt_dropout", 0.0),
+        "property_head": cfg.get("property_head", 0.0),
         "loss": ("x0 MSE weighted by 1 / σ_p²" if cfg.get("precondition") else "x0 MSE")
         + (" and by (P / layer size) ** layer_balance" if cfg.get("layer_balance") else "")
         + (f" + output_matching x the divergence of x̂0's outputs from θ′'s on {cfg.get('matching_examples')} "
-           "training inputs per step" if cfg.get("output_matching") else ""),
+           "training inputs per step" if cfg.get("output_matching") else "")
+        + (" + property_head x the squared error of the property head's normalised metric on both checkpoints "
+           "of each pair" if cfg.get("property_head") else "")
+        + (f"; the prompt replaced by the null prompt in a share {cfg.get('prompt_dropout'):g} of the pairs"
+           if cfg.get("prompt_dropout") else ""),
         "heldout_loss": "plain x0 MSE at uniformly drawn t, fixed held-out pairs and noise",
         "weights": "ema",
         "final_loss": last.get("loss"),
         "final_heldout_loss": last.get("heldout_loss"),
         "final_heldout_loss_ema": last.get("heldout_loss_ema"),
+        **({"final_property_loss": last.get("property_loss"),
+            "final_heldout_property_loss_ema": last.get("heldout_property_loss_ema")} if cfg.get("property_head") else {}),
         "wall_time_s": float(state["wall_time_s"]),
         "hardware": state.get("hardware"),
         "commands": [portable_command(c) for c in state.get("commands") or []],

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from learned_opt.diffusion import Diffusion
 from learned_opt.errors import ConfigError, TrainingError
-from learned_opt.generator import Gpt, GptConfig, build_generator, get_config
+from learned_opt.generator import Gpt, GptConfig
 from learned_opt.layout import signature_to_json
 from learned_opt.normalization import Normalization
 from learned_opt.options import check_out_dir
@@ -37,10 +37,12 @@ from .config import (
     check_resumable,
     with_defaults,
 )
+from .auxiliary import property_loss, training_cond
 from .distributed import DistInfo, mean_over_ranks, restore_rng, rng_states, setup_distributed
 from .export import export_checkpoint
 from .finetune import ADOPTED_FIELDS, adopt_source, explicit_settings, source_record, source_split
-from .optim import Ema, layer_weights, make_optimizer, residual_scale_estimate, sample_updates
+from .model_setup import new_model
+from .optim import Ema, layer_weights, make_optimizer
 from .outputs import (
     append_jsonl,
     atomic_torch_save,
@@ -151,35 +153,7 @@ class Trainer:
             focus=self.corpus.train.start_pairs(0) if config.init_fraction else None,
             focus_fraction=config.init_fraction,
         )
-        # Measured on sampled training pairs for a fresh model (deterministic: the same on every
-        # rank); a resumed model brings σ_p, the PCA directions and its residual_std along.
-        updates = residual_scale = None
-        if state is None and source is None and (config.precondition or config.pca_init or config.snr_window is not None):
-            updates = sample_updates(self.corpus.train, self.sampler)
-        if state is not None:
-            residual_std = with_defaults(state["model_config"], GptConfig)["residual_std"]
-        elif config.residual_std is not None:
-            residual_std = config.residual_std  # one given σ for every parameter
-        elif updates is not None:
-            residual_scale = self.layout.group_rms(residual_scale_estimate(updates))  # chunk tokens: unchanged
-            residual_std = residual_scale.square().mean().sqrt().item()  # the pooled σ, recorded
-        else:
-            residual_std = get_config(config.preset).residual_std
-        if config.init_from is not None:  # the source generator's architecture, as it was or as checkpointed
-            model_config = source.model.config if source is not None else GptConfig(
-                **with_defaults(state["model_config"], GptConfig))
-        else:
-            model_config = dataclasses.replace(
-                get_config(config.preset), precondition=config.precondition, subspace_skip=config.subspace_skip,
-                residual_std=residual_std,
-            )
-        self.model = build_generator(self.layout, model_config, config.diffusion_config())
-        if source is not None:  # weights and buffers (σ_p, PCA directions) of the source
-            self.model.load_state_dict(source.model.state_dict())
-        elif state is None and config.precondition:
-            self.model.residual_scale.copy_(residual_scale if residual_scale is not None else residual_std)
-        if state is None and source is None and config.pca_init:
-            self.model.init_encoders_from_updates(updates)
+        self.model = new_model(config, self.layout, self.corpus.train, self.sampler, state, source)
         self.source = source_record(source) if source is not None else (state or {}).get("init_from")
         self.model.to(info.device)
         if state and with_defaults(state["model_config"], GptConfig) != asdict(self.model.config):
@@ -216,6 +190,7 @@ class Trainer:
             task = self.corpus.task
             self.matching_inputs = task.matching_inputs(task.load_data(config.data_root)).to(info.device)
         self.divergence = torch.zeros((), dtype=torch.float64, device=info.device)  # summed between log records
+        self.property_error = torch.zeros((), dtype=torch.float64, device=info.device)  # likewise
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=info.device)  # non-finite losses/grad norms seen
         self.use_amp = config.amp and info.device.type == "cuda"
         self.t_start = time.perf_counter()
@@ -246,9 +221,14 @@ class Trainer:
         noise = seeded_generator("noise", self.config.seed, self.step, self.info.rank, device=self.info.device)
         with self.autocast():
             loss = self.diffusion.training_loss(
-                self.ddp, batch.theta_next, batch.cond(), generator=noise, weight=self.loss_weight,
-                t_probs=self.t_probs, extra=self.matching_loss if self.matching_inputs is not None else None,
+                self.ddp, batch.theta_next, training_cond(batch, self.config, self.step, self.info.rank), generator=noise,
+                weight=self.loss_weight, t_probs=self.t_probs,
+                extra=self.matching_loss if self.matching_inputs is not None else None,
             )
+            if self.config.property_head > 0:  # the head's metric regression on the pairs' clean checkpoints
+                error = property_loss(self.model, batch)
+                self.property_error += error.detach().double()
+                loss = loss + self.config.property_head * error
         loss.backward()
         self.nonfinite += ~torch.isfinite(loss.detach())  # checked (and reduced over ranks) before any log or save
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip or math.inf)
@@ -279,11 +259,13 @@ class Trainer:
         """Loss of the model and of its EMA on fixed held-out pairs with fixed noise (mean over ranks).
 
         Always the plain x0 MSE at uniformly drawn t (G.pt's loss), whatever the training objective
-        weights or windows, so that held-out figures compare across parameterisations."""
+        weights or windows, so that held-out figures compare across parameterisations; with a
+        property head also its squared error (``heldout_property_loss``, ``..._ema``)."""
         cfg, info, heldout = self.config, self.info, self.corpus.heldout
         models = {"heldout_loss": self.model, "heldout_loss_ema": self.ema.module}
+        head = self.model.property_head is not None
         sampler = PairSampler(len(heldout), cfg.batch_size, cfg.seed, self.corpus.task, augment=False)
-        totals = torch.zeros(len(models), dtype=torch.float64)
+        totals = torch.zeros(2 * len(models), dtype=torch.float64)
         for b in range(cfg.eval_batches):
             idx, _ = PairSampler.shard(sampler.global_batch(b, stream="heldout")[0], None, info.rank, info.world)
             batch = heldout.batch(idx).to(info.device)
@@ -292,9 +274,12 @@ class Trainer:
                 gen = seeded_generator("heldout-noise", cfg.seed, b, info.rank, device=info.device)
                 with self.autocast():
                     totals[k] += self.diffusion.training_loss(model, batch.theta_next, batch.cond(), generator=gen).item()
+                    if head:
+                        totals[len(models) + k] += property_loss(model, batch).item()
         self.model.train()
-        totals = mean_over_ranks(totals / cfg.eval_batches, info)
-        return {name: float(v) for name, v in zip(models, totals)}
+        totals = mean_over_ranks(totals / cfg.eval_batches, info).tolist()
+        names = [*models, *(n.replace("loss", "property_loss") for n in models)] if head else list(models)
+        return dict(zip(names, totals))
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -380,6 +365,9 @@ class Trainer:
                     if self.matching_inputs is not None:  # the divergence alone, before its weight
                         self.last["output_divergence"] = float(mean_over_ranks(self.divergence, info)) / n_sum
                         self.divergence.zero_()
+                    if self.config.property_head > 0:  # the head's squared error alone, before its weight
+                        self.last["property_loss"] = float(mean_over_ranks(self.property_error, info)) / n_sum
+                        self.property_error.zero_()
                     if evaluate:
                         self.last.update(self.heldout_loss())
                     if info.is_main:

@@ -2,6 +2,6 @@
 
 from .model import hand_set_theta, init_state, update
 from .optimizer import LearnedOptimizer
-from .weights import LoadedRule, load_rule, save_rule
+from .weights import LoadedRule, load_rule, rule_from_theta, save_rule
 
-__all__ = ["LearnedOptimizer", "LoadedRule", "hand_set_theta", "init_state", "load_rule", "save_rule", "update"]
+__all__ = ["LearnedOptimizer", "LoadedRule", "hand_set_theta", "init_state", "load_rule", "rule_from_theta", "save_rule", "update"]

@@ -5,8 +5,8 @@
 
 Each file is a ``learned-opt meta-train`` checkpoint (``checkpoint.pt`` copied at some outer
 step). Every rule, and Adam(1e-3) beside it, trains the validation task — an MNIST MLP 784-32-10,
-a size that neither meta-training (widths up to 16 at 28x28 under the shipped rule's parameter
-bound) nor ``bench --mode lopt`` uses — for ``--steps`` steps on the training set minus its last
+a size that neither ``bench --mode lopt`` nor meta-training under the shipped rule's settings
+uses (at 28x28 their ``--max-params 25000`` leaves widths up to 16 in one hidden layer) — for ``--steps`` steps on the training set minus its last
 5,000 images, from ``--seeds`` inits (seeds 5,000,000 + i) with the same minibatches, through the
 one baseline loop. The loss on those 5,000 held-out images (never the test set) is measured every
 100 steps. Score per rule: the first step at which its median curve reaches Adam's final median
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 
 import torch
@@ -41,7 +42,8 @@ class ValidationMlp(SupervisedTask):
 
 
 def median_curve(curves):
-    return [statistics.median(v) for v in zip(*curves)]
+    """The median over inits at each step; a non-finite loss (a diverged run) counts as +inf."""
+    return [statistics.median(x if math.isfinite(x) else math.inf for x in v) for v in zip(*curves)]
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Held-out MNIST MLPs for ``learned-opt bench --mode lopt``: sizes that neither meta-training
-(14x14 inputs) nor any corpus has seen.
+(MLPs of widths up to 16 at 28x28, up to 64 at 14x14) nor any corpus has seen.
 
     learned-opt bench --mode lopt --data-root DIR --out bench-lopt/ \\
         --task benchmarks/tasks.py:Mlp128x64 --task benchmarks/tasks.py:Mlp48x24

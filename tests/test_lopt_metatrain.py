@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from learned_opt.errors import ConfigError, TrainingError
+from learned_opt.errors import ConfigError, TrainingError, WeightsError
 from learned_opt.lopt import load_rule
 from pretrain.metatrain import MetaConfig, meta_train
 
@@ -96,7 +96,7 @@ def test_learned_outer_optimizer_with_other_weights_and_bad_ones(tmp_path):
     theta = meta_train(MetaConfig(outer_steps=2, **{**TINY, "outer_optimizer": "learned", "outer_weights": "hand-set"}),
                        _data(), tmp_path, progress=False, export=False)
     assert all(torch.isfinite(v).all() for v in theta.values())
-    with pytest.raises(Exception, match="nowhere.json"):
+    with pytest.raises(WeightsError, match="nowhere.json"):
         MetaConfig(**{**TINY, "outer_optimizer": "learned", "outer_weights": "nowhere.json"})
     with pytest.raises(ConfigError, match="outer_optimizer"):
         MetaConfig(**{**TINY, "outer_optimizer": "sgd"})

@@ -71,7 +71,10 @@ class LearnedOptimizer(Optimizer):
             _check_lr(param_group["lr"])
         if "step" in param_group and (not isinstance(param_group["step"], int) or param_group["step"] < 0):
             raise ConfigError(f"a param group's step must be an integer >= 0, got {param_group['step']!r}")
-        super().add_param_group({**param_group, "params": params})
+        try:
+            super().add_param_group({**param_group, "params": params})
+        except TypeError:  # a torch whose optimizers take no (name, tensor) pairs: the tensors alone
+            super().add_param_group({**param_group, "params": tensors})
 
     def _theta(self, device: torch.device) -> dict[str, torch.Tensor]:
         if device not in self._theta_cache:

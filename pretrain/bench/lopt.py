@@ -119,7 +119,8 @@ def measure_task(task: tasks.Task, config: LoptBenchConfig, rule: LoadedRule | N
                 run.train_to(config.grid_steps, grid)
             bar.update(1)
             grid_runs[lr].append(run)
-            validation[lr].append(validation_loss(task, run.model, split))
+            diverged = run.curve.diverged_at is not None
+            validation[lr].append(math.inf if diverged else validation_loss(task, run.model, split))
         for name in (o for o in FIXED if o in config.optimizers):
             run = adam if name == TARGET_OPTIMIZER else start(recipes[name])
             curves[name].append(run.train_to(config.steps, grid))

@@ -62,8 +62,13 @@ def holdout_closure(task: Task, model: torch.nn.Module, x: torch.Tensor, y: torc
     """The metric closure: the full-batch training loss (``task.loss``) of ``model`` on the held-out ``x``, ``y``."""
 
     def closure() -> float:
-        with torch.no_grad():
-            return float(task.loss(model(x), y))
+        training = model.training
+        model.eval()  # no BatchNorm statistics updated, no dropout drawn
+        try:
+            with torch.no_grad():
+                return float(task.loss(model(x), y))
+        finally:
+            model.train(training)
 
     return closure
 

@@ -59,7 +59,10 @@ class Sampler:
         if c == 1:
             return out
         scores = self.score(out).view(-1, c)  # [B, C]
-        best = scores.argmin(1) if self.gen.metric_direction == "min" else scores.argmax(1)
+        if self.gen.metric_direction == "min":  # a non-finite score never wins
+            best = torch.nan_to_num(scores, nan=float("inf"), neginf=float("inf")).argmin(1)
+        else:
+            best = torch.nan_to_num(scores, nan=float("-inf"), posinf=float("-inf")).argmax(1)
         return out.view(-1, c, out.shape[-1])[torch.arange(scores.shape[0]), best]
 
 

@@ -59,7 +59,7 @@ class OuterOptimizer:
         new, s = update(rule, params, [grad[k] for k in names],
                         {"m": [state[f"m.{k}"] for k in names], "v": [state[f"v.{k}"] for k in names]},
                         t - 1, lr=self.lr / STEP_MULT)
-        for k, p, m, v in zip(names, new, s["m"], s["v"]):
+        for k, m, v in zip(names, s["m"], s["v"]):
             state[f"m.{k}"], state[f"v.{k}"] = m, v
         return dict(zip(names, new))
 

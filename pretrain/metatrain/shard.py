@@ -3,7 +3,7 @@
 Under ``torchrun --nproc_per_node W learned-opt meta-train ...`` every rank draws the same task,
 init, minibatches and perturbations from the same generator (so they agree without talking), runs
 ``pairs / W`` antithetic pairs of the population (rank ``r`` runs pairs ``[r*n, (r+1)*n)``), and
-the ranks sum their partial gradient estimates and outer losses with one ``all_reduce`` each per
+the ranks sum their partial gradient estimates and outer losses with one ``all_reduce`` per
 outer step: every rank then takes the same outer step. The checkpoint holds the whole population
 (gathered to every rank, written by rank 0), so a run can resume with any number of ranks that
 divides ``pairs``. One process is the special case ``W = 1``.

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from learned_opt.errors import ConfigError, TrainingError
 from learned_opt.fileio import atomic_write
-from learned_opt.lopt.model import FEATURE_CONFIG, HIDDEN, hand_set_theta
+from learned_opt.lopt.model import FEATURE_CONFIG, HIDDEN, hand_set_theta, theta_shapes
 from learned_opt.lopt.weights import save_rule
 
 from pretrain.train.distributed import setup_distributed
@@ -29,7 +29,7 @@ from .outer import OUTER_OPTIMIZERS, OuterOptimizer
 from .pes import Unroll, new_unroll, truncation
 from .shard import part_of, shard_of, sum_over_ranks, whole_population
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2  # 2: the rule reads 25 features (Adam's directions, the tensor's size)
 LOSS_SUM = "__outer_loss_sum__"  # the population's summed outer loss, reduced with the gradient
 
 
@@ -128,6 +128,10 @@ def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
         diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.settings().items() if saved.get(k) != v]
         raise TrainingError(f"cannot resume {path} with other settings ({'; '.join(diffs)}); use the saved ones "
                             "or a new --out")
+    theta = blob["theta"]
+    shapes = theta_shapes(config.hidden)
+    if not isinstance(theta, dict) or {k: tuple(v.shape) for k, v in theta.items()} != shapes:
+        raise TrainingError(f"{path} holds a rule of other shapes than this learned-opt's ({shapes}): start a new --out")
     unroll = Unroll.from_dict(blob["unroll"]) if blob["unroll"] else None
     return MetaState(blob["theta"], blob["adam"], unroll, blob["outer_step"], blob["gen_state"],
                      float(blob.get("seconds", 0.0)))

@@ -74,7 +74,7 @@ def main() -> None:
         ax.plot([t["outer_step"] for t in results[kind]], [t["mean"] for t in results[kind]], "o-", ms=3, label=label)
     ax.set_xlabel("outer step (one PES truncation each)")
     ax.set_ylabel("mean validation loss over each task's unroll")
-    ax.set_title("Meta-training the learned optimizer: Adam vs the rule as its own optimizer")
+    ax.set_title("Meta-training: Adam or the rule itself as outer optimizer")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "trains_itself.png", dpi=100)

@@ -115,7 +115,7 @@ def test_shipped_rule_is_the_default_and_trains():
     opt = LearnedOptimizer(model.parameters())
     assert opt.rule.name == lopt_weights.SHIPPED and opt.rule.sha256 == rows[0]["sha256"]
     first = None
-    for _ in range(50):
+    for _ in range(200):  # fitting 64 random labels: Adam(1e-3) takes the loss from 1.14 to 0.78 here
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(model(x), y)
         first = float(loss.detach()) if first is None else first

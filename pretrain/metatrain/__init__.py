@@ -14,6 +14,7 @@ learned rule, by default the one being meta-trained, step the rule's weights
 from __future__ import annotations
 
 import argparse
+import os
 
 from .outer import OUTER_OPTIMIZERS
 from .trainer import MetaConfig, meta_train
@@ -72,5 +73,6 @@ def main(args: argparse.Namespace) -> int:
     )
     data = config.family().load_data(args.data_root)
     meta_train(config, data, args.out, resume=args.resume, name=args.name, progress=not args.no_progress)
-    print(f"weights written to {args.out}/{args.name}.json")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"weights written to {args.out}/{args.name}.json")
     return 0

@@ -30,6 +30,7 @@ from .pes import Unroll, new_unroll, truncation
 from .shard import part_of, shard_of, sum_over_ranks, whole_population
 
 CHECKPOINT_VERSION = 2  # 2: the rule reads 25 features (Adam's directions, the tensor's size)
+READABLE_VERSIONS = (1, 2)  # the same format; a rule of other shapes is refused by its shapes
 LOSS_SUM = "__outer_loss_sum__"  # the population's summed outer loss, reduced with the gradient
 
 
@@ -115,7 +116,7 @@ def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
         raise TrainingError(f"no meta-training checkpoint at {path}: start without --resume") from None
     except Exception as exc:  # a corrupt file: pickle/zip errors of many kinds
         raise TrainingError(f"{path} is not a readable meta-training checkpoint ({str(exc)[:200]})") from None
-    if not isinstance(blob, dict) or blob.get("kind") != "lopt-meta-train" or blob.get("version") != CHECKPOINT_VERSION:
+    if not isinstance(blob, dict) or blob.get("kind") != "lopt-meta-train" or blob.get("version") not in READABLE_VERSIONS:
         raise TrainingError(f"{path} is not a learned-opt meta-training checkpoint of version {CHECKPOINT_VERSION}")
     saved = json.loads(blob["settings"])
     # written before these settings existed

@@ -109,16 +109,18 @@ def bias_corrections(step, device) -> tuple[torch.Tensor, torch.Tensor]:
     return (1 - betas ** t).unsqueeze(1), 1 - torch.tensor(BETA2, device=device) ** t
 
 
-def features(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step=0) -> torch.Tensor:
+def features(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step=0, corrections=None
+             ) -> torch.Tensor:
     """Per-element features ``[NUM_ELEMENT_FEATURES, n]`` of one tensor (``n`` = its numel), after
-    step ``step`` (0-based) updated the momenta ``m`` and ``v``."""
+    step ``step`` (0-based) updated the momenta ``m`` and ``v``; ``corrections`` is
+    :func:`bias_corrections` of that step where the caller has it already."""
     n = p.numel()
     m = m.reshape(len(BETAS), n)  # [K, n]
     v = v.reshape(1, n)
     rsqrt = torch.rsqrt(v + EPS)
     g = g.reshape(1, n)
     raw = torch.cat([p.reshape(1, n), g, g * rsqrt, m, m * rsqrt])  # [NUM_NORMALISED, n]
-    bc_m, bc_v = bias_corrections(step, p.device)
+    bc_m, bc_v = bias_corrections(step, p.device) if corrections is None else corrections
     adam = (m / bc_m) * torch.rsqrt(v / bc_v + EPS)  # [K, n]
     return torch.cat([_rms_normalise(raw), adam.clamp(-CLIP, CLIP)])
 
@@ -170,6 +172,7 @@ def update(
     betas = torch.tensor(BETAS, dtype=torch.float32, device=params[0].device)
     new_m, new_v, hidden = [], [], []
     scalars = step_features(step, num_tensors, params[0].device)  # [S]
+    corrections = bias_corrections(step, params[0].device)  # once per step, not per tensor
     # The first layer in parts: the per-element features of each tensor, and the per-tensor and
     # shared scalars, whose contribution is one bias row per tensor (same sum as
     # mlp(theta, cat([features, tensor_features, scalars]))).
@@ -183,7 +186,7 @@ def update(
         v = BETA2 * v + (1 - BETA2) * g.square()
         new_m.append(m)
         new_v.append(v)
-        f = features(p.float(), g, m, v, step)  # [F_e, n]
+        f = features(p.float(), g, m, v, step, corrections)  # [F_e, n]
         hidden.append(f.T @ w0[:NUM_ELEMENT_FEATURES] + (bias + tensor_features(p) @ size_row))  # [n, hidden0]
     out = head(theta, torch.cat(hidden))  # [N, 2]
     delta = out[:, 0] * torch.exp(EXP_MULT * out[:, 1]) * STEP_MULT * lr  # [N]

@@ -27,18 +27,7 @@ import torch
 from learned_opt.baselines.supervised import train_baseline
 from learned_opt.lopt import rule_from_theta
 from learned_opt.recipes import ADAM_BASELINE, LOPT_BASELINE
-from learned_opt.tasks import MLP, SupervisedTask, load_mnist
-
-
-class ValidationMlp(SupervisedTask):
-    name = "mnist-mlp-32-validation"
-    description = "MNIST, MLP 784-32-10: the learned optimizer's validation task"
-
-    def build_model(self):
-        return MLP([784, 32, 10])
-
-    def load_data(self, root=None, *, download=False):
-        return load_mnist(root, download=download)
+from tasks import Mlp32
 
 
 def median_curve(curves):
@@ -54,7 +43,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    task = ValidationMlp()
+    task = Mlp32()
     data = task.validation_data(task.load_data(args.data_root))  # "test" metrics = the held-out 5,000
     grid = list(range(0, args.steps + 1, 100))
     inits = []

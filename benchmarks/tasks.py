@@ -37,3 +37,9 @@ class Mlp48x24(HeldOutMnistMLP):
     name = "mnist-mlp-48x24"
     description = "MNIST, MLP 784-48-24-10 ReLU (39,106 parameters), held out from meta-training"
     sizes = (784, 48, 24, 10)
+
+
+class Mlp32(HeldOutMnistMLP):
+    name = "mnist-mlp-32-validation"
+    description = "MNIST, MLP 784-32-10 (25,450 parameters): the learned optimizer's validation task (benchmarks/lopt_select.py)"
+    sizes = (784, 32, 10)

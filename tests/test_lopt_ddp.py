@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from torchrun_helpers import run_two_processes
 
 WORKER = Path(__file__).resolve().parent / "ddp_lopt_worker.py"
 
@@ -16,10 +14,7 @@ WORKER = Path(__file__).resolve().parent / "ddp_lopt_worker.py"
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_ranks_with_different_data_end_with_identical_parameters_and_state(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_processes(WORKER, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["first_loss"] != r1["first_loss"]  # the ranks really saw different data
     for a, b in zip(r0["params"], r1["params"]):

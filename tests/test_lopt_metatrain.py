@@ -115,18 +115,12 @@ def test_pairs_must_divide_among_processes():
 def test_population_shared_out_over_two_torchrun_processes(tmp_path):
     """Two gloo ranks, one antithetic pair each, take the same outer steps as one process with both
     pairs (to float rounding of the sum), write one log, and their checkpoint resumes in one process."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    helper = Path(__file__).with_name("metatrain_helpers.py")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    from torchrun_helpers import run_two_processes
+
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(helper),
-           str(two), "4"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run_two_processes(Path(__file__).with_name("metatrain_helpers.py"), two, 4)
     assert (two / "hash-rank0.txt").read_text() == (two / "hash-rank1.txt").read_text()
     rows = [json.loads(line) for line in (two / "log.jsonl").read_text().splitlines()]
     assert [r["outer_step"] for r in rows] == [1, 2, 3, 4]

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .collectives import agree, all_ranks_each
+from .collectives import agree, all_ranks_each, broadcast_flag
 from .errors import ConfigError, GenerationError
 from .optimizer_checks import (
     check_architecture,
@@ -27,8 +27,8 @@ from .optimizer_checks import (
     materialize,
 )
 from .optimizer_state import COUNTERS, check_state
-from .proposal import (GenerationReport, MetricValue, call_metric, load_sample, metric_value, resolve_prompt, restore,
-                       sample_candidates, unhooked_step, validate_sample)
+from .proposal import (GenerationReport, MetricValue, call_metric, load_sample, meets, metric_value, resolve_prompt,
+                       restore, sample_candidates, unhooked_step, validate_sample)
 from .pretrained import LoadedGenerator, load_generator
 from .selection import check_rank, choose_by_closure, rank_by_prediction
 
@@ -90,7 +90,11 @@ class GptOptimizer(torch.optim.Optimizer):
 
     **Prompts.** ``prompt=None`` uses the generator's recommended ``best_prompt``; a number is used
     as is; a callable maps the current metric to a prompt. A prompt outside the generator's metric
-    range (as seen in its corpus) is clamped into it with a warning.
+    range (as seen in its corpus) is clamped into it with a warning. With ``keep_if_met=True`` (the
+    default) an update whose current metric already meets the prompt (``<=`` for a minimised metric,
+    ``>=`` for a maximised one: a CartPole policy at 500 prompted for 500) keeps θ without sampling:
+    the report says so (``accepted=False``) and the ``kept`` counter moves. Repeated updates then
+    never break what already works.
 
     **Transactions.** An update samples θ′ with the private RNG, then validates it: the right shape,
     all finite, and ``‖θ′−θ‖ <= max_update_ratio * max(‖θ‖, ‖θ_corpus‖)`` where ``‖θ_corpus‖ =
@@ -154,6 +158,7 @@ class GptOptimizer(torch.optim.Optimizer):
         seed: int = 0,
         metric_closure: Callable[[], MetricValue] | None = None,
         guard: bool = True,
+        keep_if_met: bool = True,
         max_update_ratio: float = 10.0,
         **base_kwargs: Any,
     ) -> None:
@@ -187,6 +192,7 @@ class GptOptimizer(torch.optim.Optimizer):
         self.seed = seed
         self.metric_closure = metric_closure
         self.guard = guard
+        self.keep_if_met = bool(keep_if_met)
         self.max_update_ratio = float(max_update_ratio)
         self.counters = {k: 0 for k in COUNTERS}
         self.last_report: GenerationReport | None = None
@@ -270,12 +276,13 @@ class GptOptimizer(torch.optim.Optimizer):
 
         predicted = None  # the property head's prediction per candidate, with rank="self"
 
-        def finish(accepted: bool, reason: str | None, after=None, ratio=None, failed=False, scores=None) -> GenerationReport:
-            key = "accepted" if accepted else ("failed" if failed else "rejected")
+        def finish(accepted: bool, reason: str | None, after=None, ratio=None, failed=False, scores=None,
+                   kept=False) -> GenerationReport:
+            key = "accepted" if accepted else "failed" if failed else "kept" if kept else "rejected"
             self.counters[key] += 1
             report = GenerationReport(
                 accepted, reason, before, after, target, ratio, time.perf_counter() - start,
-                self.counters["steps"], failed, self.candidates, scores, predicted,
+                self.counters["steps"], failed, self.candidates, scores, predicted, kept,
             )
             if failed:
                 warnings.warn(f"generative update failed and was skipped: {reason}", RuntimeWarning, stacklevel=5)
@@ -283,6 +290,9 @@ class GptOptimizer(torch.optim.Optimizer):
 
         layout = self.generator.layout
         theta = layout.flatten([p.detach() for p in params])  # [P]
+        if self.keep_if_met and broadcast_flag(meets(before, target, self.generator.metric_direction), theta.device):
+            return finish(False, f"{self.generator.metric_name} {before:g} already meets the prompt {target:g}; θ kept",
+                          kept=True)
         samples, error = sample_candidates(self, theta, before, target)  # [C, P] or None
         samples, error = agree(samples, error, theta)
         if error is not None:
@@ -386,6 +396,6 @@ class GptOptimizer(torch.optim.Optimizer):
             f"metric={self.generator.metric_name!r}, every={self.every}, prompt={self.prompt!r}, "
             f"sampler={self.sampling_method}-{self.sampling_steps} t_min={self.sampling_t_min}, "
             f"guidance={self.guidance:g}, candidates={self.candidates}, rank={self.rank!r}, seed={self.seed}, groups={len(self.param_groups)}, "
-            f"steps={c['steps']}, generative updates accepted/rejected/failed="
-            f"{c['accepted']}/{c['rejected']}/{c['failed']})"
+            f"steps={c['steps']}, generative updates accepted/rejected/failed/kept="
+            f"{c['accepted']}/{c['rejected']}/{c['failed']}/{c['kept']})"
         )

@@ -14,7 +14,7 @@ import torch
 
 from .errors import OptimizerStateError
 
-COUNTERS = ("steps", "attempted", "accepted", "rejected", "failed")
+COUNTERS = ("steps", "attempted", "accepted", "rejected", "failed", "kept")
 
 
 def check_state(opt, state_dict: dict, gpt: Any) -> tuple[dict[str, int], torch.Tensor | None]:

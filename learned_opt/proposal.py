@@ -38,6 +38,7 @@ class GenerationReport:
     failed) and θ′ is the best of them; with ``rank="self"`` ``predicted_metrics`` holds the
     generator's predicted metric per sample (None where the sample failed validation) and θ′ is
     the best predicted (``candidate_metrics`` then holds the guard's measurement of it alone).
+    ``kept`` marks an update skipped because the metric already met the prompt (``keep_if_met``).
     """
 
     accepted: bool
@@ -52,6 +53,7 @@ class GenerationReport:
     candidates: int = 1
     candidate_metrics: list[float | None] | None = None
     predicted_metrics: list[float | None] | None = None
+    kept: bool = False
 
 
 def sample_candidates(opt, theta: torch.Tensor, before: float, target: float) -> tuple[torch.Tensor | None, str | None]:
@@ -142,6 +144,12 @@ def resolve_prompt(opt, prompt, metric: float) -> float:
 
 def worse(after: float, before: float, direction: str) -> bool:
     return after > before if direction == "min" else after < before
+
+
+def meets(metric, prompt, direction: str):
+    """Whether ``metric`` already meets ``prompt`` (floats, or tensors elementwise): ``<=`` for a
+    minimised metric, ``>=`` for a maximised one. An update is then not needed."""
+    return metric <= prompt if direction == "min" else metric >= prompt
 
 
 def call_metric(closure: Callable[[], MetricValue], params: list[torch.Tensor]) -> MetricValue:

@@ -324,6 +324,25 @@ def test_eval_candidates_keep_the_best_on_validation_data(mnist_data, tmp_path):
         Sampler(gen, config, seed=0)
 
 
+def test_repeated_updates_keep_networks_that_already_meet_the_prompt(tmp_path):
+    from learned_opt.pretrained import load_generator
+    from pretrain.evaluate.sampler import Sampler, repeated_updates
+
+    gen = load_generator(save_tiny_mnist_generator(tmp_path / "gen"))
+    theta = init_params(TASK, [5, 6, 7])
+    best = gen.best_prompt
+    losses = {0: best / 2, 1: best + 1.0, 2: best}  # rows 0 and 2 already meet the best prompt
+
+    def measure(flat):  # a metric per row that depends only on which init the row started from
+        return {"test_loss": torch.tensor([losses[i] for i in range(flat.shape[0])])}
+
+    for keep in (True, False):
+        sampler = Sampler(gen, EvalConfig(generator="x", sampling_steps=2, keep_if_met=keep), seed=0)
+        _, first = repeated_updates(sampler, theta, measure, 2, "test_loss")
+        same = [torch.equal(first[i], theta[i]) for i in range(3)]
+        assert same == ([True, False, True] if keep else [False, False, False])
+
+
 def test_mnist_validation_data_is_the_held_out_training_slice(mnist_data):
     from learned_opt.errors import ConfigError
 

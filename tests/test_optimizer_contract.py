@@ -358,7 +358,7 @@ def test_copies_keep_a_working_optimizer(gen, how):
 
 def test_repr_is_informative(gen):
     text = repr(GptOptimizer(toy_model().parameters(), gen, lr=1e-2, every=4, metric_closure=lambda: 1.0))
-    for part in ("GptOptimizer", "Adam", "toy-tiny", "every=4", "loss", "accepted/rejected/failed=0/0/0"):
+    for part in ("GptOptimizer", "Adam", "toy-tiny", "every=4", "loss", "accepted/rejected/failed/kept=0/0/0/0"):
         assert part in text
 
 

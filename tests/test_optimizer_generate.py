@@ -73,7 +73,7 @@ def test_bad_generator_changes_nothing_and_is_counted(case):
     assert not report.accepted and report.failed and reason in report.reason
     assert report.metric_after is None and report.seconds >= 0
     assert_same(snapshot(model, opt), before)
-    assert opt.counters == {"steps": 3, "attempted": 1, "accepted": 0, "rejected": 0, "failed": 1}
+    assert opt.counters == {"steps": 3, "attempted": 1, "accepted": 0, "rejected": 0, "failed": 1, "kept": 0}
 
 
 def test_closure_failing_on_sample_restores():
@@ -237,7 +237,7 @@ def test_maximised_metric_guard():
     model = toy_model()
     gen = FnGenerator(lambda th: th - 0.01)
     gen.metric_direction = "max"
-    opt = GptOptimizer(model.parameters(), gen, lr=1e-2)
+    opt = GptOptimizer(model.parameters(), gen, lr=1e-2, keep_if_met=False)  # the metric is above the range
     values = iter([10.0, 9.0, 10.0, 11.0])  # before/after of two updates
     assert not opt.generate(lambda: next(values)).accepted
     assert opt.generate(lambda: next(values)).accepted
@@ -281,7 +281,8 @@ def test_closure_may_return_a_mapping_or_a_tensor_with_grad():
 def test_prompt_default_number_callable_and_clamped():
     model = toy_model()
     gen = FnGenerator(lambda th: th)
-    opt = GptOptimizer(model.parameters(), gen, lr=1e-2)  # metric range [0, 5], best prompt 0
+    # metric range [0, 5], best prompt 0; keep_if_met=False: a prompt of 5 for a metric of 2 still samples
+    opt = GptOptimizer(model.parameters(), gen, lr=1e-2, keep_if_met=False)
     assert opt.generate(metric=2.0).prompt == 0.0
     assert opt.generate(metric=2.0, prompt=1.5).prompt == 1.5
     assert opt.generate(metric=2.0, prompt=lambda m: m / 4).prompt == 0.5
@@ -291,6 +292,25 @@ def test_prompt_default_number_callable_and_clamped():
     assert gen.last_call["metric"].item() == 2.0 and gen.last_call["theta"].shape == (1, 75)
     with pytest.warns(UserWarning):
         assert opt.generate(metric=2.0, prompt=-1.0).prompt == 0.0
+
+
+@pytest.mark.parametrize("direction, metric, prompt", [("min", 0.5, 1.0), ("min", 1.0, 1.0), ("max", 5.0, 5.0)])
+def test_a_metric_that_already_meets_the_prompt_keeps_theta_without_sampling(direction, metric, prompt):
+    model = toy_model()
+    gen = FnGenerator(lambda th: th + 1.0)
+    gen.metric_direction = direction
+    opt = GptOptimizer(model.parameters(), gen, lr=1e-2, guard=False, prompt=prompt)
+    before = [p.detach().clone() for p in model.parameters()]
+    report = opt.generate(metric=metric)
+    assert report.kept and not report.accepted and "already meets the prompt" in report.reason
+    assert gen.calls == 0  # nothing was sampled
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert opt.counters["kept"] == 1 and opt.counters["attempted"] == 1 and opt.counters["rejected"] == 0
+    # one step short of the prompt samples as usual; keep_if_met=False always samples
+    short = metric + (1.0 if direction == "min" else -1.0)
+    assert opt.generate(metric=short).accepted
+    off = GptOptimizer(toy_model().parameters(), gen, lr=1e-2, guard=False, prompt=prompt, keep_if_met=False)
+    assert off.generate(metric=metric).accepted and off.counters["kept"] == 0
 
 
 # ---------------------------------------------------------------------- randomness

@@ -55,6 +55,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="control tasks: PPO environment steps per init (default: 100000)")
     parser.add_argument("--prompts", type=int, default=20, help="prompts per network for alignment (default: 20)")
     parser.add_argument("--repeats", type=int, default=10, help="successive updates (default: 10)")
+    parser.add_argument("--no-keep-if-met", dest="keep_if_met", action="store_false",
+                        help="update a network even when its metric already meets the prompt (GptOptimizer's "
+                             "keep_if_met=False); by default it is kept, as GptOptimizer does")
     parser.add_argument("--memo-runs", type=int, default=500, help="corpus runs searched (default: 500)")
     parser.add_argument("--memo-checkpoints", type=int, default=4, help="checkpoints per searched run (default: 4)")
     parser.add_argument("--denoise-runs", type=int, default=64,
@@ -73,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
     config = EvalConfig(
         generator=args.generator, out=args.out, task=args.task, store=args.store, data_root=args.data_root, inits=args.inits,
         seed=args.seed, sampling_steps=args.sampling_steps, method=args.method, t_min=args.t_min,
-        guidance=args.guidance, candidates=args.candidates, rank=args.rank, holdout=args.holdout, max_steps=args.max_steps,
+        guidance=args.guidance, candidates=args.candidates, rank=args.rank, keep_if_met=args.keep_if_met, holdout=args.holdout, max_steps=args.max_steps,
         max_env_steps=args.max_env_steps, prompts=args.prompts, repeats=args.repeats, memo_runs=args.memo_runs,
         memo_checkpoints=args.memo_checkpoints, denoise_runs=args.denoise_runs, device=device,
         progress=not args.no_progress, plots=not args.no_plots,

@@ -35,6 +35,7 @@ class EvalConfig:
     candidates: int = 1  # samples per update, the best kept (rank "closure": on validation data; "self": predicted)
     rank: str = "closure"  # who chooses among the candidates: validation data, or the generator's property head
     guidance: float | None = None  # classifier-free guidance scale; None: the generator's own (else 1)
+    keep_if_met: bool = True  # repeated updates keep a network that already meets the prompt (as GptOptimizer)
     holdout: int = 5000  # MNIST training examples held out as validation data for --candidates
     max_steps: int = 3000  # Adam / SGD steps (11,700 for the full comparison)
     max_env_steps: int = 100_000  # PPO environment steps per init (control tasks)

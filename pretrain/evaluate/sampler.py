@@ -8,6 +8,7 @@ import torch
 
 from learned_opt.errors import ConfigError
 from learned_opt.pretrained import LoadedGenerator
+from learned_opt.proposal import meets
 from learned_opt.selection import check_rank
 from learned_opt.tasks import Task
 
@@ -30,7 +31,7 @@ class Sampler:
         self.lo, self.hi = generator.metric_range
         # the sampler actually used: the config's choices over the generator's own
         self.settings = {**generator.sampler(config.method, config.sampling_steps, config.t_min, config.guidance),
-                         "candidates": config.candidates, "rank": config.rank}
+                         "candidates": config.candidates, "rank": config.rank, "keep_if_met": config.keep_if_met}
         check_rank(config.rank, generator)
         if config.rank == "self":
             self.score = lambda flat: predict(generator, flat, config.sample_batch)
@@ -77,13 +78,20 @@ def measure_metrics(task: Task, flat: torch.Tensor, data, device, names: Sequenc
 
 def repeated_updates(sampler: Sampler, theta: torch.Tensor, measure: Measure, n: int, metric: str) -> tuple[dict, torch.Tensor]:
     """Metrics after 0..n successive best-prompt updates, ``{name: [n+1, B]}``, and θ after the first
-    update ``[B, P]``. Each update is conditioned on ``metric`` measured after the previous one."""
+    update ``[B, P]``. Each update is conditioned on ``metric`` measured after the previous one; with
+    the config's ``keep_if_met`` (as in ``GptOptimizer``) a network whose metric already meets the
+    prompt keeps θ and draws no sample."""
     m = measure(theta)
     hist = {k: [v] for k, v in m.items()}
     prompt = torch.full((theta.shape[0],), sampler.gen.best_prompt)
     first = None
     for _ in range(n):
-        theta = sampler(theta, m[metric], prompt)
+        todo = torch.arange(theta.shape[0])
+        if sampler.config.keep_if_met:
+            todo = (~meets(m[metric], sampler.clamp(prompt), sampler.gen.metric_direction)).nonzero().flatten()
+        theta = theta.clone()
+        if len(todo):
+            theta[todo] = sampler(theta[todo], m[metric][todo], prompt[todo])
         first = theta if first is None else first
         m = measure(theta)
         for k, v in m.items():

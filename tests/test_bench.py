@@ -224,6 +224,23 @@ def test_ratios_divide_by_the_base_and_count_never_worse():
     assert s_slow["never_worse"] == 0.0
 
 
+def test_late_acceptance_counts_only_updates_after_the_late_step():
+    from pretrain.bench.summaries import LATE_STEP
+
+    grid = [0, LATE_STEP, 2 * LATE_STEP]
+    early, late = LATE_STEP // 2, LATE_STEP + 100
+    a = _run([2.3, 1.0, 0.5], [0, 1, 2], attempted=4, accepted=2)
+    a.attempted_at, a.accepted_at = [early, LATE_STEP, late, late + 100], [early, late]  # at LATE_STEP: not late
+    b = _run([2.3, 1.0, 0.5], [0, 1, 2], attempted=2, accepted=0)
+    b.attempted_at = [late, late + 100]
+    rows = [init_row(grid, r, 0.5, i) for i, r in enumerate((a, b))]
+    assert (rows[0]["late_attempted"], rows[0]["late_accepted"]) == (2, 1)
+    s = summarise(rows)
+    assert (s["late_attempted"], s["late_accepted"], s["late_after_step"]) == (4, 1, LATE_STEP)
+    assert s["late_acceptance_rate"] == pytest.approx(1 / 4) and s["acceptance_rate"] == pytest.approx(2 / 6)
+    assert summarise([init_row(grid, _run([2.3, 1.0, 0.5], [0, 1, 2]), 0.5, 0)])["late_acceptance_rate"] is None
+
+
 def test_eval_grid_always_ends_at_steps():
     assert eval_grid(100, 50) == [0, 50, 100]
     assert eval_grid(120, 50) == [0, 50, 100, 120]

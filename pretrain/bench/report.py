@@ -14,7 +14,7 @@ from learned_opt.fileio import atomic_write
 from ..evaluate.plots import save_figure
 from ..evaluate.run import hardware
 from .config import BASE_LABEL
-from .summaries import median_curve
+from .summaries import LATE_STEP, median_curve
 
 
 def finish_result(result: dict, config, t_start: float) -> Path:
@@ -89,7 +89,7 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int) -> l
 def format_summary(result: dict) -> str:
     """The printed summary table: one row per base and configuration."""
     header = ("base", "config", "curve steps", "ratio", "curve s", "s ratio", "reached", "steps to target",
-              "ratio", "final loss", "never worse", "accepted")
+              "ratio", "final loss", "never worse", "accepted", "accepted late")
     rows = []
     for base, section in result["bases"].items():
         for label, c in section["configs"].items():
@@ -104,13 +104,16 @@ def format_summary(result: dict) -> str:
                 _fmt(s["median_final_test_loss"], ".4f"),
                 "-" if alone else f"{s['never_worse'] * 100:.0f}%",
                 "-" if not s["attempted"] else f"{s['accepted']}/{s['attempted']} ({s['acceptance_rate'] * 100:.0f}%)",
+                "-" if not s.get("late_attempted") else
+                f"{s['late_accepted']}/{s['late_attempted']} ({s['late_acceptance_rate'] * 100:.0f}%)",
             ))
     lines = _table(header, rows, left=2)
     targets = ", ".join(f"{b} {_fmt(s['target'], '.4f')}" for b, s in result["bases"].items())
     lines.append(f"target: median test loss of the base alone at step {result['config']['steps']} ({targets}); "
                  f"'curve': the first grid step where the median test loss over all inits is at or below the target "
                  f"(and the median seconds to it); 'steps to target': the median over the inits that reached it; "
-                 f"ratios below 1 are faster than the base")
+                 f"ratios below 1 are faster than the base; 'accepted late': generative updates accepted after "
+                 f"step {LATE_STEP}")
     lines.append(f"closure metric: {result['closure_metric']}; prompt: {result['prompt']['rule']}; "
                  f"moments: {result['moments']}")
     return "\n".join(lines)

@@ -90,6 +90,7 @@ class Run:
     counters: dict[str, int] = field(default_factory=dict)  # GptOptimizer's; empty for the base alone
     generation_seconds: float = 0.0  # sum of the generative updates' own seconds
     accepted_at: list[int] = field(default_factory=list)  # steps after which an update was accepted
+    attempted_at: list[int] = field(default_factory=list)  # steps after which an update ran (any outcome)
     diverged_at: int | None = None  # the metric closure returned NaN/Inf after this step
 
 
@@ -144,6 +145,7 @@ def train_run(
             return
         state["last"] = report = gpt.last_report  # a generative update ran after this step
         run.generation_seconds += report.seconds
+        run.attempted_at.append(t)
         if report.accepted:
             run.accepted_at.append(t)
             if moments == "reset":
@@ -153,5 +155,5 @@ def train_run(
                            on_step=after_step, device=device)
     run.test_loss, run.wall_s, run.diverged_at = curve.test_loss, curve.wall_s, curve.diverged_at
     if state["gpt"] is not None:
-        run.counters = {k: int(state["gpt"].counters[k]) for k in ("attempted", "accepted", "rejected", "failed")}
+        run.counters = {k: int(state["gpt"].counters[k]) for k in ("attempted", "accepted", "rejected", "failed", "kept")}
     return run

@@ -10,6 +10,9 @@ from learned_opt.demo import first_step_at_or_below
 from .runs import Run
 
 
+LATE_STEP = 1000  # "late" updates: those after this many base steps, when a warm start no longer helps
+
+
 def _finite(x) -> bool:
     return x is not None and math.isfinite(x)
 
@@ -43,8 +46,10 @@ def init_row(grid: Sequence[int], run: Run, target: float | None, seed: int) -> 
         "wall_to_target_s": wall,
         "final_test_loss": run.test_loss[-1],
         "train_seconds": run.wall_s[-1],
-        **{k: c.get(k, 0) for k in ("attempted", "accepted", "rejected", "failed")},
+        **{k: c.get(k, 0) for k in ("attempted", "accepted", "rejected", "failed", "kept")},
         "acceptance_rate": c["accepted"] / c["attempted"] if c.get("attempted") else None,
+        "late_attempted": sum(t > LATE_STEP for t in run.attempted_at),
+        "late_accepted": sum(t > LATE_STEP for t in run.accepted_at),
         "generation_seconds": run.generation_seconds,
         "accepted_at": run.accepted_at,
         "diverged_at": run.diverged_at,
@@ -62,6 +67,8 @@ def summarise(rows: Sequence[dict], base_rows: Sequence[dict] | None = None) -> 
     steps = median_finite(r["steps_to_target"] for r in reached)
     wall = median_finite(r["wall_to_target_s"] for r in reached)
     attempted = sum(r["attempted"] for r in rows)
+    late_attempted = sum(r.get("late_attempted", 0) for r in rows)
+    late_accepted = sum(r.get("late_accepted", 0) for r in rows)
     out = {
         "inits": len(rows),
         "reached": len(reached),
@@ -73,7 +80,12 @@ def summarise(rows: Sequence[dict], base_rows: Sequence[dict] | None = None) -> 
         "accepted": sum(r["accepted"] for r in rows),
         "rejected": sum(r["rejected"] for r in rows),
         "failed": sum(r["failed"] for r in rows),
+        "kept": sum(r.get("kept", 0) for r in rows),
         "acceptance_rate": sum(r["accepted"] for r in rows) / attempted if attempted else None,
+        "late_after_step": LATE_STEP,
+        "late_attempted": late_attempted,
+        "late_accepted": late_accepted,
+        "late_acceptance_rate": late_accepted / late_attempted if late_attempted else None,
         "median_generation_seconds": median_finite(r["generation_seconds"] for r in rows),
         "diverged": sum(r["diverged_at"] is not None for r in rows),
     }

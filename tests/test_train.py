@@ -579,5 +579,8 @@ def test_a_recipe_sets_its_options_and_the_command_line_overrides_them(tmp_path)
     assert config.steps == 7 and config.lr == 1e-3  # given beats the recipe, the recipe beats the defaults
     assert config_from_args(parser.parse_args(["train", "--store", "s", "--out", "o", "--recipe", "gpt"])) == TrainConfig(
         store="s", out="o")
+    ranked = config_from_args(parser.parse_args(["train", "--store", "s", "--out", "o", "--recipe", "self-ranking",
+                                                 "--init-from", "g", "--data-root", "d"]))
+    assert (ranked.prompt_dropout, ranked.property_head, ranked.output_matching, ranked.lr) == (0.1, 1.0, 2.0, 1e-4)
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--store", "s", "--out", "o", "--recipe", "nope"])

@@ -30,7 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--metric", default=S, help="conditioning metric (default: the task's default metric)")
     add("--recipe", default=None, choices=list(RECIPES),
         help="a named set of the options below (gpt: G.pt's; neuron: the shipped mnist-mlp generator's "
-             "training; output-matching: its fine-tune, with --init-from); options given here override it")
+             "training; output-matching: its fine-tune, with --init-from; self-ranking: that fine-tune plus prompt "
+             "dropout and a property head); options given here override it")
     add("--preset", default=S, choices=list(PRESETS), help=f"generator size (default {d.preset})")
     add("--chunk-size", type=int, default=S, help=f"parameters per token (default {d.chunk_size})")
     add("--tokens", choices=SCHEMES, default=S,

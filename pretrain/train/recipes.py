@@ -13,6 +13,11 @@ come first, so a recipe there must agree with them (it is checked like any other
   generator (``--init-from``), add the divergence of the predicted networks' outputs (weight 2),
   three quarters of each batch at the initialisation, 3,000 steps at lr 1e-4. Needs the task's
   data (``--data-root``).
+* ``self-ranking`` — the output-matching fine-tune that also teaches the generator to rank its own
+  samples and to sample with classifier-free guidance: prompt dropout 0.1 (a learned null prompt)
+  and a property head (weight 1) that predicts the metric of a parameter vector. Start from a
+  generator (``--init-from``); its sampler and head are then chosen and measured by
+  ``tune-sampling`` and ``eval --rank self``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ RECIPES: dict[str, dict] = {
         "warmup": 50, "ema_decay": 0.999, "log_every": 50, "eval_every": 500, "checkpoint_every": 250,
     },
 }
+RECIPES["self-ranking"] = {**RECIPES["output-matching"], "prompt_dropout": 0.1, "property_head": 1.0}
 
 
 def recipe(name: str) -> dict:

@@ -90,11 +90,9 @@ class GptOptimizer(torch.optim.Optimizer):
 
     **Prompts.** ``prompt=None`` uses the generator's recommended ``best_prompt``; a number is used
     as is; a callable maps the current metric to a prompt. A prompt outside the generator's metric
-    range (as seen in its corpus) is clamped into it with a warning. With ``keep_if_met=True`` (the
-    default) an update whose current metric already meets the prompt (``<=`` for a minimised metric,
-    ``>=`` for a maximised one: a CartPole policy at 500 prompted for 500) keeps θ without sampling:
-    the report says so (``accepted=False``) and the ``kept`` counter moves. Repeated updates then
-    never break what already works.
+    range (as seen in its corpus) is clamped into it with a warning. ``keep_if_met=True`` (default):
+    a metric that already meets the prompt (a CartPole policy at 500 prompted for 500) keeps θ
+    without sampling (``report.kept``, ``counters["kept"]``), so repeated updates keep what works.
 
     **Transactions.** An update samples θ′ with the private RNG, then validates it: the right shape,
     all finite, and ``‖θ′−θ‖ <= max_update_ratio * max(‖θ‖, ‖θ_corpus‖)`` where ``‖θ_corpus‖ =
@@ -385,6 +383,8 @@ class GptOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # restores hooks and the profiled step
+        self.__dict__.setdefault("keep_if_met", False)  # pickled before keep_if_met: it never kept θ
+        self.counters.setdefault("kept", 0)
         self._lock = threading.RLock()
         self.param_groups = self.base.param_groups
         self.state = self.base.state

@@ -231,13 +231,13 @@ def test_late_acceptance_counts_only_updates_after_the_late_step():
     early, late = LATE_STEP // 2, LATE_STEP + 100
     a = _run([2.3, 1.0, 0.5], [0, 1, 2], attempted=4, accepted=2)
     a.attempted_at, a.accepted_at = [early, LATE_STEP, late, late + 100], [early, late]  # at LATE_STEP: not late
-    b = _run([2.3, 1.0, 0.5], [0, 1, 2], attempted=2, accepted=0)
-    b.attempted_at = [late, late + 100]
+    b = _run([2.3, 1.0, 0.5], [0, 1, 2], attempted=3, accepted=0)
+    b.attempted_at, b.kept_at = [late, late + 100, late + 200], [late + 200]  # the last drew no sample
     rows = [init_row(grid, r, 0.5, i) for i, r in enumerate((a, b))]
-    assert (rows[0]["late_attempted"], rows[0]["late_accepted"]) == (2, 1)
+    assert (rows[0]["late_attempted"], rows[0]["late_accepted"], rows[1]["late_kept"]) == (2, 1, 1)
     s = summarise(rows)
-    assert (s["late_attempted"], s["late_accepted"], s["late_after_step"]) == (4, 1, LATE_STEP)
-    assert s["late_acceptance_rate"] == pytest.approx(1 / 4) and s["acceptance_rate"] == pytest.approx(2 / 6)
+    assert (s["late_attempted"], s["late_sampled"], s["late_accepted"], s["late_after_step"]) == (5, 4, 1, LATE_STEP)
+    assert s["late_acceptance_rate"] == pytest.approx(1 / 4) and s["acceptance_rate"] == pytest.approx(2 / 7)
     assert summarise([init_row(grid, _run([2.3, 1.0, 0.5], [0, 1, 2]), 0.5, 0)])["late_acceptance_rate"] is None
 
 
@@ -270,6 +270,31 @@ def test_moments_reset_only_after_an_accepted_update(small_data, manifest, momen
     assert run.accepted_at == ([10] if sample == "identity" else [])
     assert run.counters["attempted"] == 1 and run.counters["failed"] == (sample == "nan")
     assert _adam_steps(opt) == [expected] * 4
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_metric_that_meets_the_prompt_keeps_theta_unless_told_otherwise(small_data, manifest, keep):
+    gen = FnGenerator(lambda theta: theta, load_generator(manifest))
+    top = gen.metric_range[1]  # a prompt every held-out loss of these networks meets
+    assert top >= 2.5  # random inits score ~2.3
+    split = split_holdout(TASK, small_data, 500)
+    captured = []
+    run = train_run(TASK, init_params(TASK, [1])[0], split, "adam", [0, 20], seed=1, generator=gen, every=10,
+                    prompt=top, keep_if_met=keep, on_optimizer=captured.append)
+    assert captured[0].keep_if_met is keep and captured[0].guidance == 1.0 and captured[0].rank == "closure"
+    assert run.kept_at == ([10, 20] if keep else []) and run.counters["kept"] == (2 if keep else 0)
+    assert gen.calls == (0 if keep else 2)
+
+
+def test_cli_passes_guidance_rank_and_keep_to_the_config():
+    from learned_opt.cli import build_parser
+    from pretrain.bench.cli import periodic_config
+
+    args = build_parser().parse_args(["bench", "--generator", "g", "--out", "o", "--guidance", "1.5", "--rank", "self",
+                                      "--candidates", "4", "--no-keep-if-met"])
+    config = periodic_config(args)
+    assert (config.guidance, config.rank, config.candidates, config.keep_if_met) == (1.5, "self", 4, False)
+    assert periodic_config(build_parser().parse_args(["bench", "--generator", "g", "--out", "o"])).keep_if_met
 
 
 # ---------------------------------------------------------------------- end to end

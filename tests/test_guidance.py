@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from importlib import resources
 
 import pytest
 import torch
@@ -185,24 +186,41 @@ def test_manifest_guidance_is_the_default_and_needs_a_null_prompt(tmp_path):
             load_generator(plain)
 
 
-def test_shipped_generators_load_as_before_without_guidance_or_a_head():
-    """The shipped manifests predate both features: they load, sample as before (guidance 1, the
-    plain path) and refuse what they were not trained for."""
-    for name in ("mnist-mlp", "cartpole-mlp"):
-        gen = load_generator(name)
-        config = gen.manifest["model_config"]
-        assert "null_prompt" not in config and "property_head" not in config  # old manifests
-        assert not gen.supports_guidance and not gen.has_property_head and gen.sampling["guidance"] == 1.0
-        theta = torch.randn(2, gen.layout.num_params, generator=torch.Generator().manual_seed(0)) * 0.05
-        lo, _ = gen.metric_range
-        args = (theta, torch.full((2,), lo * 2), torch.full((2,), lo))
-        a = gen.sample(*args, steps=2, generator=torch.Generator().manual_seed(1))
-        b = gen.sample(*args, steps=2, guidance=1.0, generator=torch.Generator().manual_seed(1))
-        assert torch.equal(a, b)
-        with pytest.raises(ConfigError, match="--prompt-dropout"):
-            gen.sampler(guidance=2.0)
-        with pytest.raises(ConfigError, match="--property-head"):
-            gen.predict_metric(theta)
+@pytest.mark.parametrize("name", ["mnist-mlp", "cartpole-mlp"])
+def test_shipped_generators_guide_and_rank_and_a_manifest_without_either_loads_as_before(name, tmp_path):
+    """The shipped generators carry a null prompt and a property head; the same weights without them,
+    under a manifest that names neither (as manifests did before both features), load and sample
+    exactly as the shipped generator does at guidance 1, and refuse what they cannot do."""
+    from safetensors.torch import load_file, save_file
+
+    from learned_opt.pretrained import sha256_file
+
+    gen = load_generator(name)
+    assert gen.supports_guidance and gen.has_property_head and gen.sampling["guidance"] == 1.5
+    theta = torch.randn(2, gen.layout.num_params, generator=torch.Generator().manual_seed(0)) * 0.05
+    assert torch.isfinite(gen.predict_metric(theta)).all()
+    lo, _ = gen.metric_range
+    args = (theta, torch.full((2,), lo * 2), torch.full((2,), lo))
+
+    source = resources.files("learned_opt") / "weights" / f"{name}.safetensors"
+    weights = {k: v for k, v in load_file(str(source)).items()
+               if k != "null_prompt" and not k.startswith("property_head.")}
+    save_file(weights, str(tmp_path / "plain.safetensors"))
+    manifest = dict(gen.manifest)
+    manifest["model_config"] = {k: v for k, v in manifest["model_config"].items() if k not in ("null_prompt", "property_head")}
+    manifest["sampling"] = {k: v for k, v in manifest["sampling"].items() if k != "guidance"}
+    manifest["weights_file"] = "plain.safetensors"
+    manifest["weights_sha256"] = sha256_file(tmp_path / "plain.safetensors")
+    (tmp_path / "plain.json").write_text(json.dumps(manifest))
+    plain = load_generator(tmp_path / "plain.json")
+    assert not plain.supports_guidance and not plain.has_property_head and plain.sampling["guidance"] == 1.0
+    a = plain.sample(*args, steps=2, generator=torch.Generator().manual_seed(1))
+    b = gen.sample(*args, steps=2, guidance=1.0, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="--prompt-dropout"):
+        plain.sampler(guidance=2.0)
+    with pytest.raises(ConfigError, match="--property-head"):
+        plain.predict_metric(theta)
 
 
 # ---------------------------------------------------------------------- training with prompt dropout

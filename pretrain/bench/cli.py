@@ -14,7 +14,7 @@ from .periodic import run_bench
 from .report import format_lopt_summary, format_summary
 
 # options of one mode only (argparse default None: given or not); --candidates defaults to 1
-PERIODIC_ONLY = ("generator", "bases", "every", "prompt", "moments", "sampling_steps", "method", "t_min")
+PERIODIC_ONLY = ("generator", "bases", "every", "prompt", "moments", "sampling_steps", "method", "t_min", "guidance")
 LOPT_ONLY = ("grid_steps", "lr_grid", "optimizers")
 # each mode's defaults for the options both share
 DEFAULTS = {"periodic": {"inits": 10, "seed": 3_000_000, "steps": 3000, "eval_every": 50},
@@ -68,6 +68,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="periodic: after an accepted update keep or reset the base optimizer's state "
                              "(default: keep)")
     add_sampler_arguments(parser, "the best by the metric closure kept (periodic)")
+    parser.add_argument("--no-keep-if-met", dest="keep_if_met", action="store_false",
+                        help="periodic: sample even while the metric already meets the prompt (GptOptimizer's "
+                             "keep_if_met=False); by default θ is then kept, as GptOptimizer does")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto: CUDA where there is one (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
@@ -99,7 +102,7 @@ def periodic_config(args: argparse.Namespace) -> BenchConfig:
         bases=parse_bases(args.bases or "adam,sgd"), every=parse_every(args.every or "50,100,200,500"),
         holdout=args.holdout, prompt=args.prompt, moments=args.moments or "keep",
         sampling_steps=args.sampling_steps, method=args.method, t_min=args.t_min, candidates=args.candidates,
-        weights=args.weights, device=str(parse_device(args.device)),
+        guidance=args.guidance, rank=args.rank, keep_if_met=args.keep_if_met, weights=args.weights, device=str(parse_device(args.device)),
         progress=not args.no_progress, plots=not args.no_plots, **shared,
     )
 

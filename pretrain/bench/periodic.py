@@ -15,6 +15,7 @@ from learned_opt import tasks
 from learned_opt.errors import ConfigError
 from learned_opt.lopt import load_rule
 from learned_opt.pretrained import LoadedGenerator, load_generator
+from learned_opt.selection import check_rank
 
 from ..evaluate import init_params
 from .config import (
@@ -52,7 +53,9 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
     if gen.metric_name not in LOSS_METRICS:
         raise ConfigError(f"generator {gen.name!r} is conditioned on {gen.metric_name!r}; the benchmark's closure "
                           f"measures a cross-entropy, so use a generator of {' or '.join(LOSS_METRICS)}")
-    sampler = gen.sampler(config.method, config.sampling_steps, config.t_min)  # a sampler that cannot run fails here
+    # a sampler (or guidance, or ranking) that cannot run fails here
+    sampler = gen.sampler(config.method, config.sampling_steps, config.t_min, config.guidance)
+    check_rank(config.rank, gen)
     prompt = parse_prompt(config.prompt)
     device = torch.device(config.device)
     split = load_split(task, data, config.data_root, config.holdout, device)
@@ -60,7 +63,7 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
     inits = init_params(task, seeds)  # [N, P]
     grid = eval_grid(config.steps, config.eval_every)
     periods: list[int | None] = [None, *config.every]
-    _warm_up(gen, inits[0], device, config)
+    _warm_up(gen, inits[0], device, sampler)
 
     runs: dict[str, dict[str, list[Run]]] = {b: {config_label(k): [] for k in periods} for b in config.bases}
     bar = tqdm(total=len(seeds) * len(config.bases) * len(periods), desc="bench", unit="run",
@@ -71,7 +74,8 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
                 runs[base][config_label(k)].append(train_run(
                     task, inits[i], split, recipes[base], grid, seed=seed, generator=None if k is None else gen, every=k,
                     prompt=prompt, sampling_steps=config.sampling_steps, method=config.method, t_min=config.t_min,
-                    candidates=config.candidates, moments=config.moments, device=device,
+                    candidates=config.candidates, guidance=config.guidance, rank=config.rank,
+                    keep_if_met=config.keep_if_met, moments=config.moments, device=device,
                 ))
                 bar.update(1)
     bar.close()
@@ -100,7 +104,7 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
         "config": asdict(config),
         "moments": config.moments,
         "prompt": describe_prompt(prompt, gen),
-        "sampler": {**sampler, "candidates": config.candidates},
+        "sampler": {**sampler, "candidates": config.candidates, "rank": config.rank, "keep_if_met": config.keep_if_met},
         "generator": {"name": gen.name, "sha256": gen.sha256, "metric": gen.metric_name, "best_prompt": gen.best_prompt,
                       "metric_range": list(gen.metric_range), "model_config": gen.manifest.get("model_config")},
         "closure_metric": f"full-batch cross-entropy on the last {config.holdout} training examples (held out), "
@@ -125,12 +129,14 @@ def bench_task(gen: LoadedGenerator, task: str | None = None) -> tasks.Task:
 MODE_RUNNERS: dict[str, Callable[[Any, Any], dict]] = {"periodic": run_periodic, "lopt": run_lopt}
 
 
-def _warm_up(gen: LoadedGenerator, init: torch.Tensor, device: torch.device, config: BenchConfig) -> None:
-    """One untimed sample, so that one-time costs (allocator, kernels) do not land in the first run."""
+def _warm_up(gen: LoadedGenerator, init: torch.Tensor, device: torch.device, sampler: dict) -> None:
+    """One untimed sample with the bench's ``sampler``, so that one-time costs (allocator, kernels) do
+    not land in the first run."""
     gen.to(device)
     one = torch.ones(1, device=device)
     try:
-        gen.sample(init[None].to(device), one * 2.3, one * gen.best_prompt, steps=config.sampling_steps,
-                   method=config.method, t_min=config.t_min, generator=torch.Generator(device=device).manual_seed(0))
+        gen.sample(init[None].to(device), one * 2.3, one * gen.best_prompt, steps=sampler["steps"],
+                   method=sampler["method"], t_min=sampler["t_min"], guidance=sampler["guidance"],
+                   generator=torch.Generator(device=device).manual_seed(0))
     except Exception:  # a broken generator shows up in the runs, as failed updates
         pass

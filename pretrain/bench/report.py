@@ -86,10 +86,16 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int) -> l
             for line in (header, *rows)]
 
 
+def _late(s: dict) -> str:
+    """Accepted of the late updates that drew a sample, and how many were kept without one."""
+    rate = "-" if s["late_acceptance_rate"] is None else f"{s['late_acceptance_rate'] * 100:.0f}%"
+    return f"{s['late_accepted']}/{s['late_sampled']} ({rate}; {s['late_attempted'] - s['late_sampled']} kept)"
+
+
 def format_summary(result: dict) -> str:
     """The printed summary table: one row per base and configuration."""
     header = ("base", "config", "curve steps", "ratio", "curve s", "s ratio", "reached", "steps to target",
-              "ratio", "final loss", "never worse", "accepted", "accepted late")
+              "ratio", "final loss", "never worse", "accepted", "accepted late (kept)")
     rows = []
     for base, section in result["bases"].items():
         for label, c in section["configs"].items():
@@ -104,16 +110,15 @@ def format_summary(result: dict) -> str:
                 _fmt(s["median_final_test_loss"], ".4f"),
                 "-" if alone else f"{s['never_worse'] * 100:.0f}%",
                 "-" if not s["attempted"] else f"{s['accepted']}/{s['attempted']} ({s['acceptance_rate'] * 100:.0f}%)",
-                "-" if not s.get("late_attempted") else
-                f"{s['late_accepted']}/{s['late_attempted']} ({s['late_acceptance_rate'] * 100:.0f}%)",
+                "-" if not s.get("late_attempted") else _late(s),
             ))
     lines = _table(header, rows, left=2)
     targets = ", ".join(f"{b} {_fmt(s['target'], '.4f')}" for b, s in result["bases"].items())
     lines.append(f"target: median test loss of the base alone at step {result['config']['steps']} ({targets}); "
                  f"'curve': the first grid step where the median test loss over all inits is at or below the target "
                  f"(and the median seconds to it); 'steps to target': the median over the inits that reached it; "
-                 f"ratios below 1 are faster than the base; 'accepted late': generative updates accepted after "
-                 f"step {LATE_STEP}")
+                 f"ratios below 1 are faster than the base; 'accepted late': of the generative updates sampled after "
+                 f"step {LATE_STEP}, those accepted; 'kept': those that drew no sample, the metric meeting the prompt")
     lines.append(f"closure metric: {result['closure_metric']}; prompt: {result['prompt']['rule']}; "
                  f"moments: {result['moments']}")
     return "\n".join(lines)

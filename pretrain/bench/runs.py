@@ -91,6 +91,7 @@ class Run:
     generation_seconds: float = 0.0  # sum of the generative updates' own seconds
     accepted_at: list[int] = field(default_factory=list)  # steps after which an update was accepted
     attempted_at: list[int] = field(default_factory=list)  # steps after which an update ran (any outcome)
+    kept_at: list[int] = field(default_factory=list)  # steps after which θ was kept: the metric met the prompt
     diverged_at: int | None = None  # the metric closure returned NaN/Inf after this step
 
 
@@ -109,6 +110,9 @@ def train_run(
     method: str | None = None,
     t_min: int | None = None,
     candidates: int = 1,
+    guidance: float | None = None,
+    rank: str = "closure",
+    keep_if_met: bool = True,
     moments: str = "keep",
     device: str | torch.device = "cpu",
     on_optimizer: Callable[[torch.optim.Optimizer], None] | None = None,
@@ -133,7 +137,8 @@ def train_run(
             opt = state["gpt"] = GptOptimizer(
                 model.named_parameters(), generator, base=base_optimizer, every=every, prompt=prompt,
                 sampling_steps=sampling_steps, sampling_method=method, sampling_t_min=t_min, candidates=candidates,
-                seed=seed, guard=True, metric_closure=holdout_closure(task, model, split.holdout_x, split.holdout_y),
+                guidance=guidance, rank=rank, keep_if_met=keep_if_met, seed=seed, guard=True,
+                metric_closure=holdout_closure(task, model, split.holdout_x, split.holdout_y),
             )
         if on_optimizer is not None:
             on_optimizer(opt)
@@ -146,6 +151,8 @@ def train_run(
         state["last"] = report = gpt.last_report  # a generative update ran after this step
         run.generation_seconds += report.seconds
         run.attempted_at.append(t)
+        if report.kept:
+            run.kept_at.append(t)
         if report.accepted:
             run.accepted_at.append(t)
             if moments == "reset":

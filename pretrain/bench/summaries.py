@@ -50,6 +50,7 @@ def init_row(grid: Sequence[int], run: Run, target: float | None, seed: int) -> 
         "acceptance_rate": c["accepted"] / c["attempted"] if c.get("attempted") else None,
         "late_attempted": sum(t > LATE_STEP for t in run.attempted_at),
         "late_accepted": sum(t > LATE_STEP for t in run.accepted_at),
+        "late_kept": sum(t > LATE_STEP for t in run.kept_at),
         "generation_seconds": run.generation_seconds,
         "accepted_at": run.accepted_at,
         "diverged_at": run.diverged_at,
@@ -69,6 +70,7 @@ def summarise(rows: Sequence[dict], base_rows: Sequence[dict] | None = None) -> 
     attempted = sum(r["attempted"] for r in rows)
     late_attempted = sum(r.get("late_attempted", 0) for r in rows)
     late_accepted = sum(r.get("late_accepted", 0) for r in rows)
+    late_sampled = late_attempted - sum(r.get("late_kept", 0) for r in rows)  # kept updates draw no sample
     out = {
         "inits": len(rows),
         "reached": len(reached),
@@ -84,8 +86,9 @@ def summarise(rows: Sequence[dict], base_rows: Sequence[dict] | None = None) -> 
         "acceptance_rate": sum(r["accepted"] for r in rows) / attempted if attempted else None,
         "late_after_step": LATE_STEP,
         "late_attempted": late_attempted,
+        "late_sampled": late_sampled,
         "late_accepted": late_accepted,
-        "late_acceptance_rate": late_accepted / late_attempted if late_attempted else None,
+        "late_acceptance_rate": late_accepted / late_sampled if late_sampled else None,  # of the sampled ones
         "median_generation_seconds": median_finite(r["generation_seconds"] for r in rows),
         "diverged": sum(r["diverged_at"] is not None for r in rows),
     }

@@ -40,7 +40,10 @@ depend on the generator's task's kind (:func:`suite_for`): Adam and SGD for clas
   and the network's starting metric; R² between prompted and achieved metric per network (G.pt's
   definition: ``1 - Σ(achieved - prompted)² / Σ(prompted - mean prompted)²``), averaged.
 * **repeated prompting** — the metrics after 1..10 successive best-prompt updates, feeding each new
-  θ and its measured metric back (reported at 1, 2, 5, 10).
+  θ and its measured metric back (reported at 1, 2, 5, 10). As ``GptOptimizer(keep_if_met=True)``
+  does, a network whose metric already meets the prompt keeps θ and draws no sample
+  (``--no-keep-if-met``: sample anyway); the others are sampled as one batch, so a row's noise
+  depends on which rows were kept.
 * **memorisation** — each generated network's distance to its nearest corpus checkpoint after
   aligning hidden units (:func:`aligned_distance`; exact for one hidden layer, weight matching for
   more), against the nearest-neighbour distance between checkpoints of different corpus runs, and

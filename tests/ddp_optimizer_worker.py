@@ -49,6 +49,13 @@ def main(out: str) -> None:
         warnings.simplefilter("ignore")
         report = opt.generate(metric=1.0)
     assert report.failed and not report.accepted, report
+
+    # keep_if_met follows rank 0's metric: the ranks disagree on whether the prompt is met
+    opt.generator = FnGenerator(lambda theta: theta + 0.01, base=opt.generator)
+    report = opt.generate(metric=2.0 if rank == 0 else 0.5, prompt=1.0)  # rank 0 has not met it: all sample
+    assert report.accepted and not report.kept, report
+    report = opt.generate(metric=0.5 if rank == 0 else 2.0, prompt=1.0)  # rank 0 has: all keep θ
+    assert report.kept and not report.accepted, report
     params = [p.detach().clone() for p in model.module.parameters()]
     torch.save({"params": params, "counters": opt.counters}, Path(out) / f"rank{rank}.pt")
     dist.barrier()

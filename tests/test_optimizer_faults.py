@@ -134,6 +134,14 @@ def test_the_lock_survives_deepcopy_and_pickle():
         assert copied.counters["attempted"] == 1
 
 
+def test_an_optimizer_pickled_before_keep_if_met_unpickles_without_it():
+    opt = GptOptimizer(toy_model().parameters(), tiny_generator(), lr=1e-2, sampling_steps=2)
+    del opt.keep_if_met, opt.counters["kept"]  # what such a pickle holds
+    old = pickle.loads(pickle.dumps(opt))
+    assert old.keep_if_met is False and old.counters["kept"] == 0
+    assert not old.generate(metric=0.0).kept and "kept=" in repr(old)  # the best prompt is met; it samples
+
+
 # ---------------------------------------------------------------------- bad input
 
 

@@ -91,8 +91,7 @@ class GptOptimizer(torch.optim.Optimizer):
     **Prompts.** ``prompt=None`` uses the generator's recommended ``best_prompt``; a number is used
     as is; a callable maps the current metric to a prompt. A prompt outside the generator's metric
     range (as seen in its corpus) is clamped into it with a warning. ``keep_if_met=True`` (default):
-    a metric that already meets the prompt (a CartPole policy at 500 prompted for 500) keeps θ
-    without sampling (``report.kept``, ``counters["kept"]``), so repeated updates keep what works.
+    a metric that already meets the prompt keeps θ, unsampled (``report.kept``, ``counters["kept"]``).
 
     **Transactions.** An update samples θ′ with the private RNG, then validates it: the right shape,
     all finite, and ``‖θ′−θ‖ <= max_update_ratio * max(‖θ‖, ‖θ_corpus‖)`` where ``‖θ_corpus‖ =

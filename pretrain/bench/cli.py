@@ -68,9 +68,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="periodic: after an accepted update keep or reset the base optimizer's state "
                              "(default: keep)")
     add_sampler_arguments(parser, "the best by the metric closure kept (periodic)")
-    parser.add_argument("--no-keep-if-met", dest="keep_if_met", action="store_false",
-                        help="periodic: sample even while the metric already meets the prompt (GptOptimizer's "
-                             "keep_if_met=False); by default θ is then kept, as GptOptimizer does")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto: CUDA where there is one (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")

@@ -14,8 +14,8 @@ from .run import evaluate_generator
 
 def add_sampler_arguments(parser: argparse.ArgumentParser, chosen_how: str) -> None:
     """``--sampling-steps``, ``--method``, ``--t-min``, ``--guidance`` (each defaulting to the generator's
-    own sampler), ``--candidates`` (samples per update; ``chosen_how`` says which one is kept) and
-    ``--rank`` (who chooses)."""
+    own sampler), ``--candidates`` (samples per update; ``chosen_how`` says which one is kept),
+    ``--rank`` (who chooses) and ``--no-keep-if-met``."""
     parser.add_argument("--sampling-steps", type=int, default=None,
                         help="diffusion sampling steps (default: the generator's own, else 50)")
     parser.add_argument("--method", default=None,
@@ -31,6 +31,9 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, chosen_how: str) -> N
                         help="with --candidates: 'closure' keeps the best on validation data, 'self' the best by the "
                              "generator's own metric prediction (a generator trained with --property-head; no data "
                              "and no environment steps) (default: closure)")
+    parser.add_argument("--no-keep-if-met", dest="keep_if_met", action="store_false",
+                        help="sample even when the metric already meets the prompt (GptOptimizer's keep_if_met=False); "
+                             "by default θ is then kept, as GptOptimizer does")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -55,9 +58,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="control tasks: PPO environment steps per init (default: 100000)")
     parser.add_argument("--prompts", type=int, default=20, help="prompts per network for alignment (default: 20)")
     parser.add_argument("--repeats", type=int, default=10, help="successive updates (default: 10)")
-    parser.add_argument("--no-keep-if-met", dest="keep_if_met", action="store_false",
-                        help="update a network even when its metric already meets the prompt (GptOptimizer's "
-                             "keep_if_met=False); by default it is kept, as GptOptimizer does")
     parser.add_argument("--memo-runs", type=int, default=500, help="corpus runs searched (default: 500)")
     parser.add_argument("--memo-checkpoints", type=int, default=4, help="checkpoints per searched run (default: 4)")
     parser.add_argument("--denoise-runs", type=int, default=64,

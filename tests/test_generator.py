@@ -130,12 +130,13 @@ def test_state_dict_holds_only_learned_tensors_and_round_trips():
 
 
 def test_presets_and_their_sizes():
-    assert {"tiny", "small", "base"} <= set(PRESETS)
+    assert {"tiny", "mini", "small", "base"} <= set(PRESETS)
     layout = tasks.get("mnist-mlp").layout(chunk_size=1000)
     assert build_generator(TOY, "tiny").num_parameters() < 200_000
     small = build_generator(layout, "small").num_parameters()
     assert 5_000_000 <= small <= 10_000_000
-    assert PRESETS["base"].d_model > PRESETS["small"].d_model
+    assert PRESETS["tiny"].d_model < PRESETS["mini"].d_model < PRESETS["small"].d_model < PRESETS["base"].d_model
+    assert build_generator(layout, "mini").num_parameters() < small
     # get_config hands out copies: editing one does not change the preset
     cfg = get_config("tiny")
     cfg.dropout = 0.3

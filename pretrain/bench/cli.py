@@ -99,7 +99,8 @@ def periodic_config(args: argparse.Namespace) -> BenchConfig:
         bases=parse_bases(args.bases or "adam,sgd"), every=parse_every(args.every or "50,100,200,500"),
         holdout=args.holdout, prompt=args.prompt, moments=args.moments or "keep",
         sampling_steps=args.sampling_steps, method=args.method, t_min=args.t_min, candidates=args.candidates,
-        guidance=args.guidance, rank=args.rank, keep_if_met=args.keep_if_met, weights=args.weights, device=str(parse_device(args.device)),
+        guidance=args.guidance, rank=args.rank, keep_if_met=args.keep_if_met, weights=args.weights,
+        device=str(parse_device(args.device)),
         progress=not args.no_progress, plots=not args.no_plots, **shared,
     )
 

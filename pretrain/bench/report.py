@@ -89,7 +89,7 @@ def _table(header: tuple[str, ...], rows: list[tuple[str, ...]], left: int) -> l
 def _late(s: dict) -> str:
     """Accepted of the late updates that drew a sample, and how many were kept without one."""
     rate = "-" if s["late_acceptance_rate"] is None else f"{s['late_acceptance_rate'] * 100:.0f}%"
-    return f"{s['late_accepted']}/{s['late_sampled']} ({rate}; {s['late_attempted'] - s['late_sampled']} kept)"
+    return f"{s['late_accepted']}/{s['late_sampled']} ({rate}; {s['late_kept']} kept)"
 
 
 def format_summary(result: dict) -> str:

@@ -70,7 +70,8 @@ def summarise(rows: Sequence[dict], base_rows: Sequence[dict] | None = None) -> 
     attempted = sum(r["attempted"] for r in rows)
     late_attempted = sum(r.get("late_attempted", 0) for r in rows)
     late_accepted = sum(r.get("late_accepted", 0) for r in rows)
-    late_sampled = late_attempted - sum(r.get("late_kept", 0) for r in rows)  # kept updates draw no sample
+    late_kept = sum(r.get("late_kept", 0) for r in rows)
+    late_sampled = late_attempted - late_kept  # kept updates draw no sample
     out = {
         "inits": len(rows),
         "reached": len(reached),
@@ -87,6 +88,7 @@ def summarise(rows: Sequence[dict], base_rows: Sequence[dict] | None = None) -> 
         "late_after_step": LATE_STEP,
         "late_attempted": late_attempted,
         "late_sampled": late_sampled,
+        "late_kept": late_kept,
         "late_accepted": late_accepted,
         "late_acceptance_rate": late_accepted / late_sampled if late_sampled else None,  # of the sampled ones
         "median_generation_seconds": median_finite(r["generation_seconds"] for r in rows),

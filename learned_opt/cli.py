@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("pretrain.bench", "measure GptOptimizer's periodic mode against its base, or the learned optimizer against Adam and SGD"),
     "meta-train": ("pretrain.metatrain", "meta-train the per-parameter learned optimizer (LearnedOptimizer) by PES"),
     "tune-sampling": ("pretrain.sampling", "choose a generator's sampler (steps, early stop) on validation inits"),
+    "tune-head": ("pretrain.head_tuning", "teach a generator's property head to rank its own samples (rank='self')"),
 }
 
 

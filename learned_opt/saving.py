@@ -84,11 +84,13 @@ def build_manifest(
     extra: Mapping | None = None,
     metric_direction: str | None = None,
     input_normalization: Mapping | None = None,
+    sampling: Mapping | None = None,
 ) -> dict:
     """The manifest of a generator, without the weights' file name and hash.
 
     ``metric_direction`` defaults to the registered task's metric direction; ``input_normalization``
-    (``{"mean": [...], "std": [...]}``, a supervised task's) is how the corpus's inputs were prepared.
+    (``{"mean": [...], "std": [...]}``, a supervised task's) is how the corpus's inputs were prepared;
+    ``sampling`` is the sampler entry that ``tune-sampling`` chose, carried over to a derived generator.
     """
     if metric_direction is None:
         from . import tasks
@@ -120,6 +122,8 @@ def build_manifest(
         manifest["input_normalization"] = {k: [float(v) for v in input_normalization[k]] for k in ("mean", "std")}
     if extra:
         manifest["extra"] = dict(extra)
+    if sampling:
+        manifest["sampling"] = dict(sampling)
     return manifest
 
 

@@ -229,10 +229,14 @@ class Gpt(nn.Module):
         if self.property_head is None:
             raise ConfigError("this generator has no property head (GptConfig.property_head): it cannot predict "
                               "metrics; retrain it with --property-head")
+        return self.property_head(self.encode_params(theta)).float()
+
+    def encode_params(self, theta: torch.Tensor) -> torch.Tensor:
+        """What the property head reads: the θ encoder's tokens of clean parameters ``[B, P]``
+        (generator units) with their position embeddings -> ``[B, T, D]``."""
         self._check_theta(theta)
         tokens = self.theta_encoder(self._tokens(theta))  # [B, T, D]
-        tokens = tokens + self.pos_embedding[:, self.pos_index[: self.num_tokens]].to(tokens.dtype)
-        return self.property_head(tokens).float()
+        return tokens + self.pos_embedding[:, self.pos_index[: self.num_tokens]].to(tokens.dtype)
 
     def _denoise(
         self, x_t: torch.Tensor, t: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor, torch.Tensor]

@@ -1,0 +1,110 @@
+"""``learned-opt tune-head``: the property head fine-tuned to rank one update's samples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_demo import save_tiny_mnist_generator
+from test_self_ranking import ranking_generator
+
+from learned_opt.cli import main as cli_main
+from learned_opt.errors import ConfigError
+from learned_opt.pretrained import load_generator
+from pretrain.head_tuning import HeadTuneConfig, ranking_figures, train_head
+
+
+def test_ranking_figures_of_a_perfect_and_a_reversed_order():
+    truth = torch.tensor([[0.3, 0.1, 0.2], [1.0, 3.0, 2.0], [0.5, 0.6, 0.4]])  # [G, S]
+    error = truth * 10
+    right = ranking_figures(truth.clone(), {"loss": truth, "error": error}, "loss", "min")
+    assert right["within_group_spearman"] == pytest.approx(1.0)
+    assert right["loss"]["head_pick_median"] == right["loss"]["best_of_group_median"] == pytest.approx(0.4)
+    assert right["loss"]["one_sample_median"] == pytest.approx(0.5)  # the first sample of each group
+    assert right["error"]["head_pick_median"] == pytest.approx(4.0)  # the same pick, read in another metric
+    wrong = ranking_figures(-truth, {"loss": truth}, "loss", "min")
+    assert wrong["within_group_spearman"] == pytest.approx(-1.0)
+    assert wrong["loss"]["head_pick_median"] == pytest.approx(0.6)  # the worst of each group
+    up = ranking_figures(truth.clone(), {"ret": truth}, "ret", "max")  # higher is better: the head's highest is picked
+    assert up["ret"]["head_pick_median"] == pytest.approx(up["ret"]["best_of_group_median"]) == pytest.approx(0.6)
+
+
+def within(gen, theta, labels) -> float:
+    pred = gen.predict_metric(theta.flatten(0, 1)).view(labels.shape)
+    rows = [torch.corrcoef(torch.stack([p.argsort().argsort().float(), y.argsort().argsort().float()]))[0, 1]
+            for p, y in zip(pred, labels)]
+    return float(torch.stack(rows).mean())
+
+
+def test_train_head_learns_the_order_within_groups_and_changes_nothing_else():
+    gen = ranking_generator()
+    torch.manual_seed(1)
+    p = gen.layout.num_params
+    theta = torch.randn(48, 6, p) * 0.5  # [G, S, P]
+    w = torch.randn(p)
+    labels = 1.0 + 0.3 * torch.tanh(theta @ w / p**0.5)  # an order the head can read from θ
+    gen.model.requires_grad_(False).eval()  # as load_generator leaves it
+    others = {k: v.clone() for k, v in gen.model.state_dict().items() if not k.startswith("property_head.")}
+    head_before = {k: v.clone() for k, v in gen.model.state_dict().items() if k.startswith("property_head.")}
+    before = within(gen, theta, labels)
+    config = HeadTuneConfig(generator="toy", epochs=40, batch_groups=8, lr=3e-3, samples=6, groups=48,
+                            sample_batch=64, progress=False)
+    calls = []
+    log = train_head(gen, theta, labels, config, check=lambda: calls.append(1) or {"checked": True})
+    after = within(gen, theta, labels)
+    assert after > 0.8 > before + 0.3, (before, after)
+    assert len(log) == len(calls) == 40 and log[-1]["checked"] and log[-1]["loss"] < log[0]["loss"]
+    state = gen.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in others.items())  # the encoder and the diffusion model untouched
+    assert any(not torch.equal(state[k], v) for k, v in head_before.items())
+    assert not any(q.requires_grad for q in gen.model.parameters()) and not gen.model.property_head.training
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"samples": 1}, "--samples must be >= 2"),
+    ({"groups": 0}, "--groups must be an integer >= 1"),
+    ({"epochs": True}, "--epochs must be an integer >= 1"),
+    ({"lr": 0.0}, "--lr must be > 0"),
+    ({"name": "../x"}, "--name '../x' must be a plain file name"),
+])
+def test_bad_settings_raise(kwargs, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")):
+        HeadTuneConfig(generator="g", **kwargs)
+
+
+def test_a_generator_without_a_head_is_refused_in_one_line(mnist_root, tmp_path, capsys):
+    manifest = save_tiny_mnist_generator(tmp_path / "gen")
+    code = cli_main(["tune-head", "--generator", str(manifest), "--data-root", str(mnist_root), "--out",
+                     str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "has no property head to tune" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_tune_head_end_to_end_writes_a_generator_that_differs_only_in_its_head(mnist_root, tmp_path, capsys):
+    manifest = save_tiny_mnist_generator(tmp_path / "gen", property_head=True)
+    source = json.loads(manifest.read_text())
+    source["sampling"] = {"method": "ddim", "steps": 2, "t_min": 10}
+    manifest.write_text(json.dumps(source))
+    out = tmp_path / "tuned"
+    code = cli_main(["tune-head", "--generator", str(manifest), "--data-root", str(mnist_root), "--out", str(out),
+                     "--groups", "6", "--samples", "3", "--check-groups", "4", "--epochs", "2",
+                     "--label-examples", "500", "--name", "tuned", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "within-group Spearman" in printed and "test_error, head picks" in printed
+    tuned = load_generator(out / "tuned.json")
+    assert tuned.sampling["steps"] == 2 and tuned.sampling["t_min"] == 10  # the source's sampler carried over
+    record = tuned.manifest["training"]["head_tuning"]
+    assert record["source"]["sha256"] == source["weights_sha256"] and record["config"]["groups"] == 6
+    a, b = load_file(str(manifest.with_suffix(".safetensors"))), load_file(str(out / "tuned.safetensors"))
+    assert a.keys() == b.keys()
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith("property_head.") for k in changed)
+    result = json.loads((out / "head.json").read_text())
+    assert len(result["log"]) == 2 and set(result["before"]) == set(result["after"]) - {"epoch", "loss"}
+    assert result["before"]["test_loss"]["one_sample_median"] == result["after"]["test_loss"]["one_sample_median"]
+    assert (out / "head.png").stat().st_size > 1000

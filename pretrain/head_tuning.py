@@ -6,18 +6,20 @@ the metric's range, but the N samples of one update lie within a few hundredths 
 other, and there it may rank no better than chance. This command fine-tunes the head, and nothing
 else, on exactly that situation:
 
-* ``--groups G`` fresh inits (seeds ``--seed + i``: apart from corpus runs, ``eval``'s
-  ``1_000_000 + i``, ``tune-sampling``'s ``2_000_000 + i`` and ``bench``'s ``3_000_000 + i``) each
-  get ``--samples N`` updates from the generator's own sampler and best prompt: a *group*;
-* every sample is labelled with its metric on **labelling data** that neither the evaluation nor
-  the validation sees: for a supervised task ``--label-examples`` training examples just before
-  the ``--holdout`` validation examples (:meth:`Task.validation_data` applied twice); for a control
-  task, whose validation data are episodes from other starting states, those episodes;
+* ``--groups G`` fresh inits (seeds ``--seed + i``, default ``5_000_000 + i``: apart from corpus
+  runs, ``eval``'s ``1_000_000 + i``, ``tune-sampling``'s ``2_000_000 + i``, ``bench``'s
+  ``3_000_000 + i`` and ``bench --mode lopt``'s ``4_000_000 + i``) each get ``--samples N`` updates
+  from the generator's own sampler and best prompt: a *group*. These are first updates from fresh
+  inits, where ``rank="self"`` matters most; updates later in training are not drawn;
+* every sample is labelled with its metric on **labelling data** that neither the test set nor the
+  validation data holds (:meth:`Task.labelling_data`: for a supervised task ``--label-examples``
+  training examples just before the ``--holdout`` validation examples; for a control task episodes
+  from a third set of starting states). Groups with a non-finite sample or label are dropped;
 * the head (its block, features and read-out; the θ encoder it reads is shared with the diffusion
   model and stays frozen, so every sample the generator draws is unchanged) is trained with a
   pairwise logistic ranking loss within each group (RankNet, Burges et al. 2005), scaled by the
-  labels' mean spread within a group, plus ``--mse-weight`` x the squared error of its values so
-  that they stay calibrated across the range;
+  labels' mean spread within a group, plus ``--mse-weight`` x the squared error of its values in
+  those units, so that they stay calibrated;
 * before and after, ``--check-groups`` groups of other fresh inits are measured on the task's
   **validation data** (never the test set): the mean Spearman correlation within a group, and the
   median metric of one sample, of the sample the head picks, and of the best sample (the ceiling).
@@ -41,7 +43,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from learned_opt import tasks
-from learned_opt.errors import ConfigError
+from learned_opt.errors import ConfigError, GenerationError
 from learned_opt.pretrained import LoadedGenerator, load_generator, save_generator
 
 from .evaluate import init_params
@@ -62,7 +64,7 @@ class HeadTuneConfig:
     groups: int = 2048  # fresh inits whose samples train the head
     samples: int = 8  # samples per init: one group, which the head learns to order
     check_groups: int = 128  # fresh inits of other seeds, measured on validation data before and after
-    seed: int = 4_000_000  # training group i has seed seed + i, check group j seed + groups + j
+    seed: int = 5_000_000  # training group i has seed seed + i, check group j seed + groups + j
     epochs: int = 30
     lr: float = 3e-4
     batch_groups: int = 32  # groups per optimizer step
@@ -107,13 +109,15 @@ def draw_groups(gen: LoadedGenerator, task: tasks.Task, data: Any, seeds: list[i
 def ranking_figures(predicted: torch.Tensor, values: dict[str, torch.Tensor], metric: str, direction: str) -> dict:
     """How well ``predicted`` [G, S] orders each group: the mean Spearman correlation with
     ``values[metric]`` within a group, and per measured metric the median of one sample (the
-    first), of the sample the head picks, and of the best sample by ``metric`` (the ceiling)."""
+    first), of the sample the head picks, and of the best sample by ``metric`` (the ceiling), and
+    the means of one sample and of the pick."""
     truth = values[metric]
     pick_best = (lambda v: v.argmin(1)) if direction == "min" else (lambda v: v.argmax(1))
     rows = torch.arange(len(truth))
     picked, best = pick_best(predicted), pick_best(truth)
     within = [c for c in (spearman(predicted[i], truth[i]) for i in range(len(truth))) if c is not None]
-    out: dict = {"within_group_spearman": sum(within) / len(within) if within else None}
+    out: dict = {"within_group_spearman": sum(within) / len(within) if within else None,
+                 "groups_ranked": len(within)}  # the others' labels, or predictions, are all equal
     for name, v in values.items():
         out[name] = {"one_sample_median": float(v[:, 0].median()), "head_pick_median": float(v[rows, picked].median()),
                      "best_of_group_median": float(v[rows, best].median()),
@@ -171,10 +175,19 @@ def tune_head(config: HeadTuneConfig) -> dict:
     if not gen.has_property_head:
         raise ConfigError(f"generator {gen.name!r} has no property head to tune: train it with "
                           f"`learned-opt train --property-head W` first (e.g. the self-ranking recipe)")
+    target = Path(config.out) / f"{config.name or gen.name}.json"
+    if target.is_file() and _weights_sha256(target) == gen.sha256:
+        raise ConfigError(f"{target} is the generator being tuned: writing there would replace it; "
+                          f"pass another --out or --name")
     task = tasks.for_generator(gen, config.task)
     data = task.load_data(config.data_root)
     val_data = task.validation_data(data, config.holdout)
-    label_data = task.validation_data(task.validation_data(data, config.holdout), config.label_examples)
+    try:
+        label_data = task.labelling_data(data, config.holdout, config.label_examples)
+    except NotImplementedError as exc:
+        raise ConfigError(f"{exc}: define Task.labelling_data for it to use tune-head") from None
+    except ConfigError as exc:
+        raise ConfigError(f"--label-examples: {exc}") from None
     metric, direction = gen.metric_name, gen.metric_direction
     extra = [m for m in ("test_error",) if m in task.metrics and m != metric]
     began = time.perf_counter()
@@ -183,6 +196,11 @@ def tune_head(config: HeadTuneConfig) -> dict:
     check_seeds = [config.seed + config.groups + j for j in range(config.check_groups)]
     theta = draw_groups(gen, task, label_data, train_seeds, config.samples, config.sample_batch)
     labels = task.evaluate(theta.flatten(0, 1), label_data, [metric])[metric].view(config.groups, config.samples)
+    finite = torch.isfinite(theta).flatten(1).all(1) & torch.isfinite(labels).all(1)  # [G]
+    if not finite.any():
+        raise GenerationError(f"every one of the {config.groups} groups holds a non-finite sample or metric: "
+                              f"the generator's samples cannot be ranked")
+    theta, labels = theta[finite], labels[finite]
     check_theta = draw_groups(gen, task, val_data, check_seeds, config.samples, config.sample_batch)
     measured = task.evaluate(check_theta.flatten(0, 1), val_data, [metric, *extra])
     check_values = {m: v.view(config.check_groups, config.samples) for m, v in measured.items()}
@@ -218,7 +236,7 @@ def tune_head(config: HeadTuneConfig) -> dict:
     result = {
         "config": asdict(config), "generator": {"name": gen.name, "sha256": gen.sha256, "written": str(written)},
         "hardware": hardware("cpu"), "metric": metric, "direction": direction, "sampling": gen.sampling,
-        "label_spread": float(labels.std(1).mean()), "drawing_s": drawn_s,
+        "label_spread": float(labels.std(1).mean()), "groups_dropped": int((~finite).sum()), "drawing_s": drawn_s,
         "wall_time_s": time.perf_counter() - began, "before": before, "after": after, "log": log,
     }
     out = Path(config.out)
@@ -226,6 +244,14 @@ def tune_head(config: HeadTuneConfig) -> dict:
         result["plots"] = [str(_plot(result, out))]
     (out / "head.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
     return result
+
+
+def _weights_sha256(manifest: Path) -> str | None:
+    """The weights hash a manifest on disk records (None where it cannot be read)."""
+    try:
+        return json.loads(manifest.read_text(encoding="utf-8")).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _plot(result: dict, out: Path) -> Path:

@@ -87,6 +87,12 @@ class Task(ABC):
         looking at the test set. ``holdout`` is the number of held-out examples, where that applies."""
         raise NotImplementedError(f"task {self.name!r} defines no validation data")
 
+    def labelling_data(self, data: Any, holdout: int = 5000, examples: int = 10_000) -> Any:
+        """``data`` rearranged so that :meth:`evaluate` measures data that neither the test set nor
+        :meth:`validation_data` ``(data, holdout)`` holds: for labelling what is then chosen or
+        checked on validation data (``learned-opt tune-head``). ``examples`` is its size, where that applies."""
+        raise NotImplementedError(f"task {self.name!r} defines no labelling data apart from its validation data")
+
     def logits(self, flat: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """Output logits of ``B`` networks on one batch: ``[B, P]``, ``[N, ...]`` -> ``[B, N, C]``,
         differentiable in ``flat`` (:func:`batched_forward`, or the model's own ``batched_forward``

@@ -54,6 +54,7 @@ class ControlTask(Task):
     episodes = 10
     episode_seed = 2022
     validation_episode_seed = 2023
+    labelling_episode_seed = 2024
     max_steps = 500
     matching_box: Sequence[float] | None = None  # observations output matching may use: uniform in ±box
     metrics = {"return": Metric("return", "max", 500.0, "mean greedy return over fixed episodes")}
@@ -104,6 +105,11 @@ class ControlTask(Task):
     def validation_data(self, data: ControlData, holdout: int = 5000) -> ControlData:
         """Episodes from other starting states (``validation_episode_seed``); ``holdout`` does not apply."""
         return ControlData(self.episode_starts(len(data.start_states), self.validation_episode_seed), data.max_steps)
+
+    def labelling_data(self, data: ControlData, holdout: int = 5000, examples: int = 10_000) -> ControlData:
+        """Episodes from yet other starting states (``labelling_episode_seed``); ``holdout`` and
+        ``examples`` do not apply."""
+        return ControlData(self.episode_starts(len(data.start_states), self.labelling_episode_seed), data.max_steps)
 
     def matching_inputs(self, data: ControlData) -> torch.Tensor:
         """``MATCHING_STATES`` observations uniform in ``±matching_box`` (seed ``MATCHING_SEED``):

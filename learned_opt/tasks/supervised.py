@@ -74,6 +74,16 @@ class SupervisedTask(Task):
         m = n - holdout
         return type(data)(data.train_x[:m], data.train_y[:m], data.train_x[m:], data.train_y[m:])
 
+    def labelling_data(self, data: ClassificationData, holdout: int = 5000, examples: int = 10_000) -> ClassificationData:
+        """The ``examples`` training examples just before the ``holdout`` validation examples in
+        place of the test set."""
+        rest = self.validation_data(data, holdout)
+        n = int(rest.train_x.shape[0])
+        if isinstance(examples, bool) or not isinstance(examples, int) or not 1 <= examples < n:
+            raise ConfigError(f"labelling examples must be an integer between 1 and {n - 1} (training examples "
+                              f"outside the {holdout} held out for validation), got {examples!r}")
+        return self.validation_data(rest, examples)
+
     def matching_inputs(self, data: ClassificationData) -> torch.Tensor:
         """The training inputs outside the default validation holdout."""
         return self.validation_data(data).train_x

@@ -49,7 +49,9 @@ from learned_opt.pretrained import LoadedGenerator, load_generator, save_generat
 from .evaluate import init_params
 from .evaluate.metrics import spearman
 from .evaluate.plots import save_figure
+from .evaluate.property import predict
 from .evaluate.run import hardware
+from .sampling import best_prompt_updates
 from .train.config import is_plain_name
 
 
@@ -94,15 +96,10 @@ def draw_groups(gen: LoadedGenerator, task: tasks.Task, data: Any, seeds: list[i
                 batch: int) -> torch.Tensor:
     """``samples`` one-step updates of each fresh init of ``seeds`` -> θ′ ``[len(seeds), samples, P]``:
     the generator's sampler and best prompt, conditioned on the init's metric on ``data``."""
-    metric = gen.metric_name
     inits = init_params(task, seeds)
-    start = task.evaluate(inits, data, [metric])[metric].repeat_interleave(samples)  # [G*S]
-    lo, hi = gen.metric_range
-    prompt = torch.full_like(start, min(max(gen.best_prompt, lo), hi))
-    x = inits.repeat_interleave(samples, 0)
-    rng = torch.Generator().manual_seed(seeds[0])
-    out = torch.cat([gen.sample(xb.to(gen.device), mb.to(gen.device), pb.to(gen.device), generator=rng).cpu()
-                     for xb, mb, pb in zip(x.split(batch), start.split(batch), prompt.split(batch))])
+    start = task.evaluate(inits, data, [gen.metric_name])[gen.metric_name]
+    out = best_prompt_updates(gen, inits.repeat_interleave(samples, 0), start.repeat_interleave(samples), batch,
+                              torch.Generator().manual_seed(seeds[0]))
     return out.view(len(seeds), samples, -1)
 
 
@@ -207,8 +204,7 @@ def tune_head(config: HeadTuneConfig) -> dict:
     drawn_s = time.perf_counter() - began
 
     def check() -> dict:
-        pred = torch.cat([gen.predict_metric(t.to(gen.device)).float().cpu()
-                          for t in check_theta.flatten(0, 1).split(config.sample_batch)])
+        pred = predict(gen, check_theta.flatten(0, 1), config.sample_batch)
         return ranking_figures(pred.view(config.check_groups, config.samples), check_values, metric, direction)
 
     before = check()

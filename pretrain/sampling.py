@@ -120,26 +120,33 @@ def sampler_grid(config: TuneConfig, num_steps: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
+def best_prompt_updates(gen: LoadedGenerator, theta: torch.Tensor, metric: torch.Tensor, batch: int,
+                        generator: torch.Generator, **sampler: Any) -> torch.Tensor:
+    """One update of each network ``theta`` [M, P] at its ``metric`` [M], prompted with the
+    generator's best prompt (within its metric range), ``batch`` networks at a time -> θ′ [M, P] on
+    the CPU. ``sampler``: ``steps``, ``method``, ``t_min``, ``guidance`` (default: the generator's own)."""
+    lo, hi = gen.metric_range
+    prompt = torch.full_like(metric, min(max(gen.best_prompt, lo), hi))
+    return torch.cat([
+        gen.sample(xb.to(gen.device), mb.to(gen.device), pb.to(gen.device), generator=generator, **sampler).cpu()
+        for xb, mb, pb in zip(theta.split(batch), metric.split(batch), prompt.split(batch))
+    ])
+
+
 def sweep(gen: LoadedGenerator, task: tasks.Task, val_data: Any, inits: torch.Tensor, config: TuneConfig) -> dict:
     """Per ``(steps, t_min, guidance)``: the validation metrics of ``config.samples`` updates of each init."""
     metric = gen.metric_name
     direction = gen.metric_direction
-    lo, hi = gen.metric_range
-    x = inits.repeat_interleave(config.samples, 0).to(gen.device)  # [N*S, P]
+    x = inits.repeat_interleave(config.samples, 0)  # [N*S, P]
     start = task.evaluate(inits, val_data, [metric])[metric].repeat_interleave(config.samples)  # [N*S]
-    prompt = torch.full_like(start, min(max(gen.best_prompt, lo), hi))
     extra = [m for m in ("test_error",) if m in task.metrics and m != metric]
     rows = []
     grid = list(itertools.product(sampler_grid(config, gen.diffusion.num_steps), config.guidance))
     for (steps, t_min), guidance in tqdm(grid, desc="samplers", disable=not config.progress):
         rng = torch.Generator().manual_seed(config.seed)  # the same noise for every sampler
         began = time.perf_counter()
-        out = torch.cat([
-            gen.sample(xb, mb.to(gen.device), pb.to(gen.device), steps=steps, method=config.method, t_min=t_min,
-                       guidance=guidance, generator=rng).cpu()
-            for xb, mb, pb in zip(x.split(config.sample_batch), start.split(config.sample_batch),
-                                  prompt.split(config.sample_batch))
-        ])
+        out = best_prompt_updates(gen, x, start, config.sample_batch, rng, steps=steps, method=config.method,
+                                  t_min=t_min, guidance=guidance)
         seconds = time.perf_counter() - began
         values = task.evaluate(out, val_data, [metric, *extra])
         per_init = values[metric].view(config.inits, config.samples)

@@ -216,8 +216,8 @@ def tune_head(config: HeadTuneConfig) -> dict:
         "config": {k: v for k, v in asdict(config).items() if k not in ("progress", "plots", "out", "generator")},
         "loss": "pairwise logistic ranking loss within each group of samples, scaled by the labels' mean spread "
                 "within a group, + mse_weight x the squared error in those units; only the property head trained",
-        "labels": "the metric on training examples before the validation holdout (supervised tasks) or on the "
-                  "validation episodes (control tasks)",
+        "labels": "the metric on the task's labelling data, apart from its validation data: training examples "
+                  "before the validation holdout (supervised tasks) or episodes from labelling_episode_seed (control tasks)",
         "check_within_group_spearman": {"before": before["within_group_spearman"],
                                         "after": after["within_group_spearman"]},
     }

@@ -30,35 +30,35 @@ REPO = Path(__file__).resolve().parents[1]
 INITS = int(os.environ.get("LEARNED_OPT_BENCH_INITS", "20"))
 
 
-def _images(train: bool, norm: dict | None):
+def _pixels(train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST as plain ``ToTensor()`` pixels in [0, 1], flattened: ``[N, 784]``, labels ``[N]``."""
     torchvision = pytest.importorskip("torchvision")
     root = os.environ.get("LEARNED_OPT_DATA") or REPO.parent / "shared" / "data"
     try:
         ds = torchvision.datasets.MNIST(str(root), train=train)
     except RuntimeError as exc:
         pytest.skip(f"MNIST not found: {exc}")
-    x = ds.data.float() / 255
-    if norm is not None:
-        x = (x - norm["mean"][0]) / norm["std"][0]
-    return x.flatten(1), ds.targets
+    return (ds.data.float() / 255).flatten(1), ds.targets
 
 
 def test_unnormalised_inputs_against_normalised():
     if "mnist-mlp" not in {g["name"] for g in list_pretrained()}:
         pytest.skip("no mnist-mlp generator is shipped")
-    corpus_norm = load_generator("mnist-mlp").input_normalization
+    norm = load_generator("mnist-mlp").input_normalization
+    (x_train, y_train), (x_test, y_test) = _pixels(True), _pixels(False)
+    x_val, y_val = x_train[-5000:], y_train[-5000:]
     rows = {}
-    for label, norm in (("normalised as the corpus", corpus_norm), ("plain ToTensor()", None)):
-        (x_train, y_train), (x_test, y_test) = _images(True, norm), _images(False, norm)
-        x_val, y_val = x_train[-5000:], y_train[-5000:]
+    for label, prepare in (("normalised as the corpus", lambda x: (x - norm["mean"][0]) / norm["std"][0]),
+                           ("plain ToTensor()", lambda x: x)):
+        val_in, test_in = prepare(x_val), prepare(x_test)
         errors, accepted = [], 0
         for i in range(INITS):
             torch.manual_seed(1_000_000 + i)
             model = nn.Sequential(nn.Linear(784, 10), nn.ReLU(), nn.Linear(10, 10))
             opt = GptOptimizer(model.parameters(), generator="mnist-mlp", lr=1e-3, seed=i)
-            accepted += opt.generate(lambda: F.cross_entropy(model(x_val), y_val)).accepted
+            accepted += opt.generate(lambda: F.cross_entropy(model(val_in), y_val)).accepted
             with torch.no_grad():
-                errors.append((model(x_test).argmax(1) != y_test).float().mean().item() * 100)
+                errors.append((model(test_in).argmax(1) != y_test).float().mean().item() * 100)
         rows[label] = statistics.median(errors)
         print(f"\n{label}: median test error after one update {rows[label]:.2f}%, accepted {accepted}/{INITS}")
     assert rows["normalised as the corpus"] < rows["plain ToTensor()"]

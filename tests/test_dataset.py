@@ -169,20 +169,38 @@ def test_start_pairs_are_every_pair_from_one_checkpoint(store_dir):
     assert ds.start_pairs(5).numel() == 0  # the last checkpoint starts nothing
 
 
-def test_focus_fraction_puts_that_share_of_every_batch_on_the_focus_pairs():
-    focus = torch.tensor([3, 17, 40])
-    s = PairSampler(1000, 20, seed=2, task=None, focus=focus, focus_fraction=0.25)
+def test_late_pairs_are_every_pair_that_starts_in_the_second_half_of_its_run(store_dir):
+    ds = open_pairs(store_dir, PairConfig(max_gap=3, heldout_fraction=0.2)).train
+    got = sorted(ds.pair(int(k)) for k in ds.late_pairs())
+    everything = [ds.pair(k) for k in range(len(ds))]
+    k = {r: len(ds.metric_values[r]) for r in ds.run_ids}
+    assert got == sorted(p for p in everything if p[1] >= k[p[0]] // 2)
+    assert got and len(got) < len(everything)
+
+
+def test_focus_puts_each_share_of_every_batch_on_its_pairs():
+    focus, late = torch.tensor([3, 17, 40]), torch.tensor([500, 501])
+    s = PairSampler(1000, 20, seed=2, task=None, focus=[(focus, 0.25)])
     for step in range(5):
         indices, _ = s.global_batch(step)
         assert indices.shape == (20,) and torch.isin(indices[:5], focus).all()
     assert not torch.isin(indices[5:], focus).all()  # the rest is drawn from every pair
+    both = PairSampler(1000, 20, seed=2, task=None, focus=[(focus, 0.25), (late, 0.5)])
+    indices, _ = both.global_batch(3)
+    assert torch.isin(indices[:5], focus).all() and torch.isin(indices[5:15], late).all()
+    assert not torch.isin(indices[15:], late).all()
     plain = PairSampler(1000, 20, seed=2, task=None)
-    assert torch.equal(PairSampler(1000, 20, seed=2, task=None, focus=focus).global_batch(1)[0],
-                       plain.global_batch(1)[0])  # no fraction: G.pt's uniform draw, unchanged
-    with pytest.raises(ConfigError, match="focus_fraction"):
-        PairSampler(1000, 20, seed=2, task=None, focus=focus, focus_fraction=1.5)
+    for unfocused in ([(focus, 0.0)], [(focus, 0.0), (torch.zeros(0, dtype=torch.long), 0.5)]):
+        # no share (or no pairs): G.pt's uniform draw, unchanged
+        assert torch.equal(PairSampler(1000, 20, seed=2, task=None, focus=unfocused).global_batch(1)[0],
+                           plain.global_batch(1)[0])
+    for bad in ([(focus, 1.5)], [(focus, 0.6), (late, 0.6)]):
+        with pytest.raises(ConfigError, match="focus fractions"):
+            PairSampler(1000, 20, seed=2, task=None, focus=bad)
     with pytest.raises(ConfigError, match="init_fraction"):
         PairConfig(init_fraction=-0.1)
+    with pytest.raises(ConfigError, match="late_fraction"):
+        PairConfig(init_fraction=0.75, late_fraction=0.5)
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -12,10 +12,12 @@ What a pair is (G.pt's recipe):
 * augmented with **one** random permutation of hidden units applied to both ``θ_i`` and ``θ_j``
   (the task's ``random_permutations`` / ``permute``), drawn per pair from a seeded generator.
 
-One departure is optional (``PairConfig.init_fraction``, default 0 = G.pt): a fixed share of
-every batch drawn from the pairs that start at the initialisation (checkpoint 0). Uniform
+Two departures are optional (default 0 = G.pt): ``PairConfig.init_fraction``, a fixed share of
+every batch drawn from the pairs that start at the initialisation (checkpoint 0) — uniform
 drawing gives them about 1 % of the batches, while a random initialisation is where the one-step
-use of the generator starts.
+use of the generator starts —; and ``PairConfig.late_fraction``, a share drawn from the pairs that
+start in the second half of their run: the small, precise updates of networks already well
+trained, which periodic use late in training asks for.
 
 Runs are split into a training and a held-out part **by run id**, deterministically: a run is
 held out when a hash of ``(split_seed, run_id)`` falls below ``heldout_fraction`` (at least one run

@@ -20,6 +20,7 @@ class PairConfig:
     split_seed: int = 0  # the hash salt of the train / held-out split
     augment: bool = True  # one random hidden-unit permutation per pair
     init_fraction: float = 0.0  # share of each batch drawn from pairs that start at the initialisation
+    late_fraction: float = 0.0  # share of each batch drawn from pairs that start in the second half of their run
     std_sample_runs: int = 64  # runs sampled to estimate the corpus-wide parameter std
     std_sample_rows: int = 16  # checkpoints read per sampled run
 
@@ -32,3 +33,5 @@ class PairConfig:
             raise ConfigError(f"Invalid heldout_fraction: {self.heldout_fraction} (must be in [0, 1))")
         if not 0.0 <= self.init_fraction <= 1.0:
             raise ConfigError(f"Invalid init_fraction: {self.init_fraction} (must be in [0, 1])")
+        if not 0.0 <= self.late_fraction <= 1.0 - self.init_fraction:
+            raise ConfigError(f"Invalid late_fraction: {self.late_fraction} (must be in [0, 1 - init_fraction])")

@@ -56,6 +56,7 @@ class PairCorpus:
             "max_gap": self.config.max_gap,
             "augment": self.config.augment,
             "init_fraction": self.config.init_fraction,
+            "late_fraction": self.config.late_fraction,
             "split": self.split.to_dict(),
         }
 

@@ -154,6 +154,16 @@ class PairDataset(Dataset):
                 out.append(torch.arange(first, first + min(self.max_gap, k - 1 - start)))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
+    def late_pairs(self) -> torch.Tensor:
+        """Indices ``[N]`` of every pair that starts in the second half of its run (at checkpoint
+        ``k // 2`` or later of ``k``): updates of networks that are already well trained."""
+        out = []
+        for r, run_id in enumerate(self.run_ids):
+            k = len(self.metric_values[run_id])
+            first = self._offsets[r] + self._pair_starts(k)[k // 2]
+            out.append(torch.arange(first, self._offsets[r + 1]))
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
     def pair(self, index: int) -> tuple[int, int, int]:
         """``(run_id, i, j)`` of pair number ``index``."""
         index = int(index)

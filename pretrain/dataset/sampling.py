@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -20,28 +21,33 @@ class PairSampler:
     ranks never overlap, resuming needs only the step number, and the data a run sees does not
     depend on how many processes share it.
 
-    ``focus`` (pair indices, e.g. :meth:`PairDataset.start_pairs`) and ``focus_fraction`` put a
-    fixed share of every batch on those pairs; the rest is drawn from all pairs.
+    ``focus`` is a sequence of ``(pair indices, fraction)`` (e.g. :meth:`PairDataset.start_pairs`,
+    :meth:`PairDataset.late_pairs`): each puts a fixed share of every batch on its pairs, in order
+    at the front of the batch; the rest is drawn from all pairs.
     """
 
     def __init__(self, num_pairs: int, batch_size: int, seed: int, task: tasks.Task | None, augment: bool = True,
-                 *, focus: torch.Tensor | None = None, focus_fraction: float = 0.0):
+                 *, focus: Sequence[tuple[torch.Tensor, float]] = ()):
         if num_pairs < 1:
             raise StoreError("no training pairs: every training run has fewer than two checkpoints")
-        if not 0.0 <= focus_fraction <= 1.0:
-            raise ConfigError(f"focus_fraction must be in [0, 1], got {focus_fraction}")
+        fractions = [float(f) for _, f in focus]
+        if not all(0.0 <= f <= 1.0 for f in fractions) or sum(fractions) > 1.0 + 1e-9:
+            raise ConfigError(f"focus fractions must each be in [0, 1] and sum to at most 1, got {fractions}")
         self.num_pairs, self.batch_size, self.seed = int(num_pairs), int(batch_size), int(seed)
         self.task, self.augment = task, augment and task is not None
-        self.focus = focus if focus is not None and focus.numel() and focus_fraction > 0 else None
-        self.num_focus = 0 if self.focus is None else round(focus_fraction * self.batch_size)
+        # (pairs, how many of each batch): groups with no pairs or no share are dropped
+        self.focus = [(pairs, round(f * self.batch_size)) for pairs, f in focus if pairs.numel() and f > 0]
 
     def global_batch(self, step: int, stream: str = "train") -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Pair indices ``[B]`` and per-layer permutations ``[B, H_l]`` (or None) for ``step``."""
         gen = seeded_generator("pairs", stream, self.seed, step)
         indices = torch.randint(self.num_pairs, (self.batch_size,), generator=gen)
-        if self.num_focus:
-            pick = torch.randint(self.focus.numel(), (self.num_focus,), generator=gen)
-            indices[: self.num_focus] = self.focus[pick]
+        at = 0
+        for pairs, count in self.focus:
+            count = min(count, self.batch_size - at)
+            pick = torch.randint(pairs.numel(), (count,), generator=gen)
+            indices[at: at + count] = pairs[pick]
+            at += count
         perms = self.task.random_permutations(self.batch_size, gen) if self.augment else None
         return indices, perms
 

@@ -52,6 +52,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--no-augment", dest="augment", action="store_false", default=S, help="no hidden-unit permutations")
     add("--init-fraction", type=float, default=S,
         help="share of each batch from pairs that start at the initialisation (default 0: G.pt's uniform pairs)")
+    add("--late-fraction", type=float, default=S,
+        help="share of each batch from pairs that start in the second half of their run: updates of well-trained "
+             "networks, for periodic use late in training (default 0)")
     add("--precondition", action="store_true", default=S,
         help="noise-level skip connections around θ (see learned_opt.generator); default: G.pt's plain residual")
     add("--pca-init", action="store_true", default=S,

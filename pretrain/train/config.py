@@ -50,6 +50,7 @@ class TrainConfig:
     heldout_fraction: float = 0.1  # share of runs held out (by run id)
     augment: bool = True  # random hidden-unit permutation per pair
     init_fraction: float = 0.0  # share of each batch from pairs starting at the initialisation (G.pt: 0)
+    late_fraction: float = 0.0  # share of each batch from pairs starting in the second half of their run (G.pt: 0)
     precondition: bool = False  # noise-level skips around θ (learned_opt.generator); G.pt: False
     residual_std: float | None = None  # one σ of θ′ - θ for every parameter; None: σ_p measured per parameter
     pca_init: bool = False  # wide tokens' encoders start at the principal directions of θ′ - θ
@@ -123,6 +124,9 @@ class TrainConfig:
             raise ConfigError(f"--layer-balance must be in [0, 1], got {self.layer_balance}")
         if not 0.0 <= self.init_fraction <= 1.0:
             raise ConfigError(f"--init-fraction must be in [0, 1], got {self.init_fraction}")
+        if not 0.0 <= self.late_fraction <= 1.0 - self.init_fraction:
+            raise ConfigError(f"--late-fraction must be in [0, 1 - --init-fraction] (the two shares of a batch "
+                              f"add up to at most 1), got {self.late_fraction} with --init-fraction {self.init_fraction}")
         if not (self.output_matching >= 0 and math.isfinite(self.output_matching)):
             raise ConfigError(f"--output-matching must be a number >= 0 (0: off), got {self.output_matching}")
         if isinstance(self.matching_examples, bool) or not isinstance(self.matching_examples, int) \
@@ -141,6 +145,7 @@ class TrainConfig:
         return PairConfig(
             metric=self.metric, max_gap=self.max_gap, heldout_fraction=self.heldout_fraction,
             split_seed=self.seed, augment=self.augment, init_fraction=self.init_fraction,
+            late_fraction=self.late_fraction,
         )
 
     def diffusion_config(self) -> DiffusionConfig:

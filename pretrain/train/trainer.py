@@ -150,8 +150,8 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.sampler = PairSampler(
             len(self.corpus.train), config.batch_size, config.seed, self.corpus.task, config.augment,
-            focus=self.corpus.train.start_pairs(0) if config.init_fraction else None,
-            focus_fraction=config.init_fraction,
+            focus=[(self.corpus.train.start_pairs(0), config.init_fraction),
+                   (self.corpus.train.late_pairs(), config.late_fraction)],
         )
         self.model = new_model(config, self.layout, self.corpus.train, self.sampler, state, source)
         self.source = source_record(source) if source is not None else (state or {}).get("init_from")

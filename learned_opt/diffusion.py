@@ -12,6 +12,11 @@ noises a clean ``x0`` to ``x_t = sqrt(ᾱ_t) x0 + sqrt(1 - ᾱ_t) ε``; the mode
   cost per step as DDIM; on Gaussian data with the exact denoiser it keeps the spread within a
   few percent at 25 steps, where DDIM shrinks it by 5-10%.
 
+Every sampler takes a ``temperature`` that scales its noise draws (x_T and any fresh noise along
+the way): 1 is the model's distribution; below 1 samples nearer its modes, and 0 with a
+deterministic sampler is one path from x_T = 0 (low-temperature sampling, as in Kingma &
+Dhariwal 2018, arXiv:1807.03039).
+
 The model is any callable ``model(x_t, t, **cond) -> x0_hat``; this module knows nothing about
 parameters or tokens. All sampling noise comes from a caller's ``torch.Generator``; the global RNG
 is never touched.
@@ -83,6 +88,14 @@ def _check_steps(num_steps: int, steps: int, t_min: int, who: str) -> None:
     if steps == 1 and 0 < t_min < num_steps - 1:
         raise ConfigError(f"{who} with one step calls the model at the last timestep only, so t_min={t_min} would "
                           f"not apply; use steps >= 2 with t_min, or t_min=0")
+
+
+def check_temperature(value, where: str = "temperature") -> float:
+    """``value`` as a float; :class:`ConfigError` unless it is a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+        raise ConfigError(f"Invalid {where}: {value!r} (the scale of the sampling noise: a finite number >= 0; "
+                          f"1 samples the model's distribution, 0 its deterministic path from x_T = 0)")
+    return float(value)
 
 
 def check_sampler(num_steps: int, method: str, steps: int, t_min: int) -> None:
@@ -230,6 +243,7 @@ class Diffusion:
         t_min: int = 0,
         progress: bool = False,
         guidance: float = 1.0,
+        temperature: float = 1.0,
     ) -> torch.Tensor:
         """Draw ``x0`` of ``shape`` (``[B, ...]``) by reverse diffusion.
 
@@ -250,6 +264,11 @@ class Diffusion:
         prediction is ``uncond + w (cond - uncond)``, both from one model call on a doubled batch
         (the model must take ``drop_prompt``); w = 1 (the default) calls the model as without it.
 
+        ``temperature`` scales every noise draw (x_T when it is not given, and the fresh noise of
+        DDPM and of DDIM with ``eta`` > 0); the draws are made all the same, so at 1 (the default)
+        the result is bit for bit that of an unscaled sampler, and a given seed's noise shrinks
+        towards 0 as the temperature does.
+
         Tensors live on the device of ``x_T`` or of the first tensor in ``cond`` (else the
         generator's); noise is drawn on the generator's device and moved there, so a CPU generator
         gives the same draws for a model on any device. A module ``model`` is put in eval mode for
@@ -257,13 +276,15 @@ class Diffusion:
         """
         check_sampler(self.num_steps, method, steps, t_min)
         guidance = check_guidance(guidance)
+        temperature = check_temperature(temperature)
         if method == "ddim" and not eta >= 0.0:
             raise ConfigError(f"DDIM needs eta >= 0, got {eta}")
         shape = tuple(int(s) for s in shape)
         device, dtype = _placement(cond, x_T, generator)
 
         def randn() -> torch.Tensor:
-            return torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+            noise = torch.randn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+            return noise if temperature == 1.0 else noise * temperature
 
         x = randn() if x_T is None else x_T.to(device=device, dtype=dtype)
         if tuple(x.shape) != shape:

@@ -44,10 +44,10 @@ REQUIRED_KEYS = (
 )
 
 # The sampler a generator uses when the caller names none. A manifest may carry its own
-# ``"sampling"`` entry (``method``, ``steps``, ``t_min`` and, for a generator trained with prompt
-# dropout, ``guidance``, chosen for that generator on validation inits by ``learned-opt
-# tune-sampling``), which overrides these key by key.
-DEFAULT_SAMPLING = {"method": "ddim", "steps": 50, "t_min": 0, "guidance": 1.0}
+# ``"sampling"`` entry (``method``, ``steps``, ``t_min``, ``temperature`` and, for a generator
+# trained with prompt dropout, ``guidance``, chosen for that generator on validation inits by
+# ``learned-opt tune-sampling``), which overrides these key by key.
+DEFAULT_SAMPLING = {"method": "ddim", "steps": 50, "t_min": 0, "guidance": 1.0, "temperature": 1.0}
 SAMPLING_KEYS = tuple(DEFAULT_SAMPLING)
 
 # Bounds on what a manifest may ask to build: far above any generator this package trains, low
@@ -201,6 +201,9 @@ def sampling_from_manifest(manifest: Mapping[str, Any], num_steps: int) -> dict[
     if not (jsoncheck.is_number(guidance) and guidance >= 0):
         raise ValueError(f"sampling guidance must be a finite number >= 0, got {guidance!r}")
     out["guidance"] = float(guidance)
+    if not (jsoncheck.is_number(out["temperature"]) and out["temperature"] >= 0):
+        raise ValueError(f"sampling temperature must be a finite number >= 0, got {out['temperature']!r}")
+    out["temperature"] = float(out["temperature"])
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"sampling method {method!r} is not one of {', '.join(METHODS)}")
     for name, value in (("steps", steps), ("t_min", t_min)):

@@ -80,7 +80,10 @@ class GptOptimizer(torch.optim.Optimizer):
     stops there unless ``sampling_t_min=0`` is given too.
     ``guidance`` (None: the generator's own, else 1) is the classifier-free guidance scale
     (:mod:`learned_opt.guidance`; a generator trained with ``--prompt-dropout`` only; 1 is plain
-    conditional sampling). ``candidates=N`` draws N samples in one batched call and keeps the best:
+    conditional sampling). ``sampling_temperature`` (None: the generator's own, else 1) scales the
+    sampler's noise: below 1 samples nearer the generator's modes, 0 is its deterministic path
+    (:meth:`~learned_opt.diffusion.Diffusion.sample`; with 0 and a deterministic sampler, N
+    candidates are one sample N times). ``candidates=N`` draws N samples in one batched call and keeps the best:
     with ``rank="closure"`` the one the closure (needed; measure it on held-out training data, not
     the test set) scores best, N closure calls per update besides the first (if no candidate gives
     a finite metric, the update is rejected); with ``rank="self"`` the one whose metric the
@@ -151,6 +154,7 @@ class GptOptimizer(torch.optim.Optimizer):
         sampling_t_min: int | None = None,
         candidates: int = 1,
         guidance: float | None = None,
+        sampling_temperature: float | None = None,
         rank: str = "closure",
         seed: int = 0,
         metric_closure: Callable[[], MetricValue] | None = None,
@@ -163,7 +167,8 @@ class GptOptimizer(torch.optim.Optimizer):
         check_sampling(sampling_steps, sampling_method, sampling_t_min, candidates)
         params = materialize(params)
         self.generator = load_generator(generator)  # WeightsError for unknown names / bad files
-        sampler = self.generator.sampler(sampling_method, sampling_steps, sampling_t_min, guidance)  # ConfigError if unfit
+        # ConfigError if unfit
+        sampler = self.generator.sampler(sampling_method, sampling_steps, sampling_t_min, guidance, sampling_temperature)
         check_rank(rank, self.generator)
         tensors, names = flat_params(params)
         device = tensors[0].device
@@ -185,6 +190,7 @@ class GptOptimizer(torch.optim.Optimizer):
         self.sampling_method = sampler["method"]
         self.sampling_t_min = sampler["t_min"]
         self.guidance = sampler["guidance"]
+        self.sampling_temperature = sampler["temperature"]
         self.candidates, self.rank = candidates, rank
         self.seed = seed
         self.metric_closure = metric_closure
@@ -383,6 +389,7 @@ class GptOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # restores hooks and the profiled step
         self.__dict__.setdefault("keep_if_met", False)  # pickled before keep_if_met: it never kept θ
+        self.__dict__.setdefault("sampling_temperature", 1.0)  # pickled before temperatures: the plain sampler
         self.counters.setdefault("kept", 0)
         self._lock = threading.RLock()
         self.param_groups = self.base.param_groups
@@ -394,7 +401,8 @@ class GptOptimizer(torch.optim.Optimizer):
             f"GptOptimizer(base={type(self.base).__name__}, generator={self.generator.name!r}, "
             f"metric={self.generator.metric_name!r}, every={self.every}, prompt={self.prompt!r}, "
             f"sampler={self.sampling_method}-{self.sampling_steps} t_min={self.sampling_t_min}, "
-            f"guidance={self.guidance:g}, candidates={self.candidates}, rank={self.rank!r}, seed={self.seed}, groups={len(self.param_groups)}, "
+            f"guidance={self.guidance:g}, temperature={self.sampling_temperature:g}, candidates={self.candidates}, "
+            f"rank={self.rank!r}, seed={self.seed}, groups={len(self.param_groups)}, "
             f"steps={c['steps']}, generative updates accepted/rejected/failed/kept="
             f"{c['accepted']}/{c['rejected']}/{c['failed']}/{c['kept']})"
         )

@@ -146,17 +146,19 @@ class LoadedGenerator:
         return bool(self.model.config.property_head)
 
     def sampler(self, method: str | None = None, steps: int | None = None, t_min: int | None = None,
-                guidance: float | None = None) -> dict[str, Any]:
+                guidance: float | None = None, temperature: float | None = None) -> dict[str, Any]:
         """This generator's :attr:`sampling` with the given settings on top, key by key (None keeps
-        the generator's); :class:`ConfigError` if they cannot run on its noise schedule, or if a
-        guidance other than 1 is asked of a generator trained without prompt dropout."""
-        from .diffusion import check_sampler
+        the generator's); :class:`ConfigError` if they cannot run on its noise schedule, if a
+        guidance other than 1 is asked of a generator trained without prompt dropout, or if a
+        temperature is not a number >= 0."""
+        from .diffusion import check_sampler, check_temperature
         from .guidance import check_guidance
 
         s = self.sampling
         out = {"method": s["method"] if method is None else method, "steps": s["steps"] if steps is None else steps,
                "t_min": s["t_min"] if t_min is None else t_min,
-               "guidance": check_guidance(s.get("guidance", 1.0) if guidance is None else guidance)}
+               "guidance": check_guidance(s.get("guidance", 1.0) if guidance is None else guidance),
+               "temperature": check_temperature(s.get("temperature", 1.0) if temperature is None else temperature)}
         try:
             check_sampler(self.diffusion.num_steps, out["method"], out["steps"], out["t_min"])
         except ConfigError as exc:
@@ -179,21 +181,23 @@ class LoadedGenerator:
         method: str | None = None,
         t_min: int | None = None,
         guidance: float | None = None,
+        temperature: float | None = None,
         generator: torch.Generator,
     ) -> torch.Tensor:
         """θ′ for parameters ``theta`` [B, P] at ``metric`` [B], prompted with ``prompt`` [B].
 
-        ``steps``, ``method``, ``t_min`` and ``guidance`` (see
+        ``steps``, ``method``, ``t_min``, ``guidance`` and ``temperature`` (see
         :meth:`~learned_opt.diffusion.Diffusion.sample`) default to this generator's :attr:`sampling`.
         """
-        s = self.sampler(method, steps, t_min, guidance)
+        s = self.sampler(method, steps, t_min, guidance, temperature)
         norm = self.normalization
         dtype = next(self.model.parameters()).dtype
         x = norm.params(theta.to(dtype))  # [B, P] generator units
         cond = dict(theta=x, metric=norm.metric(metric.to(dtype)), target=norm.metric(prompt.to(dtype)))
         out = self.diffusion.sample(
             self.model, cond, tuple(x.shape),
-            method=s["method"], steps=s["steps"], t_min=s["t_min"], guidance=s["guidance"], generator=generator,
+            method=s["method"], steps=s["steps"], t_min=s["t_min"], guidance=s["guidance"],
+            temperature=s["temperature"], generator=generator,
         )  # [B, P]
         return norm.unparams(out).to(theta.dtype)
 

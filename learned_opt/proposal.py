@@ -70,6 +70,7 @@ def sample_candidates(opt, theta: torch.Tensor, before: float, target: float) ->
             method=opt.sampling_method,
             t_min=opt.sampling_t_min,
             guidance=opt.guidance,
+            temperature=opt.sampling_temperature,
             generator=opt._rng,
         )
     except Exception as exc:  # a broken generator must not break training

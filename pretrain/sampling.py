@@ -7,8 +7,9 @@ makes networks worse, and stopping at ``t_min`` (returning the x0 prediction mad
 
 * ``--inits N`` fresh initialisations with seeds ``--seed + i`` (default ``2_000_000 + i``: apart
   from corpus runs, ``learned-opt eval``'s ``1_000_000 + i`` and ``bench``'s ``3_000_000 + i``);
-* for every ``--steps`` × ``--t-min`` pair (``--method``, default DDIM) and every ``--guidance``
-  scale (default 1 alone; above 1 needs a generator trained with ``--prompt-dropout``),
+* for every ``--steps`` × ``--t-min`` pair (``--method``, default DDIM), every ``--guidance``
+  scale (default 1 alone; above 1 needs a generator trained with ``--prompt-dropout``) and every
+  ``--temperature`` (the scale of the sampling noise; default 1 alone; 0 is the deterministic path),
   ``--samples`` updates per init with the generator's best prompt, conditioned on the init's metric;
 * every metric is measured on the task's **validation data** (:meth:`Task.validation_data`: for a
   supervised task the last ``--holdout`` training examples, for a control task episodes from other
@@ -40,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from learned_opt import tasks
-from learned_opt.diffusion import METHODS
+from learned_opt.diffusion import METHODS, check_temperature
 from learned_opt.errors import ConfigError
 from learned_opt.fileio import atomic_write
 from learned_opt.guidance import check_guidance
@@ -70,6 +71,7 @@ class TuneConfig:
     steps: tuple[int, ...] = DEFAULT_STEPS
     t_min: tuple[int, ...] = DEFAULT_T_MIN
     guidance: tuple[float, ...] = (1.0,)  # classifier-free guidance scales (above 1: generators trained with prompt dropout)
+    temperature: tuple[float, ...] = (1.0,)  # scales of the sampling noise (0: the deterministic path)
     holdout: int = 5000  # training examples held out as validation data (supervised tasks)
     tolerance: float = 0.01  # relative: samplers this close to the best median count as equal; the cheapest wins
     sample_batch: int = 256  # networks sampled at once
@@ -82,6 +84,9 @@ class TuneConfig:
         self.guidance = tuple(check_guidance(w, "--guidance") for w in self.guidance)
         if not self.guidance:
             raise ConfigError("--guidance must list at least one scale, e.g. 1,1.5,2,3")
+        self.temperature = tuple(check_temperature(s, "--temperature") for s in self.temperature)
+        if not self.temperature:
+            raise ConfigError("--temperature must list at least one scale, e.g. 1,0.5,0")
         for name in ("inits", "samples", "sample_batch"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -124,7 +129,8 @@ def best_prompt_updates(gen: LoadedGenerator, theta: torch.Tensor, metric: torch
                         generator: torch.Generator, **sampler: Any) -> torch.Tensor:
     """One update of each network ``theta`` [M, P] at its ``metric`` [M], prompted with the
     generator's best prompt (within its metric range), ``batch`` networks at a time -> θ′ [M, P] on
-    the CPU. ``sampler``: ``steps``, ``method``, ``t_min``, ``guidance`` (default: the generator's own)."""
+    the CPU. ``sampler``: ``steps``, ``method``, ``t_min``, ``guidance``, ``temperature`` (default: the
+    generator's own)."""
     lo, hi = gen.metric_range
     prompt = torch.full_like(metric, min(max(gen.best_prompt, lo), hi))
     return torch.cat([
@@ -134,25 +140,25 @@ def best_prompt_updates(gen: LoadedGenerator, theta: torch.Tensor, metric: torch
 
 
 def sweep(gen: LoadedGenerator, task: tasks.Task, val_data: Any, inits: torch.Tensor, config: TuneConfig) -> dict:
-    """Per ``(steps, t_min, guidance)``: the validation metrics of ``config.samples`` updates of each init."""
+    """Per ``(steps, t_min, guidance, temperature)``: the validation metrics of ``config.samples`` updates of each init."""
     metric = gen.metric_name
     direction = gen.metric_direction
     x = inits.repeat_interleave(config.samples, 0)  # [N*S, P]
     start = task.evaluate(inits, val_data, [metric])[metric].repeat_interleave(config.samples)  # [N*S]
     extra = [m for m in ("test_error",) if m in task.metrics and m != metric]
     rows = []
-    grid = list(itertools.product(sampler_grid(config, gen.diffusion.num_steps), config.guidance))
-    for (steps, t_min), guidance in tqdm(grid, desc="samplers", disable=not config.progress):
+    grid = list(itertools.product(sampler_grid(config, gen.diffusion.num_steps), config.guidance, config.temperature))
+    for (steps, t_min), guidance, temperature in tqdm(grid, desc="samplers", disable=not config.progress):
         rng = torch.Generator().manual_seed(config.seed)  # the same noise for every sampler
         began = time.perf_counter()
         out = best_prompt_updates(gen, x, start, config.sample_batch, rng, steps=steps, method=config.method,
-                                  t_min=t_min, guidance=guidance)
+                                  t_min=t_min, guidance=guidance, temperature=temperature)
         seconds = time.perf_counter() - began
         values = task.evaluate(out, val_data, [metric, *extra])
         per_init = values[metric].view(config.inits, config.samples)
         best = per_init.min(1).values if direction == "min" else per_init.max(1).values
         rows.append({
-            "steps": steps, "t_min": t_min, "guidance": guidance,
+            "steps": steps, "t_min": t_min, "guidance": guidance, "temperature": temperature,
             f"median_{metric}": float(values[metric].median()),
             f"mean_{metric}": float(values[metric].mean()),
             f"median_best_of_samples_{metric}": float(best.median()),
@@ -170,7 +176,7 @@ def sweep(gen: LoadedGenerator, task: tasks.Task, val_data: Any, inits: torch.Te
         "start_median": float(start.median()),
         "rows": rows,
         "chosen": {"method": config.method, "steps": chosen["steps"], "t_min": chosen["t_min"],
-                   "guidance": chosen["guidance"], key: chosen[key]},
+                   "guidance": chosen["guidance"], "temperature": chosen["temperature"], key: chosen[key]},
     }
 
 
@@ -180,7 +186,8 @@ def record_choice(manifest_path: Path, result: dict, config: TuneConfig) -> None
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     manifest["sampling"] = {
         "method": chosen["method"], "steps": chosen["steps"], "t_min": chosen["t_min"],
-        **({"guidance": chosen["guidance"]} if chosen["guidance"] != 1.0 else {}),  # left out: readable by older releases
+        # left out at 1: readable by older releases
+        **{k: chosen[k] for k in ("guidance", "temperature") if chosen.get(k, 1.0) != 1.0},
         "chosen_by": (f"learned-opt tune-sampling: the fewest steps within {config.tolerance:.0%} of the best median "
                       f"{result['metric']} (ties broken by the mean) on validation data, over {config.inits} inits "
                       f"(seeds {config.seed} + i) x {config.samples} samples"),
@@ -196,13 +203,16 @@ def _plot(result: dict, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     key = f"median_{result['metric']}"
-    lines = sorted({(r["steps"], r.get("guidance", 1.0)) for r in result["rows"]})
-    guided = len({w for _, w in lines}) > 1
+    line_of = lambda r: (r["steps"], r.get("guidance", 1.0), r.get("temperature", 1.0))  # noqa: E731
+    lines = sorted({line_of(r) for r in result["rows"]})
+    guided, tempered = len({w for _, w, _ in lines}) > 1, len({s for _, _, s in lines}) > 1
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for s, w in lines:
-        rows = sorted((r for r in result["rows"] if (r["steps"], r.get("guidance", 1.0)) == (s, w)), key=lambda r: r["t_min"])
+    for line in lines:
+        steps, w, temp = line
+        rows = sorted((r for r in result["rows"] if line_of(r) == line), key=lambda r: r["t_min"])
         ax.plot([r["t_min"] for r in rows], [r[key] for r in rows], marker="o",
-                label=f"{s} steps" + (f", guidance {w:g}" if guided else ""))
+                label=f"{steps} steps" + (f", guidance {w:g}" if guided else "")
+                + (f", temperature {temp:g}" if tempered else ""))
     c = result["chosen"]
     ax.plot([c["t_min"]], [c[key]], marker="*", ms=16, color="black", ls="none", label="chosen")
     ax.set_xlabel("t_min (the sampler stops there and returns its x0 prediction)")
@@ -245,14 +255,15 @@ def format_table(result: dict) -> str:
     mean_key = f"mean_{result['metric']}"
     best_key = f"median_best_of_samples_{result['metric']}"
     extra = [k for k in result["rows"][0] if k.startswith("median_") and k not in (key, best_key)]
-    lines = [f"{'steps':>5} {'t_min':>5} {'guidance':>8} {key:>18} {mean_key:>16} {'best of samples':>16} "
+    lines = [f"{'steps':>5} {'t_min':>5} {'guidance':>8} {'temp.':>5} {key:>18} {mean_key:>16} {'best of samples':>16} "
              + " ".join(f"{k:>18}" for k in extra)]
     for r in result["rows"]:
-        lines.append(f"{r['steps']:>5} {r['t_min']:>5} {r['guidance']:>8g} {r[key]:>18.4f} {r[mean_key]:>16.4f} "
+        lines.append(f"{r['steps']:>5} {r['t_min']:>5} {r['guidance']:>8g} {r.get('temperature', 1.0):>5g} {r[key]:>18.4f} {r[mean_key]:>16.4f} "
                      f"{r[best_key]:>16.4f} " + " ".join(f"{r[k]:>18.4f}" for k in extra))
     c = result["chosen"]
     lines.append(f"inits: median {result['metric']} {result['start_median']:.4f}; chosen: {c['method']}, "
-                 f"{c['steps']} steps, t_min {c['t_min']}, guidance {c['guidance']:g} ({key} {c[key]:.4f})")
+                 f"{c['steps']} steps, t_min {c['t_min']}, guidance {c['guidance']:g}, "
+                 f"temperature {c.get('temperature', 1.0):g} ({key} {c[key]:.4f})")
     return "\n".join(lines)
 
 
@@ -275,6 +286,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance", default="1",
                         help="classifier-free guidance scales to try, comma-separated, e.g. 1,1.5,2,3; above 1 needs a "
                              "generator trained with --prompt-dropout (default: 1)")
+    parser.add_argument("--temperature", default="1",
+                        help="sampling temperatures to try (the scale of the sampling noise), comma-separated, e.g. "
+                             "1,0.5,0; 0 is the deterministic path from x_T = 0 (default: 1)")
     parser.add_argument("--holdout", type=int, default=5000, help="supervised tasks: training examples held out as validation data (default: 5000)")
     parser.add_argument("--tolerance", type=float, default=0.01,
                         help="samplers within this relative distance of the best median count as equal; the one "
@@ -289,6 +303,7 @@ def main(args: argparse.Namespace) -> int:
         generator=args.generator, out=args.out, task=args.task, data_root=args.data_root, inits=args.inits, seed=args.seed,
         samples=args.samples, method=args.method, steps=parse_numbers(args.sampling_steps, "--sampling-steps"),
         t_min=parse_numbers(args.t_min, "--t-min"), guidance=parse_numbers(args.guidance, "--guidance", float),
+        temperature=parse_numbers(args.temperature, "--temperature", float),
         holdout=args.holdout, tolerance=args.tolerance, write=args.write,
         progress=not args.no_progress, plots=not args.no_plots,
     )

@@ -354,7 +354,7 @@ def test_tune_sampling_sweeps_guidance_and_records_it(tmp_path):
     from pretrain.sampling import format_table, record_choice, sweep
 
     class Guided(_Gen):  # the score is lowest (1.0) at guidance 2
-        def sample(self, theta, metric, prompt, *, steps, method, t_min, guidance, generator):
+        def sample(self, theta, metric, prompt, *, steps, method, t_min, guidance, temperature, generator):
             out = theta.clone()
             out[:, 0] = 1.0 + abs(guidance - 2.0)
             return out

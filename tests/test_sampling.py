@@ -50,7 +50,7 @@ class _Gen:
     class diffusion:
         num_steps = 1000
 
-    def sample(self, theta, metric, prompt, *, steps, method, t_min, guidance, generator):
+    def sample(self, theta, metric, prompt, *, steps, method, t_min, guidance, temperature, generator):
         out = theta.clone()
         out[:, 0] = 1.0 + 0.1 * abs(steps - 3) + abs(t_min - 300) / 1000
         return out
@@ -60,7 +60,8 @@ def test_sweep_chooses_the_best_median_and_prefers_fewer_steps_within_tolerance(
     config = TuneConfig(generator="x", inits=3, samples=2, steps=(1, 2, 3, 4), t_min=(0, 300, 600),
                         tolerance=0.0, progress=False)
     r = sweep(_Gen(), _Task(), None, torch.zeros(3, 5), config)
-    assert r["chosen"] == {"method": "ddim", "steps": 3, "t_min": 300, "guidance": 1.0, "median_test_loss": 1.0}
+    assert r["chosen"] == {"method": "ddim", "steps": 3, "t_min": 300, "guidance": 1.0, "temperature": 1.0,
+                           "median_test_loss": 1.0}
     assert len(r["rows"]) == 1 + 3 * 3
     # 2 steps score 1.1: within 20% of the best, and cheaper, so they win
     config = TuneConfig(generator="x", inits=3, samples=2, steps=(2, 3), t_min=(300,), tolerance=0.2, progress=False)
@@ -72,7 +73,7 @@ def test_sweep_chooses_the_best_median_and_prefers_fewer_steps_within_tolerance(
 class _CeilingGen(_Gen):
     """Every sampler's median is 1.0; stopping at t_min 0 leaves one update far off (a worse mean)."""
 
-    def sample(self, theta, metric, prompt, *, steps, method, t_min, guidance, generator):
+    def sample(self, theta, metric, prompt, *, steps, method, t_min, guidance, temperature, generator):
         out = theta.clone()
         out[:, 0] = 1.0
         if t_min == 0:
@@ -104,7 +105,7 @@ def test_tune_sampling_end_to_end_writes_the_manifest(mnist_root, tmp_path, caps
     assert f"chosen: ddim, {chosen['steps']} steps, t_min {chosen['t_min']}" in printed
     assert (out / "sweep.png").stat().st_size > 1000
     gen = load_generator(manifest)  # still loads: the weights and their hash are untouched
-    assert gen.sampling == {k: chosen[k] for k in ("method", "steps", "t_min", "guidance")}
+    assert gen.sampling == {k: chosen[k] for k in ("method", "steps", "t_min", "guidance", "temperature")}
     assert manifest.with_suffix(".safetensors").read_bytes() == weights
     assert "tune-sampling" in json.loads(manifest.read_text())["sampling"]["chosen_by"]
 

@@ -14,7 +14,8 @@ from .periodic import run_bench
 from .report import format_lopt_summary, format_summary
 
 # options of one mode only (argparse default None: given or not); --candidates defaults to 1
-PERIODIC_ONLY = ("generator", "bases", "every", "prompt", "moments", "sampling_steps", "method", "t_min", "guidance")
+PERIODIC_ONLY = ("generator", "bases", "every", "prompt", "moments", "sampling_steps", "method", "t_min", "guidance",
+                 "temperature")
 LOPT_ONLY = ("grid_steps", "lr_grid", "optimizers")
 # each mode's defaults for the options both share
 DEFAULTS = {"periodic": {"inits": 10, "seed": 3_000_000, "steps": 3000, "eval_every": 50},
@@ -99,7 +100,7 @@ def periodic_config(args: argparse.Namespace) -> BenchConfig:
         bases=parse_bases(args.bases or "adam,sgd"), every=parse_every(args.every or "50,100,200,500"),
         holdout=args.holdout, prompt=args.prompt, moments=args.moments or "keep",
         sampling_steps=args.sampling_steps, method=args.method, t_min=args.t_min, candidates=args.candidates,
-        guidance=args.guidance, rank=args.rank, keep_if_met=args.keep_if_met, weights=args.weights,
+        guidance=args.guidance, temperature=args.temperature, rank=args.rank, keep_if_met=args.keep_if_met, weights=args.weights,
         device=str(parse_device(args.device)),
         progress=not args.no_progress, plots=not args.no_plots, **shared,
     )

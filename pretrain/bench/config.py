@@ -69,6 +69,7 @@ class BenchConfig:
     t_min: int | None = None
     candidates: int = 1  # samples per generative update, the best by the metric closure kept
     guidance: float | None = None  # classifier-free guidance scale; None: the generator's own (else 1)
+    temperature: float | None = None  # scale of the sampling noise; None: the generator's own (else 1)
     rank: str = "closure"  # who chooses among the candidates: the metric closure, or the generator's head
     keep_if_met: bool = True  # GptOptimizer's keep_if_met: no sample while the metric meets the prompt
     weights: str | None = None  # the lopt base's learned-optimizer weights (None: the shipped ones)

@@ -54,7 +54,7 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
         raise ConfigError(f"generator {gen.name!r} is conditioned on {gen.metric_name!r}; the benchmark's closure "
                           f"measures a cross-entropy, so use a generator of {' or '.join(LOSS_METRICS)}")
     # a sampler (or guidance, or ranking) that cannot run fails here
-    sampler = gen.sampler(config.method, config.sampling_steps, config.t_min, config.guidance)
+    sampler = gen.sampler(config.method, config.sampling_steps, config.t_min, config.guidance, config.temperature)
     check_rank(config.rank, gen)
     prompt = parse_prompt(config.prompt)
     device = torch.device(config.device)
@@ -74,7 +74,8 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
                 runs[base][config_label(k)].append(train_run(
                     task, inits[i], split, recipes[base], grid, seed=seed, generator=None if k is None else gen, every=k,
                     prompt=prompt, sampling_steps=config.sampling_steps, method=config.method, t_min=config.t_min,
-                    candidates=config.candidates, guidance=config.guidance, rank=config.rank,
+                    candidates=config.candidates, guidance=config.guidance, temperature=config.temperature,
+                    rank=config.rank,
                     keep_if_met=config.keep_if_met, moments=config.moments, device=device,
                 ))
                 bar.update(1)
@@ -137,6 +138,7 @@ def _warm_up(gen: LoadedGenerator, init: torch.Tensor, device: torch.device, sam
     try:
         gen.sample(init[None].to(device), one * 2.3, one * gen.best_prompt, steps=sampler["steps"],
                    method=sampler["method"], t_min=sampler["t_min"], guidance=sampler["guidance"],
+                   temperature=sampler["temperature"],
                    generator=torch.Generator(device=device).manual_seed(0))
     except Exception:  # a broken generator shows up in the runs, as failed updates
         pass

@@ -111,6 +111,7 @@ def train_run(
     t_min: int | None = None,
     candidates: int = 1,
     guidance: float | None = None,
+    temperature: float | None = None,
     rank: str = "closure",
     keep_if_met: bool = True,
     moments: str = "keep",
@@ -137,7 +138,7 @@ def train_run(
             opt = state["gpt"] = GptOptimizer(
                 model.named_parameters(), generator, base=base_optimizer, every=every, prompt=prompt,
                 sampling_steps=sampling_steps, sampling_method=method, sampling_t_min=t_min, candidates=candidates,
-                guidance=guidance, rank=rank, keep_if_met=keep_if_met, seed=seed, guard=True,
+                guidance=guidance, sampling_temperature=temperature, rank=rank, keep_if_met=keep_if_met, seed=seed, guard=True,
                 metric_closure=holdout_closure(task, model, split.holdout_x, split.holdout_y),
             )
         if on_optimizer is not None:

@@ -13,7 +13,7 @@ from .run import evaluate_generator
 
 
 def add_sampler_arguments(parser: argparse.ArgumentParser, chosen_how: str) -> None:
-    """``--sampling-steps``, ``--method``, ``--t-min``, ``--guidance`` (each defaulting to the generator's
+    """``--sampling-steps``, ``--method``, ``--t-min``, ``--guidance``, ``--temperature`` (each defaulting to the generator's
     own sampler), ``--candidates`` (samples per update; ``chosen_how`` says which one is kept),
     ``--rank`` (who chooses) and ``--no-keep-if-met``."""
     parser.add_argument("--sampling-steps", type=int, default=None,
@@ -26,6 +26,9 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, chosen_how: str) -> N
                         help="classifier-free guidance scale: 1 is plain conditional sampling, above 1 follows the "
                              "prompt more strongly; needs a generator trained with --prompt-dropout "
                              "(default: the generator's own, else 1)")
+    parser.add_argument("--temperature", type=float, default=None, metavar="S",
+                        help="the scale of the sampling noise: 1 samples the generator's distribution, below 1 nearer "
+                             "its modes, 0 is its deterministic path (default: the generator's own, else 1)")
     parser.add_argument("--candidates", type=int, default=1, help=f"samples per update, {chosen_how} (default: 1)")
     parser.add_argument("--rank", choices=("closure", "self"), default="closure",
                         help="with --candidates: 'closure' keeps the best on validation data, 'self' the best by the "
@@ -76,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     config = EvalConfig(
         generator=args.generator, out=args.out, task=args.task, store=args.store, data_root=args.data_root, inits=args.inits,
         seed=args.seed, sampling_steps=args.sampling_steps, method=args.method, t_min=args.t_min,
-        guidance=args.guidance, candidates=args.candidates, rank=args.rank, keep_if_met=args.keep_if_met, holdout=args.holdout, max_steps=args.max_steps,
+        guidance=args.guidance, temperature=args.temperature, candidates=args.candidates, rank=args.rank, keep_if_met=args.keep_if_met, holdout=args.holdout, max_steps=args.max_steps,
         max_env_steps=args.max_env_steps, prompts=args.prompts, repeats=args.repeats, memo_runs=args.memo_runs,
         memo_checkpoints=args.memo_checkpoints, denoise_runs=args.denoise_runs, device=device,
         progress=not args.no_progress, plots=not args.no_plots,

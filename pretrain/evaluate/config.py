@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from learned_opt.diffusion import METHODS
 from learned_opt.errors import ConfigError
+from learned_opt.diffusion import check_temperature
 from learned_opt.guidance import check_guidance
 from learned_opt.selection import RANKS
 
@@ -35,6 +36,7 @@ class EvalConfig:
     candidates: int = 1  # samples per update, the best kept (rank "closure": on validation data; "self": predicted)
     rank: str = "closure"  # who chooses among the candidates: validation data, or the generator's property head
     guidance: float | None = None  # classifier-free guidance scale; None: the generator's own (else 1)
+    temperature: float | None = None  # scale of the sampling noise; None: the generator's own (else 1)
     keep_if_met: bool = True  # repeated updates keep a network that already meets the prompt (as GptOptimizer)
     holdout: int = 5000  # MNIST training examples held out as validation data for --candidates
     max_steps: int = 3000  # Adam / SGD steps (11,700 for the full comparison)
@@ -64,6 +66,8 @@ class EvalConfig:
             raise ConfigError(f"--rank must be one of {', '.join(RANKS)}, got {self.rank!r}")
         if self.guidance is not None:
             check_guidance(self.guidance, "--guidance")
+        if self.temperature is not None:
+            check_temperature(self.temperature, "--temperature")
         if self.prompts < 2:
             raise ConfigError("--prompts must be >= 2 (R² needs prompts that differ)")
         if self.denoise_runs < 0:

@@ -83,6 +83,7 @@ def format_summary(result: dict) -> str:
         chooser = "by the generator's own prediction" if sm.get("rank") == "self" else "on validation data"
         lines.append(f"sampler: {sm['method']}, {sm['steps']} steps, t_min {sm['t_min']}"
                      + (f", guidance {sm['guidance']:g}" if sm.get("guidance", 1.0) != 1.0 else "")
+                     + (f", temperature {sm['temperature']:g}" if sm.get("temperature", 1.0) != 1.0 else "")
                      + (f", best of {sm['candidates']} candidates {chooser}" if sm["candidates"] > 1 else ""))
     choosing = " and choosing among the candidates" if result.get("sampler", {}).get("candidates", 1) > 1 else ""
     lines.append(f"one update: {tm['update_seconds']:.3f} s (sampling{choosing} {tm['sample_seconds']:.3f} s + measuring the "

@@ -30,7 +30,8 @@ class Sampler:
         self.rng = torch.Generator().manual_seed(seed)  # CPU noise: same draws on any device
         self.lo, self.hi = generator.metric_range
         # the sampler actually used: the config's choices over the generator's own
-        self.settings = {**generator.sampler(config.method, config.sampling_steps, config.t_min, config.guidance),
+        self.settings = {**generator.sampler(config.method, config.sampling_steps, config.t_min, config.guidance,
+                                           config.temperature),
                          "candidates": config.candidates, "rank": config.rank, "keep_if_met": config.keep_if_met}
         check_rank(config.rank, generator)
         if config.rank == "self":
@@ -54,7 +55,8 @@ class Sampler:
             sl = slice(i, i + self.config.sample_batch)
             out.append(self.gen.sample(
                 theta[sl].to(dev), metric[sl].to(dev), self.clamp(prompt[sl]).to(dev),
-                steps=s["steps"], method=s["method"], t_min=s["t_min"], guidance=s["guidance"], generator=rng or self.rng,
+                steps=s["steps"], method=s["method"], t_min=s["t_min"], guidance=s["guidance"],
+                temperature=s["temperature"], generator=rng or self.rng,
             ).cpu())
         out = torch.cat(out)
         if c == 1:

@@ -30,7 +30,7 @@ from .optimizer_state import COUNTERS, check_state
 from .proposal import (GenerationReport, MetricValue, call_metric, load_sample, meets, metric_value, resolve_prompt,
                        restore, sample_candidates, unhooked_step, validate_sample)
 from .pretrained import LoadedGenerator, load_generator
-from .selection import check_rank, choose_by_closure, rank_by_prediction
+from .selection import check_candidates, check_rank, choose_by_closure, rank_by_prediction
 
 __all__ = ["GenerationReport", "GptOptimizer"]
 
@@ -170,6 +170,7 @@ class GptOptimizer(torch.optim.Optimizer):
         # ConfigError if unfit
         sampler = self.generator.sampler(sampling_method, sampling_steps, sampling_t_min, guidance, sampling_temperature)
         check_rank(rank, self.generator)
+        check_candidates(candidates, sampler["temperature"])
         tensors, names = flat_params(params)
         device = tensors[0].device
         if any(t.device != device for t in tensors):

@@ -29,6 +29,15 @@ def check_rank(rank, generator) -> None:
                           f"retrain it with `learned-opt train --property-head W` (e.g. 1.0), or use rank='closure'")
 
 
+def check_candidates(candidates: int, temperature: float, option: str = "sampling_temperature") -> None:
+    """:class:`ConfigError` for several candidates at sampling temperature 0, where every sampler is
+    deterministic and the N candidates would be one sample N times; ``option`` names the setting
+    to change."""
+    if candidates > 1 and temperature == 0:
+        raise ConfigError(f"{candidates} candidates at sampling temperature 0 are one sample {candidates} times "
+                          f"(sampling is deterministic there): give {option} above 0 (e.g. 0.5), or 1 candidate")
+
+
 def rank_by_prediction(opt, samples: torch.Tensor, valid: list[int]) -> tuple[int | None, list[float | None], str | None]:
     """``(chosen, predicted, reason)``: the valid candidate whose metric the generator predicts best
     (None, with the reason, when no prediction is finite), and the prediction per candidate

@@ -9,8 +9,8 @@ else, on exactly that situation:
 * ``--groups G`` fresh inits (seeds ``--seed + i``, default ``5_000_000 + i``: apart from corpus
   runs, ``eval``'s ``1_000_000 + i``, ``tune-sampling``'s ``2_000_000 + i``, ``bench``'s
   ``3_000_000 + i`` and ``bench --mode lopt``'s ``4_000_000 + i``) each get ``--samples N`` updates
-  from the generator's own sampler and best prompt: a *group*. These are first updates from fresh
-  inits, where ``rank="self"`` matters most; updates later in training are not drawn;
+  from the generator's own sampler (at ``--temperature``, default its own, above 0) and best
+  prompt: a *group*. These are first updates from fresh inits, where ``rank="self"`` matters most; updates later in training are not drawn;
 * every sample is labelled with its metric on **labelling data** that neither the test set nor the
   validation data holds (:meth:`Task.labelling_data`: for a supervised task ``--label-examples``
   training examples just before the ``--holdout`` validation examples; for a control task episodes
@@ -43,8 +43,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from learned_opt import tasks
+from learned_opt.diffusion import check_temperature
 from learned_opt.errors import ConfigError, GenerationError
 from learned_opt.pretrained import LoadedGenerator, load_generator, save_generator
+from learned_opt.selection import check_candidates
 
 from .evaluate import init_params
 from .evaluate.metrics import spearman
@@ -74,6 +76,7 @@ class HeadTuneConfig:
     holdout: int = 5000  # supervised tasks: training examples held out as validation data
     label_examples: int = 10_000  # supervised tasks: training examples before the holdout that label the samples
     sample_batch: int = 256  # networks sampled at once
+    temperature: float | None = None  # of the groups' samples (as candidates are drawn); None: the generator's own
     name: str | None = None  # of the written generator (default: the source's)
     progress: bool = True
     plots: bool = True
@@ -88,18 +91,21 @@ class HeadTuneConfig:
             raise ConfigError(f"--samples must be >= 2 (a group is ranked), got {self.samples}")
         if not self.lr > 0 or not self.mse_weight >= 0:
             raise ConfigError(f"--lr must be > 0 and --mse-weight >= 0, got {self.lr!r} and {self.mse_weight!r}")
+        if self.temperature is not None:
+            check_temperature(self.temperature, "--temperature")
         if self.name is not None and not is_plain_name(self.name):
             raise ConfigError(f"--name {self.name!r} must be a plain file name (no '/', '\\', not starting with '.')")
 
 
 def draw_groups(gen: LoadedGenerator, task: tasks.Task, data: Any, seeds: list[int], samples: int,
-                batch: int) -> torch.Tensor:
+                batch: int, temperature: float | None = None) -> torch.Tensor:
     """``samples`` one-step updates of each fresh init of ``seeds`` -> θ′ ``[len(seeds), samples, P]``:
-    the generator's sampler and best prompt, conditioned on the init's metric on ``data``."""
+    the generator's sampler (at ``temperature``, None: its own) and best prompt, conditioned on the
+    init's metric on ``data``."""
     inits = init_params(task, seeds)
     start = task.evaluate(inits, data, [gen.metric_name])[gen.metric_name]
     out = best_prompt_updates(gen, inits.repeat_interleave(samples, 0), start.repeat_interleave(samples), batch,
-                              torch.Generator().manual_seed(seeds[0]))
+                              torch.Generator().manual_seed(seeds[0]), temperature=temperature)
     return out.view(len(seeds), samples, -1)
 
 
@@ -172,6 +178,7 @@ def tune_head(config: HeadTuneConfig) -> dict:
     if not gen.has_property_head:
         raise ConfigError(f"generator {gen.name!r} has no property head to tune: train it with "
                           f"`learned-opt train --property-head W` first (e.g. the self-ranking recipe)")
+    check_candidates(config.samples, gen.sampler(temperature=config.temperature)["temperature"], "--temperature")
     target = Path(config.out) / f"{config.name or gen.name}.json"
     if target.is_file() and _weights_sha256(target) == gen.sha256:
         raise ConfigError(f"{target} is the generator being tuned: writing there would replace it; "
@@ -191,14 +198,15 @@ def tune_head(config: HeadTuneConfig) -> dict:
 
     train_seeds = [config.seed + i for i in range(config.groups)]
     check_seeds = [config.seed + config.groups + j for j in range(config.check_groups)]
-    theta = draw_groups(gen, task, label_data, train_seeds, config.samples, config.sample_batch)
+    theta = draw_groups(gen, task, label_data, train_seeds, config.samples, config.sample_batch, config.temperature)
     labels = task.evaluate(theta.flatten(0, 1), label_data, [metric])[metric].view(config.groups, config.samples)
     finite = torch.isfinite(theta).flatten(1).all(1) & torch.isfinite(labels).all(1)  # [G]
     if not finite.any():
         raise GenerationError(f"every one of the {config.groups} groups holds a non-finite sample or metric: "
                               f"the generator's samples cannot be ranked")
     theta, labels = theta[finite], labels[finite]
-    check_theta = draw_groups(gen, task, val_data, check_seeds, config.samples, config.sample_batch)
+    check_theta = draw_groups(gen, task, val_data, check_seeds, config.samples, config.sample_batch,
+                              config.temperature)
     measured = task.evaluate(check_theta.flatten(0, 1), val_data, [metric, *extra])
     check_values = {m: v.view(config.check_groups, config.samples) for m, v in measured.items()}
     drawn_s = time.perf_counter() - began
@@ -303,6 +311,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"supervised tasks: training examples held out as validation data (default: {d.holdout})")
     add("--label-examples", type=int, default=d.label_examples,
         help=f"supervised tasks: training examples before the holdout that label the samples (default: {d.label_examples})")
+    add("--temperature", type=float, default=None,
+        help="sampling temperature of the groups, as candidates will be drawn (default: the generator's own; "
+             "it must be above 0, where samples differ)")
     add("--name", default=None, help="name of the written generator (default: the source's)")
     add("--no-progress", action="store_true", help="no progress bars")
     add("--no-plots", action="store_true", help="no PNG")
@@ -313,7 +324,7 @@ def main(args: argparse.Namespace) -> int:
         generator=args.generator, out=args.out, task=args.task, data_root=args.data_root, groups=args.groups,
         samples=args.samples, check_groups=args.check_groups, seed=args.seed, epochs=args.epochs, lr=args.lr,
         batch_groups=args.batch_groups, mse_weight=args.mse_weight, holdout=args.holdout,
-        label_examples=args.label_examples, name=args.name, progress=not args.no_progress, plots=not args.no_plots,
+        label_examples=args.label_examples, temperature=args.temperature, name=args.name, progress=not args.no_progress, plots=not args.no_plots,
     )
     result = tune_head(config)
     print(format_table(result))

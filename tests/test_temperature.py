@@ -85,6 +85,24 @@ def test_optimizer_samples_at_its_temperature():
     assert old.sampling_temperature == 1.0
 
 
+def test_several_candidates_at_temperature_zero_are_refused_everywhere(mnist_root, tmp_path, capsys):
+    gen = tiny_generator(perturb=0.05)
+    with pytest.raises(ConfigError, match="sampling_temperature above 0"):
+        GptOptimizer(toy_model().parameters(), gen, candidates=4, sampling_temperature=0.0)
+    GptOptimizer(toy_model().parameters(), gen, candidates=1, sampling_temperature=0.0)  # one sample is fine
+    GptOptimizer(toy_model().parameters(), gen, candidates=4, sampling_temperature=0.5)
+    manifest = save_tiny_mnist_generator(tmp_path / "gen", property_head=True)
+    for argv in (["eval", "--generator", str(manifest), "--out", str(tmp_path / "e"), "--data-root", str(mnist_root),
+                  "--candidates", "4", "--temperature", "0", "--no-progress"],
+                 ["bench", "--generator", str(manifest), "--out", str(tmp_path / "b"), "--data-root", str(mnist_root),
+                  "--candidates", "4", "--temperature", "0", "--no-progress"],
+                 ["tune-head", "--generator", str(manifest), "--out", str(tmp_path / "h"), "--data-root", str(mnist_root),
+                  "--temperature", "0", "--no-progress"]):
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--temperature above 0" in err and len(err.strip().splitlines()) == 1
+
+
 def test_manifest_temperature_is_the_default_and_is_checked(tmp_path):
     manifest = save_tiny_mnist_generator(tmp_path / "gen")
     data = json.loads(manifest.read_text())

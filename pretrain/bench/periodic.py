@@ -15,7 +15,7 @@ from learned_opt import tasks
 from learned_opt.errors import ConfigError
 from learned_opt.lopt import load_rule
 from learned_opt.pretrained import LoadedGenerator, load_generator
-from learned_opt.selection import check_rank
+from learned_opt.selection import check_candidates, check_rank
 
 from ..evaluate import init_params
 from .config import (
@@ -56,6 +56,7 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
     # a sampler (or guidance, or ranking) that cannot run fails here
     sampler = gen.sampler(config.method, config.sampling_steps, config.t_min, config.guidance, config.temperature)
     check_rank(config.rank, gen)
+    check_candidates(config.candidates, sampler["temperature"], "--temperature")
     prompt = parse_prompt(config.prompt)
     device = torch.device(config.device)
     split = load_split(task, data, config.data_root, config.holdout, device)

@@ -9,7 +9,7 @@ import torch
 from learned_opt.errors import ConfigError
 from learned_opt.pretrained import LoadedGenerator
 from learned_opt.proposal import meets
-from learned_opt.selection import check_rank
+from learned_opt.selection import check_candidates, check_rank
 from learned_opt.tasks import Task
 
 from .config import EvalConfig
@@ -34,6 +34,7 @@ class Sampler:
                                            config.temperature),
                          "candidates": config.candidates, "rank": config.rank, "keep_if_met": config.keep_if_met}
         check_rank(config.rank, generator)
+        check_candidates(config.candidates, self.settings["temperature"], "--temperature")
         if config.rank == "self":
             self.score = lambda flat: predict(generator, flat, config.sample_batch)
         elif config.candidates > 1 and score is None:

@@ -196,7 +196,7 @@ def test_shipped_generators_guide_and_rank_and_a_manifest_without_either_loads_a
     from learned_opt.pretrained import sha256_file
 
     gen = load_generator(name)
-    assert gen.supports_guidance and gen.has_property_head and gen.sampling["guidance"] == 1.5
+    assert gen.supports_guidance and gen.has_property_head and gen.sampling["guidance"] > 1.0
     theta = torch.randn(2, gen.layout.num_params, generator=torch.Generator().manual_seed(0)) * 0.05
     assert torch.isfinite(gen.predict_metric(theta)).all()
     lo, _ = gen.metric_range

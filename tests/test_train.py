@@ -584,5 +584,9 @@ def test_a_recipe_sets_its_options_and_the_command_line_overrides_them(tmp_path)
     ranked = config_from_args(parser.parse_args(["train", "--store", "s", "--out", "o", "--recipe", "self-ranking",
                                                  "--init-from", "g", "--data-root", "d"]))
     assert (ranked.prompt_dropout, ranked.property_head, ranked.output_matching, ranked.lr) == (0.1, 1.0, 2.0, 1e-4)
+    late = config_from_args(parser.parse_args(["train", "--store", "s", "--out", "o", "--recipe", "late-pairs",
+                                               "--init-from", "g", "--data-root", "d"]))
+    assert (late.prompt_dropout, late.output_matching, late.init_fraction, late.late_fraction, late.steps) == (
+        0.1, 16.0, 0.5, 0.4, 1500)
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--store", "s", "--out", "o", "--recipe", "nope"])

@@ -164,7 +164,7 @@ class GptOptimizer(torch.optim.Optimizer):
         **base_kwargs: Any,
     ) -> None:
         check_args(params, every, seed, metric_closure, prompt, max_update_ratio)
-        check_sampling(sampling_steps, sampling_method, sampling_t_min, candidates)
+        check_sampling(sampling_steps, sampling_method, sampling_t_min, candidates, sampling_temperature)
         params = materialize(params)
         self.generator = load_generator(generator)  # WeightsError for unknown names / bad files
         # ConfigError if unfit

@@ -16,8 +16,8 @@ from .pretrained import LoadedGenerator
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # prefixes that DDP and torch.compile add to names
 
 
-def check_sampling(steps, method, t_min, candidates) -> None:
-    from .diffusion import METHODS
+def check_sampling(steps, method, t_min, candidates, temperature=None) -> None:
+    from .diffusion import METHODS, check_temperature
 
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ConfigError(f"Invalid sampling_steps: {steps!r} (None for the generator's own, or an int >= 1)")
@@ -27,6 +27,8 @@ def check_sampling(steps, method, t_min, candidates) -> None:
         raise ConfigError(f"Invalid sampling_t_min: {t_min!r} (None for the generator's own, or an int >= 0)")
     if isinstance(candidates, bool) or not isinstance(candidates, int) or candidates < 1:
         raise ConfigError(f"Invalid candidates: {candidates!r} (an int >= 1: samples drawn per update, the best kept)")
+    if temperature is not None:
+        check_temperature(temperature, "sampling_temperature")
 
 
 def check_prompt(prompt, where: str, error: type[Exception]) -> None:

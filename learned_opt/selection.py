@@ -29,13 +29,15 @@ def check_rank(rank, generator) -> None:
                           f"retrain it with `learned-opt train --property-head W` (e.g. 1.0), or use rank='closure'")
 
 
-def check_candidates(candidates: int, temperature: float, option: str = "sampling_temperature") -> None:
+def check_candidates(candidates: int, temperature: float, option: str = "sampling_temperature",
+                     fewer: str | None = "or 1 candidate") -> None:
     """:class:`ConfigError` for several candidates at sampling temperature 0, where every sampler is
     deterministic and the N candidates would be one sample N times; ``option`` names the setting
-    to change."""
+    to change, ``fewer`` the other way out (None: there is none)."""
     if candidates > 1 and temperature == 0:
         raise ConfigError(f"{candidates} candidates at sampling temperature 0 are one sample {candidates} times "
-                          f"(sampling is deterministic there): give {option} above 0 (e.g. 0.5), or 1 candidate")
+                          f"(sampling is deterministic there): give {option} above 0 (e.g. 0.5)"
+                          + (f", {fewer}" if fewer else ""))
 
 
 def rank_by_prediction(opt, samples: torch.Tensor, valid: list[int]) -> tuple[int | None, list[float | None], str | None]:

@@ -178,7 +178,8 @@ def tune_head(config: HeadTuneConfig) -> dict:
     if not gen.has_property_head:
         raise ConfigError(f"generator {gen.name!r} has no property head to tune: train it with "
                           f"`learned-opt train --property-head W` first (e.g. the self-ranking recipe)")
-    check_candidates(config.samples, gen.sampler(temperature=config.temperature)["temperature"], "--temperature")
+    check_candidates(config.samples, gen.sampler(temperature=config.temperature)["temperature"], "--temperature",
+                     fewer=None)
     target = Path(config.out) / f"{config.name or gen.name}.json"
     if target.is_file() and _weights_sha256(target) == gen.sha256:
         raise ConfigError(f"{target} is the generator being tuned: writing there would replace it; "

@@ -201,6 +201,9 @@ def test_focus_puts_each_share_of_every_batch_on_its_pairs():
         PairConfig(init_fraction=-0.1)
     with pytest.raises(ConfigError, match="late_fraction"):
         PairConfig(init_fraction=0.75, late_fraction=0.5)
+    PairConfig(init_fraction=0.9, late_fraction=0.1)  # adds up to 1 in floating point, give or take
+    odd = PairSampler(1000, 3, seed=2, task=None, focus=[(focus, 0.5), (late, 0.5)])
+    assert [count for _, count in odd.focus] == [2, 1]  # the running total is rounded: the batch, exactly
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -11,7 +11,7 @@ from gpt_helpers import tiny_generator, toy_model
 from test_demo import save_tiny_mnist_generator
 from test_sampling import _Gen, _Task
 
-from learned_opt import GptOptimizer
+from learned_opt import GptOptimizer, tasks
 from learned_opt.cli import main as cli_main
 from learned_opt.diffusion import Diffusion, DiffusionConfig, check_temperature
 from learned_opt.errors import ConfigError, WeightsError
@@ -91,6 +91,14 @@ def test_several_candidates_at_temperature_zero_are_refused_everywhere(mnist_roo
         GptOptimizer(toy_model().parameters(), gen, candidates=4, sampling_temperature=0.0)
     GptOptimizer(toy_model().parameters(), gen, candidates=1, sampling_temperature=0.0)  # one sample is fine
     GptOptimizer(toy_model().parameters(), gen, candidates=4, sampling_temperature=0.5)
+    path = save_tiny_mnist_generator(tmp_path / "cold")
+    data = json.loads(path.read_text())
+    data["sampling"] = {"temperature": 0.0}  # a generator whose own sampler is deterministic
+    path.write_text(json.dumps(data))
+    cold = load_generator(path)
+    with pytest.raises(ConfigError, match="sampling_temperature above 0"):
+        GptOptimizer(tasks.get("mnist-mlp").build_model().parameters(), cold, candidates=4)
+    GptOptimizer(tasks.get("mnist-mlp").build_model().parameters(), cold, candidates=4, sampling_temperature=1.0)
     manifest = save_tiny_mnist_generator(tmp_path / "gen", property_head=True)
     for argv in (["eval", "--generator", str(manifest), "--out", str(tmp_path / "e"), "--data-root", str(mnist_root),
                   "--candidates", "4", "--temperature", "0", "--no-progress"],

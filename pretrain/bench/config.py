@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from learned_opt.baselines.supervised import NAMED_RECIPES
-from learned_opt.diffusion import METHODS
+from learned_opt.diffusion import METHODS, check_temperature
 from learned_opt.errors import ConfigError
 from learned_opt.lopt import LoadedRule
 from learned_opt.pretrained import LoadedGenerator
@@ -83,6 +83,8 @@ class BenchConfig:
             raise ConfigError(f"unknown --mode {self.mode!r} for BenchConfig, which is --mode periodic's; "
                               f"choose one of {', '.join(MODES)} (LoptBenchConfig for --mode lopt)")
         check_positive(self, ("inits", "steps", "holdout", "eval_every", "sampling_steps", "candidates"))
+        if self.temperature is not None:
+            check_temperature(self.temperature, "--temperature")
         check_names(self.bases, "--bases", tuple(NAMED_RECIPES), "base optimizer")
         if self.weights is not None and "lopt" not in self.bases:
             raise ConfigError("--weights sets the learned optimizer's weights, which only the lopt base uses; "

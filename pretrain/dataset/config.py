@@ -33,5 +33,5 @@ class PairConfig:
             raise ConfigError(f"Invalid heldout_fraction: {self.heldout_fraction} (must be in [0, 1))")
         if not 0.0 <= self.init_fraction <= 1.0:
             raise ConfigError(f"Invalid init_fraction: {self.init_fraction} (must be in [0, 1])")
-        if not 0.0 <= self.late_fraction <= 1.0 - self.init_fraction:
+        if not (0.0 <= self.late_fraction <= 1.0 and self.init_fraction + self.late_fraction <= 1.0 + 1e-9):
             raise ConfigError(f"Invalid late_fraction: {self.late_fraction} (must be in [0, 1 - init_fraction])")

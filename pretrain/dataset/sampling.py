@@ -35,8 +35,15 @@ class PairSampler:
             raise ConfigError(f"focus fractions must each be in [0, 1] and sum to at most 1, got {fractions}")
         self.num_pairs, self.batch_size, self.seed = int(num_pairs), int(batch_size), int(seed)
         self.task, self.augment = task, augment and task is not None
-        # (pairs, how many of each batch): groups with no pairs or no share are dropped
-        self.focus = [(pairs, round(f * self.batch_size)) for pairs, f in focus if pairs.numel() and f > 0]
+        # (pairs, how many of each batch): the running total is rounded, so that the counts add up to
+        # the shares' sum; groups with no pairs or no share are dropped
+        self.focus, total, taken = [], 0.0, 0
+        for pairs, f in focus:
+            total += float(f)
+            count = min(round(total * self.batch_size), self.batch_size) - taken
+            taken += count
+            if pairs.numel() and f > 0 and count > 0:
+                self.focus.append((pairs, count))
 
     def global_batch(self, step: int, stream: str = "train") -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Pair indices ``[B]`` and per-layer permutations ``[B, H_l]`` (or None) for ``step``."""
@@ -44,7 +51,6 @@ class PairSampler:
         indices = torch.randint(self.num_pairs, (self.batch_size,), generator=gen)
         at = 0
         for pairs, count in self.focus:
-            count = min(count, self.batch_size - at)
             pick = torch.randint(pairs.numel(), (count,), generator=gen)
             indices[at: at + count] = pairs[pick]
             at += count

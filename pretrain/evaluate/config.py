@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from learned_opt.diffusion import METHODS
+from learned_opt.diffusion import METHODS, check_temperature
 from learned_opt.errors import ConfigError
-from learned_opt.diffusion import check_temperature
 from learned_opt.guidance import check_guidance
 from learned_opt.selection import RANKS
 

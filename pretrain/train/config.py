@@ -124,7 +124,7 @@ class TrainConfig:
             raise ConfigError(f"--layer-balance must be in [0, 1], got {self.layer_balance}")
         if not 0.0 <= self.init_fraction <= 1.0:
             raise ConfigError(f"--init-fraction must be in [0, 1], got {self.init_fraction}")
-        if not 0.0 <= self.late_fraction <= 1.0 - self.init_fraction:
+        if not (0.0 <= self.late_fraction <= 1.0 and self.init_fraction + self.late_fraction <= 1.0 + 1e-9):
             raise ConfigError(f"--late-fraction must be in [0, 1 - --init-fraction] (the two shares of a batch "
                               f"add up to at most 1), got {self.late_fraction} with --init-fraction {self.init_fraction}")
         if not (self.output_matching >= 0 and math.isfinite(self.output_matching)):

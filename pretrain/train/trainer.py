@@ -148,10 +148,13 @@ class Trainer:
         # the same initialisation on every rank; train() runs this inside fork_rng, so the
         # caller's global RNG is restored afterwards
         torch.manual_seed(config.seed)
+        focus = []  # the pair groups that get a fixed share of every batch (built only when asked for)
+        if config.init_fraction:
+            focus.append((self.corpus.train.start_pairs(0), config.init_fraction))
+        if config.late_fraction:
+            focus.append((self.corpus.train.late_pairs(), config.late_fraction))
         self.sampler = PairSampler(
-            len(self.corpus.train), config.batch_size, config.seed, self.corpus.task, config.augment,
-            focus=[(self.corpus.train.start_pairs(0), config.init_fraction),
-                   (self.corpus.train.late_pairs(), config.late_fraction)],
+            len(self.corpus.train), config.batch_size, config.seed, self.corpus.task, config.augment, focus=focus,
         )
         self.model = new_model(config, self.layout, self.corpus.train, self.sampler, state, source)
         self.source = source_record(source) if source is not None else (state or {}).get("init_from")

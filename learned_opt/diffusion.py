@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from numbers import Real
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -92,7 +93,7 @@ def _check_steps(num_steps: int, steps: int, t_min: int, who: str) -> None:
 
 def check_temperature(value, where: str = "temperature") -> float:
     """``value`` as a float; :class:`ConfigError` unless it is a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
+    if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and value >= 0):
         raise ConfigError(f"Invalid {where}: {value!r} (the scale of the sampling noise: a finite number >= 0; "
                           f"1 samples the model's distribution, 0 its deterministic path from x_T = 0)")
     return float(value)

@@ -8,7 +8,6 @@ of NiNo, Knyazev et al. 2025, https://arxiv.org/abs/2409.04434).
 
 from __future__ import annotations
 
-import copy
 import threading
 import time
 import warnings
@@ -26,7 +25,7 @@ from .optimizer_checks import (
     flat_params,
     materialize,
 )
-from .optimizer_state import COUNTERS, check_state
+from .optimizer_state import COUNTERS, PICKLED_BEFORE, load_state
 from .proposal import (GenerationReport, MetricValue, call_metric, load_sample, meets, metric_value, resolve_prompt,
                        restore, sample_candidates, unhooked_step, validate_sample)
 from .pretrained import LoadedGenerator, load_generator
@@ -362,23 +361,7 @@ class GptOptimizer(torch.optim.Optimizer):
         Runs this optimizer's load-state-dict pre-hooks (on the copy; one may return a new state
         dict) before anything is checked, and its post-hooks after loading, as the base class does.
         """
-        state_dict = copy.deepcopy(dict(state_dict))
-        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
-            result = pre_hook(self, state_dict)
-            if result is not None:
-                state_dict = dict(result)
-        gpt = state_dict.pop("gpt", None)
-        counters, rng_state = check_state(self, state_dict, gpt)  # OptimizerStateError; nothing changed yet
-        self.base.load_state_dict(state_dict)  # rebinds the base's groups and state: share them again
-        self.param_groups = self.base.param_groups
-        self.state = self.base.state
-        self.counters = counters
-        if rng_state is None:
-            self._rng.manual_seed(self.seed)
-        else:
-            self._rng.set_state(rng_state)
-        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
-            post_hook(self)
+        load_state(self, state_dict)
 
     def __getstate__(self) -> dict[str, Any]:
         # Optimizer.__getstate__ keeps only defaults/state/param_groups; a GptOptimizer needs all
@@ -389,8 +372,8 @@ class GptOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)  # restores hooks and the profiled step
-        self.__dict__.setdefault("keep_if_met", False)  # pickled before keep_if_met: it never kept θ
-        self.__dict__.setdefault("sampling_temperature", 1.0)  # pickled before temperatures: the plain sampler
+        for name, value in PICKLED_BEFORE.items():  # attributes an older release did not pickle
+            self.__dict__.setdefault(name, value)
         self.counters.setdefault("kept", 0)
         self._lock = threading.RLock()
         self.param_groups = self.base.param_groups

@@ -1,4 +1,4 @@
-"""Checks of a :class:`~learned_opt.optimizer.GptOptimizer` ``state_dict`` before anything is loaded.
+"""Loading a :class:`~learned_opt.optimizer.GptOptimizer` ``state_dict``, checked before anything is loaded.
 
 ``load_state_dict`` must be all or nothing: every part of the state (the ``"gpt"`` entry and the
 base optimizer's groups and per-parameter tensors) is checked here first, so a bad state raises
@@ -7,6 +7,7 @@ base optimizer's groups and per-parameter tensors) is checked here first, so a b
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,31 @@ import torch
 from .errors import OptimizerStateError
 
 COUNTERS = ("steps", "attempted", "accepted", "rejected", "failed", "kept")
+# Attributes that optimizers pickled by older releases lack, and the behaviour they had then:
+# no keep_if_met (θ was never kept), no sampling temperature (the plain sampler).
+PICKLED_BEFORE = {"keep_if_met": False, "sampling_temperature": 1.0}
+
+
+def load_state(opt, state_dict: Mapping) -> None:
+    """:meth:`GptOptimizer.load_state_dict <learned_opt.optimizer.GptOptimizer.load_state_dict>`:
+    the pre-hooks on a copy, every check, then the base's state, the counters, the RNG and the post-hooks."""
+    state_dict = copy.deepcopy(dict(state_dict))
+    for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
+        result = pre_hook(opt, state_dict)
+        if result is not None:
+            state_dict = dict(result)
+    gpt = state_dict.pop("gpt", None)
+    counters, rng_state = check_state(opt, state_dict, gpt)  # OptimizerStateError; nothing changed yet
+    opt.base.load_state_dict(state_dict)  # rebinds the base's groups and state: share them again
+    opt.param_groups = opt.base.param_groups
+    opt.state = opt.base.state
+    opt.counters = counters
+    if rng_state is None:
+        opt._rng.manual_seed(opt.seed)
+    else:
+        opt._rng.set_state(rng_state)
+    for post_hook in opt._optimizer_load_state_dict_post_hooks.values():
+        post_hook(opt)
 
 
 def check_state(opt, state_dict: dict, gpt: Any) -> tuple[dict[str, int], torch.Tensor | None]:

@@ -10,7 +10,8 @@ else, on exactly that situation:
   runs, ``eval``'s ``1_000_000 + i``, ``tune-sampling``'s ``2_000_000 + i``, ``bench``'s
   ``3_000_000 + i`` and ``bench --mode lopt``'s ``4_000_000 + i``) each get ``--samples N`` updates
   from the generator's own sampler (at ``--temperature``, default its own, above 0) and best
-  prompt: a *group*. These are first updates from fresh inits, where ``rank="self"`` matters most; updates later in training are not drawn;
+  prompt: a *group*. These are first updates from fresh inits, where ``rank="self"`` matters
+  most; updates later in training are not drawn;
 * every sample is labelled with its metric on **labelling data** that neither the test set nor the
   validation data holds (:meth:`Task.labelling_data`: for a supervised task ``--label-examples``
   training examples just before the ``--holdout`` validation examples; for a control task episodes

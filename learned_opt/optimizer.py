@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 import warnings
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
@@ -22,12 +22,13 @@ from .optimizer_checks import (
     check_args,
     check_prompt,
     check_sampling,
+    check_step_size,
     flat_params,
     materialize,
 )
 from .optimizer_state import COUNTERS, PICKLED_BEFORE, load_state
-from .proposal import (GenerationReport, MetricValue, call_metric, load_sample, meets, metric_value, resolve_prompt,
-                       restore, sample_candidates, unhooked_step, validate_sample)
+from .proposal import (GenerationReport, MetricValue, along_line, call_metric, load_sample, meets, metric_value,
+                       resolve_prompt, restore, sample_candidates, unhooked_step, validate_sample)
 from .pretrained import LoadedGenerator, load_generator
 from .selection import check_candidates, check_rank, choose_by_closure, rank_by_prediction
 
@@ -89,6 +90,12 @@ class GptOptimizer(torch.optim.Optimizer):
     generator's property head predicts best (a generator trained with ``--property-head``), with
     no closure call, so it works with ``generate(metric=m)`` alone (the guard, if on and given a
     closure, measures the chosen sample only). ``report.predicted_metrics`` holds the predictions.
+
+    **Step size.** ``step_size=α`` moves to θ + α(θ′ − θ) instead of θ′ (1: θ′ itself). A
+    sequence, e.g. ``(1, 0.5, 0.25)``, is a line search: each candidate is tried at each step size
+    and chosen among as candidates are (by the closure, or by the property head with
+    ``rank="self"``); ``report.step_size`` is the α kept. Late in training a full step to θ′ is
+    often worse than θ while a shorter step toward it is better (``docs/optimizer.md``).
 
     **Prompts.** ``prompt=None`` uses the generator's recommended ``best_prompt``; a number is used
     as is; a callable maps the current metric to a prompt. A prompt outside the generator's metric
@@ -155,6 +162,7 @@ class GptOptimizer(torch.optim.Optimizer):
         guidance: float | None = None,
         sampling_temperature: float | None = None,
         rank: str = "closure",
+        step_size: float | Sequence[float] = 1.0,
         seed: int = 0,
         metric_closure: Callable[[], MetricValue] | None = None,
         guard: bool = True,
@@ -164,6 +172,7 @@ class GptOptimizer(torch.optim.Optimizer):
     ) -> None:
         check_args(params, every, seed, metric_closure, prompt, max_update_ratio)
         check_sampling(sampling_steps, sampling_method, sampling_t_min, candidates, sampling_temperature)
+        self.step_sizes = check_step_size(step_size)
         params = materialize(params)
         self.generator = load_generator(generator)  # WeightsError for unknown names / bad files
         # ConfigError if unfit
@@ -268,10 +277,13 @@ class GptOptimizer(torch.optim.Optimizer):
                 f"a generative update needs the current {self.generator.metric_name!r}: pass a closure that "
                 f"returns it, or metric=<value>"
             )
-        if closure is None and self.candidates > 1 and self.rank == "closure":
+        points = self.candidates * len(self.step_sizes)  # θ′ candidates, each at every step size
+        if closure is None and points > 1 and self.rank == "closure":
+            line = "" if len(self.step_sizes) == 1 else f" with step_size={list(self.step_sizes)}"
             raise GenerationError(
-                f"candidates={self.candidates} needs a closure to choose among the samples; pass one (e.g. the "
-                f"metric on held-out training data), or build the optimizer with candidates=1 or rank='self'"
+                f"candidates={self.candidates}{line} needs a closure to choose among the {points} points; pass one "
+                f"(e.g. the metric on held-out training data), or build the optimizer with candidates=1"
+                f"{line and ' and one step size'} or rank='self'"
             )
         target = resolve_prompt(self, self.prompt if prompt is None else prompt, before)
         self.counters["attempted"] += 1
@@ -280,12 +292,13 @@ class GptOptimizer(torch.optim.Optimizer):
         predicted = None  # the property head's prediction per candidate, with rank="self"
 
         def finish(accepted: bool, reason: str | None, after=None, ratio=None, failed=False, scores=None,
-                   kept=False) -> GenerationReport:
+                   kept=False, chosen=None) -> GenerationReport:
             key = "accepted" if accepted else "failed" if failed else "kept" if kept else "rejected"
             self.counters[key] += 1
             report = GenerationReport(
                 accepted, reason, before, after, target, ratio, time.perf_counter() - start,
                 self.counters["steps"], failed, self.candidates, scores, predicted, kept,
+                None if chosen is None else self.step_sizes[chosen % len(self.step_sizes)],
             )
             if failed:
                 warnings.warn(f"generative update failed and was skipped: {reason}", RuntimeWarning, stacklevel=5)
@@ -300,6 +313,7 @@ class GptOptimizer(torch.optim.Optimizer):
         samples, error = agree(samples, error, theta)
         if error is not None:
             return finish(False, error, failed=True)
+        samples = along_line(theta, samples, self.step_sizes)  # [C·S, P]: each candidate at each step size
         checks = [validate_sample(self, theta, s) for s in samples]  # [(ratio, reason)] per candidate
         # every rank must measure the same candidates (the closure may hold collectives)
         ok = all_ranks_each([reason is None for _, reason in checks], theta.device)
@@ -321,7 +335,7 @@ class GptOptimizer(torch.optim.Optimizer):
         settled = False  # True once θ′ is committed, or θ restored and the update counted
         try:
             after, scores, reason, accept, chosen = None, None, None, True, pool[0]
-            many = self.rank == "closure" and self.candidates > 1  # the closure chooses among the candidates
+            many = self.rank == "closure" and points > 1  # the closure chooses among the points
             if closure is not None and (self.guard or many):
                 choice = choose_by_closure(self, closure, samples, pool, before, theta.dtype, many)
                 after, scores, reason, accept, chosen = choice.after, choice.scores, choice.reason, choice.accept, choice.chosen
@@ -329,10 +343,10 @@ class GptOptimizer(torch.optim.Optimizer):
                 restore(params, backup)
                 settled = True
                 return finish(False, reason or "rank 0 rejected the update", after=after, ratio=checks[chosen][0],
-                              scores=scores)
+                              scores=scores, chosen=chosen)
             load_sample(layout, samples[chosen].to(theta.dtype), params)
             settled = True
-            return finish(True, None, after=after, ratio=checks[chosen][0], scores=scores)
+            return finish(True, None, after=after, ratio=checks[chosen][0], scores=scores, chosen=chosen)
         finally:
             if not settled:  # KeyboardInterrupt, SystemExit, ... while θ′ was in: put θ back, count, re-raise
                 restore(params, backup)
@@ -386,7 +400,7 @@ class GptOptimizer(torch.optim.Optimizer):
             f"metric={self.generator.metric_name!r}, every={self.every}, prompt={self.prompt!r}, "
             f"sampler={self.sampling_method}-{self.sampling_steps} t_min={self.sampling_t_min}, "
             f"guidance={self.guidance:g}, temperature={self.sampling_temperature:g}, candidates={self.candidates}, "
-            f"rank={self.rank!r}, seed={self.seed}, groups={len(self.param_groups)}, "
+            f"step_size={','.join(f'{a:g}' for a in self.step_sizes)}, rank={self.rank!r}, seed={self.seed}, groups={len(self.param_groups)}, "
             f"steps={c['steps']}, generative updates accepted/rejected/failed/kept="
             f"{c['accepted']}/{c['rejected']}/{c['failed']}/{c['kept']})"
         )

@@ -31,6 +31,20 @@ def check_sampling(steps, method, t_min, candidates, temperature=None) -> None:
         check_temperature(temperature, "sampling_temperature")
 
 
+def check_step_size(step_size, option: str = "step_size") -> tuple[float, ...]:
+    """``step_size`` as a tuple of step sizes α (the update is θ + α(θ′ − θ)); :class:`ConfigError`,
+    naming ``option``, unless it is one finite number > 0 or a non-empty sequence of them."""
+    values = (step_size,) if isinstance(step_size, Real) else step_size
+    try:
+        values = tuple(values)
+    except TypeError:
+        values = ()
+    if not values or any(isinstance(a, bool) or not isinstance(a, Real) or not 0 < float(a) < math.inf for a in values):
+        raise ConfigError(f"Invalid {option}: {step_size!r} (a number > 0, the update being θ + α(θ′ − θ), "
+                          f"or several, e.g. 1, 0.5, 0.25, to choose among)")
+    return tuple(float(a) for a in values)
+
+
 def check_prompt(prompt, where: str, error: type[Exception]) -> None:
     """``error`` unless ``prompt`` is a callable or a finite number (a one-element tensor too)."""
     if callable(prompt):

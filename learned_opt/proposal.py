@@ -39,6 +39,9 @@ class GenerationReport:
     generator's predicted metric per sample (None where the sample failed validation) and θ′ is
     the best predicted (``candidate_metrics`` then holds the guard's measurement of it alone).
     ``kept`` marks an update skipped because the metric already met the prompt (``keep_if_met``).
+    With several step sizes every candidate is measured (or predicted) at each of them, so the
+    per-candidate lists hold ``candidates × len(step_size)`` points, candidate-major;
+    ``step_size`` is the α of the point kept (or refused by the guard), None when none was chosen.
     """
 
     accepted: bool
@@ -54,6 +57,7 @@ class GenerationReport:
     candidate_metrics: list[float | None] | None = None
     predicted_metrics: list[float | None] | None = None
     kept: bool = False
+    step_size: float | None = None
 
 
 def sample_candidates(opt, theta: torch.Tensor, before: float, target: float) -> tuple[torch.Tensor | None, str | None]:
@@ -81,6 +85,15 @@ def sample_candidates(opt, theta: torch.Tensor, before: float, target: float) ->
         shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         return None, f"the generator returned shape {shape}, expected {[c, p]}"
     return out.reshape(c, p).to(theta.device, torch.float32), None
+
+def along_line(theta: torch.Tensor, samples: torch.Tensor, step_sizes: tuple[float, ...]) -> torch.Tensor:
+    """θ + α(θ′ − θ) for each candidate θ′ [C, P] and each step size α: [C·S, P], candidate-major
+    (point ``i`` is candidate ``i // S`` at step size ``step_sizes[i % S]``); α = 1 is θ′ itself."""
+    if step_sizes == (1.0,):
+        return samples
+    theta32 = theta.float()
+    return torch.stack([s if a == 1 else theta32 + a * (s - theta32) for s in samples for a in step_sizes])
+
 
 def validate_sample(opt, theta: torch.Tensor, new: torch.Tensor) -> tuple[float | None, str | None]:
     """``(update_ratio, reason)``: reason is None when θ′ passes the finite and trust checks."""

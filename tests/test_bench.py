@@ -286,6 +286,33 @@ def test_a_metric_that_meets_the_prompt_keeps_theta_unless_told_otherwise(small_
     assert gen.calls == (0 if keep else 2)
 
 
+def test_runs_search_the_line_and_record_the_step_size_kept(small_data, manifest):
+    # θ′ = 0.9 θ: every point of the line lies between θ and θ′; the run records which one was kept
+    gen = FnGenerator(lambda theta: 0.9 * theta, load_generator(manifest))
+    split = split_holdout(TASK, small_data, 500)
+    captured = []
+    run = train_run(TASK, init_params(TASK, [1])[0], split, "adam", [0, 20], seed=1, generator=gen, every=10,
+                    keep_if_met=False, step_size=(1, 0.5), on_optimizer=captured.append)
+    assert captured[0].step_sizes == (1.0, 0.5) and gen.calls == 2
+    assert len(run.accepted_step_sizes) == len(run.accepted_at) and set(run.accepted_step_sizes) <= {1.0, 0.5}
+
+
+def test_cli_parses_step_sizes_and_refuses_bad_ones_in_one_line(tmp_path, capsys):
+    from learned_opt.cli import build_parser
+    from learned_opt.cli import main as cli_main
+    from pretrain.bench.cli import periodic_config
+
+    argv = ["bench", "--generator", "g", "--out", str(tmp_path / "b")]
+    assert periodic_config(build_parser().parse_args(argv + ["--step-size", "1,0.5,0.25"])).step_size == (1, 0.5, 0.25)
+    assert periodic_config(build_parser().parse_args(argv)).step_size == (1.0,)
+    for bad in ("0", "1,-0.5", "1,x", "nan"):
+        assert cli_main(argv + ["--step-size", bad]) == 2
+        err = capsys.readouterr().err
+        assert "--step-size" in err and len(err.strip().splitlines()) == 1
+    assert cli_main(["bench", "--mode", "lopt", "--out", str(tmp_path / "l"), "--step-size", "0.5"]) == 2
+    assert "--step-size" in capsys.readouterr().err
+
+
 def test_cli_passes_guidance_rank_and_keep_to_the_config():
     from learned_opt.cli import build_parser
     from pretrain.bench.cli import periodic_config

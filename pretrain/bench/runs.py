@@ -92,6 +92,7 @@ class Run:
     accepted_at: list[int] = field(default_factory=list)  # steps after which an update was accepted
     attempted_at: list[int] = field(default_factory=list)  # steps after which an update ran (any outcome)
     kept_at: list[int] = field(default_factory=list)  # steps after which θ was kept: the metric met the prompt
+    accepted_step_sizes: list[float] = field(default_factory=list)  # the step size of each accepted update
     diverged_at: int | None = None  # the metric closure returned NaN/Inf after this step
 
 
@@ -113,6 +114,7 @@ def train_run(
     guidance: float | None = None,
     temperature: float | None = None,
     rank: str = "closure",
+    step_size: Sequence[float] = (1.0,),
     keep_if_met: bool = True,
     moments: str = "keep",
     device: str | torch.device = "cpu",
@@ -139,6 +141,7 @@ def train_run(
                 model.named_parameters(), generator, base=base_optimizer, every=every, prompt=prompt,
                 sampling_steps=sampling_steps, sampling_method=method, sampling_t_min=t_min, candidates=candidates,
                 guidance=guidance, sampling_temperature=temperature, rank=rank, keep_if_met=keep_if_met, seed=seed, guard=True,
+                step_size=tuple(step_size),
                 metric_closure=holdout_closure(task, model, split.holdout_x, split.holdout_y),
             )
         if on_optimizer is not None:
@@ -156,6 +159,7 @@ def train_run(
             run.kept_at.append(t)
         if report.accepted:
             run.accepted_at.append(t)
+            run.accepted_step_sizes.append(report.step_size)
             if moments == "reset":
                 gpt.base.state.clear()  # the base re-initialises its state lazily at the next step
 

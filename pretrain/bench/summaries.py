@@ -53,6 +53,7 @@ def init_row(grid: Sequence[int], run: Run, target: float | None, seed: int) -> 
         "late_kept": sum(t > LATE_STEP for t in run.kept_at),
         "generation_seconds": run.generation_seconds,
         "accepted_at": run.accepted_at,
+        "accepted_step_sizes": run.accepted_step_sizes,
         "diverged_at": run.diverged_at,
     }
 

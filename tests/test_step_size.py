@@ -1,0 +1,111 @@
+"""``GptOptimizer(step_size=...)``: θ + α(θ′ − θ) instead of θ′, and a line search over several α."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from gpt_helpers import tiny_generator, toy_loss, toy_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from learned_opt import GptOptimizer
+from learned_opt.errors import ConfigError, GenerationError
+from learned_opt.proposal import along_line
+
+vec = torch.nn.utils.parameters_to_vector
+
+
+def proposal(seed: int = 0, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """θ and the θ′ a fresh optimizer (seed ``seed``) moves a toy model to, with ``kw``."""
+    model = toy_model()
+    theta = vec(model.parameters()).detach().clone()
+    opt = GptOptimizer(model.parameters(), tiny_generator(perturb=0.05), guard=False, sampling_steps=3, seed=seed, **kw)
+    report = opt.generate(metric=2.0)
+    assert report.accepted
+    return theta, vec(model.parameters()).detach().clone()
+
+
+def test_step_size_one_is_the_sample_itself_bit_for_bit():
+    assert torch.equal(proposal()[1], proposal(step_size=1.0)[1])
+    assert torch.equal(proposal()[1], proposal(step_size=[1])[1])
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.5, 2.0])
+def test_a_fixed_step_size_moves_that_share_of_the_way(alpha):
+    theta, full = proposal()
+    _, short = proposal(step_size=alpha)
+    torch.testing.assert_close(short, theta + alpha * (full - theta))
+
+
+def test_the_closure_chooses_the_step_size_and_the_report_says_which():
+    model = toy_model()
+    gen = tiny_generator(perturb=0.05)
+    theta = vec(model.parameters()).detach().clone()
+    full = proposal()[1]
+    target = theta + 0.5 * (full - theta)
+
+    def distance_to_target():  # best at α = 0.5 exactly
+        return float((vec(model.parameters()) - target).norm())
+
+    opt = GptOptimizer(model.parameters(), gen, sampling_steps=3, step_size=(1, 0.5, 0.25))
+    report = opt.generate(distance_to_target, metric=2.0)  # the metric that proposal() conditions on
+    assert report.accepted and report.step_size == 0.5
+    assert len(report.candidate_metrics) == 3 and report.metric_after == min(report.candidate_metrics)
+    torch.testing.assert_close(vec(model.parameters()).detach(), target)
+    assert "step_size=1,0.5,0.25" in repr(opt)
+
+
+def test_a_line_search_the_guard_refuses_leaves_theta_and_names_the_step_size():
+    model = toy_model()
+    theta = vec(model.parameters()).detach().clone()
+    opt = GptOptimizer(model.parameters(), tiny_generator(perturb=0.05), sampling_steps=3, step_size=(1, 0.5))
+    report = opt.generate(lambda: 1 + float((vec(model.parameters()) - theta).norm()))  # θ itself is best
+    assert not report.accepted and report.step_size == 0.5  # the nearest point, still worse than θ
+    assert torch.equal(vec(model.parameters()).detach(), theta)
+
+
+def test_several_step_sizes_with_closure_ranking_need_a_closure():
+    model = toy_model()
+    theta = vec(model.parameters()).detach().clone()
+    opt = GptOptimizer(model.parameters(), tiny_generator(perturb=0.05), sampling_steps=3, step_size=(1, 0.5))
+    with pytest.raises(GenerationError, match="needs a closure"):
+        opt.generate(metric=2.0)
+    assert torch.equal(vec(model.parameters()).detach(), theta) and opt.counters["attempted"] == 0
+
+
+def test_periodic_mode_searches_the_line_at_each_update():
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), tiny_generator(perturb=0.05), every=2, sampling_steps=3, lr=1e-2,
+                       metric_closure=lambda: toy_loss(model), step_size=(1, 0.5, 0.25))
+    for _ in range(4):
+        opt.zero_grad()
+        toy_loss(model).backward()
+        opt.step()
+    assert opt.counters["attempted"] == 2 and opt.last_report.step_size in (1, 0.5, 0.25)
+
+
+@pytest.mark.parametrize("value", [0, -0.5, float("nan"), float("inf"), (), (1, 0), "1", True, None, (1, "a")])
+def test_invalid_step_sizes_are_refused(value):
+    with pytest.raises(ConfigError, match="step_size"):
+        GptOptimizer(toy_model().parameters(), tiny_generator(), step_size=value)
+
+
+def test_an_optimizer_pickled_before_step_sizes_takes_the_sample_itself():
+    opt = GptOptimizer(toy_model().parameters(), tiny_generator())
+    state = opt.__getstate__()
+    del state["step_sizes"]
+    old = GptOptimizer.__new__(GptOptimizer)
+    old.__setstate__(state)
+    assert old.step_sizes == (1.0,)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(0.01, 3.0), min_size=1, max_size=4), st.integers(1, 3))
+def test_points_lie_on_the_line_candidate_major(alphas, c):
+    g = torch.Generator().manual_seed(len(alphas) * 7 + c)
+    theta, samples = torch.randn(5, generator=g), torch.randn(c, 5, generator=g)
+    points = along_line(theta, samples, tuple(alphas))
+    assert points.shape == (c * len(alphas), 5)
+    for i, point in enumerate(points):
+        a, s = alphas[i % len(alphas)], samples[i // len(alphas)]
+        torch.testing.assert_close(point, theta + a * (s - theta))

@@ -20,13 +20,14 @@ from .errors import ConfigError, GenerationError
 from .optimizer_checks import (
     check_architecture,
     check_args,
+    check_chooser,
     check_prompt,
     check_sampling,
     check_step_size,
     flat_params,
     materialize,
 )
-from .optimizer_state import COUNTERS, PICKLED_BEFORE, load_state
+from .optimizer_state import COUNTERS, PICKLED_BEFORE, gpt_entry, load_state
 from .proposal import (GenerationReport, MetricValue, along_line, call_metric, load_sample, meets, metric_value,
                        resolve_prompt, restore, sample_candidates, unhooked_step, validate_sample)
 from .pretrained import LoadedGenerator, load_generator
@@ -278,13 +279,7 @@ class GptOptimizer(torch.optim.Optimizer):
                 f"returns it, or metric=<value>"
             )
         points = self.candidates * len(self.step_sizes)  # θ′ candidates, each at every step size
-        if closure is None and points > 1 and self.rank == "closure":
-            line = "" if len(self.step_sizes) == 1 else f" with step_size={list(self.step_sizes)}"
-            raise GenerationError(
-                f"candidates={self.candidates}{line} needs a closure to choose among the {points} points; pass one "
-                f"(e.g. the metric on held-out training data), or build the optimizer with candidates=1"
-                f"{line and ' and one step size'} or rank='self'"
-            )
+        check_chooser(closure, self.candidates, self.step_sizes, self.rank)
         target = resolve_prompt(self, self.prompt if prompt is None else prompt, before)
         self.counters["attempted"] += 1
         params = self.params
@@ -356,15 +351,7 @@ class GptOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state plus ``"gpt"``: counters, generator name + sha256, RNG state."""
-        sd = super().state_dict()
-        sd["gpt"] = {
-            "counters": dict(self.counters),
-            "generator_name": self.generator.name,
-            "generator_sha256": self.generator.sha256,
-            "rng_state": self._rng.get_state(),  # uint8 tensor, a fresh copy
-            "seed": self.seed,
-        }
-        return sd
+        return {**super().state_dict(), "gpt": gpt_entry(self)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (the input is copied, never mutated).

@@ -45,6 +45,19 @@ def check_step_size(step_size, option: str = "step_size") -> tuple[float, ...]:
     return tuple(float(a) for a in values)
 
 
+def check_chooser(closure, candidates: int, step_sizes: tuple[float, ...], rank: str) -> None:
+    """:class:`GenerationError` when the closure must choose among several points (candidates, each
+    at each step size, with ``rank="closure"``) and there is none."""
+    points = candidates * len(step_sizes)
+    if closure is None and points > 1 and rank == "closure":
+        line = "" if len(step_sizes) == 1 else f" with step_size={list(step_sizes)}"
+        raise GenerationError(
+            f"candidates={candidates}{line} needs a closure to choose among the {points} points; pass one (e.g. the "
+            f"metric on held-out training data), or build the optimizer with candidates=1{line and ' and one step size'} "
+            f"or rank='self'"
+        )
+
+
 def check_prompt(prompt, where: str, error: type[Exception]) -> None:
     """``error`` unless ``prompt`` is a callable or a finite number (a one-element tensor too)."""
     if callable(prompt):

@@ -21,6 +21,18 @@ COUNTERS = ("steps", "attempted", "accepted", "rejected", "failed", "kept")
 PICKLED_BEFORE = {"keep_if_met": False, "sampling_temperature": 1.0, "step_sizes": (1.0,)}
 
 
+def gpt_entry(opt) -> dict:
+    """The ``"gpt"`` entry of :meth:`GptOptimizer.state_dict <learned_opt.optimizer.GptOptimizer.state_dict>`:
+    counters, generator name + sha256, the private RNG's state (a fresh uint8 tensor) and the seed."""
+    return {
+        "counters": dict(opt.counters),
+        "generator_name": opt.generator.name,
+        "generator_sha256": opt.generator.sha256,
+        "rng_state": opt._rng.get_state(),
+        "seed": opt.seed,
+    }
+
+
 def load_state(opt, state_dict: Mapping) -> None:
     """:meth:`GptOptimizer.load_state_dict <learned_opt.optimizer.GptOptimizer.load_state_dict>`:
     the pre-hooks on a copy, every check, then the base's state, the counters, the RNG and the post-hooks."""

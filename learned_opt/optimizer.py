@@ -108,7 +108,8 @@ class GptOptimizer(torch.optim.Optimizer):
     sqrt(P) * GPT_TARGET_STD / param_scale`` (``normalization.GPT_TARGET_STD`` = 0.538) is the
     typical norm of a corpus checkpoint (so an update from a near-zero init is not refused). With
     a closure and ``guard=True`` θ′ is copied in, the metric re-measured, and θ restored unless
-    the metric is not worse (``<=`` for minimised metrics, ``>=`` for maximised ones). Any refusal
+    the metric is not worse (``<=`` for minimised metrics, ``>=`` for maximised ones), or with
+    ``min_improvement=m`` unless it improves by at least ``m·|metric|``. Any refusal
     leaves parameters, gradients and the base optimizer's state exactly unchanged; only the
     counters ``attempted`` and ``rejected`` / ``failed`` move. Buffers are not restored: those the
     closure changed while measuring θ′ (e.g. BatchNorm running statistics updated in train mode)
@@ -169,9 +170,10 @@ class GptOptimizer(torch.optim.Optimizer):
         guard: bool = True,
         keep_if_met: bool = True,
         max_update_ratio: float = 10.0,
+        min_improvement: float = 0.0,
         **base_kwargs: Any,
     ) -> None:
-        check_args(params, every, seed, metric_closure, prompt, max_update_ratio)
+        check_args(params, every, seed, metric_closure, prompt, max_update_ratio, min_improvement)
         check_sampling(sampling_steps, sampling_method, sampling_t_min, candidates, sampling_temperature)
         self.step_sizes = check_step_size(step_size)
         params = materialize(params)
@@ -207,6 +209,7 @@ class GptOptimizer(torch.optim.Optimizer):
         self.guard = guard
         self.keep_if_met = bool(keep_if_met)
         self.max_update_ratio = float(max_update_ratio)
+        self.min_improvement = float(min_improvement)
         self.counters = {k: 0 for k in COUNTERS}
         self.last_report: GenerationReport | None = None
         self._rng = torch.Generator(device=device)

@@ -81,7 +81,7 @@ def prompt_value(value, where: str, metric_name: str) -> float:
     return float(value)
 
 
-def check_args(params, every, seed, metric_closure, prompt, max_update_ratio) -> None:
+def check_args(params, every, seed, metric_closure, prompt, max_update_ratio, min_improvement=0.0) -> None:
     if isinstance(params, torch.Tensor):
         raise ConfigError(
             "params must be an iterable of tensors or parameter-group dicts, got a single tensor; "
@@ -102,6 +102,14 @@ def check_args(params, every, seed, metric_closure, prompt, max_update_ratio) ->
         check_prompt(prompt, "prompt", ConfigError)
     if not (isinstance(max_update_ratio, Real) and max_update_ratio > 0):
         raise ConfigError(f"Invalid max_update_ratio: {max_update_ratio!r} (must be > 0; math.inf disables the bound)")
+    check_min_improvement(min_improvement)
+
+
+def check_min_improvement(value, option: str = "min_improvement") -> None:
+    """:class:`ConfigError`, naming ``option``, unless ``value`` is a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < 1:
+        raise ConfigError(f"Invalid {option}: {value!r} (a share in [0, 1) of the current metric by which the guard "
+                          f"asks an update to improve it; 0 accepts any update that is not worse)")
 
 
 def materialize(params) -> list:

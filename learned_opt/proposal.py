@@ -156,8 +156,12 @@ def resolve_prompt(opt, prompt, metric: float) -> float:
     return prompt
 
 
-def worse(after: float, before: float, direction: str) -> bool:
-    return after > before if direction == "min" else after < before
+def worse(after: float, before: float, direction: str, margin: float = 0.0) -> bool:
+    """Whether ``after`` falls short of ``before`` improved by ``margin`` times ``|before|`` (at 0:
+    whether it is worse at all); ``direction`` is ``"min"`` or ``"max"``, the better way."""
+    if direction == "min":
+        return after > before - margin * abs(before)
+    return after < before + margin * abs(before)
 
 
 def meets(metric, prompt, direction: str):

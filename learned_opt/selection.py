@@ -88,8 +88,10 @@ def choose_by_closure(opt, closure: Callable[[], MetricValue], samples: torch.Te
     after, chosen, accept, reason = None, pool[0], True, None
     if finite:
         after, chosen = (min if direction == "min" else max)(finite, key=lambda vi: vi[0])
-        if opt.guard and worse(after, before, direction):
+        if opt.guard and worse(after, before, direction, opt.min_improvement):
             accept, reason = False, f"{name} went from {before:.6g} to {after:.6g}"
+            if opt.min_improvement:
+                reason += f", less than the improvement of {opt.min_improvement:.3g} x {abs(before):.6g} min_improvement asks for"
             if many:
                 reason += f" (the best of {len(pool)} candidates)"
     else:  # nothing measurable to keep

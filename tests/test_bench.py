@@ -297,7 +297,7 @@ def test_runs_search_the_line_and_record_the_step_size_kept(small_data, manifest
     assert len(run.accepted_step_sizes) == len(run.accepted_at) and set(run.accepted_step_sizes) <= {1.0, 0.5}
 
 
-def test_cli_parses_step_sizes_and_refuses_bad_ones_in_one_line(tmp_path, capsys):
+def test_cli_parses_step_sizes_and_margins_and_refuses_bad_ones_in_one_line(tmp_path, capsys):
     from learned_opt.cli import build_parser
     from learned_opt.cli import main as cli_main
     from pretrain.bench.cli import periodic_config
@@ -311,6 +311,12 @@ def test_cli_parses_step_sizes_and_refuses_bad_ones_in_one_line(tmp_path, capsys
         assert "--step-size" in err and len(err.strip().splitlines()) == 1
     assert cli_main(["bench", "--mode", "lopt", "--out", str(tmp_path / "l"), "--step-size", "0.5"]) == 2
     assert "--step-size" in capsys.readouterr().err
+    assert periodic_config(build_parser().parse_args(argv + ["--min-improvement", "0.01"])).min_improvement == 0.01
+    assert periodic_config(build_parser().parse_args(argv)).min_improvement == 0.0
+    for bad in ("-0.1", "1"):
+        assert cli_main(argv + ["--min-improvement", bad]) == 2
+        err = capsys.readouterr().err
+        assert "--min-improvement" in err and len(err.strip().splitlines()) == 1
 
 
 def test_cli_passes_guidance_rank_and_keep_to_the_config():

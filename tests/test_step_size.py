@@ -1,10 +1,11 @@
-"""``GptOptimizer(step_size=...)``: θ + α(θ′ − θ) instead of θ′, and a line search over several α."""
+"""Late updates: ``GptOptimizer(step_size=...)`` (θ + α(θ′ − θ) instead of θ′, and a line search over
+several α) and ``min_improvement`` (the guard's margin)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from gpt_helpers import tiny_generator, toy_loss, toy_model
+from gpt_helpers import FnGenerator, tiny_generator, toy_loss, toy_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -109,3 +110,32 @@ def test_points_lie_on_the_line_candidate_major(alphas, c):
     for i, point in enumerate(points):
         a, s = alphas[i % len(alphas)], samples[i // len(alphas)]
         torch.testing.assert_close(point, theta + a * (s - theta))
+
+
+@pytest.mark.parametrize("direction, before, after", [("min", 1.0, 0.993), ("max", 100.0, 100.7)])
+@pytest.mark.parametrize("margin, accepted", [(0.0, True), (0.005, True), (0.01, False)])
+def test_the_guard_asks_for_min_improvement_of_the_metric(direction, before, after, margin, accepted):
+    model = toy_model()
+    theta = vec(model.parameters()).detach().clone()
+    gen = FnGenerator(lambda th: th + 0.01)
+    gen.metric_direction = direction
+    opt = GptOptimizer(model.parameters(), gen, keep_if_met=False, min_improvement=margin)
+    report = opt.generate(lambda values=iter([before, after]): next(values))
+    assert report.accepted is accepted and report.metric_after == after
+    if not accepted:
+        assert "min_improvement" in report.reason and torch.equal(vec(model.parameters()).detach(), theta)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1, 1.5, float("nan"), True, "0.1", None])
+def test_invalid_min_improvements_are_refused(value):
+    with pytest.raises(ConfigError, match="min_improvement"):
+        GptOptimizer(toy_model().parameters(), tiny_generator(), min_improvement=value)
+
+
+def test_an_optimizer_pickled_before_min_improvement_accepts_any_update_not_worse():
+    opt = GptOptimizer(toy_model().parameters(), tiny_generator(), min_improvement=0.01)
+    state = opt.__getstate__()
+    del state["min_improvement"]
+    old = GptOptimizer.__new__(GptOptimizer)
+    old.__setstate__(state)
+    assert old.min_improvement == 0.0

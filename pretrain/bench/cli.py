@@ -15,7 +15,7 @@ from .report import format_lopt_summary, format_summary
 
 # options of one mode only (argparse default None: given or not); --candidates defaults to 1
 PERIODIC_ONLY = ("generator", "bases", "every", "prompt", "moments", "sampling_steps", "method", "t_min", "guidance",
-                 "temperature", "step_size")
+                 "temperature", "step_size", "min_improvement")
 LOPT_ONLY = ("grid_steps", "lr_grid", "optimizers")
 # each mode's defaults for the options both share
 DEFAULTS = {"periodic": {"inits": 10, "seed": 3_000_000, "steps": 3000, "eval_every": 50},
@@ -73,6 +73,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="periodic: GptOptimizer's step_size: the update goes to θ + A(θ′ − θ); several, "
                              "comma-separated (e.g. 1,0.5,0.25), are a line search the metric closure chooses in "
                              "(default: 1, θ′ itself)")
+    parser.add_argument("--min-improvement", type=float, default=None, metavar="M",
+                        help="periodic: GptOptimizer's min_improvement: the guard keeps an update only if it lowers "
+                             "the held-out loss by at least this share of it, e.g. 0.01 (default: 0, not worse)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto: CUDA where there is one (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNGs")
@@ -106,6 +109,7 @@ def periodic_config(args: argparse.Namespace) -> BenchConfig:
         sampling_steps=args.sampling_steps, method=args.method, t_min=args.t_min, candidates=args.candidates,
         guidance=args.guidance, temperature=args.temperature, rank=args.rank, keep_if_met=args.keep_if_met, weights=args.weights,
         step_size=(1.0,) if args.step_size is None else parse_floats(args.step_size, "--step-size"),
+        min_improvement=args.min_improvement or 0.0,
         device=str(parse_device(args.device)),
         progress=not args.no_progress, plots=not args.no_plots, **shared,
     )

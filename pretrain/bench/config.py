@@ -12,7 +12,7 @@ from learned_opt.baselines.supervised import NAMED_RECIPES
 from learned_opt.diffusion import METHODS, check_temperature
 from learned_opt.errors import ConfigError
 from learned_opt.lopt import LoadedRule
-from learned_opt.optimizer_checks import check_step_size
+from learned_opt.optimizer_checks import check_min_improvement, check_step_size
 from learned_opt.pretrained import LoadedGenerator
 from learned_opt.recipes import ADAM, LOPT
 
@@ -73,6 +73,7 @@ class BenchConfig:
     temperature: float | None = None  # scale of the sampling noise; None: the generator's own (else 1)
     rank: str = "closure"  # who chooses among the candidates: the metric closure, or the generator's head
     step_size: tuple[float, ...] = (1.0,)  # θ + α(θ′ − θ) for each α, the best by the metric closure kept
+    min_improvement: float = 0.0  # the share of the held-out loss an update must take off to be kept
     keep_if_met: bool = True  # GptOptimizer's keep_if_met: no sample while the metric meets the prompt
     weights: str | None = None  # the lopt base's learned-optimizer weights (None: the shipped ones)
     device: str = "cpu"
@@ -88,6 +89,7 @@ class BenchConfig:
         if self.temperature is not None:
             check_temperature(self.temperature, "--temperature")
         self.step_size = check_step_size(self.step_size, "--step-size")
+        check_min_improvement(self.min_improvement, "--min-improvement")
         check_names(self.bases, "--bases", tuple(NAMED_RECIPES), "base optimizer")
         if self.weights is not None and "lopt" not in self.bases:
             raise ConfigError("--weights sets the learned optimizer's weights, which only the lopt base uses; "

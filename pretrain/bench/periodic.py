@@ -76,7 +76,7 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
                     task, inits[i], split, recipes[base], grid, seed=seed, generator=None if k is None else gen, every=k,
                     prompt=prompt, sampling_steps=config.sampling_steps, method=config.method, t_min=config.t_min,
                     candidates=config.candidates, guidance=config.guidance, temperature=config.temperature,
-                    rank=config.rank, step_size=config.step_size,
+                    rank=config.rank, step_size=config.step_size, min_improvement=config.min_improvement,
                     keep_if_met=config.keep_if_met, moments=config.moments, device=device,
                 ))
                 bar.update(1)
@@ -107,7 +107,7 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
         "moments": config.moments,
         "prompt": describe_prompt(prompt, gen),
         "sampler": {**sampler, "candidates": config.candidates, "rank": config.rank, "keep_if_met": config.keep_if_met,
-                    "step_size": list(config.step_size)},
+                    "step_size": list(config.step_size), "min_improvement": config.min_improvement},
         "generator": {"name": gen.name, "sha256": gen.sha256, "metric": gen.metric_name, "best_prompt": gen.best_prompt,
                       "metric_range": list(gen.metric_range), "model_config": gen.manifest.get("model_config")},
         "closure_metric": f"full-batch cross-entropy on the last {config.holdout} training examples (held out), "

@@ -115,6 +115,7 @@ def train_run(
     temperature: float | None = None,
     rank: str = "closure",
     step_size: Sequence[float] = (1.0,),
+    min_improvement: float = 0.0,
     keep_if_met: bool = True,
     moments: str = "keep",
     device: str | torch.device = "cpu",
@@ -141,7 +142,7 @@ def train_run(
                 model.named_parameters(), generator, base=base_optimizer, every=every, prompt=prompt,
                 sampling_steps=sampling_steps, sampling_method=method, sampling_t_min=t_min, candidates=candidates,
                 guidance=guidance, sampling_temperature=temperature, rank=rank, keep_if_met=keep_if_met, seed=seed, guard=True,
-                step_size=tuple(step_size),
+                step_size=tuple(step_size), min_improvement=min_improvement,
                 metric_closure=holdout_closure(task, model, split.holdout_x, split.holdout_y),
             )
         if on_optimizer is not None:

@@ -21,6 +21,15 @@ def agree(new: torch.Tensor | None, error: str | None, theta: torch.Tensor) -> t
     return new, None
 
 
+def from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``t`` on every rank, as a copy (``t`` itself when not distributed)."""
+    if not distributed():
+        return t
+    t = t.clone()
+    torch.distributed.broadcast(t, src=0)
+    return t
+
+
 def all_ranks(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` holds on every rank (the flag itself when not distributed)."""
     return all_ranks_each([flag], device)[0]

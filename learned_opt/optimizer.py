@@ -28,8 +28,8 @@ from .optimizer_checks import (
     materialize,
 )
 from .optimizer_state import COUNTERS, PICKLED_BEFORE, gpt_entry, load_state
-from .proposal import (GenerationReport, MetricValue, along_line, call_metric, load_sample, meets, metric_value,
-                       resolve_prompt, restore, sample_candidates, unhooked_step, validate_sample)
+from .proposal import (GenerationReport, MetricValue, call_metric, line_points, load_sample, meets, metric_value,
+                       resolve_prompt, restore, sample_candidates, unhooked_step)
 from .pretrained import LoadedGenerator, load_generator
 from .selection import check_candidates, check_rank, choose_by_closure, rank_by_prediction
 
@@ -86,7 +86,7 @@ class GptOptimizer(torch.optim.Optimizer):
     (:meth:`~learned_opt.diffusion.Diffusion.sample`; with 0 and a deterministic sampler, N
     candidates are one sample N times). ``candidates=N`` draws N samples in one batched call and keeps the best:
     with ``rank="closure"`` the one the closure (needed; measure it on held-out training data, not
-    the test set) scores best, N closure calls per update besides the first (if no candidate gives
+    the test set) scores best, N closure calls per update (N·S with S step sizes) besides the first (if no candidate gives
     a finite metric, the update is rejected); with ``rank="self"`` the one whose metric the
     generator's property head predicts best (a generator trained with ``--property-head``), with
     no closure call, so it works with ``generate(metric=m)`` alone (the guard, if on and given a
@@ -96,7 +96,8 @@ class GptOptimizer(torch.optim.Optimizer):
     sequence, e.g. ``(1, 0.5, 0.25)``, is a line search: each candidate is tried at each step size
     and chosen among as candidates are (by the closure, or by the property head with
     ``rank="self"``); ``report.step_size`` is the α kept. Late in training a full step to θ′ is
-    often worse than θ while a shorter step toward it is better (``docs/optimizer.md``).
+    often worse than θ while a shorter step toward it is better, though on MNIST the base steps
+    after such updates gain less, so the end of training is no better (``docs/results-mnist-mlp.md``).
 
     **Prompts.** ``prompt=None`` uses the generator's recommended ``best_prompt``; a number is used
     as is; a callable maps the current metric to a prompt. A prompt outside the generator's metric
@@ -173,7 +174,7 @@ class GptOptimizer(torch.optim.Optimizer):
         min_improvement: float = 0.0,
         **base_kwargs: Any,
     ) -> None:
-        check_args(params, every, seed, metric_closure, prompt, max_update_ratio, min_improvement)
+        check_args(params, every, seed, metric_closure, prompt, max_update_ratio, min_improvement, guard)
         check_sampling(sampling_steps, sampling_method, sampling_t_min, candidates, sampling_temperature)
         self.step_sizes = check_step_size(step_size)
         params = materialize(params)
@@ -311,8 +312,7 @@ class GptOptimizer(torch.optim.Optimizer):
         samples, error = agree(samples, error, theta)
         if error is not None:
             return finish(False, error, failed=True)
-        samples = along_line(theta, samples, self.step_sizes)  # [C·S, P]: each candidate at each step size
-        checks = [validate_sample(self, theta, s) for s in samples]  # [(ratio, reason)] per candidate
+        samples, checks = line_points(self, theta, samples)  # [C·S, P] (each candidate at each step size), checked
         # every rank must measure the same candidates (the closure may hold collectives)
         ok = all_ranks_each([reason is None for _, reason in checks], theta.device)
         valid = [i for i, good in enumerate(ok) if good]
@@ -320,7 +320,7 @@ class GptOptimizer(torch.optim.Optimizer):
             ratio, error = checks[0]
             error = error or "the sample failed validation on another rank"
             if len(checks) > 1:
-                error = f"all {len(checks)} candidates failed validation (the first: {error})"
+                error = f"all {len(checks)} {'candidates' if points == self.candidates else 'points'} failed validation (the first: {error})"
             return finish(False, error, ratio=ratio, failed=True)
         pool = valid  # the candidates the closure may measure
         if self.rank == "self":  # the generator's own prediction chooses; the guard measures that one only
@@ -390,7 +390,8 @@ class GptOptimizer(torch.optim.Optimizer):
             f"metric={self.generator.metric_name!r}, every={self.every}, prompt={self.prompt!r}, "
             f"sampler={self.sampling_method}-{self.sampling_steps} t_min={self.sampling_t_min}, "
             f"guidance={self.guidance:g}, temperature={self.sampling_temperature:g}, candidates={self.candidates}, "
-            f"step_size={','.join(f'{a:g}' for a in self.step_sizes)}, rank={self.rank!r}, seed={self.seed}, groups={len(self.param_groups)}, "
+            f"step_size={','.join(f'{a:g}' for a in self.step_sizes)}, "
+            f"rank={self.rank!r}, seed={self.seed}, groups={len(self.param_groups)}, "
             f"steps={c['steps']}, generative updates accepted/rejected/failed/kept="
             f"{c['accepted']}/{c['rejected']}/{c['failed']}/{c['kept']})"
         )

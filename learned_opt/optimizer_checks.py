@@ -39,9 +39,10 @@ def check_step_size(step_size, option: str = "step_size") -> tuple[float, ...]:
         values = tuple(values)
     except TypeError:
         values = ()
-    if not values or any(isinstance(a, bool) or not isinstance(a, Real) or not 0 < float(a) < math.inf for a in values):
+    if (not values or len(set(values)) != len(values)
+            or any(isinstance(a, bool) or not isinstance(a, Real) or not 0 < float(a) < math.inf for a in values)):
         raise ConfigError(f"Invalid {option}: {step_size!r} (a number > 0, the update being θ + α(θ′ − θ), "
-                          f"or several, e.g. 1, 0.5, 0.25, to choose among)")
+                          f"or several different ones, e.g. 1, 0.5, 0.25, to choose among)")
     return tuple(float(a) for a in values)
 
 
@@ -81,7 +82,7 @@ def prompt_value(value, where: str, metric_name: str) -> float:
     return float(value)
 
 
-def check_args(params, every, seed, metric_closure, prompt, max_update_ratio, min_improvement=0.0) -> None:
+def check_args(params, every, seed, metric_closure, prompt, max_update_ratio, min_improvement=0.0, guard=True) -> None:
     if isinstance(params, torch.Tensor):
         raise ConfigError(
             "params must be an iterable of tensors or parameter-group dicts, got a single tensor; "
@@ -103,6 +104,9 @@ def check_args(params, every, seed, metric_closure, prompt, max_update_ratio, mi
     if not (isinstance(max_update_ratio, Real) and max_update_ratio > 0):
         raise ConfigError(f"Invalid max_update_ratio: {max_update_ratio!r} (must be > 0; math.inf disables the bound)")
     check_min_improvement(min_improvement)
+    if min_improvement and not guard:
+        raise ConfigError(f"min_improvement={min_improvement!r} is the guard's margin, and guard=False measures nothing "
+                          f"to apply it to: turn the guard on, or leave min_improvement at 0")
 
 
 def check_min_improvement(value, option: str = "min_improvement") -> None:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from .collectives import from_rank0
 from .errors import GenerationError
 from .normalization import GPT_TARGET_STD
 from .optimizer_checks import prompt_value
@@ -39,9 +40,11 @@ class GenerationReport:
     generator's predicted metric per sample (None where the sample failed validation) and θ′ is
     the best predicted (``candidate_metrics`` then holds the guard's measurement of it alone).
     ``kept`` marks an update skipped because the metric already met the prompt (``keep_if_met``).
-    With several step sizes every candidate is measured (or predicted) at each of them, so the
-    per-candidate lists hold ``candidates × len(step_size)`` points, candidate-major;
-    ``step_size`` is the α of the point kept (or refused by the guard), None when none was chosen.
+    With several step sizes every candidate is measured (or predicted) at each of them: the lists
+    then hold points (candidate-major: each candidate at each step size, ``predicted_metrics``
+    all ``candidates × len(step_size)`` of them, ``candidate_metrics`` those that passed
+    validation), and ``update_ratio`` is that of the point. ``step_size`` is the α of the point
+    kept (or refused by the guard), None when none was chosen.
     """
 
     accepted: bool
@@ -86,13 +89,31 @@ def sample_candidates(opt, theta: torch.Tensor, before: float, target: float) ->
         return None, f"the generator returned shape {shape}, expected {[c, p]}"
     return out.reshape(c, p).to(theta.device, torch.float32), None
 
+
 def along_line(theta: torch.Tensor, samples: torch.Tensor, step_sizes: tuple[float, ...]) -> torch.Tensor:
     """θ + α(θ′ − θ) for each candidate θ′ [C, P] and each step size α: [C·S, P], candidate-major
-    (point ``i`` is candidate ``i // S`` at step size ``step_sizes[i % S]``); α = 1 is θ′ itself."""
+    (point ``i`` is candidate ``i // S`` at step size ``step_sizes[i % S]``); α = 1 is θ′ itself.
+    Computed in θ's precision, at least float32."""
     if step_sizes == (1.0,):
         return samples
-    theta32 = theta.float()
-    return torch.stack([s if a == 1 else theta32 + a * (s - theta32) for s in samples for a in step_sizes])
+    dtype = torch.promote_types(theta.dtype, torch.float32)
+    base = theta.to(dtype)
+    return torch.stack([s.to(dtype) if a == 1 else base + a * (s.to(dtype) - base)
+                        for s in samples for a in step_sizes])
+
+
+def line_points(opt, theta: torch.Tensor, samples: torch.Tensor) -> tuple[torch.Tensor, list[tuple[float | None, str | None]]]:
+    """Each candidate θ′ [C, P] at each of ``opt.step_sizes`` (:func:`along_line`, from rank 0's θ
+    under torch.distributed, so that every rank loads the same point), and each point's
+    ``(update_ratio, reason)`` from :func:`validate_sample`. A point fails when its candidate does,
+    whatever its step size (a broken θ′ is not rescued by a short step), and when it fails itself."""
+    checks = [validate_sample(opt, theta, s) for s in samples]  # per candidate
+    if opt.step_sizes == (1.0,):
+        return samples, checks
+    s = len(opt.step_sizes)
+    points = along_line(from_rank0(theta), samples, opt.step_sizes)
+    return points, [checks[i // s] if checks[i // s][1] is not None else validate_sample(opt, theta, p)
+                    for i, p in enumerate(points)]
 
 
 def validate_sample(opt, theta: torch.Tensor, new: torch.Tensor) -> tuple[float | None, str | None]:
@@ -162,6 +183,11 @@ def worse(after: float, before: float, direction: str, margin: float = 0.0) -> b
     if direction == "min":
         return after > before - margin * abs(before)
     return after < before + margin * abs(before)
+
+
+def improvement(after: float, before: float, direction: str) -> float:
+    """How much better ``after`` is than ``before`` (negative when worse)."""
+    return before - after if direction == "min" else after - before
 
 
 def meets(metric, prompt, direction: str):

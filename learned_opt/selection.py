@@ -14,7 +14,7 @@ import torch
 
 from .collectives import broadcast_flag, broadcast_int
 from .errors import ConfigError
-from .proposal import MetricValue, load_sample, measure, worse
+from .proposal import MetricValue, improvement, load_sample, measure, worse
 
 RANKS = ("closure", "self")
 
@@ -91,9 +91,10 @@ def choose_by_closure(opt, closure: Callable[[], MetricValue], samples: torch.Te
         if opt.guard and worse(after, before, direction, opt.min_improvement):
             accept, reason = False, f"{name} went from {before:.6g} to {after:.6g}"
             if opt.min_improvement:
-                reason += f", less than the improvement of {opt.min_improvement:.3g} x {abs(before):.6g} min_improvement asks for"
+                reason += (f", an improvement of {improvement(after, before, direction):.3g}, less than min_improvement="
+                           f"{opt.min_improvement:g} x {abs(before):.6g} = {opt.min_improvement * abs(before):.3g}")
             if many:
-                reason += f" (the best of {len(pool)} candidates)"
+                reason += f" (the best of {len(pool)} {'points' if len(opt.step_sizes) > 1 else 'candidates'})"
     else:  # nothing measurable to keep
         accept, reason = False, measured[0][1]
         if len(pool) > 1:

@@ -56,6 +56,14 @@ def main(out: str) -> None:
     assert report.accepted and not report.kept, report
     report = opt.generate(metric=0.5 if rank == 0 else 2.0, prompt=1.0)  # rank 0 has: all keep θ
     assert report.kept and not report.accepted, report
+
+    # a line search from θ that differs across ranks: every rank moves along rank 0's line
+    with torch.no_grad():
+        for p in model.module.parameters():
+            p.add_(0.001 * rank)
+    opt.step_sizes, opt.guard = (1.0, 0.5), False
+    report = opt.generate(lambda: toy_loss(model, data), metric=2.0)
+    assert report.accepted and report.step_size in (1.0, 0.5), report
     params = [p.detach().clone() for p in model.module.parameters()]
     torch.save({"params": params, "counters": opt.counters}, Path(out) / f"rank{rank}.pt")
     dist.barrier()

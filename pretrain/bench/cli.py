@@ -71,8 +71,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_sampler_arguments(parser, "the best by the metric closure kept (periodic)")
     parser.add_argument("--step-size", default=None, metavar="A[,A...]",
                         help="periodic: GptOptimizer's step_size: the update goes to θ + A(θ′ − θ); several, "
-                             "comma-separated (e.g. 1,0.5,0.25), are a line search the metric closure chooses in "
-                             "(default: 1, θ′ itself)")
+                             "comma-separated (e.g. 1,0.5,0.25), are a line search in which the metric closure "
+                             "(with --rank self, the property head) chooses (default: 1, θ′ itself)")
     parser.add_argument("--min-improvement", type=float, default=None, metavar="M",
                         help="periodic: GptOptimizer's min_improvement: the guard keeps an update only if it lowers "
                              "the held-out loss by at least this share of it, e.g. 0.01 (default: 0, not worse)")

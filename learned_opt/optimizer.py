@@ -97,7 +97,7 @@ class GptOptimizer(torch.optim.Optimizer):
     and chosen among as candidates are (by the closure, or by the property head with
     ``rank="self"``); ``report.step_size`` is the α kept. Late in training a full step to θ′ is
     often worse than θ while a shorter step toward it is better, though on MNIST the base steps
-    after such updates gain less, so the end of training is no better (``docs/results-mnist-mlp.md``).
+    after such updates gain less, so training ends no better (``docs/results-mnist-mlp.md``).
 
     **Prompts.** ``prompt=None`` uses the generator's recommended ``best_prompt``; a number is used
     as is; a callable maps the current metric to a prompt. A prompt outside the generator's metric

@@ -86,8 +86,8 @@ class GptOptimizer(torch.optim.Optimizer):
     (:meth:`~learned_opt.diffusion.Diffusion.sample`; with 0 and a deterministic sampler, N
     candidates are one sample N times). ``candidates=N`` draws N samples in one batched call and keeps the best:
     with ``rank="closure"`` the one the closure (needed; measure it on held-out training data, not
-    the test set) scores best, N closure calls per update (N·S with S step sizes) besides the first (if no candidate gives
-    a finite metric, the update is rejected); with ``rank="self"`` the one whose metric the
+    the test set) scores best, N closure calls per update (N·S with S step sizes) besides the
+    first (if no candidate gives a finite metric, the update is rejected); with ``rank="self"`` the one whose metric the
     generator's property head predicts best (a generator trained with ``--property-head``), with
     no closure call, so it works with ``generate(metric=m)`` alone (the guard, if on and given a
     closure, measures the chosen sample only). ``report.predicted_metrics`` holds the predictions.

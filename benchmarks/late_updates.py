@@ -8,8 +8,9 @@ Periodic runs as ``learned-opt bench --mode periodic --bases adam --every 100 --
 makes them (fresh inits with seeds 3,000,000 + i, Adam lr 1e-3 through the one baseline loop, the
 guard measuring the last 5,000 training images, held out from training), except that the loop
 calls each generative update itself, so that the test loss is measured just before and just
-after it (the bench measures the test loss only on its grid). Per run: the updates accepted after
-step 1,000, and the sum of their changes to the held-out loss and to the test loss. A guard that
+after it, and the loss on the first 5,000 training examples beside it (the bench measures the test
+loss only on its grid). Per run: the updates accepted after step 1,000, and the sum of their
+changes to the held-out, test and training losses. A guard that
 keeps updates which help only the data it measures shows a held-out sum below zero beside a test
 sum at or above zero. Prints a table and writes every update's record as JSON.
 """
@@ -32,8 +33,8 @@ from pretrain.evaluate import init_params
 
 
 def periodic_run(task, gen, split, init, seed: int, args) -> tuple[list[dict], float]:
-    """One run's generative updates (step, accepted, step size, held-out and test loss before and
-    after) and its final test loss."""
+    """One run's generative updates (step, accepted, step size, and before and after it the held-out
+    loss, the test loss and the loss on the first 5,000 training examples) and its final test loss."""
     updates = []
 
     def wrap(model, base):
@@ -45,10 +46,12 @@ def periodic_run(task, gen, split, init, seed: int, args) -> tuple[list[dict], f
             return
         held_out = holdout_closure(task, model, split.holdout_x, split.holdout_y)
         test = holdout_closure(task, model, split.train.test_x, split.train.test_y)
-        test_before = test()
+        train = holdout_closure(task, model, split.train.train_x[:5000], split.train.train_y[:5000])
+        test_before, train_before = test(), train()
         report = opt.generate(held_out)
         updates.append({"step": t, "accepted": report.accepted, "step_size": report.step_size,
-                        "held_out": [report.metric_before, report.metric_after], "test": [test_before, test()]})
+                        "held_out": [report.metric_before, report.metric_after], "test": [test_before, test()],
+                        "train": [train_before, train()]})
 
     curve = train_baseline(task, init, split.train, "adam", args.steps, [args.steps], seed=seed, wrap=wrap,
                            on_step=on_step)
@@ -73,19 +76,22 @@ def main() -> None:
     seeds = [3_000_000 + i for i in range(args.inits)]
     runs = []
     print(f"step sizes {list(args.step_size)}, min_improvement {args.min_improvement:g}")
-    print(f"{'seed':>8}  {'late accepted':>13}  {'held-out sum':>12}  {'test sum':>9}  {'final test loss':>15}")
+    print(f"{'seed':>8}  {'late accepted':>13}  {'held-out sum':>12}  {'test sum':>9}  {'train sum':>9}  "
+          f"{'final test loss':>15}")
     for seed, init in zip(seeds, init_params(task, seeds)):
         updates, final = periodic_run(task, gen, split, init, seed, args)
         late = [u for u in updates if u["step"] > LATE_STEP and u["accepted"]]
         run = {"seed": seed, "final_test_loss": final, "late_attempted": sum(u["step"] > LATE_STEP for u in updates),
                "late_accepted": len(late),
                "late_held_out_change": sum(u["held_out"][1] - u["held_out"][0] for u in late),
-               "late_test_change": sum(u["test"][1] - u["test"][0] for u in late), "updates": updates}
+               "late_test_change": sum(u["test"][1] - u["test"][0] for u in late),
+               "late_train_change": sum(u["train"][1] - u["train"][0] for u in late), "updates": updates}
         runs.append(run)
         print(f"{seed:>8}  {len(late):>6} / {run['late_attempted']:<4}  {run['late_held_out_change']:>+12.4f}  "
-              f"{run['late_test_change']:>+9.4f}  {final:>15.4f}", flush=True)
+              f"{run['late_test_change']:>+9.4f}  {run['late_train_change']:>+9.4f}  {final:>15.4f}", flush=True)
     medians = {k: statistics.median(r[k] for r in runs)
-               for k in ("late_accepted", "late_held_out_change", "late_test_change", "final_test_loss")}
+               for k in ("late_accepted", "late_held_out_change", "late_test_change", "late_train_change",
+                         "final_test_loss")}
     print("median  " + "  ".join(f"{k} {v:.4g}" for k, v in medians.items()))
     config = {k: v for k, v in vars(args).items()}
     with open(args.out, "w") as f:

@@ -35,6 +35,7 @@ def main(out: str) -> None:
         first = float(loss) if first is None else first
     torch.save({"params": [p.detach().clone() for p in model.parameters()], "state": opt.state_dict(),
                 "first_loss": first}, f"{out}/rank{rank}.pt")
+    dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts then)
     dist.destroy_process_group()
 
 

@@ -180,8 +180,11 @@ def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = Fals
     info = setup_distributed("cpu")
     try:
         shard = shard_of(config.pairs, info.rank, info.world)
-        return _meta_train(config, data, Path(out), shard, resume=resume, name=name, export=export,
-                           progress=progress and shard.is_main, tqdm=tqdm)
+        result = _meta_train(config, data, Path(out), shard, resume=resume, name=name, export=export,
+                             progress=progress and shard.is_main, tqdm=tqdm)
+        if info.world > 1:
+            dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts then)
+        return result
     finally:
         if info.owns_group:
             dist.destroy_process_group()

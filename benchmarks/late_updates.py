@@ -93,9 +93,8 @@ def main() -> None:
                for k in ("late_accepted", "late_held_out_change", "late_test_change", "late_train_change",
                          "final_test_loss")}
     print("median  " + "  ".join(f"{k} {v:.4g}" for k, v in medians.items()))
-    config = {k: v for k, v in vars(args).items()}
     with open(args.out, "w") as f:
-        json.dump({"config": config, "late_after_step": LATE_STEP, "medians": medians, "runs": runs}, f, indent=1)
+        json.dump({"config": vars(args), "late_after_step": LATE_STEP, "medians": medians, "runs": runs}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -177,17 +177,16 @@ def resolve_prompt(opt, prompt, metric: float) -> float:
     return prompt
 
 
-def worse(after: float, before: float, direction: str, margin: float = 0.0) -> bool:
-    """Whether ``after`` falls short of ``before`` improved by ``margin`` times ``|before|`` (at 0:
-    whether it is worse at all); ``direction`` is ``"min"`` or ``"max"``, the better way."""
-    if direction == "min":
-        return after > before - margin * abs(before)
-    return after < before + margin * abs(before)
-
-
 def improvement(after: float, before: float, direction: str) -> float:
-    """How much better ``after`` is than ``before`` (negative when worse)."""
+    """How much better ``after`` is than ``before`` (negative when worse); ``direction`` is
+    ``"min"`` or ``"max"``, the better way."""
     return before - after if direction == "min" else after - before
+
+
+def worse(after: float, before: float, direction: str, margin: float = 0.0) -> bool:
+    """Whether ``after`` improves on ``before`` by less than ``margin`` times ``|before|`` (at 0:
+    whether it is worse at all)."""
+    return improvement(after, before, direction) < margin * abs(before)
 
 
 def meets(metric, prompt, direction: str):

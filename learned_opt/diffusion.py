@@ -99,6 +99,15 @@ def check_temperature(value, where: str = "temperature") -> float:
     return float(value)
 
 
+def _row_scales(scales: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Per-row guidance scales ``[B]``, checked: finite, >= 0, one per row of ``shape``."""
+    if scales.dim() != 1 or scales.shape[0] != int(shape[0]):
+        raise ConfigError(f"per-row guidance needs one scale per row ({int(shape[0])}), got shape {list(scales.shape)}")
+    if not bool((torch.isfinite(scales) & (scales >= 0)).all()):
+        raise ConfigError("per-row guidance scales must be finite numbers >= 0")
+    return scales
+
+
 def check_sampler(num_steps: int, method: str, steps: int, t_min: int) -> None:
     """Raise :class:`ConfigError` unless ``method`` with ``steps`` and ``t_min`` can run on a
     ``num_steps`` schedule (DDPM ignores ``steps``)."""
@@ -243,7 +252,7 @@ class Diffusion:
         x_T: torch.Tensor | None = None,
         t_min: int = 0,
         progress: bool = False,
-        guidance: float = 1.0,
+        guidance: float | torch.Tensor = 1.0,
         temperature: float = 1.0,
     ) -> torch.Tensor:
         """Draw ``x0`` of ``shape`` (``[B, ...]``) by reverse diffusion.
@@ -264,6 +273,7 @@ class Diffusion:
         ``guidance`` w != 1 is classifier-free guidance (:mod:`learned_opt.guidance`): each step's
         prediction is ``uncond + w (cond - uncond)``, both from one model call on a doubled batch
         (the model must take ``drop_prompt``); w = 1 (the default) calls the model as without it.
+        A tensor ``[B]`` gives each row its own scale (tapered guidance, :func:`~learned_opt.guidance.tapered_scale`).
 
         ``temperature`` scales every noise draw (x_T when it is not given, and the fresh noise of
         DDPM and of DDIM with ``eta`` > 0); the draws are made all the same, so at 1 (the default)
@@ -276,7 +286,7 @@ class Diffusion:
         the duration and restored after.
         """
         check_sampler(self.num_steps, method, steps, t_min)
-        guidance = check_guidance(guidance)
+        guidance = check_guidance(guidance) if not isinstance(guidance, torch.Tensor) else _row_scales(guidance, shape)
         temperature = check_temperature(temperature)
         if method == "ddim" and not eta >= 0.0:
             raise ConfigError(f"DDIM needs eta >= 0, got {eta}")
@@ -305,7 +315,7 @@ class Diffusion:
         try:
             # A model may precompute what does not change between steps: model.condition(**cond)
             # returns an equivalent ``(x_t, t) -> x0`` (see Gpt.condition).
-            if guidance != 1.0:
+            if bool((torch.as_tensor(guidance) != 1.0).any()):
                 denoise = guided_denoiser(model, cond, guidance)
             elif callable(getattr(model, "condition", None)):
                 denoise = model.condition(**cond)

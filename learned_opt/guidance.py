@@ -12,6 +12,20 @@ path, one model call per step, bit for bit as without guidance), w = 0 ignores t
 w > 1 moves further in the direction the prompt points. Both predictions come from one model
 call on a doubled batch. The model is any callable taking ``drop_prompt`` (``[B]`` bool) among
 its conditioning, like :class:`~learned_opt.generator.Gpt`.
+
+**Tapered guidance** (where a generator's manifest says ``"guidance_taper": true``, which
+``learned-opt tune-sampling`` writes when it aligns updates with their prompts better): the unconditional prediction is where pairs from θ
+typically go, which for a corpus of training runs is a good way towards the best. Moving away from
+it helps a prompt that asks for more than that, the generator's best, where the plain prediction
+falls short; for a prompt that asks for less it overshoots, towards networks worse than asked. So
+the scale a row gets follows the share of the possible improvement its prompt asks for,
+
+    a = (l − l′) / (l − l*)  clipped to [0, 1],    w_row = 1 + a (w − 1)
+
+with l the current metric, l′ the prompt and l* the generator's best prompt (signs flip together
+for a metric to maximise): w in full at the best prompt (or beyond it), 1 for a prompt that asks
+no improvement. A sampler prompted with the best, as :class:`~learned_opt.GptOptimizer` is by
+default, gets w exactly and the same networks as with constant guidance.
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["check_guidance", "guided_denoiser"]
+__all__ = ["check_guidance", "guided_denoiser", "tapered_scale"]
 
 
 def check_guidance(value, where: str = "guidance") -> float:
@@ -36,10 +50,28 @@ def check_guidance(value, where: str = "guidance") -> float:
     return float(value)
 
 
+def tapered_scale(scale: float, metric: torch.Tensor, prompt: torch.Tensor, best: float,
+                  direction: str = "min") -> torch.Tensor:
+    """The guidance scale of each row ``[B]`` for networks at ``metric`` [B] prompted with ``prompt``
+    [B]: ``scale`` in full where the prompt asks for ``best`` or beyond, 1 where it asks no
+    improvement, linear in the share of the possible improvement asked for between (see the module
+    docstring). ``direction`` is ``"min"`` or ``"max"``: the metric's better side."""
+    sign = 1.0 if direction == "min" else -1.0
+    asked = sign * (metric - prompt)  # > 0: the prompt asks for a better network
+    possible = sign * (metric - best)  # > 0: the network is short of the best
+    at_best = sign * (prompt - best) <= 0  # the prompt asks for the best or beyond
+    share = torch.where(possible > 0, asked / possible.clamp_min(torch.finfo(asked.dtype).tiny), torch.zeros_like(asked))
+    unknown = asked.isnan() | possible.isnan()  # a metric or prompt that is not a number: the constant scale
+    share = torch.where(at_best | unknown, torch.ones_like(share), share.clamp(0.0, 1.0))
+    # exactly ``scale`` at share 1: a best-prompt sampler is bit for bit the constant-guidance one
+    return torch.where(share >= 1.0, torch.full_like(share, scale), 1.0 + share * (scale - 1.0))
+
+
 def guided_denoiser(
-    model: Callable[..., torch.Tensor], cond: Mapping[str, torch.Tensor], scale: float
+    model: Callable[..., torch.Tensor], cond: Mapping[str, torch.Tensor], scale: float | torch.Tensor
 ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``(x_t [B, ...], t [B]) -> x̂0`` guided with ``scale``, from one call of ``model`` on ``2B`` rows.
+    """``(x_t [B, ...], t [B]) -> x̂0`` guided with ``scale`` (a number, or one per row ``[B]``),
+    from one call of ``model`` on ``2B`` rows.
 
     The conditioning is doubled once: rows ``:B`` keep the prompt, rows ``B:`` drop it. A model
     with a ``condition(**cond)`` method is conditioned once, as :meth:`Diffusion.sample` does.
@@ -59,6 +91,7 @@ def guided_denoiser(
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = both(torch.cat([x, x]), torch.cat([t, t]))  # [2B, ...]
         with_prompt, without = out[:b], out[b:]
-        return without + scale * (with_prompt - without)
+        w = scale if not isinstance(scale, torch.Tensor) else scale.to(out.dtype).view(-1, *[1] * (out.dim() - 1))
+        return without + w * (with_prompt - without)
 
     return denoise

@@ -46,8 +46,11 @@ REQUIRED_KEYS = (
 # The sampler a generator uses when the caller names none. A manifest may carry its own
 # ``"sampling"`` entry (``method``, ``steps``, ``t_min``, ``temperature`` and, for a generator
 # trained with prompt dropout, ``guidance``, chosen for that generator on validation inits by
-# ``learned-opt tune-sampling``), which overrides these key by key.
-DEFAULT_SAMPLING = {"method": "ddim", "steps": 50, "t_min": 0, "guidance": 1.0, "temperature": 1.0}
+# ``learned-opt tune-sampling``), which overrides these key by key. ``guidance_taper``
+# scales the guidance down for prompts short of the best (:func:`learned_opt.guidance.tapered_scale`),
+# where ``tune-sampling`` measured that it aligns a generator's updates with their prompts better.
+DEFAULT_SAMPLING = {"method": "ddim", "steps": 50, "t_min": 0, "guidance": 1.0, "temperature": 1.0,
+                    "guidance_taper": False}
 SAMPLING_KEYS = tuple(DEFAULT_SAMPLING)
 
 # Bounds on what a manifest may ask to build: far above any generator this package trains, low
@@ -204,6 +207,8 @@ def sampling_from_manifest(manifest: Mapping[str, Any], num_steps: int) -> dict[
     if not (jsoncheck.is_number(out["temperature"]) and out["temperature"] >= 0):
         raise ValueError(f"sampling temperature must be a finite number >= 0, got {out['temperature']!r}")
     out["temperature"] = float(out["temperature"])
+    if not isinstance(out["guidance_taper"], bool):
+        raise ValueError(f"sampling guidance_taper must be true or false, got {out['guidance_taper']!r}")
     if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"sampling method {method!r} is not one of {', '.join(METHODS)}")
     for name, value in (("steps", steps), ("t_min", t_min)):

@@ -81,7 +81,8 @@ class GptOptimizer(torch.optim.Optimizer):
     stops there unless ``sampling_t_min=0`` is given too.
     ``guidance`` (None: the generator's own, else 1) is the classifier-free guidance scale
     (:mod:`learned_opt.guidance`; a generator trained with ``--prompt-dropout`` only; 1 is plain
-    conditional sampling). ``sampling_temperature`` (None: the generator's own, else 1) scales the
+    conditional sampling); where the generator's manifest says ``"guidance_taper": true`` it applies in
+    full at the best prompt and tapers to 1 for prompts that ask less. ``sampling_temperature`` (None: the generator's own, else 1) scales the
     sampler's noise: below 1 samples nearer the generator's modes, 0 is its deterministic path
     (:meth:`~learned_opt.diffusion.Diffusion.sample`; with 0 and a deterministic sampler, N
     candidates are one sample N times). ``candidates=N`` draws N samples in one batched call and keeps the best:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from .errors import ConfigError, WeightsError
+from .guidance import tapered_scale
 from .layout import Layout, signature_from_json
 from .lopt.weights import check_rule_manifest, rule_kind, rule_listing
 from .manifest import (
@@ -146,7 +147,8 @@ class LoadedGenerator:
         return bool(self.model.config.property_head)
 
     def sampler(self, method: str | None = None, steps: int | None = None, t_min: int | None = None,
-                guidance: float | None = None, temperature: float | None = None) -> dict[str, Any]:
+                guidance: float | None = None, temperature: float | None = None,
+                guidance_taper: bool | None = None) -> dict[str, Any]:
         """This generator's :attr:`sampling` with the given settings on top, key by key (None keeps
         the generator's); :class:`ConfigError` if they cannot run on its noise schedule, if a
         guidance other than 1 is asked of a generator trained without prompt dropout, or if a
@@ -158,7 +160,8 @@ class LoadedGenerator:
         out = {"method": s["method"] if method is None else method, "steps": s["steps"] if steps is None else steps,
                "t_min": s["t_min"] if t_min is None else t_min,
                "guidance": check_guidance(s.get("guidance", 1.0) if guidance is None else guidance),
-               "temperature": check_temperature(s.get("temperature", 1.0) if temperature is None else temperature)}
+               "temperature": check_temperature(s.get("temperature", 1.0) if temperature is None else temperature),
+               "guidance_taper": bool(s.get("guidance_taper", False) if guidance_taper is None else guidance_taper)}
         try:
             check_sampler(self.diffusion.num_steps, out["method"], out["steps"], out["t_min"])
         except ConfigError as exc:
@@ -182,21 +185,27 @@ class LoadedGenerator:
         t_min: int | None = None,
         guidance: float | None = None,
         temperature: float | None = None,
+        guidance_taper: bool | None = None,
         generator: torch.Generator,
     ) -> torch.Tensor:
         """θ′ for parameters ``theta`` [B, P] at ``metric`` [B], prompted with ``prompt`` [B].
 
         ``steps``, ``method``, ``t_min``, ``guidance`` and ``temperature`` (see
-        :meth:`~learned_opt.diffusion.Diffusion.sample`) default to this generator's :attr:`sampling`.
+        :meth:`~learned_opt.diffusion.Diffusion.sample`) and ``guidance_taper`` (the guidance scaled
+        down for prompts short of the best, :func:`~learned_opt.guidance.tapered_scale`) default to
+        this generator's :attr:`sampling`.
         """
-        s = self.sampler(method, steps, t_min, guidance, temperature)
+        s = self.sampler(method, steps, t_min, guidance, temperature, guidance_taper)
+        w = s["guidance"]
+        if s["guidance_taper"] and w != 1.0:
+            w = tapered_scale(w, metric.double(), prompt.double(), self.best_prompt, self.metric_direction)
         norm = self.normalization
         dtype = next(self.model.parameters()).dtype
         x = norm.params(theta.to(dtype))  # [B, P] generator units
         cond = dict(theta=x, metric=norm.metric(metric.to(dtype)), target=norm.metric(prompt.to(dtype)))
         out = self.diffusion.sample(
             self.model, cond, tuple(x.shape),
-            method=s["method"], steps=s["steps"], t_min=s["t_min"], guidance=s["guidance"],
+            method=s["method"], steps=s["steps"], t_min=s["t_min"], guidance=w,
             temperature=s["temperature"], generator=generator,
         )  # [B, P]
         return norm.unparams(out).to(theta.dtype)

@@ -48,12 +48,13 @@ from learned_opt.guidance import check_guidance
 from learned_opt.options import DeprecatedAlias
 from learned_opt.pretrained import LoadedGenerator, load_generator
 
-from .evaluate import init_params
+from .evaluate import init_params, prompt_alignment
 from .evaluate.plots import save_figure
 from .evaluate.run import hardware
 
 DEFAULT_STEPS = (1, 2, 3, 4, 6, 10, 25)
 DEFAULT_T_MIN = (0, 100, 200, 300, 400, 500, 600)
+ALIGNMENT_PROMPTS = 8  # prompts per init in the taper check
 
 
 @dataclass
@@ -125,18 +126,44 @@ def sampler_grid(config: TuneConfig, num_steps: int) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def best_prompt_updates(gen: LoadedGenerator, theta: torch.Tensor, metric: torch.Tensor, batch: int,
-                        generator: torch.Generator, **sampler: Any) -> torch.Tensor:
-    """One update of each network ``theta`` [M, P] at its ``metric`` [M], prompted with the
-    generator's best prompt (within its metric range), ``batch`` networks at a time -> θ′ [M, P] on
-    the CPU. ``sampler``: ``steps``, ``method``, ``t_min``, ``guidance``, ``temperature`` (default: the
-    generator's own)."""
-    lo, hi = gen.metric_range
-    prompt = torch.full_like(metric, min(max(gen.best_prompt, lo), hi))
+def prompted_updates(gen: LoadedGenerator, theta: torch.Tensor, metric: torch.Tensor, prompt: torch.Tensor, batch: int,
+                     generator: torch.Generator, **sampler: Any) -> torch.Tensor:
+    """One update of each network ``theta`` [M, P] at its ``metric`` [M], prompted with ``prompt``
+    [M], ``batch`` networks at a time -> θ′ [M, P] on the CPU. ``sampler``: ``steps``, ``method``,
+    ``t_min``, ``guidance``, ``temperature``, ``guidance_taper`` (default: the generator's own)."""
     return torch.cat([
         gen.sample(xb.to(gen.device), mb.to(gen.device), pb.to(gen.device), generator=generator, **sampler).cpu()
         for xb, mb, pb in zip(theta.split(batch), metric.split(batch), prompt.split(batch))
     ])
+
+
+def best_prompt_updates(gen: LoadedGenerator, theta: torch.Tensor, metric: torch.Tensor, batch: int,
+                        generator: torch.Generator, **sampler: Any) -> torch.Tensor:
+    """:func:`prompted_updates` with the generator's best prompt (within its metric range)."""
+    lo, hi = gen.metric_range
+    prompt = torch.full_like(metric, min(max(gen.best_prompt, lo), hi))
+    return prompted_updates(gen, theta, metric, prompt, batch, generator, **sampler)
+
+
+def taper_check(gen: LoadedGenerator, task: tasks.Task, val_data: Any, inits: torch.Tensor, start: torch.Tensor,
+                chosen: dict, config: TuneConfig) -> dict:
+    """Prompt alignment on validation data for the chosen sampler with constant and with tapered
+    guidance (:func:`~learned_opt.guidance.tapered_scale`): mean R² of each over the inits, each
+    updated once for ``ALIGNMENT_PROMPTS`` prompts from the best to its own metric; the taper is
+    chosen where it aligns better. The sweep itself prompts the best, where the taper changes nothing."""
+    metric = gen.metric_name
+    lo, hi = gen.metric_range
+    r2 = {}
+    for taper in (False, True):
+        rng = torch.Generator().manual_seed(config.seed)
+        sample = lambda th, m, p: prompted_updates(  # noqa: E731
+            gen, th, m, p, config.sample_batch, rng, method=chosen["method"], steps=chosen["steps"],
+            t_min=chosen["t_min"], guidance=chosen["guidance"], temperature=chosen["temperature"], guidance_taper=taper)
+        aligned = prompt_alignment(sample, inits, start, gen.best_prompt, ALIGNMENT_PROMPTS,
+                                   lambda th: task.evaluate(th, val_data, [metric])[metric], lambda p: p.clamp(lo, hi))
+        r2["tapered" if taper else "constant"] = float(aligned["r2"].mean())
+    return {"prompts": ALIGNMENT_PROMPTS, "r2_mean_constant": r2["constant"], "r2_mean_tapered": r2["tapered"],
+            "chosen": r2["tapered"] > r2["constant"]}
 
 
 def sweep(gen: LoadedGenerator, task: tasks.Task, val_data: Any, inits: torch.Tensor, config: TuneConfig) -> dict:
@@ -186,11 +213,14 @@ def record_choice(manifest_path: Path, result: dict, config: TuneConfig) -> None
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     manifest["sampling"] = {
         "method": chosen["method"], "steps": chosen["steps"], "t_min": chosen["t_min"],
-        # left out at 1: readable by older releases
+        # left out at their defaults: readable by older releases
         **{k: chosen[k] for k in ("guidance", "temperature") if chosen.get(k, 1.0) != 1.0},
+        **({"guidance_taper": True} if chosen.get("guidance_taper") else {}),
         "chosen_by": (f"learned-opt tune-sampling: the fewest steps within {config.tolerance:.0%} of the best median "
                       f"{result['metric']} (ties broken by the mean) on validation data, over {config.inits} inits "
-                      f"(seeds {config.seed} + i) x {config.samples} samples"),
+                      f"(seeds {config.seed} + i) x {config.samples} samples"
+                      + (f"; constant or tapered guidance by the mean prompt-alignment R² on those inits "
+                         f"({result['guidance_taper']['prompts']} prompts each)" if "guidance_taper" in result else "")),
     }
     text = json.dumps(manifest, indent=2) + "\n"
     atomic_write(manifest_path, lambda p: p.write_text(text, encoding="utf-8"))
@@ -239,6 +269,10 @@ def tune_sampling(config: TuneConfig) -> dict:
     inits = init_params(task, [config.seed + i for i in range(config.inits)])
     result = {"config": asdict(config), "generator": {"name": gen.name, "sha256": gen.sha256},
               "hardware": hardware("cpu"), **sweep(gen, task, val_data, inits, config)}
+    if result["chosen"]["guidance"] != 1.0:  # constant or tapered guidance: chosen on prompt alignment
+        start = task.evaluate(inits, val_data, [gen.metric_name])[gen.metric_name]
+        result["guidance_taper"] = taper_check(gen, task, val_data, inits, start, result["chosen"], config)
+        result["chosen"]["guidance_taper"] = result["guidance_taper"]["chosen"]
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     if config.plots:
@@ -261,9 +295,14 @@ def format_table(result: dict) -> str:
         lines.append(f"{r['steps']:>5} {r['t_min']:>5} {r['guidance']:>8g} {r.get('temperature', 1.0):>5g} {r[key]:>18.4f} {r[mean_key]:>16.4f} "
                      f"{r[best_key]:>16.4f} " + " ".join(f"{r[k]:>18.4f}" for k in extra))
     c = result["chosen"]
+    if "guidance_taper" in result:
+        t = result["guidance_taper"]
+        lines.append(f"prompt alignment of the chosen sampler ({t['prompts']} prompts per init), mean R²: "
+                     f"{t['r2_mean_constant']:.3f} with constant guidance, {t['r2_mean_tapered']:.3f} tapered")
     lines.append(f"inits: median {result['metric']} {result['start_median']:.4f}; chosen: {c['method']}, "
-                 f"{c['steps']} steps, t_min {c['t_min']}, guidance {c['guidance']:g}, "
-                 f"temperature {c.get('temperature', 1.0):g} ({key} {c[key]:.4f})")
+                 f"{c['steps']} steps, t_min {c['t_min']}, guidance {c['guidance']:g}"
+                 + (" tapered" if c.get("guidance_taper") else "")
+                 + f", temperature {c.get('temperature', 1.0):g} ({key} {c[key]:.4f})")
     return "\n".join(lines)
 
 

@@ -321,10 +321,11 @@ def test_shipped_mnist_generator_loads_and_makes_an_update():
 
 def test_manifest_sampling_entry_sets_the_default_sampler(copy_of, monkeypatch):
     assert load_generator(copy_of).sampling == {"method": "ddim", "steps": 50, "t_min": 0, "guidance": 1.0,
-                                                "temperature": 1.0}  # none recorded
+                                                "temperature": 1.0, "guidance_taper": False}  # none recorded
     _rewrite_manifest(copy_of, sampling={"method": "dpm++2m", "steps": 4, "t_min": 30, "chosen_by": "a sweep"})
     gen = load_generator(copy_of)
-    assert gen.sampling == {"method": "dpm++2m", "steps": 4, "t_min": 30, "guidance": 1.0, "temperature": 1.0}
+    assert gen.sampling == {"method": "dpm++2m", "steps": 4, "t_min": 30, "guidance": 1.0, "temperature": 1.0,
+                            "guidance_taper": False}
     seen = []
     sample = gen.diffusion.sample
     monkeypatch.setattr(gen.diffusion, "sample", lambda *a, **kw: seen.append(kw) or sample(*a, **kw))

@@ -105,7 +105,8 @@ def test_tune_sampling_end_to_end_writes_the_manifest(mnist_root, tmp_path, caps
     assert f"chosen: ddim, {chosen['steps']} steps, t_min {chosen['t_min']}" in printed
     assert (out / "sweep.png").stat().st_size > 1000
     gen = load_generator(manifest)  # still loads: the weights and their hash are untouched
-    assert gen.sampling == {k: chosen[k] for k in ("method", "steps", "t_min", "guidance", "temperature")}
+    assert gen.sampling == {**{k: chosen[k] for k in ("method", "steps", "t_min", "guidance", "temperature")},
+                            "guidance_taper": False}
     assert manifest.with_suffix(".safetensors").read_bytes() == weights
     assert "tune-sampling" in json.loads(manifest.read_text())["sampling"]["chosen_by"]
 

@@ -84,12 +84,12 @@ from .memorisation import align_hidden_units, aligned_distance, hungarian, neare
 from .metrics import init_params, log_grid, r2_score, reach_summary, solved_share, steps_to_reach, summary
 from .report import format_summary, plot_eval
 from .run import evaluate_generator
-from .sampler import Sampler
+from .sampler import Sampler, prompt_alignment
 from .suites import ClassifierSuite, ControlSuite, suite_for
 
 __all__ = [
     "ClassifierSuite", "ControlSuite", "EvalConfig", "Sampler", "add_sampler_arguments",
     "align_hidden_units", "aligned_distance", "configure", "denoise_timesteps", "evaluate_generator",
-    "format_summary", "hungarian", "init_params", "log_grid", "main", "nearest_aligned", "plot_eval", "r2_score",
+    "format_summary", "hungarian", "init_params", "log_grid", "main", "nearest_aligned", "plot_eval", "prompt_alignment", "r2_score",
     "reach_summary", "solved_share", "steps_to_reach", "suite_for", "summary",
 ]

@@ -52,6 +52,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inits", type=int, default=20, help="fresh initialisations (default: 20)")
     parser.add_argument("--seed", type=int, default=1_000_000, help="init i has seed SEED + i (default: 1000000)")
     add_sampler_arguments(parser, "the best by the generator's metric on validation data kept")
+    parser.add_argument("--guidance-taper", choices=("on", "off"), default=None,
+                        help="'on': the guidance scale in full at the best prompt, tapering to 1 for prompts that ask "
+                             "less; 'off': constant at every prompt (default: the generator's own, else off; the "
+                             "prompt-alignment check is where it shows)")
     parser.add_argument("--holdout", type=int, default=5000,
                         help="training examples held out as validation data for --candidates (default: 5000)")
     parser.add_argument("--max-steps", type=int, default=3000,
@@ -79,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
     config = EvalConfig(
         generator=args.generator, out=args.out, task=args.task, store=args.store, data_root=args.data_root, inits=args.inits,
         seed=args.seed, sampling_steps=args.sampling_steps, method=args.method, t_min=args.t_min,
-        guidance=args.guidance, temperature=args.temperature, candidates=args.candidates, rank=args.rank, keep_if_met=args.keep_if_met, holdout=args.holdout, max_steps=args.max_steps,
+        guidance=args.guidance, temperature=args.temperature, guidance_taper=None if args.guidance_taper is None else args.guidance_taper == "on", candidates=args.candidates, rank=args.rank, keep_if_met=args.keep_if_met, holdout=args.holdout, max_steps=args.max_steps,
         max_env_steps=args.max_env_steps, prompts=args.prompts, repeats=args.repeats, memo_runs=args.memo_runs,
         memo_checkpoints=args.memo_checkpoints, denoise_runs=args.denoise_runs, device=device,
         progress=not args.no_progress, plots=not args.no_plots,

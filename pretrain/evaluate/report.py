@@ -82,7 +82,8 @@ def format_summary(result: dict) -> str:
         sm = result["sampler"]
         chooser = "by the generator's own prediction" if sm.get("rank") == "self" else "on validation data"
         lines.append(f"sampler: {sm['method']}, {sm['steps']} steps, t_min {sm['t_min']}"
-                     + (f", guidance {sm['guidance']:g}" if sm.get("guidance", 1.0) != 1.0 else "")
+                     + (f", guidance {sm['guidance']:g}" + (" (tapered)" if sm.get("guidance_taper") else " (constant)")
+                        if sm.get("guidance", 1.0) != 1.0 else "")
                      + (f", temperature {sm['temperature']:g}" if sm.get("temperature", 1.0) != 1.0 else "")
                      + (f", best of {sm['candidates']} candidates {chooser}" if sm["candidates"] > 1 else ""))
     choosing = " and choosing among the candidates" if result.get("sampler", {}).get("candidates", 1) > 1 else ""

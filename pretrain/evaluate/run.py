@@ -22,10 +22,10 @@ from ..store import Store
 from .config import REPEATS_REPORTED, EvalConfig
 from .denoising import measure_denoising
 from .memorisation import corpus_seeds, measure_memorisation
-from .metrics import init_params, r2_score, summary
+from .metrics import init_params, summary
 from .property import measure_property_head
 from .report import plot_eval
-from .sampler import Sampler, measure_metrics, repeated_updates
+from .sampler import Sampler, measure_metrics, prompt_alignment, repeated_updates
 from .suites import suite_for
 
 
@@ -105,13 +105,9 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
 
     # prompt alignment: K prompts per network between the best prompt and its starting metric
     t = time.perf_counter()
-    k, n = config.prompts, len(seeds)
-    frac = torch.linspace(0, 1, k)  # [K]
-    prompts = sampler.clamp(gen.best_prompt + frac[None, :] * (before[name][:, None] - gen.best_prompt))  # [N, K]
-    theta_k = theta0.repeat_interleave(k, 0)  # [N*K, P]
-    out_k = sampler(theta_k, before[name].repeat_interleave(k), prompts.reshape(-1), candidates=1)
-    achieved_k = measure(out_k)[name].view(n, k)  # [N, K]
-    r2 = r2_score(prompts, achieved_k)  # [N]
+    aligned = prompt_alignment(lambda th, m, p: sampler(th, m, p, candidates=1), theta0, before[name], gen.best_prompt,
+                               config.prompts, lambda th: measure(th)[name], sampler.clamp)
+    prompts, achieved_k, r2 = aligned["prompts"], aligned["achieved"], aligned["r2"]
     times["prompt_alignment_s"] = time.perf_counter() - t
     bar.update(1)
 
@@ -135,7 +131,7 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
     # the property head: how well its predicted metric ranks held-out checkpoints and generated samples
     t = time.perf_counter()
     prop = measure_property_head(gen, store, config, (generated, after[name]),
-                                 (out_k.view(n, k, -1), achieved_k))
+                                 (aligned["theta"], achieved_k))
     times["property_head_s"] = time.perf_counter() - t
     bar.update(1)
 

@@ -13,6 +13,7 @@ from learned_opt.selection import check_candidates, check_rank
 from learned_opt.tasks import Task
 
 from .config import EvalConfig
+from .metrics import r2_score
 from .property import predict
 
 
@@ -31,7 +32,7 @@ class Sampler:
         self.lo, self.hi = generator.metric_range
         # the sampler actually used: the config's choices over the generator's own
         self.settings = {**generator.sampler(config.method, config.sampling_steps, config.t_min, config.guidance,
-                                           config.temperature),
+                                           config.temperature, config.guidance_taper),
                          "candidates": config.candidates, "rank": config.rank, "keep_if_met": config.keep_if_met}
         check_rank(config.rank, generator)
         check_candidates(config.candidates, self.settings["temperature"], "--temperature")
@@ -57,7 +58,7 @@ class Sampler:
             out.append(self.gen.sample(
                 theta[sl].to(dev), metric[sl].to(dev), self.clamp(prompt[sl]).to(dev),
                 steps=s["steps"], method=s["method"], t_min=s["t_min"], guidance=s["guidance"],
-                temperature=s["temperature"], generator=rng or self.rng,
+                temperature=s["temperature"], guidance_taper=s["guidance_taper"], generator=rng or self.rng,
             ).cpu())
         out = torch.cat(out)
         if c == 1:
@@ -71,6 +72,23 @@ class Sampler:
 
 
 Measure = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+
+
+def prompt_alignment(sample: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], theta: torch.Tensor,
+                     metric: torch.Tensor, best_prompt: float, k: int,
+                     measure: Callable[[torch.Tensor], torch.Tensor],
+                     clamp: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """G.pt's prompt alignment: each network ``theta`` [N, P] at ``metric`` [N] updated once for
+    each of ``k`` prompts evenly spaced from ``best_prompt`` to its own metric (``clamp``-ed into the
+    generator's range) by ``sample(θ, metric, prompt) -> θ′``, and the achieved metric measured by
+    ``measure`` ([M, P] -> [M]): ``prompts`` [N, K], the updated networks ``theta`` [N, K, P], their
+    ``achieved`` metric [N, K] and ``r2`` per network [N]."""
+    n = theta.shape[0]
+    frac = torch.linspace(0, 1, k)  # [K]
+    prompts = clamp(best_prompt + frac[None, :] * (metric[:, None] - best_prompt))  # [N, K]
+    out = sample(theta.repeat_interleave(k, 0), metric.repeat_interleave(k), prompts.reshape(-1))  # [N*K, P]
+    achieved = measure(out).view(n, k)
+    return {"prompts": prompts, "theta": out.view(n, k, -1), "achieved": achieved, "r2": r2_score(prompts, achieved)}
 
 
 def measure_metrics(task: Task, flat: torch.Tensor, data, device, names: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -53,16 +53,20 @@ def check_guidance(value, where: str = "guidance") -> float:
 def tapered_scale(scale: float, metric: torch.Tensor, prompt: torch.Tensor, best: float,
                   direction: str = "min") -> torch.Tensor:
     """The guidance scale of each row ``[B]`` for networks at ``metric`` [B] prompted with ``prompt``
-    [B]: ``scale`` in full where the prompt asks for ``best`` or beyond, 1 where it asks no
-    improvement, linear in the share of the possible improvement asked for between (see the module
-    docstring). ``direction`` is ``"min"`` or ``"max"``: the metric's better side."""
+    [B]: ``scale`` in full where the prompt is ``best`` or asks for more than the network has and
+    at least the best, 1 where it asks no improvement, linear in the share of the possible
+    improvement asked for between (see the module docstring). A metric or prompt that is not finite
+    gets ``scale``. ``direction`` is ``"min"`` or ``"max"``: the metric's better side."""
+    if direction not in ("min", "max"):
+        raise ValueError(f"direction must be 'min' or 'max', got {direction!r}")
     sign = 1.0 if direction == "min" else -1.0
     asked = sign * (metric - prompt)  # > 0: the prompt asks for a better network
     possible = sign * (metric - best)  # > 0: the network is short of the best
-    at_best = sign * (prompt - best) <= 0  # the prompt asks for the best or beyond
-    share = torch.where(possible > 0, asked / possible.clamp_min(torch.finfo(asked.dtype).tiny), torch.zeros_like(asked))
-    unknown = asked.isnan() | possible.isnan()  # a metric or prompt that is not a number: the constant scale
-    share = torch.where(at_best | unknown, torch.ones_like(share), share.clamp(0.0, 1.0))
+    beyond = sign * (prompt - best) <= 0  # the prompt asks for the best or more
+    full = (prompt == best) | (beyond & (asked > 0))
+    share = (asked / possible.where(possible > 0, torch.ones_like(possible))).where(possible > 0, torch.zeros_like(asked))
+    unknown = ~(torch.isfinite(asked) & torch.isfinite(possible))
+    share = torch.where(full | unknown, torch.ones_like(share), share.clamp(0.0, 1.0))
     # exactly ``scale`` at share 1: a best-prompt sampler is bit for bit the constant-guidance one
     return torch.where(share >= 1.0, torch.full_like(share, scale), 1.0 + share * (scale - 1.0))
 
@@ -91,7 +95,9 @@ def guided_denoiser(
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = both(torch.cat([x, x]), torch.cat([t, t]))  # [2B, ...]
         with_prompt, without = out[:b], out[b:]
-        w = scale if not isinstance(scale, torch.Tensor) else scale.to(out.dtype).view(-1, *[1] * (out.dim() - 1))
+        w = scale
+        if isinstance(scale, torch.Tensor):
+            w = scale.to(device=out.device, dtype=out.dtype).view(-1, *[1] * (out.dim() - 1))
         return without + w * (with_prompt - without)
 
     return denoise

@@ -219,3 +219,28 @@ def sampling_from_manifest(manifest: Mapping[str, Any], num_steps: int) -> dict[
     except ConfigError as exc:
         raise ValueError(f"sampling {method}, steps={steps}, t_min={t_min} does not fit: {exc}") from None
     return out
+
+
+def sampler_settings(sampling: Mapping[str, Any], num_steps: int, name: str, supports_guidance: bool,
+                     **given: Any) -> dict[str, Any]:
+    """A generator's ``sampling`` (from :func:`sampling_from_manifest`) with the ``given`` settings
+    (``method``, ``steps``, ``t_min``, ``guidance``, ``temperature``, ``guidance_taper``; None keeps
+    the generator's) on top, checked against its ``num_steps`` schedule and whether it was trained
+    with prompt dropout (``supports_guidance``); :class:`ConfigError` naming generator ``name``."""
+    from .diffusion import check_sampler, check_temperature
+    from .guidance import check_guidance
+
+    out = {k: sampling.get(k, DEFAULT_SAMPLING[k]) if given.get(k) is None else given[k] for k in SAMPLING_KEYS}
+    out["guidance"], out["temperature"] = check_guidance(out["guidance"]), check_temperature(out["temperature"])
+    if not isinstance(out["guidance_taper"], bool):
+        raise ConfigError(f"guidance_taper must be True, False or None (the generator's own), got {out['guidance_taper']!r}")
+    try:
+        check_sampler(num_steps, out["method"], out["steps"], out["t_min"])
+    except ConfigError as exc:
+        raise ConfigError(f"sampling_method={out['method']!r}, sampling_steps={out['steps']}, "
+                          f"sampling_t_min={out['t_min']} does not fit the generator {name!r}: {exc}") from None
+    if out["guidance"] != 1.0 and not supports_guidance:
+        raise ConfigError(f"guidance={out['guidance']:g} needs a generator trained with prompt dropout, and "
+                          f"{name!r} was not: retrain it with `learned-opt train --prompt-dropout P` "
+                          f"(e.g. 0.1), or use guidance 1")
+    return out

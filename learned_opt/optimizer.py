@@ -74,16 +74,15 @@ class GptOptimizer(torch.optim.Optimizer):
     the value before and the closure guards after. Periodic mode (``every=k``) evaluates
     ``metric_closure`` (required with ``every``) every k base steps.
 
-    **Sampling.** ``sampling_steps``, ``sampling_method`` and ``sampling_t_min`` (see
-    :meth:`~learned_opt.diffusion.Diffusion.sample`) default to the generator's own sampler
+    **Sampling.** ``sampling_steps``, ``sampling_method``, ``sampling_t_min`` (see
+    :meth:`~learned_opt.diffusion.Diffusion.sample`) and the three below default to the generator's own sampler
     (``generator.sampling``: the manifest's, chosen for that generator, else DDIM-50), overridden
     key by key: on a generator whose sampler stops at ``t_min`` 300, ``sampling_steps=50`` still
     stops there unless ``sampling_t_min=0`` is given too.
-    ``guidance`` (None: the generator's own, else 1) is the classifier-free guidance scale
-    (:mod:`learned_opt.guidance`; a generator trained with ``--prompt-dropout`` only; 1 is plain
-    conditional sampling); where the generator's manifest says ``"guidance_taper": true`` it applies in
-    full at the best prompt and tapers to 1 for prompts that ask less. ``sampling_temperature`` (None: the generator's own, else 1) scales the
-    sampler's noise: below 1 samples nearer the generator's modes, 0 is its deterministic path
+    ``guidance`` is the classifier-free guidance scale (:mod:`learned_opt.guidance`; a generator
+    trained with ``--prompt-dropout`` only; 1 is plain conditional sampling); ``guidance_taper=True``
+    applies it in full at the best prompt only, tapering to 1 for prompts that ask less.
+    ``sampling_temperature`` scales the sampler's noise: below 1 samples nearer the generator's modes, 0 is its deterministic path
     (:meth:`~learned_opt.diffusion.Diffusion.sample`; with 0 and a deterministic sampler, N
     candidates are one sample N times). ``candidates=N`` draws N samples in one batched call and keeps the best:
     with ``rank="closure"`` the one the closure (needed; measure it on held-out training data, not
@@ -164,6 +163,7 @@ class GptOptimizer(torch.optim.Optimizer):
         sampling_t_min: int | None = None,
         candidates: int = 1,
         guidance: float | None = None,
+        guidance_taper: bool | None = None,
         sampling_temperature: float | None = None,
         rank: str = "closure",
         step_size: float | Sequence[float] = 1.0,
@@ -181,7 +181,8 @@ class GptOptimizer(torch.optim.Optimizer):
         params = materialize(params)
         self.generator = load_generator(generator)  # WeightsError for unknown names / bad files
         # ConfigError if unfit
-        sampler = self.generator.sampler(sampling_method, sampling_steps, sampling_t_min, guidance, sampling_temperature)
+        sampler = self.generator.sampler(sampling_method, sampling_steps, sampling_t_min, guidance, sampling_temperature,
+                                         guidance_taper)
         check_rank(rank, self.generator)
         check_candidates(candidates, sampler["temperature"])
         tensors, names = flat_params(params)
@@ -203,7 +204,7 @@ class GptOptimizer(torch.optim.Optimizer):
         self.sampling_steps = sampler["steps"]
         self.sampling_method = sampler["method"]
         self.sampling_t_min = sampler["t_min"]
-        self.guidance = sampler["guidance"]
+        self.guidance, self.guidance_taper = sampler["guidance"], sampler["guidance_taper"]
         self.sampling_temperature = sampler["temperature"]
         self.candidates, self.rank = candidates, rank
         self.seed = seed
@@ -390,7 +391,8 @@ class GptOptimizer(torch.optim.Optimizer):
             f"GptOptimizer(base={type(self.base).__name__}, generator={self.generator.name!r}, "
             f"metric={self.generator.metric_name!r}, every={self.every}, prompt={self.prompt!r}, "
             f"sampler={self.sampling_method}-{self.sampling_steps} t_min={self.sampling_t_min}, "
-            f"guidance={self.guidance:g}, temperature={self.sampling_temperature:g}, candidates={self.candidates}, "
+            f"guidance={self.guidance:g}{' tapered' if self.guidance_taper else ''}, "
+            f"temperature={self.sampling_temperature:g}, candidates={self.candidates}, "
             f"step_size={','.join(f'{a:g}' for a in self.step_sizes)}, "
             f"rank={self.rank!r}, seed={self.seed}, groups={len(self.param_groups)}, "
             f"steps={c['steps']}, generative updates accepted/rejected/failed/kept="

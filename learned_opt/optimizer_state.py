@@ -18,8 +18,9 @@ from .errors import OptimizerStateError
 COUNTERS = ("steps", "attempted", "accepted", "rejected", "failed", "kept")
 # Attributes that optimizers pickled by older releases lack, and the behaviour they had then:
 # no keep_if_met (θ was never kept), no sampling temperature (the plain sampler), no step size (θ′
-# itself), no guard margin (any update not worse was accepted).
-PICKLED_BEFORE = {"keep_if_met": False, "sampling_temperature": 1.0, "step_sizes": (1.0,), "min_improvement": 0.0}
+# itself), no guard margin (any update not worse was accepted), no guidance taper (constant guidance).
+PICKLED_BEFORE = {"keep_if_met": False, "sampling_temperature": 1.0, "step_sizes": (1.0,), "min_improvement": 0.0,
+                  "guidance_taper": False}
 
 
 def gpt_entry(opt) -> dict:

@@ -37,6 +37,7 @@ from .manifest import (
     REQUIRED_KEYS,
     SAMPLING_KEYS,
     read_manifest,
+    sampler_settings,
     sampling_from_manifest,
 )
 from .normalization import Normalization
@@ -153,25 +154,9 @@ class LoadedGenerator:
         the generator's); :class:`ConfigError` if they cannot run on its noise schedule, if a
         guidance other than 1 is asked of a generator trained without prompt dropout, or if a
         temperature is not a number >= 0."""
-        from .diffusion import check_sampler, check_temperature
-        from .guidance import check_guidance
-
-        s = self.sampling
-        out = {"method": s["method"] if method is None else method, "steps": s["steps"] if steps is None else steps,
-               "t_min": s["t_min"] if t_min is None else t_min,
-               "guidance": check_guidance(s.get("guidance", 1.0) if guidance is None else guidance),
-               "temperature": check_temperature(s.get("temperature", 1.0) if temperature is None else temperature),
-               "guidance_taper": bool(s.get("guidance_taper", False) if guidance_taper is None else guidance_taper)}
-        try:
-            check_sampler(self.diffusion.num_steps, out["method"], out["steps"], out["t_min"])
-        except ConfigError as exc:
-            raise ConfigError(f"sampling_method={out['method']!r}, sampling_steps={out['steps']}, "
-                              f"sampling_t_min={out['t_min']} does not fit the generator {self.name!r}: {exc}") from None
-        if out["guidance"] != 1.0 and not self.supports_guidance:
-            raise ConfigError(f"guidance={out['guidance']:g} needs a generator trained with prompt dropout, and "
-                              f"{self.name!r} was not: retrain it with `learned-opt train --prompt-dropout P` "
-                              f"(e.g. 0.1), or use guidance 1")
-        return out
+        return sampler_settings(self.sampling, self.diffusion.num_steps, self.name, self.supports_guidance,
+                                method=method, steps=steps, t_min=t_min, guidance=guidance, temperature=temperature,
+                                guidance_taper=guidance_taper)
 
     @torch.no_grad()
     def sample(
@@ -197,8 +182,10 @@ class LoadedGenerator:
         """
         s = self.sampler(method, steps, t_min, guidance, temperature, guidance_taper)
         w = s["guidance"]
-        if s["guidance_taper"] and w != 1.0:
-            w = tapered_scale(w, metric.double(), prompt.double(), self.best_prompt, self.metric_direction)
+        if s["guidance_taper"] and w != 1.0:  # the best prompt as callers clamp it, in the prompts' precision
+            best = float(torch.tensor(min(max(self.best_prompt, self.metric_range[0]), self.metric_range[1]), dtype=prompt.dtype))
+            rows = tapered_scale(w, metric.double(), prompt.double(), best, self.metric_direction)
+            w = w if bool((rows == w).all()) else rows  # all at the best: the constant sampler, bit for bit
         norm = self.normalization
         dtype = next(self.model.parameters()).dtype
         x = norm.params(theta.to(dtype))  # [B, P] generator units

@@ -77,6 +77,7 @@ def sample_candidates(opt, theta: torch.Tensor, before: float, target: float) ->
             method=opt.sampling_method,
             t_min=opt.sampling_t_min,
             guidance=opt.guidance,
+            guidance_taper=opt.guidance_taper,
             temperature=opt.sampling_temperature,
             generator=opt._rng,
         )

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -148,9 +149,11 @@ def best_prompt_updates(gen: LoadedGenerator, theta: torch.Tensor, metric: torch
 def taper_check(gen: LoadedGenerator, task: tasks.Task, val_data: Any, inits: torch.Tensor, start: torch.Tensor,
                 chosen: dict, config: TuneConfig) -> dict:
     """Prompt alignment on validation data for the chosen sampler with constant and with tapered
-    guidance (:func:`~learned_opt.guidance.tapered_scale`): mean R² of each over the inits, each
-    updated once for ``ALIGNMENT_PROMPTS`` prompts from the best to its own metric; the taper is
-    chosen where it aligns better. The sweep itself prompts the best, where the taper changes nothing."""
+    guidance (:func:`~learned_opt.guidance.tapered_scale`): R² per init, each init updated once for
+    ``ALIGNMENT_PROMPTS`` prompts from the best to its own metric. The taper is chosen only where it
+    aligns clearly better: the mean per-init gain in R² above twice its standard error (a paired
+    check, so that noise in a few inits does not decide). The sweep itself prompts the best, where
+    the taper changes nothing."""
     metric = gen.metric_name
     lo, hi = gen.metric_range
     r2 = {}
@@ -159,11 +162,17 @@ def taper_check(gen: LoadedGenerator, task: tasks.Task, val_data: Any, inits: to
         sample = lambda th, m, p: prompted_updates(  # noqa: E731
             gen, th, m, p, config.sample_batch, rng, method=chosen["method"], steps=chosen["steps"],
             t_min=chosen["t_min"], guidance=chosen["guidance"], temperature=chosen["temperature"], guidance_taper=taper)
-        aligned = prompt_alignment(sample, inits, start, gen.best_prompt, ALIGNMENT_PROMPTS,
-                                   lambda th: task.evaluate(th, val_data, [metric])[metric], lambda p: p.clamp(lo, hi))
-        r2["tapered" if taper else "constant"] = float(aligned["r2"].mean())
-    return {"prompts": ALIGNMENT_PROMPTS, "r2_mean_constant": r2["constant"], "r2_mean_tapered": r2["tapered"],
-            "chosen": r2["tapered"] > r2["constant"]}
+        r2[taper] = prompt_alignment(sample, inits, start, gen.best_prompt, ALIGNMENT_PROMPTS,
+                                     lambda th: task.evaluate(th, val_data, [metric])[metric],
+                                     lambda p: p.clamp(lo, hi))["r2"].double()
+    finite = torch.isfinite(r2[True]) & torch.isfinite(r2[False])  # R² is undefined for an init already at the best
+    gain = (r2[True] - r2[False])[finite]  # [N']
+    n = len(gain)
+    mean = float(gain.mean()) if n else None
+    se = float(gain.std() / math.sqrt(n)) if n > 1 else None
+    return {"prompts": ALIGNMENT_PROMPTS, "inits": n, "r2_mean_constant": float(r2[False][finite].mean()) if n else None,
+            "r2_mean_tapered": float(r2[True][finite].mean()) if n else None, "r2_gain_mean": mean, "r2_gain_se": se,
+            "chosen": se is not None and mean > 2 * se}
 
 
 def sweep(gen: LoadedGenerator, task: tasks.Task, val_data: Any, inits: torch.Tensor, config: TuneConfig) -> dict:
@@ -219,8 +228,9 @@ def record_choice(manifest_path: Path, result: dict, config: TuneConfig) -> None
         "chosen_by": (f"learned-opt tune-sampling: the fewest steps within {config.tolerance:.0%} of the best median "
                       f"{result['metric']} (ties broken by the mean) on validation data, over {config.inits} inits "
                       f"(seeds {config.seed} + i) x {config.samples} samples"
-                      + (f"; constant or tapered guidance by the mean prompt-alignment R² on those inits "
-                         f"({result['guidance_taper']['prompts']} prompts each)" if "guidance_taper" in result else "")),
+                      + (f"; guidance tapered where the mean per-init gain in prompt-alignment R² on those inits "
+                         f"({result['guidance_taper']['prompts']} prompts each) exceeds twice its standard error"
+                         if "guidance_taper" in result else "")),
     }
     text = json.dumps(manifest, indent=2) + "\n"
     atomic_write(manifest_path, lambda p: p.write_text(text, encoding="utf-8"))
@@ -297,8 +307,13 @@ def format_table(result: dict) -> str:
     c = result["chosen"]
     if "guidance_taper" in result:
         t = result["guidance_taper"]
-        lines.append(f"prompt alignment of the chosen sampler ({t['prompts']} prompts per init), mean R²: "
-                     f"{t['r2_mean_constant']:.3f} with constant guidance, {t['r2_mean_tapered']:.3f} tapered")
+        if t["r2_gain_se"] is None:
+            lines.append(f"prompt alignment: too few inits with a defined R² ({t['inits']}) to choose; constant guidance")
+        else:
+            lines.append(f"prompt alignment of the chosen sampler ({t['prompts']} prompts per init), mean R²: "
+                         f"{t['r2_mean_constant']:.3f} with constant guidance, {t['r2_mean_tapered']:.3f} tapered (gain "
+                         f"{t['r2_gain_mean']:+.3f} ± {t['r2_gain_se']:.3f} per init: "
+                         f"{'tapered' if t['chosen'] else 'constant'}, tapered only if the gain exceeds twice its error)")
     lines.append(f"inits: median {result['metric']} {result['start_median']:.4f}; chosen: {c['method']}, "
                  f"{c['steps']} steps, t_min {c['t_min']}, guidance {c['guidance']:g}"
                  + (" tapered" if c.get("guidance_taper") else "")

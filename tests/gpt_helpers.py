@@ -79,7 +79,7 @@ class FnGenerator(LoadedGenerator):
         self.calls = 0
 
     def sample(self, theta, metric, prompt, *, steps=None, method=None, t_min=None, guidance=None, temperature=None,
-               generator):
+               guidance_taper=None, generator):
         self.calls += 1
         self.last_call = dict(theta=theta.clone(), metric=metric.clone(), prompt=prompt.clone(), steps=steps,
                               method=method, t_min=t_min)

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from gpt_helpers import NORM
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from test_demo import save_tiny_mnist_generator
 from test_guidance import guided_generator, inputs
@@ -44,8 +44,13 @@ def test_a_network_at_or_past_the_best():
     assert scale(2.0, 0.2, 0.2, 0.2) == 2.0  # asked for the best: in full
     assert scale(2.0, 0.1, 0.2, 0.2) == 2.0
     assert scale(2.0, 0.1, 0.15, 0.12) == 1.0  # past the best, asked for less than it has: no extrapolation
+    assert scale(2.0, 0.1, 0.1, 0.12) == 1.0 and scale(2.0, 0.1, 0.11, 0.12) == 1.0  # nor for what it has
+    assert scale(2.0, 0.1, 0.12, 0.12) == 2.0  # the best prompt itself: always in full, as constant guidance
     assert scale(2.0, 600.0, 450.0, 500.0, "max") == 1.0
     assert scale(2.0, float("nan"), 1.0, 0.2) == 2.0  # an unknown metric: the constant scale
+    assert scale(2.0, float("inf"), 1.0, 0.2) == 2.0 and scale(2.0, 1.0, float("-inf"), 0.2) == 2.0
+    with pytest.raises(ValueError, match="direction"):
+        scale(2.0, 1.0, 0.5, 0.2, "minimise")
 
 
 @settings(max_examples=200, deadline=None)
@@ -54,6 +59,7 @@ def test_a_network_at_or_past_the_best():
 def test_the_scale_lies_between_one_and_w_and_grows_with_what_is_asked(w, metric, prompt, best, direction):
     s = scale(w, metric, prompt, best, direction)
     assert min(1.0, w) - 1e-6 <= s <= max(1.0, w) + 1e-6
+    assume((metric - best if direction == "min" else best - metric) > 1e-3)  # short of the best (past it: above)
     better = prompt - 0.5 if direction == "min" else prompt + 0.5  # a prompt asking for more
     s2 = scale(w, metric, better, best, direction)
     assert abs(s2 - 1.0) >= abs(s - 1.0) - 1e-6  # asking for more never gets less extrapolation
@@ -156,7 +162,8 @@ def test_tune_sampling_checks_the_taper_on_validation_prompt_alignment(mnist_roo
                      "--no-plots", "--no-progress", "--write"]) == 0
     result = json.loads((out / "sweep.json").read_text())
     check = result["guidance_taper"]
-    assert check["prompts"] == 8 and check["chosen"] == (check["r2_mean_tapered"] > check["r2_mean_constant"])
+    assert check["prompts"] == 8 and check["chosen"] == (check["r2_gain_mean"] > 2 * check["r2_gain_se"])
+    assert check["r2_gain_mean"] == pytest.approx(check["r2_mean_tapered"] - check["r2_mean_constant"])
     assert check["r2_mean_tapered"] != check["r2_mean_constant"]  # the taper changed the off-best prompts' samples
     assert load_generator(manifest).sampling["guidance_taper"] is check["chosen"]
     plain = tmp_path / "plain"
@@ -166,14 +173,70 @@ def test_tune_sampling_checks_the_taper_on_validation_prompt_alignment(mnist_roo
     assert "guidance_taper" not in json.loads((plain / "sweep.json").read_text())  # guidance 1: nothing to taper
 
 
-def test_eval_guidance_taper_reaches_the_sampler(mnist_root, tmp_path):
+def test_eval_guidance_taper_reaches_the_generator(mnist_root, tmp_path, monkeypatch):
     from learned_opt.cli import main as cli_main
+    from learned_opt.pretrained import LoadedGenerator
 
+    seen = []
+    sample = LoadedGenerator.sample
+    monkeypatch.setattr(LoadedGenerator, "sample", lambda self, *a, **kw: seen.append(kw["guidance_taper"])
+                        or sample(self, *a, **kw))
     manifest = save_tiny_mnist_generator(tmp_path / "gen", null_prompt=True)
-    _with_sampling(manifest, guidance=2.0)
-    for flags, expected in (([], False), (["--guidance-taper", "on"], True), (["--guidance-taper", "off"], False)):
-        out = tmp_path / f"eval{len(flags)}{expected}"
+    for recorded, flags, expected in ((False, [], False), (True, [], True), (False, ["--guidance-taper", "on"], True),
+                                      (True, ["--guidance-taper", "off"], False)):
+        _with_sampling(manifest, guidance=2.0, **({"guidance_taper": True} if recorded else {}))
+        out = tmp_path / f"eval{len(seen)}"
+        seen.clear()
         assert cli_main(["eval", "--generator", str(manifest), "--out", str(out), "--data-root", str(mnist_root),
                          "--inits", "2", "--max-steps", "10", "--prompts", "3", "--repeats", "1",
                          "--denoise-runs", "0", "--no-plots", "--no-progress", *flags]) == 0
         assert json.loads((out / "eval.json").read_text())["sampler"]["guidance_taper"] is expected
+        assert seen and set(seen) == {expected}
+
+
+def test_the_optimizer_pins_the_taper_and_a_caller_may_override_it(tmp_path, monkeypatch):
+    import pickle
+
+    from torch import nn
+
+    from learned_opt import GptOptimizer
+    from learned_opt.pretrained import LoadedGenerator
+
+    manifest = save_tiny_mnist_generator(tmp_path / "gen", null_prompt=True)
+    _with_sampling(manifest, guidance=2.0, guidance_taper=True)
+    seen = []
+    sample = LoadedGenerator.sample
+    monkeypatch.setattr(LoadedGenerator, "sample", lambda self, *a, **kw: seen.append(kw["guidance_taper"])
+                        or sample(self, *a, **kw))
+    model = nn.Sequential(nn.Linear(784, 10), nn.ReLU(), nn.Linear(10, 10))
+    for chosen, expected in ((None, True), (False, False), (True, True)):
+        opt = GptOptimizer(model.parameters(), generator=str(manifest), guidance_taper=chosen, guard=False,
+                           keep_if_met=False, prompt=1.0)
+        assert opt.guidance_taper is expected and ("tapered" in repr(opt)) is expected
+        seen.clear()
+        opt.generate(metric=2.0)
+        assert seen == [expected]
+    state = pickle.loads(pickle.dumps(opt))
+    del state.__dict__["guidance_taper"]  # as an optimizer pickled before the taper
+    state.__setstate__(dict(state.__dict__))
+    assert state.guidance_taper is False
+    with pytest.raises(ConfigError, match="guidance_taper"):
+        GptOptimizer(model.parameters(), generator=str(manifest), guidance_taper="on")
+
+
+def test_the_best_prompt_is_exact_even_when_float32_cannot_hold_it():
+    gen = guided_generator()
+    gen.best_prompt = 0.2  # not a float32 number; prompts arrive as float32
+    theta, _, _ = inputs()
+    metric, best = torch.tensor([0.2001, 0.21, 2.0]), torch.full((3,), 0.2)
+    a = gen.sample(theta, metric, best, steps=3, guidance=2.0, guidance_taper=True,
+                   generator=torch.Generator().manual_seed(0))
+    b = gen.sample(theta, metric, best, steps=3, guidance=2.0, guidance_taper=False,
+                   generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    gen.model.to(torch.bfloat16)  # a half-precision model: the constant scale, not a rounded tensor of it
+    a = gen.sample(theta, metric, best, steps=3, guidance=1.7, guidance_taper=True,
+                   generator=torch.Generator().manual_seed(0))
+    b = gen.sample(theta, metric, best, steps=3, guidance=1.7, guidance_taper=False,
+                   generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)

@@ -83,7 +83,9 @@ def main(args: argparse.Namespace) -> int:
     config = EvalConfig(
         generator=args.generator, out=args.out, task=args.task, store=args.store, data_root=args.data_root, inits=args.inits,
         seed=args.seed, sampling_steps=args.sampling_steps, method=args.method, t_min=args.t_min,
-        guidance=args.guidance, temperature=args.temperature, guidance_taper=None if args.guidance_taper is None else args.guidance_taper == "on", candidates=args.candidates, rank=args.rank, keep_if_met=args.keep_if_met, holdout=args.holdout, max_steps=args.max_steps,
+        guidance=args.guidance, temperature=args.temperature, candidates=args.candidates, rank=args.rank,
+        guidance_taper=None if args.guidance_taper is None else args.guidance_taper == "on",
+        keep_if_met=args.keep_if_met, holdout=args.holdout, max_steps=args.max_steps,
         max_env_steps=args.max_env_steps, prompts=args.prompts, repeats=args.repeats, memo_runs=args.memo_runs,
         memo_checkpoints=args.memo_checkpoints, denoise_runs=args.denoise_runs, device=device,
         progress=not args.no_progress, plots=not args.no_plots,

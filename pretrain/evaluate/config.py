@@ -36,7 +36,7 @@ class EvalConfig:
     rank: str = "closure"  # who chooses among the candidates: validation data, or the generator's property head
     guidance: float | None = None  # classifier-free guidance scale; None: the generator's own (else 1)
     temperature: float | None = None  # scale of the sampling noise; None: the generator's own (else 1)
-    guidance_taper: bool | None = None  # guidance scaled down for prompts short of the best; None: the generator's own (on)
+    guidance_taper: bool | None = None  # guidance scaled down for prompts short of the best; None: the generator's own (else off)
     keep_if_met: bool = True  # repeated updates keep a network that already meets the prompt (as GptOptimizer)
     holdout: int = 5000  # MNIST training examples held out as validation data for --candidates
     max_steps: int = 3000  # Adam / SGD steps (11,700 for the full comparison)

@@ -1,4 +1,4 @@
-"""Prompted updates with one generator, and repeated best-prompt updates."""
+"""Prompted updates with one generator: repeated best-prompt updates and prompt alignment."""
 
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
                 raise
             continue
-        p = sub.add_parser(name, help=help_text, description=plain_text(module.__doc__.strip().splitlines()[0]))
+        p = sub.add_parser(name, help=help_text, description=plain_text(" ".join(module.__doc__.strip().split("\n\n")[0].split())))
         module.configure(p)
         for action in p._actions:  # argparse keeps no public list; help texts may quote docstrings
             if action.help and action.help is not argparse.SUPPRESS:

@@ -1,4 +1,5 @@
-"""Choose a generator's sampler on validation inits: sampling steps and where to stop (``t_min``).
+"""Choose a generator's sampler on validation inits: sampling steps, where to stop (``t_min``),
+guidance and its taper, and the sampling temperature.
 
 A diffusion model over parameters is not equally good at every noise level. If its predictions at
 low noise are worse than its estimate at some intermediate timestep, running the sampler to t = 0
@@ -336,7 +337,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help=f"sampling steps to try, comma-separated (default: {','.join(map(str, DEFAULT_STEPS))})")
     parser.add_argument("--steps", dest="sampling_steps", action=DeprecatedAlias, default=argparse.SUPPRESS,
                         help=argparse.SUPPRESS)  # its name before 0.x: --steps means training steps elsewhere
-    parser.add_argument("--t-min", default=",".join(map(str, DEFAULT_T_MIN)), help="early-stop timesteps to try")
+    parser.add_argument("--t-min", default=",".join(map(str, DEFAULT_T_MIN)),
+                        help=f"early-stop timesteps to try, comma-separated (default: {','.join(map(str, DEFAULT_T_MIN))})")
     parser.add_argument("--guidance", default="1",
                         help="classifier-free guidance scales to try, comma-separated, e.g. 1,1.5,2,3; above 1 needs a "
                              "generator trained with --prompt-dropout (default: 1)")

@@ -21,7 +21,7 @@ prints a short table (test loss and error of the init, the update, Adam and SGD 
 and the step at which Adam first matches the update) and saves a plot and a JSON beside it.
 
 The baselines are the plain ``nn.Module`` + ``torch.optim`` loop of
-:mod:`learned_opt.baselines.supervised` (:func:`train_baseline`; PPO in :mod:`learned_opt.ppo`), so
+:mod:`learned_opt.baselines.supervised` (:func:`train_baseline`; PPO in :mod:`learned_opt.baselines.ppo`), so
 the demo needs nothing from ``pretrain``.
 
 Modules: ``baselines`` (Adam and SGD), ``update`` (:class:`DemoConfig`, the one update),

@@ -32,29 +32,31 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", default=None, help="folder holding MNIST (default: $LEARNED_OPT_DATA)")
     p.add_argument("--name", default="lopt", help="name of the exported weights (default: lopt)")
     p.add_argument("--resume", action="store_true", help="continue out/checkpoint.pt with the same settings")
-    p.add_argument("--outer-steps", type=int, default=d.outer_steps)
-    p.add_argument("--pairs", type=int, default=d.pairs, help="antithetic pairs (population = 2 x pairs)")
-    p.add_argument("--truncation", type=int, default=d.truncation, help="inner steps per truncation")
-    p.add_argument("--unroll", type=int, default=d.unroll, help="inner steps per task")
-    p.add_argument("--sigma", type=float, default=d.sigma)
-    p.add_argument("--outer-lr", type=float, default=d.outer_lr)
+    p.add_argument("--outer-steps", type=int, default=d.outer_steps, help=f"ES updates of the rule (default: {d.outer_steps})")
+    p.add_argument("--pairs", type=int, default=d.pairs, help=f"antithetic pairs (population = 2 x pairs; default: {d.pairs})")
+    p.add_argument("--truncation", type=int, default=d.truncation, help=f"inner steps per truncation (default: {d.truncation})")
+    p.add_argument("--unroll", type=int, default=d.unroll, help=f"inner steps per task (default: {d.unroll})")
+    p.add_argument("--sigma", type=float, default=d.sigma, help=f"ES perturbation scale (default: {d.sigma:g})")
+    p.add_argument("--outer-lr", type=float, default=d.outer_lr, help=f"the outer optimizer's learning rate (default: {d.outer_lr:g})")
     p.add_argument("--outer-optimizer", choices=OUTER_OPTIMIZERS, default=d.outer_optimizer,
                    help="what steps the rule's weights: adam, or learned, a learned rule (default: adam)")
     p.add_argument("--outer-weights", default=d.outer_weights,
                    help="with --outer-optimizer learned: self (the rule being meta-trained trains itself), a "
                         "shipped name, a manifest path or hand-set (default: self)")
     p.add_argument("--outer-loss", choices=("mean", "log-mean"), default=d.outer_loss,
-                   help="per truncation: the mean validation loss, or the mean of its log")
-    p.add_argument("--widths", type=_ints, default=d.widths, help="hidden widths to draw from, e.g. 16,32,64")
-    p.add_argument("--depths", type=_ints, default=d.depths, help="hidden layer counts to draw from, e.g. 1,2")
-    p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes)
-    p.add_argument("--image-size", type=int, default=d.image_size, help="MNIST downsampled to this (7, 14 or 28)")
+                   help=f"per truncation: the mean validation loss, or the mean of its log (default: {d.outer_loss})")
+    p.add_argument("--widths", type=_ints, default=d.widths, help=f"hidden widths to draw from, e.g. 16,32,64 (default: {','.join(map(str, d.widths))})")
+    p.add_argument("--depths", type=_ints, default=d.depths, help=f"hidden layer counts to draw from, e.g. 1,2 (default: {','.join(map(str, d.depths))})")
+    p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes,
+                   help=f"inner batch sizes to draw from (default: {','.join(map(str, d.batch_sizes))})")
+    p.add_argument("--image-size", type=int, default=d.image_size, help=f"MNIST downsampled to this (7, 14 or 28; default: {d.image_size})")
     p.add_argument("--pools", type=_ints, default=d.pools,
                    help="per task, inputs pooled further by a factor drawn from these, e.g. 1,2 (default: 1)")
     p.add_argument("--max-params", type=int, default=d.max_params,
                    help="tasks with more parameters are drawn again (default: 0, no limit)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the tasks and perturbations (default: {d.seed})")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help=f"outer steps between checkpoints (default: {d.checkpoint_every})")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

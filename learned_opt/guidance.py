@@ -14,11 +14,12 @@ call on a doubled batch. The model is any callable taking ``drop_prompt`` (``[B]
 its conditioning, like :class:`~learned_opt.generator.Gpt`.
 
 **Tapered guidance** (where a generator's manifest says ``"guidance_taper": true``, which
-``learned-opt tune-sampling`` writes when it aligns updates with their prompts better): the unconditional prediction is where pairs from θ
-typically go, which for a corpus of training runs is a good way towards the best. Moving away from
-it helps a prompt that asks for more than that, the generator's best, where the plain prediction
-falls short; for a prompt that asks for less it overshoots, towards networks worse than asked. So
-the scale a row gets follows the share of the possible improvement its prompt asks for,
+``learned-opt tune-sampling`` writes where it aligns updates with their prompts clearly better):
+the unconditional prediction is where pairs from θ typically go, which for a corpus of training
+runs is a good way towards the best. Moving away from it helps a prompt that asks for more than
+that, the generator's best, where the plain prediction falls short; for a prompt that asks for
+less it overshoots, towards networks worse than asked. So the scale a row gets follows the share
+of the possible improvement its prompt asks for,
 
     a = (l − l′) / (l − l*)  clipped to [0, 1],    w_row = 1 + a (w − 1)
 
@@ -64,7 +65,8 @@ def tapered_scale(scale: float, metric: torch.Tensor, prompt: torch.Tensor, best
     possible = sign * (metric - best)  # > 0: the network is short of the best
     beyond = sign * (prompt - best) <= 0  # the prompt asks for the best or more
     full = (prompt == best) | (beyond & (asked > 0))
-    share = (asked / possible.where(possible > 0, torch.ones_like(possible))).where(possible > 0, torch.zeros_like(asked))
+    short = possible > 0
+    share = (asked / possible.where(short, torch.ones_like(possible))).where(short, torch.zeros_like(asked))
     unknown = ~(torch.isfinite(asked) & torch.isfinite(possible))
     share = torch.where(full | unknown, torch.ones_like(share), share.clamp(0.0, 1.0))
     # exactly ``scale`` at share 1: a best-prompt sampler is bit for bit the constant-guidance one

@@ -391,7 +391,7 @@ class GptOptimizer(torch.optim.Optimizer):
             f"GptOptimizer(base={type(self.base).__name__}, generator={self.generator.name!r}, "
             f"metric={self.generator.metric_name!r}, every={self.every}, prompt={self.prompt!r}, "
             f"sampler={self.sampling_method}-{self.sampling_steps} t_min={self.sampling_t_min}, "
-            f"guidance={self.guidance:g}{' tapered' if self.guidance_taper else ''}, "
+            f"guidance={self.guidance:g}{' tapered' if self.guidance_taper and self.guidance != 1 else ''}, "
             f"temperature={self.sampling_temperature:g}, candidates={self.candidates}, "
             f"step_size={','.join(f'{a:g}' for a in self.step_sizes)}, "
             f"rank={self.rank!r}, seed={self.seed}, groups={len(self.param_groups)}, "

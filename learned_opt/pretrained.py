@@ -152,8 +152,8 @@ class LoadedGenerator:
                 guidance_taper: bool | None = None) -> dict[str, Any]:
         """This generator's :attr:`sampling` with the given settings on top, key by key (None keeps
         the generator's); :class:`ConfigError` if they cannot run on its noise schedule, if a
-        guidance other than 1 is asked of a generator trained without prompt dropout, or if a
-        temperature is not a number >= 0."""
+        guidance other than 1 is asked of a generator trained without prompt dropout, if a
+        temperature is not a number >= 0, or if ``guidance_taper`` is not True, False or None."""
         return sampler_settings(self.sampling, self.diffusion.num_steps, self.name, self.supports_guidance,
                                 method=method, steps=steps, t_min=t_min, guidance=guidance, temperature=temperature,
                                 guidance_taper=guidance_taper)
@@ -184,7 +184,8 @@ class LoadedGenerator:
         w = s["guidance"]
         if s["guidance_taper"] and w != 1.0:  # the best prompt as callers clamp it, in the prompts' precision
             best = float(torch.tensor(min(max(self.best_prompt, self.metric_range[0]), self.metric_range[1]), dtype=prompt.dtype))
-            rows = tapered_scale(w, metric.double(), prompt.double(), best, self.metric_direction)
+            rows = tapered_scale(w, metric.detach().cpu().double(), prompt.detach().cpu().double(), best,
+                                 self.metric_direction)  # on the CPU: float64 everywhere (not on MPS)
             w = w if bool((rows == w).all()) else rows  # all at the best: the constant sampler, bit for bit
         norm = self.normalization
         dtype = next(self.model.parameters()).dtype

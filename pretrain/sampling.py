@@ -229,8 +229,10 @@ def record_choice(manifest_path: Path, result: dict, config: TuneConfig) -> None
         "chosen_by": (f"learned-opt tune-sampling: the fewest steps within {config.tolerance:.0%} of the best median "
                       f"{result['metric']} (ties broken by the mean) on validation data, over {config.inits} inits "
                       f"(seeds {config.seed} + i) x {config.samples} samples"
-                      + (f"; guidance tapered where the mean per-init gain in prompt-alignment R² on those inits "
-                         f"({result['guidance_taper']['prompts']} prompts each) exceeds twice its standard error"
+                      + (f"; guidance {'tapered' if chosen.get('guidance_taper') else 'kept constant'}: the "
+                         f"mean per-init gain in prompt-alignment R² from tapering it on those inits "
+                         f"({result['guidance_taper']['prompts']} prompts each) "
+                         f"{'exceeds' if chosen.get('guidance_taper') else 'does not exceed'} twice its standard error"
                          if "guidance_taper" in result else "")),
     }
     text = json.dumps(manifest, indent=2) + "\n"

@@ -166,6 +166,8 @@ def test_tune_sampling_checks_the_taper_on_validation_prompt_alignment(mnist_roo
     assert check["r2_gain_mean"] == pytest.approx(check["r2_mean_tapered"] - check["r2_mean_constant"])
     assert check["r2_mean_tapered"] != check["r2_mean_constant"]  # the taper changed the off-best prompts' samples
     assert load_generator(manifest).sampling["guidance_taper"] is check["chosen"]
+    chosen_by = json.loads(manifest.read_text())["sampling"]["chosen_by"]
+    assert ("guidance tapered" if check["chosen"] else "guidance kept constant") in chosen_by
     plain = tmp_path / "plain"
     assert cli_main(["tune-sampling", "--generator", str(manifest), "--out", str(plain), "--data-root",
                      str(mnist_root), "--inits", "2", "--samples", "1", "--sampling-steps", "2", "--t-min", "0",

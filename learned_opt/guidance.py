@@ -95,15 +95,10 @@ def guided_denoiser(
     else:
         both = functools.partial(model, **doubled)
 
-    rows: list = []  # a per-row scale, placed and shaped at the first step
-
     def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         out = both(torch.cat([x, x]), torch.cat([t, t]))  # [2B, ...]
         with_prompt, without = out[:b], out[b:]
-        if not isinstance(scale, torch.Tensor):
-            return without + scale * (with_prompt - without)
-        if not rows:
-            rows.append(scale.to(device=out.device, dtype=out.dtype).view(-1, *[1] * (out.dim() - 1)))
-        return without + rows[0] * (with_prompt - without)
+        w = scale if not isinstance(scale, torch.Tensor) else scale.to(out).view(-1, *[1] * (out.dim() - 1))
+        return without + w * (with_prompt - without)
 
     return denoise

@@ -181,14 +181,15 @@ class LoadedGenerator:
         this generator's :attr:`sampling`.
         """
         s = self.sampler(method, steps, t_min, guidance, temperature, guidance_taper)
+        norm = self.normalization
+        dtype = next(self.model.parameters()).dtype
         w = s["guidance"]
         if s["guidance_taper"] and w != 1.0:  # the best prompt as callers clamp it, in the prompts' precision
             best = float(torch.tensor(min(max(self.best_prompt, self.metric_range[0]), self.metric_range[1]), dtype=prompt.dtype))
             rows = tapered_scale(w, metric.detach().cpu().double(), prompt.detach().cpu().double(), best,
                                  self.metric_direction)  # on the CPU: float64 everywhere (not on MPS)
-            w = w if bool((rows == w).all()) else rows  # all at the best: the constant sampler, bit for bit
-        norm = self.normalization
-        dtype = next(self.model.parameters()).dtype
+            # all at the best: the constant sampler, bit for bit; else the rows, placed as the model is
+            w = w if bool((rows == w).all()) else rows.to(device=self.device, dtype=dtype)
         x = norm.params(theta.to(dtype))  # [B, P] generator units
         cond = dict(theta=x, metric=norm.metric(metric.to(dtype)), target=norm.metric(prompt.to(dtype)))
         out = self.diffusion.sample(

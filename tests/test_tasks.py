@@ -113,6 +113,32 @@ def test_mnist_output_divergence_is_zero_for_the_same_network_and_differentiable
     assert b.grad.abs().sum() > 0
 
 
+def test_mnist_excess_loss_is_the_hinge_of_the_cross_entropy_difference(mnist_data):
+    task = tasks.get("mnist-mlp")
+    inputs, labels = task.matching_inputs(mnist_data)[:128], task.matching_labels(mnist_data)[:128]
+    every = task.matching_labels(mnist_data)
+    assert every.shape == (55_000,) and torch.equal(every[-1], mnist_data.train_y[54_999])
+    gen = torch.Generator().manual_seed(1)
+    a, b = (torch.randn(4, task.num_params, generator=gen) * 0.1 for _ in range(2))
+    ab, ba = task.excess_loss(a, b, inputs, labels), task.excess_loss(b, a, inputs, labels)
+    ce = lambda flat: F.cross_entropy(task.logits(flat, inputs).transpose(1, 2), labels.expand(len(flat), -1),  # noqa: E731
+                                      reduction="none").mean(-1)
+    torch.testing.assert_close(ab - ba, ce(a) - ce(b), rtol=1e-5, atol=1e-6)  # one of the two is the difference
+    assert (ab * ba == 0).all() and (ab + ba > 0).all()
+    torch.testing.assert_close(task.excess_loss(a, a, inputs, labels), torch.zeros(4), atol=1e-6, rtol=0)
+    worse = a.clone().requires_grad_(True)
+    excess = task.excess_loss(worse, b, inputs, labels)
+    excess.sum().backward()  # the gradient reaches the predicted network where it is worse, and only there
+    rows_with_grad = worse.grad.abs().sum(-1) > 0
+    assert torch.equal(rows_with_grad, excess.detach() > 0)
+
+
+def test_a_control_task_has_no_labels_for_the_hinge():
+    task = tasks.get("cartpole-mlp")
+    with pytest.raises(ConfigError, match="--label-hinge"):
+        task.matching_labels(task.load_data())
+
+
 def test_cartpole_output_divergence_compares_action_distributions_on_fixed_states():
     task = tasks.get("cartpole-mlp")
     inputs = task.matching_inputs(task.load_data())

@@ -564,6 +564,32 @@ def test_output_matching_without_data_or_on_a_task_without_outputs_is_refused_be
     assert not any((tmp_path / d).exists() for d in "ab")
 
 
+def test_the_label_hinge_trains_beside_output_matching_is_logged_and_resumes_exactly(store_dir, mnist_root, tmp_path):
+    opts = dict(output_matching=1.0, label_hinge=4.0, matching_examples=16, data_root=str(mnist_root))
+    matching = train(tiny(store_dir, tmp_path / "matching", **{**opts, "label_hinge": 0.0}))
+    whole = train(tiny(store_dir, tmp_path / "whole", **opts))
+    assert state_hash(whole.ema) != state_hash(matching.ema)  # the hinge changes what is learned
+    records = [json.loads(line) for line in (tmp_path / "whole" / LOG_NAME).read_text().splitlines()]
+    assert all(r["output_divergence"] > 0 and r["label_excess"] >= 0 for r in records)
+    assert any(r["label_excess"] > 0 for r in records)  # an untrained model predicts worse networks than θ′
+    assert "label_excess" not in json.loads((tmp_path / "matching" / LOG_NAME).read_text().splitlines()[0])
+    alone = train(tiny(store_dir, tmp_path / "alone", **{**opts, "output_matching": 0.0}))
+    first = json.loads((tmp_path / "alone" / LOG_NAME).read_text().splitlines()[0])
+    assert "label_excess" in first and "output_divergence" not in first and alone.step == whole.step
+    train(tiny(store_dir, tmp_path / "parts", stop_after=3, **opts))
+    parts = train(tiny(store_dir, tmp_path / "parts", resume=True, **opts))
+    assert state_hash(parts.ema) == state_hash(whole.ema)
+
+
+def test_the_label_hinge_is_refused_where_it_cannot_work_before_anything_is_written(store_dir, tmp_path):
+    cartpole = make_store(tmp_path / "cp", task="cartpole-mlp", runs=2, checkpoints=3)
+    with pytest.raises(ConfigError, match="--label-hinge"):
+        train(tiny(cartpole.root, tmp_path / "a", steps=2, label_hinge=1.0, data_root="/nowhere"))
+    with pytest.raises(ConfigError, match="--label-hinge"):
+        train(tiny(store_dir, tmp_path / "b", label_hinge=float("nan")))
+    assert not any((tmp_path / d).exists() for d in "ab")
+
+
 def test_output_matching_on_cartpole_compares_policies_without_a_dataset(tmp_path):
     cartpole = make_store(tmp_path / "cp", task="cartpole-mlp", runs=2, checkpoints=3)
     train(tiny(cartpole.root, tmp_path / "run", steps=2, output_matching=1.0, matching_examples=8, data_root="/nowhere"))

@@ -115,6 +115,19 @@ class Task(ABC):
         raise ConfigError(f"task {self.name!r} has no inputs to match outputs on; train its generators "
                           f"without --output-matching")
 
+    def matching_labels(self, data: Any) -> torch.Tensor:
+        """The labels of :meth:`matching_inputs`, row for row, for :meth:`excess_loss`."""
+        raise ConfigError(f"task {self.name!r} has no labels to compare networks' losses on; train its generators "
+                          f"without --label-hinge")
+
+    def excess_loss(
+        self, flat: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """How much worse ``flat`` ``[B, P]`` does than ``target`` ``[B, P]`` on labelled training
+        ``inputs``: max(0, loss(flat) − loss(target)) per network, ``[B]``, differentiable in ``flat``."""
+        raise ConfigError(f"task {self.name!r} has no labels to compare networks' losses on; train its generators "
+                          f"without --label-hinge")
+
     def output_divergence(self, flat: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """How differently ``flat`` ``[B, P]`` behaves from ``target`` ``[B, P]`` on ``inputs``: the mean
         KL(target's output distribution || flat's) per network, ``[B]``, differentiable in ``flat``."""

@@ -88,6 +88,19 @@ class SupervisedTask(Task):
         """The training inputs outside the default validation holdout."""
         return self.validation_data(data).train_x
 
+    def matching_labels(self, data: ClassificationData) -> torch.Tensor:
+        """The labels of :meth:`matching_inputs`."""
+        return self.validation_data(data).train_y
+
+    def excess_loss(
+        self, flat: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """max(0, cross-entropy of ``flat`` − cross-entropy of ``target``) on ``inputs``, per network ``[B]``."""
+        mine = cross_entropy(self.logits(flat.float(), inputs), labels)
+        with torch.no_grad():
+            theirs = cross_entropy(self.logits(target.float(), inputs), labels)
+        return torch.relu(mine - theirs)
+
     @torch.no_grad()
     def evaluate(
         self, flat: torch.Tensor, data: ClassificationData, metrics: Sequence[str] | None = None, chunk: int = 50

@@ -71,8 +71,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="add W x KL(target's outputs || predicted network's) to the loss (MNIST: class probabilities on "
              "training images outside the validation holdout; CartPole: action probabilities on fixed states) "
              "(default 0: off)")
-    add("--matching-examples", type=int, default=S, help=f"inputs per step for --output-matching (default {d.matching_examples})")
-    add("--data-root", default=S, help="the task's data for --output-matching (default: $LEARNED_OPT_DATA)")
+    add("--label-hinge", type=float, default=S, metavar="W",
+        help="add W x max(0, predicted network's training loss - target's) on the same inputs and their labels, "
+             "so that a prediction is never worse than the checkpoint it predicts (supervised tasks; default 0: off)")
+    add("--matching-examples", type=int, default=S,
+        help=f"inputs per step for --output-matching and --label-hinge (default {d.matching_examples})")
+    add("--data-root", default=S, help="the task's data for --output-matching and --label-hinge (default: $LEARNED_OPT_DATA)")
     add("--prompt-dropout", type=float, default=S, metavar="P",
         help="classifier-free guidance: in a share P of the pairs replace the prompt by a learned null prompt, so "
              "that the generator can sample with --guidance above 1 (e.g. 0.1; default 0: off)")

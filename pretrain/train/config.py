@@ -58,7 +58,8 @@ class TrainConfig:
     snr_window: tuple[float, float] | None = None  # draw 90% of training t where log-SNR(θ′ - θ) is in it; None: uniform
     layer_balance: float = 0.0  # x0 error of parameter p weighted by (P / size of p's layer) ** this, mean 1; 0: off
     output_matching: float = 0.0  # weight of the output-matching loss (Task.output_divergence of x̂0 from θ′); 0: off (G.pt)
-    matching_examples: int = 256  # training inputs the output-matching loss draws per step
+    label_hinge: float = 0.0  # weight of the hinge on x̂0's training loss above θ′'s (Task.excess_loss); 0: off
+    matching_examples: int = 256  # training inputs the output-matching loss (and the hinge) draws per step
     data_root: str | None = None  # the task's data, for output matching; None: $LEARNED_OPT_DATA
     prompt_dropout: float = 0.0  # share of pairs whose prompt is replaced by a learned null prompt (guidance); 0: off
     property_head: float = 0.0  # weight of the property head's metric regression (self-ranking); 0: no head
@@ -129,6 +130,8 @@ class TrainConfig:
                               f"add up to at most 1), got {self.late_fraction} with --init-fraction {self.init_fraction}")
         if not (self.output_matching >= 0 and math.isfinite(self.output_matching)):
             raise ConfigError(f"--output-matching must be a number >= 0 (0: off), got {self.output_matching}")
+        if not (self.label_hinge >= 0 and math.isfinite(self.label_hinge)):
+            raise ConfigError(f"--label-hinge must be a number >= 0 (0: off), got {self.label_hinge}")
         if isinstance(self.matching_examples, bool) or not isinstance(self.matching_examples, int) \
                 or self.matching_examples < 1:
             raise ConfigError(f"--matching-examples must be a positive integer, got {self.matching_examples!r}")

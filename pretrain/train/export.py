@@ -63,12 +63,15 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
         "snr_window": cfg.get("snr_window"),
         "layer_balance": cfg.get("layer_balance", 0.0),
         "output_matching": cfg.get("output_matching", 0.0),
+        "label_hinge": cfg.get("label_hinge", 0.0),
         "prompt_dropout": cfg.get("prompt_dropout", 0.0),
         "property_head": cfg.get("property_head", 0.0),
         "loss": ("x0 MSE weighted by 1 / σ_p²" if cfg.get("precondition") else "x0 MSE")
         + (" and by (P / layer size) ** layer_balance" if cfg.get("layer_balance") else "")
         + (f" + output_matching x the divergence of x̂0's outputs from θ′'s on {cfg.get('matching_examples')} "
            "training inputs per step" if cfg.get("output_matching") else "")
+        + (" + label_hinge x how much higher x̂0's training loss is than θ′'s on the same inputs (0 where it is not)"
+           if cfg.get("label_hinge") else "")
         + (" + property_head x the squared error of the property head's normalised metric on both checkpoints "
            "of each pair" if cfg.get("property_head") else "")
         + (f"; the prompt replaced by the null prompt in a share {cfg.get('prompt_dropout'):g} of the pairs"

@@ -37,7 +37,7 @@ from .config import (
     check_resumable,
     with_defaults,
 )
-from .auxiliary import property_loss, training_cond
+from .auxiliary import OutputObjectives, property_loss, training_cond
 from .distributed import DistInfo, mean_over_ranks, restore_rng, rng_states, setup_distributed
 from .export import export_checkpoint
 from .finetune import ADOPTED_FIELDS, adopt_source, explicit_settings, source_record, source_split
@@ -188,11 +188,9 @@ class Trainer:
             scale = self.model.config.residual_std
             self.t_probs = self.diffusion.snr_window_probs(*config.snr_window, scale=scale).to(info.device)
         self.layer_weight = layer_weights(self.layout, config.layer_balance).to(info.device)  # [1, P]
-        self.matching_inputs = None  # training inputs of the output-matching loss, loaded before anything is written
-        if config.output_matching > 0:
-            task = self.corpus.task
-            self.matching_inputs = task.matching_inputs(task.load_data(config.data_root)).to(info.device)
-        self.divergence = torch.zeros((), dtype=torch.float64, device=info.device)  # summed between log records
+        self.outputs = None  # output matching and the label hinge: their data is loaded before anything is written
+        if config.output_matching > 0 or config.label_hinge > 0:
+            self.outputs = OutputObjectives(self.corpus.task, config, self.corpus.normalization, info.device)
         self.property_error = torch.zeros((), dtype=torch.float64, device=info.device)  # likewise
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=info.device)  # non-finite losses/grad norms seen
         self.use_amp = config.amp and info.device.type == "cuda"
@@ -208,17 +206,6 @@ class Trainer:
         times the layer balance's."""
         return self.model.loss_weight(t) * self.layer_weight
 
-    def matching_loss(self, pred: torch.Tensor, x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """``output_matching`` × the mean divergence of the networks the model predicts (x̂0) from the
-        targets (θ′), on ``matching_examples`` training inputs drawn for this step and rank."""
-        cfg, inputs, norm = self.config, self.matching_inputs, self.corpus.normalization
-        draw = seeded_generator("matching", cfg.seed, self.step, self.info.rank, device=inputs.device)
-        idx = torch.randint(0, inputs.shape[0], (cfg.matching_examples,), generator=draw, device=inputs.device)
-        with torch.autocast(inputs.device.type, enabled=False):  # a KL of softmaxes: in fp32 under bf16 training
-            divergence = self.corpus.task.output_divergence(norm.unparams(pred), norm.unparams(x0), inputs[idx]).mean()
-        self.divergence += divergence.detach().double()
-        return cfg.output_matching * divergence
-
     def train_step(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on this rank's share of a batch; returns (loss, grad norm) on the device."""
         noise = seeded_generator("noise", self.config.seed, self.step, self.info.rank, device=self.info.device)
@@ -226,7 +213,7 @@ class Trainer:
             loss = self.diffusion.training_loss(
                 self.ddp, batch.theta_next, training_cond(batch, self.config, self.step, self.info.rank), generator=noise,
                 weight=self.loss_weight, t_probs=self.t_probs,
-                extra=self.matching_loss if self.matching_inputs is not None else None,
+                extra=self.outputs.loss_fn(self.step, self.info.rank) if self.outputs is not None else None,
             )
             if self.config.property_head > 0:  # the head's metric regression on the pairs' clean checkpoints
                 error = property_loss(self.model, batch)
@@ -365,9 +352,8 @@ class Trainer:
                         "samples_per_s": n_sum * cfg.batch_size / max(now - t_log, 1e-9),
                         "elapsed_s": self.wall_before + now - self.t_start,
                     }
-                    if self.matching_inputs is not None:  # the divergence alone, before its weight
-                        self.last["output_divergence"] = float(mean_over_ranks(self.divergence, info)) / n_sum
-                        self.divergence.zero_()
+                    if self.outputs is not None:  # each objective alone, before its weight
+                        self.last.update(self.outputs.log_record(n_sum, info))
                     if self.config.property_head > 0:  # the head's squared error alone, before its weight
                         self.last["property_loss"] = float(mean_over_ranks(self.property_error, info)) / n_sum
                         self.property_error.zero_()

@@ -614,5 +614,8 @@ def test_a_recipe_sets_its_options_and_the_command_line_overrides_them(tmp_path)
                                                "--init-from", "g", "--data-root", "d"]))
     assert (late.prompt_dropout, late.output_matching, late.init_fraction, late.late_fraction, late.steps) == (
         0.1, 16.0, 0.5, 0.4, 1500)
+    hinge = config_from_args(parser.parse_args(["train", "--store", "s", "--out", "o", "--recipe", "label-hinge",
+                                                "--init-from", "g", "--data-root", "d"]))
+    assert (hinge.output_matching, hinge.label_hinge, hinge.late_fraction, hinge.steps) == (64.0, 64.0, 0.4, 2000)
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--store", "s", "--out", "o", "--recipe", "nope"])

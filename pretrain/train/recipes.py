@@ -18,9 +18,12 @@ come first, so a recipe there must agree with them (it is checked like any other
   and a property head (weight 1) that predicts the metric of a parameter vector. Start from a
   generator (``--init-from``); its sampler and head are then chosen and measured by
   ``tune-sampling`` and ``eval --rank self``.
-* ``late-pairs`` — the self-ranking fine-tune that made the shipped ``mnist-mlp`` (run twice):
+* ``late-pairs`` — the self-ranking fine-tune that made the ``mnist-mlp`` shipped before (run twice):
   output matching at weight 16, half of each batch at the initialisation and two fifths from pairs
   that start in the second half of their run, 1,500 steps.
+* ``label-hinge`` — the fine-tune that made the shipped ``mnist-mlp`` (run twice): ``late-pairs`` at
+  output-matching weight 64 with the label hinge at weight 64 (the predicted network's training
+  loss may not exceed its target's), 2,000 steps.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ RECIPES: dict[str, dict] = {
 RECIPES["self-ranking"] = {**RECIPES["output-matching"], "prompt_dropout": 0.1, "property_head": 1.0}
 RECIPES["late-pairs"] = {**RECIPES["self-ranking"], "output_matching": 16.0, "init_fraction": 0.5, "late_fraction": 0.4,
                          "steps": 1500}
+RECIPES["label-hinge"] = {**RECIPES["late-pairs"], "output_matching": 64.0, "label_hinge": 64.0, "steps": 2000}
 
 
 def recipe(name: str) -> dict:

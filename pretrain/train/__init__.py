@@ -20,7 +20,8 @@ Everything a job writes lives in ``--out``:
 
 ``--output-matching W`` adds W × :meth:`~learned_opt.tasks.Task.output_divergence` of the predicted
 networks (x̂0) from the targets (θ′) on task inputs drawn per step, so that the model is also
-judged by how its networks behave, not only by how close their weights are.
+judged by how its networks behave, not only by how close their weights are. ``--label-hinge W``
+adds W × how much higher their training loss is than the targets' (0 where it is not).
 
 ``--prompt-dropout P`` and ``--property-head W`` (:mod:`pretrain.train.auxiliary`) train a null
 prompt for classifier-free guidance and a head that predicts a network's metric, for

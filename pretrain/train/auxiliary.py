@@ -54,8 +54,8 @@ class OutputObjectives:
     def __init__(self, task: Task, config: TrainConfig, normalization: Normalization, device: torch.device):
         data = task.load_data(config.data_root)
         self.task, self.config, self.normalization = task, config, normalization
+        self.labels = task.matching_labels(data).to(device) if config.label_hinge > 0 else None  # refused first
         self.inputs = task.matching_inputs(data).to(device)
-        self.labels = task.matching_labels(data).to(device) if config.label_hinge > 0 else None
         self.sums = {name: torch.zeros((), dtype=torch.float64, device=device)
                      for name, weight in (("output_divergence", config.output_matching),
                                           ("label_excess", config.label_hinge)) if weight > 0}

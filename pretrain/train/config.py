@@ -60,7 +60,7 @@ class TrainConfig:
     output_matching: float = 0.0  # weight of the output-matching loss (Task.output_divergence of x̂0 from θ′); 0: off (G.pt)
     label_hinge: float = 0.0  # weight of the hinge on x̂0's training loss above θ′'s (Task.excess_loss); 0: off
     matching_examples: int = 256  # training inputs the output-matching loss (and the hinge) draws per step
-    data_root: str | None = None  # the task's data, for output matching; None: $LEARNED_OPT_DATA
+    data_root: str | None = None  # the task's data, for output matching and the hinge; None: $LEARNED_OPT_DATA
     prompt_dropout: float = 0.0  # share of pairs whose prompt is replaced by a learned null prompt (guidance); 0: off
     property_head: float = 0.0  # weight of the property head's metric regression (self-ranking); 0: no head
     diffusion_steps: int = 1000  # G.pt: 1000

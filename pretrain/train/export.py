@@ -70,8 +70,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
         + (" and by (P / layer size) ** layer_balance" if cfg.get("layer_balance") else "")
         + (f" + output_matching x the divergence of x̂0's outputs from θ′'s on {cfg.get('matching_examples')} "
            "training inputs per step" if cfg.get("output_matching") else "")
-        + (" + label_hinge x how much higher x̂0's training loss is than θ′'s on the same inputs (0 where it is not)"
-           if cfg.get("label_hinge") else "")
+        + (f" + label_hinge x how much higher x̂0's training loss is than θ′'s on {cfg.get('matching_examples')} "
+           "labelled training inputs per step (0 where it is not)" if cfg.get("label_hinge") else "")
         + (" + property_head x the squared error of the property head's normalised metric on both checkpoints "
            "of each pair" if cfg.get("property_head") else "")
         + (f"; the prompt replaced by the null prompt in a share {cfg.get('prompt_dropout'):g} of the pairs"

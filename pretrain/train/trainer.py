@@ -191,7 +191,7 @@ class Trainer:
         self.outputs = None  # output matching and the label hinge: their data is loaded before anything is written
         if config.output_matching > 0 or config.label_hinge > 0:
             self.outputs = OutputObjectives(self.corpus.task, config, self.corpus.normalization, info.device)
-        self.property_error = torch.zeros((), dtype=torch.float64, device=info.device)  # likewise
+        self.property_error = torch.zeros((), dtype=torch.float64, device=info.device)  # summed between log records
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=info.device)  # non-finite losses/grad norms seen
         self.use_amp = config.amp and info.device.type == "cuda"
         self.t_start = time.perf_counter()

@@ -117,16 +117,14 @@ class Task(ABC):
 
     def matching_labels(self, data: Any) -> torch.Tensor:
         """The labels of :meth:`matching_inputs`, row for row, for :meth:`excess_loss`."""
-        raise ConfigError(f"task {self.name!r} has no labels to compare networks' losses on; train its generators "
-                          f"without --label-hinge")
+        raise _no_labels(self.name)
 
     def excess_loss(
         self, flat: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor, labels: torch.Tensor
     ) -> torch.Tensor:
         """How much worse ``flat`` ``[B, P]`` does than ``target`` ``[B, P]`` on labelled training
         ``inputs``: max(0, loss(flat) − loss(target)) per network, ``[B]``, differentiable in ``flat``."""
-        raise ConfigError(f"task {self.name!r} has no labels to compare networks' losses on; train its generators "
-                          f"without --label-hinge")
+        raise _no_labels(self.name)
 
     def output_divergence(self, flat: torch.Tensor, target: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         """How differently ``flat`` ``[B, P]`` behaves from ``target`` ``[B, P]`` on ``inputs``: the mean
@@ -254,3 +252,10 @@ def batched_forward(model: nn.Module, layout: Layout, flat: torch.Tensor, x: tor
         return torch.func.functional_call(model, params, (inputs,))
 
     return torch.func.vmap(one, in_dims=(0, None))(layout.unflatten(flat), x)
+
+
+def _no_labels(name: str) -> ConfigError:
+    """The error of a task without labels asked for :meth:`Task.matching_labels` or :meth:`Task.excess_loss`."""
+    return ConfigError(f"task {name!r} has no labels to compare networks' losses on; train its generators "
+                       f"without --label-hinge")
+

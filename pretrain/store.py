@@ -64,7 +64,7 @@ from learned_opt.tasks import Task
 
 from .runfile import CHECKSUMS_KEY, METRIC_PREFIX, RunHeader, RunRecord, checksums, read_header, record_tensors
 from .store_lock import acquire_writer, check_writable
-from .store_meta import STORE_FILE, STORE_FORMAT_VERSION, json_bytes, read_meta
+from .store_meta import STORE_FILE, STORE_FORMAT_VERSION, json_bytes, read_meta, write_settings
 from .store_stats import cached_stats, write_index
 
 __all__ = ["METRIC_PREFIX", "STORE_FILE", "STORE_FORMAT_VERSION", "RunRecord", "Store"]
@@ -166,6 +166,10 @@ class Store:
         """:class:`StoreError` unless new runs can be written (call before training any);
         :meth:`create` calls it."""
         check_writable(self.root, (RUNS_DIR, DROPPED_DIR))
+
+    def record_settings(self, settings: dict) -> None:
+        """Record new corpus settings in ``store.json`` (the builder's, when a store grows a warm start)."""
+        self.settings = write_settings(self.root, settings)["settings"]
 
     def close(self) -> None:
         """Release the writer lock taken by :meth:`create` (also released when the store is gone)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from learned_opt import jsoncheck
 from learned_opt.errors import StoreError
+from learned_opt.fileio import atomic_write
 
 STORE_FORMAT_VERSION = 1
 STORE_FILE = "store.json"
@@ -22,6 +23,14 @@ _META_LIMIT = 16 * 2**20  # bytes: a store.json is a few kilobytes
 def json_bytes(obj) -> bytes:
     """How a store writes its JSON files (``store.json``, dropped runs, ``index.json``)."""
     return (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode()
+
+
+def write_settings(root: Path, settings: dict) -> dict:
+    """Replace the corpus builder's settings in ``root``'s ``store.json`` (atomically); the new meta."""
+    meta = read_meta(root)
+    meta["settings"] = json.loads(json.dumps(settings))  # as it reads back: tuples become lists
+    atomic_write(root / STORE_FILE, lambda tmp: tmp.write_bytes(json_bytes(meta)))
+    return meta
 
 
 def read_meta(root: Path) -> dict:

@@ -59,13 +59,13 @@ default ranges); :class:`PPOFamily` trains control tasks' policies with batched 
 
 Modules: ``plan`` (hyperparameter draws and run plans), ``gradients`` (batched gradients: the
 hand-written ReLU-MLP path and ``torch.func`` for any model), ``trainer`` (the batched trainer and
-its reference loop), ``family`` / ``supervised_family`` / ``ppo_family`` (task families),
+its reference loop), ``warm`` (runs that start from a generator's update), ``family`` / ``supervised_family`` / ``ppo_family`` (task families),
 ``config`` (:class:`CorpusConfig`), ``build`` (:func:`build_corpus`), ``cli`` (the command line).
 """
 
 from learned_opt.recipes import ADAM, GPT_RECIPE, OPTIMIZERS, SGD, cosine_lr
 
-from .build import build_corpus, check_settings, corpus_settings, families, family_for
+from .build import accept_settings, build_corpus, check_settings, corpus_settings, families, family_for
 from .cli import configure, main
 from .config import CorpusConfig, CorpusSummary
 from .family import WEIGHT_LIMIT, FinishedRun, TaskFamily
@@ -73,12 +73,13 @@ from .gradients import FunctionalGradient, MLPGradient, batched_gradient
 from .plan import HParamRanges, RunPlan, plan_runs, sample_hparams
 from .supervised_family import SupervisedFamily
 from .trainer import BatchedTrainer, epoch_frac, train_run_reference
+from .warm import WarmStart
 from .ppo_family import CORPUS_SHAPE, PPOFamily, PPORanges, PPORunPlan, sample_ppo_hparams, train_ppo_runs
 
 __all__ = [
     "ADAM", "CORPUS_SHAPE", "GPT_RECIPE", "OPTIMIZERS", "SGD", "WEIGHT_LIMIT", "BatchedTrainer", "CorpusConfig",
     "CorpusSummary", "FinishedRun", "FunctionalGradient", "HParamRanges", "MLPGradient", "PPOFamily", "PPORanges", "PPORunPlan",
-    "RunPlan", "SupervisedFamily", "TaskFamily", "batched_gradient", "build_corpus", "check_settings", "configure", "corpus_settings",
+    "RunPlan", "SupervisedFamily", "TaskFamily", "WarmStart", "accept_settings", "batched_gradient", "build_corpus", "check_settings", "configure", "corpus_settings",
     "cosine_lr", "epoch_frac", "families", "family_for", "main", "plan_runs", "sample_hparams",
     "sample_ppo_hparams", "train_ppo_runs", "train_run_reference",
 ]

@@ -17,16 +17,29 @@ from .config import CorpusConfig, CorpusSummary
 from .family import FinishedRun, TaskFamily
 from .supervised_family import SupervisedFamily
 from .ppo_family import PPOFamily
+from .warm import WarmStart
 
 
 def corpus_settings(config: CorpusConfig) -> dict:
     """What makes a store's runs what they are, recorded in ``store.json`` (``runs`` may grow)."""
-    return family_for(tasks.get(config.task)).settings(config)
+    task = tasks.get(config.task)
+    settings = family_for(task).settings(config)
+    if config.warm_start is not None:
+        settings["warm_start"] = WarmStart.load(config.warm_start, task, config.warm_from).settings()
+    return settings
 
 
 _SETTING_NAMES = {"seed": "--seed", "epochs": "--epochs", "gpt_recipe": "--gpt-recipe",
                   "train_examples": "--train-examples", "checkpoints": "--checkpoints", "env_steps": "--env-steps",
-                  "eval_examples": "--eval-examples"}
+                  "eval_examples": "--eval-examples", "warm_start": "--warm-start"}
+
+
+def _describe(key: str, value) -> str:
+    if value is None:
+        return "unset"
+    if key == "warm_start" and isinstance(value, dict):
+        return f"{value.get('generator')} (sha256 {str(value.get('sha256'))[:12]}…) from run {value.get('from_run')}"
+    return str(value)
 
 
 def check_settings(store: Store, settings: dict) -> None:
@@ -43,11 +56,31 @@ def check_settings(store: Store, settings: dict) -> None:
             name = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
             what = f"hyperparameter range {name} = {old.get(name)}, not {new.get(name)}"
         else:
-            what = f"{_SETTING_NAMES.get(key, key)} {'unset' if old is None else old}, not {'unset' if new is None else new}"
+            what = f"{_SETTING_NAMES.get(key, key)} {_describe(key, old)}, not {_describe(key, new)}"
         raise StoreError(
             f"{store.root} was built with {what}: use the store's settings to add runs to it, "
             "or choose a new --out folder"
         )
+
+
+def accept_settings(store: Store, settings: dict, runs: int) -> None:
+    """:func:`check_settings` for a call that builds runs ``0 .. runs-1``, with one growth allowed: a store of
+    plain runs takes a warm start (``settings["warm_start"]``) for run ids past every run it holds, and
+    records it; a store with a warm start takes plain runs below its first warm run id."""
+    recorded, warm = store.settings, settings.get("warm_start")
+    old = (recorded or {}).get("warm_start")
+    plain = {k: v for k, v in settings.items() if k != "warm_start"}
+    if recorded is not None and warm is not None and old is None:
+        check_settings(store, plain)
+        last = max(store.run_ids() + store.dropped_ids(), default=-1)
+        if warm["from_run"] <= last:
+            raise StoreError(f"{store.root} holds runs up to id {last} that start from their inits: pass "
+                             f"--warm-from {last + 1} (or higher) to add warm-started runs after them, or choose a new --out folder")
+        store.record_settings(settings)
+    elif warm is None and old is not None and runs <= old["from_run"]:
+        check_settings(store, {**plain, "warm_start": old})
+    else:
+        check_settings(store, settings)
 
 
 def families() -> list[TaskFamily]:
@@ -81,20 +114,22 @@ def build_corpus(
     family.check(config)
     if data is None:
         data = task.load_data(config.data_root, download=config.download)
-    settings = family.settings(config)
+    device = torch.device(config.device)
+    eval_data = family.evaluation_data(data, config)
+    eval_data = eval_data.to(device) if hasattr(eval_data, "to") and device.type != "cpu" else eval_data
+    warm = None if config.warm_start is None else WarmStart.load(config.warm_start, task, config.warm_from,
+                                                                 eval_data, device=device)
+    settings = {**family.settings(config), **({"warm_start": warm.settings()} if warm else {})}
     if store is None:
         store = Store.create(config.out, task, settings=settings)
     if store.task_name != task.name:
         raise StoreError(f"{store.root} is a store of task {store.task_name!r}, not {task.name!r}")
-    check_settings(store, settings)
-    device = torch.device(config.device)
+    accept_settings(store, settings, config.runs)
     mine = [r for r in range(config.runs) if r % world_size == rank]
     todo = [r for r in mine if not store.is_done(r)]
     summary = CorpusSummary(skipped=len(mine) - len(todo))
     plans = family.plan(todo, config, data)
-    train = family.trainer(task, config, data, device)
-    eval_data = family.evaluation_data(data, config)
-    eval_data = eval_data.to(device) if hasattr(eval_data, "to") and device.type != "cpu" else eval_data
+    train = family.trainer(task, config, data, device, start=warm)
     info = {"rank": rank, "world_size": world_size, "device": str(device), "learned_opt": __version__}
     start = time.perf_counter()
     bar = tqdm(total=float(len(plans)), unit="run", desc=f"corpus {task.name}", dynamic_ncols=True,

@@ -10,7 +10,7 @@ from learned_opt.errors import LearnedOptError, StoreError
 from learned_opt.options import parse_device
 
 from ..store import Store
-from .build import build_corpus, check_settings, corpus_settings, family_for
+from .build import accept_settings, build_corpus, corpus_settings, family_for
 from .config import CorpusConfig
 from .gradients import STRATEGIES
 from .ppo_family import PPORanges
@@ -46,6 +46,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="supervised tasks: how the runs' gradients are computed together: the hand-written "
                              "ReLU-MLP path, torch.func vmap, or one torch.func call per run (default: auto, "
                              "the MLP path where it applies, else the faster of vmap and loop)")
+    parser.add_argument("--warm-start", default=None, metavar="GENERATOR",
+                        help="supervised tasks: start each run with id >= --warm-from from this generator's one "
+                             "best-prompt update of its init (a name or manifest path), recorded in the store; "
+                             "runs that go on from networks like those of periodic mode")
+    parser.add_argument("--warm-from", type=int, default=0, metavar="RUN_ID",
+                        help="with --warm-start: the first warm-started run id (default: 0); past a store's last "
+                             "run to add warm-started runs to a store of plain ones")
     parser.add_argument("--verify", action="store_true",
                         help="check every run file of --out against its checksums, name the corrupt runs, and exit "
                              "(status 1 if any is corrupt)")
@@ -76,7 +83,7 @@ def main(args: argparse.Namespace) -> int:
         batch_runs=args.batch_runs, seed=args.seed, epochs=args.epochs, gpt_recipe=args.gpt_recipe,
         device=args.device, train_examples=args.train_examples, checkpoints=args.checkpoints,
         progress=not args.no_progress, env_steps=args.env_steps, gradient=args.gradient,
-        eval_examples=args.eval_examples,
+        eval_examples=args.eval_examples, warm_start=args.warm_start, warm_from=args.warm_from,
     )
     config.validate()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -102,8 +109,9 @@ def main(args: argparse.Namespace) -> int:
         store, error = None, None
         if rank == 0:  # only rank 0 creates the store; the others open it once it exists
             try:
-                store = Store.create(config.out, task, settings=corpus_settings(config))
-                check_settings(store, corpus_settings(config))  # before anything is written
+                settings = corpus_settings(config)
+                store = Store.create(config.out, task, settings=settings)
+                accept_settings(store, settings, config.runs)  # before any run is written
                 store.clean_stale_temp()
                 store.verify()
             except LearnedOptError as exc:

@@ -64,5 +64,8 @@ class TaskFamily:
     def groups(self, plans: list, batch_runs: int) -> list[list]:
         raise NotImplementedError
 
-    def trainer(self, task: Task, config: CorpusConfig, data: Any, device: torch.device) -> Callable:
+    def trainer(self, task: Task, config: CorpusConfig, data: Any, device: torch.device,
+                start: Callable | None = None) -> Callable:
+        """``start``: where the runs begin instead of their inits (a :class:`~pretrain.corpus.warm.WarmStart`;
+        only families whose :meth:`check` accepts ``--warm-start`` get one)."""
         raise NotImplementedError

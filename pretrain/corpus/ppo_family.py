@@ -150,6 +150,8 @@ class PPOFamily(TaskFamily):
                 raise LearnedOptError(f"{flag} applies to classifier corpora; use --env-steps for {name}")
         if config.gpt_recipe:
             raise LearnedOptError(f"--gpt-recipe applies to classifier corpora, not to {name}")
+        if config.warm_start is not None:
+            raise LearnedOptError(f"--warm-start applies to classifier corpora; {name}'s runs start from their inits")
         shape = self.shape(config)
         if config.env_steps is not None and config.env_steps < shape.envs * shape.horizon:
             raise LearnedOptError(
@@ -198,5 +200,5 @@ class PPOFamily(TaskFamily):
             out.extend(group[i : i + batch_runs] for i in range(0, len(group), batch_runs))
         return out
 
-    def trainer(self, task: Task, config, data, device) -> Callable:
+    def trainer(self, task: Task, config, data, device, start=None) -> Callable:
         return lambda group, on_finish, on_progress: train_ppo_runs(task, group, on_finish, on_progress)

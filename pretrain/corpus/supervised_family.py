@@ -84,9 +84,10 @@ class SupervisedFamily(TaskFamily):
     def groups(self, plans: list[RunPlan], batch_runs: int) -> list[list[RunPlan]]:
         return _batches(plans, batch_runs)
 
-    def trainer(self, task: Task, config: CorpusConfig, data: Any, device: torch.device) -> Callable:
+    def trainer(self, task: Task, config: CorpusConfig, data: Any, device: torch.device,
+                start: Callable | None = None) -> Callable:
         train_x, train_y = _training_tensors(data, config.train_examples)
-        return BatchedTrainer(task, train_x, train_y, device, config.gradient).train
+        return BatchedTrainer(task, train_x, train_y, device, config.gradient, start).train
 
 
 def _batches(plans: list[RunPlan], size: int) -> list[list[RunPlan]]:

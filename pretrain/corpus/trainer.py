@@ -18,15 +18,17 @@ from .plan import RunPlan
 class BatchedTrainer:
     """Trains R runs of one supervised task and one batch size together, one batched step at a time.
 
-    Parameters of all runs live in one flat ``[R, P]`` tensor (the layout's order); each step's
+    Parameters of all runs live in one flat ``[R, P]`` tensor (the layout's order), starting from
+    the runs' inits (or where ``start`` moves them: :class:`~pretrain.corpus.warm.WarmStart`); each step's
     gradients come from :func:`~pretrain.corpus.gradients.batched_gradient` (a hand-written path
     for ReLU MLPs, ``torch.func`` for any other model), and the optimizers (PyTorch's SGD-Nesterov
     and Adam, L2 weight decay) update rows with per-run hyperparameters held as ``[R, 1]`` tensors.
     """
 
     def __init__(self, task: Task, train_x: torch.Tensor, train_y: torch.Tensor, device: torch.device | str = "cpu",
-                 gradient: str = "auto"):
+                 gradient: str = "auto", start: Callable[[torch.Tensor, list[RunPlan]], torch.Tensor] | None = None):
         self.task, self.layout = task, task.layout()
+        self.start = start  # (inits [R, P], plans) -> the runs' first parameters (a WarmStart), or None
         self.device = torch.device(device)
         self.gradient = batched_gradient(task, train_x.to(self.device), train_y.to(self.device), gradient)
 
@@ -51,6 +53,8 @@ class BatchedTrainer:
             return torch.tensor([[float(p.hparams[key])] for p in plans], device=dev)  # [R, 1]
 
         params = torch.stack([p.init(self.task) for p in plans]).to(dev)  # [R, P]
+        if self.start is not None:
+            params = self.start(params, plans)
         lr0, mom, wd = col("lr"), col("momentum"), col("weight_decay")
         epochs = col("epochs")
         beta2 = col("adam_beta2") if "adam_beta2" in plans[0].hparams else torch.full((R, 1), 0.999, device=dev)

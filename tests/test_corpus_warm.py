@@ -1,0 +1,95 @@
+"""Warm-started corpus runs: each starts from a generator's one update of its init (``--warm-start``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from learned_opt import cli, tasks
+from learned_opt.pretrained import load_generator
+from learned_opt.seeding import stream
+from pretrain.corpus import CorpusConfig, WarmStart, build_corpus, plan_runs
+from pretrain.corpus.warm import WARM_STREAM
+from pretrain.store import Store
+
+from test_corpus import _one_line_error, corpus_cli
+
+TINY = dict(epochs=1, train_examples=256, checkpoints=5, progress=False)
+
+
+def files(root) -> dict:
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def mlp_generator():
+    return load_generator("mnist-mlp")
+
+
+def test_warm_runs_start_from_the_generators_update_of_their_init(tmp_path, mnist_data, mlp_generator):
+    config = CorpusConfig(runs=3, out=str(tmp_path), batch_runs=3, warm_start="mnist-mlp", warm_from=1, **TINY)
+    assert build_corpus(config, data=mnist_data).written == 3
+    store, task = Store.open(tmp_path), tasks.get("mnist-mlp")
+    warm = store.settings["warm_start"]
+    assert warm["from_run"] == 1 and warm["sha256"] == mlp_generator.sha256 and warm["sampler"] == mlp_generator.sampling
+    plans = plan_runs([0, 1, 2], base_seed=0, num_examples=256, epochs=1, num_checkpoints=5)
+    inits = torch.stack([p.init(task) for p in plans])
+    first = torch.stack([store.read_run(r).params[0] for r in range(3)])
+    assert torch.equal(first[0], inits[0])  # below --warm-from: the init itself
+    metric = task.evaluate(inits[1:2], mnist_data)["test_loss"]
+    prompt = torch.tensor([warm["prompt"]])
+    expected = mlp_generator.sample(inits[1:2], metric, prompt, generator=stream(plans[1].seed, WARM_STREAM))[0]
+    torch.testing.assert_close(first[1], expected)
+    losses = [float(store.read_run(r).metrics["test_loss"][0]) for r in range(3)]
+    assert losses[0] > 2.0 and max(losses[1:]) < 0.5  # a random init against the generator's update of one
+
+
+def test_a_warm_start_does_not_depend_on_the_runs_beside_it(mnist_data, mlp_generator):
+    task = tasks.get("mnist-mlp")
+    plans = plan_runs([4, 5, 6], base_seed=0, num_examples=256, epochs=1, num_checkpoints=5)
+    inits = torch.stack([p.init(task) for p in plans])
+    start = WarmStart(mlp_generator, task, from_run=5, eval_data=mnist_data)
+    together = start(inits, plans)
+    alone = start(inits[2:], plans[2:])
+    assert torch.equal(together[0], inits[0]) and torch.equal(together[2], alone[0])
+    assert not torch.equal(together[1], together[2])  # each run its own noise
+
+
+def test_a_plain_store_takes_warm_runs_after_its_last_run_only(tmp_path, mnist_root, capsys):
+    out = tmp_path / "store"
+    assert cli.main(corpus_cli(out, mnist_root, "--runs", "2")) == 0
+    capsys.readouterr()
+    before = files(out)
+    assert cli.main(corpus_cli(out, mnist_root, "--runs", "3", "--warm-start", "mnist-mlp", "--warm-from", "1")) == 2
+    _one_line_error(capsys, "runs up to id 1", "--warm-from 2")
+    assert files(out) == before
+
+    assert cli.main(corpus_cli(out, mnist_root, "--runs", "3", "--warm-start", "mnist-mlp", "--warm-from", "2")) == 0
+    store = Store.open(out)
+    assert store.run_ids() == [0, 1, 2] and store.settings["warm_start"]["from_run"] == 2
+    assert float(store.read_run(2).metrics["test_loss"][0]) < 0.5
+    assert all(files(out)[p] == before[p] for p in before if p.name.startswith("run-"))  # plain runs untouched
+    capsys.readouterr()
+    assert cli.main(corpus_cli(out, mnist_root, "--runs", "2")) == 0  # the plain command still resumes
+    assert "2 already done" in capsys.readouterr().out
+    for extra, message in ((["--runs", "4"], "--warm-start mnist-mlp (sha256"),
+                           (["--runs", "4", "--warm-start", "mnist-mlp", "--warm-from", "3"], "from run 2, not mnist-mlp")):
+        assert cli.main(corpus_cli(out, mnist_root, *extra)) == 2
+        _one_line_error(capsys, message, "use the store's settings")
+    assert Store.open(out).run_ids() == [0, 1, 2]
+
+
+@pytest.mark.parametrize("task, generator, message", [
+    ("mnist-mlp", "cartpole-mlp", "another shape than task 'mnist-mlp'"),
+    ("mnist-mlp", "no-such-generator", "no-such-generator"),
+    ("cartpole-mlp", "cartpole-mlp", "--warm-start applies to classifier corpora"),
+])
+def test_a_warm_start_that_cannot_apply_fails_in_one_line(tmp_path, mnist_root, capsys, task, generator, message):
+    out = tmp_path / "s"
+    args = corpus_cli(out, mnist_root, "--runs", "1", "--warm-start", generator, "--task", task)
+    if task == "cartpole-mlp":
+        args = ["corpus", "--task", task, "--out", str(out), "--runs", "1", "--env-steps", "1024",
+                "--warm-start", generator, "--no-progress"]
+    assert cli.main(args) == 2
+    _one_line_error(capsys, message)
+    assert not (out / "runs").exists() or not any((out / "runs").iterdir())

@@ -1,0 +1,91 @@
+"""Where do runs that start from a generator's update end, beside runs that start from their init?
+
+    python benchmarks/warm_runs.py --store runs/mnist-corpus --out benchmarks/results/warm-runs-mnist
+
+Reads a store that holds both (built by ``learned-opt corpus`` and then ``--warm-start GEN
+--warm-from N``; docs/corpus.md). Both kinds draw their hyperparameters from the same ranges, each
+run from its own seed, so the two groups differ only in where they start. Per group and per number
+of epochs: runs, runs dropped, the median test error and loss at the first and the last
+checkpoint, and the ratio of the warm group's median final test error to the plain group's.
+Writes ``warm_runs.json`` and ``warm_runs.png`` (final test error per run against its epochs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from pretrain.evaluate.plots import save_figure
+from pretrain.store import Store
+
+
+def runs_by_start(store: Store, metric: str = "test_error") -> dict:
+    """``{"plain": [...], "warm": [...]}``: per run its epochs, optimizer and first/last metrics."""
+    warm = (store.settings or {}).get("warm_start")
+    if warm is None:
+        raise SystemExit(f"{store.root} records no warm start: add runs with `learned-opt corpus --warm-start`")
+    groups = {"plain": [], "warm": []}
+    for run_id in store.run_ids():
+        _, metrics = store.read_metrics(run_id)
+        _, hparams, _ = store.read_info(run_id)
+        groups["warm" if run_id >= warm["from_run"] else "plain"].append({
+            "run": run_id, "epochs": hparams["epochs"], "optimizer": hparams["optimizer"],
+            **{f"{name}_{where}": float(metrics[name][i]) for name in (metric, "test_loss")
+               for where, i in (("first", 0), ("last", -1))},
+        })
+    return groups
+
+
+def summary(runs: list[dict], dropped: int) -> dict:
+    med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
+    return {"runs": len(runs), "dropped": dropped, "test_error_first": med("test_error_first"),
+            "test_error_last": med("test_error_last"), "test_loss_first": med("test_loss_first"),
+            "test_loss_last": med("test_loss_last"), "best_test_error_last": min(r["test_error_last"] for r in runs)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    store = Store.open(args.store)
+    warm = store.settings["warm_start"] if store.settings else None
+    groups = runs_by_start(store)
+    dropped = [("warm" if r >= warm["from_run"] else "plain", store.read_dropped(r)["hparams"]["epochs"])
+               for r in store.dropped_ids()]
+    epochs = sorted({r["epochs"] for g in groups.values() for r in g})
+    result = {"store": Path(args.store).name, "warm_start": {k: warm[k] for k in ("generator", "sha256", "from_run")},
+              "all": {k: summary(g, sum(d == k for d, _ in dropped)) for k, g in groups.items()},
+              "by_epochs": {str(e): {k: summary([r for r in g if r["epochs"] == e], dropped.count((k, e)))
+                                     for k, g in groups.items()} for e in epochs},
+              "runs": groups}
+    result["ratio_final_test_error"] = result["all"]["warm"]["test_error_last"] / result["all"]["plain"]["test_error_last"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "warm_runs.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+
+    print(f"{'':>10} {'runs':>5} {'dropped':>7} {'error first':>11} {'error last':>10} {'loss last':>9}")
+    for label, rows in [("all", result["all"])] + [(f"{e} epochs", result["by_epochs"][str(e)]) for e in epochs]:
+        for kind, s in rows.items():
+            print(f"{label:>10} {kind:>5}: {s['runs']:>4} {s['dropped']:>7} {s['test_error_first']:>10.2f}% "
+                  f"{s['test_error_last']:>9.2f}% {s['test_loss_last']:>9.4f}")
+    print(f"warm / plain, median final test error: {result['ratio_final_test_error']:.3f}")
+
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for offset, (kind, rows) in zip((-0.8, 0.8), groups.items()):
+        ax.scatter([r["epochs"] + offset for r in rows], [r["test_error_last"] for r in rows], s=6, alpha=0.4,
+                   label=f"{kind} start ({len(rows)} runs)")
+        ax.plot([e + offset for e in epochs], [result["by_epochs"][str(e)][kind]["test_error_last"] for e in epochs],
+                marker="_", markersize=18, linestyle="none", color="black", label="medians" if offset > 0 else None)
+    ax.set(xlabel="epochs of the run", ylabel="final test error (%)", ylim=(4, 10), xticks=epochs,
+           title="Runs from their init and from the generator's update")
+    ax.legend()
+    save_figure(fig, out / "warm_runs.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -85,8 +85,11 @@ def build_manifest(
     metric_direction: str | None = None,
     input_normalization: Mapping | None = None,
     sampling: Mapping | None = None,
+    metric_range: tuple[float, float] | None = None,
 ) -> dict:
     """The manifest of a generator, without the weights' file name and hash.
+
+    ``metric_range`` (the prompts it may be given) defaults to the normalisation's ``[lo, hi]``.
 
     ``metric_direction`` defaults to the registered task's metric direction; ``input_normalization``
     (``{"mean": [...], "std": [...]}``, a supervised task's) is how the corpus's inputs were prepared;
@@ -107,7 +110,7 @@ def build_manifest(
         "num_params": layout.num_params,
         "metric": metric,
         "metric_direction": metric_direction,
-        "metric_range": [float(normalization.metric_lo), float(normalization.metric_hi)],
+        "metric_range": [float(v) for v in (metric_range or (normalization.metric_lo, normalization.metric_hi))],
         "best_prompt": float(best_prompt),
         "normalization": normalization.to_dict(),
         "tokenisation": tokenisation(layout),

@@ -18,6 +18,7 @@ from learned_opt.diffusion import Diffusion
 from learned_opt.layout import Layout
 from learned_opt.pretrained import load_generator, sha256_file
 from pretrain.dataset import PairDataset
+from pretrain.store import RunRecord, Store
 from pretrain.train import (
     CHECKPOINT_NAME,
     LOG_NAME,
@@ -619,3 +620,25 @@ def test_a_recipe_sets_its_options_and_the_command_line_overrides_them(tmp_path)
     assert (hinge.output_matching, hinge.label_hinge, hinge.late_fraction, hinge.steps) == (64.0, 64.0, 0.4, 2000)
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "--store", "s", "--out", "o", "--recipe", "nope"])
+
+
+def test_fine_tune_on_runs_past_its_sources_range_may_be_prompted_there(store_dir, source, tmp_path):
+    """Runs added to the corpus that reach a lower loss than any the source trained on (warm-started
+    runs) widen the prompts the fine-tune takes; its normalisation stays the source's."""
+    src = load_generator(source)
+    extended = tmp_path / "store"
+    shutil.copytree(store_dir, extended)
+    make_store(extended, runs=1, seed=5, first_run=50)  # metrics from 2.3 down: below the source's lowest...
+    store = Store.open(extended)
+    low = src.metric_range[0] / 2
+    record = store.read_run(50)
+    store.run_path(50).unlink()
+    store.write_run(50, RunRecord(record.params, record.steps, {k: v * 0 + low for k, v in record.metrics.items()},
+                                  record.hparams, seed=50))  # ...a run that stays at half the source's lowest loss
+    result = train(tiny(extended, tmp_path / "ft", steps=2, export=True, init_from=str(source)))
+    tuned = load_generator(result.manifest)
+    assert tuned.normalization == src.normalization
+    assert tuned.metric_range == pytest.approx((low, src.metric_range[1]))
+    assert tuned.best_prompt == pytest.approx(low)  # the task's ideal (a loss of 0), clamped to the range
+    # on the source's corpus the range is the normalisation's, as before
+    assert src.metric_range == (src.normalization.metric_lo, src.normalization.metric_hi)

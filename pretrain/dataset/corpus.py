@@ -35,6 +35,12 @@ class PairCorpus:
     param_std: float
     notes: list[str] = field(default_factory=list)
 
+    def metric_trained(self) -> list[float]:
+        """``[lo, hi]`` of the metric over every checkpoint of the training runs: the normalisation's
+        range for a fresh training; wider for a fine-tune on runs that reach past its source's."""
+        values = [self.train.metric_values[r] for r in self.train.run_ids]
+        return [min(float(v.min()) for v in values), max(float(v.max()) for v in values)]
+
     def summary(self) -> dict:
         """The corpus summary recorded in checkpoints and manifests."""
         return {
@@ -53,6 +59,7 @@ class PairCorpus:
             "dropped_runs": len(self.store.dropped_ids()),
             "param_std": self.param_std,
             "metric_range": [self.normalization.metric_lo, self.normalization.metric_hi],
+            "metric_trained": self.metric_trained(),
             "max_gap": self.config.max_gap,
             "augment": self.config.augment,
             "init_fraction": self.config.init_fraction,

@@ -25,6 +25,15 @@ def portable_command(command: str) -> str:
     return shlex.join(parts)
 
 
+def prompt_range(norm: Normalization, corpus: dict) -> tuple[float, float]:
+    """The metric values a generator may be prompted with: its normalisation's range, widened to the
+    metric values of the runs it trained on (``corpus["metric_trained"]``), which a fine-tune on runs
+    that reach past its source's corpus (e.g. warm-started runs, docs/corpus.md) extends."""
+    lo, hi = norm.metric_lo, norm.metric_hi
+    seen = corpus.get("metric_trained")
+    return (min(lo, float(seen[0])), max(hi, float(seen[1]))) if seen else (lo, hi)
+
+
 def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                       name: str | None = None) -> Path:
     """Export a training checkpoint's EMA weights as ``{name}.safetensors`` + ``{name}.json``."""
@@ -90,9 +99,10 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
     if state.get("init_from"):
         training["init_from"] = state["init_from"]
     norm = Normalization(**state["normalization"])
+    lo, hi = prompt_range(norm, corpus)
     # the task's ideal (a loss of 0, a return of 500) within what the corpus reached: G.pt's "best"
     # prompt, and a default that GptOptimizer need not clamp
-    best = min(max(task.metric(corpus["metric"]).best_prompt, norm.metric_lo), norm.metric_hi)
+    best = min(max(task.metric(corpus["metric"]).best_prompt, lo), hi)
     return save_generator(
         Path(out_dir) if out_dir is not None else path.parent,
         name or state.get("name") or corpus["task"],  # the task's name: what the generator is for
@@ -102,6 +112,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
         task=corpus["task"],
         metric=corpus["metric"],
         best_prompt=best,
+        metric_range=(lo, hi),
         metric_direction=task.metric(corpus["metric"]).direction,
         corpus=corpus,
         training=training,

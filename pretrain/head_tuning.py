@@ -235,7 +235,7 @@ def tune_head(config: HeadTuneConfig) -> dict:
     training = {**m.get("training", {}), "head_tuning": record}
     written = save_generator(
         config.out, config.name or gen.name, gen.model, gen.diffusion.config, gen.normalization,
-        task=m["task"], metric=metric, best_prompt=gen.best_prompt, metric_direction=direction,
+        task=m["task"], metric=metric, best_prompt=gen.best_prompt, metric_range=gen.metric_range, metric_direction=direction,
         corpus=m.get("corpus"), training=training, extra=m.get("extra"),
         input_normalization=m.get("input_normalization"), sampling=m.get("sampling"),
     )

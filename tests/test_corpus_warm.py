@@ -10,6 +10,7 @@ from learned_opt.pretrained import load_generator
 from learned_opt.seeding import stream
 from pretrain.corpus import CorpusConfig, WarmStart, build_corpus, plan_runs
 from pretrain.corpus.warm import WARM_STREAM
+from learned_opt.errors import StoreError
 from pretrain.store import Store
 
 from test_corpus import _one_line_error, corpus_cli
@@ -92,4 +93,14 @@ def test_a_warm_start_that_cannot_apply_fails_in_one_line(tmp_path, mnist_root, 
                 "--warm-start", generator, "--no-progress"]
     assert cli.main(args) == 2
     _one_line_error(capsys, message)
-    assert not (out / "runs").exists() or not any((out / "runs").iterdir())
+    assert not out.exists()
+
+
+def test_warm_from_without_a_generator_and_a_hand_made_store_are_refused(tmp_path, mnist_root, mnist_data, capsys):
+    assert cli.main(corpus_cli(tmp_path / "s", mnist_root, "--runs", "1", "--warm-from", "3")) == 2
+    _one_line_error(capsys, "--warm-from 3 needs --warm-start")
+    Store.create(tmp_path / "hand", "mnist-mlp")  # no recorded settings: which runs are warm could not be kept
+    config = CorpusConfig(runs=1, out=str(tmp_path / "hand"), warm_start="mnist-mlp", **TINY)
+    with pytest.raises(StoreError, match="records no corpus settings"):
+        build_corpus(config, data=mnist_data)
+    assert Store.open(tmp_path / "hand").run_ids() == []

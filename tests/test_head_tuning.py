@@ -89,6 +89,8 @@ def test_tune_head_end_to_end_writes_a_generator_that_differs_only_in_its_head(m
     manifest = save_tiny_mnist_generator(tmp_path / "gen", property_head=True)
     source = json.loads(manifest.read_text())
     source["sampling"] = {"method": "ddim", "steps": 2, "t_min": 10}
+    lo, hi = source["metric_range"]  # a fine-tune's prompt range, wider than its normalisation's
+    source["metric_range"], source["best_prompt"] = [lo / 2, hi], lo / 2
     manifest.write_text(json.dumps(source))
     out = tmp_path / "tuned"
     code = cli_main(["tune-head", "--generator", str(manifest), "--data-root", str(mnist_root), "--out", str(out),
@@ -99,6 +101,7 @@ def test_tune_head_end_to_end_writes_a_generator_that_differs_only_in_its_head(m
     assert "within-group Spearman" in printed and "test_error, head picks" in printed
     tuned = load_generator(out / "tuned.json")
     assert tuned.sampling["steps"] == 2 and tuned.sampling["t_min"] == 10  # the source's sampler carried over
+    assert tuned.metric_range == (lo / 2, hi) and tuned.best_prompt == lo / 2  # and its prompt range
     record = tuned.manifest["training"]["head_tuning"]
     assert record["source"]["sha256"] == source["weights_sha256"] and record["config"]["groups"] == 6
     a, b = load_file(str(manifest.with_suffix(".safetensors"))), load_file(str(out / "tuned.safetensors"))

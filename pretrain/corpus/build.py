@@ -70,6 +70,9 @@ def accept_settings(store: Store, settings: dict, runs: int) -> None:
     recorded, warm = store.settings, settings.get("warm_start")
     old = (recorded or {}).get("warm_start")
     plain = {k: v for k, v in settings.items() if k != "warm_start"}
+    if recorded is None and warm is not None:
+        raise StoreError(f"{store.root} records no corpus settings (a store made by hand): --warm-start needs a store "
+                         "built by `learned-opt corpus`, which records which runs start warm; choose a new --out folder")
     if recorded is not None and warm is not None and old is None:
         check_settings(store, plain)
         last = max(store.run_ids() + store.dropped_ids(), default=-1)

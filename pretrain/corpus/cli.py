@@ -111,9 +111,9 @@ def main(args: argparse.Namespace) -> int:
             try:
                 settings = corpus_settings(config)
                 store = Store.create(config.out, task, settings=settings)
-                accept_settings(store, settings, config.runs)  # before any run is written
                 store.clean_stale_temp()
                 store.verify()
+                accept_settings(store, settings, config.runs)  # before any run is written
             except LearnedOptError as exc:
                 error = str(exc)
         if distributed:

@@ -51,6 +51,9 @@ class CorpusConfig:
                 raise ConfigError(f"{option} {value:,} is more than this builder plans: at most {ceiling:,} "
                                   "(every run is planned, with all its steps, before training starts)")
         check_seed(self.seed, max(self.runs, 1))  # run r has seed SEED + r
+        if self.warm_from and self.warm_start is None:
+            raise ConfigError(f"--warm-from {self.warm_from} needs --warm-start GENERATOR: the generator whose update "
+                              "starts those runs")
 
 
 @dataclass

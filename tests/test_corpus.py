@@ -17,8 +17,8 @@ import torch
 from learned_opt import cli, tasks
 from learned_opt.errors import StoreError
 from pretrain.corpus import (
-    ADAM, GPT_RECIPE, SGD, BatchedTrainer, CorpusConfig, HParamRanges, RunPlan, build_corpus, sample_hparams,
-    train_run_reference,
+    ADAM, GPT_RECIPE, SGD, BatchedTrainer, CorpusConfig, HParamRanges, RunPlan, SupervisedFamily, build_corpus,
+    sample_hparams, train_run_reference,
 )
 from learned_opt.seeding import checkpoint_steps
 from pretrain.store import RunRecord, Store
@@ -320,3 +320,23 @@ def test_torchrun_shards_runs_across_ranks_into_one_store(tmp_path, mnist_root):
         assert info["world_size"] == 2 and info["rank"] == r % 2  # each run written by its owner only
     assert "[rank 0]" in proc.stdout and "[rank 1]" in proc.stdout
     assert not list((out / "runs").glob(".*.tmp"))
+
+
+def test_eval_on_validation_measures_held_out_training_images_that_runs_never_train_on(tmp_path, mnist_data, mnist_root,
+                                                                                       capsys):
+    task = tasks.get("mnist-mlp")
+    config = CorpusConfig(runs=1, out=str(tmp_path / "s"), eval_on="validation", epochs=1, train_examples=256,
+                          checkpoints=4, progress=False)
+    assert build_corpus(config, data=mnist_data).written == 1
+    store = Store.open(tmp_path / "s")
+    assert store.settings["eval_on"] == "validation"
+    run = store.read_run(0)
+    val = task.validation_data(mnist_data)
+    torch.testing.assert_close(run.metrics["test_loss"], task.evaluate(run.params, val)["test_loss"])
+    assert not torch.allclose(run.metrics["test_loss"], task.evaluate(run.params, mnist_data)["test_loss"])
+    whole = CorpusConfig(runs=1, out="unused", eval_on="validation")
+    assert SupervisedFamily().plan([0], whole, mnist_data)[0].num_examples == 55_000  # the held-out 5,000 are not trained on
+    assert SupervisedFamily().plan([0], CorpusConfig(runs=1, out="unused"), mnist_data)[0].num_examples == 60_000
+    # the test set's store is another corpus: resuming without the option is refused
+    assert cli.main(corpus_cli(tmp_path / "s", mnist_root, "--runs", "2", "--checkpoints", "4")) == 2
+    _one_line_error(capsys, "--eval-on validation, not unset")

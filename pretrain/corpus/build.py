@@ -31,7 +31,7 @@ def corpus_settings(config: CorpusConfig) -> dict:
 
 _SETTING_NAMES = {"seed": "--seed", "epochs": "--epochs", "gpt_recipe": "--gpt-recipe",
                   "train_examples": "--train-examples", "checkpoints": "--checkpoints", "env_steps": "--env-steps",
-                  "eval_examples": "--eval-examples", "warm_start": "--warm-start"}
+                  "eval_examples": "--eval-examples", "eval_on": "--eval-on", "warm_start": "--warm-start"}
 
 
 def _describe(key: str, value) -> str:

@@ -37,6 +37,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="supervised tasks: evaluate every saved checkpoint on the first N test examples and "
                              "the first N training examples only, recorded in the store (default: the whole test set "
                              "and the task's train_loss examples); for models whose evaluation outweighs training")
+    parser.add_argument("--eval-on", choices=("test", "validation"), default="test",
+                        help="supervised tasks: measure every checkpoint on the test set (default) or on the task's "
+                             "validation split (MNIST: the last 5,000 training images), which the runs then never "
+                             "train on: the held-out metric that GptOptimizer's guard and `bench --mode periodic` measure")
     parser.add_argument("--env-steps", type=int, default=None,
                         help="control tasks: environment steps of every run (default: drawn from 25k/50k/100k)")
     parser.add_argument("--lr-range", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
@@ -83,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
         batch_runs=args.batch_runs, seed=args.seed, epochs=args.epochs, gpt_recipe=args.gpt_recipe,
         device=args.device, train_examples=args.train_examples, checkpoints=args.checkpoints,
         progress=not args.no_progress, env_steps=args.env_steps, gradient=args.gradient,
-        eval_examples=args.eval_examples, warm_start=args.warm_start, warm_from=args.warm_from,
+        eval_examples=args.eval_examples, eval_on=args.eval_on, warm_start=args.warm_start, warm_from=args.warm_from,
     )
     config.validate()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -37,6 +37,7 @@ class CorpusConfig:
     ranges: HParamRanges | None = None  # supervised: None takes the task's corpus_ranges (or the defaults)
     gradient: str = "auto"  # supervised: how batched gradients are computed (pretrain.corpus.gradients)
     eval_examples: int | None = None  # supervised: checkpoints evaluated on the first N test (and training) examples
+    eval_on: str = "test"  # supervised: "validation" measures the task's validation split, which runs then never train on
     warm_start: str | None = None  # supervised: a generator whose one update of each init starts the run (warm.py)
     warm_from: int = 0  # with warm_start: the first run id that starts warm
     progress: bool = True

@@ -150,6 +150,8 @@ class PPOFamily(TaskFamily):
                 raise LearnedOptError(f"{flag} applies to classifier corpora; use --env-steps for {name}")
         if config.gpt_recipe:
             raise LearnedOptError(f"--gpt-recipe applies to classifier corpora, not to {name}")
+        if config.eval_on != "test":
+            raise LearnedOptError(f"--eval-on applies to classifier corpora; {name}'s return is measured on fixed episodes")
         if config.warm_start is not None:
             raise LearnedOptError(f"--warm-start applies to classifier corpora; {name}'s runs start from their inits")
         shape = self.shape(config)

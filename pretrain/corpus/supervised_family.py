@@ -32,7 +32,14 @@ def _settings(config: CorpusConfig) -> dict:
         "checkpoints": config.checkpoints,
         "ranges": json.loads(json.dumps(asdict(corpus_ranges(config)))),
         **({"eval_examples": config.eval_examples} if config.eval_examples is not None else {}),
+        **({"eval_on": config.eval_on} if config.eval_on != "test" else {}),
     }
+
+
+def _split(data: Any, config: CorpusConfig) -> Any:
+    """The data the runs see: the task's own, or with ``--eval-on validation`` its validation split
+    (training examples held out in place of the test set; the runs train on the rest)."""
+    return tasks.get(config.task).validation_data(data) if config.eval_on == "validation" else data
 
 
 def _training_tensors(data: Any, limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,12 +70,16 @@ class SupervisedFamily(TaskFamily):
             raise LearnedOptError("--lr-range applies to control tasks; a supervised task's ranges are its corpus_ranges")
         if config.eval_examples is not None and config.eval_examples < 1:
             raise LearnedOptError(f"--eval-examples must be >= 1, got {config.eval_examples}")
+        if config.eval_on not in ("test", "validation"):
+            raise LearnedOptError(f"--eval-on takes test or validation, got {config.eval_on!r}")
 
     def evaluation_data(self, data: Any, config: CorpusConfig) -> Any:
         """With ``--eval-examples N``: the first N test examples, and the first N training examples
         for ``train_loss`` (evaluating 200 checkpoints of a CNN on the whole test set can cost more
-        than training the run)."""
-        n = config.eval_examples
+        than training the run); with ``--eval-on validation``, the task's validation split in place of
+        the test set (MNIST: the last 5,000 training images), the metric that periodic mode's guard
+        measures."""
+        data, n = _split(data, config), config.eval_examples
         if n is None:
             return data
         return type(data)(data.train_x[:n], data.train_y[:n], data.test_x[:n], data.test_y[:n])
@@ -77,7 +88,7 @@ class SupervisedFamily(TaskFamily):
         return _settings(config)
 
     def plan(self, run_ids: Sequence[int], config: CorpusConfig, data: Any) -> list[RunPlan]:
-        num_examples = len(_training_tensors(data, config.train_examples)[0])
+        num_examples = len(_training_tensors(_split(data, config), config.train_examples)[0])
         return plan_runs(run_ids, base_seed=config.seed, num_examples=num_examples, ranges=corpus_ranges(config),
                          gpt_recipe=config.gpt_recipe, epochs=config.epochs, num_checkpoints=config.checkpoints)
 
@@ -86,7 +97,7 @@ class SupervisedFamily(TaskFamily):
 
     def trainer(self, task: Task, config: CorpusConfig, data: Any, device: torch.device,
                 start: Callable | None = None) -> Callable:
-        train_x, train_y = _training_tensors(data, config.train_examples)
+        train_x, train_y = _training_tensors(_split(data, config), config.train_examples)
         return BatchedTrainer(task, train_x, train_y, device, config.gradient, start).train
 
 

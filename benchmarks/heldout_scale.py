@@ -25,6 +25,7 @@ import torch
 
 from learned_opt import tasks
 from learned_opt.pretrained import load_generator
+from pretrain.sampling import best_prompt_updates
 
 GRID = (100, 500, 1000, 2000, 3000, 5000, 8000, 11700)
 
@@ -46,8 +47,7 @@ def follow(task, gen, data, val, seed: int, steps: int) -> dict[int, dict[str, f
         if step == 100:
             flat = layout.flatten_module(model)[None]
             metric = task.evaluate(flat, val)[gen.metric_name]
-            prompt = torch.tensor([min(max(gen.best_prompt, gen.metric_range[0]), gen.metric_range[1])])
-            new = gen.sample(flat, metric, prompt, generator=torch.Generator().manual_seed(seed))
+            new = best_prompt_updates(gen, flat, metric, 1, torch.Generator().manual_seed(seed))
             layout.load_into(new[0], list(model.parameters()))
         if step in GRID:
             flat = layout.flatten_module(model)[None]

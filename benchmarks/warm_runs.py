@@ -21,16 +21,13 @@ from pretrain.evaluate.plots import save_figure
 from pretrain.store import Store
 
 
-def runs_by_start(store: Store, metric: str = "test_error") -> dict:
+def runs_by_start(store: Store, from_run: int, metric: str = "test_error") -> dict:
     """``{"plain": [...], "warm": [...]}``: per run its epochs, optimizer and first/last metrics."""
-    warm = (store.settings or {}).get("warm_start")
-    if warm is None:
-        raise SystemExit(f"{store.root} records no warm start: add runs with `learned-opt corpus --warm-start`")
     groups = {"plain": [], "warm": []}
     for run_id in store.run_ids():
         _, metrics = store.read_metrics(run_id)
         _, hparams, _ = store.read_info(run_id)
-        groups["warm" if run_id >= warm["from_run"] else "plain"].append({
+        groups["warm" if run_id >= from_run else "plain"].append({
             "run": run_id, "epochs": hparams["epochs"], "optimizer": hparams["optimizer"],
             **{f"{name}_{where}": float(metrics[name][i]) for name in (metric, "test_loss")
                for where, i in (("first", 0), ("last", -1))},
@@ -51,8 +48,10 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     store = Store.open(args.store)
-    warm = store.settings["warm_start"] if store.settings else None
-    groups = runs_by_start(store)
+    warm = (store.settings or {}).get("warm_start")
+    if warm is None:
+        raise SystemExit(f"{store.root} records no warm start: add runs with `learned-opt corpus --warm-start`")
+    groups = runs_by_start(store, warm["from_run"])
     dropped = [("warm" if r >= warm["from_run"] else "plain", store.read_dropped(r)["hparams"]["epochs"])
                for r in store.dropped_ids()]
     epochs = sorted({r["epochs"] for g in groups.values() for r in g})

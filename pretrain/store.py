@@ -48,7 +48,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import time
 import weakref
 from pathlib import Path
 from typing import Sequence
@@ -63,7 +62,7 @@ from learned_opt.layout import Signature, signature_from_json, signature_to_json
 from learned_opt.tasks import Task
 
 from .runfile import CHECKSUMS_KEY, METRIC_PREFIX, RunHeader, RunRecord, checksums, read_header, record_tensors
-from .store_lock import acquire_writer, check_writable
+from .store_lock import acquire_writer, check_writable, remove_stale_temp
 from .store_meta import STORE_FILE, STORE_FORMAT_VERSION, json_bytes, read_meta, write_settings
 from .store_stats import cached_stats, write_index
 
@@ -347,16 +346,7 @@ class Store:
 
     def clean_stale_temp(self, older_than_s: float = 600.0) -> int:
         """Remove temporary files left by killed writers (older than ``older_than_s``); returns the count."""
-        removed, now = 0, time.time()
-        for sub in (self.root, self.root / RUNS_DIR, self.root / DROPPED_DIR):
-            for p in sub.glob(".*.tmp"):
-                try:
-                    if now - p.stat().st_mtime > older_than_s:
-                        p.unlink()
-                        removed += 1
-                except FileNotFoundError:
-                    pass
-        return removed
+        return remove_stale_temp((self.root, self.root / RUNS_DIR, self.root / DROPPED_DIR), older_than_s)
 
     # ------------------------------------------------------------------ statistics and index
 

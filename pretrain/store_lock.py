@@ -17,6 +17,7 @@ import functools
 import os
 import tempfile
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -109,3 +110,18 @@ def _read_pid(fd: int) -> str:
 
 def _nothing() -> None:
     return None
+
+
+def remove_stale_temp(folders, older_than_s: float) -> int:
+    """Remove the hidden ``.*.tmp`` files that killed writers left in ``folders`` (older than
+    ``older_than_s``); returns the count."""
+    removed, now = 0, time.time()
+    for folder in folders:
+        for p in Path(folder).glob(".*.tmp"):
+            try:
+                if now - p.stat().st_mtime > older_than_s:
+                    p.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                pass
+    return removed

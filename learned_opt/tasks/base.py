@@ -258,4 +258,3 @@ def _no_labels(name: str) -> ConfigError:
     """The error of a task without labels asked for :meth:`Task.matching_labels` or :meth:`Task.excess_loss`."""
     return ConfigError(f"task {name!r} has no labels to compare networks' losses on; train its generators "
                        f"without --label-hinge")
-

@@ -48,12 +48,17 @@ class WarmStart:
     def load(cls, source: str, task: Task, from_run: int, eval_data: Any = None, device: str | None = None) -> "WarmStart":
         return cls(load_generator(source, device=device), task, from_run, eval_data)
 
+    @property
+    def prompt(self) -> float:
+        """The generator's best prompt, within its metric range."""
+        lo, hi = self.generator.metric_range
+        return min(max(self.generator.best_prompt, lo), hi)
+
     def settings(self) -> dict:
         """What the store records: which runs start warm, from which generator, prompted how."""
         gen = self.generator
-        lo, hi = gen.metric_range
         return {"from_run": self.from_run, "generator": gen.name, "sha256": gen.sha256,
-                "prompt": min(max(gen.best_prompt, lo), hi), "sampler": dict(gen.sampling)}
+                "prompt": self.prompt, "sampler": dict(gen.sampling)}
 
     def __call__(self, params: torch.Tensor, plans: Sequence[Any]) -> torch.Tensor:
         rows = [i for i, p in enumerate(plans) if p.run_id >= self.from_run]
@@ -63,7 +68,7 @@ class WarmStart:
         inits = params[rows].to(gen.device, torch.float32)
         with torch.random.fork_rng(devices=[]):  # an evaluation that builds modules leaves the caller's RNG alone
             metric = self.task.evaluate(inits, self.eval_data)[gen.metric_name].float()
-        prompt = torch.full((1,), self.settings()["prompt"], device=gen.device)
+        prompt = torch.full((1,), self.prompt, device=gen.device)
         out = params.clone()
         for k, i in enumerate(rows):  # one sample per run, from the run's own noise: a start never depends on its batch
             noise = stream(plans[i].seed, WARM_STREAM)

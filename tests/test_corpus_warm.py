@@ -45,6 +45,27 @@ def test_warm_runs_start_from_the_generators_update_of_their_init(tmp_path, mnis
     assert losses[0] > 2.0 and max(losses[1:]) < 0.5  # a random init against the generator's update of one
 
 
+def test_warm_runs_can_record_their_init_as_the_first_checkpoint(tmp_path, mnist_data):
+    common = dict(runs=2, batch_runs=2, warm_start="mnist-mlp", warm_from=1, **TINY)
+    build_corpus(CorpusConfig(out=str(tmp_path / "start"), **common), data=mnist_data)
+    build_corpus(CorpusConfig(out=str(tmp_path / "init"), warm_first="init", **common), data=mnist_data)
+    start, init = Store.open(tmp_path / "start"), Store.open(tmp_path / "init")
+    assert "first_checkpoint" not in start.settings["warm_start"]  # stores made before the option still resume
+    assert init.settings["warm_start"]["first_checkpoint"] == "init"
+    task = tasks.get("mnist-mlp")
+    inits = torch.stack([p.init(task) for p in plan_runs([0, 1], base_seed=0, num_examples=256, epochs=1,
+                                                          num_checkpoints=5)])
+    for r in (0, 1):
+        a, b = start.read_run(r), init.read_run(r)
+        assert torch.equal(b.params[0], inits[r]) and torch.equal(a.params[1:], b.params[1:])  # the same training
+    assert torch.equal(start.read_run(0).params[0], inits[0]) and not torch.equal(start.read_run(1).params[0], inits[1])
+    loss = init.read_run(1).metrics["test_loss"]
+    assert loss[0] > 2.0 and loss[1] < 0.5  # the jump from a random init, then training on
+    with pytest.raises(StoreError, match="first checkpoint the init, not mnist-mlp .* from run 1: use the store's"):
+        build_corpus(CorpusConfig(out=str(tmp_path / "init"), **{**common, "runs": 3}), data=mnist_data)
+    assert init.run_ids() == [0, 1]
+
+
 def test_a_warm_start_does_not_depend_on_the_runs_beside_it(mnist_data, mlp_generator):
     task = tasks.get("mnist-mlp")
     plans = plan_runs([4, 5, 6], base_seed=0, num_examples=256, epochs=1, num_checkpoints=5)
@@ -99,6 +120,9 @@ def test_a_warm_start_that_cannot_apply_fails_in_one_line(tmp_path, mnist_root, 
 def test_warm_from_without_a_generator_and_a_hand_made_store_are_refused(tmp_path, mnist_root, mnist_data, capsys):
     assert cli.main(corpus_cli(tmp_path / "s", mnist_root, "--runs", "1", "--warm-from", "3")) == 2
     _one_line_error(capsys, "--warm-from 3 needs --warm-start")
+    assert cli.main(corpus_cli(tmp_path / "s", mnist_root, "--runs", "1", "--warm-first-checkpoint", "init")) == 2
+    _one_line_error(capsys, "--warm-first-checkpoint init needs --warm-start")
+    assert not (tmp_path / "s").exists()
     Store.create(tmp_path / "hand", "mnist-mlp")  # no recorded settings: which runs are warm could not be kept
     config = CorpusConfig(runs=1, out=str(tmp_path / "hand"), warm_start="mnist-mlp", **TINY)
     with pytest.raises(StoreError, match="records no corpus settings"):

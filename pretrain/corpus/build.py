@@ -25,7 +25,8 @@ def corpus_settings(config: CorpusConfig) -> dict:
     task = tasks.get(config.task)
     settings = family_for(task).settings(config)
     if config.warm_start is not None:
-        settings["warm_start"] = WarmStart.load(config.warm_start, task, config.warm_from).settings()
+        settings["warm_start"] = WarmStart.load(config.warm_start, task, config.warm_from,
+                                                first_checkpoint=config.warm_first).settings()
     return settings
 
 
@@ -38,7 +39,8 @@ def _describe(key: str, value) -> str:
     if value is None:
         return "unset"
     if key == "warm_start" and isinstance(value, dict):
-        return f"{value.get('generator')} (sha256 {str(value.get('sha256'))[:12]}…) from run {value.get('from_run')}"
+        first = f", first checkpoint the {value['first_checkpoint']}" if value.get("first_checkpoint") else ""
+        return f"{value.get('generator')} (sha256 {str(value.get('sha256'))[:12]}…) from run {value.get('from_run')}{first}"
     return str(value)
 
 
@@ -121,7 +123,8 @@ def build_corpus(
     eval_data = family.evaluation_data(data, config)
     eval_data = eval_data.to(device) if hasattr(eval_data, "to") and device.type != "cpu" else eval_data
     warm = None if config.warm_start is None else WarmStart.load(config.warm_start, task, config.warm_from,
-                                                                 eval_data, device=device)
+                                                                 eval_data, device=device,
+                                                                 first_checkpoint=config.warm_first)
     settings = {**family.settings(config), **({"warm_start": warm.settings()} if warm else {})}
     if store is None:
         store = Store.create(config.out, task, settings=settings)

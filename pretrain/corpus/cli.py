@@ -11,7 +11,7 @@ from learned_opt.options import parse_device
 
 from ..store import Store
 from .build import accept_settings, build_corpus, corpus_settings, family_for
-from .config import CorpusConfig
+from .config import WARM_FIRST, CorpusConfig
 from .gradients import STRATEGIES
 from .ppo_family import PPORanges
 
@@ -57,6 +57,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warm-from", type=int, default=0, metavar="RUN_ID",
                         help="with --warm-start: the first warm-started run id (default: 0); past a store's last "
                              "run to add warm-started runs to a store of plain ones")
+    parser.add_argument("--warm-first-checkpoint", choices=WARM_FIRST, default="start",
+                        help="with --warm-start: what a warm run's first checkpoint holds: 'start', the generator's "
+                             "update (default), or 'init', the seeded init it was made from, so that pairs from the "
+                             "init teach one jump to where the warm runs end")
     parser.add_argument("--verify", action="store_true",
                         help="check every run file of --out against its checksums, name the corrupt runs, and exit "
                              "(status 1 if any is corrupt)")
@@ -88,6 +92,7 @@ def main(args: argparse.Namespace) -> int:
         device=args.device, train_examples=args.train_examples, checkpoints=args.checkpoints,
         progress=not args.no_progress, env_steps=args.env_steps, gradient=args.gradient,
         eval_examples=args.eval_examples, eval_on=args.eval_on, warm_start=args.warm_start, warm_from=args.warm_from,
+        warm_first=args.warm_first_checkpoint,
     )
     config.validate()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

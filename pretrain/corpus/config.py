@@ -13,6 +13,9 @@ from .plan import HParamRanges
 
 
 # Ceilings of a plan, checked before anything is planned or allocated:
+# what a warm-started run's first checkpoint holds: the generator's update it starts from, or the
+# seeded init that update was made from (pairs from it then teach one jump to where warm runs end)
+WARM_FIRST = ("start", "init")
 MAX_RUNS = 1_000_000  # every run's plan (seed, hyperparameters, checkpoint steps) is made before training starts
 MAX_EPOCHS = 10_000  # a run's checkpoint steps are drawn from a permutation of all its steps: 10,000 epochs of
                      # 60,000 examples at batch 32 are already 18.75 million steps (150 MB per run)
@@ -40,6 +43,7 @@ class CorpusConfig:
     eval_on: str = "test"  # supervised: "validation" measures the task's validation split, which runs then never train on
     warm_start: str | None = None  # supervised: a generator whose one update of each init starts the run (warm.py)
     warm_from: int = 0  # with warm_start: the first run id that starts warm
+    warm_first: str = "start"  # with warm_start: what a warm run's first checkpoint holds, "start" or "init"
     progress: bool = True
     env_steps: int | None = None  # control: overrides every run's environment steps
     ppo_ranges: Any = None  # control: a PPORanges (None: the task's corpus_ranges or the defaults)
@@ -55,6 +59,11 @@ class CorpusConfig:
         if self.warm_from and self.warm_start is None:
             raise ConfigError(f"--warm-from {self.warm_from} needs --warm-start GENERATOR: the generator whose update "
                               "starts those runs")
+        if self.warm_first not in WARM_FIRST:
+            raise ConfigError(f"--warm-first-checkpoint must be one of {', '.join(WARM_FIRST)}, got {self.warm_first!r}")
+        if self.warm_first != "start" and self.warm_start is None:
+            raise ConfigError(f"--warm-first-checkpoint {self.warm_first} needs --warm-start GENERATOR: only warm runs "
+                              "have a start that differs from their init")
 
 
 @dataclass

@@ -13,6 +13,7 @@ from learned_opt.tasks import Task
 from .family import FinishedRun, bad_rows
 from .gradients import batched_gradient
 from .plan import RunPlan
+from .warm import WarmStart
 
 
 class BatchedTrainer:
@@ -26,9 +27,9 @@ class BatchedTrainer:
     """
 
     def __init__(self, task: Task, train_x: torch.Tensor, train_y: torch.Tensor, device: torch.device | str = "cpu",
-                 gradient: str = "auto", start: Callable[[torch.Tensor, list[RunPlan]], torch.Tensor] | None = None):
+                 gradient: str = "auto", start: WarmStart | None = None):
         self.task, self.layout = task, task.layout()
-        self.start = start  # (inits [R, P], plans) -> the runs' first parameters (a WarmStart), or None
+        self.start = start  # (inits [R, P], plans) -> the runs' first parameters, and what checkpoint 0 records
         self.device = torch.device(device)
         self.gradient = batched_gradient(task, train_x.to(self.device), train_y.to(self.device), gradient)
 
@@ -53,8 +54,10 @@ class BatchedTrainer:
             return torch.tensor([[float(p.hparams[key])] for p in plans], device=dev)  # [R, 1]
 
         params = torch.stack([p.init(self.task) for p in plans]).to(dev)  # [R, P]
+        first = params  # what checkpoint 0 records
         if self.start is not None:
-            params = self.start(params, plans)
+            inits, params = params, self.start(params, plans)
+            first = self.start.first_checkpoints(inits, params)
         lr0, mom, wd = col("lr"), col("momentum"), col("weight_decay")
         epochs = col("epochs")
         beta2 = col("adam_beta2") if "adam_beta2" in plans[0].hparams else torch.full((R, 1), 0.999, device=dev)
@@ -75,12 +78,13 @@ class BatchedTrainer:
 
         row = {p.run_id: i for i, p in enumerate(active)}  # run id -> row of params, while active
 
-        def save(t: int) -> None:
+        def save(t: int, values: torch.Tensor | None = None) -> None:
+            values = params if values is None else values
             for p, slot in save_at.get(t, ()):
                 if p.run_id in row:
-                    saved[p.run_id][slot] = params[row[p.run_id]].to("cpu")
+                    saved[p.run_id][slot] = values[row[p.run_id]].to("cpu")
 
-        save(0)
+        save(0, first)
         t = 0
         while active:
             epoch = t // spe

@@ -9,7 +9,11 @@ the store also learns how those networks go on.
 
 ``learned-opt corpus --warm-start GENERATOR --warm-from N`` makes every run with id ≥ N warm;
 the store records the generator (name and weights sha256), ``N``, the prompt and the sampler, so
-a resume with another generator is refused. A store of plain runs can take warm-started runs
+a resume with another generator is refused. A warm run's first checkpoint is its start; with
+``--warm-first-checkpoint init`` it is the seeded init instead (the store records that too), so
+that the run reads as one jump from a random init to the generator's update and training on from
+there: pairs from the init then teach a generator to reach in one update where its own update
+and a whole training run after it end. A store of plain runs can take warm-started runs
 after its last run id (``--warm-from`` past it); see :func:`~pretrain.corpus.build.accept_settings`.
 """
 
@@ -24,6 +28,8 @@ from learned_opt.pretrained import LoadedGenerator, load_generator
 from learned_opt.seeding import stream
 from learned_opt.tasks import Task
 
+from .config import WARM_FIRST
+
 WARM_STREAM = 3  # a run's RNG stream for its warm start's sampling noise (1: checkpoint steps, 2: data order)
 
 
@@ -36,17 +42,22 @@ class WarmStart:
     store's metrics are measured on).
     """
 
-    def __init__(self, generator: LoadedGenerator, task: Task, from_run: int, eval_data: Any = None):
+    def __init__(self, generator: LoadedGenerator, task: Task, from_run: int, eval_data: Any = None,
+                 first_checkpoint: str = "start"):
         if generator.layout.signature != task.signature:
             raise ConfigError(f"--warm-start {generator.name!r} generates parameters of another shape than task "
                               f"{task.name!r}'s model: pass a generator trained on a {task.name} corpus")
         if from_run < 0:
             raise ConfigError(f"--warm-from must be a run id >= 0, got {from_run}")
+        if first_checkpoint not in WARM_FIRST:
+            raise ConfigError(f"a warm run's first checkpoint is its 'start' or its 'init', got {first_checkpoint!r}")
         self.generator, self.task, self.from_run, self.eval_data = generator, task, int(from_run), eval_data
+        self.first_checkpoint = first_checkpoint
 
     @classmethod
-    def load(cls, source: str, task: Task, from_run: int, eval_data: Any = None, device: str | None = None) -> "WarmStart":
-        return cls(load_generator(source, device=device), task, from_run, eval_data)
+    def load(cls, source: str, task: Task, from_run: int, eval_data: Any = None, device: str | None = None,
+             first_checkpoint: str = "start") -> "WarmStart":
+        return cls(load_generator(source, device=device), task, from_run, eval_data, first_checkpoint)
 
     @property
     def prompt(self) -> float:
@@ -57,8 +68,14 @@ class WarmStart:
     def settings(self) -> dict:
         """What the store records: which runs start warm, from which generator, prompted how."""
         gen = self.generator
+        first = {} if self.first_checkpoint == "start" else {"first_checkpoint": self.first_checkpoint}
         return {"from_run": self.from_run, "generator": gen.name, "sha256": gen.sha256,
-                "prompt": self.prompt, "sampler": dict(gen.sampling)}
+                "prompt": self.prompt, "sampler": dict(gen.sampling), **first}
+
+    def first_checkpoints(self, inits: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """What the runs' first checkpoints hold ``[R, P]``: their ``starts`` (this object's output for
+        ``inits``), or with ``first_checkpoint="init"`` the ``inits`` themselves."""
+        return inits if self.first_checkpoint == "init" else starts
 
     def __call__(self, params: torch.Tensor, plans: Sequence[Any]) -> torch.Tensor:
         rows = [i for i, p in enumerate(plans) if p.run_id >= self.from_run]

@@ -1,10 +1,15 @@
 """Where do runs that start from a generator's update end, beside runs that start from their init?
 
     python benchmarks/warm_runs.py --store runs/mnist-corpus --out benchmarks/results/warm-runs-mnist
+    python benchmarks/warm_runs.py --store runs/cnn-boot --plain runs/cnn-corpus --out benchmarks/results/warm-runs-cnn
 
 Reads a store that holds both (built by ``learned-opt corpus`` and then ``--warm-start GEN
---warm-from N``; docs/corpus.md). Both kinds draw their hyperparameters from the same ranges, each
-run from its own seed, so the two groups differ only in where they start. Per group and per number
+--warm-from N``; docs/corpus.md), or a store of warm runs and, with ``--plain``, a store of plain
+runs built with the same seed, whose runs with the warm runs' ids are the same runs started from
+their inits (then also compared run by run). Both kinds draw their hyperparameters from the same
+ranges, each run from its own seed, so the two groups differ only in where they start. A warm
+run's first checkpoint is its start, or its init where the store records
+``--warm-first-checkpoint init``. Per group and per number
 of epochs: runs, runs dropped, the median test error and loss at the first and the last
 checkpoint, and the ratio of the warm group's median final test error to the plain group's.
 Writes ``warm_runs.json`` and ``warm_runs.png`` (final test error per run against its epochs).
@@ -21,18 +26,34 @@ from pretrain.evaluate.plots import save_figure
 from pretrain.store import Store
 
 
-def runs_by_start(store: Store, from_run: int, metric: str = "test_error") -> dict:
-    """``{"plain": [...], "warm": [...]}``: per run its epochs, optimizer and first/last metrics."""
+def run_row(store: Store, run_id: int, metric: str = "test_error") -> dict:
+    """One run's epochs, optimizer and first/last metrics."""
+    _, metrics = store.read_metrics(run_id)
+    _, hparams, _ = store.read_info(run_id)
+    return {"run": run_id, "epochs": hparams["epochs"], "optimizer": hparams["optimizer"],
+            **{f"{name}_{where}": float(metrics[name][i]) for name in (metric, "test_loss")
+               for where, i in (("first", 0), ("last", -1))}}
+
+
+def runs_by_start(store: Store, from_run: int, plain: Store | None = None) -> dict:
+    """``{"plain": [...], "warm": [...]}``, a :func:`run_row` per run: below ``from_run`` plain, at or above
+    it warm; with a ``plain`` store, its runs with the ids of ``store``'s warm runs (kept or dropped) are the
+    plain group."""
     groups = {"plain": [], "warm": []}
     for run_id in store.run_ids():
-        _, metrics = store.read_metrics(run_id)
-        _, hparams, _ = store.read_info(run_id)
-        groups["warm" if run_id >= from_run else "plain"].append({
-            "run": run_id, "epochs": hparams["epochs"], "optimizer": hparams["optimizer"],
-            **{f"{name}_{where}": float(metrics[name][i]) for name in (metric, "test_loss")
-               for where, i in (("first", 0), ("last", -1))},
-        })
+        groups["warm" if run_id >= from_run else "plain"].append(run_row(store, run_id))
+    if plain is not None:
+        ids = {r["run"] for r in groups["warm"]} | {r for r in store.dropped_ids() if r >= from_run}
+        groups["plain"] = [run_row(plain, r) for r in plain.run_ids() if r in ids]
     return groups
+
+
+def paired(groups: dict) -> dict:
+    """Run by run, where both kept it: warm − plain final test error (median), and how many warm runs end lower."""
+    plain = {r["run"]: r["test_error_last"] for r in groups["plain"]}
+    diffs = [r["test_error_last"] - plain[r["run"]] for r in groups["warm"] if r["run"] in plain]
+    return {"runs": len(diffs), "median_difference": statistics.median(diffs) if diffs else None,
+            "warm_lower": sum(d < 0 for d in diffs)}
 
 
 def summary(runs: list[dict], dropped: int) -> dict:
@@ -45,22 +66,31 @@ def summary(runs: list[dict], dropped: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--store", required=True)
+    parser.add_argument("--plain", default=None, help="a store of plain runs built with the same seed (default: "
+                        "the plain runs of --store)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     store = Store.open(args.store)
     warm = (store.settings or {}).get("warm_start")
     if warm is None:
         raise SystemExit(f"{store.root} records no warm start: add runs with `learned-opt corpus --warm-start`")
-    groups = runs_by_start(store, warm["from_run"])
+    plain = None if args.plain is None else Store.open(args.plain)
+    groups = runs_by_start(store, warm["from_run"], plain)
+    warm_ids = {r["run"] for r in groups["warm"]} | {r for r in store.dropped_ids() if r >= warm["from_run"]}
     dropped = [("warm" if r >= warm["from_run"] else "plain", store.read_dropped(r)["hparams"]["epochs"])
                for r in store.dropped_ids()]
+    if plain is not None:
+        dropped = [d for d in dropped if d[0] == "warm"] + [("plain", plain.read_dropped(r)["hparams"]["epochs"])
+                                                            for r in plain.dropped_ids() if r in warm_ids]
     epochs = sorted({r["epochs"] for g in groups.values() for r in g})
-    result = {"store": Path(args.store).name, "warm_start": {k: warm[k] for k in ("generator", "sha256", "from_run")},
+    result = {"store": Path(args.store).name, "plain_store": None if plain is None else Path(args.plain).name,
+              "warm_start": {k: warm[k] for k in ("generator", "sha256", "from_run", "first_checkpoint") if k in warm},
               "all": {k: summary(g, sum(d == k for d, _ in dropped)) for k, g in groups.items()},
               "by_epochs": {str(e): {k: summary([r for r in g if r["epochs"] == e], dropped.count((k, e)))
                                      for k, g in groups.items()} for e in epochs},
               "runs": groups}
     result["ratio_final_test_error"] = result["all"]["warm"]["test_error_last"] / result["all"]["plain"]["test_error_last"]
+    result["paired"] = paired(groups)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "warm_runs.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
@@ -71,6 +101,10 @@ def main() -> None:
             print(f"{label:>10} {kind:>5}: {s['runs']:>4} {s['dropped']:>7} {s['test_error_first']:>10.2f}% "
                   f"{s['test_error_last']:>9.2f}% {s['test_loss_last']:>9.4f}")
     print(f"warm / plain, median final test error: {result['ratio_final_test_error']:.3f}")
+    if result["paired"]["runs"]:
+        p = result["paired"]
+        print(f"run by run ({p['runs']} runs in both): warm - plain final test error, median "
+              f"{p['median_difference']:+.2f} points; warm lower in {p['warm_lower']}")
 
     import matplotlib.pyplot as plt
 
@@ -80,7 +114,9 @@ def main() -> None:
                    label=f"{kind} start ({len(rows)} runs)")
         ax.plot([e + offset for e in epochs], [result["by_epochs"][str(e)][kind]["test_error_last"] for e in epochs],
                 marker="_", markersize=18, linestyle="none", color="black", label="medians" if offset > 0 else None)
-    ax.set(xlabel="epochs of the run", ylabel="final test error (%)", ylim=(4, 10), xticks=epochs,
+    finals = sorted(r["test_error_last"] for g in groups.values() for r in g)
+    top = finals[int(0.95 * (len(finals) - 1))]  # the worst 5% (diverged-looking runs) would flatten the rest
+    ax.set(xlabel="epochs of the run", ylabel="final test error (%)", ylim=(0.9 * finals[0], 1.1 * top), xticks=epochs,
            title="Runs from their init and from the generator's update")
     ax.legend()
     save_figure(fig, out / "warm_runs.png")

@@ -48,6 +48,21 @@ def runs_by_start(store: Store, from_run: int, plain: Store | None = None) -> di
     return groups
 
 
+def check_plain(store: Store, plain: Store, warm_ids: set[int]) -> None:
+    """Refuse a ``plain`` store whose runs with ``warm_ids`` are not the same runs from their inits."""
+    mine = {k: v for k, v in (store.settings or {}).items() if k != "warm_start"}
+    theirs = {k: v for k, v in (plain.settings or {}).items() if k != "warm_start"}
+    if mine != theirs or store.task_name != plain.task_name:
+        raise SystemExit(f"{plain.root} was built with other settings than {store.root}: --plain needs a store "
+                         "built with the same task and settings (seed, epochs, examples, checkpoints, ranges)")
+    first_warm = ((plain.settings or {}).get("warm_start") or {}).get("from_run")
+    held = set(plain.run_ids()) | set(plain.dropped_ids())
+    bad = sorted(r for r in warm_ids if r not in held or (first_warm is not None and r >= first_warm))
+    if bad:
+        raise SystemExit(f"{plain.root} has no plain run with id {bad[0]} ({len(bad)} of the warm runs' ids): "
+                         "build its plain runs that far first")
+
+
 def paired(groups: dict) -> dict:
     """Run by run, where both kept it: warm − plain final test error (median), and how many warm runs end lower."""
     plain = {r["run"]: r["test_error_last"] for r in groups["plain"]}
@@ -75,8 +90,10 @@ def main() -> None:
     if warm is None:
         raise SystemExit(f"{store.root} records no warm start: add runs with `learned-opt corpus --warm-start`")
     plain = None if args.plain is None else Store.open(args.plain)
+    warm_ids = {r for r in store.run_ids() + store.dropped_ids() if r >= warm["from_run"]}
+    if plain is not None:
+        check_plain(store, plain, warm_ids)
     groups = runs_by_start(store, warm["from_run"], plain)
-    warm_ids = {r["run"] for r in groups["warm"]} | {r for r in store.dropped_ids() if r >= warm["from_run"]}
     dropped = [("warm" if r >= warm["from_run"] else "plain", store.read_dropped(r)["hparams"]["epochs"])
                for r in store.dropped_ids()]
     if plain is not None:

@@ -61,9 +61,11 @@ def test_warm_runs_can_record_their_init_as_the_first_checkpoint(tmp_path, mnist
     assert torch.equal(start.read_run(0).params[0], inits[0]) and not torch.equal(start.read_run(1).params[0], inits[1])
     loss = init.read_run(1).metrics["test_loss"]
     assert loss[0] > 2.0 and loss[1] < 0.5  # the jump from a random init, then training on
-    with pytest.raises(StoreError, match="first checkpoint the init, not mnist-mlp .* from run 1: use the store's"):
+    with pytest.raises(StoreError, match="from run 1 --warm-first-checkpoint init, not mnist-mlp .* from run 1: use the"):
         build_corpus(CorpusConfig(out=str(tmp_path / "init"), **{**common, "runs": 3}), data=mnist_data)
     assert init.run_ids() == [0, 1]
+    build_corpus(CorpusConfig(out=str(tmp_path / "start"), **{**common, "runs": 3}), data=mnist_data)  # resumes as before
+    assert Store.open(tmp_path / "start").run_ids() == [0, 1, 2]
 
 
 def test_a_warm_start_does_not_depend_on_the_runs_beside_it(mnist_data, mlp_generator):

@@ -39,7 +39,7 @@ def _describe(key: str, value) -> str:
     if value is None:
         return "unset"
     if key == "warm_start" and isinstance(value, dict):
-        first = f", first checkpoint the {value['first_checkpoint']}" if value.get("first_checkpoint") else ""
+        first = f" --warm-first-checkpoint {value['first_checkpoint']}" if value.get("first_checkpoint") else ""
         return f"{value.get('generator')} (sha256 {str(value.get('sha256'))[:12]}…) from run {value.get('from_run')}{first}"
     return str(value)
 

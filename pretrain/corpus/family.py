@@ -10,6 +10,7 @@ import torch
 from learned_opt.tasks import Task
 
 from .config import CorpusConfig
+from .warm import WarmStart
 
 
 WEIGHT_LIMIT = 10.0  # G.pt deletes runs with any |w| above this
@@ -65,7 +66,7 @@ class TaskFamily:
         raise NotImplementedError
 
     def trainer(self, task: Task, config: CorpusConfig, data: Any, device: torch.device,
-                start: Callable | None = None) -> Callable:
+                start: WarmStart | None = None) -> Callable:
         """``start``: where the runs begin instead of their inits (a :class:`~pretrain.corpus.warm.WarmStart`;
         only families whose :meth:`check` accepts ``--warm-start`` get one)."""
         raise NotImplementedError

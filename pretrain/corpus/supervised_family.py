@@ -16,6 +16,7 @@ from .config import CorpusConfig
 from .family import TaskFamily
 from .plan import HParamRanges, RunPlan, plan_runs
 from .trainer import BatchedTrainer
+from .warm import WarmStart
 
 
 def corpus_ranges(config: CorpusConfig) -> HParamRanges:
@@ -96,7 +97,7 @@ class SupervisedFamily(TaskFamily):
         return _batches(plans, batch_runs)
 
     def trainer(self, task: Task, config: CorpusConfig, data: Any, device: torch.device,
-                start: Callable | None = None) -> Callable:
+                start: WarmStart | None = None) -> Callable:
         train_x, train_y = _training_tensors(_split(data, config), config.train_examples)
         return BatchedTrainer(task, train_x, train_y, device, config.gradient, start).train
 

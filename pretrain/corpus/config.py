@@ -12,10 +12,10 @@ from learned_opt.tasks import Task
 from .plan import HParamRanges
 
 
-# Ceilings of a plan, checked before anything is planned or allocated:
 # what a warm-started run's first checkpoint holds: the generator's update it starts from, or the
 # seeded init that update was made from (pairs from it then teach one jump to where warm runs end)
 WARM_FIRST = ("start", "init")
+# Ceilings of a plan, checked before anything is planned or allocated:
 MAX_RUNS = 1_000_000  # every run's plan (seed, hyperparameters, checkpoint steps) is made before training starts
 MAX_EPOCHS = 10_000  # a run's checkpoint steps are drawn from a permutation of all its steps: 10,000 epochs of
                      # 60,000 examples at batch 32 are already 18.75 million steps (150 MB per run)

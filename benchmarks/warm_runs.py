@@ -35,6 +35,11 @@ def run_row(store: Store, run_id: int, metric: str = "test_error") -> dict:
                for where, i in (("first", 0), ("last", -1))}}
 
 
+def warm_run_ids(store: Store, from_run: int) -> set[int]:
+    """The ids of ``store``'s warm runs, kept or dropped."""
+    return {r for r in store.run_ids() + store.dropped_ids() if r >= from_run}
+
+
 def runs_by_start(store: Store, from_run: int, plain: Store | None = None) -> dict:
     """``{"plain": [...], "warm": [...]}``, a :func:`run_row` per run: below ``from_run`` plain, at or above
     it warm; with a ``plain`` store, its runs with the ids of ``store``'s warm runs (kept or dropped) are the
@@ -43,7 +48,7 @@ def runs_by_start(store: Store, from_run: int, plain: Store | None = None) -> di
     for run_id in store.run_ids():
         groups["warm" if run_id >= from_run else "plain"].append(run_row(store, run_id))
     if plain is not None:
-        ids = {r["run"] for r in groups["warm"]} | {r for r in store.dropped_ids() if r >= from_run}
+        ids = warm_run_ids(store, from_run)
         groups["plain"] = [run_row(plain, r) for r in plain.run_ids() if r in ids]
     return groups
 
@@ -90,7 +95,7 @@ def main() -> None:
     if warm is None:
         raise SystemExit(f"{store.root} records no warm start: add runs with `learned-opt corpus --warm-start`")
     plain = None if args.plain is None else Store.open(args.plain)
-    warm_ids = {r for r in store.run_ids() + store.dropped_ids() if r >= warm["from_run"]}
+    warm_ids = warm_run_ids(store, warm["from_run"])
     if plain is not None:
         check_plain(store, plain, warm_ids)
     groups = runs_by_start(store, warm["from_run"], plain)

@@ -18,8 +18,8 @@ from .ppo_family import PPORanges
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="mnist-mlp",
-                        help="a registered task, path/to/file.py:ClassName or package.module:ClassName "
-                             "(default: mnist-mlp; docs/your-own-model.md)")
+                        help=f"a registered task ({', '.join(tasks.names())}), path/to/file.py:ClassName or "
+                             "package.module:ClassName (default: mnist-mlp; docs/your-own-model.md)")
     parser.add_argument("--runs", type=int, default=None, help="number of runs: ids 0 .. RUNS-1 (required unless --verify)")
     parser.add_argument("--out", required=True, help="store folder (created, or resumed if it exists)")
     parser.add_argument("--data-root", default=None, help="dataset root (default: $LEARNED_OPT_DATA)")

@@ -33,7 +33,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
              "training; output-matching: its fine-tune, with --init-from; self-ranking: that fine-tune plus prompt "
              "dropout and a property head; late-pairs: self-ranking at output-matching weight 16 with pairs late "
              "in runs; label-hinge: late-pairs at output-matching weight 64 with the label hinge at 64, the shipped "
-             "generators' last fine-tunes); options given here override it")
+             "MNIST generators' last fine-tunes); options given here override it")
     add("--preset", default=S, choices=list(PRESETS), help=f"generator size (default {d.preset})")
     add("--chunk-size", type=int, default=S, help=f"parameters per token (default {d.chunk_size})")
     add("--tokens", choices=SCHEMES, default=S,

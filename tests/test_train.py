@@ -484,6 +484,25 @@ def test_fine_tune_starts_at_the_source_in_its_units_and_records_where_it_came_f
     assert moved and "residual_scale" not in moved  # trained weights moved; σ_p stayed the source's
 
 
+def test_fine_tune_samples_as_its_source_did_until_tuned(store_dir, source, tmp_path):
+    assert "sampling" not in json.loads(source.read_text())  # an untuned source: nothing to inherit
+    plain = train(tiny(store_dir, tmp_path / "plain", steps=1, export=True, init_from=str(source)))
+    assert "sampling" not in json.loads(plain.manifest.read_text())
+    tuned_dir = tmp_path / "tuned"
+    tuned_dir.mkdir()
+    for f in source.parent.glob("src.*"):
+        shutil.copy(f, tuned_dir / f.name)
+    manifest = json.loads((tuned_dir / "src.json").read_text())
+    manifest["sampling"] = {"method": "ddim", "steps": 2, "t_min": 5, "chosen_by": "a sweep"}
+    (tuned_dir / "src.json").write_text(json.dumps(manifest))
+    result = train(tiny(store_dir, tmp_path / "ft", steps=1, export=True, init_from=str(tuned_dir / "src.json")))
+    entry = json.loads(result.manifest.read_text())["sampling"]
+    assert {k: entry[k] for k in ("method", "steps", "t_min")} == {"method": "ddim", "steps": 2, "t_min": 5}
+    assert entry["chosen_by"].startswith("inherited from 'src'") and "a sweep" in entry["chosen_by"]
+    loaded = load_generator(result.manifest)
+    assert (loaded.sampling["method"], loaded.sampling["steps"], loaded.sampling["t_min"]) == ("ddim", 2, 5)
+
+
 def test_fine_tune_resumes_exactly(store_dir, source, tmp_path):
     whole = train(tiny(store_dir, tmp_path / "whole", init_from=str(source)))
     moved = tmp_path / "src"

@@ -14,6 +14,7 @@ from learned_opt.normalization import Normalization
 from learned_opt.symmetry import Symmetry
 
 from .config import is_plain_name
+from .finetune import inherited_sampling
 from .outputs import load_checkpoint
 
 
@@ -117,4 +118,5 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
         corpus=corpus,
         training=training,
         input_normalization=getattr(task, "input_normalization", None),
+        sampling=inherited_sampling(state.get("init_from")),  # a fine-tune samples as its source did until tuned
     )

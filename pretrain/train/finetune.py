@@ -59,9 +59,26 @@ def explicit_settings(config: TrainConfig, names) -> list[str]:
 
 def source_record(source: LoadedGenerator) -> dict:
     """What a fine-tune's export says about where it started: the source's name and sha256, its
-    training record and its corpus summary (without the per-run split)."""
+    training record, its corpus summary (without the per-run split) and its ``sampling`` entry
+    (the sampler ``tune-sampling`` chose for it), if it has one."""
     corpus = {k: v for k, v in (source.manifest.get("corpus") or {}).items() if k != "split"}
-    return {"name": source.name, "sha256": source.sha256, "training": source.manifest.get("training"), "corpus": corpus}
+    record = {"name": source.name, "sha256": source.sha256, "training": source.manifest.get("training"), "corpus": corpus}
+    if source.manifest.get("sampling"):
+        record["sampling"] = dict(source.manifest["sampling"])
+    return record
+
+
+def inherited_sampling(record: dict | None) -> dict | None:
+    """A fine-tune's ``sampling`` entry until ``tune-sampling --write`` chooses its own: its source's
+    (from :func:`source_record`), marked as inherited; None when the source had none."""
+    given = (record or {}).get("sampling")
+    if not given:
+        return None
+    why = given.get("chosen_by")
+    return {**{k: v for k, v in given.items() if k != "chosen_by"},
+            "chosen_by": (f"inherited from {record['name']!r} (sha256 {record['sha256'][:8]}…), the generator this one "
+                          "was fine-tuned from; run learned-opt tune-sampling --write to choose its own"
+                          + (f" (the source's: {why})" if why else ""))}
 
 
 def source_split(source: LoadedGenerator, run_ids, config: TrainConfig, notes: list[str] | None = None) -> Split:

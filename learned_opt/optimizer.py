@@ -27,7 +27,7 @@ from .optimizer_checks import (
     flat_params,
     materialize,
 )
-from .optimizer_state import COUNTERS, PICKLED_BEFORE, gpt_entry, load_state
+from .optimizer_state import COUNTERS, OUTCOMES, PICKLED_BEFORE, gpt_entry, load_state
 from .proposal import (GenerationReport, MetricValue, call_metric, line_points, load_sample, meets, metric_value,
                        resolve_prompt, restore, sample_candidates, unhooked_step)
 from .pretrained import LoadedGenerator, load_generator
@@ -112,7 +112,8 @@ class GptOptimizer(torch.optim.Optimizer):
     the metric is not worse (``<=`` for minimised metrics, ``>=`` for maximised ones), or with
     ``min_improvement=m`` unless it improves by at least ``m·|metric|``. Any refusal
     leaves parameters, gradients and the base optimizer's state exactly unchanged; only the
-    counters ``attempted`` and ``rejected`` / ``failed`` move. Buffers are not restored: those the
+    counters ``attempted`` and ``rejected`` / ``failed`` move (an exception that escapes before θ′
+    is in, e.g. ``KeyboardInterrupt`` while sampling, counts as failed). Buffers are not restored: those the
     closure changed while measuring θ′ (e.g. BatchNorm running statistics updated in train mode)
     stay changed after a rejection, so a metric closure should evaluate in eval mode and under
     ``torch.no_grad()`` (the shipped MLP tasks have no buffers). A broken sample does not raise:
@@ -284,10 +285,20 @@ class GptOptimizer(torch.optim.Optimizer):
                 f"a generative update needs the current {self.generator.metric_name!r}: pass a closure that "
                 f"returns it, or metric=<value>"
             )
-        points = self.candidates * len(self.step_sizes)  # θ′ candidates, each at every step size
         check_chooser(closure, self.candidates, self.step_sizes, self.rank)
         target = resolve_prompt(self, self.prompt if prompt is None else prompt, before)
         self.counters["attempted"] += 1
+        counted = sum(self.counters[k] for k in OUTCOMES)
+        try:
+            return self._update(closure, before, target, start)
+        finally:
+            if sum(self.counters[k] for k in OUTCOMES) == counted:  # an exception escaped before any outcome
+                self.counters["failed"] += 1
+
+    def _update(self, closure, before: float, target: float, start: float) -> GenerationReport:
+        """The attempted update of :meth:`_generate`, from the current metric and the prompt; counts
+        exactly one outcome unless an exception escapes (which the caller counts as failed)."""
+        points = self.candidates * len(self.step_sizes)  # θ′ candidates, each at every step size
         params = self.params
 
         predicted = None  # the property head's prediction per candidate, with rank="self"
@@ -302,7 +313,7 @@ class GptOptimizer(torch.optim.Optimizer):
                 None if chosen is None else self.step_sizes[chosen % len(self.step_sizes)],
             )
             if failed:
-                warnings.warn(f"generative update failed and was skipped: {reason}", RuntimeWarning, stacklevel=5)
+                warnings.warn(f"generative update failed and was skipped: {reason}", RuntimeWarning, stacklevel=6)
             return report
 
         layout = self.generator.layout
@@ -355,8 +366,18 @@ class GptOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """The base optimizer's state plus ``"gpt"``: counters, generator name + sha256, RNG state."""
-        return {**super().state_dict(), "gpt": gpt_entry(self)}
+        """The base optimizer's state (with any keys of its own, such as a learned optimizer's
+        ``rule_sha256``) plus ``"gpt"``: counters, generator name + sha256, RNG state."""
+        extra = {k: v for k, v in self.base.state_dict().items() if k not in ("state", "param_groups")}
+        return {**extra, **super().state_dict(), "gpt": gpt_entry(self)}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Refused once the optimizer is built: its generator models the fixed set of parameters it
+        was given (:class:`ConfigError`)."""
+        if getattr(self, "base", None) is not None and self.param_groups is self.base.param_groups:
+            raise ConfigError("GptOptimizer's generator models the parameters it was built with; build a new "
+                              "GptOptimizer over all the parameters instead of adding a group")
+        super().add_param_group(param_group)  # Optimizer.__init__, sharing the base's groups
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` (the input is copied, never mutated).

@@ -39,8 +39,9 @@ def check_step_size(step_size, option: str = "step_size") -> tuple[float, ...]:
         values = tuple(values)
     except TypeError:
         values = ()
-    if (not values or len(set(values)) != len(values)
-            or any(isinstance(a, bool) or not isinstance(a, Real) or not 0 < float(a) < math.inf for a in values)):
+    if (not values
+            or any(isinstance(a, bool) or not isinstance(a, Real) or not 0 < float(a) < math.inf for a in values)
+            or len(set(values)) != len(values)):  # numbers only, so hashable
         raise ConfigError(f"Invalid {option}: {step_size!r} (a number > 0, the update being θ + α(θ′ − θ), "
                           f"or several different ones, e.g. 1, 0.5, 0.25, to choose among)")
     return tuple(float(a) for a in values)
@@ -118,6 +119,10 @@ def check_min_improvement(value, option: str = "min_improvement") -> None:
 
 def materialize(params) -> list:
     """A list of tensors, ``(name, tensor)`` pairs or group dicts; refuses duplicates and empties."""
+    params = list(params)  # model.parameters() is an iterator: read it once
+    if any(isinstance(g, dict) and "params" not in g for g in params):
+        raise ConfigError("a param group dict has no 'params' entry; give each group its tensors, e.g. "
+                          "{'params': model.layer.parameters(), 'lr': 1e-3}")
     params = [
         dict(g, params=[g["params"]] if isinstance(g["params"], torch.Tensor) else list(g["params"]))
         if isinstance(g, dict) else g

@@ -8,6 +8,7 @@ base optimizer's groups and per-parameter tensors) is checked here first, so a b
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from .errors import OptimizerStateError
 
 COUNTERS = ("steps", "attempted", "accepted", "rejected", "failed", "kept")
+OUTCOMES = ("accepted", "rejected", "failed", "kept")  # each attempted update counts exactly one
 # Attributes that optimizers pickled by older releases lack, and the behaviour they had then:
 # no keep_if_met (θ was never kept), no sampling temperature (the plain sampler), no step size (θ′
 # itself), no guard margin (any update not worse was accepted), no guidance taper (constant guidance).
@@ -45,9 +47,19 @@ def load_state(opt, state_dict: Mapping) -> None:
             state_dict = dict(result)
     gpt = state_dict.pop("gpt", None)
     counters, rng_state = check_state(opt, state_dict, gpt)  # OptimizerStateError; nothing changed yet
-    opt.base.load_state_dict(state_dict)  # rebinds the base's groups and state: share them again
-    opt.param_groups = opt.base.param_groups
-    opt.state = opt.base.state
+    # torch's load builds new groups and state and swaps them in, then runs the base class's
+    # __setstate__ (Adam's reads every "step"): a failure there would leave them half loaded
+    before = {"state": opt.base.state, "param_groups": opt.base.param_groups}
+    try:
+        opt.base.load_state_dict(state_dict)
+    except BaseException as exc:
+        opt.base.__dict__.update(before)
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: restored, re-raised
+            raise
+        raise _refuse(f"{type(opt.base).__name__} could not load it ({type(exc).__name__}: {exc})") from exc
+    finally:
+        opt.param_groups = opt.base.param_groups  # the base's groups and state, shared again
+        opt.state = opt.base.state
     opt.counters = counters
     if rng_state is None:
         opt._rng.manual_seed(opt.seed)
@@ -126,6 +138,7 @@ def _check_base(opt, state_dict: dict) -> None:
         if not isinstance(ids, Sequence) or len(ids) != len(group["params"]):
             n = len(ids) if isinstance(ids, Sequence) else "no"
             raise _refuse(f"group {i} has {n} parameters, the optimizer's has {len(group['params'])}")
+        _check_settings(i, saved, group)
         params.update(zip(ids, group["params"]))
     for key, entry in state.items():
         p = params.get(key)
@@ -138,6 +151,35 @@ def _check_base(opt, state_dict: dict) -> None:
                 raise _refuse(
                     f"state {name!r} of a parameter of shape {list(p.shape)} has shape {list(value.shape)}"
                 )
+
+
+def _check_settings(i: int, saved: Mapping, group: Mapping) -> None:
+    """Each setting of saved group ``i`` that the live group has, of the live value's kind: a
+    number for a number (finite), a flag for a flag, a sequence of as many numbers for a sequence
+    (Adam's betas), a string for a string. torch would load any value and fail, or corrupt the
+    state, at the next step."""
+    for key, live in group.items():
+        if key == "params" or key not in saved or live is None:
+            continue
+        value = saved[key]
+        if isinstance(live, bool):
+            ok = isinstance(value, bool)
+        elif _is_number(live) or isinstance(live, torch.Tensor):
+            ok = _is_number(value) or (isinstance(value, torch.Tensor) and value.numel() == 1
+                                       and bool(torch.isfinite(value).all()))
+        elif isinstance(live, (tuple, list)):
+            ok = (isinstance(value, (tuple, list)) and len(value) == len(live)
+                  and all(_is_number(v) or isinstance(v, torch.Tensor) for v in value))
+        elif isinstance(live, str):
+            ok = isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            raise _refuse(f"group {i}'s {key!r} is {value!r}, where the optimizer has {live!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _broadcasts(shape: torch.Size, target: torch.Size) -> bool:

@@ -208,7 +208,12 @@ class LoadedGenerator:
                               f"with `learned-opt train --property-head W` (e.g. 1.0), or rank candidates by a closure")
         norm = self.normalization
         dtype = next(self.model.parameters()).dtype
-        predicted = self.model.predict_metric(norm.params(theta.to(self.device, dtype)))  # [B] generator units
+        training = self.model.training  # eval mode: no dropout, so no draw from the global RNG
+        self.model.eval()
+        try:
+            predicted = self.model.predict_metric(norm.params(theta.to(self.device, dtype)))  # [B] generator units
+        finally:
+            self.model.train(training)
         return norm.unmetric(predicted).to(theta.dtype)
 
     def __repr__(self) -> str:

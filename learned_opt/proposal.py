@@ -34,7 +34,8 @@ class GenerationReport:
     reference (see :class:`GptOptimizer`); the update is refused above ``max_update_ratio``.
     ``prompt`` is the metric asked for (after clamping), ``step`` the base-step count at the time,
     ``metric_after`` the closure's value with θ′ (None without a closure, or with ``guard=False``
-    and one candidate). With several ``candidates``, ``candidate_metrics`` holds the closure's
+    unless the closure chooses among several points: ``rank="closure"`` and more than one
+    candidate or step size). With several ``candidates``, ``candidate_metrics`` holds the closure's
     value for each sample that passed validation (None where it was not finite or the closure
     failed) and θ′ is the best of them; with ``rank="self"`` ``predicted_metrics`` holds the
     generator's predicted metric per sample (None where the sample failed validation) and θ′ is
@@ -121,6 +122,8 @@ def validate_sample(opt, theta: torch.Tensor, new: torch.Tensor) -> tuple[float 
     """``(update_ratio, reason)``: reason is None when θ′ passes the finite and trust checks."""
     if not torch.isfinite(new).all():
         return None, "the sampled parameters contain NaN or Inf"
+    if new.dtype != theta.dtype and not torch.isfinite(new.to(theta.dtype)).all():  # e.g. 1e5 in float16
+        return None, f"the sampled parameters overflow the parameters' {theta.dtype}"
     theta32 = theta.float()
     corpus_norm = math.sqrt(theta.numel()) * GPT_TARGET_STD / opt.generator.normalization.param_scale
     reference = max(float(theta32.norm()), corpus_norm)
@@ -202,9 +205,10 @@ def call_metric(closure: Callable[[], MetricValue], params: list[torch.Tensor]) 
 
     torch's usual loss closure (``zero_grad(); loss = ...; loss.backward(); return loss``) cannot
     run without gradients: it is run again with them and its loss detached. Either way the
-    parameters' ``.grad`` are left as they were, so an update stays transactional.
+    parameters' ``.grad`` are left as they were, the same tensors with the same values, so an update
+    stays transactional and references to them stay valid.
     """
-    grads = [None if p.grad is None else p.grad.clone() for p in params]
+    grads = [(p.grad, None if p.grad is None else p.grad.clone()) for p in params]
     try:
         with torch.no_grad():
             return closure()
@@ -216,8 +220,10 @@ def call_metric(closure: Callable[[], MetricValue], params: list[torch.Tensor]) 
         return value.detach() if isinstance(value, torch.Tensor) else value
     finally:
         with torch.no_grad():
-            for p, g in zip(params, grads):
-                p.grad = g
+            for p, (grad, saved) in zip(params, grads):
+                if grad is not None:
+                    grad.copy_(saved)  # values the closure changed in place (backward, zero_grad)
+                p.grad = grad  # a gradient it set to None or replaced
 
 
 def load_sample(layout, flat: torch.Tensor, params: list[torch.Tensor]) -> None:
@@ -235,8 +241,8 @@ def measure(opt, closure: Callable[[], MetricValue]) -> tuple[float | None, str 
     """The closure's finite metric for ``opt``'s parameters as they are, or None and why not."""
     try:
         value = metric_value(opt, call_metric(closure, opt.params), "the closure")
-    except GenerationError:  # NaN/Inf
-        return None, f"{opt.generator.metric_name} is not finite with the sampled parameters"
+    except GenerationError as exc:  # NaN/Inf, a missing metric, a value that is not one number
+        return None, f"with the sampled parameters, {exc}"
     except Exception as exc:  # θ′ broke the closure: the caller restores, counts and reports
         return None, f"the closure failed on the sampled parameters: {exc!r}"
     return value, None

@@ -279,3 +279,56 @@ def test_as_gpt_optimizer_base_with_state_round_trip():
         o.step()
     assert opt2.base.param_groups[0]["step"] == 3
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+
+
+def test_a_refused_step_changes_nothing_in_any_group():
+    model, loss_fn = _problem()
+    first, second = list(model[0].parameters()), list(model[2].parameters())
+    opt = LearnedOptimizer([{"params": first}, {"params": second}], weights=THETA)
+    loss_fn().backward()
+    second[0].grad = second[0].grad.to_sparse()  # a later group's gradient is sparse
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ConfigError, match="sparse"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not opt.state and [g["step"] for g in opt.param_groups] == [0, 0]
+
+
+def test_state_round_trip_keeps_float32_momenta_for_bfloat16_parameters():
+    model, loss_fn = _problem()
+    model = model.to(torch.bfloat16)
+    x = torch.randn(16, 8).to(torch.bfloat16)
+    opt = LearnedOptimizer(model.parameters(), weights=THETA)
+    _train(model, lambda: model(x).float().square().mean(), opt, 2)
+    sd = opt.state_dict()
+    again = LearnedOptimizer(model.parameters(), weights=THETA)
+    again.load_state_dict(sd)
+    for p in model.parameters():
+        for k, v in opt.state[p].items():
+            assert again.state[p][k].dtype == torch.float32 and torch.equal(again.state[p][k], v), k
+
+
+@pytest.mark.parametrize("mangle", [lambda sd: sd["state"].__setitem__(0, 5),
+                                    lambda sd: sd["param_groups"].__setitem__(0, "x"),
+                                    lambda sd: sd.__setitem__("state", [])])
+def test_load_state_dict_refuses_entries_of_the_wrong_kind(mangle):
+    model, loss_fn = _problem()
+    opt = LearnedOptimizer(model.parameters(), weights=THETA)
+    _train(model, loss_fn, opt, 1)
+    sd = copy.deepcopy(opt.state_dict())
+    mangle(sd)
+    with pytest.raises(OptimizerStateError):
+        opt.load_state_dict(sd)
+
+
+def test_gpt_optimizer_state_keeps_the_learned_rule_it_was_saved_with():
+    from gpt_helpers import tiny_generator, toy_model
+
+    from learned_opt import GptOptimizer
+
+    gen = tiny_generator(perturb=0.01)
+    saved = GptOptimizer(toy_model().parameters(), generator=gen, base=LearnedOptimizer, weights=THETA).state_dict()
+    assert saved["rule_sha256"] == LearnedOptimizer([torch.zeros(1)], weights=THETA).rule.sha256
+    other = GptOptimizer(toy_model().parameters(), generator=gen, base=LearnedOptimizer, weights=hand_set_theta(seed=1))
+    with pytest.raises(OptimizerStateError, match="weights"):
+        other.load_state_dict(saved)

@@ -224,9 +224,15 @@ _DELETE = object()
         (("state", 0, "exp_avg"), torch.zeros(3, 3)),
         (("state", 1, "exp_avg_sq"), torch.zeros(7)),
         (("param_groups",), []),
+        (("state", 0, "step"), _DELETE),  # passes the checks, fails inside torch's load: rolled back
+        (("param_groups", 0, "lr"), "1e-3"),
+        (("param_groups", 0, "betas"), (0.9,)),
+        (("param_groups", 0, "amsgrad"), 1),
+        (("param_groups", 0, "weight_decay"), float("nan")),
     ],
     ids=["rng-none", "rng-missing", "rng-short", "rng-float", "rng-string", "negative-steps", "float-counter",
-         "counters-none", "gpt-int", "exp-avg-shape", "exp-avg-sq-shape", "no-groups"],
+         "counters-none", "gpt-int", "exp-avg-shape", "exp-avg-sq-shape", "no-groups", "step-missing",
+         "lr-string", "betas-short", "flag-int", "weight-decay-nan"],
 )
 def test_load_state_dict_refuses_a_bad_state_and_changes_nothing(path, value):
     _, source = _trained_pair()
@@ -240,6 +246,8 @@ def test_load_state_dict_refuses_a_bad_state_and_changes_nothing(path, value):
     assert_same(snapshot(model, opt), before)
     assert opt.counters == counters and torch.equal(opt._rng.get_state(), rng)
     assert opt.param_groups[0]["lr"] == 0.5
+    assert opt.param_groups is opt.base.param_groups and opt.state is opt.base.state  # still shared
+    _warm(model, opt, 1)  # and it still steps
 
 
 def test_load_state_dict_still_loads_a_good_state():
@@ -248,3 +256,72 @@ def test_load_state_dict_still_loads_a_good_state():
     opt.load_state_dict(source.state_dict())
     assert opt.counters == source.counters and opt.param_groups[0]["lr"] == 1e-2
     assert torch.equal(opt._rng.get_state(), source._rng.get_state())
+
+
+# ---------------------------------------------------------------------- edges found by review
+
+
+def test_an_interrupt_while_sampling_counts_the_update_as_failed_and_leaves_theta():
+    model = toy_model()
+
+    def interrupted(theta):
+        raise KeyboardInterrupt
+
+    opt = GptOptimizer(model.parameters(), FnGenerator(interrupted), lr=1e-2)
+    _warm(model, opt)
+    before = snapshot(model, opt)
+    with pytest.raises(KeyboardInterrupt):
+        opt.generate(metric=1.0)
+    assert_same(snapshot(model, opt), before)
+    c = opt.counters
+    assert c["attempted"] == 1 and c["failed"] == 1 and c["accepted"] == c["rejected"] == c["kept"] == 0
+
+
+def test_a_sample_that_overflows_half_precision_fails_and_leaves_theta():
+    model = toy_model().half()
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th.float() + 1e5), lr=1e-2, max_update_ratio=float("inf"))
+    before = snapshot(model)
+    with pytest.warns(RuntimeWarning, match="overflow"):
+        report = opt.generate(metric=1.0)
+    assert report.failed and not report.accepted and "torch.float16" in report.reason
+    assert_same(snapshot(model), before)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_closure_leaves_the_same_gradient_tensors_with_the_same_values():
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 0.01), lr=1e-2)
+    toy_loss(model).backward()
+    grads = [p.grad for p in model.parameters()]
+    values = [g.clone() for g in grads]
+
+    def loss_closure():  # torch's usual closure: zeroes and refills the gradients
+        opt.zero_grad(set_to_none=False)
+        loss = toy_loss(model)
+        loss.backward()
+        return loss
+
+    opt.generate(loss_closure)
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+    assert all(torch.equal(g, v) for g, v in zip(grads, values))
+
+
+def test_adding_a_param_group_is_refused_with_what_to_do():
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 0.01), lr=1e-2)
+    groups = len(opt.param_groups)
+    with pytest.raises(ConfigError, match="build a new GptOptimizer"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))]})
+    assert len(opt.param_groups) == len(opt.base.param_groups) == groups
+
+
+@pytest.mark.parametrize("params, match", [([{"lr": 1e-3}], "no 'params' entry")])
+def test_a_group_without_params_is_a_config_error(params, match):
+    with pytest.raises(ConfigError, match=match):
+        GptOptimizer(params, FnGenerator(lambda th: th + 0.01))
+
+
+@pytest.mark.parametrize("step_size", [[[1]], [{}], "ab"])
+def test_a_step_size_that_is_not_numbers_is_a_config_error(step_size):
+    with pytest.raises(ConfigError, match="Invalid step_size"):
+        GptOptimizer(toy_model().parameters(), FnGenerator(lambda th: th + 0.01), step_size=step_size)

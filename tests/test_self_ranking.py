@@ -259,3 +259,16 @@ def test_eval_rank_self_without_a_head_is_refused_in_one_line(mnist_root, tmp_pa
     assert code == 2 and "--property-head" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(SystemExit):  # argparse refuses an unknown choice
         cli_main(["eval", "--generator", str(manifest), "--out", str(tmp_path / "e"), "--rank", "best"])
+
+
+def test_ranking_by_a_generator_in_training_mode_draws_nothing_from_the_global_rng():
+    gen = ranking_generator()
+    gen.model.train()
+    for m in gen.model.modules():  # dropout that would draw from the global RNG in training mode
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.5
+    opt = GptOptimizer(toy_model().parameters(), gen, candidates=4, rank="self", guard=False, sampling_steps=2,
+                       keep_if_met=False)
+    state = torch.get_rng_state()
+    assert opt.generate(metric=2.0).accepted
+    assert torch.equal(torch.get_rng_state(), state) and gen.model.training

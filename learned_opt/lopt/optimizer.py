@@ -83,32 +83,36 @@ class LearnedOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One learned step of every parameter with a gradient; returns ``closure()``'s loss if given."""
+        """One learned step of every parameter with a gradient; returns ``closure()``'s loss if given.
+
+        All or nothing: every group is checked, then every new parameter and momentum computed,
+        and only then is anything written (a refused step leaves parameters and state as they were)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            with_grad = [p for p in group["params"] if p.grad is not None]
-            if not with_grad:
-                continue
-            if any(p.grad.is_sparse for p in with_grad):
-                raise ConfigError("LearnedOptimizer does not support sparse gradients")
-            for p in with_grad:
-                if not self.state[p]:  # lazy initialisation
-                    fresh = init_state([p])
-                    self.state[p].update(zip(MOMENTA, fresh["m"][0].unbind(0)), v=fresh["v"][0])
+        work = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
+        if any(p.grad.is_sparse for _, ps in work for p in ps):
+            raise ConfigError("LearnedOptimizer does not support sparse gradients")
+        updates = []  # (group, parameters, their new values, their new momenta and v)
+        for group, with_grad in work:
             # one vectorised pass per device: the rule's MLP runs once over all tensors' elements
             for device in dict.fromkeys(p.device for p in with_grad):
                 ps = [p for p in with_grad if p.device == device]
-                state = {"m": [torch.stack([self.state[p][k] for k in MOMENTA]) for p in ps],
-                         "v": [self.state[p]["v"] for p in ps]}
+                known = [self.state.get(p) for p in ps]  # .get: no empty entry for a step that is refused
+                fresh = iter(zip(*init_state([p for p, st in zip(ps, known) if not st]).values()))  # lazily
+                current = [(torch.stack([st[k] for k in MOMENTA]), st["v"]) if st else next(fresh) for st in known]
+                state = {"m": [m for m, _ in current], "v": [v for _, v in current]}
                 new_p, new_state = update(self._theta(device), ps, [p.grad for p in ps], state, group["step"],
                                           lr=group["lr"], num_tensors=len(group["params"]))
-                torch._foreach_copy_(ps, list(new_p))
-                for p, m, v in zip(ps, new_state["m"], new_state["v"]):
-                    self.state[p].update(zip(MOMENTA, m.unbind(0)), v=v)
-            group["step"] += 1
+                updates.append((ps, new_p, new_state))
+        for ps, new_p, new_state in updates:  # commit
+            torch._foreach_copy_(ps, list(new_p))
+            for p, m, v in zip(ps, new_state["m"], new_state["v"]):
+                self.state[p].update(zip(MOMENTA, m.unbind(0)), v=v)
+        for group, with_grad in work:
+            if with_grad:
+                group["step"] += 1
         return loss
 
     # ---------------------------------------------------------------- state, copies, repr
@@ -120,34 +124,41 @@ class LearnedOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state saved by a LearnedOptimizer with the same weights; everything is checked
-        before anything changes."""
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise OptimizerStateError("not an optimizer state_dict (it needs 'state' and 'param_groups')")
+        before anything changes. The momenta stay float32 whatever the parameters' dtype."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) \
+                or not isinstance(state_dict.get("param_groups"), (list, tuple)):
+            raise OptimizerStateError("not an optimizer state_dict (it needs a 'state' mapping and a 'param_groups' "
+                                      "list); load one saved by LearnedOptimizer.state_dict()")
         sha = state_dict.get("rule_sha256")
         if sha is not None and sha != self.rule.sha256:
             raise OptimizerStateError(f"this state was saved with learned-optimizer weights {str(sha)[:12]}, this "
                                       f"optimizer has {self.rule.sha256[:12]}; load the same weights first")
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups) or any(
-                len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)):
+                not isinstance(a, dict) or not isinstance(a.get("params"), (list, tuple))
+                or len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.param_groups)):
             raise OptimizerStateError("the state_dict's param groups do not match this optimizer's (their number "
                                       "or sizes differ)")
-        shapes = {i: p.shape for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
-        flat_ids = [pid for g in groups for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip((pid for g in groups for pid in g["params"]), params))  # torch's own matching
         for pid, s in state_dict["state"].items():
-            if pid not in flat_ids:
+            if pid not in by_id:
                 raise OptimizerStateError(f"state for parameter id {pid} that no param group lists")
-            shape = shapes[flat_ids.index(pid)]
-            if not all(isinstance(s.get(k), torch.Tensor) and tuple(s[k].shape) == tuple(shape) for k in (*MOMENTA, "v")):
+            shape = by_id[pid].shape
+            if not isinstance(s, dict) or not all(
+                    isinstance(s.get(k), torch.Tensor) and tuple(s[k].shape) == tuple(shape) for k in (*MOMENTA, "v")):
                 raise OptimizerStateError(f"state of parameter {pid} does not fit a parameter of shape {list(shape)} "
                                           f"(it needs {', '.join(MOMENTA)} and v of that shape)")
         for g in groups:
-            if not isinstance(g.get("step"), int) or g["step"] < 0:
+            if isinstance(g.get("step"), bool) or not isinstance(g.get("step"), int) or g["step"] < 0:
                 raise OptimizerStateError(f"a param group's step is {g.get('step')!r}, not an integer >= 0")
             _check_lr(g.get("lr"), OptimizerStateError)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "rule_sha256"})
-        for s in self.state.values():  # keep the rule's fp32 state whatever the parameter's dtype
-            s.update({k: s[k].float() for k in (*MOMENTA, "v")})
+        # torch casts state to each parameter's dtype (bf16 momenta would lose precision): take the
+        # saved float32 values again
+        for pid, s in state_dict["state"].items():
+            p = by_id[pid]
+            self.state[p].update({k: s[k].to(p.device, torch.float32, copy=True) for k in (*MOMENTA, "v")})
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "rule": self.rule, "_theta_cache": {}}

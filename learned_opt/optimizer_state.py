@@ -54,8 +54,8 @@ def load_state(opt, state_dict: Mapping) -> None:
         opt.base.load_state_dict(state_dict)
     except BaseException as exc:
         opt.base.__dict__.update(before)
-        if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: restored, re-raised
-            raise
+        if not isinstance(exc, Exception) or isinstance(exc, OptimizerStateError):  # the base's own refusal,
+            raise  # KeyboardInterrupt, SystemExit: restored, re-raised as they are
         raise _refuse(f"{type(opt.base).__name__} could not load it ({type(exc).__name__}: {exc})") from exc
     finally:
         opt.param_groups = opt.base.param_groups  # the base's groups and state, shared again
@@ -154,28 +154,34 @@ def _check_base(opt, state_dict: dict) -> None:
 
 
 def _check_settings(i: int, saved: Mapping, group: Mapping) -> None:
-    """Each setting of saved group ``i`` that the live group has, of the live value's kind: a
-    number for a number (finite), a flag for a flag, a sequence of as many numbers for a sequence
-    (Adam's betas), a string for a string. torch would load any value and fail, or corrupt the
+    """Each setting of saved group ``i`` that the live group has, of the live value's kind (see
+    :func:`_same_kind`; ``None`` is accepted for a flag or a string, as torch's ``foreach``,
+    ``fused`` and ``line_search_fn`` take). torch would load any value and fail, or corrupt the
     state, at the next step."""
     for key, live in group.items():
-        if key == "params" or key not in saved or live is None:
+        if key in ("params", "param_names") or key not in saved or live is None:
             continue
-        value = saved[key]
-        if isinstance(live, bool):
-            ok = isinstance(value, bool)
-        elif _is_number(live) or isinstance(live, torch.Tensor):
-            ok = _is_number(value) or (isinstance(value, torch.Tensor) and value.numel() == 1
-                                       and bool(torch.isfinite(value).all()))
-        elif isinstance(live, (tuple, list)):
-            ok = (isinstance(value, (tuple, list)) and len(value) == len(live)
-                  and all(_is_number(v) or isinstance(v, torch.Tensor) for v in value))
-        elif isinstance(live, str):
-            ok = isinstance(value, str)
-        else:
-            ok = True
-        if not ok:
-            raise _refuse(f"group {i}'s {key!r} is {value!r}, where the optimizer has {live!r}")
+        if not _same_kind(saved[key], live):
+            raise _refuse(f"group {i}'s {key!r} is {saved[key]!r}, where the optimizer has {live!r}")
+
+
+def _same_kind(value: Any, live: Any) -> bool:
+    """A finite number (or one-element tensor) for a number or tensor, a flag for a flag, a string
+    for a string, a sequence as long whose items are each of their live item's kind (Adam's betas,
+    Adafactor's ``(None, 1e-3)``); anything for other live values."""
+    if live is None:
+        return True
+    if isinstance(live, bool):
+        return value is None or isinstance(value, bool)
+    if _is_number(live) or isinstance(live, torch.Tensor):
+        return _is_number(value) or (isinstance(value, torch.Tensor) and value.numel() == 1
+                                     and bool(torch.isfinite(value).all()))
+    if isinstance(live, str):
+        return value is None or isinstance(value, str)
+    if isinstance(live, (tuple, list)):
+        return (isinstance(value, (tuple, list)) and len(value) == len(live)
+                and all(_same_kind(v, w) for v, w in zip(value, live)))
+    return True
 
 
 def _is_number(value: Any) -> bool:

@@ -208,12 +208,13 @@ class LoadedGenerator:
                               f"with `learned-opt train --property-head W` (e.g. 1.0), or rank candidates by a closure")
         norm = self.normalization
         dtype = next(self.model.parameters()).dtype
-        training = self.model.training  # eval mode: no dropout, so no draw from the global RNG
+        modes = [(m, m.training) for m in self.model.modules()]  # eval mode: no dropout, no global RNG draw
         self.model.eval()
         try:
             predicted = self.model.predict_metric(norm.params(theta.to(self.device, dtype)))  # [B] generator units
         finally:
-            self.model.train(training)
+            for m, training in modes:
+                m.training = training
         return norm.unmetric(predicted).to(theta.dtype)
 
     def __repr__(self) -> str:

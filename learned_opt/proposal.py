@@ -122,8 +122,11 @@ def validate_sample(opt, theta: torch.Tensor, new: torch.Tensor) -> tuple[float 
     """``(update_ratio, reason)``: reason is None when θ′ passes the finite and trust checks."""
     if not torch.isfinite(new).all():
         return None, "the sampled parameters contain NaN or Inf"
-    if new.dtype != theta.dtype and not torch.isfinite(new.to(theta.dtype)).all():  # e.g. 1e5 in float16
-        return None, f"the sampled parameters overflow the parameters' {theta.dtype}"
+    narrow = [(p.dtype, view) for p, view in zip(opt.params, opt.generator.layout.unflatten(new).values())
+              if p.is_floating_point() and torch.finfo(p.dtype).max < torch.finfo(new.dtype).max]
+    for dtype, view in narrow:  # e.g. 1e5 in a float16 parameter
+        if not torch.isfinite(view.to(dtype)).all():
+            return None, f"the sampled parameters overflow a {dtype} parameter"
     theta32 = theta.float()
     corpus_norm = math.sqrt(theta.numel()) * GPT_TARGET_STD / opt.generator.normalization.param_scale
     reference = max(float(theta32.norm()), corpus_norm)

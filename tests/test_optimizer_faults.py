@@ -288,6 +288,41 @@ def test_a_sample_that_overflows_half_precision_fails_and_leaves_theta():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_a_sample_that_overflows_one_half_precision_parameter_of_a_mixed_model_fails():
+    model = toy_model()
+    model.fc1.bias.data = model.fc1.bias.data.half()  # θ flattens to float32; one parameter is float16
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 1e5), lr=1e-2, max_update_ratio=float("inf"))
+    before = snapshot(model)
+    with pytest.warns(RuntimeWarning, match="overflow a torch.float16 parameter"):
+        assert opt.generate(metric=1.0).failed
+    assert_same(snapshot(model), before)
+
+
+def _round_trip(make, steps: int = 2):
+    model = toy_model()
+    opt = make(model)
+    _warm(model, opt, steps)
+    return model, opt, opt.state_dict()
+
+
+@pytest.mark.parametrize("make_saved, make_loading", [
+    (lambda m: GptOptimizer(m.named_parameters(), tiny_generator(), lr=1e-2),) * 2,
+    (lambda m: GptOptimizer(m.parameters(), tiny_generator(), base=torch.optim.Adafactor, lr=1e-2),) * 2,
+    (lambda m: GptOptimizer(m.parameters(), tiny_generator(), lr=1e-2),
+     lambda m: GptOptimizer(m.parameters(), tiny_generator(), lr=1e-2, foreach=True)),
+    (lambda m: GptOptimizer(m.parameters(), tiny_generator(), base=torch.optim.SGD, lr=1e-2, momentum=0.9),
+     lambda m: GptOptimizer(m.parameters(), tiny_generator(), base=torch.optim.SGD, lr=0.5, momentum=0.9,
+                            nesterov=True)),
+], ids=["named-parameters", "adafactor", "foreach-none-to-true", "sgd-nesterov"])
+def test_valid_states_of_torch_optimizers_still_load(make_saved, make_loading):
+    _, _, sd = _round_trip(make_saved)
+    model = toy_model(seed=5)
+    opt = make_loading(model)
+    opt.load_state_dict(sd)
+    assert opt.param_groups is opt.base.param_groups and opt.param_groups[0]["lr"] == 1e-2
+    _warm(model, opt, 1)
+
+
 def test_the_closure_leaves_the_same_gradient_tensors_with_the_same_values():
     model = toy_model()
     opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 0.01), lr=1e-2)

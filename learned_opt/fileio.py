@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["atomic_write", "write_exclusive", "written_temp", "fsync_dir"]
+__all__ = ["atomic_write", "atomic_write_with_manifest", "write_exclusive", "written_temp", "fsync_dir"]
 
 
 def _read_umask() -> int:
@@ -63,6 +63,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, fs
         os.replace(tmp, path)
     if fsync:
         fsync_dir(path.parent)
+
+
+def atomic_write_with_manifest(path: str | os.PathLike, write: Callable[[Path], object],
+                               manifest: str | os.PathLike, manifest_text: Callable[[Path], str]) -> None:
+    """Replace a file and the manifest that describes it (e.g. by its sha256) as one: ``write(tmp)``
+    stages the file, ``manifest_text(staged file)`` makes the manifest's text, which is staged too,
+    and only then are both renamed into place, the file first. A failure while staging either (an
+    exception, a full disk, an interrupt) leaves the previous pair as it was.
+    """
+    path, manifest = Path(path), Path(manifest)
+    with written_temp(path, write) as staged:
+        text = manifest_text(staged)
+        with written_temp(manifest, lambda p: p.write_text(text, encoding="utf-8")) as staged_manifest:
+            os.replace(staged, path)
+            os.replace(staged_manifest, manifest)
+    fsync_dir(path.parent)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from .errors import ArchitectureMismatchError, WeightsError
-from .fileio import atomic_write
+from .fileio import atomic_write_with_manifest
 from .layout import Layout, signature_to_json
 from .manifest import MANIFEST_FORMAT_VERSION
 from .normalization import Normalization
@@ -173,9 +173,7 @@ def save_generator(
         raise WeightsError(f"refusing to save generator {name!r}: non-finite values in {bad[:5]}")
     weights_path, manifest_path = out / f"{name}.safetensors", out / f"{name}.json"
     _to_json(manifest)  # fail on an unserialisable summary before anything is written
-    atomic_write(weights_path, lambda p: save_file(tensors, str(p), metadata={"name": name}))
     manifest["weights_file"] = weights_path.name
-    manifest["weights_sha256"] = sha256_file(weights_path)
-    text = _to_json(manifest)
-    atomic_write(manifest_path, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write_with_manifest(weights_path, lambda p: save_file(tensors, str(p), metadata={"name": name}),
+                               manifest_path, lambda staged: _to_json({**manifest, "weights_sha256": sha256_file(staged)}))
     return manifest_path

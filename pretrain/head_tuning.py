@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from learned_opt import tasks
 from learned_opt.diffusion import check_temperature
 from learned_opt.errors import ConfigError, GenerationError
+from learned_opt.fileio import atomic_write
 from learned_opt.pretrained import LoadedGenerator, load_generator, save_generator
 from learned_opt.selection import check_candidates
 
@@ -248,7 +249,8 @@ def tune_head(config: HeadTuneConfig) -> dict:
     out = Path(config.out)
     if config.plots:
         result["plots"] = [str(_plot(result, out))]
-    (out / "head.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    text = json.dumps(result, indent=1) + "\n"
+    atomic_write(out / "head.json", lambda p: p.write_text(text, encoding="utf-8"))
     return result
 
 

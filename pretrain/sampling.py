@@ -34,6 +34,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -221,6 +222,10 @@ def record_choice(manifest_path: Path, result: dict, config: TuneConfig) -> None
     """Write the chosen sampler as the manifest's ``"sampling"`` entry (atomically; the weights are untouched)."""
     chosen = result["chosen"]
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if manifest.get("weights_sha256") != result["generator"]["sha256"]:  # re-exported during the sweep
+        raise ConfigError(f"{manifest_path} now describes other weights (sha256 {str(manifest.get('weights_sha256'))[:12]}…) "
+                          f"than the ones swept ({result['generator']['sha256'][:12]}…); nothing was written: run the "
+                          f"sweep again on the new weights")
     manifest["sampling"] = {
         "method": chosen["method"], "steps": chosen["steps"], "t_min": chosen["t_min"],
         # left out at their defaults: readable by older releases
@@ -271,7 +276,9 @@ def tune_sampling(config: TuneConfig) -> dict:
     manifest_path = None
     if config.write:
         manifest_path = Path(config.generator).with_suffix(".json")
-        if not manifest_path.is_file():
+        named = Path(config.generator).suffix not in (".json", ".safetensors") and "/" not in str(config.generator) \
+            and os.sep not in str(config.generator)  # a registry name: load_generator reads the shipped files
+        if named or not manifest_path.is_file():
             raise ConfigError(f"--write needs the path of the generator's .json manifest, got {config.generator!r}; "
                               f"pass the file (e.g. learned_opt/weights/NAME.json), not a registry name")
     gen = load_generator(config.generator)
@@ -290,7 +297,8 @@ def tune_sampling(config: TuneConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if config.plots:
         result["plots"] = [str(_plot(result, out))]
-    (out / "sweep.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    text = json.dumps(result, indent=1) + "\n"
+    atomic_write(out / "sweep.json", lambda p: p.write_text(text, encoding="utf-8"))
     if manifest_path is not None:
         record_choice(manifest_path, result, config)
         result["written_to"] = str(manifest_path)

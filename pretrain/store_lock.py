@@ -1,11 +1,14 @@
-"""Who may write a checkpoint store: one writer process at a time, on a store that can be written.
+"""Who may write a checkpoint store (or a training folder): one writer process at a time, on a
+store that can be written.
 
 :func:`acquire_writer` takes an exclusive ``flock`` on ``.writer.lock`` in the store folder, held
 by the process until every :class:`~pretrain.store.Store` it created there is closed or gone (the
 kernel drops it when the process dies, so a killed job never leaves a stale lock). Stores of one
 process share the lock, so a process may reopen its own store. A second process is refused with a
 :class:`StoreError` naming the holder's pid. Under ``torchrun`` only rank 0 creates the store (the
-other ranks open it, which takes no lock), so the ranks of one job share it as before.
+other ranks open it, which takes no lock), so the ranks of one job share it as before. ``train``
+and ``meta-train`` take the same lock on their ``--out`` folder (rank 0), so that two jobs never
+write one checkpoint and log.
 
 On a filesystem without ``flock`` (some network mounts) the lock is skipped with a warning; runs
 are still never overwritten (see :mod:`pretrain.store`), but two jobs may train the same runs.
@@ -48,16 +51,16 @@ def check_writable(root: Path, folders: tuple[str, ...]) -> None:
             ) from None
 
 
-def acquire_writer(root: Path) -> Callable[[], None]:
-    """Take this process's writer lock on the store at ``root``; returns the function that
-    releases it. :class:`StoreError` if another process holds it."""
+def acquire_writer(root: Path, what: str = "the store", error: type[Exception] = StoreError) -> Callable[[], None]:
+    """Take this process's writer lock on ``what`` at ``root`` (a store, or a training folder);
+    returns the function that releases it. ``error`` (:class:`StoreError`) if another process holds it."""
     if fcntl is None:
         return _nothing
     path = root / LOCK_FILE
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
-        raise StoreError(f"cannot write to the store at {root} ({exc.strerror or exc}): check permissions") from None
+        raise error(f"cannot write to {what} at {root} ({exc.strerror or exc}): check permissions") from None
     st = os.fstat(fd)
     key = (st.st_dev, st.st_ino)
     with _GUARD:
@@ -70,15 +73,15 @@ def acquire_writer(root: Path) -> Callable[[], None]:
         except BlockingIOError:
             holder = _read_pid(fd)
             os.close(fd)
-            raise StoreError(
-                f"another process{f' (pid {holder})' if holder else ''} is writing the store at {root}: "
-                "wait for it to finish or stop it; to use several processes on one store, start them "
+            raise error(
+                f"another process{f' (pid {holder})' if holder else ''} is writing {what} at {root}: "
+                "wait for it to finish or stop it; to use several processes on one job, start them "
                 "with torchrun"
             ) from None
         except OSError as exc:
             os.close(fd)
-            warnings.warn(f"cannot lock the store at {root} ({exc.strerror or exc}); make sure no other "
-                          "corpus job writes it", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"cannot lock {what} at {root} ({exc.strerror or exc}); make sure no other "
+                          "job writes it", RuntimeWarning, stacklevel=3)
             return _nothing
         if _read_pid(fd) != str(os.getpid()):  # a store reopened by its writer stays untouched
             try:

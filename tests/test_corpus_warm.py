@@ -130,3 +130,16 @@ def test_warm_from_without_a_generator_and_a_hand_made_store_are_refused(tmp_pat
     with pytest.raises(StoreError, match="records no corpus settings"):
         build_corpus(config, data=mnist_data)
     assert Store.open(tmp_path / "hand").run_ids() == []
+
+
+def test_a_resume_whose_warm_start_generator_changed_its_sampler_says_which_setting(tmp_path):
+    from pretrain.corpus.build import check_settings
+
+    warm = {"generator": "g", "sha256": "ab" * 32, "from_run": 0, "prompt": 0.16,
+            "sampler": {"method": "ddim", "steps": 2, "t_min": 500}}
+    store = type("S", (), {"root": tmp_path, "settings": {"seed": 0, "warm_start": warm}})()
+    retuned = {**warm, "sampler": {"method": "ddim", "steps": 3, "t_min": 500}}  # tune-sampling --write since
+    with pytest.raises(StoreError, match="whose sampler was .*'steps': 2.*, not .*'steps': 3.*give the generator its "
+                                         "recorded sampler again"):
+        check_settings(store, {"seed": 0, "warm_start": retuned})
+    check_settings(store, {"seed": 0, "warm_start": dict(warm)})  # the same: accepted

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from learned_opt.fileio import atomic_write
+from learned_opt.fileio import atomic_write, atomic_write_with_manifest
 
 
 def test_atomic_write_replaces_the_file_and_leaves_no_temporary_file(tmp_path):
@@ -54,3 +54,27 @@ def test_a_writer_that_replaces_the_temp_file_still_gets_ordinary_permissions(tm
     umask = os.umask(0o022)
     os.umask(umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("fail_in", ["file", "manifest"])
+def test_a_file_and_its_manifest_are_replaced_together_or_not_at_all(tmp_path, fail_in):
+    data, manifest = tmp_path / "w.bin", tmp_path / "w.json"
+    atomic_write_with_manifest(data, lambda p: p.write_bytes(b"old"), manifest, lambda p: f"size {p.stat().st_size}")
+    assert data.read_bytes() == b"old" and manifest.read_text() == "size 3"
+
+    def write(p):
+        p.write_bytes(b"newer")
+        if fail_in == "file":
+            raise OSError(28, "No space left on device")
+
+    def text(staged):
+        if fail_in == "manifest":
+            raise OSError(28, "No space left on device")
+        return "unused"
+
+    with pytest.raises(OSError, match="No space"):
+        atomic_write_with_manifest(data, write, manifest, text)
+    assert data.read_bytes() == b"old" and manifest.read_text() == "size 3"  # the previous pair, whole
+    assert sorted(os.listdir(tmp_path)) == ["w.bin", "w.json"]
+    atomic_write_with_manifest(data, lambda p: p.write_bytes(b"newer"), manifest, lambda p: f"size {p.stat().st_size}")
+    assert data.read_bytes() == b"newer" and manifest.read_text() == "size 5"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -28,6 +29,17 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert (tmp_path / "a" / "meta_loss.png").stat().st_size > 0
     rule = load_rule(tmp_path / "a" / "lopt.json")
     assert rule.manifest["meta_training"]["outer_steps"] == 5 and all(torch.isfinite(v).all() for v in rule.theta.values())
+
+
+def test_a_log_line_cut_short_by_a_kill_does_not_block_the_resume(tmp_path, monkeypatch):
+    meta_train(MetaConfig(outer_steps=3, **TINY), _data(), tmp_path, progress=False, export=False)
+    log = tmp_path / "log.jsonl"
+    log.write_text(log.read_text() + '{"outer_step": 4, "meta_lo')  # the kill came mid-line
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # a runtime install: no matplotlib, no plot
+    (tmp_path / "meta_loss.png").unlink()
+    meta_train(MetaConfig(outer_steps=5, **TINY), _data(), tmp_path, resume=True, progress=False, export=False)
+    assert [json.loads(line)["outer_step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5]
+    assert not (tmp_path / "meta_loss.png").exists()
 
 
 def test_resume_with_other_settings_refused(tmp_path):

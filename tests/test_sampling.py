@@ -11,7 +11,7 @@ from test_demo import save_tiny_mnist_generator
 from learned_opt.cli import main as cli_main
 from learned_opt.errors import ConfigError
 from learned_opt.pretrained import load_generator
-from pretrain.sampling import TuneConfig, sampler_grid, sweep
+from pretrain.sampling import TuneConfig, record_choice, sampler_grid, sweep
 
 
 def test_grid_skips_what_does_not_fit_and_one_step_samplers_repeated():
@@ -111,7 +111,24 @@ def test_tune_sampling_end_to_end_writes_the_manifest(mnist_root, tmp_path, caps
     assert "tune-sampling" in json.loads(manifest.read_text())["sampling"]["chosen_by"]
 
 
-def test_write_needs_a_manifest_path(mnist_root, tmp_path, capsys):
+def test_write_needs_a_manifest_path(mnist_root, tmp_path, capsys, monkeypatch):
     code = cli_main(["tune-sampling", "--generator", "mnist-mlp", "--data-root", str(mnist_root),
                      "--out", str(tmp_path), "--write", "--no-progress"])
     assert code == 2 and "--write needs the path" in capsys.readouterr().err
+    # a registry name loads the shipped generator, whatever NAME.json the working folder holds
+    local = save_tiny_mnist_generator(tmp_path / "here")
+    monkeypatch.chdir(local.parent)
+    before = local.read_text()
+    code = cli_main(["tune-sampling", "--generator", local.stem, "--data-root", str(mnist_root),
+                     "--out", str(tmp_path / "tune"), "--write", "--no-progress"])
+    assert code == 2 and "--write needs the path" in capsys.readouterr().err and local.read_text() == before
+
+
+def test_the_choice_is_not_written_into_a_manifest_of_other_weights(tmp_path):
+    manifest = save_tiny_mnist_generator(tmp_path / "gen")
+    before = manifest.read_text()
+    result = {"chosen": {"method": "ddim", "steps": 2, "t_min": 0}, "metric": "test_loss",
+              "generator": {"name": "x", "sha256": "0" * 64}}  # swept before a re-export replaced the weights
+    with pytest.raises(ConfigError, match="other weights"):
+        record_choice(manifest, result, TuneConfig(generator=str(manifest)))
+    assert manifest.read_text() == before

@@ -152,6 +152,37 @@ def test_log_and_plot_rewrites_that_fail_keep_the_old_files_and_leave_no_tempora
 # ------------------------------------------------------------------------------ bad input loses nothing
 
 
+def test_a_second_job_on_one_training_folder_is_refused(store_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    holder = subprocess.Popen(  # another process holding the folder, as a running job does
+        [sys.executable, "-c", "import sys; from pathlib import Path; from pretrain.store_lock import acquire_writer; "
+         "acquire_writer(Path(sys.argv[1])); print('held', flush=True); sys.stdin.read()", str(tmp_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TrainingError, match=f"another process \\(pid {holder.pid}\\) is writing the training folder"):
+            train(tiny(store_dir, tmp_path, steps=2))
+        assert not (tmp_path / LOG_NAME).exists()  # nothing written
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert train(tiny(store_dir, tmp_path, steps=2)).step == 2  # the lock went with the process
+
+
+def test_a_resume_on_a_store_built_with_other_settings_is_refused(tmp_path):
+    same, other = make_store(tmp_path / "a"), make_store(tmp_path / "b")  # the same runs, as far as ids go
+    for store, seed in ((same, 0), (other, 1)):
+        store.record_settings({"seed": seed, "epochs": None})
+    train(tiny(tmp_path / "a", tmp_path / "run", stop_after=2))
+    with pytest.raises(StoreError, match="built with other settings"):
+        train(tiny(tmp_path / "b", tmp_path / "run", resume=True))
+    assert train(tiny(tmp_path / "a", tmp_path / "run", resume=True)).step == 6
+
+
 def test_existing_checkpoint_without_resume_is_refused_and_kept(store_dir, straight):
     out, _ = straight
     before = {p.name: file_hash(p) for p in out.iterdir()}

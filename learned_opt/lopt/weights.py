@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import WeightsError
-from ..fileio import atomic_write
+from ..fileio import atomic_write_with_manifest
 from ..jsoncheck import is_int
 from ..manifest import MAX_MANIFEST_BYTES
 from ..saving import sha256_bytes, sha256_file
@@ -110,13 +110,12 @@ def save_rule(out_dir: str | os.PathLike, name: str, theta: Mapping[str, torch.T
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "package_version": __version__,
     }
-    text = json.dumps(manifest, indent=2)  # fails on an unserialisable summary before anything is written
+    json.dumps(manifest)  # fails on an unserialisable summary before anything is written
     weights_path, manifest_path = out / f"{name}.safetensors", out / f"{name}.json"
-    atomic_write(weights_path, lambda p: save_file(tensors, str(p), metadata={"name": name, "kind": KIND}))
     manifest["weights_file"] = weights_path.name
-    manifest["weights_sha256"] = sha256_file(weights_path)
-    text = json.dumps(manifest, indent=2) + "\n"
-    atomic_write(manifest_path, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic_write_with_manifest(
+        weights_path, lambda p: save_file(tensors, str(p), metadata={"name": name, "kind": KIND}),
+        manifest_path, lambda staged: json.dumps({**manifest, "weights_sha256": sha256_file(staged)}, indent=2) + "\n")
     return manifest_path
 
 

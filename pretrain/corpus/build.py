@@ -57,6 +57,13 @@ def check_settings(store: Store, settings: dict) -> None:
         if key == "ranges" and isinstance(old, dict) and isinstance(new, dict):
             name = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))
             what = f"hyperparameter range {name} = {old.get(name)}, not {new.get(name)}"
+        elif key == "warm_start" and isinstance(old, dict) and isinstance(new, dict) and _describe(key, old) == _describe(key, new):
+            name = next(k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k))  # the same generator
+            raise StoreError(
+                f"{store.root} was built with --warm-start {_describe(key, old)} whose {name} was {old.get(name)}, "
+                f"not {new.get(name)}: give the generator its recorded {name} again (its manifest's "
+                f"\"sampling\" entry, or a copy of the generator with it), or choose a new --out folder"
+            )
         else:
             what = f"{_SETTING_NAMES.get(key, key)} {_describe(key, old)}, not {_describe(key, new)}"
         raise StoreError(

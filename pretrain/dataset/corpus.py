@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +67,17 @@ class PairCorpus:
             "init_fraction": self.config.init_fraction,
             "late_fraction": self.config.late_fraction,
             "split": self.split.to_dict(),
+            "store_settings_sha256": settings_fingerprint(self.store),
         }
+
+
+def settings_fingerprint(store: Store) -> str | None:
+    """The sha256 of the settings ``learned-opt corpus`` recorded in ``store`` (seed, epochs,
+    examples, checkpoints, ranges, warm start): two stores with the same one hold the same runs
+    under the same run ids. None for a store without recorded settings."""
+    if store.settings is None:
+        return None
+    return hashlib.sha256(json.dumps(store.settings, sort_keys=True).encode()).hexdigest()
 
 
 def open_store(root: str | Path, task: str | None = None) -> Store:
@@ -114,11 +126,14 @@ def open_pairs(
     task: str | None = None,
     split: Split | None = None,
     normalization: Normalization | None = None,
+    recorded_settings: str | None = None,
 ) -> PairCorpus:
     """Open a store as training pairs: split the runs, compute (or reuse) the normalisation.
 
     ``split`` and ``normalization`` restore a recorded split / normalisation (a resumed training
     job must see exactly the data it saw before); without them they are computed from the store.
+    ``recorded_settings`` (a resumed job's :func:`settings_fingerprint`) refuses a store built
+    with other settings (:class:`StoreError`).
     """
     config = config or PairConfig()
     store = open_store(root, task)
@@ -127,6 +142,11 @@ def open_pairs(
     if split is None:
         split = split_runs(store.run_ids(), config.heldout_fraction, config.split_seed)
     else:
+        if recorded_settings is not None and settings_fingerprint(store) not in (None, recorded_settings):
+            raise StoreError(
+                f"the store at {root} was built with other settings (seed, epochs, examples, warm start, ...) than "
+                "the corpus this training job was started with; point --store at that corpus or train into a new --out"
+            )
         missing = [r for r in split.train + split.heldout if not store.has_run(r)]
         if missing:
             raise StoreError(

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from learned_opt.fileio import atomic_write
+
 from .config import METRIC_LABELS
 
 
@@ -76,6 +78,8 @@ def save_figure(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:  # atomically: a kill while a rerun draws leaves the previous figure, not a cut-off one
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"), fsync=False)
+    finally:
+        plt.close(fig)
     return path

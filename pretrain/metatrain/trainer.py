@@ -23,6 +23,8 @@ from learned_opt.lopt.model import FEATURE_CONFIG, HIDDEN, hand_set_theta, theta
 from learned_opt.lopt.weights import save_rule
 
 from pretrain.train.distributed import setup_distributed
+from pretrain.store_lock import acquire_writer
+from pretrain.train.outputs import read_jsonl, truncate_log
 
 from .family import MnistMlpFamily
 from .outer import OUTER_OPTIMIZERS, OuterOptimizer
@@ -139,12 +141,16 @@ def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
 
 
 def plot_meta_loss(log_path: Path, png: Path) -> None:
-    import matplotlib
+    """Draw ``meta_loss.png`` from the log (lines cut short by a kill are skipped); nothing without
+    matplotlib (a runtime install has none: ``pip install 'learned-opt[dev]'``)."""
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    rows = read_jsonl(log_path)
     if not rows:
         return
     steps, loss = [r["outer_step"] for r in rows], torch.tensor([r["meta_loss"] for r in rows])
@@ -163,8 +169,10 @@ def plot_meta_loss(log_path: Path, png: Path) -> None:
     ax.set_title("PES meta-training of the learned optimizer")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    try:
+        atomic_write(png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"), fsync=False)
+    finally:
+        plt.close(fig)
 
 
 def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = False, name: str = "lopt",
@@ -178,14 +186,20 @@ def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = Fals
     from tqdm import tqdm
 
     info = setup_distributed("cpu")
+    release = None
     try:
         shard = shard_of(config.pairs, info.rank, info.world)
+        if shard.is_main:  # one job per folder, until this returns or the process ends
+            Path(out).mkdir(parents=True, exist_ok=True)
+            release = acquire_writer(Path(out), "the meta-training folder", TrainingError)
         result = _meta_train(config, data, Path(out), shard, resume=resume, name=name, export=export,
                              progress=progress and shard.is_main, tqdm=tqdm)
         if info.world > 1:
             dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts then)
         return result
     finally:
+        if release is not None:
+            release()
         if info.owns_group:
             dist.destroy_process_group()
 
@@ -207,7 +221,7 @@ def _meta_train(config, data, out: Path, shard, *, resume, name, export, progres
         gen.set_state(s.gen_state)
         s.unroll = part_of(s.unroll, shard) if s.unroll is not None else None
         if main:
-            _truncate_log(log_path, s.outer_step)
+            truncate_log(log_path, s.outer_step, key="outer_step")
     else:
         if ckpt.exists():
             raise TrainingError(f"{ckpt} exists: pass --resume to continue it, or choose a new --out")
@@ -258,12 +272,3 @@ def _meta_train(config, data, out: Path, shard, *, resume, name, export, progres
             "torch_threads": torch.get_num_threads(), "config": config.settings(), "features": FEATURE_CONFIG,
         })
     return s.theta
-
-
-def _truncate_log(log_path: Path, outer_step: int) -> None:
-    """Drop log lines written after the checkpoint being resumed (they will be written again)."""
-    if not log_path.exists():
-        return
-    rows = [line for line in log_path.read_text().splitlines() if line.strip()]
-    keep = [line for line in rows if json.loads(line)["outer_step"] <= outer_step]
-    log_path.write_text("".join(line + "\n" for line in keep))

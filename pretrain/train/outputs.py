@@ -91,9 +91,10 @@ def read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def truncate_log(path: Path, last_step: int) -> None:
-    """Drop log records after ``last_step`` (written after the checkpoint a job resumes from)."""
-    keep = "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r.get("step", 0) <= last_step)
+def truncate_log(path: Path, last_step: int, key: str = "step") -> None:
+    """Drop log records whose ``key`` is after ``last_step`` (written after the checkpoint a job
+    resumes from), and any line cut short by a kill; atomically."""
+    keep = "".join(json.dumps(r) + "\n" for r in read_jsonl(path) if r.get(key, 0) <= last_step)
     atomic_write(path, lambda tmp: tmp.write_text(keep, encoding="utf-8"))
 
 

@@ -7,6 +7,7 @@ import math
 import shlex
 import sys
 import time
+import weakref
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from learned_opt.options import check_out_dir
 from learned_opt.pretrained import load_generator
 
 from ..dataset import PairBatch, PairSampler, Split, StepBatches, open_pairs, open_store, seeded_generator
+from ..store_lock import acquire_writer
 from .config import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
@@ -130,6 +132,7 @@ class Trainer:
             config.store, config.pair_config(),
             task=state["corpus"]["task"] if state else config.task,
             split=split, normalization=normalization,
+            recorded_settings=state["corpus"].get("store_settings_sha256") if state else None,
         )
         self.notes += self.corpus.notes
         check_batch_size(config.batch_size, self.corpus.store.num_params)
@@ -321,6 +324,8 @@ class Trainer:
         cfg, info = self.config, self.info
         if info.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            # one job per folder: held until this trainer is gone or the process ends
+            weakref.finalize(self, acquire_writer(self.out, "the training folder", TrainingError))
             if self.step > 0:
                 truncate_log(self.log_path, self.step)  # records written after the checkpoint
             else:

@@ -8,13 +8,13 @@ base optimizer's groups and per-parameter tensors) is checked here first, so a b
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .errors import OptimizerStateError
+from .jsoncheck import is_number
 
 COUNTERS = ("steps", "attempted", "accepted", "rejected", "failed", "kept")
 OUTCOMES = ("accepted", "rejected", "failed", "kept")  # each attempted update counts exactly one
@@ -173,8 +173,8 @@ def _same_kind(value: Any, live: Any) -> bool:
         return True
     if isinstance(live, bool):
         return value is None or isinstance(value, bool)
-    if _is_number(live) or isinstance(live, torch.Tensor):
-        return _is_number(value) or (isinstance(value, torch.Tensor) and value.numel() == 1
+    if is_number(live) or isinstance(live, torch.Tensor):
+        return is_number(value) or (isinstance(value, torch.Tensor) and value.numel() == 1
                                      and bool(torch.isfinite(value).all()))
     if isinstance(live, str):
         return value is None or isinstance(value, str)
@@ -182,10 +182,6 @@ def _same_kind(value: Any, live: Any) -> bool:
         return (isinstance(value, (tuple, list)) and len(value) == len(live)
                 and all(_same_kind(v, w) for v, w in zip(value, live)))
     return True
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _broadcasts(shape: torch.Size, target: torch.Size) -> bool:

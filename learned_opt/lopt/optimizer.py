@@ -94,7 +94,7 @@ class LearnedOptimizer(Optimizer):
         work = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
         if any(p.grad.is_sparse for _, ps in work for p in ps):
             raise ConfigError("LearnedOptimizer does not support sparse gradients")
-        updates = []  # (group, parameters, their new values, their new momenta and v)
+        updates = []  # (parameters, their new values, their new momenta and v), one per group and device
         for group, with_grad in work:
             # one vectorised pass per device: the rule's MLP runs once over all tensors' elements
             for device in dict.fromkeys(p.device for p in with_grad):

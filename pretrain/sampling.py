@@ -218,14 +218,15 @@ def sweep(gen: LoadedGenerator, task: tasks.Task, val_data: Any, inits: torch.Te
     }
 
 
-def record_choice(manifest_path: Path, result: dict, config: TuneConfig) -> None:
-    """Write the chosen sampler as the manifest's ``"sampling"`` entry (atomically; the weights are untouched)."""
+def record_choice(manifest_path: Path, result: dict, config: TuneConfig, sha256: str | None = None) -> None:
+    """Write the chosen sampler as the manifest's ``"sampling"`` entry (atomically; the weights are
+    untouched); with ``sha256``, the swept weights', only if the manifest still describes them."""
     chosen = result["chosen"]
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    if manifest.get("weights_sha256") != result["generator"]["sha256"]:  # re-exported during the sweep
+    if sha256 is not None and manifest.get("weights_sha256") != sha256:  # re-exported during the sweep
         raise ConfigError(f"{manifest_path} now describes other weights (sha256 {str(manifest.get('weights_sha256'))[:12]}…) "
-                          f"than the ones swept ({result['generator']['sha256'][:12]}…); nothing was written: run the "
-                          f"sweep again on the new weights")
+                          f"than the ones swept ({sha256[:12]}…); nothing was written: run the sweep again on the "
+                          f"new weights")
     manifest["sampling"] = {
         "method": chosen["method"], "steps": chosen["steps"], "t_min": chosen["t_min"],
         # left out at their defaults: readable by older releases
@@ -300,7 +301,7 @@ def tune_sampling(config: TuneConfig) -> dict:
     text = json.dumps(result, indent=1) + "\n"
     atomic_write(out / "sweep.json", lambda p: p.write_text(text, encoding="utf-8"))
     if manifest_path is not None:
-        record_choice(manifest_path, result, config)
+        record_choice(manifest_path, result, config, sha256=gen.sha256)
         result["written_to"] = str(manifest_path)
     return result
 

@@ -2,6 +2,7 @@
 
     python benchmarks/warm_runs.py --store runs/mnist-corpus --out benchmarks/results/warm-runs-mnist
     python benchmarks/warm_runs.py --store runs/cnn-boot --plain runs/cnn-corpus --out benchmarks/results/warm-runs-cnn
+    python benchmarks/warm_runs.py --store runs/cnn-boot5 --against runs/cnn-boot4 --out benchmarks/results/warm-runs-cnn5
 
 Reads a store that holds both (built by ``learned-opt corpus`` and then ``--warm-start GEN
 --warm-from N``; docs/corpus.md), or a store of warm runs and, with ``--plain``, a store of plain
@@ -12,7 +13,10 @@ run's first checkpoint is its start, or its init where the store records
 ``--warm-first-checkpoint init``. Per group and per number
 of epochs: runs, runs dropped, the median test error and loss at the first and the last
 checkpoint, and the ratio of the warm group's median final test error to the plain group's.
-Writes ``warm_runs.json`` and ``warm_runs.png`` (final test error per run against its epochs).
+With ``--against``, another store built with the same task and seed (an earlier bootstrap round, or
+runs of other ``--epochs``), whose runs with the warm runs' ids started from the same inits: the two
+compared run by run. Writes ``warm_runs.json`` and ``warm_runs.png`` (final test error per run
+against its epochs).
 """
 
 from __future__ import annotations
@@ -76,7 +80,31 @@ def paired(groups: dict) -> dict:
             "warm_lower": sum(d < 0 for d in diffs)}
 
 
+def against(groups: dict, store: Store, other: Store) -> dict:
+    """The warm runs of ``store`` against the runs of ``other`` with the same ids (same task and seed:
+    the same inits), run by run: both medians, the median difference, how many end lower, and
+    ``other``'s median per number of epochs."""
+    if store.task_name != other.task_name or (store.settings or {}).get("seed") != (other.settings or {}).get("seed"):
+        raise SystemExit(f"{other.root} was built with another task or seed than {store.root}: --against needs "
+                         "the same runs' inits")
+    mine = {r["run"]: r for r in groups["warm"]}
+    theirs = [run_row(other, r) for r in other.run_ids() if r in mine]
+    if not theirs:
+        raise SystemExit(f"{other.root} holds none of the warm runs' ids")
+    diffs = [mine[r["run"]]["test_error_last"] - r["test_error_last"] for r in theirs]
+    med = statistics.median
+    return {"store": Path(other.root).name, "runs": len(theirs),
+            "test_error_last": med(mine[r["run"]]["test_error_last"] for r in theirs),
+            "their_test_error_last": med(r["test_error_last"] for r in theirs),
+            "median_difference": med(diffs), "lower": sum(d < 0 for d in diffs),
+            "their_by_epochs": {str(e): {"runs": sum(r["epochs"] == e for r in theirs),
+                                         "test_error_last": med(r["test_error_last"] for r in theirs if r["epochs"] == e)}
+                                for e in sorted({r["epochs"] for r in theirs})}}
+
+
 def summary(runs: list[dict], dropped: int) -> dict:
+    if not runs:
+        return {"runs": 0, "dropped": dropped}
     med = lambda key: statistics.median(r[key] for r in runs)  # noqa: E731
     return {"runs": len(runs), "dropped": dropped, "test_error_first": med("test_error_first"),
             "test_error_last": med("test_error_last"), "test_loss_first": med("test_loss_first"),
@@ -88,6 +116,8 @@ def main() -> None:
     parser.add_argument("--store", required=True)
     parser.add_argument("--plain", default=None, help="a store of plain runs built with the same seed (default: "
                         "the plain runs of --store)")
+    parser.add_argument("--against", default=None, help="another store built with the same task and seed (e.g. "
+                        "an earlier bootstrap round): its runs with the warm runs' ids, compared run by run")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     store = Store.open(args.store)
@@ -111,8 +141,11 @@ def main() -> None:
               "by_epochs": {str(e): {k: summary([r for r in g if r["epochs"] == e], dropped.count((k, e)))
                                      for k, g in groups.items()} for e in epochs},
               "runs": groups}
-    result["ratio_final_test_error"] = result["all"]["warm"]["test_error_last"] / result["all"]["plain"]["test_error_last"]
+    if result["all"]["plain"]["runs"]:
+        result["ratio_final_test_error"] = result["all"]["warm"]["test_error_last"] / result["all"]["plain"]["test_error_last"]
     result["paired"] = paired(groups)
+    if args.against is not None:
+        result["against"] = against(groups, store, Store.open(args.against))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "warm_runs.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
@@ -120,21 +153,32 @@ def main() -> None:
     print(f"{'':>10} {'runs':>5} {'dropped':>7} {'error first':>11} {'error last':>10} {'loss last':>9}")
     for label, rows in [("all", result["all"])] + [(f"{e} epochs", result["by_epochs"][str(e)]) for e in epochs]:
         for kind, s in rows.items():
-            print(f"{label:>10} {kind:>5}: {s['runs']:>4} {s['dropped']:>7} {s['test_error_first']:>10.2f}% "
-                  f"{s['test_error_last']:>9.2f}% {s['test_loss_last']:>9.4f}")
-    print(f"warm / plain, median final test error: {result['ratio_final_test_error']:.3f}")
+            if s["runs"]:
+                print(f"{label:>10} {kind:>5}: {s['runs']:>4} {s['dropped']:>7} {s['test_error_first']:>10.2f}% "
+                      f"{s['test_error_last']:>9.2f}% {s['test_loss_last']:>9.4f}")
+    if "ratio_final_test_error" in result:
+        print(f"warm / plain, median final test error: {result['ratio_final_test_error']:.3f}")
     if result["paired"]["runs"]:
         p = result["paired"]
         print(f"run by run ({p['runs']} runs in both): warm - plain final test error, median "
               f"{p['median_difference']:+.2f} points; warm lower in {p['warm_lower']}")
+    if "against" in result:
+        a = result["against"]
+        print(f"against {a['store']}, run by run ({a['runs']} runs in both): final test error {a['test_error_last']:.2f}% "
+              f"against {a['their_test_error_last']:.2f}%, median difference {a['median_difference']:+.2f} points, "
+              f"lower in {a['lower']}; theirs by epochs: "
+              + ", ".join(f"{e}: {v['test_error_last']:.2f}% ({v['runs']})" for e, v in a["their_by_epochs"].items()))
 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for offset, (kind, rows) in zip((-0.8, 0.8), groups.items()):
+        if not rows:  # a store of warm runs only
+            continue
         ax.scatter([r["epochs"] + offset for r in rows], [r["test_error_last"] for r in rows], s=6, alpha=0.4,
                    label=f"{kind} start ({len(rows)} runs)")
-        ax.plot([e + offset for e in epochs], [result["by_epochs"][str(e)][kind]["test_error_last"] for e in epochs],
+        shown = [e for e in epochs if result["by_epochs"][str(e)][kind]["runs"]]
+        ax.plot([e + offset for e in shown], [result["by_epochs"][str(e)][kind]["test_error_last"] for e in shown],
                 marker="_", markersize=18, linestyle="none", color="black", label="medians" if offset > 0 else None)
     finals = sorted(r["test_error_last"] for g in groups.values() for r in g)
     top = finals[int(0.95 * (len(finals) - 1))]  # the worst 5% (diverged-looking runs) would flatten the rest

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import threading
 import time
-import warnings
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .collectives import agree, all_ranks_each, broadcast_flag
 from .errors import ConfigError, GenerationError
 from .optimizer_checks import (
     check_architecture,
@@ -28,10 +26,10 @@ from .optimizer_checks import (
     materialize,
 )
 from .optimizer_state import COUNTERS, OUTCOMES, PICKLED_BEFORE, gpt_entry, load_state
-from .proposal import (GenerationReport, MetricValue, call_metric, line_points, load_sample, meets, metric_value,
-                       resolve_prompt, restore, sample_candidates, unhooked_step)
+from .proposal import GenerationReport, MetricValue, call_metric, metric_value, resolve_prompt, unhooked_step
 from .pretrained import LoadedGenerator, load_generator
-from .selection import check_candidates, check_rank, choose_by_closure, rank_by_prediction
+from .selection import check_candidates, check_rank
+from .transaction import attempt
 
 __all__ = ["GenerationReport", "GptOptimizer"]
 
@@ -290,78 +288,10 @@ class GptOptimizer(torch.optim.Optimizer):
         self.counters["attempted"] += 1
         counted = sum(self.counters[k] for k in OUTCOMES)
         try:
-            return self._update(closure, before, target, start)
+            return attempt(self, closure, before, target, start)
         finally:
             if sum(self.counters[k] for k in OUTCOMES) == counted:  # an exception escaped before any outcome
                 self.counters["failed"] += 1
-
-    def _update(self, closure, before: float, target: float, start: float) -> GenerationReport:
-        """The attempted update of :meth:`_generate`, from the current metric and the prompt; counts
-        exactly one outcome unless an exception escapes (which the caller counts as failed)."""
-        points = self.candidates * len(self.step_sizes)  # θ′ candidates, each at every step size
-        params = self.params
-
-        predicted = None  # the property head's prediction per candidate, with rank="self"
-
-        def finish(accepted: bool, reason: str | None, after=None, ratio=None, failed=False, scores=None,
-                   kept=False, chosen=None) -> GenerationReport:
-            key = "accepted" if accepted else "failed" if failed else "kept" if kept else "rejected"
-            self.counters[key] += 1
-            report = GenerationReport(
-                accepted, reason, before, after, target, ratio, time.perf_counter() - start,
-                self.counters["steps"], failed, self.candidates, scores, predicted, kept,
-                None if chosen is None else self.step_sizes[chosen % len(self.step_sizes)],
-            )
-            if failed:
-                warnings.warn(f"generative update failed and was skipped: {reason}", RuntimeWarning, stacklevel=6)
-            return report
-
-        layout = self.generator.layout
-        theta = layout.flatten([p.detach() for p in params])  # [P]
-        if self.keep_if_met and broadcast_flag(meets(before, target, self.generator.metric_direction), theta.device):
-            return finish(False, f"{self.generator.metric_name} {before:g} already meets the prompt {target:g}; θ kept",
-                          kept=True)
-        samples, error = sample_candidates(self, theta, before, target)  # [C, P] or None
-        samples, error = agree(samples, error, theta)
-        if error is not None:
-            return finish(False, error, failed=True)
-        samples, checks = line_points(self, theta, samples)  # [C·S, P] (each candidate at each step size), checked
-        # every rank must measure the same candidates (the closure may hold collectives)
-        ok = all_ranks_each([reason is None for _, reason in checks], theta.device)
-        valid = [i for i, good in enumerate(ok) if good]
-        if not valid:
-            ratio, error = checks[0]
-            error = error or "the sample failed validation on another rank"
-            if len(checks) > 1:
-                error = f"all {len(checks)} {'candidates' if points == self.candidates else 'points'} failed validation (the first: {error})"
-            return finish(False, error, ratio=ratio, failed=True)
-        pool = valid  # the candidates the closure may measure
-        if self.rank == "self":  # the generator's own prediction chooses; the guard measures that one only
-            chosen, predicted, error = rank_by_prediction(self, samples, valid)
-            if error is not None:
-                return finish(False, error, failed=True)
-            pool = [chosen]
-
-        backup = [p.detach().clone() for p in params]
-        settled = False  # True once θ′ is committed, or θ restored and the update counted
-        try:
-            after, scores, reason, accept, chosen = None, None, None, True, pool[0]
-            many = self.rank == "closure" and points > 1  # the closure chooses among the points
-            if closure is not None and (self.guard or many):
-                choice = choose_by_closure(self, closure, samples, pool, before, theta.dtype, many)
-                after, scores, reason, accept, chosen = choice.after, choice.scores, choice.reason, choice.accept, choice.chosen
-            if not accept:
-                restore(params, backup)
-                settled = True
-                return finish(False, reason or "rank 0 rejected the update", after=after, ratio=checks[chosen][0],
-                              scores=scores, chosen=chosen)
-            load_sample(layout, samples[chosen].to(theta.dtype), params)
-            settled = True
-            return finish(True, None, after=after, ratio=checks[chosen][0], scores=scores, chosen=chosen)
-        finally:
-            if not settled:  # KeyboardInterrupt, SystemExit, ... while θ′ was in: put θ back, count, re-raise
-                restore(params, backup)
-                self.counters["rejected"] += 1
 
     # ------------------------------------------------------------------ state
 

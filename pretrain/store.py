@@ -277,11 +277,19 @@ class Store:
     # ------------------------------------------------------------------ reading
 
     def _header(self, run_id: int) -> RunHeader:
+        """The run's parsed header, cached while its file is the one it was read from: a run file
+        deleted and retrained under a long-lived reader (what a checksum error tells the user to
+        do) is read afresh, not at the old file's offsets."""
+        path = self.run_path(run_id)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            self._headers.pop(run_id, None)
+            raise StoreError(f"run {run_id} is not in {self.root} (finished runs: {len(self)})") from None
+        except OSError as exc:
+            raise StoreError(f"cannot read run file {path} ({exc.strerror or exc})") from None
         header = self._headers.get(run_id)
-        if header is None:
-            path = self.run_path(run_id)
-            if not path.is_file():
-                raise StoreError(f"run {run_id} is not in {self.root} (finished runs: {len(self)})")
+        if header is None or header.identity != (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns):
             header = read_header(path, self.num_params, self.task_name)
             self._headers[run_id] = header
         return header

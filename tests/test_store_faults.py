@@ -57,6 +57,26 @@ def test_a_flipped_bit_in_params_is_caught_before_the_run_is_used(tmp_path):
     assert list(corrupt) == [1] and "params" in corrupt[1]
 
 
+def test_a_run_file_deleted_and_retrained_under_a_reader_is_read_afresh(tmp_path):
+    """What a checksum error tells the user to do (delete the run, run the corpus again) must not
+    leave a long-lived reader (a training job) reading the new file at the old file's offsets."""
+    store = Store.create(tmp_path, "mnist-mlp")
+    store.write_run(0, make_record(k=6, seed=0))
+    reader = Store.open(tmp_path)
+    assert reader.read_checkpoints(0, [5]).shape == (1, 7960)  # the header is now cached
+    store.run_path(0).unlink()
+    with pytest.raises(StoreError, match="run 0 is not in"):
+        reader.read_checkpoints(0, [0])
+    retrained = make_record(k=9, seed=7)
+    retrained.hparams["note"] = "a longer header shifts every offset"
+    store.write_run(0, retrained)
+    torch.testing.assert_close(reader.read_checkpoints(0, [8]), retrained.params[8:9])
+    steps, metrics = reader.read_metrics(0)
+    torch.testing.assert_close(steps, retrained.steps)
+    torch.testing.assert_close(metrics["test_loss"], retrained.metrics["test_loss"])
+    assert reader.read_info(0)[0] == 7
+
+
 def test_a_flipped_bit_in_test_loss_is_caught(tmp_path):
     store = Store.create(tmp_path, "mnist-mlp")
     store.write_run(0, make_record())

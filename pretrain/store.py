@@ -277,9 +277,8 @@ class Store:
     # ------------------------------------------------------------------ reading
 
     def _header(self, run_id: int) -> RunHeader:
-        """The run's parsed header, cached while its file is the one it was read from: a run file
-        deleted and retrained under a long-lived reader (what a checksum error tells the user to
-        do) is read afresh, not at the old file's offsets."""
+        """The run's header, cached while its file is the one it was read from (a run deleted and
+        retrained under a long-lived reader is read afresh, not at the old file's offsets)."""
         path = self.run_path(run_id)
         try:
             st = path.stat()

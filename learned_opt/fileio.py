@@ -13,7 +13,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["atomic_write", "atomic_write_with_manifest", "write_exclusive", "written_temp", "fsync_dir"]
+__all__ = ["atomic_write", "atomic_write_with_manifest", "write_exclusive", "written_temp", "fsync_dir", "is_plain_name"]
+
+
+def is_plain_name(name: str) -> bool:
+    """Whether ``name`` is a file name that stays in its folder (what an export may be called)."""
+    return isinstance(name, str) and bool(name) and not any(c in name for c in "/\\\0") and not name.startswith(".")
 
 
 def _read_umask() -> int:

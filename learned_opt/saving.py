@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from .errors import ArchitectureMismatchError, WeightsError
-from .fileio import atomic_write_with_manifest
+from .fileio import atomic_write_with_manifest, is_plain_name
 from .layout import Layout, signature_to_json
 from .manifest import MANIFEST_FORMAT_VERSION
 from .normalization import Normalization
@@ -161,7 +161,7 @@ def save_generator(
     """
     from safetensors.torch import save_file
 
-    if not name or any(c in name for c in "/\\") or name.startswith("."):
+    if not is_plain_name(name):
         raise ValueError(f"invalid generator name {name!r}: use letters, digits, '-', '_' and '.'")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

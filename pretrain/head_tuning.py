@@ -56,7 +56,7 @@ from .evaluate.plots import save_figure
 from .evaluate.property import predict
 from .evaluate.run import hardware
 from .sampling import best_prompt_updates
-from .train.config import is_plain_name
+from learned_opt.fileio import is_plain_name
 
 
 @dataclass

@@ -118,3 +118,25 @@ def test_a_bad_name_is_refused_on_resume_and_at_export_before_any_step(store_dir
                    "must be a plain file name")
     assert (out / CHECKPOINT_NAME).read_bytes() == before
     assert not (tmp_path / "escape.json").exists()
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--seed", str(2**70)], "--seed must be an integer from 0"),
+    (["--sigma", "inf"], "sigma must be a finite number > 0"),
+    (["--outer-lr", "nan"], "outer_lr must be a finite number > 0"),
+    (["--name", "a/b"], "invalid learned-optimizer name 'a/b'"),
+])
+def test_meta_train_refuses_bad_values_before_any_work(tmp_path, capsys, extra, match):
+    out = tmp_path / "lopt"
+    argv = ["meta-train", "--out", str(out), "--data-root", str(tmp_path / "no-data"), "--outer-steps", "1"]
+    one_line_error(argv + extra, capsys, "meta-train", match)
+    assert not out.exists()
+
+
+def test_meta_train_refuses_an_out_that_is_a_file_and_leaves_it_alone(tmp_path, capsys):
+    file = tmp_path / "passwd"
+    file.write_text("keep me\n")
+    one_line_error(["meta-train", "--out", str(file), "--data-root", str(tmp_path)], capsys, "meta-train",
+                   "exists and is not a folder")
+    assert file.read_text() == "keep me\n"

@@ -21,7 +21,8 @@ def test_ranks_with_different_data_end_with_identical_parameters_and_state(tmp_p
         assert torch.equal(a, b)
     for key, s0 in r0["state"]["state"].items():
         for name, t in s0.items():
-            assert torch.equal(t, r1["state"]["state"][key][name]), name
+            other = r1["state"]["state"][key][name]
+            assert torch.equal(t, other) if isinstance(t, torch.Tensor) else t == other == 5, name
     torch.manual_seed(0)
     start = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
     assert any(not torch.equal(a, b) for a, b in zip(r0["params"], start.parameters()))  # it trained

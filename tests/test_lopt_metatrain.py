@@ -124,6 +124,22 @@ def test_pairs_must_divide_among_processes():
 
 @pytest.mark.distributed
 @pytest.mark.slow
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank(tmp_path):
+    """Rank 0 alone writes files; if that fails, rank 1 must stop too, not wait in a collective."""
+    from pathlib import Path
+
+    from torchrun_helpers import run_two_processes
+
+    run_two_processes(Path(__file__).with_name("metatrain_helpers.py"), tmp_path, 4, "--disk-full", timeout=120)
+    assert (tmp_path / "stopped-rank0.txt").read_text() == "OSError: [Errno 28] No space left on device"
+    assert (tmp_path / "stopped-rank1.txt").read_text() == \
+        "TrainingError: writing the checkpoint failed on rank 0; its error says why"
+    assert [json.loads(line)["outer_step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1, 2]
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "lopt.json").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_population_shared_out_over_two_torchrun_processes(tmp_path):
     """Two gloo ranks, one antithetic pair each, take the same outer steps as one process with both
     pairs (to float rounding of the sum), write one log, and their checkpoint resumes in one process."""

@@ -108,6 +108,68 @@ def test_grad_none_untouched_zero_grad_still_steps():
     assert torch.isfinite(a).all()
 
 
+def test_a_parameter_without_gradients_for_a_while_starts_its_own_step_count():
+    """Its bias corrections and step features are those of its first step, as Adam's would be."""
+    exact = hand_set_theta(noise=0.0)  # the rule that is Adam(1e-3)
+    a, b = torch.ones(6, requires_grad=True), torch.ones(6, requires_grad=True)
+    opt = LearnedOptimizer([a, b], weights=exact)
+    for _ in range(10):
+        a.grad = torch.randn(6)
+        opt.step()
+    b.grad = torch.ones(6)
+    opt.step()
+    adam = torch.ones(6, requires_grad=True)
+    reference = torch.optim.Adam([adam], lr=1e-3, eps=0.0)
+    adam.grad = torch.ones(6)
+    reference.step()
+    torch.testing.assert_close(b.detach(), adam.detach(), rtol=0, atol=1e-5)
+    assert (opt.state[a]["step"], opt.state[b]["step"], opt.param_groups[0]["step"]) == (11, 1, 11)
+
+
+def test_a_state_saved_without_per_parameter_steps_goes_on_from_the_groups_count():
+    model, loss_fn = _problem()
+    opt = LearnedOptimizer(model.parameters(), weights=THETA)
+    _train(model, loss_fn, opt, 3)
+    old = copy.deepcopy(opt.state_dict())
+    for s in old["state"].values():
+        del s["step"]
+    _train(model, loss_fn, opt, 2)
+    expected = [p.detach().clone() for p in model.parameters()]
+    model2, loss2 = _problem()
+    opt2 = LearnedOptimizer(model2.parameters(), weights=THETA)
+    _train(model2, loss2, opt2, 3)
+    opt2.load_state_dict(old)
+    _train(model2, loss2, opt2, 2)
+    assert all(torch.equal(x, y) for x, y in zip(expected, model2.parameters()))
+
+
+def test_splitting_parameters_into_groups_changes_no_step():
+    one, loss_one = _problem()
+    two, loss_two = _problem()
+    _train(one, loss_one, LearnedOptimizer(one.parameters(), weights=THETA), 3)
+    decay = [p for p in two.parameters() if p.dim() > 1]
+    rest = [p for p in two.parameters() if p.dim() <= 1]
+    _train(two, loss_two, LearnedOptimizer([{"params": decay}, {"params": rest}], weights=THETA), 3)
+    assert all(torch.equal(x, y) for x, y in zip(one.parameters(), two.parameters()))
+
+
+def test_float64_parameters_are_not_rounded_to_float32():
+    p = torch.tensor([1 + 1e-12, 3.0], dtype=torch.float64, requires_grad=True)
+    opt = LearnedOptimizer([p], weights=hand_set_theta(noise=0.0), lr=0.0)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert p.dtype == torch.float64 and p[0].item() == 1 + 1e-12
+
+
+def test_complex_parameters_are_refused_untouched():
+    p = torch.tensor([1 + 2j, 3 - 1j], requires_grad=True)
+    opt = LearnedOptimizer([p], weights=THETA)
+    p.grad = torch.ones_like(p)
+    with pytest.raises(ConfigError, match="complex parameters.*view_as_real"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.tensor([1 + 2j, 3 - 1j])) and not opt.state
+
+
 def test_state_dict_round_trip_equals_uninterrupted(tmp_path):
     model, loss_fn = _problem()
     opt = LearnedOptimizer(model.parameters(), weights=THETA)
@@ -304,8 +366,10 @@ def test_state_round_trip_keeps_float32_momenta_for_bfloat16_parameters():
     again = LearnedOptimizer(model.parameters(), weights=THETA)
     again.load_state_dict(sd)
     for p in model.parameters():
+        assert again.state[p]["step"] == opt.state[p]["step"] == 2
         for k, v in opt.state[p].items():
-            assert again.state[p][k].dtype == torch.float32 and torch.equal(again.state[p][k], v), k
+            if k != "step":
+                assert again.state[p][k].dtype == torch.float32 and torch.equal(again.state[p][k], v), k
 
 
 @pytest.mark.parametrize("mangle", [lambda sd: sd["state"].__setitem__(0, 5),

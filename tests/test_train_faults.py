@@ -129,3 +129,19 @@ def test_all_ranks_stop_together_when_one_rank_diverges(store_dir, tmp_path):
         assert "diverged by step 3" in (out / f"stopped-rank{rank}.txt").read_text()
     state = load_checkpoint(out / CHECKPOINT_NAME)
     assert state["step"] == 2 and nonfinite_tensors(state) == []
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_all_ranks_stop_when_rank_0_cannot_write_its_checkpoint(store_dir, tmp_path):
+    """Rank 0 alone writes files; if that fails, rank 1 must stop too, not wait in a collective."""
+    from pathlib import Path
+
+    from torchrun_helpers import run_two_processes
+
+    out = tmp_path / "out"
+    run_two_processes(Path(__file__).with_name("ddp_train_faults_worker.py"), store_dir, out, "disk-full", timeout=120)
+    assert (out / "stopped-rank0.txt").read_text() == "OSError: [Errno 28] No space left on device"
+    assert (out / "stopped-rank1.txt").read_text() == \
+        "TrainingError: writing the checkpoint failed on rank 0; its error says why"
+    assert not (out / CHECKPOINT_NAME).exists()

@@ -164,7 +164,8 @@ def update(
     ``step`` is the index of this step (0 for the first); ``num_tensors`` (default ``len(params)``)
     is the tensor count the rule is told. The first layer runs per tensor, the rest of the MLP once
     over all tensors' elements concatenated; the result is :func:`mlp` on every element's full
-    feature vector. Computed in fp32; new parameters take each parameter's dtype.
+    feature vector. Computed in fp32 (a float64 parameter is updated in float64); new parameters take
+    each parameter's dtype.
     """
     if not params:
         return (), {"m": (), "v": ()}
@@ -190,7 +191,10 @@ def update(
         hidden.append(f.T @ w0[:NUM_ELEMENT_FEATURES] + (bias + tensor_features(p) @ size_row))  # [n, hidden0]
     out = head(theta, torch.cat(hidden))  # [N, 2]
     delta = out[:, 0] * torch.exp(EXP_MULT * out[:, 1]) * STEP_MULT * lr  # [N]
+    # in float32, or the parameter's own dtype where it is wider (float64 is not rounded)
     new_params = tuple(
-        (p.float() - d.view(p.shape)).to(p.dtype) for p, d in zip(params, delta.split([p.numel() for p in params]))
+        (p.to(wide) - d.view(p.shape).to(wide)).to(p.dtype)
+        for p, d in zip(params, delta.split([p.numel() for p in params]))
+        for wide in [torch.promote_types(p.dtype, torch.float32)]
     )
     return new_params, {"m": tuple(new_m), "v": tuple(new_v)}

@@ -8,12 +8,15 @@ Usage contract (as any optimizer)::
 
 ``lr`` multiplies every step (1.0 is the step size the rule was meta-trained with, roughly
 Adam(1e-3)'s), so LR schedulers work as with any optimizer. The step counter lives in each param
-group (``group["step"]``) and the momenta in ``state``, so ``state_dict()`` needs no extra code and
+group (``group["step"]``, the steps the group has taken) and the momenta and each parameter's own
+step count in ``state``, so ``state_dict()`` needs no extra code and
 loads through ``torch.load(weights_only=True)``. ``step`` draws no random numbers.
 
 Behaviour at the edges, like Adam's: a parameter whose ``grad`` is None is not touched and its
-state is not advanced; a zero gradient still moves a parameter (the momenta and the rule's own
-reading of the parameter act). A sparse gradient is refused.
+state, step count included, is not advanced; a zero gradient still moves a parameter (the momenta
+and the rule's own reading of the parameter act). The rule is told the model's tensor count over
+all groups, so splitting parameters into groups changes nothing but what the groups set. Float64
+parameters are updated in float64. Sparse gradients and complex parameters are refused.
 """
 
 from __future__ import annotations
@@ -94,22 +97,31 @@ class LearnedOptimizer(Optimizer):
         work = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
         if any(p.grad.is_sparse for _, ps in work for p in ps):
             raise ConfigError("LearnedOptimizer does not support sparse gradients")
-        updates = []  # (parameters, their new values, their new momenta and v), one per group and device
+        if any(p.is_complex() for _, ps in work for p in ps):
+            raise ConfigError("LearnedOptimizer does not support complex parameters: optimize "
+                              "torch.view_as_real(p) as a real parameter instead")
+        # the rule is told the whole model's tensor count, as in meta-training, however it is grouped
+        num_tensors = sum(len(group["params"]) for group in self.param_groups)
+        updates = []  # (parameters, their steps, new values, new momenta and v), one per group, device and step
         for group, with_grad in work:
-            # one vectorised pass per device: the rule's MLP runs once over all tensors' elements
-            for device in dict.fromkeys(p.device for p in with_grad):
-                ps = [p for p in with_grad if p.device == device]
-                known = [self.state.get(p) for p in ps]  # .get: no empty entry for a step that is refused
-                fresh = iter(zip(*init_state([p for p, st in zip(ps, known) if not st]).values()))  # lazily
-                current = [(torch.stack([st[k] for k in MOMENTA]), st["v"]) if st else next(fresh) for st in known]
+            # each parameter counts its own steps (Adam's "step"), so one that had no gradient for a
+            # while starts its bias corrections afresh; the group's counter is for states saved before
+            known = {p: self.state.get(p) for p in with_grad}  # .get: no empty entry for a step that is refused
+            own = {p: (st.get("step", group["step"]) if st else 0) for p, st in known.items()}
+            # one vectorised pass per device and step: the rule's MLP runs once over all tensors' elements
+            for device, step in dict.fromkeys((p.device, own[p]) for p in with_grad):
+                ps = [p for p in with_grad if p.device == device and own[p] == step]
+                fresh = iter(zip(*init_state([p for p in ps if not known[p]]).values()))  # lazily
+                current = [(torch.stack([known[p][k] for k in MOMENTA]), known[p]["v"]) if known[p] else next(fresh)
+                           for p in ps]
                 state = {"m": [m for m, _ in current], "v": [v for _, v in current]}
-                new_p, new_state = update(self._theta(device), ps, [p.grad for p in ps], state, group["step"],
-                                          lr=group["lr"], num_tensors=len(group["params"]))
-                updates.append((ps, new_p, new_state))
-        for ps, new_p, new_state in updates:  # commit
+                new_p, new_state = update(self._theta(device), ps, [p.grad for p in ps], state, step,
+                                          lr=group["lr"], num_tensors=num_tensors)
+                updates.append((ps, step, new_p, new_state))
+        for ps, step, new_p, new_state in updates:  # commit
             torch._foreach_copy_(ps, list(new_p))
             for p, m, v in zip(ps, new_state["m"], new_state["v"]):
-                self.state[p].update(zip(MOMENTA, m.unbind(0)), v=v)
+                self.state[p].update(zip(MOMENTA, m.unbind(0)), v=v, step=step + 1)
         for group, with_grad in work:
             if with_grad:
                 group["step"] += 1
@@ -149,6 +161,8 @@ class LearnedOptimizer(Optimizer):
                     isinstance(s.get(k), torch.Tensor) and tuple(s[k].shape) == tuple(shape) for k in (*MOMENTA, "v")):
                 raise OptimizerStateError(f"state of parameter {pid} does not fit a parameter of shape {list(shape)} "
                                           f"(it needs {', '.join(MOMENTA)} and v of that shape)")
+            if "step" in s and (isinstance(s["step"], bool) or not isinstance(s["step"], int) or s["step"] < 0):
+                raise OptimizerStateError(f"state of parameter {pid} has step {s['step']!r}, not an integer >= 0")
         for g in groups:
             if isinstance(g.get("step"), bool) or not isinstance(g.get("step"), int) or g["step"] < 0:
                 raise OptimizerStateError(f"a param group's step is {g.get('step')!r}, not an integer >= 0")

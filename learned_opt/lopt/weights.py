@@ -22,7 +22,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import WeightsError
-from ..fileio import atomic_write_with_manifest
+from ..fileio import atomic_write_with_manifest, is_plain_name
 from ..jsoncheck import is_int
 from ..manifest import MAX_MANIFEST_BYTES
 from ..saving import sha256_bytes, sha256_file
@@ -94,7 +94,7 @@ def save_rule(out_dir: str | os.PathLike, name: str, theta: Mapping[str, torch.T
 
     from .. import __version__
 
-    if not name or any(c in name for c in "/\\") or name.startswith("."):
+    if not is_plain_name(name):
         raise WeightsError(f"invalid learned-optimizer name {name!r}: use letters, digits, '-', '_' and '.'")
     rule = rule_from_theta(theta, name)
     out = Path(out_dir)

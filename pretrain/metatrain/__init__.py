@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from learned_opt.errors import ConfigError
+
 from .outer import OUTER_OPTIMIZERS
-from .trainer import MetaConfig, meta_train
+from .trainer import MetaConfig, check_destination, meta_train
 
 __all__ = ["MetaConfig", "configure", "main", "meta_train"]
 
@@ -64,6 +66,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     torch.set_num_threads(args.threads)
     config = MetaConfig(
         outer_steps=args.outer_steps, pairs=args.pairs, truncation=args.truncation, unroll=args.unroll,
@@ -73,6 +77,7 @@ def main(args: argparse.Namespace) -> int:
         max_params=args.max_params, seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
+    check_destination(args.out, args.name)
     data = config.family().load_data(args.data_root)
     meta_train(config, data, args.out, resume=args.resume, name=args.name, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":

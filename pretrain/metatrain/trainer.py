@@ -10,6 +10,7 @@ uninterrupted one bit for bit (on the same machine and thread count). Outputs in
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -18,13 +19,14 @@ import torch
 import torch.distributed as dist
 
 from learned_opt.errors import ConfigError, TrainingError
-from learned_opt.fileio import atomic_write
+from learned_opt.fileio import atomic_write, is_plain_name
 from learned_opt.lopt.model import FEATURE_CONFIG, HIDDEN, hand_set_theta, theta_shapes
 from learned_opt.lopt.weights import save_rule
+from learned_opt.options import check_out_dir, check_seed
 
-from pretrain.train.distributed import setup_distributed
+from pretrain.train.distributed import on_main, setup_distributed
 from pretrain.store_lock import acquire_writer
-from pretrain.train.outputs import read_jsonl, truncate_log
+from pretrain.train.outputs import append_jsonl, read_jsonl, truncate_log
 
 from .family import MnistMlpFamily
 from .outer import OUTER_OPTIMIZERS, OuterOptimizer
@@ -69,8 +71,9 @@ class MetaConfig:
             if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
                 raise ConfigError(f"{k} must be an integer >= 1, got {getattr(self, k)!r}")
         for k in ("sigma", "outer_lr", "grad_clip", "loss_clip"):
-            if not getattr(self, k) > 0:
-                raise ConfigError(f"{k} must be > 0, got {getattr(self, k)!r}")
+            if not 0 < getattr(self, k) < math.inf:
+                raise ConfigError(f"{k} must be a finite number > 0, got {getattr(self, k)!r}")
+        check_seed(self.seed)
         if self.outer_optimizer not in OUTER_OPTIMIZERS:
             raise ConfigError(f"outer_optimizer must be one of {', '.join(OUTER_OPTIMIZERS)}, got {self.outer_optimizer!r}")
         if self.outer_loss not in ("mean", "log-mean"):
@@ -175,6 +178,14 @@ def plot_meta_loss(log_path: Path, png: Path) -> None:
         plt.close(fig)
 
 
+def check_destination(out: str | Path, name: str) -> None:
+    """Refuse an ``--out`` that cannot be a folder and a ``--name`` that cannot be a file in it, before
+    any work (the weights are written after hours of meta-training)."""
+    if not is_plain_name(name):
+        raise ConfigError(f"invalid learned-optimizer name {name!r}: use letters, digits, '-', '_' and '.'")
+    check_out_dir(out)
+
+
 def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = False, name: str = "lopt",
                progress: bool = True, export: bool = True) -> dict[str, torch.Tensor]:
     """Meta-train the rule on ``data`` (a downsampled :class:`ClassificationData`: ``train_x``
@@ -185,14 +196,21 @@ def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = Fals
     """
     from tqdm import tqdm
 
+    check_destination(out, name)
     info = setup_distributed("cpu")
     release = None
     try:
         shard = shard_of(config.pairs, info.rank, info.world)
-        if shard.is_main:  # one job per folder, until this returns or the process ends
-            Path(out).mkdir(parents=True, exist_ok=True)
-            release = acquire_writer(Path(out), "the meta-training folder", TrainingError)
-        result = _meta_train(config, data, Path(out), shard, resume=resume, name=name, export=export,
+
+        def claim():  # one job per folder, until this returns or the process ends
+            try:
+                Path(out).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise TrainingError(f"cannot create {out} ({exc.strerror or exc}): choose a folder you can write") from None
+            return acquire_writer(Path(out), "the meta-training folder", TrainingError)
+
+        release = on_main(info, claim, "taking the meta-training folder")
+        result = _meta_train(config, data, Path(out), shard, info, resume=resume, name=name, export=export,
                              progress=progress and shard.is_main, tqdm=tqdm)
         if info.world > 1:
             dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts then)
@@ -204,10 +222,7 @@ def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = Fals
             dist.destroy_process_group()
 
 
-def _meta_train(config, data, out: Path, shard, *, resume, name, export, progress, tqdm):
-    main = shard.is_main
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
+def _meta_train(config, data, out: Path, shard, info, *, resume, name, export, progress, tqdm):
     ckpt, log_path = out / "checkpoint.pt", out / "log.jsonl"
     family = config.family()
     if data.train_x.dim() != 2 or data.train_x.shape[1] != config.image_size ** 2:
@@ -220,14 +235,12 @@ def _meta_train(config, data, out: Path, shard, *, resume, name, export, progres
         s = load_checkpoint(ckpt, config)
         gen.set_state(s.gen_state)
         s.unroll = part_of(s.unroll, shard) if s.unroll is not None else None
-        if main:
-            truncate_log(log_path, s.outer_step, key="outer_step")
+        on_main(info, lambda: truncate_log(log_path, s.outer_step, key="outer_step"), "trimming the log")
     else:
         if ckpt.exists():
             raise TrainingError(f"{ckpt} exists: pass --resume to continue it, or choose a new --out")
         s = MetaState(hand_set_theta(config.hidden, seed=config.seed))
-        if main:
-            log_path.write_text("")
+        on_main(info, lambda: log_path.write_text(""), "starting the log")
     bar = tqdm(total=config.outer_steps, initial=s.outer_step, disable=not progress, desc="meta-train")
     start = time.perf_counter()
     while s.outer_step < config.outer_steps:
@@ -248,27 +261,24 @@ def _meta_train(config, data, out: Path, shard, *, resume, name, export, progres
         s.outer_step += 1
         s.seconds += time.perf_counter() - start
         start = time.perf_counter()
-        if main:
-            row = {"outer_step": s.outer_step, "meta_loss": meta_loss, "grad_norm": float(norm),
-                   "inner_step": s.unroll.step, "task": s.unroll.spec.to_json(), "seconds": round(s.seconds, 3)}
-            with open(log_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        row = {"outer_step": s.outer_step, "meta_loss": meta_loss, "grad_norm": float(norm),
+               "inner_step": s.unroll.step, "task": s.unroll.spec.to_json(), "seconds": round(s.seconds, 3)}
+        on_main(info, lambda: append_jsonl(log_path, row), "writing the log")
         bar.update(1)
         bar.set_postfix(meta_loss=f"{meta_loss:.3f}")
         if s.outer_step % config.checkpoint_every == 0 or s.outer_step == config.outer_steps:
             s.gen_state = gen.get_state()
             whole = replace(s, unroll=whole_population(s.unroll, shard))  # collective: every rank takes part
-            if main:
-                save_checkpoint(ckpt, config, whole)
-                plot_meta_loss(log_path, out / "meta_loss.png")
+            on_main(info, lambda: (save_checkpoint(ckpt, config, whole), plot_meta_loss(log_path, out / "meta_loss.png")),
+                    "writing the checkpoint")
     bar.close()
-    if export and main:
-        save_rule(out, name, s.theta, meta_training={
+    if export:
+        on_main(info, lambda: save_rule(out, name, s.theta, meta_training={
             "method": f"antithetic PES over truncated unrolls, outer optimizer {outer.describe()}",
             "tasks": f"MLPs on MNIST at {', '.join(f'{config.image_size // k}x{config.image_size // k}' for k in config.pools)}"
                      f", hidden depths {list(config.depths)}, widths {list(config.widths)}, batch sizes "
                      f"{list(config.batch_sizes)}" + (f", at most {config.max_params} parameters" if config.max_params else ""),
             "outer_steps": s.outer_step, "wall_seconds": round(s.seconds, 1), "processes": shard.world,
             "torch_threads": torch.get_num_threads(), "config": config.settings(), "features": FEATURE_CONFIG,
-        })
+        }), "the export")
     return s.theta

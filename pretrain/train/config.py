@@ -9,6 +9,7 @@ from pathlib import Path
 
 from learned_opt.diffusion import DiffusionConfig
 from learned_opt.errors import ConfigError, TrainingError
+from learned_opt.fileio import is_plain_name
 from learned_opt.generator import PRESETS
 from learned_opt.layout import SCHEMES
 from learned_opt.options import check_seed
@@ -166,11 +167,6 @@ def check_batch_size(batch_size: int, num_params: int) -> None:
             f"{batch_size * num_params:,} floats; at most {MAX_BATCH_FLOATS:,} (32 GiB each) are allowed: "
             f"use --batch-size {max(1, MAX_BATCH_FLOATS // num_params):,} or less"
         )
-
-
-def is_plain_name(name: str) -> bool:
-    """Whether ``name`` is a file name that stays in its folder (what an export may be called)."""
-    return bool(name) and not any(c in name for c in "/\\\0") and not name.startswith(".")
 
 
 # Settings a resumed job may change; every other field must equal the checkpoint's.

@@ -1,14 +1,19 @@
-"""Ranks and devices under ``torchrun``: setup, means over ranks, and per-rank RNG states."""
+"""Ranks and devices under ``torchrun``: setup, means over ranks, rank 0's file work, and per-rank RNG states."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from learned_opt.collectives import all_ranks
+from learned_opt.errors import TrainingError
 from learned_opt.options import parse_device
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,6 +45,23 @@ def setup_distributed(device: str = "auto") -> DistInfo:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
         owns = True
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns)
+
+
+def on_main(info: DistInfo, work: Callable[[], T], what: str) -> T | None:
+    """``work()`` on rank 0 only (its result there, None elsewhere); if it raises, every rank raises: rank 0
+    its error, the others a :class:`TrainingError` that points to it. A failure on rank 0 alone (a held
+    lock, a full disk) would otherwise leave the other ranks waiting in their next collective."""
+    error, result = None, None
+    if info.is_main:
+        try:
+            result = work()
+        except Exception as exc:  # re-raised below, on this rank and (as a TrainingError) on every other
+            error = exc
+    if not all_ranks(error is None, info.device):
+        if error is not None:
+            raise error
+        raise TrainingError(f"{what} failed on rank 0; its error says why")
+    return result
 
 
 def mean_over_ranks(value: torch.Tensor, info: DistInfo) -> torch.Tensor:

@@ -13,7 +13,7 @@ from learned_opt.layout import Layout, signature_from_json
 from learned_opt.normalization import Normalization
 from learned_opt.symmetry import Symmetry
 
-from .config import is_plain_name
+from learned_opt.fileio import is_plain_name
 from .finetune import inherited_sampling
 from .outputs import load_checkpoint
 

@@ -40,7 +40,7 @@ from .config import (
     with_defaults,
 )
 from .auxiliary import OutputObjectives, property_loss, training_cond
-from .distributed import DistInfo, mean_over_ranks, restore_rng, rng_states, setup_distributed
+from .distributed import DistInfo, mean_over_ranks, on_main, restore_rng, rng_states, setup_distributed
 from .export import export_checkpoint
 from .finetune import ADOPTED_FIELDS, adopt_source, explicit_settings, source_record, source_split
 from .model_setup import new_model
@@ -305,11 +305,14 @@ class Trainer:
 
     def save(self) -> None:
         state = self.checkpoint()  # on every rank: the RNG gather is a collective
-        if self.info.is_main:
+
+        def write() -> str | None:
             atomic_torch_save(state, self.ckpt_path)  # temp file, fsync, rename: the old one stays until then
-            note = plot_losses(self.log_path, self.out / PLOT_NAME)
-            if note and note not in self.notes:
-                self.notes.append(note)
+            return plot_losses(self.log_path, self.out / PLOT_NAME)
+
+        note = on_main(self.info, write, "writing the checkpoint")
+        if note and note not in self.notes:
+            self.notes.append(note)
         self.saved_step = self.step
 
     # ------------------------------------------------------------------ the loop
@@ -322,7 +325,8 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg, info = self.config, self.info
-        if info.is_main:
+
+        def claim() -> None:
             self.out.mkdir(parents=True, exist_ok=True)
             # one job per folder: held until this trainer is gone or the process ends
             weakref.finalize(self, acquire_writer(self.out, "the training folder", TrainingError))
@@ -330,6 +334,8 @@ class Trainer:
                 truncate_log(self.log_path, self.step)  # records written after the checkpoint
             else:
                 self.log_path.write_text("", encoding="utf-8")
+
+        on_main(info, claim, "taking the training folder")
         has_heldout = self.corpus.heldout is not None and len(self.corpus.heldout) > 0
         end = min(cfg.steps, cfg.stop_after or cfg.steps)
         zero = lambda: torch.zeros((), dtype=torch.float64, device=info.device)  # noqa: E731 (no sync per step)
@@ -364,16 +370,15 @@ class Trainer:
                         self.property_error.zero_()
                     if evaluate:
                         self.last.update(self.heldout_loss())
-                    if info.is_main:
-                        append_jsonl(self.log_path, self.last)
+                    on_main(info, lambda: append_jsonl(self.log_path, self.last), "writing the log")
                     bar.set_postfix(loss=f"{self.last['loss']:.4g}", samples_s=f"{self.last['samples_per_s']:.0f}")
                     t_log, loss_sum, n_sum = time.perf_counter(), zero(), 0
                 if step % cfg.checkpoint_every == 0 or step == end:
                     self.save()
 
         manifest = None
-        if self.step >= cfg.steps and cfg.export and info.is_main:
-            manifest = export_checkpoint(self.ckpt_path, self.out, name=self.name)
+        if self.step >= cfg.steps and cfg.export:
+            manifest = on_main(info, lambda: export_checkpoint(self.ckpt_path, self.out, name=self.name), "the export")
         elif self.step < cfg.steps:
             self.notes.append(f"stopped at step {self.step} of {cfg.steps}: continue with --resume")
         if info.world > 1:

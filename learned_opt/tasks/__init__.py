@@ -23,7 +23,7 @@ from .base import MLP, Metric, Task, batched_forward
 from .cartpole_mlp import CartPoleMLP
 from .cifar10_cnn import Cifar10CNN
 from .control import ControlData, ControlTask
-from .datasets import load_cifar10, load_mnist, tensors_from
+from .datasets import CIFAR10_NORMALIZATION, MNIST_NORMALIZATION, load_cifar10, load_mnist, tensors_from
 from .mnist_cnn import MnistCNN
 from .mnist_mlp import MnistMLP
 from .registry import for_generator, get, names, register, source_of
@@ -36,7 +36,7 @@ MnistData = ClassificationData  # the name earlier releases used
 CartPoleData = ControlData
 
 __all__ = [
-    "MLP", "CartPoleData", "CartPoleMLP", "Cifar10CNN", "ClassificationData", "ControlData", "ControlTask",
+    "CIFAR10_NORMALIZATION", "MNIST_NORMALIZATION", "MLP", "CartPoleData", "CartPoleMLP", "Cifar10CNN", "ClassificationData", "ControlData", "ControlTask",
     "Metric", "MnistCNN", "MnistData", "MnistMLP", "SupervisedTask", "Task", "batched_forward",
     "cross_entropy", "for_generator", "get", "load_cifar10", "load_mnist", "names", "register", "source_of", "tensors_from",
 ]

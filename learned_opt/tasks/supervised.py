@@ -62,7 +62,7 @@ class SupervisedTask(Task):
     # per-channel {"mean": [...], "std": [...]} that load_data applies to pixel values in [0, 1]: a
     # generator's manifest records it, since its networks only work on inputs prepared the same way
     input_normalization = None
-    corpus_ranges = None  # a learned_opt.tasks.recipes.SupervisedRanges, or None for the kind's defaults
+    corpus_ranges = None  # a learned_opt.recipes.SupervisedRanges, or None for the kind's defaults
 
     def validation_data(self, data: ClassificationData, holdout: int = 5000) -> ClassificationData:
         """The last ``holdout`` training examples in place of the test set (the ``test_*`` metrics

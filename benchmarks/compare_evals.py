@@ -45,10 +45,9 @@ def paired(new: list[float], old: list[float]) -> dict:
 
 def compare(new: dict, old: dict) -> dict:
     """The paired one-update comparison of two eval results; refuses results of other inits."""
-    for key in ("task",):
-        if new["generator"][key] != old["generator"][key]:
-            raise SystemExit(f"the two results are of different tasks ({new['generator'][key]!r}, "
-                             f"{old['generator'][key]!r}): compare results of one task")
+    if new["generator"]["task"] != old["generator"]["task"]:
+        raise SystemExit(f"the two results are of different tasks ({new['generator']['task']!r}, "
+                         f"{old['generator']['task']!r}): compare results of one task")
     if new["seeds"] != old["seeds"]:
         raise SystemExit("the two results were measured on different inits: run `learned-opt eval` with the same "
                          "--seed and --inits for both")

@@ -283,7 +283,6 @@ class Store:
         try:
             st = path.stat()
         except FileNotFoundError:
-            self._headers.pop(run_id, None)
             raise StoreError(f"run {run_id} is not in {self.root} (finished runs: {len(self)})") from None
         except OSError as exc:
             raise StoreError(f"cannot read run file {path} ({exc.strerror or exc})") from None

@@ -145,3 +145,17 @@ def test_all_ranks_stop_when_rank_0_cannot_write_its_checkpoint(store_dir, tmp_p
     assert (out / "stopped-rank1.txt").read_text() == \
         "TrainingError: writing the checkpoint failed on rank 0; its error says why"
     assert not (out / CHECKPOINT_NAME).exists()
+
+
+def test_a_cpu_job_inside_an_nccl_process_group_is_refused_before_anything_is_written(store_dir, tmp_path,
+                                                                                      monkeypatch):
+    """NCCL reduces CUDA tensors only: a CPU job in the caller's NCCL group would fail in its first collective."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="NCCL.*initialise it with backend 'gloo'"):
+        train(tiny(store_dir, out, device="cpu"))
+    assert not out.exists()

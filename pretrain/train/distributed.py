@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from learned_opt.collectives import all_ranks
-from learned_opt.errors import TrainingError
+from learned_opt.errors import ConfigError, TrainingError
 from learned_opt.options import parse_device
 
 T = TypeVar("T")
@@ -44,6 +44,9 @@ def setup_distributed(device: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
         owns = True
+    elif dev.type == "cpu" and dist.get_backend() == "nccl":
+        raise ConfigError("the process group is NCCL's, which cannot reduce the CPU tensors of this job: "
+                          "initialise it with backend 'gloo' (or 'cpu:gloo,cuda:nccl') before calling")
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, owns)
 
 

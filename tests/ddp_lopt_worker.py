@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from learned_opt import LearnedOptimizer
+from torchrun_helpers import end_worker
 
 
 def main(out: str) -> None:
@@ -35,8 +36,8 @@ def main(out: str) -> None:
         first = float(loss) if first is None else first
     torch.save({"params": [p.detach().clone() for p in model.parameters()], "state": opt.state_dict(),
                 "first_loss": first}, f"{out}/rank{rank}.pt")
-    dist.barrier()  # no rank tears the group down while another still uses it (gloo aborts then)
-    dist.destroy_process_group()
+    dist.barrier()  # every rank has written its file
+    end_worker()
 
 
 if __name__ == "__main__":

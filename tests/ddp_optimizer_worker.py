@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpt_helpers import FnGenerator, tiny_generator, toy_data, toy_loss, toy_model  # noqa: E402
+from torchrun_helpers import end_worker  # noqa: E402
 
 from learned_opt.optimizer import GptOptimizer  # noqa: E402
 
@@ -66,8 +67,8 @@ def main(out: str) -> None:
     assert report.accepted and report.step_size in (1.0, 0.5), report
     params = [p.detach().clone() for p in model.module.parameters()]
     torch.save({"params": params, "counters": opt.counters}, Path(out) / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
+    dist.barrier()  # every rank has written its file
+    end_worker()
 
 
 if __name__ == "__main__":

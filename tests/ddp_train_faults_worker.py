@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torchrun_helpers import end_worker
 
 from learned_opt.errors import TrainingError
 from pretrain.train import TrainConfig, train, trainer
@@ -43,6 +44,4 @@ if __name__ == "__main__":
         train(cfg)
     except (TrainingError, OSError) as exc:
         Path(out, f"stopped-rank{os.environ['RANK']}.txt").write_text(f"{type(exc).__name__}: {exc}")
-    # what each rank raised is written: skip the interpreter's teardown, where a gloo group's threads
-    # can still abort the process now and then after an error (a torch teardown race, not the subject here)
-    os._exit(0)
+    end_worker()  # what each rank raised is written

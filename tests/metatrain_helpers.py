@@ -13,6 +13,7 @@ import os
 import sys
 
 import torch
+from torchrun_helpers import end_worker
 
 from learned_opt.tasks import ClassificationData
 from pretrain.metatrain import MetaConfig, meta_train, trainer
@@ -49,9 +50,11 @@ if __name__ == "__main__":
         except Exception as exc:  # noqa: BLE001 (the test reads what each rank raised)
             with open(os.path.join(out, f"stopped-rank{rank}.txt"), "w") as f:
                 f.write(f"{type(exc).__name__}: {exc}")
-        os._exit(0)  # as in ddp_train_faults_worker.py: no interpreter teardown after an error under gloo
+        end_worker()
     theta = meta_train(MetaConfig(outer_steps=steps, **TINY), fake_data(), out, resume=resume, progress=False)
     with open(os.path.join(out, f"theta-rank{rank}.pt"), "wb") as f:
         torch.save(theta, f)
     with open(os.path.join(out, f"hash-rank{rank}.txt"), "w") as f:
         f.write(digest(theta))
+    if "RANK" in os.environ:
+        end_worker()

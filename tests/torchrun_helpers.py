@@ -17,3 +17,12 @@ def run_two_processes(script: Path, *args, timeout: int = 180) -> subprocess.Com
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def end_worker() -> None:
+    """End a torchrun worker once every rank has written what the test reads: exit at once, without
+    the interpreter's teardown, where a gloo group's threads now and then abort the process
+    ("terminate called without an active exception", a torch teardown race that these tests are not about)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

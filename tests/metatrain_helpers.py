@@ -56,5 +56,4 @@ if __name__ == "__main__":
         torch.save(theta, f)
     with open(os.path.join(out, f"hash-rank{rank}.txt"), "w") as f:
         f.write(digest(theta))
-    if "RANK" in os.environ:
-        end_worker()
+    end_worker()

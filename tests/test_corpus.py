@@ -322,6 +322,22 @@ def test_torchrun_shards_runs_across_ranks_into_one_store(tmp_path, mnist_root):
     assert not list((out / "runs").glob(".*.tmp"))
 
 
+def test_a_process_group_the_caller_initialised_outlives_the_corpus_command(tmp_path, mnist_root, monkeypatch):
+    """The corpus command ends only a process group it started; the caller's is the caller's to end."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a launcher's environment; the caller's group below has this one rank
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        code = cli.main(["corpus", "--runs", "2", "--out", str(tmp_path / "s"), "--data-root", str(mnist_root), *TINY])
+        assert code == 0
+        assert dist.is_initialized()
+        assert Store.open(tmp_path / "s").run_ids() == [0]  # rank 0's share of two runs over two ranks
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
 def test_eval_on_validation_measures_held_out_training_images_that_runs_never_train_on(tmp_path, mnist_data, mnist_root,
                                                                                        capsys):
     task = tasks.get("mnist-mlp")

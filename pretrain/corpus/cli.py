@@ -101,14 +101,14 @@ def main(args: argparse.Namespace) -> int:
     else:
         config.device = str(parse_device(config.device, local_rank=local_rank))  # plain cuda: this process's GPU
     if args.lr_range is not None:
-
         try:
             config.ppo_ranges = PPORanges(lr=tuple(args.lr_range))
         except ValueError as exc:
             raise LearnedOptError(f"--lr-range: {exc}") from None
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     distributed = world_size > 1
-    if distributed and not dist.is_initialized():
+    owns_group = distributed and not dist.is_initialized()  # a caller's group is the caller's to end
+    if owns_group:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if distributed else 0
     try:
@@ -144,6 +144,6 @@ def main(args: argparse.Namespace) -> int:
                   f"{stats['checkpoints']} checkpoints, {stats['bytes_per_checkpoint']:,.0f} bytes/checkpoint",
                   flush=True)
     finally:
-        if distributed and dist.is_initialized():
+        if owns_group:
             dist.destroy_process_group()
     return 0

@@ -515,6 +515,20 @@ def test_fine_tune_starts_at_the_source_in_its_units_and_records_where_it_came_f
     assert moved and "residual_scale" not in moved  # trained weights moved; σ_p stayed the source's
 
 
+def test_a_chain_of_fine_tunes_names_the_last_tuned_choice_once():
+    sampler = {"method": "ddim", "steps": 2, "t_min": 5}
+    tuned = {**sampler, "chosen_by": "a sweep"}
+    first = finetune.inherited_sampling({"name": "a", "sha256": "1" * 64, "sampling": tuned})
+    second = finetune.inherited_sampling({"name": "b", "sha256": "2" * 64, "sampling": first})
+    assert {k: second[k] for k in sampler} == sampler
+    assert second["chosen_by"].startswith("inherited from 'b' (sha256 22222222…)")
+    assert second["chosen_by"].count("inherited") == 1 and second["chosen_by"].endswith("(chosen by: a sweep)")
+    nested = ("inherited from 'b' (sha256 2…), x (the source's: inherited from 'a' (sha256 1…), x "
+              "(the source's: a sweep (32 inits)))")  # as older exports wrote it
+    assert finetune.first_choice(nested) == "a sweep (32 inits)"
+    assert finetune.first_choice("a sweep") == "a sweep" and finetune.first_choice(None) is None
+
+
 def test_fine_tune_samples_as_its_source_did_until_tuned(store_dir, source, tmp_path):
     assert "sampling" not in json.loads(source.read_text())  # an untuned source: nothing to inherit
     plain = train(tiny(store_dir, tmp_path / "plain", steps=1, export=True, init_from=str(source)))

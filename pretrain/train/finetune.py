@@ -70,15 +70,31 @@ def source_record(source: LoadedGenerator) -> dict:
 
 def inherited_sampling(record: dict | None) -> dict | None:
     """A fine-tune's ``sampling`` entry until ``tune-sampling --write`` chooses its own: its source's
-    (from :func:`source_record`), marked as inherited; None when the source had none."""
+    (from :func:`source_record`), marked as inherited; None when the source had none. The reason
+    given is the one of the lineage's last tuned generator, so that a chain of fine-tunes does not
+    nest one "inherited" inside another."""
     given = (record or {}).get("sampling")
     if not given:
         return None
-    why = given.get("chosen_by")
+    why = first_choice(given.get("chosen_by"))
     return {**{k: v for k, v in given.items() if k != "chosen_by"},
             "chosen_by": (f"inherited from {record['name']!r} (sha256 {record['sha256'][:8]}…), the generator this one "
                           "was fine-tuned from; run learned-opt tune-sampling --write to choose its own"
-                          + (f" (the source's: {why})" if why else ""))}
+                          + (f"{INHERITED_REASON}{why})" if why else ""))}
+
+
+INHERITED_REASON = " (chosen by: "
+
+
+def first_choice(why: str | None) -> str | None:
+    """The reason a sampler was chosen, through any "inherited from" marks a fine-tune added to it
+    (older exports nested them as "(the source's: …)")."""
+    while why and why.startswith("inherited from "):
+        marks = [m for m in (INHERITED_REASON, " (the source's: ") if m in why]
+        if not marks:
+            break
+        why = why.split(min(marks, key=why.index), 1)[1][:-1]
+    return why
 
 
 def source_split(source: LoadedGenerator, run_ids, config: TrainConfig, notes: list[str] | None = None) -> Split:

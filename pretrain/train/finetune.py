@@ -68,6 +68,9 @@ def source_record(source: LoadedGenerator) -> dict:
     return record
 
 
+INHERITED_REASON = " (chosen by: "  # what an inherited sampler's chosen_by says before the reason it was chosen
+
+
 def inherited_sampling(record: dict | None) -> dict | None:
     """A fine-tune's ``sampling`` entry until ``tune-sampling --write`` chooses its own: its source's
     (from :func:`source_record`), marked as inherited; None when the source had none. The reason
@@ -81,9 +84,6 @@ def inherited_sampling(record: dict | None) -> dict | None:
             "chosen_by": (f"inherited from {record['name']!r} (sha256 {record['sha256'][:8]}…), the generator this one "
                           "was fine-tuned from; run learned-opt tune-sampling --write to choose its own"
                           + (f"{INHERITED_REASON}{why})" if why else ""))}
-
-
-INHERITED_REASON = " (chosen by: "
 
 
 def first_choice(why: str | None) -> str | None:

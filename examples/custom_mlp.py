@@ -49,4 +49,5 @@ if __name__ == "__main__":
 
     report = opt.generate(held_out_loss)
     after = "not measured" if report.metric_after is None else f"{report.metric_after:.3f}"  # a failed sample
-    print(f"accepted={report.accepted} ({report.reason}) held-out loss {report.metric_before:.3f} -> {after}")
+    why = "" if report.accepted else f" ({report.reason})"
+    print(f"accepted={report.accepted}{why} held-out loss {report.metric_before:.3f} -> {after}")

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "corpus": ("pretrain.corpus", "train many networks at once and store their checkpoints"),
     "train": ("pretrain.train", "train a generator on a checkpoint corpus"),
     "eval": ("pretrain.evaluate", "evaluate a generator on fresh inits, against Adam and SGD (MNIST) or PPO (CartPole)"),
-    "demo": ("learned_opt.demo", "one generative update on a random CartPole policy or MNIST MLP, next to PPO or Adam and SGD"),
+    "demo": ("learned_opt.demo", "one generative update on a random CartPole policy or MNIST network (MLP or CNN), next to PPO or Adam and SGD"),
     "bench": ("pretrain.bench", "measure GptOptimizer's periodic mode against its base, or the learned optimizer against Adam and SGD"),
     "meta-train": ("pretrain.metatrain", "meta-train the per-parameter learned optimizer (LearnedOptimizer) by PES"),
     "tune-sampling": ("pretrain.sampling", "choose a generator's sampler (steps, early stop) on validation inits"),
@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 START_HERE = """\
 Start here: `learned-opt demo` makes one generative update on a random CartPole policy and
 trains the same policy with PPO next to it (offline, nothing to download, seconds on a CPU).
-Then `learned-opt demo --task mnist-mlp --data-root DIR` for MNIST, and `learned-opt COMMAND -h`
+Then `learned-opt demo --task mnist-mlp --data-root DIR` for MNIST (`--task mnist-cnn` for G.pt's CNN), and `learned-opt COMMAND -h`
 for each command. On a busy machine set OMP_NUM_THREADS (e.g. OMP_NUM_THREADS=1)."""
 
 # reStructuredText roles and literals of docstrings, which --help would print as they are

@@ -41,8 +41,12 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _to_json(manifest: Mapping) -> str:
-    """The manifest as indented JSON; paths and tensor/numpy scalars become plain values."""
+def manifest_json(manifest: Mapping) -> str:
+    """The manifest as indented JSON; paths and tensor/numpy scalars become plain values.
+
+    A fine-tune's lineage (``training.init_from``: its source's record, which holds its own source's,
+    one level deeper per generation) is written on one line, so that indentation does not grow the
+    file with every fine-tune of a fine-tune; the JSON is the same either way."""
 
     def plain(value):
         if isinstance(value, os.PathLike):
@@ -58,7 +62,12 @@ def _to_json(manifest: Mapping) -> str:
             f"corpus/training/extra summaries (numbers, strings, lists, dicts)"
         )
 
-    return json.dumps(manifest, indent=2, default=plain) + "\n"
+    training = manifest.get("training")
+    if not isinstance(training, Mapping) or training.get("init_from") is None:
+        return json.dumps(manifest, indent=2, default=plain) + "\n"
+    mark = "\u0000lineage\u0000"  # a string no manifest holds, replaced by the lineage's one-line JSON
+    text = json.dumps({**manifest, "training": {**training, "init_from": mark}}, indent=2, default=plain)
+    return text.replace(json.dumps(mark), json.dumps(training["init_from"], default=plain), 1) + "\n"
 
 
 def _package_version() -> str:
@@ -172,8 +181,8 @@ def save_generator(
     if bad:
         raise WeightsError(f"refusing to save generator {name!r}: non-finite values in {bad[:5]}")
     weights_path, manifest_path = out / f"{name}.safetensors", out / f"{name}.json"
-    _to_json(manifest)  # fail on an unserialisable summary before anything is written
+    manifest_json(manifest)  # fail on an unserialisable summary before anything is written
     manifest["weights_file"] = weights_path.name
     atomic_write_with_manifest(weights_path, lambda p: save_file(tensors, str(p), metadata={"name": name}),
-                               manifest_path, lambda staged: _to_json({**manifest, "weights_sha256": sha256_file(staged)}))
+                               manifest_path, lambda staged: manifest_json({**manifest, "weights_sha256": sha256_file(staged)}))
     return manifest_path

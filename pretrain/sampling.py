@@ -50,6 +50,7 @@ from learned_opt.fileio import atomic_write
 from learned_opt.guidance import check_guidance
 from learned_opt.options import DeprecatedAlias
 from learned_opt.pretrained import LoadedGenerator, load_generator
+from learned_opt.saving import manifest_json
 
 from .evaluate import init_params, prompt_alignment
 from .evaluate.plots import save_figure
@@ -241,7 +242,7 @@ def record_choice(manifest_path: Path, result: dict, config: TuneConfig, sha256:
                          f"{'exceeds' if chosen.get('guidance_taper') else 'does not exceed'} twice its standard error"
                          if "guidance_taper" in result else "")),
     }
-    text = json.dumps(manifest, indent=2) + "\n"
+    text = manifest_json(manifest)
     atomic_write(manifest_path, lambda p: p.write_text(text, encoding="utf-8"))
 
 

@@ -333,3 +333,17 @@ def test_manifest_sampling_entry_sets_the_default_sampler(copy_of, monkeypatch):
     gen.sample(theta, torch.ones(2), torch.zeros(2), generator=torch.Generator().manual_seed(1))
     gen.sample(theta, torch.ones(2), torch.zeros(2), steps=2, generator=torch.Generator().manual_seed(1))
     assert [(kw["method"], kw["steps"], kw["t_min"]) for kw in seen] == [("dpm++2m", 4, 30), ("dpm++2m", 2, 30)]
+
+
+def test_a_fine_tunes_lineage_is_written_on_one_line_and_reads_back_the_same():
+    from learned_opt.saving import manifest_json
+
+    lineage = None
+    for generation in range(30):  # each fine-tune holds its source's record, one level deeper
+        lineage = {"name": f"g{generation}", "training": {"steps": generation, "init_from": lineage}}
+    manifest = {"name": "g", "training": {"steps": 1, "init_from": lineage}, "sampling": {"method": "ddim"}}
+    text = manifest_json(manifest)
+    assert json.loads(text) == manifest
+    assert len(text) < 1.3 * len(json.dumps(manifest))  # indentation no longer grows with the generations
+    assert manifest_json({"name": "g", "training": {"steps": 1}}) == json.dumps(
+        {"name": "g", "training": {"steps": 1}}, indent=2) + "\n"

@@ -34,12 +34,16 @@ if __name__ == "__main__":
     import torch
     import torch.nn.functional as F
 
-    from learned_opt import GptOptimizer
+    from learned_opt import DataNotFoundError, GptOptimizer
 
     if len(sys.argv) not in (2, 3):
         sys.exit("usage: python examples/custom_mlp.py GENERATOR.json [DATA]  (make a generator with the commands above)")
     task = Mnist32()
-    data = task.load_data(sys.argv[2] if len(sys.argv) == 3 else None)  # None: $LEARNED_OPT_DATA
+    try:
+        data = task.load_data(sys.argv[2] if len(sys.argv) == 3 else None)  # None: $LEARNED_OPT_DATA
+    except DataNotFoundError:
+        sys.exit("MNIST not found: pass its folder as DATA (torchvision's layout, DATA/MNIST/raw) "
+                 "or set LEARNED_OPT_DATA")
     model = task.build_model()
     opt = GptOptimizer(model.parameters(), generator=sys.argv[1], lr=1e-3)
     x_val, y_val = data.train_x[-5000:], data.train_y[-5000:]  # held out from training, not the test set

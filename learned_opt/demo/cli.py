@@ -52,7 +52,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=300, help="supervised: Adam and SGD steps (default: 300)")
     parser.add_argument("--eval-every", type=int, default=10, help="supervised: baseline test metrics every N steps")
     parser.add_argument("--ppo-env-steps", type=int, default=50_000,
-                        help="control: PPO's budget in environment steps (default: 50000)")
+                        help="control: PPO's budget in environment steps, rounded down to whole PPO updates "
+                             "(default: 50000, which runs 49152)")
     parser.add_argument("--sampling-steps", type=int, default=None,
                         help="diffusion sampling steps (default: the generator's own)")
     parser.add_argument("--method", default=None, help="sampler: ddim, ddpm or dpm++2m (default: the generator's own)")

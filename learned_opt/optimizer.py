@@ -8,6 +8,7 @@ of NiNo, Knyazev et al. 2025, https://arxiv.org/abs/2409.04434).
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
@@ -17,6 +18,7 @@ import torch
 from .errors import ConfigError, GenerationError
 from .optimizer_checks import (
     check_architecture,
+    check_base_kwargs,
     check_args,
     check_chooser,
     check_prompt,
@@ -177,6 +179,7 @@ class GptOptimizer(torch.optim.Optimizer):
         check_args(params, every, seed, metric_closure, prompt, max_update_ratio, min_improvement, guard)
         check_sampling(sampling_steps, sampling_method, sampling_t_min, candidates, sampling_temperature)
         self.step_sizes = check_step_size(step_size)
+        check_base_kwargs(base, base_kwargs, [*inspect.signature(GptOptimizer.__init__).parameters][2:])
         params = materialize(params)
         self.generator = load_generator(generator)  # WeightsError for unknown names / bad files
         # ConfigError if unfit

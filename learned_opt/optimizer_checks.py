@@ -4,13 +4,17 @@ constructor: each invalid value raises :class:`ConfigError` with a message that 
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
+from collections import Counter
 from numbers import Real
 
 import torch
 
 from .errors import ArchitectureMismatchError, ConfigError, GenerationError
 from .layout import listed, shape_differences
+from .options import SEED_LIMIT
 from .pretrained import LoadedGenerator
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # prefixes that DDP and torch.compile add to names
@@ -96,8 +100,8 @@ def check_args(params, every, seed, metric_closure, prompt, max_update_ratio, mi
             f"every={every} needs metric_closure=<callable returning the generator's metric>, so that periodic "
             f"updates know the current metric; or use every=None and call generate() yourself"
         )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"Invalid seed: {seed!r} (must be an int)")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"Invalid seed: {seed!r} (must be an int from 0 to 2**63 - 1)")
     if metric_closure is not None and not callable(metric_closure):
         raise ConfigError("metric_closure must be a callable that returns the generator's metric")
     if prompt is not None:
@@ -117,9 +121,30 @@ def check_min_improvement(value, option: str = "min_improvement") -> None:
                           f"asks an update to improve it; 0 accepts any update that is not worse)")
 
 
+def check_base_kwargs(base, base_kwargs: dict, own: list[str]) -> None:
+    """:class:`ConfigError` for a keyword that neither GptOptimizer (``own``) nor ``base`` takes,
+    naming the closest option of either (before the generator loads, and not blamed on the base)."""
+    try:
+        accepted = inspect.signature(base).parameters
+    except (TypeError, ValueError):  # a builtin or an odd callable: let the base decide
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return
+    for key in base_kwargs:
+        if key not in accepted:
+            name = getattr(base, "__name__", type(base).__name__)
+            close = difflib.get_close_matches(key, [*own, *(k for k in accepted if k != "params")], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown option {key!r}: neither GptOptimizer nor its base {name} takes it{hint}")
+
+
 def materialize(params) -> list:
-    """A list of tensors, ``(name, tensor)`` pairs or group dicts; refuses duplicates and empties."""
-    params = list(params)  # model.parameters() is an iterator: read it once
+    """A list of tensors, ``(name, tensor)`` pairs or group dicts; refuses duplicates, empties and
+    unordered collections (the generator reads parameters in order)."""
+    params = list(params) if not isinstance(params, (set, frozenset)) else None  # an iterator: read it once
+    if params is None or any(isinstance(g, dict) and isinstance(g.get("params"), (set, frozenset)) for g in params):
+        raise ConfigError("params: a set has no order, and a generator reads parameters in order; "
+                          "pass model.parameters() or a list")
     if any(isinstance(g, dict) and "params" not in g for g in params):
         raise ConfigError("a param group dict has no 'params' entry; give each group its tensors, e.g. "
                           "{'params': model.layer.parameters(), 'lr': 1e-3}")
@@ -181,12 +206,23 @@ def check_architecture(gen: LoadedGenerator, tensors: list[torch.Tensor], names:
     raise ArchitectureMismatchError(
         f"the parameters given to GptOptimizer do not fit generator {gen.name!r} (made for task {gen.task!r}, "
         f"{gen.layout.num_params:,} parameters; yours: {sum(math.prod(s) for s in shapes):,}):{listed(diffs)}\n"
-        "A generator serves one architecture. To make one for yours, describe it as a task in a file "
-        "(docs/your-own-model.md), then:\n"
-        "  learned-opt corpus --task my_task.py:MyTask --runs 1000 --out corpus/ --data-root DATA\n"
-        "  learned-opt train --store corpus/ --out gen/\n"
-        "and pass generator='gen/<task name>.json'."
+        + _mismatch_advice(Counter(tuple(shape) for _, shape in expected), Counter(shapes))
     )
+
+
+def _mismatch_advice(expected: Counter, given: Counter) -> str:
+    """What to do about a mismatch: the model's parameters in order, all of them, or a generator of one's own."""
+    in_order = ("GptOptimizer(model.parameters(), ...), or parameter groups that together list every parameter "
+                "in named_parameters() order")
+    if given == expected:
+        return f"These are the generator's shapes in another order: pass them in the model's order, {in_order}."
+    if not given - expected:
+        return f"Each of these shapes is the generator's, but some of its parameters are missing: pass all of them, {in_order}."
+    return ("A generator serves one architecture. To make one for yours, describe it as a task in a file "
+            "(docs/your-own-model.md), then:\n"
+            "  learned-opt corpus --task my_task.py:MyTask --runs 1000 --out corpus/ --data-root DATA\n"
+            "  learned-opt train --store corpus/ --out gen/\n"
+            "and pass generator='gen/<task name>.json'.")
 
 
 def _strip_prefix(name: str) -> str:

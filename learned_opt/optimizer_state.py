@@ -16,6 +16,8 @@ import torch
 from .errors import OptimizerStateError
 from .jsoncheck import is_number
 
+# torch.optim.Adafactor's row and column statistics of a matrix: they broadcast to its shape
+FACTORED_STATE = ("row_var", "col_var")
 COUNTERS = ("steps", "attempted", "accepted", "rejected", "failed", "kept")
 OUTCOMES = ("accepted", "rejected", "failed", "kept")  # each attempted update counts exactly one
 # Attributes that optimizers pickled by older releases lack, and the behaviour they had then:
@@ -120,7 +122,12 @@ def _rng_state(given: Any, rng: torch.Generator) -> torch.Tensor:
     try:
         probe.set_state(state)
     except (RuntimeError, ValueError, TypeError) as exc:
-        raise _refuse(f"its rng_state does not fit a {rng.device.type} generator ({exc})") from None
+        raise OptimizerStateError(
+            f"cannot load this optimizer state: its rng_state ({state.numel()} bytes) does not fit a "
+            f"{rng.device.type} generator ({exc}); nothing was changed. A state saved on another kind of device "
+            f"resumes on that kind; or delete state_dict['gpt'] to load only the base optimizer's state "
+            f"(the counters restart and the sampler is reseeded)"
+        ) from None
     return state
 
 
@@ -138,31 +145,62 @@ def _check_base(opt, state_dict: dict) -> None:
         if not isinstance(ids, Sequence) or len(ids) != len(group["params"]):
             n = len(ids) if isinstance(ids, Sequence) else "no"
             raise _refuse(f"group {i} has {n} parameters, the optimizer's has {len(group['params'])}")
-        _check_settings(i, saved, group)
+        _check_settings(i, saved, group, opt.base)
         params.update(zip(ids, group["params"]))
+    numel = sum(p.numel() for p in params.values())
     for key, entry in state.items():
         p = params.get(key)
         if p is None or not isinstance(entry, Mapping):
             continue  # torch ignores state of unknown parameters
+        live = opt.base.state.get(p, {})
         for name, value in entry.items():
-            # element-wise state (Adam's moments) has the parameter's shape; factored state
-            # (Adafactor's row/column statistics) broadcasts to it; a step count is a scalar
-            if isinstance(value, torch.Tensor) and not _broadcasts(value.shape, p.shape):
+            if isinstance(value, torch.Tensor) and not _fits(name, value, p, live.get(name), numel):
                 raise _refuse(
                     f"state {name!r} of a parameter of shape {list(p.shape)} has shape {list(value.shape)}"
                 )
 
 
-def _check_settings(i: int, saved: Mapping, group: Mapping) -> None:
-    """Each setting of saved group ``i`` that the live group has, of the live value's kind (see
+def _fits(name: str, value: torch.Tensor, p: torch.Tensor, live: Any, numel: int) -> bool:
+    """Whether per-parameter state ``name`` may have ``value``'s shape: the parameter's (Adam's
+    moments), a scalar (a step count), the shape the live optimizer keeps it in, a vector over all
+    ``numel`` parameters (LBFGS keeps its directions under the first), or factored statistics that
+    broadcast to the parameter (:data:`FACTORED_STATE`). Anything else would fail or corrupt the step."""
+    if value.dim() == 0 or value.shape == p.shape:
+        return True
+    if isinstance(live, torch.Tensor) and live.shape == value.shape:
+        return True
+    if value.dim() == 1 and value.numel() == numel:
+        return True
+    return name in FACTORED_STATE and _broadcasts(value.shape, p.shape)
+
+
+def _check_settings(i: int, saved: Mapping, group: Mapping, base: torch.optim.Optimizer) -> None:
+    """Each setting of the live group in saved group ``i``, of the live value's kind (see
     :func:`_same_kind`; ``None`` is accepted for a flag or a string, as torch's ``foreach``,
-    ``fused`` and ``line_search_fn`` take). torch would load any value and fail, or corrupt the
-    state, at the next step."""
+    ``fused`` and ``line_search_fn`` take). torch loads the saved group in place of the live one and
+    would fail, or corrupt the state, at the next step; a setting that the base's ``__setstate__``
+    fills in (one that older releases of it did not save) may be missing."""
+    loaded = _as_loaded(base, saved)
     for key, live in group.items():
-        if key in ("params", "param_names") or key not in saved or live is None:
+        if key in ("params", "param_names"):
             continue
-        if not _same_kind(saved[key], live):
+        if loaded is not None and key not in loaded:
+            raise _refuse(f"group {i} has no {key!r}, which {type(base).__name__} needs (a state saved by another "
+                          f"kind of optimizer?)")
+        if key in saved and live is not None and not _same_kind(saved[key], live):
             raise _refuse(f"group {i}'s {key!r} is {saved[key]!r}, where the optimizer has {live!r}")
+
+
+def _as_loaded(base: torch.optim.Optimizer, saved: Mapping) -> dict | None:
+    """The saved group's settings as ``base`` holds them once loaded: its class's ``__setstate__``
+    run on a scratch instance fills in defaults. None when that cannot be run (nothing to compare)."""
+    probe = object.__new__(type(base))
+    group = {k: v for k, v in saved.items() if k != "params"} | {"params": []}
+    try:
+        probe.__setstate__({"defaults": dict(base.defaults), "state": {}, "param_groups": [group]})
+        return dict(probe.param_groups[0])
+    except Exception:
+        return None
 
 
 def _same_kind(value: Any, live: Any) -> bool:

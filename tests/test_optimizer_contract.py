@@ -79,6 +79,12 @@ INVALID = [
     ("candidates=0", lambda p: dict(params=p, candidates=0), ConfigError, "Invalid candidates"),
     ("candidates float", lambda p: dict(params=p, candidates=2.0), ConfigError, "Invalid candidates"),
     ("seed str", lambda p: dict(params=p, seed="0"), ConfigError, "seed"),
+    ("seed negative", lambda p: dict(params=p, seed=-1), ConfigError, "Invalid seed"),
+    ("seed too large", lambda p: dict(params=p, seed=2**64), ConfigError, "Invalid seed"),
+    ("set of params", lambda p: dict(params=set(p)), ConfigError, "a set has no order"),
+    ("group of a set", lambda p: dict(params=[{"params": set(p)}]), ConfigError, "a set has no order"),
+    ("option typo", lambda p: dict(params=p, sampling_step=5), ConfigError, "did you mean 'sampling_steps'"),
+    ("base option typo", lambda p: dict(params=p, weight_decai=0.1), ConfigError, "did you mean 'weight_decay'"),
     ("prompt str", lambda p: dict(params=p, prompt="low"), ConfigError, "prompt"),
     ("max_update_ratio=0", lambda p: dict(params=p, max_update_ratio=0), ConfigError, "max_update_ratio"),
     ("single tensor", lambda p: dict(params=p[0]), ConfigError, "single tensor"),
@@ -119,6 +125,16 @@ def test_architecture_mismatch_fails_before_touching_anything(gen, make, message
     with pytest.raises(ArchitectureMismatchError, match=message):
         GptOptimizer(params, gen)
     assert all(torch.equal(t, b) and t.grad is None for t, b in zip(tensors, before))
+
+
+def test_the_mismatch_error_says_what_to_do_with_the_generators_own_shapes(gen):
+    weights = [p for n, p in toy_model().named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in toy_model().named_parameters() if n.endswith("bias")]
+    with pytest.raises(ArchitectureMismatchError, match="in another order: pass them in the model's order"):
+        GptOptimizer([{"params": weights}, {"params": biases, "weight_decay": 0.0}], gen)  # the usual split
+    with pytest.raises(ArchitectureMismatchError, match="some of its parameters are missing") as info:
+        GptOptimizer(weights, gen)
+    assert "learned-opt corpus" not in str(info.value)  # not a new architecture: no advice to train for it
 
 
 def test_names_are_labels_shapes_in_order_are_the_architecture(gen):

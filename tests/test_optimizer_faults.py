@@ -223,6 +223,8 @@ _DELETE = object()
         (("gpt",), 5),
         (("state", 0, "exp_avg"), torch.zeros(3, 3)),
         (("state", 1, "exp_avg_sq"), torch.zeros(7)),
+        (("state", 0, "exp_avg"), torch.zeros(1, 8)),  # broadcasts to fc1.weight [6, 8], yet Adam's step would fail
+        (("param_groups", 0, "betas"), _DELETE),  # torch would load the group without it, and Adam's step fail
         (("param_groups",), []),
         (("state", 0, "step"), _DELETE),  # passes the checks, fails inside torch's load: rolled back
         (("param_groups", 0, "lr"), "1e-3"),
@@ -231,7 +233,8 @@ _DELETE = object()
         (("param_groups", 0, "weight_decay"), float("nan")),
     ],
     ids=["rng-none", "rng-missing", "rng-short", "rng-float", "rng-string", "negative-steps", "float-counter",
-         "counters-none", "gpt-int", "exp-avg-shape", "exp-avg-sq-shape", "no-groups", "step-missing",
+         "counters-none", "gpt-int", "exp-avg-shape", "exp-avg-sq-shape", "exp-avg-broadcast", "betas-missing",
+         "no-groups", "step-missing",
          "lr-string", "betas-short", "flag-int", "weight-decay-nan"],
 )
 def test_load_state_dict_refuses_a_bad_state_and_changes_nothing(path, value):
@@ -256,6 +259,43 @@ def test_load_state_dict_still_loads_a_good_state():
     opt.load_state_dict(source.state_dict())
     assert opt.counters == source.counters and opt.param_groups[0]["lr"] == 1e-2
     assert torch.equal(opt._rng.get_state(), source._rng.get_state())
+
+
+def test_load_state_dict_takes_a_group_without_a_setting_its_base_fills_in():
+    _, source = _trained_pair()
+    sd = source.state_dict()
+    del sd["param_groups"][0]["amsgrad"]  # as older releases saved Adam: its __setstate__ sets False
+    model, opt = _fresh()
+    opt.load_state_dict(sd)
+    assert opt.param_groups[0]["amsgrad"] is False
+    _warm(model, opt, 1)
+
+
+@pytest.mark.parametrize("base, kwargs", [(torch.optim.LBFGS, dict(lr=0.1, max_iter=3)), (torch.optim.Adafactor, {})])
+def test_load_state_dict_round_trips_bases_with_flat_or_factored_state(base, kwargs):
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 0.01), base=base, **kwargs)
+
+    def closure():
+        opt.zero_grad()
+        loss = toy_loss(model)
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # LBFGS keeps whole-model vectors, Adafactor row and column statistics
+    state = opt.state_dict()
+    opt.load_state_dict(state)
+    opt.step(closure)
+
+
+def test_an_rng_state_of_another_kind_of_device_says_what_to_do():
+    _, source = _trained_pair()
+    sd = source.state_dict()
+    sd["gpt"]["rng_state"] = torch.zeros(16, dtype=torch.uint8)  # the size of a CUDA generator's state
+    _, opt = _fresh()
+    with pytest.raises(OptimizerStateError, match="another kind of device") as info:
+        opt.load_state_dict(sd)
+    assert "delete state_dict['gpt']" in str(info.value)
 
 
 # ---------------------------------------------------------------------- edges found by review

@@ -275,6 +275,10 @@ class GptOptimizer(torch.optim.Optimizer):
 
     def _generate(self, closure, metric, prompt) -> GenerationReport:
         start = time.perf_counter()
+        device = self.params[0].device
+        if device.type != self._rng.device.type:  # the generator and the sampler's RNG stayed where θ was
+            raise GenerationError(f"the parameters are on {device}, but this GptOptimizer was built for them on "
+                                  f"{self._rng.device}: build the optimizer after moving the model (model.to(...))")
         if prompt is not None:
             check_prompt(prompt, "generate(prompt=...)", GenerationError)
         if metric is not None:

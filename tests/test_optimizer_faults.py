@@ -301,6 +301,19 @@ def test_an_rng_state_of_another_kind_of_device_says_what_to_do():
 # ---------------------------------------------------------------------- edges found by review
 
 
+def test_parameters_moved_after_the_optimizer_was_built_are_told_to_build_it_after():
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 0.01), lr=1e-2)
+    # Module.to(...) moves parameters in place where it can: the sampler's RNG stays where they were.
+    # Without a second device here, the RNG stands for one built on another kind of device.
+    opt._rng = type("CudaRng", (), {"device": torch.device("cuda")})()
+    before = snapshot(model)
+    with pytest.raises(GenerationError, match="build the optimizer after moving the model"):
+        opt.generate(metric=1.0)
+    assert opt.counters["attempted"] == 0
+    assert_same(snapshot(model), before)
+
+
 def test_an_interrupt_while_sampling_counts_the_update_as_failed_and_leaves_theta():
     model = toy_model()
 

@@ -120,8 +120,10 @@ class GptOptimizer(torch.optim.Optimizer):
     it returns a report with ``failed=True`` and warns. Bad input (no metric, a NaN metric, a
     metric beyond float32's range, a prompt that is not one finite number) raises
     :class:`GenerationError` before anything happens. θ is restored on *every* exit from an
-    update: an exception the closure raises while θ′ is in (``KeyboardInterrupt``,
-    ``SystemExit``, ...) restores θ, counts the update as rejected and propagates; closures run
+    update. An ``Exception`` the closure raises while θ′ is in is taken as θ′ breaking it: θ is
+    restored and the update rejected, the exception named in ``report.reason``. One that is not an
+    ``Exception`` (``KeyboardInterrupt``, ``SystemExit``) restores θ, counts the update as rejected
+    and propagates. Closures run
     under ``torch.no_grad()`` and θ is restored under it even if a closure switched grad mode on.
 
     **Threads.** ``step`` and ``generate`` hold a per-optimizer lock (re-entrant), so two threads

@@ -123,8 +123,8 @@ class GptOptimizer(torch.optim.Optimizer):
     update. An ``Exception`` the closure raises while θ′ is in is taken as θ′ breaking it: θ is
     restored and the update rejected, the exception named in ``report.reason``. One that is not an
     ``Exception`` (``KeyboardInterrupt``, ``SystemExit``) restores θ, counts the update as rejected
-    and propagates. Closures run
-    under ``torch.no_grad()`` and θ is restored under it even if a closure switched grad mode on.
+    and propagates. Closures run under ``torch.no_grad()``, and θ is restored under it even if a
+    closure switched grad mode on.
 
     **Threads.** ``step`` and ``generate`` hold a per-optimizer lock (re-entrant), so two threads
     calling them at once run one update after the other, never interleaved. The lock guards only

@@ -46,15 +46,26 @@ def plain_text(text: str) -> str:
     return text.replace("``", "")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """A usage error in one line that points to the command's help, exit code 2 (argparse's own
+    prints the whole usage first)."""
+
+    commands: dict[str, argparse.ArgumentParser]  # the top parser's subcommand parsers, by name
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="learned-opt",
         description="Train networks with a generative model of neural-network checkpoints.",
         epilog=START_HERE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineParser)
+    parser.commands = sub.choices
     for name, (module_name, help_text) in COMMANDS.items():
         try:
             module = importlib.import_module(module_name)
@@ -75,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the command they were given to, whose help lists what it takes
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args._main(args) or 0)
     except LearnedOptError as exc:

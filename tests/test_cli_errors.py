@@ -48,6 +48,10 @@ CORPUS_CASES = [
     (["--seed", str(2**63 - 1)], "--seed must be an integer from 0"),  # run 1 would need 2**63
     (["--epochs", "100000000000"], "--epochs 100,000,000,000 is more than this builder plans: at most 10,000"),
     (["--runs", "1000000000"], "--runs 1,000,000,000 is more than this builder plans: at most 1,000,000"),
+    (["--checkpoints", "1"], "--checkpoints >= 2"),  # a store records these: the fixed command would be refused
+    (["--batch-runs", "0"], "--batch-runs >= 1"),
+    (["--train-examples", "0"], "--train-examples must be at least 1"),
+    (["--eval-examples", "0"], "--eval-examples must be at least 1"),
 ]
 
 
@@ -58,6 +62,27 @@ def test_corpus_refuses_bad_values_before_creating_the_store(tmp_path, capsys, e
             "--checkpoints", "3", "--out", str(out), "--no-progress", "--data-root", str(tmp_path / "no-data")]
     one_line_error(argv + extra, capsys, "corpus", match)
     assert not out.exists()
+
+
+def test_a_control_corpus_refuses_an_unknown_device_in_one_line(tmp_path, capsys):
+    out = tmp_path / "store"
+    one_line_error(["corpus", "--task", "cartpole-mlp", "--runs", "2", "--out", str(out), "--device", "bogus"],
+                   capsys, "corpus", "unknown --device 'bogus'")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, command, match", [
+    (["train", "--out", "x", "--steps", "abc"], "train", "argument --steps: invalid int value: 'abc'"),
+    (["eval", "--generator", "g", "--out", "o", "--bogus", "3"], "eval", "unrecognized arguments: --bogus 3"),
+    (["no-such-command"], None, "invalid choice: 'no-such-command'"),
+])
+def test_usage_errors_are_one_line_that_points_to_the_help(capsys, argv, command, match):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    prog = "learned-opt" + (f" {command}" if command else "")
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"{prog}: error: ") and match in err and err.endswith(f"(see {prog} -h)\n"), err
 
 
 TRAIN_CASES = [

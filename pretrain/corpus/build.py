@@ -119,8 +119,7 @@ def build_corpus(
     ``store`` and ``data`` may be given (already created / loaded); otherwise they are made here.
     Finished and dropped runs are skipped, so calling this again resumes an interrupted job.
     """
-    if config.runs < 0 or config.batch_runs < 1 or config.checkpoints < 2:
-        raise LearnedOptError("--runs must be >= 0, --batch-runs >= 1 and --checkpoints >= 2")
+    config.validate()
     task = tasks.get(config.task)
     family = family_for(task)
     family.check(config)

@@ -50,7 +50,15 @@ class CorpusConfig:
     ppo_shape: Any = None  # control: a PPOShape (None: the corpus default)
 
     def validate(self) -> None:
-        """Refuse (:class:`ConfigError`) run counts, epochs and seeds that cannot be planned."""
+        """Refuse (:class:`ConfigError`) run counts, sizes, epochs and seeds that cannot be planned,
+        before the store is created (a store records its settings, so a bad one would outlive the fix)."""
+        if self.runs < 0 or self.batch_runs < 1 or self.checkpoints < 2:
+            raise ConfigError(f"--runs must be >= 0, --batch-runs >= 1 and --checkpoints >= 2, got {self.runs}, "
+                              f"{self.batch_runs} and {self.checkpoints}")
+        for option, value in (("--train-examples", self.train_examples), ("--eval-examples", self.eval_examples),
+                              ("--env-steps", self.env_steps)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{option} must be at least 1 (or left out for the task's own), got {value}")
         for option, value, ceiling in (("--runs", self.runs, MAX_RUNS), ("--epochs", self.epochs, MAX_EPOCHS)):
             if value is not None and value > ceiling:
                 raise ConfigError(f"{option} {value:,} is more than this builder plans: at most {ceiling:,} "

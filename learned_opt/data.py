@@ -20,7 +20,7 @@ def resolve_data_root(root: str | os.PathLike | None = None) -> Path:
     if not root:
         raise DataNotFoundError(
             f"no data root given: pass --data-root DIR (or data_root=...) or set {DATA_ENV}=DIR, "
-            "where DIR holds torchvision's layout (e.g. DIR/MNIST/raw); add --download to let "
-            "torchvision fetch the dataset"
+            "where DIR holds torchvision's layout (e.g. DIR/MNIST/raw); to let torchvision fetch the "
+            "dataset, run `learned-opt corpus` or `demo` with --download (download=True in Python)"
         )
     return Path(root).expanduser()

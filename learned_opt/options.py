@@ -16,7 +16,7 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["SEED_LIMIT", "DeprecatedAlias", "parse_device", "check_seed", "check_out_dir"]
+__all__ = ["SEED_LIMIT", "DeprecatedAlias", "parse_device", "check_seed", "check_out_dir", "check_export_target"]
 
 SEED_LIMIT = 2**63  # seeds (and seed + i for the i-th run or init) must lie in [0, SEED_LIMIT): torch's int64
 
@@ -61,6 +61,19 @@ def check_seed(seed: int, count: int = 1, *, option: str = "--seed") -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0 or seed + max(count, 1) > SEED_LIMIT:
         span = f" (it seeds {count:,} runs or inits, {option} to {option} + {count - 1:,}, all below 2**63)" if count > 1 else ""
         raise ConfigError(f"{option} must be an integer from 0 to {SEED_LIMIT - max(count, 1):,}{span}, got {seed!r}")
+
+
+def check_export_target(out: str | os.PathLike, name: str, *, own: bool, source=None) -> None:
+    """Refuse, before any work, to write ``NAME.json`` (and its weights) into ``out`` over weights
+    that this job did not write: ``own`` says whether one there is this job's (a resumed job's
+    earlier export), and ``source`` is a manifest the job starts from, which is never replaced."""
+    target = Path(out) / f"{name}.json"
+    if source is not None and Path(source).resolve() == target.resolve():
+        raise ConfigError(f"{target} is what this job starts from, and its export would replace it: choose "
+                          f"another --out (or --name)")
+    if target.exists() and not own:
+        raise ConfigError(f"{target} holds weights that this job did not write, and its export would replace "
+                          f"them: choose another --out (or --name)")
 
 
 def check_out_dir(path: str | os.PathLike, *, option: str = "--out") -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +47,8 @@ from tqdm.auto import tqdm
 from learned_opt import tasks
 from learned_opt.diffusion import check_temperature
 from learned_opt.errors import ConfigError, GenerationError
-from learned_opt.fileio import atomic_write
+from learned_opt.fileio import atomic_write, is_plain_name
+from learned_opt.options import check_export_target, check_out_dir, check_seed
 from learned_opt.pretrained import LoadedGenerator, load_generator, save_generator
 from learned_opt.selection import check_candidates
 
@@ -56,7 +58,6 @@ from .evaluate.plots import save_figure
 from .evaluate.property import predict
 from .evaluate.run import hardware
 from .sampling import best_prompt_updates
-from learned_opt.fileio import is_plain_name
 
 
 @dataclass
@@ -91,8 +92,9 @@ class HeadTuneConfig:
                 raise ConfigError(f"--{field.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if self.samples < 2:
             raise ConfigError(f"--samples must be >= 2 (a group is ranked), got {self.samples}")
-        if not self.lr > 0 or not self.mse_weight >= 0:
-            raise ConfigError(f"--lr must be > 0 and --mse-weight >= 0, got {self.lr!r} and {self.mse_weight!r}")
+        if not 0 < self.lr < math.inf or not 0 <= self.mse_weight < math.inf:
+            raise ConfigError(f"--lr must be a finite number > 0 and --mse-weight one >= 0, got {self.lr!r} and "
+                              f"{self.mse_weight!r}")
         if self.temperature is not None:
             check_temperature(self.temperature, "--temperature")
         if self.name is not None and not is_plain_name(self.name):
@@ -186,6 +188,7 @@ def tune_head(config: HeadTuneConfig) -> dict:
     if target.is_file() and _weights_sha256(target) == gen.sha256:
         raise ConfigError(f"{target} is the generator being tuned: writing there would replace it; "
                           f"pass another --out or --name")
+    check_export_target(config.out, target.stem, own=(Path(config.out) / "head.json").exists())  # a rerun's own
     task = tasks.for_generator(gen, config.task)
     data = task.load_data(config.data_root)
     val_data = task.validation_data(data, config.holdout)
@@ -330,6 +333,8 @@ def main(args: argparse.Namespace) -> int:
         batch_groups=args.batch_groups, mse_weight=args.mse_weight, holdout=args.holdout,
         label_examples=args.label_examples, temperature=args.temperature, name=args.name, progress=not args.no_progress, plots=not args.no_plots,
     )
+    check_seed(config.seed, config.groups + config.check_groups)
+    check_out_dir(config.out)
     result = tune_head(config)
     print(format_table(result))
     print("wrote " + ", ".join([result["generator"]["written"], str(Path(config.out) / "head.json"),

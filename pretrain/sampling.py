@@ -48,7 +48,7 @@ from learned_opt.diffusion import METHODS, check_temperature
 from learned_opt.errors import ConfigError
 from learned_opt.fileio import atomic_write
 from learned_opt.guidance import check_guidance
-from learned_opt.options import DeprecatedAlias
+from learned_opt.options import DeprecatedAlias, check_out_dir, check_seed
 from learned_opt.pretrained import LoadedGenerator, load_generator
 from learned_opt.saving import manifest_json
 
@@ -375,6 +375,8 @@ def main(args: argparse.Namespace) -> int:
         holdout=args.holdout, tolerance=args.tolerance, write=args.write,
         progress=not args.no_progress, plots=not args.no_plots,
     )
+    check_seed(config.seed, config.inits)
+    check_out_dir(config.out)
     result = tune_sampling(config)
     print(format_table(result))
     wrote = [str(Path(config.out) / "sweep.json"), *result.get("plots", [])]

@@ -151,6 +151,7 @@ def test_a_bad_name_is_refused_on_resume_and_at_export_before_any_step(store_dir
     (["--sigma", "inf"], "sigma must be a finite number > 0"),
     (["--outer-lr", "nan"], "outer_lr must be a finite number > 0"),
     (["--name", "a/b"], "invalid learned-optimizer name 'a/b'"),
+    (["--outer-weights", "nowhere.json"], "give --outer-optimizer learned too"),  # ignored, then saved, then refused
 ])
 def test_meta_train_refuses_bad_values_before_any_work(tmp_path, capsys, extra, match):
     out = tmp_path / "lopt"
@@ -165,3 +166,44 @@ def test_meta_train_refuses_an_out_that_is_a_file_and_leaves_it_alone(tmp_path, 
     one_line_error(["meta-train", "--out", str(file), "--data-root", str(tmp_path)], capsys, "meta-train",
                    "exists and is not a folder")
     assert file.read_text() == "keep me\n"
+
+
+@pytest.mark.parametrize("argv, command", [
+    (["bench", "--generator", "mnist-mlp", "--inits", "2"], "bench"),
+    (["bench", "--mode", "lopt", "--inits", "2"], "bench"),
+    (["tune-sampling", "--generator", "mnist-mlp", "--inits", "2"], "tune-sampling"),
+    (["tune-head", "--generator", "mnist-mlp", "--groups", "2", "--check-groups", "1"], "tune-head"),
+    (["demo"], "demo"),
+])
+def test_the_result_commands_check_seed_and_out_before_any_work(tmp_path, capsys, argv, command):
+    file = tmp_path / "passwd"
+    file.write_text("keep me\n")
+    one_line_error(argv + ["--out", str(file)], capsys, command, "exists and is not a folder")
+    assert file.read_text() == "keep me\n"
+    out = tmp_path / "out"
+    one_line_error(argv + ["--out", str(out), "--seed", "-5"], capsys, command, "--seed must be an integer from 0")
+    one_line_error(argv + ["--out", str(out), "--seed", str(2**63)], capsys, command, "--seed must be an integer")
+    assert not out.exists()
+
+
+def test_train_and_meta_train_refuse_to_export_over_weights_they_did_not_write(store_dir, tmp_path, capsys):
+    out = tmp_path / "tuned"
+    out.mkdir()
+    for name in ("toy.json", "toy.safetensors", "lopt.json"):  # another job's outputs, e.g. tune-head's
+        (out / name).write_text(f"{name} of another job\n")
+    base = ["train", "--store", str(store_dir), "--steps", "2", "--batch-size", "4", "--diffusion-steps", "50",
+            "--name", "toy"]
+    one_line_error(base + ["--out", str(out)], capsys, "train", "holds weights that this job did not write")
+    assert cli.main(base + ["--out", str(tmp_path / "gen")]) == 0
+    capsys.readouterr()
+    src = tmp_path / "src"  # a generator alone in its folder, fine-tuned into that folder
+    src.mkdir()
+    for suffix in (".json", ".safetensors"):
+        (src / f"toy{suffix}").write_bytes((tmp_path / "gen" / f"toy{suffix}").read_bytes())
+    one_line_error(base + ["--out", str(src), "--init-from", str(src / "toy.json")], capsys,
+                   "train", "is what this job starts from")
+    assert (src / "toy.json").read_bytes() == (tmp_path / "gen" / "toy.json").read_bytes()
+    one_line_error(["meta-train", "--out", str(out), "--data-root", str(tmp_path / "no-data"), "--outer-steps", "1"],
+                   capsys, "meta-train", "holds weights that this job did not write")
+    assert all((out / n).read_text() == f"{n} of another job\n" for n in ("toy.json", "toy.safetensors", "lopt.json"))
+    assert sorted(p.name for p in out.iterdir()) == ["lopt.json", "toy.json", "toy.safetensors"]

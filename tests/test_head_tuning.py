@@ -67,7 +67,9 @@ def test_train_head_learns_the_order_within_groups_and_changes_nothing_else():
     ({"samples": 1}, "--samples must be >= 2"),
     ({"groups": 0}, "--groups must be an integer >= 1"),
     ({"epochs": True}, "--epochs must be an integer >= 1"),
-    ({"lr": 0.0}, "--lr must be > 0"),
+    ({"lr": 0.0}, "--lr must be a finite number > 0"),
+    ({"lr": float("inf")}, "--lr must be a finite number > 0"),  # trained, then refused at the save
+    ({"mse_weight": float("inf")}, "--mse-weight one >= 0"),
     ({"name": "../x"}, "--name '../x' must be a plain file name"),
 ])
 def test_bad_settings_raise(kwargs, message):

@@ -77,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
         max_params=args.max_params, seed=args.seed,
         checkpoint_every=args.checkpoint_every,
     )
-    check_destination(args.out, args.name)
+    check_destination(args.out, args.name, resume=args.resume)
     data = config.family().load_data(args.data_root)
     meta_train(config, data, args.out, resume=args.resume, name=args.name, progress=not args.no_progress)
     if os.environ.get("RANK", "0") == "0":

@@ -22,7 +22,7 @@ from learned_opt.errors import ConfigError, TrainingError
 from learned_opt.fileio import atomic_write, is_plain_name
 from learned_opt.lopt.model import FEATURE_CONFIG, HIDDEN, hand_set_theta, theta_shapes
 from learned_opt.lopt.weights import save_rule
-from learned_opt.options import check_out_dir, check_seed
+from learned_opt.options import check_export_target, check_out_dir, check_seed
 
 from pretrain.train.distributed import on_main, setup_distributed
 from pretrain.store_lock import acquire_writer
@@ -76,6 +76,9 @@ class MetaConfig:
         check_seed(self.seed)
         if self.outer_optimizer not in OUTER_OPTIMIZERS:
             raise ConfigError(f"outer_optimizer must be one of {', '.join(OUTER_OPTIMIZERS)}, got {self.outer_optimizer!r}")
+        if self.outer_weights != "self" and self.outer_optimizer != "learned":
+            raise ConfigError(f"outer_weights {self.outer_weights!r} are a learned outer rule's: give "
+                              f"--outer-optimizer learned too, or leave --outer-weights out")
         if self.outer_loss not in ("mean", "log-mean"):
             raise ConfigError(f"outer_loss must be 'mean' or 'log-mean', got {self.outer_loss!r}")
         if self.unroll % self.truncation:
@@ -178,12 +181,15 @@ def plot_meta_loss(log_path: Path, png: Path) -> None:
         plt.close(fig)
 
 
-def check_destination(out: str | Path, name: str) -> None:
+def check_destination(out: str | Path, name: str, *, resume: bool, export: bool = True) -> None:
     """Refuse an ``--out`` that cannot be a folder and a ``--name`` that cannot be a file in it, before
-    any work (the weights are written after hours of meta-training)."""
+    any work (the weights are written after hours of meta-training), and weights there that this
+    job did not write (a resumed job's earlier export is its own)."""
     if not is_plain_name(name):
         raise ConfigError(f"invalid learned-optimizer name {name!r}: use letters, digits, '-', '_' and '.'")
     check_out_dir(out)
+    if export:
+        check_export_target(out, name, own=resume)
 
 
 def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = False, name: str = "lopt",
@@ -196,7 +202,7 @@ def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = Fals
     """
     from tqdm import tqdm
 
-    check_destination(out, name)
+    check_destination(out, name, resume=resume, export=export)
     info = setup_distributed("cpu")
     release = None
     try:

@@ -23,7 +23,7 @@ from learned_opt.errors import ConfigError, TrainingError
 from learned_opt.generator import Gpt, GptConfig
 from learned_opt.layout import signature_to_json
 from learned_opt.normalization import Normalization
-from learned_opt.options import check_out_dir
+from learned_opt.options import check_export_target, check_out_dir
 from learned_opt.pretrained import load_generator
 
 from ..dataset import PairBatch, PairSampler, Split, StepBatches, open_pairs, open_store, seeded_generator
@@ -145,6 +145,8 @@ class Trainer:
         config.task, config.metric = self.corpus.task.name, self.corpus.metric  # resolved, as recorded
         self.config = config
         self.name = config.name or config.task  # a generator is named for the task it serves
+        if config.export:  # a resumed job's earlier export is its own
+            check_export_target(self.out, self.name, own=state is not None, source=config.init_from)
 
         # ---- model, EMA, optimizer, schedule
         self.layout = self.corpus.task.layout(config.chunk_size, config.tokens)  # the task's unit symmetry

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from learned_opt import __version__, tasks
 from learned_opt.errors import ConfigError
+from learned_opt.fileio import atomic_write
 from learned_opt.pretrained import load_generator
 
 from ..store import Store
@@ -182,7 +183,8 @@ def evaluate_generator(config: EvalConfig, data=None) -> dict:
     }
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    text = json.dumps(result, indent=1) + "\n"  # hours of work: an interrupted write keeps the previous file
+    atomic_write(out / "eval.json", lambda p: p.write_text(text, encoding="utf-8"))
     if config.plots:
         result["plots"] = [str(p) for p in plot_eval(result, out)]
     return result

@@ -51,5 +51,9 @@ class OptimizerStateError(LearnedOptError, ValueError):
     """An optimizer ``state_dict`` that does not belong to this optimizer or its generator."""
 
 
+class NonFiniteStepError(LearnedOptError, FloatingPointError):
+    """An optimizer step would write NaN or Inf into parameters or their state (nothing was written)."""
+
+
 class TrainingError(LearnedOptError):
     """Generator training cannot start, resume or export as asked (another configuration, no checkpoint, ...)."""

@@ -396,3 +396,91 @@ def test_gpt_optimizer_state_keeps_the_learned_rule_it_was_saved_with():
     other = GptOptimizer(toy_model().parameters(), generator=gen, base=LearnedOptimizer, weights=hand_set_theta(seed=1))
     with pytest.raises(OptimizerStateError, match="weights"):
         other.load_state_dict(saved)
+
+
+def _snapshot(model, opt):
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(opt.state_dict())
+
+
+def _unchanged(model, opt, before) -> bool:
+    params, sd = before
+    now = opt.state_dict()
+    same_state = all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+                     for pid in sd["state"] for a, b in zip(sd["state"][pid].values(), now["state"][pid].values()))
+    return (all(torch.equal(a, b) for a, b in zip(params, model.parameters())) and same_state
+            and [g["step"] for g in sd["param_groups"]] == [g["step"] for g in now["param_groups"]])
+
+
+@pytest.mark.parametrize("spoil", ["nan-grad", "inf-grad", "huge-lr", "nan-lr-set-later"])
+def test_a_step_that_would_write_nan_or_inf_raises_and_changes_nothing(spoil):
+    from learned_opt import NonFiniteStepError
+
+    model, loss_fn = _problem()
+    opt = LearnedOptimizer(model.parameters(), weights=THETA)
+    _train(model, loss_fn, opt, 2)
+    before = _snapshot(model, opt)
+    opt.zero_grad()
+    loss_fn().backward()
+    grad = model[2].weight.grad
+    error = NonFiniteStepError
+    if spoil == "nan-grad":
+        grad[0, 3] = float("nan")  # one element: the RMS features would spread it over the whole tensor
+    elif spoil == "inf-grad":
+        grad[0, 0] = float("inf")
+    elif spoil == "huge-lr":
+        opt.param_groups[0]["lr"] = 1e300
+    else:
+        opt.param_groups[0]["lr"] = float("nan")
+        error = ConfigError
+    with pytest.raises(error, match="nothing was changed" if error is NonFiniteStepError else "learning rate"):
+        opt.step()
+    assert _unchanged(model, opt, before)
+
+
+def test_unordered_or_malformed_param_groups_are_refused():
+    model, _ = _problem()
+    params = list(model.parameters())
+    for bad in (set(params), [{"params": set(params)}], [{"params": frozenset(params[:1])}]):
+        with pytest.raises(ConfigError, match="has no order"):
+            LearnedOptimizer(bad, weights=THETA)
+    with pytest.raises(ConfigError, match="a 'params' entry"):
+        LearnedOptimizer([{"lr": 1.0}], weights=THETA)
+    opt = LearnedOptimizer(params[:2], weights=THETA)
+    with pytest.raises(ConfigError, match="a 'params' entry"):
+        opt.add_param_group(params[2:])  # a list, not a group dict
+
+
+@pytest.mark.parametrize("weights, match", [
+    ({"w0": torch.zeros(5), "w1": torch.zeros(5)}, "do not match"),
+    ({"w0": "abc"}, "must map names to tensors"),
+    ({0: torch.zeros(3)}, "must map names"),
+])
+def test_malformed_weight_dicts_are_one_line_errors(weights, match):
+    with pytest.raises(WeightsError, match=match):
+        LearnedOptimizer([torch.zeros(2, requires_grad=True)], weights=weights)
+
+
+def test_the_optimizer_keeps_its_own_copy_of_the_weights_it_was_given():
+    theta = hand_set_theta(noise=0.05)
+    opt = LearnedOptimizer([torch.zeros(2, requires_grad=True)], weights=theta)
+    sha = opt.rule.sha256
+    theta["w0"].zero_()  # the caller goes on changing its dict
+    assert not torch.equal(opt.rule.theta["w0"], theta["w0"]) and opt.rule.sha256 == sha
+
+
+@pytest.mark.parametrize("spoil", [
+    lambda s: s["v"].fill_(-1.0),
+    lambda s: s["m0"].fill_(float("nan")),
+    lambda s: s.__setitem__("m0", s["m0"].to_sparse()),
+    lambda s: s.__setitem__("v", s["v"].to(torch.int64)),
+], ids=["negative-v", "nan-momentum", "sparse-momentum", "integer-v"])
+def test_load_state_dict_refuses_state_the_next_step_cannot_use(spoil):
+    model, loss_fn = _problem()
+    opt = LearnedOptimizer(model.parameters(), weights=THETA)
+    _train(model, loss_fn, opt, 1)
+    sd = copy.deepcopy(opt.state_dict())
+    spoil(sd["state"][0])
+    before = _snapshot(model, opt)
+    with pytest.raises(OptimizerStateError, match="dense, real and finite"):
+        opt.load_state_dict(sd)
+    assert _unchanged(model, opt, before)

@@ -16,7 +16,9 @@ Behaviour at the edges, like Adam's: a parameter whose ``grad`` is None is not t
 state, step count included, is not advanced; a zero gradient still moves a parameter (the momenta
 and the rule's own reading of the parameter act). The rule is told the model's tensor count over
 all groups, so splitting parameters into groups changes nothing but what the groups set. Float64
-parameters are updated in float64. Sparse gradients and complex parameters are refused.
+parameters are updated in float64. Sparse gradients and complex parameters are refused, and a
+step that would write NaN or Inf (a non-finite gradient, an ``lr`` too large for the parameter's
+dtype) raises :class:`~learned_opt.errors.NonFiniteStepError` and changes nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import math
 import torch
 from torch.optim import Optimizer
 
-from ..errors import ConfigError, OptimizerStateError
+from ..errors import ConfigError, NonFiniteStepError, OptimizerStateError
 from .model import BETAS, init_state, update
 from .weights import LoadedRule, load_rule
 
@@ -51,13 +53,20 @@ class LearnedOptimizer(Optimizer):
         if isinstance(params, torch.Tensor):
             raise ConfigError("params must be an iterable of tensors or of param-group dicts, not a single tensor: "
                               "pass [tensor] or model.parameters()")
+        if isinstance(params, (set, frozenset)):
+            raise ConfigError(UNORDERED)
         _check_lr(lr)
         self.rule: LoadedRule = load_rule(weights)
         self._theta_cache: dict = {}
         super().__init__(params, dict(lr=lr, step=0))
 
     def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict) or "params" not in param_group:
+            raise ConfigError("a param group is a dict with a 'params' entry, e.g. {'params': model.layer.parameters(), "
+                              "'lr': 0.5}")
         params = param_group["params"]
+        if isinstance(params, (set, frozenset)):
+            raise ConfigError(UNORDERED)
         if isinstance(params, torch.Tensor):
             params = [params]
         params = list(params)
@@ -103,6 +112,8 @@ class LearnedOptimizer(Optimizer):
         # the rule is told the whole model's tensor count, as in meta-training, however it is grouped
         num_tensors = sum(len(group["params"]) for group in self.param_groups)
         updates = []  # (parameters, their steps, new values, new momenta and v), one per group, device and step
+        for group, _ in work:  # a group's lr may have been set after it was added
+            _check_lr(group["lr"])
         for group, with_grad in work:
             # each parameter counts its own steps (Adam's "step"), so one that had no gradient for a
             # while starts its bias corrections afresh; the group's counter is for states saved before
@@ -118,6 +129,7 @@ class LearnedOptimizer(Optimizer):
                 new_p, new_state = update(self._theta(device), ps, [p.grad for p in ps], state, step,
                                           lr=group["lr"], num_tensors=num_tensors)
                 updates.append((ps, step, new_p, new_state))
+        _refuse_nonfinite(updates)
         for ps, step, new_p, new_state in updates:  # commit
             torch._foreach_copy_(ps, list(new_p))
             for p, m, v in zip(ps, new_state["m"], new_state["v"]):
@@ -161,6 +173,10 @@ class LearnedOptimizer(Optimizer):
                     isinstance(s.get(k), torch.Tensor) and tuple(s[k].shape) == tuple(shape) for k in (*MOMENTA, "v")):
                 raise OptimizerStateError(f"state of parameter {pid} does not fit a parameter of shape {list(shape)} "
                                           f"(it needs {', '.join(MOMENTA)} and v of that shape)")
+            if not all(_usable(s[k], k) for k in (*MOMENTA, "v")):
+                raise OptimizerStateError(f"state of parameter {pid} is not dense, real and finite (with v >= 0); the "
+                                          f"next step would fail or write NaN: load a state saved by "
+                                          f"LearnedOptimizer.state_dict()")
             if "step" in s and (isinstance(s["step"], bool) or not isinstance(s["step"], int) or s["step"] < 0):
                 raise OptimizerStateError(f"state of parameter {pid} has step {s['step']!r}, not an integer >= 0")
         for g in groups:
@@ -180,6 +196,30 @@ class LearnedOptimizer(Optimizer):
     def __repr__(self) -> str:
         groups = ", ".join(f"(lr={g['lr']}, step={g['step']}, {len(g['params'])} tensors)" for g in self.param_groups)
         return f"LearnedOptimizer(weights={self.rule.name!r}, sha256={self.rule.sha256[:12]}, groups=[{groups}])"
+
+
+UNORDERED = ("a set of parameters has no order, and the state of one would load into another on resume: "
+             "pass model.parameters() or a list")
+
+
+def _refuse_nonfinite(updates: list) -> None:
+    """:class:`NonFiniteStepError` naming the first parameter whose new value or state is not finite."""
+    for ps, _, new_p, new_state in updates:
+        tensors = [*new_p, *new_state["m"], *new_state["v"]]  # per parameter: its value, momenta and v
+        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).view(3, len(ps)).all(0).tolist()  # one sync
+        for p, ok in zip(ps, finite):
+            if not ok:
+                raise NonFiniteStepError(
+                    f"the learned step of a parameter of shape {list(p.shape)} ({p.dtype}) is not finite: its "
+                    f"gradient holds NaN or Inf, or lr is too large for its dtype; nothing was changed. Skip the "
+                    f"batch, lower lr, or clip or scale the gradients (GradScaler skips such steps)")
+
+
+def _usable(t: torch.Tensor, key: str) -> bool:
+    """Whether a saved momentum (or ``v``, a mean square) can be stepped from."""
+    if t.layout != torch.strided or not t.is_floating_point() or t.device.type == "meta":
+        return False
+    return bool(torch.isfinite(t).all()) and (key != "v" or bool((t >= 0).all()))
 
 
 def _check_lr(lr, error=ConfigError) -> None:

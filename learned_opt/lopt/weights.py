@@ -54,9 +54,16 @@ class LoadedRule:
 
 def rule_from_theta(theta: Mapping[str, torch.Tensor], name: str = "in-memory") -> LoadedRule:
     """Wrap in-memory MLP weights (a hand-set rule, a meta-training checkpoint), checked."""
-    theta = {k: torch.as_tensor(v).detach().to(torch.float32) for k, v in dict(theta).items()}
+    items = dict(theta).items()
+    if not all(isinstance(k, str) for k, _ in items):
+        raise WeightsError(f"learned-optimizer weights {name} must map names (w0, b0, ...) to tensors")
+    try:  # a copy: the caller may go on changing its tensors in place
+        theta = {k: torch.as_tensor(v).detach().to(torch.float32, copy=True) for k, v in items}
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise WeightsError(f"learned-optimizer weights {name} must map names to tensors ({exc})") from None
     n = sum(1 for k in theta if k.startswith("w"))
-    hidden = [int(theta[f"w{i}"].shape[1]) for i in range(n - 1)] if all(f"w{i}" in theta for i in range(n)) else []
+    ws = [theta.get(f"w{i}") for i in range(n)]
+    hidden = [int(w.shape[1]) for w in ws[:-1]] if all(w is not None and w.dim() == 2 for w in ws) else []
     _check_theta(theta, hidden, name)
     manifest = {"kind": KIND, "name": name, "architecture": {"hidden": hidden}, "features": dict(FEATURE_CONFIG)}
     return LoadedRule(name, theta, manifest, _theta_hash(theta))

@@ -181,7 +181,8 @@ class GptOptimizer(torch.optim.Optimizer):
         check_args(params, every, seed, metric_closure, prompt, max_update_ratio, min_improvement, guard)
         check_sampling(sampling_steps, sampling_method, sampling_t_min, candidates, sampling_temperature)
         self.step_sizes = check_step_size(step_size)
-        check_base_kwargs(base, base_kwargs, [*inspect.signature(GptOptimizer.__init__).parameters][2:])
+        own = [n for n, p in inspect.signature(GptOptimizer.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY]
+        check_base_kwargs(base, base_kwargs, own)
         params = materialize(params)
         self.generator = load_generator(generator)  # WeightsError for unknown names / bad files
         # ConfigError if unfit

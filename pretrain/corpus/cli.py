@@ -97,8 +97,7 @@ def main(args: argparse.Namespace) -> int:
     config.validate()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if tasks.get(config.task).kind == "control":  # environments step in NumPy: control corpora train on the CPU
-        # a name checked like any other, and then the family refuses any device but the CPU
-        config.device = "cpu" if config.device == "auto" else str(parse_device(config.device))
+        config.device = "cpu" if config.device == "auto" else config.device  # the family refuses any other
     else:
         config.device = str(parse_device(config.device, local_rank=local_rank))  # plain cuda: this process's GPU
     if args.lr_range is not None:

@@ -160,7 +160,12 @@ class PPOFamily(TaskFamily):
                 f"--env-steps must be >= {shape.envs * shape.horizon} (one update of {shape.envs} environments "
                 f"x {shape.horizon} steps), got {config.env_steps}"
             )
-        if torch.device(config.device).type != "cpu":
+        try:
+            device = torch.device(config.device)
+        except (RuntimeError, TypeError):
+            raise LearnedOptError(f"unknown --device {config.device!r}: {name} corpora train on the CPU; use --device "
+                                  f"cpu or auto") from None
+        if device.type != "cpu":
             raise LearnedOptError(f"{name} corpora train on the CPU (gymnasium environments step in NumPy); "
                                   "drop --device")
 

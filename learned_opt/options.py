@@ -1,4 +1,5 @@
-"""Checks of command-line values that several commands share: ``--device``, ``--seed``, ``--out``.
+"""Checks of command-line values that several commands share: ``--device``, ``--seed``, ``--out``,
+plots.
 
 Each raises :class:`~learned_opt.errors.ConfigError` with a message naming the option, so the
 command line prints one line instead of the traceback torch or the file system would give, and
@@ -16,7 +17,8 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["SEED_LIMIT", "DeprecatedAlias", "parse_device", "check_seed", "check_out_dir", "check_export_target"]
+__all__ = ["SEED_LIMIT", "DeprecatedAlias", "parse_device", "check_seed", "check_out_dir", "check_export_target",
+           "check_plots"]
 
 SEED_LIMIT = 2**63  # seeds (and seed + i for the i-th run or init) must lie in [0, SEED_LIMIT): torch's int64
 
@@ -85,3 +87,20 @@ def check_out_dir(path: str | os.PathLike, *, option: str = "--out") -> None:
                 where = "exists and is not a folder" if p == path else f"lies under {p}, which is not a folder"
                 raise ConfigError(f"{option} {path} {where}: choose a folder to write into")
             return
+
+
+def check_plots(wanted: bool, option: str = "--no-plots") -> None:
+    """Refuse, before any work, a command that will draw PNGs where matplotlib is not installed
+    (it is in the ``dev`` extra, not the runtime package): the results would be lost to an
+    ImportError after the whole run."""
+    if not wanted:
+        return
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules, or without a spec
+        found = False
+    if not found:
+        raise ConfigError(f"the plots need matplotlib, which is not installed: pip install matplotlib "
+                          f"(or 'learned-opt[dev]'), or pass {option}")

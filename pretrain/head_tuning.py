@@ -48,8 +48,9 @@ from learned_opt import tasks
 from learned_opt.diffusion import check_temperature
 from learned_opt.errors import ConfigError, GenerationError
 from learned_opt.fileio import atomic_write, is_plain_name
-from learned_opt.options import check_export_target, check_out_dir, check_seed
+from learned_opt.options import check_export_target, check_out_dir, check_plots, check_seed
 from learned_opt.pretrained import LoadedGenerator, load_generator, save_generator
+from learned_opt.saving import sha256_file
 from learned_opt.selection import check_candidates
 
 from .evaluate import init_params
@@ -185,10 +186,13 @@ def tune_head(config: HeadTuneConfig) -> dict:
     check_candidates(config.samples, gen.sampler(temperature=config.temperature)["temperature"], "--temperature",
                      fewer=None)
     target = Path(config.out) / f"{config.name or gen.name}.json"
-    if target.is_file() and _weights_sha256(target) == gen.sha256:
+    weights = target.with_suffix(".safetensors")  # the manifest may have been renamed away from its weights
+    if gen.sha256 in (_manifest_field(target, "weights_sha256"), weights.is_file() and sha256_file(weights)):
         raise ConfigError(f"{target} is the generator being tuned: writing there would replace it; "
                           f"pass another --out or --name")
-    check_export_target(config.out, target.stem, own=(Path(config.out) / "head.json").exists())  # a rerun's own
+    # a rerun's own: an earlier tune-head of this same generator, whatever became of head.json
+    tuned_from = _manifest_field(target, "training", "head_tuning", "source", "sha256")
+    check_export_target(config.out, target.stem, own=tuned_from == gen.sha256)
     task = tasks.for_generator(gen, config.task)
     data = task.load_data(config.data_root)
     val_data = task.validation_data(data, config.holdout)
@@ -257,10 +261,13 @@ def tune_head(config: HeadTuneConfig) -> dict:
     return result
 
 
-def _weights_sha256(manifest: Path) -> str | None:
-    """The weights hash a manifest on disk records (None where it cannot be read)."""
+def _manifest_field(manifest: Path, *keys: str) -> Any:
+    """``manifest[keys[0]][keys[1]]...`` of a manifest on disk (None where it cannot be read or lacks them)."""
     try:
-        return json.loads(manifest.read_text(encoding="utf-8")).get("weights_sha256")
+        value = json.loads(manifest.read_text(encoding="utf-8"))
+        for key in keys:
+            value = value.get(key)
+        return value
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -335,6 +342,7 @@ def main(args: argparse.Namespace) -> int:
     )
     check_seed(config.seed, config.groups + config.check_groups)
     check_out_dir(config.out)
+    check_plots(config.plots)
     result = tune_head(config)
     print(format_table(result))
     print("wrote " + ", ".join([result["generator"]["written"], str(Path(config.out) / "head.json"),

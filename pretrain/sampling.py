@@ -48,7 +48,7 @@ from learned_opt.diffusion import METHODS, check_temperature
 from learned_opt.errors import ConfigError
 from learned_opt.fileio import atomic_write
 from learned_opt.guidance import check_guidance
-from learned_opt.options import DeprecatedAlias, check_out_dir, check_seed
+from learned_opt.options import DeprecatedAlias, check_out_dir, check_plots, check_seed
 from learned_opt.pretrained import LoadedGenerator, load_generator
 from learned_opt.saving import manifest_json
 
@@ -283,6 +283,14 @@ def tune_sampling(config: TuneConfig) -> dict:
         if named or not manifest_path.is_file():
             raise ConfigError(f"--write needs the path of the generator's .json manifest, got {config.generator!r}; "
                               f"pass the file (e.g. learned_opt/weights/NAME.json), not a registry name")
+        manifest_path = manifest_path.resolve()  # through a link: the manifest itself is updated, not the link
+        # the manifest is replaced by a new file (atomically): that needs its folder writable, and a
+        # read-only manifest is a protection the replacement would silently drop
+        read_only = not manifest_path.stat().st_mode & 0o222  # by its mode: root may write any file
+        if read_only or not os.access(manifest_path.parent, os.W_OK | os.X_OK):
+            what = "is read-only" if read_only else "lies in a folder you cannot write"
+            raise ConfigError(f"--write updates {manifest_path}, which {what}: make it writable, sweep a copy "
+                              f"of the generator (its .json and .safetensors), or leave out --write")
     gen = load_generator(config.generator)
     for w in config.guidance:  # ConfigError for guidance other than 1 on a generator trained without prompt dropout
         gen.sampler(guidance=w)
@@ -377,6 +385,7 @@ def main(args: argparse.Namespace) -> int:
     )
     check_seed(config.seed, config.inits)
     check_out_dir(config.out)
+    check_plots(config.plots)
     result = tune_sampling(config)
     print(format_table(result))
     wrote = [str(Path(config.out) / "sweep.json"), *result.get("plots", [])]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from train_helpers import make_store
@@ -183,6 +185,22 @@ def test_the_result_commands_check_seed_and_out_before_any_work(tmp_path, capsys
     out = tmp_path / "out"
     one_line_error(argv + ["--out", str(out), "--seed", "-5"], capsys, command, "--seed must be an integer from 0")
     one_line_error(argv + ["--out", str(out), "--seed", str(2**63)], capsys, command, "--seed must be an integer")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv, command, option", [
+    (["bench", "--generator", "mnist-mlp", "--inits", "2"], "bench", "--no-plots"),
+    (["tune-sampling", "--generator", "mnist-mlp", "--inits", "2"], "tune-sampling", "--no-plots"),
+    (["tune-head", "--generator", "mnist-mlp", "--groups", "2", "--check-groups", "1"], "tune-head", "--no-plots"),
+    (["eval", "--generator", "mnist-mlp", "--inits", "2"], "eval", "--no-plots"),
+    (["demo"], "demo", "--no-plot"),
+])
+def test_the_commands_that_draw_refuse_before_any_work_where_matplotlib_is_missing(tmp_path, capsys, monkeypatch,
+                                                                                   argv, command, option):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as in a runtime install, which has no matplotlib
+    out = tmp_path / "out"
+    one_line_error(argv + ["--out", str(out), "--data-root", str(tmp_path)], capsys, command,
+                   f"or 'learned-opt[dev]'), or pass {option}\n")
     assert not out.exists()
 
 

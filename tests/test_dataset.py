@@ -176,6 +176,9 @@ def test_late_pairs_are_every_pair_that_starts_in_the_second_half_of_its_run(sto
     k = {r: len(ds.metric_values[r]) for r in ds.run_ids}
     assert got == sorted(p for p in everything if p[1] >= k[p[0]] // 2)
     assert got and len(got) < len(everything)
+    short = sorted(ds.pair(int(k)) for k in ds.late_pairs(max_gap=1))  # the next checkpoint only
+    assert short == [p for p in got if p[2] - p[1] == 1] and short
+    assert sorted(ds.pair(int(k)) for k in ds.late_pairs(max_gap=3)) == got  # the store's own largest gap
 
 
 def test_focus_puts_each_share_of_every_batch_on_its_pairs():
@@ -202,6 +205,8 @@ def test_focus_puts_each_share_of_every_batch_on_its_pairs():
     with pytest.raises(ConfigError, match="late_fraction"):
         PairConfig(init_fraction=0.75, late_fraction=0.5)
     PairConfig(init_fraction=0.9, late_fraction=0.1)  # adds up to 1 in floating point, give or take
+    with pytest.raises(ConfigError, match="late_max_gap"):
+        PairConfig(late_fraction=0.5, late_max_gap=0)
     odd = PairSampler(1000, 3, seed=2, task=None, focus=[(focus, 0.5), (late, 0.5)])
     assert [count for _, count in odd.focus] == [2, 1]  # the running total is rounded: the batch, exactly
 

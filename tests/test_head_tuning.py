@@ -160,3 +160,29 @@ def test_train_head_leaves_the_head_as_it_found_it_when_interrupted():
     with pytest.raises(KeyboardInterrupt):
         train_head(gen, theta, labels, HeadTuneConfig(generator="toy", epochs=3, samples=3, progress=False), stop)
     assert not any(q.requires_grad for q in gen.model.parameters()) and not gen.model.property_head.training
+
+
+def test_tune_head_never_writes_over_its_source_or_another_job_s_generator(tmp_path, capsys):
+    manifest = save_tiny_mnist_generator(tmp_path / "gen", property_head=True)
+    sha = json.loads(manifest.read_text())["weights_sha256"]
+    base = ["tune-head", "--data-root", str(tmp_path / "no-data"), "--no-progress", "--no-plots"]
+    # the source's manifest renamed: the export's weights file would be the source's own
+    renamed = manifest.with_name("v1.json")
+    manifest.rename(renamed)
+    weights = renamed.parent / "tiny-mnist.safetensors"  # the name the source was saved under
+    before = weights.read_bytes()
+    assert cli_main(base + ["--generator", str(renamed), "--out", str(renamed.parent)]) == 2
+    assert "is the generator being tuned" in capsys.readouterr().err and weights.read_bytes() == before
+    # another generator's tuned export (head.json beside it or not) is not this job's to replace
+    out = tmp_path / "tuned"
+    out.mkdir()
+    theirs = {"training": {"head_tuning": {"source": {"name": "other", "sha256": "f" * 64}}}}
+    (out / "tuned.json").write_text(json.dumps(theirs))
+    (out / "head.json").write_text("{}\n")
+    argv = base + ["--generator", str(renamed), "--out", str(out), "--name", "tuned"]
+    assert cli_main(argv) == 2 and "this job did not write" in capsys.readouterr().err
+    assert json.loads((out / "tuned.json").read_text()) == theirs
+    # an earlier tune-head of this generator is its own, even when it was stopped before head.json
+    (out / "head.json").unlink()
+    (out / "tuned.json").write_text(json.dumps({"training": {"head_tuning": {"source": {"sha256": sha}}}}))
+    assert cli_main(argv) == 2 and "this job did not write" not in capsys.readouterr().err  # on to the data

@@ -45,13 +45,18 @@ def test_a_log_line_cut_short_by_a_kill_does_not_block_the_resume(tmp_path, monk
 def test_resume_with_other_settings_refused(tmp_path):
     meta_train(MetaConfig(outer_steps=2, **TINY), _data(), tmp_path, progress=False, export=False)
     before = (tmp_path / "checkpoint.pt").read_bytes()
-    with pytest.raises(TrainingError, match="other settings.*sigma"):
-        meta_train(MetaConfig(outer_steps=4, **{**TINY, "sigma": 0.5}), _data(), tmp_path, resume=True, progress=False)
+    with pytest.raises(TrainingError, match="other settings.*holdout.*only --outer-lr and --sigma may change"):
+        meta_train(MetaConfig(outer_steps=4, **{**TINY, "holdout": 30}), _data(), tmp_path, resume=True, progress=False)
     with pytest.raises(TrainingError, match="--resume"):
         meta_train(MetaConfig(outer_steps=4, **TINY), _data(), tmp_path, progress=False)
     with pytest.raises(TrainingError, match="no meta-training checkpoint"):
         meta_train(MetaConfig(outer_steps=4, **TINY), _data(), tmp_path / "none", resume=True, progress=False)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "checkpoint.pt").write_bytes(before[: len(before) // 2])  # a copy cut short
+    with pytest.raises(TrainingError, match="not a readable meta-training checkpoint.*move it aside"):
+        meta_train(MetaConfig(outer_steps=4, **TINY), _data(), cut, resume=True, progress=False)
 
 
 @pytest.mark.parametrize("bad", [dict(widths=()), dict(depths=()), dict(batch_sizes=()), dict(unroll=7),
@@ -81,9 +86,27 @@ def test_non_finite_rule_is_never_checkpointed(tmp_path, monkeypatch):
     before = (tmp_path / "checkpoint.pt").read_bytes()
     monkeypatch.setattr(trainer.OuterOptimizer, "step",
                         lambda self, theta, *a, **k: {k2: v * float("nan") for k2, v in theta.items()})
-    with pytest.raises(TrainingError, match="non-finite"):
+    with pytest.raises(TrainingError, match="non-finite.*--resume from it with a lower --outer-lr or --sigma"):
         meta_train(MetaConfig(outer_steps=4, **TINY), _data(), tmp_path, resume=True, progress=False)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    monkeypatch.undo()  # the advice can be followed: a lower --outer-lr and --sigma resume, and are recorded
+    meta_train(MetaConfig(outer_steps=4, **{**TINY, "sigma": 0.05, "outer_lr": 1e-4}), _data(), tmp_path, resume=True,
+               progress=False)
+    changed = load_rule(tmp_path / "lopt.json").manifest["meta_training"]["settings_changed"]
+    assert changed == [{"outer_step": 2, "outer_lr": [MetaConfig().outer_lr, 1e-4], "sigma": [TINY.get("sigma", MetaConfig().sigma), 0.05]}]
+
+
+def test_a_resume_under_another_name_does_not_replace_weights_it_did_not_write(tmp_path):
+    meta_train(MetaConfig(outer_steps=2, **TINY), _data(), tmp_path, progress=False, export=False)
+    theirs = tmp_path / "keep.json"
+    theirs.write_text("another job's weights\n")
+    with pytest.raises(ConfigError, match="did not write"):
+        meta_train(MetaConfig(outer_steps=3, **TINY), _data(), tmp_path, resume=True, progress=False, name="keep")
+    assert theirs.read_text() == "another job's weights\n"
+    meta_train(MetaConfig(outer_steps=3, **TINY), _data(), tmp_path, resume=True, progress=False)  # its own name
+    assert load_rule(tmp_path / "lopt.json").manifest["meta_training"]["outer_steps"] == 3
+    with pytest.raises(ConfigError, match="at outer step 3 already: pass --outer-steps 3"):
+        meta_train(MetaConfig(outer_steps=2, **TINY), _data(), tmp_path, resume=True, progress=False)
 
 
 def test_learned_outer_optimizer_trains_the_rule_itself_and_resumes_exactly(tmp_path):

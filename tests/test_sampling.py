@@ -131,3 +131,27 @@ def test_the_choice_is_not_written_into_a_manifest_of_other_weights(tmp_path):
     with pytest.raises(ConfigError, match="other weights"):  # swept before a re-export replaced the weights
         record_choice(manifest, result, TuneConfig(generator=str(manifest)), sha256="0" * 64)
     assert manifest.read_text() == before
+
+
+def test_write_refuses_a_read_only_manifest_before_the_sweep(mnist_root, tmp_path, capsys):
+    manifest = save_tiny_mnist_generator(tmp_path / "gen")
+    before = manifest.read_text()
+    manifest.chmod(0o444)
+    out = tmp_path / "tune"
+    code = cli_main(["tune-sampling", "--generator", str(manifest), "--data-root", str(mnist_root), "--out", str(out),
+                     "--inits", "1", "--samples", "1", "--sampling-steps", "1", "--t-min", "0", "--write",
+                     "--no-progress", "--no-plots"])
+    err = capsys.readouterr().err
+    assert code == 2 and "is read-only" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and manifest.read_text() == before and not manifest.stat().st_mode & 0o222
+
+
+def test_write_through_a_link_updates_the_manifest_it_points_to(mnist_root, tmp_path):
+    manifest = save_tiny_mnist_generator(tmp_path / "gen")
+    link = tmp_path / "gen" / "latest.json"
+    link.symlink_to(manifest.name)
+    code = cli_main(["tune-sampling", "--generator", str(link), "--data-root", str(mnist_root),
+                     "--out", str(tmp_path / "tune"), "--inits", "1", "--samples", "1", "--sampling-steps", "1",
+                     "--t-min", "0", "--holdout", "100", "--write", "--no-progress", "--no-plots"])
+    assert code == 0 and link.is_symlink()
+    assert "tune-sampling" in json.loads(manifest.read_text())["sampling"]["chosen_by"]

@@ -415,15 +415,16 @@ def test_new_options_change_what_training_does(store_dir, tmp_path):
     windowed = train(tiny(store_dir, tmp_path / "windowed", precondition=True, snr_window=(-1.0, 1.0)))
     focused = train(tiny(store_dir, tmp_path / "focused", precondition=True, init_fraction=1.0))
     late = train(tiny(store_dir, tmp_path / "late", precondition=True, late_fraction=1.0))
-    assert len({state_hash(m.model) for m in (plain, windowed, focused, late)}) == 4
+    short = train(tiny(store_dir, tmp_path / "short", precondition=True, late_fraction=1.0, late_max_gap=1))
+    assert len({state_hash(m.model) for m in (plain, windowed, focused, late, short)}) == 5
 
 
 def test_checkpoint_from_before_the_new_options_still_resumes(store_dir, tmp_path):
     train(tiny(store_dir, tmp_path, stop_after=3))
     path = tmp_path / CHECKPOINT_NAME
     state = load_checkpoint(path)
-    for key in ("init_fraction", "late_fraction", "precondition", "residual_std", "pca_init", "subspace_skip",
-                "snr_window"):
+    for key in ("init_fraction", "late_fraction", "late_max_gap", "precondition", "residual_std", "pca_init",
+                "subspace_skip", "snr_window"):
         del state["config"][key]
     for key in ("precondition", "residual_std", "subspace_skip"):
         del state["model_config"][key]

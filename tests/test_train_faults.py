@@ -30,7 +30,7 @@ tiny = tiny_config
     {"weight_decay": math.nan}, {"grad_clip": math.nan}, {"grad_clip": math.inf}, {"ema_decay": math.nan},
     {"min_lr_ratio": math.nan}, {"output_matching": math.inf}, {"layer_balance": math.nan},
     {"init_fraction": math.nan}, {"late_fraction": math.nan}, {"snr_window": (math.nan, 1.0)}, {"residual_std": math.inf, "precondition": True},
-    {"lr": math.inf},
+    {"lr": math.inf}, {"late_max_gap": 0},
 ])
 def test_non_finite_options_are_refused_before_anything_is_written(store_dir, tmp_path, change):
     with pytest.raises(ConfigError, match="finite|positive"):

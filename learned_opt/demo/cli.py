@@ -9,7 +9,7 @@ import torch
 
 from .. import tasks
 from ..errors import ConfigError
-from ..options import check_out_dir, check_seed
+from ..options import check_out_dir, check_plots, check_seed
 from ..pretrained import load_generator
 from . import mnist
 from .cartpole import JSON_NAME as CONTROL_JSON_NAME
@@ -64,6 +64,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     check_seed(args.seed)
     check_out_dir(args.out)
+    check_plots(not args.no_plot, "--no-plot")
     task = args.task
     if task is None:  # the generator's own task (a user task is found through its recorded source)
         task = tasks.source_of(tasks.for_generator(load_generator(args.generator))) if args.generator else DEFAULT_TASK

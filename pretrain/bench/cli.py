@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from learned_opt.errors import ConfigError
-from learned_opt.options import check_out_dir, check_seed, parse_device
+from learned_opt.options import check_out_dir, check_plots, check_seed, parse_device
 
 from ..evaluate import add_sampler_arguments
 from .config import MODES, MOMENTS, BenchConfig, LoptBenchConfig, parse_bases, parse_every, parse_floats
@@ -85,6 +85,7 @@ def main(args: argparse.Namespace) -> int:
     config = lopt_config(args) if args.mode == "lopt" else periodic_config(args)
     check_seed(config.seed, config.inits)  # before any run, not when init i's seed turns out too large
     check_out_dir(config.out)  # before the runs, not when bench.json is written
+    check_plots(config.plots)
     result = run_bench(config)
     print(format_lopt_summary(result) if args.mode == "lopt" else format_summary(result))
     print(f"wrote {Path(config.out) / 'bench.json'}" + "".join(f", {p}" for p in result.get("plots", [])))

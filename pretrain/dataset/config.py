@@ -21,6 +21,7 @@ class PairConfig:
     augment: bool = True  # one random hidden-unit permutation per pair
     init_fraction: float = 0.0  # share of each batch drawn from pairs that start at the initialisation
     late_fraction: float = 0.0  # share of each batch drawn from pairs that start in the second half of their run
+    late_max_gap: int | None = None  # the late share's largest j - i (None: max_gap)
     std_sample_runs: int = 64  # runs sampled to estimate the corpus-wide parameter std
     std_sample_rows: int = 16  # checkpoints read per sampled run
 
@@ -35,3 +36,5 @@ class PairConfig:
             raise ConfigError(f"Invalid init_fraction: {self.init_fraction} (must be in [0, 1])")
         if not (0.0 <= self.late_fraction <= 1.0 and self.init_fraction + self.late_fraction <= 1.0 + 1e-9):
             raise ConfigError(f"Invalid late_fraction: {self.late_fraction} (must be in [0, 1 - init_fraction])")
+        if self.late_max_gap is not None and self.late_max_gap < 1:
+            raise ConfigError(f"Invalid late_max_gap: {self.late_max_gap} (must be >= 1)")

@@ -66,6 +66,7 @@ class PairCorpus:
             "augment": self.config.augment,
             "init_fraction": self.config.init_fraction,
             "late_fraction": self.config.late_fraction,
+            **({"late_max_gap": self.config.late_max_gap} if self.config.late_max_gap is not None else {}),
             "split": self.split.to_dict(),
             "store_settings_sha256": settings_fingerprint(self.store),
         }

@@ -154,14 +154,21 @@ class PairDataset(Dataset):
                 out.append(torch.arange(first, first + min(self.max_gap, k - 1 - start)))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
-    def late_pairs(self) -> torch.Tensor:
+    def late_pairs(self, max_gap: int | None = None) -> torch.Tensor:
         """Indices ``[N]`` of every pair that starts in the second half of its run (at checkpoint
-        ``k // 2`` or later of ``k``): updates of networks that are already well trained."""
+        ``k // 2`` or later of ``k``): updates of networks that are already well trained. With
+        ``max_gap``, only those whose gap is at most that: the next few steps of a run, not where
+        it ends."""
         out = []
         for r, run_id in enumerate(self.run_ids):
             k = len(self.metric_values[run_id])
-            first = self._offsets[r] + self._pair_starts(k)[k // 2]
-            out.append(torch.arange(first, self._offsets[r + 1]))
+            starts = self._pair_starts(k)
+            if max_gap is None or max_gap >= self.max_gap:
+                out.append(torch.arange(self._offsets[r] + starts[k // 2], self._offsets[r + 1]))
+                continue
+            for i in range(k // 2, k - 1):  # a start's pairs are stored by gap, 1 first
+                first = self._offsets[r] + starts[i]
+                out.append(torch.arange(first, first + min(max_gap, starts[i + 1] - starts[i])))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
     def pair(self, index: int) -> tuple[int, int, int]:

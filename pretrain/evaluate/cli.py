@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from learned_opt.options import check_out_dir, check_seed, parse_device
+from learned_opt.options import check_out_dir, check_plots, check_seed, parse_device
 
 from .config import EvalConfig
 from .report import format_summary
@@ -79,6 +79,7 @@ def main(args: argparse.Namespace) -> int:
     # checked here, before the generator is loaded and anything is written
     device = str(parse_device(args.device))
     check_out_dir(args.out)
+    check_plots(not args.no_plots)
     check_seed(args.seed, max(args.inits, 1))  # init i has seed SEED + i
     config = EvalConfig(
         generator=args.generator, out=args.out, task=args.task, store=args.store, data_root=args.data_root, inits=args.inits,

@@ -36,6 +36,8 @@ from .shard import part_of, shard_of, sum_over_ranks, whole_population
 CHECKPOINT_VERSION = 2  # 2: the rule reads 25 features (Adam's directions, the tensor's size)
 READABLE_VERSIONS = (1, 2)  # the same format; a rule of other shapes is refused by its shapes
 LOSS_SUM = "__outer_loss_sum__"  # the population's summed outer loss, reduced with the gradient
+# settings a resume may change, as the advice after non-finite weights asks; each change is recorded
+RESUMABLE = ("outer_lr", "sigma")
 
 
 @dataclass
@@ -94,7 +96,8 @@ class MetaConfig:
         return OuterOptimizer(self.outer_optimizer, self.outer_lr, self.outer_weights)
 
     def settings(self) -> dict:
-        """What must match on resume: everything but the number of outer steps."""
+        """What a resume compares: everything but the number of outer steps (of these, only
+        :data:`RESUMABLE` may differ)."""
         d = json.loads(json.dumps(asdict(self)))
         d.pop("outer_steps")
         return d
@@ -108,12 +111,14 @@ class MetaState:
     outer_step: int = 0
     gen_state: torch.Tensor | None = None
     seconds: float = 0.0  # wall time of the outer steps so far, over every session
+    changes: list = field(default_factory=list)  # {"outer_step", setting: [before, after]} at each resume that changed one
 
 
-def save_checkpoint(path: Path, config: MetaConfig, s: MetaState) -> None:
+def save_checkpoint(path: Path, config: MetaConfig, s: MetaState, name: str) -> None:
     blob = {"version": CHECKPOINT_VERSION, "kind": "lopt-meta-train", "settings": json.dumps(config.settings()),
             "theta": s.theta, "adam": s.outer_state, "unroll": s.unroll.to_dict() if s.unroll else None,
-            "outer_step": s.outer_step, "gen_state": s.gen_state, "seconds": s.seconds}
+            "outer_step": s.outer_step, "gen_state": s.gen_state, "seconds": s.seconds,
+            "changes": json.dumps(s.changes), "name": name}
     atomic_write(path, lambda p: torch.save(blob, p))
 
 
@@ -123,7 +128,8 @@ def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
     except FileNotFoundError:
         raise TrainingError(f"no meta-training checkpoint at {path}: start without --resume") from None
     except Exception as exc:  # a corrupt file: pickle/zip errors of many kinds
-        raise TrainingError(f"{path} is not a readable meta-training checkpoint ({str(exc)[:200]})") from None
+        raise TrainingError(f"{path} is not a readable meta-training checkpoint ({str(exc)[:200]}): it cannot be "
+                            f"resumed; move it aside to start again in this --out, or choose a new --out") from None
     if not isinstance(blob, dict) or blob.get("kind") != "lopt-meta-train" or blob.get("version") not in READABLE_VERSIONS:
         raise TrainingError(f"{path} is not a learned-opt meta-training checkpoint of version {CHECKPOINT_VERSION}")
     saved = json.loads(blob["settings"])
@@ -133,17 +139,34 @@ def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
     saved.setdefault("outer_weights", "self")
     saved.setdefault("pools", [1])
     saved.setdefault("max_params", 0)
-    if saved != config.settings():
-        diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in config.settings().items() if saved.get(k) != v]
+    now = config.settings()
+    fixed = {k: v for k, v in saved.items() if k not in RESUMABLE}
+    if fixed != {k: v for k, v in now.items() if k not in RESUMABLE}:
+        diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items()
+                 if k not in RESUMABLE and saved.get(k) != v]
         raise TrainingError(f"cannot resume {path} with other settings ({'; '.join(diffs)}); use the saved ones "
-                            "or a new --out")
+                            f"or a new --out (of the settings, only {' and '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may change)")
+    changes = json.loads(blob.get("changes", "[]"))
+    changed = {k: [saved.get(k), now[k]] for k in RESUMABLE if saved.get(k) != now[k]}
+    if changed:
+        changes.append({"outer_step": int(blob["outer_step"]), **changed})
     theta = blob["theta"]
     shapes = theta_shapes(config.hidden)
     if not isinstance(theta, dict) or {k: tuple(v.shape) for k, v in theta.items()} != shapes:
         raise TrainingError(f"{path} holds a rule of other shapes than this learned-opt's ({shapes}): start a new --out")
     unroll = Unroll.from_dict(blob["unroll"]) if blob["unroll"] else None
     return MetaState(blob["theta"], blob["adam"], unroll, blob["outer_step"], blob["gen_state"],
-                     float(blob.get("seconds", 0.0)))
+                     float(blob.get("seconds", 0.0)), changes)
+
+
+def checkpoint_name(path: Path) -> str | None:
+    """The export name a checkpoint was written for (None where there is no readable checkpoint or,
+    written before names were recorded, it names none)."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return blob.get("name") if isinstance(blob, dict) else None
+    except Exception:  # missing or corrupt: load_checkpoint says which, later
+        return None
 
 
 def plot_meta_loss(log_path: Path, png: Path) -> None:
@@ -188,8 +211,9 @@ def check_destination(out: str | Path, name: str, *, resume: bool, export: bool 
     if not is_plain_name(name):
         raise ConfigError(f"invalid learned-optimizer name {name!r}: use letters, digits, '-', '_' and '.'")
     check_out_dir(out)
-    if export:
-        check_export_target(out, name, own=resume)
+    if export:  # a resumed job's own export is the one named as its checkpoint records (older ones: any)
+        recorded = checkpoint_name(Path(out) / "checkpoint.pt") if resume else None
+        check_export_target(out, name, own=resume and recorded in (None, name))
 
 
 def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = False, name: str = "lopt",
@@ -239,6 +263,9 @@ def _meta_train(config, data, out: Path, shard, info, *, resume, name, export, p
     gen = torch.Generator().manual_seed(config.seed)
     if resume:
         s = load_checkpoint(ckpt, config)
+        if s.outer_step > config.outer_steps:
+            raise ConfigError(f"{ckpt} is at outer step {s.outer_step} already: pass --outer-steps "
+                              f"{s.outer_step} (or more) to resume it")
         gen.set_state(s.gen_state)
         s.unroll = part_of(s.unroll, shard) if s.unroll is not None else None
         on_main(info, lambda: truncate_log(log_path, s.outer_step, key="outer_step"), "trimming the log")
@@ -263,7 +290,7 @@ def _meta_train(config, data, out: Path, shard, info, *, resume, name, export, p
         s.theta = outer.step(s.theta, {k: g * scale for k, g in grad.items()}, s.outer_state, s.outer_step + 1)
         if not all(torch.isfinite(v).all() for v in s.theta.values()):  # never checkpointed
             raise TrainingError(f"the rule's weights became non-finite at outer step {s.outer_step + 1}; the last "
-                                "checkpoint is kept: resume from it with a lower --outer-lr or --sigma")
+                                "checkpoint is kept: --resume from it with a lower --outer-lr or --sigma")
         s.outer_step += 1
         s.seconds += time.perf_counter() - start
         start = time.perf_counter()
@@ -275,7 +302,7 @@ def _meta_train(config, data, out: Path, shard, info, *, resume, name, export, p
         if s.outer_step % config.checkpoint_every == 0 or s.outer_step == config.outer_steps:
             s.gen_state = gen.get_state()
             whole = replace(s, unroll=whole_population(s.unroll, shard))  # collective: every rank takes part
-            on_main(info, lambda: (save_checkpoint(ckpt, config, whole), plot_meta_loss(log_path, out / "meta_loss.png")),
+            on_main(info, lambda: (save_checkpoint(ckpt, config, whole, name), plot_meta_loss(log_path, out / "meta_loss.png")),
                     "writing the checkpoint")
     bar.close()
     if export:
@@ -286,5 +313,6 @@ def _meta_train(config, data, out: Path, shard, info, *, resume, name, export, p
                      f"{list(config.batch_sizes)}" + (f", at most {config.max_params} parameters" if config.max_params else ""),
             "outer_steps": s.outer_step, "wall_seconds": round(s.seconds, 1), "processes": shard.world,
             "torch_threads": torch.get_num_threads(), "config": config.settings(), "features": FEATURE_CONFIG,
+            **({"settings_changed": s.changes} if s.changes else {}),
         }), "the export")
     return s.theta

@@ -57,6 +57,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--late-fraction", type=float, default=S,
         help="share of each batch from pairs that start in the second half of their run: updates of well-trained "
              "networks, for periodic use late in training (default 0)")
+    add("--late-max-gap", type=int, default=S,
+        help="largest checkpoint gap of the late share's pairs: the next few steps of a trained network rather "
+             "than where its run ends (default: --max-gap)")
     add("--precondition", action="store_true", default=S,
         help="noise-level skip connections around θ (see learned_opt.generator); default: G.pt's plain residual")
     add("--pca-init", action="store_true", default=S,

@@ -52,6 +52,7 @@ class TrainConfig:
     augment: bool = True  # random hidden-unit permutation per pair
     init_fraction: float = 0.0  # share of each batch from pairs starting at the initialisation (G.pt: 0)
     late_fraction: float = 0.0  # share of each batch from pairs starting in the second half of their run (G.pt: 0)
+    late_max_gap: int | None = None  # the late share's largest checkpoint gap (None: max_gap)
     precondition: bool = False  # noise-level skips around θ (learned_opt.generator); G.pt: False
     residual_std: float | None = None  # one σ of θ′ - θ for every parameter; None: σ_p measured per parameter
     pca_init: bool = False  # wide tokens' encoders start at the principal directions of θ′ - θ
@@ -129,6 +130,9 @@ class TrainConfig:
         if not (0.0 <= self.late_fraction <= 1.0 and self.init_fraction + self.late_fraction <= 1.0 + 1e-9):
             raise ConfigError(f"--late-fraction must be in [0, 1 - --init-fraction] (the two shares of a batch "
                               f"add up to at most 1), got {self.late_fraction} with --init-fraction {self.init_fraction}")
+        if self.late_max_gap is not None and (not isinstance(self.late_max_gap, int) or self.late_max_gap < 1):
+            raise ConfigError(f"--late-max-gap must be a positive integer (or left out for --max-gap), "
+                              f"got {self.late_max_gap!r}")
         if not (self.output_matching >= 0 and math.isfinite(self.output_matching)):
             raise ConfigError(f"--output-matching must be a number >= 0 (0: off), got {self.output_matching}")
         if not (self.label_hinge >= 0 and math.isfinite(self.label_hinge)):
@@ -149,7 +153,7 @@ class TrainConfig:
         return PairConfig(
             metric=self.metric, max_gap=self.max_gap, heldout_fraction=self.heldout_fraction,
             split_seed=self.seed, augment=self.augment, init_fraction=self.init_fraction,
-            late_fraction=self.late_fraction,
+            late_fraction=self.late_fraction, late_max_gap=self.late_max_gap,
         )
 
     def diffusion_config(self) -> DiffusionConfig:

@@ -69,6 +69,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_dir: str | os.PathLike 
         "augment": cfg["augment"],
         "init_fraction": cfg.get("init_fraction", 0.0),
         "late_fraction": cfg.get("late_fraction", 0.0),
+        **({"late_max_gap": cfg["late_max_gap"]} if cfg.get("late_max_gap") is not None else {}),
         "pca_init": cfg.get("pca_init", False),
         "snr_window": cfg.get("snr_window"),
         "layer_balance": cfg.get("layer_balance", 0.0),

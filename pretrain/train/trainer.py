@@ -157,7 +157,7 @@ class Trainer:
         if config.init_fraction:
             focus.append((self.corpus.train.start_pairs(0), config.init_fraction))
         if config.late_fraction:
-            focus.append((self.corpus.train.late_pairs(), config.late_fraction))
+            focus.append((self.corpus.train.late_pairs(config.late_max_gap), config.late_fraction))
         self.sampler = PairSampler(
             len(self.corpus.train), config.batch_size, config.seed, self.corpus.task, config.augment, focus=focus,
         )

@@ -60,12 +60,13 @@ class SupervisedRanges:
     epochs: tuple[int, ...] = (5, 10, 15, 20, 25)
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
+    init_scale: tuple[float, float] = (1.0, 1.0)  # log-uniform factor on every parameter of the task's init
 
     def __post_init__(self) -> None:
         unknown = set(self.optimizers) - set(OPTIMIZERS)
         if unknown or not self.optimizers:
             raise ValueError(f"optimizers must be a non-empty subset of {OPTIMIZERS}, got {self.optimizers}")
-        for name in ("sgd_lr", "adam_lr", "weight_decay"):
+        for name in ("sgd_lr", "adam_lr", "weight_decay", "init_scale"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
                 raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")

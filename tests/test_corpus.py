@@ -356,3 +356,42 @@ def test_eval_on_validation_measures_held_out_training_images_that_runs_never_tr
     # the test set's store is another corpus: resuming without the option is refused
     assert cli.main(corpus_cli(tmp_path / "s", mnist_root, "--runs", "2", "--checkpoints", "4")) == 2
     _one_line_error(capsys, "--eval-on validation, not unset")
+
+
+# ---------------------------------------------------------------------- wider and narrower inits
+
+
+def test_an_init_scale_range_scales_each_run_s_init_and_draws_nothing_else_differently(mnist_data):
+    wide = HParamRanges(init_scale=(0.5, 2.5))
+    for seed in range(50):
+        plain, scaled = sample_hparams(seed), sample_hparams(seed, wide)
+        assert "init_scale" not in plain and 0.5 <= scaled.pop("init_scale") <= 2.5 and scaled == plain
+    assert len({sample_hparams(s, wide)["init_scale"] for s in range(50)}) == 50
+    with pytest.raises(ValueError, match="init_scale"):
+        HParamRanges(init_scale=(0.0, 2.0))
+    task = tasks.get("mnist-mlp")
+    x, y = mnist_data.train_x[:128], mnist_data.train_y[:128]
+    plans = [RunPlan(i, 100 + i, {**sample_hparams(i, wide), "batch_size": 64, "epochs": 1}, len(x), num_checkpoints=3)
+             for i in range(2)]
+    finished = []
+    BatchedTrainer(task, x, y).train(plans, finished.extend)
+    for run in finished:  # the first checkpoint is the seeded init times the run's scale, and the oracle agrees
+        scale = run.plan.hparams["init_scale"]
+        torch.testing.assert_close(run.params[0], RunPlan(0, run.plan.seed, {}, 1).init(task) * scale)
+        torch.testing.assert_close(run.params, train_run_reference(task, run.plan, x, y), rtol=1e-4, atol=2e-5)
+
+
+def test_the_store_records_an_init_scale_only_where_one_is_drawn(tmp_path, mnist_root, capsys):
+    out = tmp_path / "store"
+    assert cli.main(corpus_cli(out, mnist_root, "--runs", "1")) == 0
+    assert "init_scale" not in Store.open(out).settings["ranges"]  # stores built before it resume as they were
+    capsys.readouterr()
+    assert cli.main(corpus_cli(out, mnist_root, "--runs", "2", "--init-scale", "0.5", "2")) == 2
+    assert "init_scale" in capsys.readouterr().err and Store.open(out).run_ids() == [0]
+    wide = tmp_path / "wide"
+    assert cli.main(corpus_cli(wide, mnist_root, "--runs", "1", "--init-scale", "0.5", "2")) == 0
+    store = Store.open(wide)
+    assert store.settings["ranges"]["init_scale"] == [0.5, 2.0] and 0.5 <= store.read_run(0).hparams["init_scale"] <= 2
+    capsys.readouterr()
+    assert cli.main(corpus_cli(tmp_path / "bad", mnist_root, "--runs", "1", "--init-scale", "2", "1")) == 2
+    assert "--init-scale takes LOW HIGH" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -150,6 +150,7 @@ def test_lr_range_narrows_the_drawn_lr_and_is_part_of_the_settings(built, tmp_pa
     (["--env-steps", "100"], "--env-steps must be >= 1024"),
     (["--device", "cuda"], "train on the CPU"),
     (["--task", "mnist-mlp", "--env-steps", "2048"], "--env-steps applies to control tasks"),
+    (["--init-scale", "0.5", "2"], "--init-scale applies to classifier corpora"),
 ])
 def test_options_that_do_not_apply_fail_in_one_line(tmp_path, capsys, args, message):
     out = tmp_path / "s"

@@ -57,6 +57,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warm-from", type=int, default=0, metavar="RUN_ID",
                         help="with --warm-start: the first warm-started run id (default: 0); past a store's last "
                              "run to add warm-started runs to a store of plain ones")
+    parser.add_argument("--init-scale", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                        help="supervised tasks: multiply every parameter of each run's init by a factor drawn "
+                             "log-uniformly from [LOW, HIGH], recorded with its hyperparameters (default: the "
+                             "task's init as it is); runs from wider and narrower inits than the task's own")
     parser.add_argument("--warm-first-checkpoint", choices=WARM_FIRST, default="start",
                         help="with --warm-start: what a warm run's first checkpoint holds: 'start', the generator's "
                              "update (default), or 'init', the seeded init it was made from, so that pairs from the "
@@ -92,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
         device=args.device, train_examples=args.train_examples, checkpoints=args.checkpoints,
         progress=not args.no_progress, env_steps=args.env_steps, gradient=args.gradient,
         eval_examples=args.eval_examples, eval_on=args.eval_on, warm_start=args.warm_start, warm_from=args.warm_from,
-        warm_first=args.warm_first_checkpoint,
+        warm_first=args.warm_first_checkpoint, init_scale=None if args.init_scale is None else tuple(args.init_scale),
     )
     config.validate()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ class CorpusConfig:
     warm_start: str | None = None  # supervised: a generator whose one update of each init starts the run (warm.py)
     warm_from: int = 0  # with warm_start: the first run id that starts warm
     warm_first: str = "start"  # with warm_start: what a warm run's first checkpoint holds, "start" or "init"
+    init_scale: tuple[float, float] | None = None  # supervised: each run's init times a factor drawn log-uniformly from it
     progress: bool = True
     env_steps: int | None = None  # control: overrides every run's environment steps
     ppo_ranges: Any = None  # control: a PPORanges (None: the task's corpus_ranges or the defaults)
@@ -67,6 +69,10 @@ class CorpusConfig:
         if self.warm_from and self.warm_start is None:
             raise ConfigError(f"--warm-from {self.warm_from} needs --warm-start GENERATOR: the generator whose update "
                               "starts those runs")
+        if self.init_scale is not None:
+            lo, hi = self.init_scale
+            if not (0 < lo <= hi < math.inf):
+                raise ConfigError(f"--init-scale takes LOW HIGH with 0 < LOW <= HIGH, got {lo} {hi}")
         if self.warm_first not in WARM_FIRST:
             raise ConfigError(f"--warm-first-checkpoint must be one of {', '.join(WARM_FIRST)}, got {self.warm_first!r}")
         if self.warm_first != "start" and self.warm_start is None:

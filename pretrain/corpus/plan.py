@@ -31,6 +31,7 @@ def sample_hparams(
     u_lr, momentum = rng.random(), rng.uniform(*ranges.momentum)
     no_wd, u_wd = rng.random() < ranges.p_no_weight_decay, rng.random()
     batch_size, n_epochs = rng.choice(ranges.batch_sizes), rng.choice(ranges.epochs)
+    u_scale = rng.random()  # drawn last: ranges without a scale draw every other value as before
     lo, hi = ranges.sgd_lr if optimizer == SGD else ranges.adam_lr
     hp = {
         "optimizer": optimizer,
@@ -40,6 +41,8 @@ def sample_hparams(
         "batch_size": int(batch_size),
         "epochs": int(n_epochs),
     }
+    if tuple(ranges.init_scale) != (1.0, 1.0):
+        hp["init_scale"] = log_uniform(*ranges.init_scale, u_scale)
     if gpt_recipe:
         hp.update(GPT_RECIPE)
     if epochs is not None:
@@ -74,8 +77,9 @@ class RunPlan:
         return stream(self.seed, 2)
 
     def init(self, task: Task) -> torch.Tensor:
-        """The initial flat parameters ``[P]``: ``torch.manual_seed(seed); task.build_model()``."""
-        return seeded_init(task, self.seed)
+        """The initial flat parameters ``[P]``: ``torch.manual_seed(seed); task.build_model()``, times
+        the run's ``init_scale`` where its ranges draw one."""
+        return seeded_init(task, self.seed) * self.hparams.get("init_scale", 1.0)
 
 
 def plan_runs(

@@ -154,6 +154,8 @@ class PPOFamily(TaskFamily):
             raise LearnedOptError(f"--eval-on applies to classifier corpora; {name}'s return is measured on fixed episodes")
         if config.warm_start is not None:
             raise LearnedOptError(f"--warm-start applies to classifier corpora; {name}'s runs start from their inits")
+        if config.init_scale is not None:
+            raise LearnedOptError(f"--init-scale applies to classifier corpora; {name}'s runs start from the task's inits")
         shape = self.shape(config)
         if config.env_steps is not None and config.env_steps < shape.envs * shape.horizon:
             raise LearnedOptError(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -20,8 +20,19 @@ from .warm import WarmStart
 
 
 def corpus_ranges(config: CorpusConfig) -> HParamRanges:
-    """The ranges runs are drawn from: ``config.ranges``, else the task's ``corpus_ranges``, else the defaults."""
-    return config.ranges or tasks.get(config.task).corpus_ranges or HParamRanges()
+    """The ranges runs are drawn from: ``config.ranges``, else the task's ``corpus_ranges``, else the
+    defaults; with ``config.init_scale``, that range of init scales."""
+    ranges = config.ranges or tasks.get(config.task).corpus_ranges or HParamRanges()
+    return ranges if config.init_scale is None else replace(ranges, init_scale=tuple(config.init_scale))
+
+
+def _recorded_ranges(config: CorpusConfig) -> dict:
+    """The ranges as the store records them; an init scale only where one is drawn, so that stores
+    built before it existed still take their own settings on resume."""
+    ranges = json.loads(json.dumps(asdict(corpus_ranges(config))))
+    if ranges["init_scale"] == [1.0, 1.0]:
+        del ranges["init_scale"]
+    return ranges
 
 
 def _settings(config: CorpusConfig) -> dict:
@@ -31,7 +42,7 @@ def _settings(config: CorpusConfig) -> dict:
         "gpt_recipe": config.gpt_recipe,
         "train_examples": config.train_examples,
         "checkpoints": config.checkpoints,
-        "ranges": json.loads(json.dumps(asdict(corpus_ranges(config)))),
+        "ranges": _recorded_ranges(config),
         **({"eval_examples": config.eval_examples} if config.eval_examples is not None else {}),
         **({"eval_on": config.eval_on} if config.eval_on != "test" else {}),
     }

@@ -166,6 +166,9 @@ def train_run_reference(task: Task, plan: RunPlan, train_x: torch.Tensor, train_
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(plan.seed)
         model = task.build_model()
+    with torch.no_grad():
+        for q in model.parameters():
+            q.mul_(hp.get("init_scale", 1.0))
     if hp["optimizer"] == SGD:
         opt = torch.optim.SGD(model.parameters(), lr=hp["lr"], momentum=hp["momentum"], nesterov=True,
                               weight_decay=hp["weight_decay"])

@@ -68,7 +68,7 @@ class SupervisedRanges:
             raise ValueError(f"optimizers must be a non-empty subset of {OPTIMIZERS}, got {self.optimizers}")
         for name in ("sgd_lr", "adam_lr", "weight_decay", "init_scale"):
             lo, hi = getattr(self, name)
-            if not 0 < lo <= hi:
+            if not 0 < lo <= hi < math.inf:
                 raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
         if not 0 <= self.momentum[0] <= self.momentum[1] < 1:
             raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -367,8 +368,9 @@ def test_an_init_scale_range_scales_each_run_s_init_and_draws_nothing_else_diffe
         plain, scaled = sample_hparams(seed), sample_hparams(seed, wide)
         assert "init_scale" not in plain and 0.5 <= scaled.pop("init_scale") <= 2.5 and scaled == plain
     assert len({sample_hparams(s, wide)["init_scale"] for s in range(50)}) == 50
-    with pytest.raises(ValueError, match="init_scale"):
-        HParamRanges(init_scale=(0.0, 2.0))
+    for bad in ((0.0, 2.0), (1.0, math.inf)):
+        with pytest.raises(ValueError, match="init_scale"):
+            HParamRanges(init_scale=bad)
     task = tasks.get("mnist-mlp")
     x, y = mnist_data.train_x[:128], mnist_data.train_y[:128]
     plans = [RunPlan(i, 100 + i, {**sample_hparams(i, wide), "batch_size": 64, "epochs": 1}, len(x), num_checkpoints=3)

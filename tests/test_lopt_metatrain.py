@@ -90,8 +90,10 @@ def test_non_finite_rule_is_never_checkpointed(tmp_path, monkeypatch):
         meta_train(MetaConfig(outer_steps=4, **TINY), _data(), tmp_path, resume=True, progress=False)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     monkeypatch.undo()  # the advice can be followed: a lower --outer-lr and --sigma resume, and are recorded
-    meta_train(MetaConfig(outer_steps=4, **{**TINY, "sigma": 0.05, "outer_lr": 1e-4}), _data(), tmp_path, resume=True,
-               progress=False)
+    lower = {**TINY, "sigma": 0.05, "outer_lr": 1e-4}
+    with pytest.raises(ConfigError, match="no step would run with the new --outer-lr and --sigma"):  # export only
+        meta_train(MetaConfig(outer_steps=2, **lower), _data(), tmp_path, resume=True, progress=False)
+    meta_train(MetaConfig(outer_steps=4, **lower), _data(), tmp_path, resume=True, progress=False)
     changed = load_rule(tmp_path / "lopt.json").manifest["meta_training"]["settings_changed"]
     assert changed == [{"outer_step": 2, "outer_lr": [MetaConfig().outer_lr, 1e-4], "sigma": [TINY.get("sigma", MetaConfig().sigma), 0.05]}]
 
@@ -100,9 +102,10 @@ def test_a_resume_under_another_name_does_not_replace_weights_it_did_not_write(t
     meta_train(MetaConfig(outer_steps=2, **TINY), _data(), tmp_path, progress=False, export=False)
     theirs = tmp_path / "keep.json"
     theirs.write_text("another job's weights\n")
-    with pytest.raises(ConfigError, match="did not write"):
-        meta_train(MetaConfig(outer_steps=3, **TINY), _data(), tmp_path, resume=True, progress=False, name="keep")
-    assert theirs.read_text() == "another job's weights\n"
+    for name in ("keep", "unused"):
+        with pytest.raises(ConfigError, match="exports as 'lopt': pass --name lopt"):
+            meta_train(MetaConfig(outer_steps=3, **TINY), _data(), tmp_path, resume=True, progress=False, name=name)
+    assert theirs.read_text() == "another job's weights\n" and not (tmp_path / "unused.json").exists()
     meta_train(MetaConfig(outer_steps=3, **TINY), _data(), tmp_path, resume=True, progress=False)  # its own name
     assert load_rule(tmp_path / "lopt.json").manifest["meta_training"]["outer_steps"] == 3
     with pytest.raises(ConfigError, match="at outer step 3 already: pass --outer-steps 3"):
@@ -215,3 +218,18 @@ def test_meta_training_on_tasks_of_two_resolutions(tmp_path):
 
     meta_train(MetaConfig(outer_steps=4, **cfg), ClassificationData(x, y, x[:50], y[:50]), tmp_path, progress=False)
     assert "14x14, 7x7" in json.loads((tmp_path / "lopt.json").read_text())["meta_training"]["tasks"]
+
+
+def test_a_resume_with_another_sigma_starts_a_new_unroll(tmp_path):
+    import shutil
+
+    meta_train(MetaConfig(outer_steps=1, **TINY), _data(), tmp_path / "same", progress=False, export=False)
+    shutil.copytree(tmp_path / "same", tmp_path / "lower")  # stopped half way through an unroll of 6 steps
+    sigma = MetaConfig().sigma
+    meta_train(MetaConfig(outer_steps=2, **TINY), _data(), tmp_path / "same", resume=True, progress=False, export=False)
+    meta_train(MetaConfig(outer_steps=2, **{**TINY, "sigma": sigma / 10}), _data(), tmp_path / "lower", resume=True,
+               progress=False, export=False)
+    rows = {k: [json.loads(line) for line in (tmp_path / k / "log.jsonl").read_text().splitlines()] for k in ("same", "lower")}
+    assert rows["same"][1]["inner_step"] == 6 and rows["lower"][1]["inner_step"] == 3  # a new unroll, not the old one's rest
+    # the old unroll's perturbations, divided by the new sigma squared, made the estimate 100 times too large
+    assert rows["lower"][1]["grad_norm"] < 5 * rows["same"][1]["grad_norm"]

@@ -30,11 +30,17 @@ tiny = tiny_config
     {"weight_decay": math.nan}, {"grad_clip": math.nan}, {"grad_clip": math.inf}, {"ema_decay": math.nan},
     {"min_lr_ratio": math.nan}, {"output_matching": math.inf}, {"layer_balance": math.nan},
     {"init_fraction": math.nan}, {"late_fraction": math.nan}, {"snr_window": (math.nan, 1.0)}, {"residual_std": math.inf, "precondition": True},
-    {"lr": math.inf}, {"late_max_gap": 0},
+    {"lr": math.inf}, {"late_max_gap": 0, "late_fraction": 0.5}, {"late_max_gap": True, "late_fraction": 0.5},
 ])
 def test_non_finite_options_are_refused_before_anything_is_written(store_dir, tmp_path, change):
     with pytest.raises(ConfigError, match="finite|positive"):
         train(tiny(store_dir, tmp_path / "out", **change))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_late_max_gap_without_a_late_share_is_refused(store_dir, tmp_path):
+    with pytest.raises(ConfigError, match="give --late-fraction too"):
+        train(tiny(store_dir, tmp_path / "out", late_max_gap=2))
     assert not (tmp_path / "out").exists()
 
 

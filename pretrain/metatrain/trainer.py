@@ -148,13 +148,19 @@ def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
                             f"or a new --out (of the settings, only {' and '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may change)")
     changes = json.loads(blob.get("changes", "[]"))
     changed = {k: [saved.get(k), now[k]] for k in RESUMABLE if saved.get(k) != now[k]}
+    if changed and config.outer_steps <= int(blob["outer_step"]):
+        raise ConfigError(f"{path} is at outer step {blob['outer_step']}: no step would run with the new "
+                          f"{' and '.join('--' + k.replace('_', '-') for k in changed)}; pass --outer-steps above it, "
+                          f"or the checkpoint's own values to export it")
     if changed:
         changes.append({"outer_step": int(blob["outer_step"]), **changed})
     theta = blob["theta"]
     shapes = theta_shapes(config.hidden)
     if not isinstance(theta, dict) or {k: tuple(v.shape) for k, v in theta.items()} != shapes:
         raise TrainingError(f"{path} holds a rule of other shapes than this learned-opt's ({shapes}): start a new --out")
-    unroll = Unroll.from_dict(blob["unroll"]) if blob["unroll"] else None
+    # an unroll in progress holds the sum of its perturbations, drawn at the saved sigma: with another
+    # sigma its estimate would be off by (saved / new)², so the population starts a new unroll
+    unroll = Unroll.from_dict(blob["unroll"]) if blob["unroll"] and "sigma" not in changed else None
     return MetaState(blob["theta"], blob["adam"], unroll, blob["outer_step"], blob["gen_state"],
                      float(blob.get("seconds", 0.0)), changes)
 
@@ -211,9 +217,11 @@ def check_destination(out: str | Path, name: str, *, resume: bool, export: bool 
     if not is_plain_name(name):
         raise ConfigError(f"invalid learned-optimizer name {name!r}: use letters, digits, '-', '_' and '.'")
     check_out_dir(out)
-    if export:  # a resumed job's own export is the one named as its checkpoint records (older ones: any)
-        recorded = checkpoint_name(Path(out) / "checkpoint.pt") if resume else None
-        check_export_target(out, name, own=resume and recorded in (None, name))
+    recorded = checkpoint_name(Path(out) / "checkpoint.pt") if resume else None
+    if export and recorded not in (None, name):
+        raise ConfigError(f"the checkpoint in {out} exports as {recorded!r}: pass --name {recorded} to resume it")
+    if export:  # a resumed job's earlier export is its own (older checkpoints record no name)
+        check_export_target(out, name, own=resume)
 
 
 def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = False, name: str = "lopt",

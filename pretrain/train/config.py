@@ -130,9 +130,13 @@ class TrainConfig:
         if not (0.0 <= self.late_fraction <= 1.0 and self.init_fraction + self.late_fraction <= 1.0 + 1e-9):
             raise ConfigError(f"--late-fraction must be in [0, 1 - --init-fraction] (the two shares of a batch "
                               f"add up to at most 1), got {self.late_fraction} with --init-fraction {self.init_fraction}")
-        if self.late_max_gap is not None and (not isinstance(self.late_max_gap, int) or self.late_max_gap < 1):
-            raise ConfigError(f"--late-max-gap must be a positive integer (or left out for --max-gap), "
-                              f"got {self.late_max_gap!r}")
+        if self.late_max_gap is not None:
+            if isinstance(self.late_max_gap, bool) or not isinstance(self.late_max_gap, int) or self.late_max_gap < 1:
+                raise ConfigError(f"--late-max-gap must be a positive integer (or left out for --max-gap), "
+                                  f"got {self.late_max_gap!r}")
+            if not self.late_fraction:
+                raise ConfigError("--late-max-gap limits the pairs of the late share of each batch: give "
+                                  "--late-fraction too (a recipe such as label-hinge sets it)")
         if not (self.output_matching >= 0 and math.isfinite(self.output_matching)):
             raise ConfigError(f"--output-matching must be a number >= 0 (0: off), got {self.output_matching}")
         if not (self.label_hinge >= 0 and math.isfinite(self.label_hinge)):

@@ -39,25 +39,24 @@ def measure(generators: list[str], data_root: str | None, scales=SCALES, inits: 
     data = task.load_data(data_root)
     metrics = [m for m in ("test_error", "test_loss") if m in task.metrics]
     base = init_params(task, [seed + i for i in range(inits)])  # [N, P]
-    rows = {}
-    for gen, source in zip(gens, generators):
-        sampler = {k: gen.sampling[k] for k in SAMPLER_KEYS if k in gen.sampling}
-        per_scale = {}
-        for scale in scales:
-            theta = base * scale
-            before = task.evaluate(theta, data, metrics)
+    samplers = [{k: gen.sampling[k] for k in SAMPLER_KEYS if k in gen.sampling} for gen in gens]
+    rows = {f"{source} ({gen.sha256[:8]})": {"sha256": gen.sha256, "sampler": sampler, "scales": {}}
+            for gen, source, sampler in zip(gens, generators, samplers)}
+    for scale in scales:
+        theta = base * scale
+        before = task.evaluate(theta, data, metrics)  # one evaluation of the inits for every generator
+        for gen, row, sampler in zip(gens, rows.values(), samplers):
             rng = torch.Generator().manual_seed(seed)  # the same noise for every generator and scale
             after = task.evaluate(best_prompt_updates(gen, theta, before[gen.metric_name], batch, rng, **sampler),
                                   data, metrics)
-            per_scale[str(scale)] = {
+            row["scales"][str(scale)] = {
                 "before": {m: before[m].tolist() for m in metrics},
                 "after": {m: after[m].tolist() for m in metrics},
                 "median_after": {m: statistics.median(after[m].tolist()) for m in metrics},
             }
             print(f"{gen.name} {gen.sha256[:8]} scale {scale}: " + ", ".join(
-                f"{m} {statistics.median(before[m].tolist()):.3g} -> {per_scale[str(scale)]['median_after'][m]:.3g}"
+                f"{m} {statistics.median(before[m].tolist()):.3g} -> {row['scales'][str(scale)]['median_after'][m]:.3g}"
                 for m in metrics), flush=True)
-        rows[f"{source} ({gen.sha256[:8]})"] = {"sha256": gen.sha256, "sampler": sampler, "scales": per_scale}
     return {"task": task.name, "seeds": [seed, seed + inits - 1], "scales": list(scales), "metrics": metrics,
             "threads": torch.get_num_threads(), "generators": rows}
 

@@ -24,6 +24,7 @@ import torch
 from learned_opt import tasks
 from learned_opt.pretrained import load_generator
 from pretrain.evaluate import init_params
+from pretrain.evaluate.plots import save_figure
 from pretrain.sampling import best_prompt_updates
 
 SCALES = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
@@ -79,9 +80,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel(f"{metric} after one update (median, quartiles)")
     ax.set_title(f"{result['task']}: one update from scaled inits")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

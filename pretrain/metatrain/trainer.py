@@ -40,6 +40,11 @@ LOSS_SUM = "__outer_loss_sum__"  # the population's summed outer loss, reduced w
 RESUMABLE = ("outer_lr", "sigma")
 
 
+def _flags(keys) -> str:
+    """Settings as the options that set them: ``--outer-lr and --sigma``."""
+    return " and ".join("--" + k.replace("_", "-") for k in keys)
+
+
 @dataclass
 class MetaConfig:
     """Meta-training settings; every one but ``outer_steps`` must match on resume."""
@@ -145,12 +150,12 @@ def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
         diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items()
                  if k not in RESUMABLE and saved.get(k) != v]
         raise TrainingError(f"cannot resume {path} with other settings ({'; '.join(diffs)}); use the saved ones "
-                            f"or a new --out (of the settings, only {' and '.join('--' + k.replace('_', '-') for k in RESUMABLE)} may change)")
+                            f"or a new --out (of the settings, only {_flags(RESUMABLE)} may change)")
     changes = json.loads(blob.get("changes", "[]"))
     changed = {k: [saved.get(k), now[k]] for k in RESUMABLE if saved.get(k) != now[k]}
     if changed and config.outer_steps <= int(blob["outer_step"]):
         raise ConfigError(f"{path} is at outer step {blob['outer_step']}: no step would run with the new "
-                          f"{' and '.join('--' + k.replace('_', '-') for k in changed)}; pass --outer-steps above it, "
+                          f"{_flags(changed)}; pass --outer-steps above it, "
                           f"or the checkpoint's own values to export it")
     if changed:
         changes.append({"outer_step": int(blob["outer_step"]), **changed})
@@ -217,7 +222,7 @@ def check_destination(out: str | Path, name: str, *, resume: bool, export: bool 
     if not is_plain_name(name):
         raise ConfigError(f"invalid learned-optimizer name {name!r}: use letters, digits, '-', '_' and '.'")
     check_out_dir(out)
-    recorded = checkpoint_name(Path(out) / "checkpoint.pt") if resume else None
+    recorded = checkpoint_name(Path(out) / "checkpoint.pt") if resume and export else None
     if export and recorded not in (None, name):
         raise ConfigError(f"the checkpoint in {out} exports as {recorded!r}: pass --name {recorded} to resume it")
     if export:  # a resumed job's earlier export is its own (older checkpoints record no name)

@@ -233,3 +233,17 @@ def test_a_resume_with_another_sigma_starts_a_new_unroll(tmp_path):
     assert rows["same"][1]["inner_step"] == 6 and rows["lower"][1]["inner_step"] == 3  # a new unroll, not the old one's rest
     # the old unroll's perturbations, divided by the new sigma squared, made the estimate 100 times too large
     assert rows["lower"][1]["grad_norm"] < 5 * rows["same"][1]["grad_norm"]
+
+
+def test_a_resume_whose_outer_rule_file_now_holds_other_weights_is_refused(tmp_path):
+    from learned_opt.lopt import save_rule
+    from learned_opt.lopt.model import hand_set_theta
+
+    rule = save_rule(tmp_path / "rule", "outer", hand_set_theta(), meta_training={"method": "hand-set"})
+    cfg = {**TINY, "outer_optimizer": "learned", "outer_weights": str(rule)}
+    meta_train(MetaConfig(outer_steps=1, **cfg), _data(), tmp_path / "m", progress=False, export=False)
+    meta_train(MetaConfig(outer_steps=2, **cfg), _data(), tmp_path / "m", resume=True, progress=False, export=False)
+    save_rule(tmp_path / "rule", "outer", {k: v * 2 for k, v in hand_set_theta().items()},
+              meta_training={"method": "hand-set, doubled"})  # the same path, other weights
+    with pytest.raises(TrainingError, match="outer_weights_sha256"):
+        meta_train(MetaConfig(outer_steps=3, **cfg), _data(), tmp_path / "m", resume=True, progress=False)

@@ -261,6 +261,17 @@ def test_eval_rank_self_without_a_head_is_refused_in_one_line(mnist_root, tmp_pa
         cli_main(["eval", "--generator", str(manifest), "--out", str(tmp_path / "e"), "--rank", "best"])
 
 
+@pytest.mark.parametrize("argv, hint", [
+    (["eval"], "give --candidates 2 or more"),
+    (["bench", "--bases", "adam", "--every", "10"], "or several --step-size values"),
+])
+def test_rank_self_with_nothing_to_choose_from_is_refused_in_one_line(tmp_path, capsys, argv, hint):
+    code = cli_main(argv + ["--generator", "never-read", "--out", str(tmp_path / "o"), "--rank", "self"])
+    err = capsys.readouterr().err
+    assert code == 2 and hint in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
 def test_ranking_by_a_generator_in_training_mode_draws_nothing_from_the_global_rng():
     gen = ranking_generator()
     gen.model.train()

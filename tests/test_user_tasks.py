@@ -58,6 +58,9 @@ def test_a_task_file_is_loaded_registered_and_found_again(tmp_path, mnist_root):
     ("raise RuntimeError('broken on purpose')\n", "{path}:Task", "raised on import: RuntimeError: broken on purpose"),
     (GOOD, "no.such.module:Task", "cannot import task module 'no.such.module'"),
     ("class NotATask:\n    pass\n", "{path}:NotATask", "is not a learned_opt.tasks.Task subclass"),
+    (GOOD.replace('    name = "user-mnist-16"', '    name = "user-mnist-16"\n\n    def __init__(self):\n'
+                  '        raise ValueError("no config file")'),
+     "{path}:Mnist16", "raised when created: ValueError: no config file; fix its __init__"),
 ])
 def test_a_task_reference_that_cannot_be_loaded_is_one_line(tmp_path, capsys, body, ref, message):
     path = write(tmp_path, "t.py", body) if body else tmp_path / "missing.py"

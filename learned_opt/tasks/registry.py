@@ -138,6 +138,9 @@ def _instantiate(cls, ref: str) -> Task:
         task = cls()
     except TypeError as exc:  # abstract methods left out, or a constructor that needs arguments
         raise UnknownTaskError(f"cannot create task {ref!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the user's constructor: say where it failed
+        raise UnknownTaskError(f"task {ref!r} raised when created: {type(exc).__name__}: {exc}; "
+                               "fix its __init__ and run again") from None
     if not isinstance(getattr(task, "name", None), str) or not task.name:
         raise UnknownTaskError(f"task {ref!r} needs a class attribute name = '...'")
     return task

@@ -8,7 +8,7 @@ from pathlib import Path
 from learned_opt.errors import ConfigError
 from learned_opt.options import check_out_dir, check_plots, check_seed, parse_device
 
-from ..evaluate import add_sampler_arguments
+from ..evaluate import add_sampler_arguments, check_rank_choice
 from .config import MODES, MOMENTS, BenchConfig, LoptBenchConfig, parse_bases, parse_every, parse_floats
 from .periodic import run_bench
 from .report import format_lopt_summary, format_summary
@@ -86,6 +86,8 @@ def main(args: argparse.Namespace) -> int:
     check_seed(config.seed, config.inits)  # before any run, not when init i's seed turns out too large
     check_out_dir(config.out)  # before the runs, not when bench.json is written
     check_plots(config.plots)
+    if args.mode != "lopt":
+        check_rank_choice(config.rank, config.candidates * len(config.step_size), " or several --step-size values")
     result = run_bench(config)
     print(format_lopt_summary(result) if args.mode == "lopt" else format_summary(result))
     print(f"wrote {Path(config.out) / 'bench.json'}" + "".join(f", {p}" for p in result.get("plots", [])))

@@ -77,7 +77,7 @@ reach), ``sampler`` (prompted updates), ``suites`` (each task's baselines), ``me
 (:func:`evaluate_generator`), ``plots`` and ``report`` (figures and the summary table), ``cli``.
 """
 
-from .cli import add_sampler_arguments, configure, main
+from .cli import add_sampler_arguments, check_rank_choice, configure, main
 from .config import EvalConfig
 from .denoising import denoise_timesteps
 from .memorisation import align_hidden_units, aligned_distance, hungarian, nearest_aligned
@@ -88,7 +88,7 @@ from .sampler import Sampler, prompt_alignment
 from .suites import ClassifierSuite, ControlSuite, suite_for
 
 __all__ = [
-    "ClassifierSuite", "ControlSuite", "EvalConfig", "Sampler", "add_sampler_arguments",
+    "ClassifierSuite", "ControlSuite", "EvalConfig", "Sampler", "add_sampler_arguments", "check_rank_choice",
     "align_hidden_units", "aligned_distance", "configure", "denoise_timesteps", "evaluate_generator",
     "format_summary", "hungarian", "init_params", "log_grid", "main", "nearest_aligned", "plot_eval", "prompt_alignment", "r2_score",
     "reach_summary", "solved_share", "steps_to_reach", "suite_for", "summary",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from learned_opt.errors import ConfigError
 from learned_opt.options import check_out_dir, check_plots, check_seed, parse_device
 
 from .config import EvalConfig
@@ -37,6 +38,14 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, chosen_how: str) -> N
     parser.add_argument("--no-keep-if-met", dest="keep_if_met", action="store_false",
                         help="sample even when the metric already meets the prompt (GptOptimizer's keep_if_met=False); "
                              "by default θ is then kept, as GptOptimizer does")
+
+
+def check_rank_choice(rank: str, points: int, also: str = "") -> None:
+    """:class:`ConfigError` for ``--rank self`` where there is one point to choose from: the option
+    would be silently ignored. ``also`` names the other way to give several (bench's ``--step-size``)."""
+    if rank == "self" and points < 2:
+        raise ConfigError(f"--rank self chooses among several samples and there is one: give --candidates 2 or more "
+                          f"(with --temperature above 0){also}, or leave --rank out")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -81,6 +90,7 @@ def main(args: argparse.Namespace) -> int:
     check_out_dir(args.out)
     check_plots(not args.no_plots)
     check_seed(args.seed, max(args.inits, 1))  # init i has seed SEED + i
+    check_rank_choice(args.rank, args.candidates)
     config = EvalConfig(
         generator=args.generator, out=args.out, task=args.task, store=args.store, data_root=args.data_root, inits=args.inits,
         seed=args.seed, sampling_steps=args.sampling_steps, method=args.method, t_min=args.t_min,

@@ -31,9 +31,10 @@ class OuterOptimizer:
         if kind not in OUTER_OPTIMIZERS:
             raise ConfigError(f"unknown outer optimizer {kind!r}; choose one of {', '.join(OUTER_OPTIMIZERS)}")
         self.kind, self.lr, self.weights = kind, lr, weights
-        self._rule = None
+        self._rule, self.sha256 = None, None
         if kind == "learned" and weights != SELF:
-            self._rule = load_rule(weights).theta  # fails here, before any step, on bad weights
+            rule = load_rule(weights)  # fails here, before any step, on bad weights
+            self._rule, self.sha256 = rule.theta, rule.sha256 or None
 
     def describe(self) -> str:
         if self.kind == "adam":

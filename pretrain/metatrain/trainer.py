@@ -91,7 +91,7 @@ class MetaConfig:
         if self.unroll % self.truncation:
             raise ConfigError(f"unroll ({self.unroll}) must be a multiple of truncation ({self.truncation})")
         self.family()  # an empty or invalid task distribution fails here
-        self.outer()  # and outer weights that do not load
+        self._outer_sha256 = self.outer().sha256  # outer weights that do not load fail here
 
     def family(self) -> MnistMlpFamily:
         return MnistMlpFamily(self.image_size, self.widths, self.depths, self.batch_sizes, self.init_scales,
@@ -105,6 +105,8 @@ class MetaConfig:
         :data:`RESUMABLE` may differ)."""
         d = json.loads(json.dumps(asdict(self)))
         d.pop("outer_steps")
+        if self.outer_weights != "self":  # the outer rule by its content: a path can come to hold other weights
+            d["outer_weights_sha256"] = self._outer_sha256  # as loaded when the run was configured
         return d
 
 
@@ -145,6 +147,8 @@ def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
     saved.setdefault("pools", [1])
     saved.setdefault("max_params", 0)
     now = config.settings()
+    if "outer_weights_sha256" in now:  # written before the outer rule's content was recorded: its path alone
+        saved.setdefault("outer_weights_sha256", now["outer_weights_sha256"])
     fixed = {k: v for k, v in saved.items() if k not in RESUMABLE}
     if fixed != {k: v for k, v in now.items() if k not in RESUMABLE}:
         diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items()

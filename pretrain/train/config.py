@@ -152,6 +152,8 @@ class TrainConfig:
                               f"got {self.property_head}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ConfigError(f"--stop-after must be a positive step number, got {self.stop_after}")
+        if self.workers < -1:
+            raise ConfigError(f"--workers must be 0 or more (or left out for the default), got {self.workers}")
 
     def pair_config(self) -> PairConfig:
         return PairConfig(

@@ -247,3 +247,7 @@ def test_a_resume_whose_outer_rule_file_now_holds_other_weights_is_refused(tmp_p
               meta_training={"method": "hand-set, doubled"})  # the same path, other weights
     with pytest.raises(TrainingError, match="outer_weights_sha256"):
         meta_train(MetaConfig(outer_steps=3, **cfg), _data(), tmp_path / "m", resume=True, progress=False)
+    configured = MetaConfig(outer_steps=1, **cfg)  # the file read here, then replaced before the run reads it
+    save_rule(tmp_path / "rule", "outer", hand_set_theta(), meta_training={"method": "hand-set"})
+    with pytest.raises(ConfigError, match="changed while the run was being set up"):
+        meta_train(configured, _data(), tmp_path / "n", progress=False, export=False)

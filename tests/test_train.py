@@ -336,6 +336,9 @@ def test_command_line_resume_takes_the_checkpoints_settings(store_dir, tmp_path,
             "--warmup", "1", "--log-every", "2", "--checkpoint-every", "2", "--diffusion-steps", "50",
             "--no-export", "--stop-after", "2"]
     assert cli.main(args) == 0
+    state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)  # as written when --workers took any negative
+    state["config"] = {**state["config"], "workers": -3}
+    torch.save(state, tmp_path / CHECKPOINT_NAME)
     assert cli.main(["train", "--store", str(store_dir), "--out", str(tmp_path), "--resume"]) == 0
     assert load_checkpoint(tmp_path / CHECKPOINT_NAME)["step"] == 4
     assert cli.main(["train", "--out", str(tmp_path), "--resume", "--preset", "small"]) == 2

@@ -123,8 +123,8 @@ def periodic_config(args: argparse.Namespace) -> BenchConfig:
 def lopt_config(args: argparse.Namespace) -> LoptBenchConfig:
     """The options of ``--mode lopt`` as a :class:`LoptBenchConfig`."""
     refuse_foreign(args, PERIODIC_ONLY, "periodic")
-    if args.candidates != 1:
-        raise ConfigError("--candidates is an option of --mode periodic; --mode lopt samples nothing")
+    if args.candidates != 1 or args.rank != "closure":
+        raise ConfigError("--candidates and --rank are options of --mode periodic; --mode lopt samples nothing")
     shared = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in DEFAULTS["lopt"].items()}
     extra = {}
     if args.task:

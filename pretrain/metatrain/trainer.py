@@ -277,6 +277,8 @@ def _meta_train(config, data, out: Path, shard, info, *, resume, name, export, p
                           f"got train_x of shape {list(data.train_x.shape)}")
     data = family.validation_data(data, config.holdout)
     outer = config.outer()
+    if outer.sha256 != config.settings().get("outer_weights_sha256", outer.sha256):  # replaced since it was configured
+        raise ConfigError(f"--outer-weights {config.outer_weights} changed while the run was being set up: run again")
     gen = torch.Generator().manual_seed(config.seed)
     if resume:
         s = load_checkpoint(ckpt, config)

@@ -119,6 +119,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if given.get("resume") and ckpt.exists():
         base = {k: v for k, v in load_checkpoint(ckpt)["config"].items() if k in {f.name for f in fields(TrainConfig)}}
         base.pop("stop_after", None)  # a stop is for one invocation, not for the job
+        base.pop("workers", None)  # so is this machine's batch building: it never changes what the model sees
         return TrainConfig(**{**base, **given})
     return TrainConfig(**given)
 

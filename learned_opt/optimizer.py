@@ -179,6 +179,8 @@ class GptOptimizer(torch.optim.Optimizer):
         **base_kwargs: Any,
     ) -> None:
         check_args(params, every, seed, metric_closure, prompt, max_update_ratio, min_improvement, guard)
+        if not isinstance(keep_if_met, bool):
+            raise ConfigError(f"keep_if_met must be True or False, got {keep_if_met!r}")
         check_sampling(sampling_steps, sampling_method, sampling_t_min, candidates, sampling_temperature)
         self.step_sizes = check_step_size(step_size)
         own = [n for n, p in inspect.signature(GptOptimizer.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY]
@@ -194,6 +196,9 @@ class GptOptimizer(torch.optim.Optimizer):
         device = tensors[0].device
         if any(t.device != device for t in tensors):
             raise ConfigError("all parameters must be on one device for GptOptimizer; move the model first")
+        if device.type == "meta":  # before the generator is moved there, which would empty it
+            raise ConfigError("the parameters are on the meta device and hold no values to update: materialise "
+                              "the model first (e.g. model.to_empty(device='cpu'), then initialise it)")
         check_architecture(self.generator, tensors, names)
         self.generator.to(device)
 

@@ -42,6 +42,8 @@ def gpt_entry(opt) -> dict:
 def load_state(opt, state_dict: Mapping) -> None:
     """:meth:`GptOptimizer.load_state_dict <learned_opt.optimizer.GptOptimizer.load_state_dict>`:
     the pre-hooks on a copy, every check, then the base's state, the counters, the RNG and the post-hooks."""
+    if not isinstance(state_dict, Mapping):
+        raise _refuse(f"it is a {type(state_dict).__name__}, not the mapping state_dict() returns")
     state_dict = copy.deepcopy(dict(state_dict))
     for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
         result = pre_hook(opt, state_dict)
@@ -75,6 +77,7 @@ def check_state(opt, state_dict: dict, gpt: Any) -> tuple[dict[str, int], torch.
     """``(counters, rng_state)`` to load into ``opt`` (rng_state None: reseed); raises
     :class:`OptimizerStateError` on anything that would fail or corrupt the optimizer."""
     _check_base(opt, state_dict)
+    _check_by_a_step(opt.base, state_dict)
     if gpt is None:  # a plain base-optimizer state
         return {k: 0 for k in COUNTERS}, None
     if not isinstance(gpt, Mapping):
@@ -148,16 +151,48 @@ def _check_base(opt, state_dict: dict) -> None:
         _check_settings(i, saved, group, opt.base)
         params.update(zip(ids, group["params"]))
     numel = sum(p.numel() for p in params.values())
+    unknown = [key for key in state if key not in params]
+    if unknown:  # torch would drop their state without a word
+        raise _refuse(f"it holds state for parameters {unknown[:4]!r} that no group lists")
     for key, entry in state.items():
-        p = params.get(key)
-        if p is None or not isinstance(entry, Mapping):
-            continue  # torch ignores state of unknown parameters
+        p = params[key]
+        if not isinstance(entry, Mapping):
+            raise _refuse(f"the state of parameter {key!r} is a {type(entry).__name__}, not a mapping")
         live = opt.base.state.get(p, {})
         for name, value in entry.items():
             if isinstance(value, torch.Tensor) and not _fits(name, value, p, live.get(name), numel):
                 raise _refuse(
                     f"state {name!r} of a parameter of shape {list(p.shape)} has shape {list(value.shape)}"
                 )
+
+
+def _check_by_a_step(base: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Load the state into a copy of ``base`` (over copies of its parameters) and take one step
+    there with zero gradients. What fails there (an entry missing or of the wrong type, a negative
+    step count, a setting this device cannot run) or makes a parameter non-finite (NaN moments, a
+    negative second moment) would do the same at the real optimizer's next step. Nothing of
+    ``base`` is touched: its class's step runs on the copy, past any hook or patched ``step``."""
+    try:  # every attribute (Optimizer.__getstate__ keeps only three, and LBFGS needs its _params)
+        scratch = object.__new__(type(base))
+        scratch.__dict__.update(copy.deepcopy(base.__dict__))
+    except Exception:  # a base that cannot be copied: the other checks are all there is
+        return
+    params = [p for g in scratch.param_groups for p in g["params"]]
+    finite = [bool(torch.isfinite(p).all()) if p.is_floating_point() else False for p in params]
+    step = type(scratch).step
+    step = getattr(step, "__wrapped__", step) if getattr(step, "hooked", False) else step
+    try:
+        scratch.load_state_dict(copy.deepcopy(state_dict))
+        with torch.no_grad():
+            for p in params:
+                p.grad = torch.zeros_like(p)
+        step(scratch, lambda: torch.zeros(()))
+    except Exception as exc:
+        raise _refuse(f"{type(base).__name__} could not take a step with it ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
+    if any(was and not bool(torch.isfinite(p).all()) for p, was in zip(params, finite)):
+        raise _refuse(f"a step of {type(base).__name__} with it makes parameters non-finite (NaN or infinite "
+                      f"moments, or a negative second moment)")
 
 
 def _fits(name: str, value: torch.Tensor, p: torch.Tensor, live: Any, numel: int) -> bool:

@@ -150,8 +150,11 @@ def metric_value(opt, value: MetricValue, where: str) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise GenerationError(f"{where} returned a tensor of shape {list(value.shape)}; return one {name!r} value")
+        if value.device.type == "meta":
+            raise GenerationError(f"{where} returned a tensor on the meta device, which holds no value; "
+                                  f"return the {name!r} computed on real data")
         value = value.detach().item()
-    if not isinstance(value, Real):
+    if isinstance(value, bool) or not isinstance(value, Real):  # True would pass for 1.0
         raise GenerationError(f"{where} returned {type(value).__name__}; return the {name!r} as a number")
     value = float(value)
     if not math.isfinite(value):
@@ -208,10 +211,12 @@ def call_metric(closure: Callable[[], MetricValue], params: list[torch.Tensor]) 
 
     torch's usual loss closure (``zero_grad(); loss = ...; loss.backward(); return loss``) cannot
     run without gradients: it is run again with them and its loss detached. Either way the
-    parameters' ``.grad`` are left as they were, the same tensors with the same values, so an update
-    stays transactional and references to them stay valid.
+    parameters and their ``.grad`` are left as they were (a closure that changes the weights in
+    place, then returns or raises, changes nothing), the same tensors with the same values, so an
+    update stays transactional and references to them stay valid.
     """
     grads = [(p.grad, None if p.grad is None else p.grad.clone()) for p in params]
+    values = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():
             return closure()
@@ -223,7 +228,8 @@ def call_metric(closure: Callable[[], MetricValue], params: list[torch.Tensor]) 
         return value.detach() if isinstance(value, torch.Tensor) else value
     finally:
         with torch.no_grad():
-            for p, (grad, saved) in zip(params, grads):
+            for p, value, (grad, saved) in zip(params, values, grads):
+                p.copy_(value)  # weights it changed in place
                 if grad is not None:
                     grad.copy_(saved)  # values the closure changed in place (backward, zero_grad)
                 p.grad = grad  # a gradient it set to None or replaced

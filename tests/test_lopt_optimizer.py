@@ -170,6 +170,12 @@ def test_complex_parameters_are_refused_untouched():
     assert torch.equal(p.detach(), torch.tensor([1 + 2j, 3 - 1j])) and not opt.state
 
 
+@pytest.mark.parametrize("param", [torch.zeros(3, dtype=torch.int64), torch.zeros(3, device="meta")])
+def test_integer_and_meta_parameters_are_refused_when_given(param):
+    with pytest.raises(ConfigError, match="real floating-point tensors with values"):
+        LearnedOptimizer([param], weights=THETA)
+
+
 def test_state_dict_round_trip_equals_uninterrupted(tmp_path):
     model, loss_fn = _problem()
     opt = LearnedOptimizer(model.parameters(), weights=THETA)

@@ -231,11 +231,22 @@ _DELETE = object()
         (("param_groups", 0, "betas"), (0.9,)),
         (("param_groups", 0, "amsgrad"), 1),
         (("param_groups", 0, "weight_decay"), float("nan")),
+        # each loads in torch, then breaks or poisons the next step: refused by a step on a copy
+        (("state", 0, "exp_avg"), torch.full((6, 8), float("nan"))),
+        (("state", 0, "exp_avg_sq"), torch.full((6, 8), -1.0)),
+        (("state", 0, "exp_avg_sq"), _DELETE),
+        (("state", 0, "exp_avg"), [1.0, 2.0, 3.0]),
+        (("state", 0, "step"), torch.tensor(-5.0)),
+        (("param_groups", 0, "amsgrad"), True),  # no max_exp_avg_sq in the state
+        (("param_groups", 0, "params"), ["a", "b", "c", "d"]),  # torch would drop every moment
+        (("state", 0), 3),
     ],
     ids=["rng-none", "rng-missing", "rng-short", "rng-float", "rng-string", "negative-steps", "float-counter",
          "counters-none", "gpt-int", "exp-avg-shape", "exp-avg-sq-shape", "exp-avg-broadcast", "betas-missing",
          "no-groups", "step-missing",
-         "lr-string", "betas-short", "flag-int", "weight-decay-nan"],
+         "lr-string", "betas-short", "flag-int", "weight-decay-nan",
+         "exp-avg-nan", "exp-avg-sq-negative", "exp-avg-sq-missing", "exp-avg-list", "step-negative",
+         "amsgrad-without-its-state", "unknown-param-ids", "entry-int"],
 )
 def test_load_state_dict_refuses_a_bad_state_and_changes_nothing(path, value):
     _, source = _trained_pair()
@@ -251,6 +262,15 @@ def test_load_state_dict_refuses_a_bad_state_and_changes_nothing(path, value):
     assert opt.param_groups[0]["lr"] == 0.5
     assert opt.param_groups is opt.base.param_groups and opt.state is opt.base.state  # still shared
     _warm(model, opt, 1)  # and it still steps
+
+
+@pytest.mark.parametrize("state", [None, [1, 2], "state"])
+def test_load_state_dict_of_something_else_than_a_mapping_is_refused(state):
+    model, opt = _fresh()
+    before = snapshot(model, opt)
+    with pytest.raises(OptimizerStateError, match="not the mapping state_dict"):
+        opt.load_state_dict(state)
+    assert_same(snapshot(model, opt), before)
 
 
 def test_load_state_dict_still_loads_a_good_state():
@@ -413,3 +433,52 @@ def test_a_group_without_params_is_a_config_error(params, match):
 def test_a_step_size_that_is_not_numbers_is_a_config_error(step_size):
     with pytest.raises(ConfigError, match="Invalid step_size"):
         GptOptimizer(toy_model().parameters(), FnGenerator(lambda th: th + 0.01), step_size=step_size)
+
+
+def test_parameters_on_the_meta_device_are_refused_and_the_generator_is_left_where_it_was():
+    gen = tiny_generator()
+    with pytest.raises(ConfigError, match="meta device"):
+        GptOptimizer(toy_model().to("meta").parameters(), gen)
+    assert gen.device.type == "cpu"
+    model = toy_model()
+    GptOptimizer(model.parameters(), gen).generate(metric=1.0)  # still a working generator
+
+
+@pytest.mark.parametrize("raise_on_call", [1, 2])
+def test_a_closure_that_changes_the_weights_in_place_changes_nothing(raise_on_call):
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 0.01), lr=1e-2)
+    _warm(model, opt)
+    before = snapshot(model, opt)
+    calls = []
+
+    def meddling():
+        calls.append(1)
+        with torch.no_grad():
+            next(model.parameters()).add_(1.0)
+        if len(calls) == raise_on_call:
+            raise ValueError("broken on purpose")
+        return toy_loss(model)
+
+    if raise_on_call == 1:
+        with pytest.raises(ValueError, match="on purpose"):
+            opt.generate(meddling)
+    else:  # the update's check fails: rejected
+        assert not opt.generate(meddling).accepted
+    assert_same(snapshot(model, opt), before)
+
+
+@pytest.mark.parametrize("kwargs", [{"guard": "no"}, {"guard": 1}, {"keep_if_met": "yes"}, {"keep_if_met": None}])
+def test_flags_take_only_true_or_false(kwargs):
+    with pytest.raises(ConfigError, match="must be True or False"):
+        GptOptimizer(toy_model().parameters(), tiny_generator(), **kwargs)
+
+
+@pytest.mark.parametrize("value", [True, torch.tensor(True), torch.zeros((), device="meta")])
+def test_a_metric_that_is_a_flag_or_holds_no_value_is_refused_before_anything_happens(value):
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 0.01), lr=1e-2)
+    before = snapshot(model, opt)
+    with pytest.raises(GenerationError, match="return the"):
+        opt.generate(lambda: value)
+    assert_same(snapshot(model, opt), before)

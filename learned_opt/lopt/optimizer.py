@@ -75,6 +75,10 @@ class LearnedOptimizer(Optimizer):
         if any(not isinstance(p, torch.Tensor) for p in tensors):
             raise ConfigError("LearnedOptimizer optimizes tensors only (or (name, tensor) pairs, as "
                               "named_parameters() gives); a param group holds something else")
+        odd = [p for p in tensors if not (p.is_floating_point() or p.is_complex()) or p.device.type == "meta"]
+        if odd:  # an integer tensor cannot move; a meta one holds no values (complex ones: refused at the step)
+            raise ConfigError(f"LearnedOptimizer updates real floating-point tensors with values; a param group holds "
+                              f"a {odd[0].dtype} tensor on {odd[0].device}: leave it out, or materialise the model first")
         ids = [id(p) for p in tensors]
         seen = {id(p) for g in self.param_groups for p in g["params"]}
         if len(set(ids)) != len(ids) or seen.intersection(ids):

@@ -482,3 +482,10 @@ def test_a_metric_that_is_a_flag_or_holds_no_value_is_refused_before_anything_ha
     with pytest.raises(GenerationError, match="return the"):
         opt.generate(lambda: value)
     assert_same(snapshot(model, opt), before)
+
+
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.int64])
+def test_parameters_that_are_not_real_floating_point_are_refused(dtype):
+    params = [p.detach().to(dtype) for p in toy_model().parameters()]
+    with pytest.raises(ConfigError, match="real floating-point parameters"):
+        GptOptimizer(params, tiny_generator())

@@ -2,7 +2,8 @@
 
 Each subcommand lives in the module that does the work; that module exposes ``configure(parser)``
 (adds its arguments) and ``main(args) -> int``. Errors of the package's own type become a one-line
-message on stderr and exit code 2; nothing else is swallowed.
+message on stderr and exit code 2; running out of memory (sizes or counts too large for the machine)
+a one-line message and exit code 1; nothing else is swallowed.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import re
 import sys
 
 from . import __version__
+
+OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate|not enough memory", re.IGNORECASE)
 from .errors import LearnedOptError
 
 # name -> (module, one-line help). Modules are imported only to build their own subparser;
@@ -97,6 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"learned-opt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as exc:  # torch reports a failed allocation as a RuntimeError
+        text = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
+        if not isinstance(exc, MemoryError) and not OUT_OF_MEMORY.search(str(exc)):
+            raise
+        print(f"learned-opt {args.command}: error: out of memory ({text}): lower the sizes or counts given "
+              f"(see learned-opt {args.command} -h)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

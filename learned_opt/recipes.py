@@ -102,8 +102,8 @@ class PPORanges:
     def __post_init__(self) -> None:
         for name in ("lr", "entropy_coef"):
             lo, hi = getattr(self, name)
-            if not 0 < lo <= hi:
-                raise ValueError(f"{name} must satisfy 0 < low <= high, got {(lo, hi)}")
+            if not 0 < lo <= hi < math.inf:
+                raise ValueError(f"{name} must satisfy 0 < low <= high, both finite, got {(lo, hi)}")
         for name in ("gamma", "gae_lambda"):
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi <= 1:

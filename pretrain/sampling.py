@@ -101,7 +101,7 @@ class TuneConfig:
         if self.method not in METHODS:
             raise ConfigError(f"unknown sampling --method {self.method!r}; choose one of {', '.join(METHODS)}")
         if not self.steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.steps):
-            raise ConfigError(f"--steps must list integers >= 1, e.g. 1,2,4,10; got {self.steps!r}")
+            raise ConfigError(f"--sampling-steps must list integers >= 1, e.g. 1,2,4,10; got {self.steps!r}")
         if not self.t_min or any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.t_min):
             raise ConfigError(f"--t-min must list integers >= 0, e.g. 0,200,400; got {self.t_min!r}")
 

@@ -34,3 +34,28 @@ def test_unknown_task_is_one_line_and_exit_code_2(capsys, tmp_path):
     code = cli.main(["corpus", "--task", "nope", "--runs", "1", "--out", str(tmp_path / "c")])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "unknown task 'nope'" in err
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+                 "you tried to allocate 12499999999992 bytes."),
+    MemoryError(),
+])
+def test_running_out_of_memory_is_one_line_and_other_errors_propagate(monkeypatch, capsys, error):
+    import importlib
+
+    def fail(args):
+        raise error
+
+    module = importlib.import_module(cli.COMMANDS["eval"][0])
+    monkeypatch.setattr(module, "main", fail)
+    assert cli.main(["eval", "--generator", "g", "--out", "o"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "out of memory" in err and "lower the sizes or counts" in err
+
+    def broken(args):
+        raise RuntimeError("a bug, not memory")
+
+    monkeypatch.setattr(module, "main", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["eval", "--generator", "g", "--out", "o"])

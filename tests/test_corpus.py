@@ -285,11 +285,20 @@ def test_a_store_without_recorded_settings_and_other_hparam_ranges(tmp_path, mni
                           progress=False)
     Store.create(config.out, "mnist-mlp")  # made by hand: nothing to compare, accepted
     assert build_corpus(config, data=mnist_data).written == 0 and Store.open(config.out).settings is None
-    config.out = str(tmp_path / "built")
+    config.out, config.runs = str(tmp_path / "built"), 1
     build_corpus(config, data=mnist_data)
     config.ranges = HParamRanges(sgd_lr=(0.01, 0.2))
     with pytest.raises(StoreError, match=r"hyperparameter range sgd_lr = \[0.01, 0.3\], not \[0.01, 0.2\]"):
         build_corpus(config, data=mnist_data)
+
+
+def test_a_store_in_which_nothing_was_built_takes_new_settings(tmp_path, mnist_data):
+    """A first call that failed before any run (e.g. out of memory on a huge option) left only
+    store.json: the corrected command must not be refused for the settings of nothing."""
+    config = CorpusConfig(runs=1, out=str(tmp_path), epochs=1, train_examples=256, checkpoints=4, progress=False)
+    Store.create(config.out, "mnist-mlp", settings={"seed": 123, "epochs": 10 ** 12})
+    assert build_corpus(config, data=mnist_data).written == 1
+    assert Store.open(config.out).settings["seed"] == 0
 
 
 def test_building_a_corpus_leaves_the_global_rng_alone(tmp_path, mnist_data):

@@ -146,6 +146,7 @@ def test_lr_range_narrows_the_drawn_lr_and_is_part_of_the_settings(built, tmp_pa
 @pytest.mark.parametrize("args, message", [
     (["--epochs", "1"], "--epochs applies to classifier corpora; use --env-steps"),
     (["--lr-range", "3e-3", "1e-3"], "--lr-range: lr must satisfy 0 < low <= high"),
+    (["--lr-range", "1e-4", "inf"], "both finite"),
     (["--task", "mnist-mlp", "--lr-range", "1e-3", "3e-3"], "--lr-range applies to control tasks"),
     (["--env-steps", "100"], "--env-steps must be >= 1024"),
     (["--device", "cuda"], "train on the CPU"),

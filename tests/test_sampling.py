@@ -25,7 +25,7 @@ def test_grid_skips_what_does_not_fit_and_one_step_samplers_repeated():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(inits=0), "--inits"), (dict(samples=0), "--samples"), (dict(method="euler"), "--method"),
-    (dict(steps=()), "--steps"), (dict(t_min=(-1,)), "--t-min"), (dict(tolerance=1.0), "--tolerance"),
+    (dict(steps=()), "--sampling-steps"), (dict(t_min=(-1,)), "--t-min"), (dict(tolerance=1.0), "--tolerance"),
 ])
 def test_bad_settings_raise(kwargs, message):
     with pytest.raises(ConfigError, match=message):

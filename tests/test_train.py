@@ -243,7 +243,7 @@ def test_corrupt_checkpoint_is_refused(store_dir, tmp_path):
 @pytest.mark.parametrize(
     "change",
     [{"batch_size": 0}, {"preset": "huge"}, {"lr": -1.0}, {"ema_decay": 1.0}, {"store": ""},
-     {"heldout_fraction": 1.0}, {"device": "tpu:0"}, {"workers": -3}] + ([] if torch.cuda.is_available() else [{"device": "cuda"}]),
+     {"heldout_fraction": 1.0}, {"device": "tpu:0"}, {"workers": -3}, {"workers": 10 ** 6}] + ([] if torch.cuda.is_available() else [{"device": "cuda"}]),
 )
 def test_invalid_settings_are_refused(store_dir, tmp_path, change):
     with pytest.raises(ConfigError):

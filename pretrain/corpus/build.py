@@ -77,6 +77,9 @@ def accept_settings(store: Store, settings: dict, runs: int) -> None:
     plain runs takes a warm start (``settings["warm_start"]``) for run ids past every run it holds, and
     records it; a store with a warm start takes plain runs below its first warm run id."""
     recorded, warm = store.settings, settings.get("warm_start")
+    if recorded is not None and recorded != settings and not store.run_ids() and not store.dropped_ids():
+        store.record_settings(settings)  # nothing was built under the old ones (a first call that failed)
+        return
     old = (recorded or {}).get("warm_start")
     plain = {k: v for k, v in settings.items() if k != "warm_start"}
     if recorded is None and warm is not None:

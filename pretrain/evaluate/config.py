@@ -56,6 +56,8 @@ class EvalConfig:
     def __post_init__(self) -> None:
         for name in ("inits", "sampling_steps", "max_steps", "max_env_steps", "prompts", "repeats", "memo_runs",
                      "memo_checkpoints", "memo_queries", "timing_steps", "sample_batch", "candidates"):
+            if name == "prompts":
+                continue  # its own bound, below
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.t_min is not None and self.t_min < 0:
@@ -69,6 +71,6 @@ class EvalConfig:
         if self.temperature is not None:
             check_temperature(self.temperature, "--temperature")
         if self.prompts < 2:
-            raise ConfigError("--prompts must be >= 2 (R² needs prompts that differ)")
+            raise ConfigError(f"--prompts must be >= 2 (R² needs prompts that differ), got {self.prompts}")
         if self.denoise_runs < 0:
             raise ConfigError(f"--denoise-runs must be >= 0, got {self.denoise_runs}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -154,6 +155,9 @@ class TrainConfig:
             raise ConfigError(f"--stop-after must be a positive step number, got {self.stop_after}")
         if self.workers < -1:
             raise ConfigError(f"--workers must be 0 or more (or left out for the default), got {self.workers}")
+        if self.workers > (os.cpu_count() or 1):  # each is a process: more than the CPUs only slows the loop
+            raise ConfigError(f"--workers {self.workers} is more than this machine's {os.cpu_count()} CPUs; "
+                              "give fewer (0 builds batches in the training process)")
 
     def pair_config(self) -> PairConfig:
         return PairConfig(

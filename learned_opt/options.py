@@ -79,7 +79,10 @@ def check_export_target(out: str | os.PathLike, name: str, *, own: bool, source=
 
 
 def check_out_dir(path: str | os.PathLike, *, option: str = "--out") -> None:
-    """Refuse an output folder that exists as something other than a folder (or lies under a file)."""
+    """Refuse an output folder that exists as something other than a folder (or lies under a file),
+    and an empty name (which would write into the current folder)."""
+    if not os.fspath(path).strip():
+        raise ConfigError(f"{option} is empty: name a folder to write into (e.g. {option} runs/out)")
     path = Path(path)
     for p in (path, *path.parents):
         if p.exists() or p.is_symlink():

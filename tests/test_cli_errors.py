@@ -225,3 +225,16 @@ def test_train_and_meta_train_refuse_to_export_over_weights_they_did_not_write(s
                    capsys, "meta-train", "holds weights that this job did not write")
     assert all((out / n).read_text() == f"{n} of another job\n" for n in ("toy.json", "toy.safetensors", "lopt.json"))
     assert sorted(p.name for p in out.iterdir()) == ["lopt.json", "toy.json", "toy.safetensors"]
+
+
+@pytest.mark.parametrize("argv, command, match", [
+    (["corpus", "--task", "mnist-mlp", "--runs", "1", "--out", ""], "corpus", "--out is empty"),
+    (["eval", "--generator", "mnist-mlp", "--out", " "], "eval", "--out is empty"),
+    (["demo", "--out", ""], "demo", "--out is empty"),
+    (["demo", "--steps", "-1"], "demo", "--steps and --eval-every must be >= 1"),
+    (["train", "--out", "somewhere", "--export-only", "--no-export"], "train", "give one of them"),
+])
+def test_contradictions_and_empty_folders_are_refused_in_one_line(tmp_path, capsys, monkeypatch, argv, command, match):
+    monkeypatch.chdir(tmp_path)
+    one_line_error(argv, capsys, command, match)
+    assert list(tmp_path.iterdir()) == []  # nothing written into the current folder

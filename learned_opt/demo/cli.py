@@ -65,6 +65,8 @@ def main(args: argparse.Namespace) -> int:
     check_seed(args.seed)
     check_out_dir(args.out)
     check_plots(not args.no_plot, "--no-plot")
+    if args.steps < 1 or args.eval_every < 1:  # checked for every task: a wrong value is wrong before it matters
+        raise ConfigError("--steps and --eval-every must be >= 1")
     task = args.task
     if task is None:  # the generator's own task (a user task is found through its recorded source)
         task = tasks.source_of(tasks.for_generator(load_generator(args.generator))) if args.generator else DEFAULT_TASK

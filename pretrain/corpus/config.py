@@ -54,6 +54,8 @@ class CorpusConfig:
     def validate(self) -> None:
         """Refuse (:class:`ConfigError`) run counts, sizes, epochs and seeds that cannot be planned,
         before the store is created (a store records its settings, so a bad one would outlive the fix)."""
+        if not str(self.out).strip():
+            raise ConfigError("--out is empty: name a folder for the store (e.g. --out corpus/)")
         if self.runs < 0 or self.batch_runs < 1 or self.checkpoints < 2:
             raise ConfigError(f"--runs must be >= 0, --batch-runs >= 1 and --checkpoints >= 2, got {self.runs}, "
                               f"{self.batch_runs} and {self.checkpoints}")

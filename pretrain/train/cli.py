@@ -10,6 +10,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from learned_opt.generator import PRESETS
+from learned_opt.errors import ConfigError
 from learned_opt.layout import SCHEMES
 from .config import CHECKPOINT_NAME, TrainConfig
 from .export import export_checkpoint
@@ -126,6 +127,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(args: argparse.Namespace) -> int:
     if args.export_only:
+        if getattr(args, "export", True) is False:  # given: --no-export
+            raise ConfigError("--export-only exports and --no-export does not: give one of them")
         manifest = export_checkpoint(Path(args.out) / CHECKPOINT_NAME, args.out, name=getattr(args, "name", None))
         print(f"exported {manifest}")
         return 0

@@ -69,6 +69,11 @@ def test_a_task_reference_that_cannot_be_loaded_is_one_line(tmp_path, capsys, bo
     assert not (tmp_path / "c").exists()  # nothing created
 
 
+def test_a_task_file_that_is_not_python_is_one_line(tmp_path, capsys):
+    path = write(tmp_path, "task.txt", GOOD)
+    assert "is not a .py file" in one_line_error(capsys, corpus(tmp_path, f"{path}:Mnist16"))
+
+
 def test_a_user_task_may_not_take_a_registered_name(tmp_path, capsys):
     body = GOOD.replace('name = "user-mnist-16"', 'name = "mnist-mlp"')
     err = one_line_error(capsys, corpus(tmp_path, f"{write(tmp_path, 'clash.py', body)}:Mnist16"))

@@ -94,6 +94,8 @@ def _load_reference(ref: str) -> Task:
         if not path.is_file():
             raise UnknownTaskError(f"task file {where!r} does not exist; give the path of a .py file "
                                    f"that defines {cls_name}")
+        if path.suffix != ".py":  # Python would find no loader for it
+            raise UnknownTaskError(f"task file {where!r} is not a .py file; give the Python file that defines {cls_name}")
         module_name = f"learned_opt_user_task_{abs(hash(str(path.resolve())))}"
         try:
             if module_name in sys.modules:

@@ -178,9 +178,7 @@ class GptOptimizer(torch.optim.Optimizer):
         min_improvement: float = 0.0,
         **base_kwargs: Any,
     ) -> None:
-        check_args(params, every, seed, metric_closure, prompt, max_update_ratio, min_improvement, guard)
-        if not isinstance(keep_if_met, bool):
-            raise ConfigError(f"keep_if_met must be True or False, got {keep_if_met!r}")
+        check_args(params, every, seed, metric_closure, prompt, max_update_ratio, min_improvement, guard, keep_if_met)
         check_sampling(sampling_steps, sampling_method, sampling_t_min, candidates, sampling_temperature)
         self.step_sizes = check_step_size(step_size)
         own = [n for n, p in inspect.signature(GptOptimizer.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY]
@@ -224,7 +222,7 @@ class GptOptimizer(torch.optim.Optimizer):
         self.seed = seed
         self.metric_closure = metric_closure
         self.guard = guard
-        self.keep_if_met = bool(keep_if_met)
+        self.keep_if_met = keep_if_met
         self.max_update_ratio = float(max_update_ratio)
         self.min_improvement = float(min_improvement)
         self.counters = {k: 0 for k in COUNTERS}

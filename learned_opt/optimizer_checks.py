@@ -87,7 +87,8 @@ def prompt_value(value, where: str, metric_name: str) -> float:
     return float(value)
 
 
-def check_args(params, every, seed, metric_closure, prompt, max_update_ratio, min_improvement=0.0, guard=True) -> None:
+def check_args(params, every, seed, metric_closure, prompt, max_update_ratio, min_improvement=0.0, guard=True,
+               keep_if_met=True) -> None:
     if isinstance(params, torch.Tensor):
         raise ConfigError(
             "params must be an iterable of tensors or parameter-group dicts, got a single tensor; "
@@ -109,8 +110,9 @@ def check_args(params, every, seed, metric_closure, prompt, max_update_ratio, mi
     if not (isinstance(max_update_ratio, Real) and max_update_ratio > 0):
         raise ConfigError(f"Invalid max_update_ratio: {max_update_ratio!r} (must be > 0; math.inf disables the bound)")
     check_min_improvement(min_improvement)
-    if not isinstance(guard, bool):  # guard="no" would turn it on
-        raise ConfigError(f"guard must be True or False, got {guard!r}")
+    for name, flag in (("guard", guard), ("keep_if_met", keep_if_met)):
+        if not isinstance(flag, bool):  # guard="no" would turn it on
+            raise ConfigError(f"{name} must be True or False, got {flag!r}")
     if min_improvement and not guard:
         raise ConfigError(f"min_improvement={min_improvement!r} is the guard's margin, and guard=False measures nothing "
                           f"to apply it to: turn the guard on, or leave min_improvement at 0")

@@ -277,7 +277,7 @@ def _meta_train(config, data, out: Path, shard, info, *, resume, name, export, p
                           f"got train_x of shape {list(data.train_x.shape)}")
     data = family.validation_data(data, config.holdout)
     outer = config.outer()
-    if outer.sha256 != config.settings().get("outer_weights_sha256", outer.sha256):  # replaced since it was configured
+    if outer.sha256 != config._outer_sha256:  # replaced since the config read it
         raise ConfigError(f"--outer-weights {config.outer_weights} changed while the run was being set up: run again")
     gen = torch.Generator().manual_seed(config.seed)
     if resume:

@@ -203,8 +203,14 @@ class GptOptimizer(torch.optim.Optimizer):
                               "the model first (e.g. model.to_empty(device='cpu'), then initialise it)")
         check_architecture(self.generator, tensors, names)
         self.generator.to(device)
+        self._shapes = [t.shape for t in tensors]  # what the generator models; checked before each update
 
-        self.base = base(params, **base_kwargs)
+        try:
+            self.base = base(params, **base_kwargs)
+        except (TypeError, ValueError) as exc:  # e.g. lr="x": torch's own message names no option
+            given = ", ".join(f"{k}={v!r}" for k, v in base_kwargs.items()) or "no options"
+            name = getattr(base, "__name__", type(base).__name__)
+            raise ConfigError(f"the base optimizer {name} refused {given}: {exc}") from exc
         # Optimizer.__init__ sets up hooks and profiling; then share the base's groups and state.
         super().__init__(self.base.param_groups, self.base.defaults)
         self.param_groups = self.base.param_groups
@@ -289,6 +295,9 @@ class GptOptimizer(torch.optim.Optimizer):
         if device.type != self._rng.device.type:  # the generator and the sampler's RNG stayed where θ was
             raise GenerationError(f"the parameters are on {device}, but this GptOptimizer was built for them on "
                                   f"{self._rng.device}: build the optimizer after moving the model (model.to(...))")
+        if [p.shape for p in self.params] != self._shapes:  # e.g. a group added through opt.base
+            raise GenerationError("the optimizer's parameters changed after it was built (a group added to its "
+                                  "base?): build a new GptOptimizer over all the parameters")
         if prompt is not None:
             check_prompt(prompt, "generate(prompt=...)", GenerationError)
         if metric is not None:

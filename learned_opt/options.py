@@ -73,9 +73,15 @@ def check_export_target(out: str | os.PathLike, name: str, *, own: bool, source=
     if source is not None and Path(source).resolve() == target.resolve():
         raise ConfigError(f"{target} is what this job starts from, and its export would replace it: choose "
                           f"another --out (or --name)")
-    if target.exists() and not own:
+    if own:
+        return
+    if target.exists():
         raise ConfigError(f"{target} holds weights that this job did not write, and its export would replace "
                           f"them: choose another --out (or --name)")
+    weights = target.with_suffix(".safetensors")
+    if weights.exists():
+        raise ConfigError(f"{weights} is there without its manifest, and this job's export would replace it: "
+                          f"move it aside, or choose another --out (or --name)")
 
 
 def check_out_dir(path: str | os.PathLike, *, option: str = "--out") -> None:

@@ -103,6 +103,11 @@ def test_cli_errors_are_one_line(manifest, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: --mode offers only periodic
         cli_main(["bench", "--generator", str(manifest), "--out", str(tmp_path / "b"), "--mode", "oneshot"])
     assert not (tmp_path / "b").exists()
+    capsys.readouterr()
+    code = cli_main(["bench", "--generator", str(manifest), "--out", str(tmp_path / "b"), "--prompt", "-1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "--prompt -1 is outside" in err and "range [" in err
+    assert not (tmp_path / "b").exists()
 
 
 def test_generator_of_another_task_is_refused(tmp_path):

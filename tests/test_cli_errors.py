@@ -148,9 +148,11 @@ def test_a_bad_name_is_refused_on_resume_and_at_export_before_any_step(store_dir
 
 
 @pytest.mark.parametrize("extra, match", [
-    (["--threads", "0"], "--threads must be at least 1"),
+    (["--threads", "0"], "--threads must be between 1 and this machine's"),
+    (["--threads", "100000"], "--threads must be between 1 and this machine's"),
     (["--seed", str(2**70)], "--seed must be an integer from 0"),
     (["--sigma", "inf"], "sigma must be a finite number > 0"),
+    (["--sigma", "1e308"], "sigma must be at most 1"),
     (["--outer-lr", "nan"], "outer_lr must be a finite number > 0"),
     (["--name", "a/b"], "invalid learned-optimizer name 'a/b'"),
     (["--outer-weights", "nowhere.json"], "give --outer-optimizer learned too"),  # ignored, then saved, then refused

@@ -182,6 +182,13 @@ def test_tune_head_never_writes_over_its_source_or_another_job_s_generator(tmp_p
     argv = base + ["--generator", str(renamed), "--out", str(out), "--name", "tuned"]
     assert cli_main(argv) == 2 and "this job did not write" in capsys.readouterr().err
     assert json.loads((out / "tuned.json").read_text()) == theirs
+    # weights with no manifest beside them (a copy half made, another job's) are not replaced either
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "tuned.safetensors").write_bytes(b"someone's weights")
+    assert cli_main(base + ["--generator", str(renamed), "--out", str(stray), "--name", "tuned"]) == 2
+    assert "tuned.safetensors is there without its manifest" in capsys.readouterr().err
+    assert (stray / "tuned.safetensors").read_bytes() == b"someone's weights"
     # an earlier tune-head of this generator is its own, even when it was stopped before head.json
     (out / "head.json").unlink()
     (out / "tuned.json").write_text(json.dumps({"training": {"head_tuning": {"source": {"sha256": sha}}}}))

@@ -60,7 +60,7 @@ def test_resume_with_other_settings_refused(tmp_path):
 
 
 @pytest.mark.parametrize("bad", [dict(widths=()), dict(depths=()), dict(batch_sizes=()), dict(unroll=7),
-                                 dict(pairs=0), dict(sigma=0.0), dict(image_size=5), dict(init_scales=(2.0, 1.0)),
+                                 dict(pairs=0), dict(sigma=0.0), dict(sigma=2.0), dict(image_size=5), dict(init_scales=(2.0, 1.0)),
                                  dict(outer_loss="median")])
 def test_bad_settings(bad):
     with pytest.raises(ConfigError):

@@ -423,6 +423,28 @@ def test_adding_a_param_group_is_refused_with_what_to_do():
     assert len(opt.param_groups) == len(opt.base.param_groups) == groups
 
 
+@pytest.mark.parametrize("kwargs, match", [(dict(lr="x"), "base optimizer Adam refused lr='x': '<=' not supported"),
+                                           (dict(betas="ab"), "refused betas='ab'"),
+                                           (dict(lr=-1.0), "refused lr=-1.0: Invalid learning rate")])
+def test_options_the_base_refuses_are_a_config_error_naming_them(kwargs, match):
+    model = toy_model()
+    before = snapshot(model)
+    with pytest.raises(ConfigError, match=match):
+        GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 0.01), **kwargs)
+    assert_same(snapshot(model), before)
+
+
+def test_a_group_added_through_the_base_is_refused_at_the_next_update_with_params_untouched():
+    model = toy_model()
+    opt = GptOptimizer(model.parameters(), FnGenerator(lambda th: th + 0.01), lr=1e-2)
+    extra = torch.nn.Parameter(torch.ones(3))
+    opt.base.add_param_group({"params": [extra]})
+    before = [p.detach().clone() for p in opt.params]
+    with pytest.raises(GenerationError, match="parameters changed after it was built.*build a new GptOptimizer"):
+        opt.generate(metric=1.0)
+    assert all(torch.equal(p, b) for p, b in zip(opt.params, before))
+
+
 @pytest.mark.parametrize("params, match", [([{"lr": 1e-3}], "no 'params' entry")])
 def test_a_group_without_params_is_a_config_error(params, match):
     with pytest.raises(ConfigError, match=match):

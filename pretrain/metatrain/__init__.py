@@ -66,8 +66,9 @@ def configure(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import torch
 
-    if args.threads < 1:
-        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
+    cpus = os.cpu_count() or 1
+    if not 1 <= args.threads <= cpus:
+        raise ConfigError(f"--threads must be between 1 and this machine's {cpus} CPUs, got {args.threads}")
     torch.set_num_threads(args.threads)
     config = MetaConfig(
         outer_steps=args.outer_steps, pairs=args.pairs, truncation=args.truncation, unroll=args.unroll,

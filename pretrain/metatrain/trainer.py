@@ -38,6 +38,7 @@ READABLE_VERSIONS = (1, 2)  # the same format; a rule of other shapes is refused
 LOSS_SUM = "__outer_loss_sum__"  # the population's summed outer loss, reduced with the gradient
 # settings a resume may change, as the advice after non-finite weights asks; each change is recorded
 RESUMABLE = ("outer_lr", "sigma")
+MAX_SIGMA = 1.0
 
 
 def _flags(keys) -> str:
@@ -80,6 +81,9 @@ class MetaConfig:
         for k in ("sigma", "outer_lr", "grad_clip", "loss_clip"):
             if not 0 < getattr(self, k) < math.inf:
                 raise ConfigError(f"{k} must be a finite number > 0, got {getattr(self, k)!r}")
+        if self.sigma > MAX_SIGMA:  # the rule's weights are O(1): a larger perturbation only adds noise
+            raise ConfigError(f"sigma must be at most {MAX_SIGMA:g} (the perturbation's scale on the rule's "
+                              f"weights; the default is 0.01), got {self.sigma!r}")
         check_seed(self.seed)
         if self.outer_optimizer not in OUTER_OPTIMIZERS:
             raise ConfigError(f"outer_optimizer must be one of {', '.join(OUTER_OPTIMIZERS)}, got {self.outer_optimizer!r}")

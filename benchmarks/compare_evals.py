@@ -8,6 +8,12 @@ init: the first's minus the second's, as a mean ± standard error, a median, and
 the first is lower. A paired comparison removes what the inits share, so a difference of a few
 tenths of a point that two medians cannot separate can be told from noise. Prints a line per metric
 and writes ``compare.json`` beside the first result (or into ``--out``).
+
+``--pool NEW2 NEW3 ...`` adds results of other samplers (or generators) on the same inits to the
+first, and compares the best of them per init, chosen by its test loss, with the second: an upper
+bound on what any pick among those samples (the generator's own ranking included) could gain:
+
+    python benchmarks/compare_evals.py runs/g1 benchmarks/results/mnist-mix-cpu --pool runs/g3 runs/s20
 """
 
 from __future__ import annotations
@@ -61,17 +67,41 @@ def compare(new: dict, old: dict) -> dict:
             "one_update": rows}
 
 
+def best_of(results: list[dict], by: str = "test_loss") -> dict:
+    """One eval result whose one-update metrics are, init by init, those of the result with the
+    lowest ``by`` there (the test set's own pick: an upper bound for any ranking)."""
+    first = results[0]
+    for r in results[1:]:
+        if r["seeds"] != first["seeds"] or r["generator"]["task"] != first["generator"]["task"]:
+            raise SystemExit(f"{r['config']['out']} was measured on other inits or another task than "
+                             f"{first['config']['out']}: pool results of one `learned-opt eval --seed --inits`")
+    key = [r["one_step"]["after"][by] for r in results]
+    chosen = [min(range(len(results)), key=lambda j: key[j][i]) for i in range(len(first["seeds"]))]
+    after = {m: [results[j]["one_step"]["after"][m][i] for i, j in enumerate(chosen)]
+             for m in METRICS if all(m in r["one_step"]["after"] for r in results)}
+    outs = [r["config"]["out"] for r in results]
+    return {**first, "one_step": {"after": after}, "config": {"out": f"best of {len(results)} by {by}: {', '.join(outs)}"},
+            "generator": {**first["generator"], "sha256": f"pool of {len(results)}"},
+            "chosen": [outs[j] for j in chosen]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("new", help="an eval result (folder or eval.json)")
     parser.add_argument("old", help="the eval result to compare it with, on the same inits")
+    parser.add_argument("--pool", nargs="+", default=[], metavar="EVAL",
+                        help="more results on the same inits: compare the best of them and NEW per init (by test loss)")
     parser.add_argument("--out", default=None, help="folder for compare.json (default: the new result's folder)")
     args = parser.parse_args()
-    result = compare(load(args.new), load(args.old))
+    new = best_of([load(p) for p in (args.new, *args.pool)]) if args.pool else load(args.new)
+    result = compare(new, load(args.old))
+    if args.pool:
+        result["chosen"] = {o: new["chosen"].count(o) for o in dict.fromkeys(new["chosen"])}
     out = Path(args.out) if args.out else (Path(args.new) if Path(args.new).is_dir() else Path(args.new).parent)
     out.mkdir(parents=True, exist_ok=True)
     (out / "compare.json").write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    print(f"{result['new']['sha256'][:8]} against {result['old']['sha256'][:8]}, one update, init by init:")
+    label = result["new"]["sha256"] if args.pool else result["new"]["sha256"][:8]
+    print(f"{label} against {result['old']['sha256'][:8]}, one update, init by init:")
     for metric, r in result["one_update"].items():
         print(f"  {metric}: median {r['new_median']:.4g} against {r['old_median']:.4g}; new - old "
               f"{r['mean_difference']:+.4g} ± {r['standard_error']:.2g} (mean ± s.e.), median {r['median_difference']:+.4g}, "

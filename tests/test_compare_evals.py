@@ -47,3 +47,19 @@ def test_results_of_other_inits_are_refused(tmp_path):
     done = _run(str(a), str(b))
     assert done.returncode != 0 and "different inits" in done.stderr and "--seed" in done.stderr
     assert not (a / "compare.json").exists()
+
+
+def test_a_pool_is_its_best_result_per_init_by_test_loss(tmp_path):
+    old = _result(tmp_path / "old", "b" * 64, [30.0, 20.0, 25.0], [1, 2, 3])
+    a = _result(tmp_path / "a", "a" * 64, [29.0, 21.0, 26.0], [1, 2, 3])
+    c = _result(tmp_path / "c", "c" * 64, [31.0, 19.0, 27.0], [1, 2, 3])
+    done = _run(str(a), str(old), "--pool", str(c), "--out", str(tmp_path / "cmp"))
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    row = result["one_update"]["test_error"]
+    best = [29.0, 19.0, 26.0]  # a, c, a: each init's lowest test loss (here test_error / 30)
+    assert row["mean_difference"] == pytest.approx(statistics.fmean(b - o for b, o in zip(best, [30.0, 20.0, 25.0])))
+    assert result["chosen"] == {str(a): 2, str(c): 1} and "pool of 2" in done.stdout
+    other = _result(tmp_path / "other", "d" * 64, [1.0, 2.0, 3.0], [1, 2, 4])
+    done = _run(str(a), str(old), "--pool", str(other))
+    assert done.returncode != 0 and "other inits" in done.stderr

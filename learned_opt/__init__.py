@@ -7,6 +7,7 @@ from .diffusion import Diffusion, DiffusionConfig  # noqa: E402
 from .errors import (  # noqa: E402
     ArchitectureMismatchError,
     ConfigError,
+    DataError,
     DataNotFoundError,
     GenerationError,
     LearnedOptError,
@@ -27,6 +28,7 @@ __all__ = [
     "PRESETS",
     "ArchitectureMismatchError",
     "ConfigError",
+    "DataError",
     "DataNotFoundError",
     "Diffusion",
     "DiffusionConfig",

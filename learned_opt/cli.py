@@ -34,9 +34,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 START_HERE = """\
 Start here: `learned-opt demo` makes one generative update on a random CartPole policy and
-trains the same policy with PPO next to it (offline, nothing to download, seconds on a CPU).
-Then `learned-opt demo --task mnist-mlp --data-root DIR` for MNIST (`--task mnist-cnn` for
-G.pt's CNN), and `learned-opt COMMAND -h` for each command. On a busy machine set
+trains the same policy with PPO next to it (offline, nothing to download, under a minute on a
+CPU). Then `learned-opt demo --task mnist-mlp --data-root DIR` for MNIST (`--task mnist-cnn`
+for G.pt's CNN), and `learned-opt COMMAND -h` for each command. On a busy machine set
 OMP_NUM_THREADS (e.g. OMP_NUM_THREADS=1)."""
 
 # reStructuredText roles and literals of docstrings, which --help would print as they are

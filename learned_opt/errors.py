@@ -23,6 +23,11 @@ class DataNotFoundError(LearnedOptError, FileNotFoundError):
     """A dataset is not where the data root says it should be."""
 
 
+class DataError(LearnedOptError, ValueError):
+    """A dataset is where the data root says, but cannot be read: a file damaged, truncated or of
+    another split."""
+
+
 class ArchitectureMismatchError(LearnedOptError, ValueError):
     """A model's parameters do not match an architecture signature."""
 

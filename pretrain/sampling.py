@@ -118,6 +118,10 @@ def parse_numbers(text: str, option: str, kind: type = int) -> tuple:
 def sampler_grid(config: TuneConfig, num_steps: int) -> list[tuple[int, int]]:
     """The ``(steps, t_min)`` pairs to measure: those that fit the schedule; one-step samplers only
     once (a single model call at the last timestep does not depend on ``t_min``)."""
+    beyond = [t for t in sorted(set(config.t_min)) if t >= num_steps]
+    if beyond and config.t_min != DEFAULT_T_MIN:  # defaults beyond a short schedule are left out, asked ones refused
+        raise ConfigError(f"--t-min {','.join(map(str, beyond))}: the generator's diffusion has {num_steps} steps, "
+                          f"so t_min must be below {num_steps}")
     t_mins = [t for t in sorted(set(config.t_min)) if t < num_steps]
     if config.method == "ddpm":  # DDPM runs every step from the last down to t_min: one row per t_min
         grid = [(min(config.steps), t) for t in t_mins]

@@ -63,8 +63,8 @@ from learned_opt.tasks import Task
 
 from .runfile import CHECKSUMS_KEY, METRIC_PREFIX, RunHeader, RunRecord, checksums, read_header, record_tensors
 from .store_lock import acquire_writer, check_writable, remove_stale_temp
-from .store_meta import STORE_FILE, STORE_FORMAT_VERSION, json_bytes, read_meta, write_settings
-from .store_stats import cached_stats, write_index
+from .store_meta import STORE_FILE, STORE_FORMAT_VERSION, json_bytes, read_meta, replace_meta, write_settings
+from .store_stats import INDEX_FILE, cached_stats, write_index
 
 __all__ = ["METRIC_PREFIX", "STORE_FILE", "STORE_FORMAT_VERSION", "RunRecord", "Store"]
 
@@ -101,7 +101,8 @@ class Store:
         ``store.json``; an existing store keeps its own (compare them with :attr:`settings`).
 
         Raises :class:`StoreError` when ``root`` cannot be written, holds unrelated files, or holds
-        a store of another task or architecture.
+        a store of another task, or runs of another architecture (a store of this task that holds no
+        run yet takes the new architecture).
         """
         task = tasks.get(task)
         root = Path(root).expanduser()
@@ -130,15 +131,26 @@ class Store:
                 raise StoreError(
                     f"cannot write a store at {root} ({exc.strerror or exc}): choose a writable --out folder"
                 ) from None
-        # whoever wrote store.json (this call, a killed earlier one, another process): same rules
-        store = cls._reopen_for(root, meta)
+        # whoever wrote store.json (this call, a killed earlier one, another process): same rules,
+        # except that a store of another architecture of this task holding no run yet (a first
+        # call refused before it wrote any, the task then mended) is taken over, under the lock
+        try:
+            store = cls._reopen_for(root, meta)
+        except StoreError:
+            if cls.open(root).task_name != task.name or not _only_empty_store_folders(root, (STORE_FILE, INDEX_FILE)):
+                raise
+            store = None
         try:  # a resumed writer needs its folders even if someone removed an empty one
             for sub in (root / RUNS_DIR, root / DROPPED_DIR):
                 sub.mkdir(exist_ok=True)
         except OSError as exc:
             raise StoreError(f"cannot write to the store at {root} ({exc.strerror or exc}): check permissions") from None
-        store.check_writable()
-        store._release = weakref.finalize(store, acquire_writer(root))
+        check_writable(root, (RUNS_DIR, DROPPED_DIR))
+        release = acquire_writer(root)
+        if store is None and _only_empty_store_folders(root, (STORE_FILE, INDEX_FILE)):
+            replace_meta(root, meta)
+        store = cls._reopen_for(root, meta)
+        store._release = weakref.finalize(store, release)
         return store
 
     def task(self, override: str | Task | None = None) -> Task:
@@ -385,11 +397,11 @@ def _ids_in(folder: Path, pattern: re.Pattern) -> list[int]:
     return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
 
 
-def _only_empty_store_folders(root: Path) -> bool:
+def _only_empty_store_folders(root: Path, besides: tuple[str, ...] = ()) -> bool:
     """Whether ``root`` holds nothing but hidden files and empty ``runs``/``dropped`` folders (what
-    a store creation killed before ``store.json`` was written leaves behind)."""
+    a store creation killed before ``store.json`` was written leaves behind), and ``besides``."""
     for p in root.iterdir():
-        if p.name.startswith("."):
+        if p.name.startswith(".") or p.name in besides:
             continue
         if p.name not in (RUNS_DIR, DROPPED_DIR) or not p.is_dir() or any(p.iterdir()):
             return False

@@ -33,6 +33,12 @@ def write_settings(root: Path, settings: dict) -> dict:
     return meta
 
 
+def replace_meta(root: Path, meta: dict) -> None:
+    """Replace ``root``'s ``store.json`` with ``meta`` (atomically): a store that holds no run yet
+    taking another task or architecture."""
+    atomic_write(root / STORE_FILE, lambda tmp: tmp.write_bytes(json_bytes(meta)))
+
+
 def read_meta(root: Path) -> dict:
     """The checked ``store.json`` of the store at ``root``; :class:`StoreError` if it is not one."""
     path = root / STORE_FILE

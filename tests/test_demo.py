@@ -105,9 +105,9 @@ def test_demo_runs_end_to_end(mnist_root, tmp_path, capsys):
     assert code == 0
     assert torch.equal(torch.random.get_rng_state(), rng)  # the demo leaves the global RNG alone
     assert "random init" in printed and "Adam lr 1e-3" in printed and "SGD (G.pt recipe)" in printed
-    assert (out / "demo.png").stat().st_size > 1000
-    assert not (out / "demo_cartpole.json").exists()  # the MNIST path, not CartPole's
-    result = json.loads((out / "demo.json").read_text())
+    assert (out / "demo_mnist-mlp.png").stat().st_size > 1000
+    assert not (out / "demo_cartpole-mlp.json").exists()  # the MNIST path, not CartPole's
+    result = json.loads((out / "demo_mnist-mlp.json").read_text())
     assert result["generator"]["name"] == "tiny-mnist"
     for o in ("adam", "sgd"):
         curve = result["baselines"][o]
@@ -125,9 +125,9 @@ def test_the_mnist_demo_uses_the_shipped_generator(mnist_root, tmp_path, capsys)
     code = cli_main(["demo", "--task", "mnist-mlp", "--data-root", str(mnist_root), "--out", str(tmp_path / "out"),
                      "--steps", "20"])
     assert code == 0, capsys.readouterr().err
-    result = json.loads((tmp_path / "out" / "demo.json").read_text())
+    result = json.loads((tmp_path / "out" / "demo_mnist-mlp.json").read_text())
     assert result["generator"]["name"] == "mnist-mlp"
-    assert (tmp_path / "out" / "demo.png").stat().st_size > 0
+    assert (tmp_path / "out" / "demo_mnist-mlp.png").stat().st_size > 0
 
 
 # ---------------------------------------------------------------------- a task of one's own
@@ -151,11 +151,11 @@ def test_demo_runs_a_supervised_task_from_a_file(tmp_path, capsys):
                      "--eval-every", "5", "--sampling-steps", "2", "--no-plot"])
     printed = capsys.readouterr().out
     assert code == 0
-    assert "random init" in printed and "Adam lr 1e-3" in printed and "demo.json" in printed
-    result = json.loads((out / "demo.json").read_text())
+    assert "random init" in printed and "Adam lr 1e-3" in printed and "demo_demo-user-mlp-b.json" in printed
+    result = json.loads((out / "demo_demo-user-mlp-b.json").read_text())
     assert result["task"] == "demo-user-mlp-b" and result["generator"]["name"] == "tiny-user"
     assert result["baselines"]["adam"]["steps"] == [0, 5, 10]
-    assert not (out / "demo.png").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["demo_demo-user-mlp-b.json"]  # no PNG
 
 
 def test_demo_refuses_an_unknown_task_in_one_line(tmp_path, capsys):

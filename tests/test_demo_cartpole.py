@@ -119,9 +119,9 @@ def test_cartpole_is_the_default_and_runs_end_to_end(tmp_path, capsys):
     assert code == 0
     assert torch.equal(torch.random.get_rng_state(), rng)  # the demo leaves the global RNG alone
     assert "random init" in printed and "PPO, 2,048 env steps" in printed and "greedy return" in printed
-    assert (out / "demo_cartpole.png").stat().st_size > 1000
+    assert (out / "demo_cartpole-mlp.png").stat().st_size > 1000
     assert not (out / "demo.json").exists()
-    result = json.loads((out / "demo_cartpole.json").read_text())
+    result = json.loads((out / "demo_cartpole-mlp.json").read_text())
     assert {"task", "generator", "seed", "init", "update", "ppo", "ppo_reaches_update_at", "episode",
             "config"} <= result.keys()
     assert result["task"] == "cartpole-mlp" and result["generator"]["name"] == "tiny-cartpole"
@@ -160,9 +160,9 @@ def test_cartpole_is_the_default_and_runs_end_to_end(tmp_path, capsys):
 def test_the_default_demo_uses_the_shipped_generator(tmp_path, capsys):
     code = cli_main(["demo", "--out", str(tmp_path / "out"), "--ppo-env-steps", "2048"])
     assert code == 0, capsys.readouterr().err
-    result = json.loads((tmp_path / "out" / "demo_cartpole.json").read_text())
+    result = json.loads((tmp_path / "out" / "demo_cartpole-mlp.json").read_text())
     assert result["generator"]["name"] == "cartpole-mlp"
-    assert (tmp_path / "out" / "demo_cartpole.png").stat().st_size > 0
+    assert (tmp_path / "out" / "demo_cartpole-mlp.png").stat().st_size > 0
 
 
 def test_without_a_shipped_generator_the_demo_says_how_to_pass_one(tmp_path, capsys, monkeypatch):

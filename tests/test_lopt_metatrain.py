@@ -20,7 +20,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     whole = meta_train(MetaConfig(outer_steps=5, **TINY), _data(), tmp_path / "a", progress=False)
     meta_train(MetaConfig(outer_steps=3, **TINY), _data(), tmp_path / "b", progress=False, export=False)
     # outer step 3 is not a checkpoint step (every 2) but the last one: it was saved, resume from it
-    resumed = meta_train(MetaConfig(outer_steps=5, **TINY), _data(), tmp_path / "b", resume=True, progress=False)
+    # how often to checkpoint is bookkeeping: a resume may change it
+    resumed = meta_train(MetaConfig(outer_steps=5, **{**TINY, "checkpoint_every": 1}), _data(), tmp_path / "b",
+                         resume=True, progress=False)
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     rows_a = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     rows_b = [json.loads(line) for line in (tmp_path / "b" / "log.jsonl").read_text().splitlines()]
@@ -40,6 +42,14 @@ def test_a_log_line_cut_short_by_a_kill_does_not_block_the_resume(tmp_path, monk
     meta_train(MetaConfig(outer_steps=5, **TINY), _data(), tmp_path, resume=True, progress=False, export=False)
     assert [json.loads(line)["outer_step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4, 5]
     assert not (tmp_path / "meta_loss.png").exists()
+
+
+def test_a_rerun_without_resume_is_told_to_resume_before_anything_about_its_export(tmp_path):
+    meta_train(MetaConfig(outer_steps=2, **TINY), _data(), tmp_path, progress=False)  # exported lopt.json
+    before = (tmp_path / "lopt.json").read_bytes()
+    with pytest.raises(TrainingError, match="checkpoint.pt exists: pass --resume"):
+        meta_train(MetaConfig(outer_steps=4, **TINY), _data(), tmp_path, progress=False)
+    assert (tmp_path / "lopt.json").read_bytes() == before
 
 
 def test_resume_with_other_settings_refused(tmp_path):

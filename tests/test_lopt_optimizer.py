@@ -6,6 +6,7 @@ import copy
 import io
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -43,7 +44,18 @@ def test_valid_configs(lr):
     assert opt.param_groups[0]["lr"] == lr and "LearnedOptimizer(" in repr(opt) and "lr=" in repr(opt)
 
 
-@pytest.mark.parametrize("lr", [-1.0, float("nan"), float("inf"), "1", True])
+@pytest.mark.parametrize("lr", [np.float32(0.5), torch.tensor(0.5), np.int64(1)])
+def test_numpy_and_tensor_lrs_are_taken_as_torch_takes_them(lr):
+    model, loss = _problem()
+    opt = LearnedOptimizer(model.parameters(), weights=THETA, lr=lr)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss().backward()
+    opt.step()
+    assert all(not torch.equal(p, b) and torch.isfinite(p).all() for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("lr", [-1.0, float("nan"), float("inf"), "1", True, torch.tensor([0.5, 1.0]),
+                                torch.tensor(float("nan")), np.float32("inf")])
 def test_bad_lr(lr):
     model, _ = _problem()
     with pytest.raises(ConfigError, match="Invalid learning rate"):
@@ -51,6 +63,8 @@ def test_bad_lr(lr):
 
 
 def test_bare_tensor_and_duplicate_and_wrong_weights():
+    with pytest.raises(ConfigError, match="empty parameter list: give LearnedOptimizer the model's parameters"):
+        LearnedOptimizer([], weights=THETA)
     w = torch.zeros(3, requires_grad=True)
     with pytest.raises(ConfigError, match="single tensor"):
         LearnedOptimizer(w, weights=THETA)

@@ -17,10 +17,14 @@ from pretrain.sampling import TuneConfig, record_choice, sampler_grid, sweep
 def test_grid_skips_what_does_not_fit_and_one_step_samplers_repeated():
     config = TuneConfig(generator="x", steps=(1, 2, 60), t_min=(0, 10, 95))
     assert sampler_grid(config, 100) == [(1, 0), (2, 0), (2, 10), (2, 95), (60, 0), (60, 10)]
-    ddpm = TuneConfig(generator="x", method="ddpm", steps=(1, 2), t_min=(0, 10, 95, 100))
+    ddpm = TuneConfig(generator="x", method="ddpm", steps=(1, 2), t_min=(0, 10, 95))
     assert sampler_grid(ddpm, 100) == [(1, 0), (1, 10), (1, 95)]  # DDPM ignores steps: one row per t_min
     with pytest.raises(ConfigError, match="no --steps"):
-        sampler_grid(TuneConfig(generator="x", steps=(2,), t_min=(200,)), 100)
+        sampler_grid(TuneConfig(generator="x", steps=(10,), t_min=(95,)), 100)
+    # a t_min asked for beyond the schedule is refused, not dropped; the defaults beyond it are left out
+    with pytest.raises(ConfigError, match="--t-min 100,200: .* 100 steps, so t_min must be below 100"):
+        sampler_grid(TuneConfig(generator="x", steps=(2,), t_min=(0, 100, 200)), 100)
+    assert sampler_grid(TuneConfig(generator="x", steps=(2,)), 150) == [(2, 0), (2, 100)]
 
 
 @pytest.mark.parametrize("kwargs, message", [

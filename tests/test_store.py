@@ -161,6 +161,23 @@ def test_a_store_of_another_task_is_refused_and_left_alone(tmp_path):
     assert (tmp_path / STORE_FILE).read_bytes() == before
 
 
+def test_a_store_of_another_architecture_is_taken_over_only_while_it_holds_no_run(tmp_path):
+    class Wider(OtherTask):
+        def build_model(self):
+            return nn.Linear(3, 4)
+
+    Store.create(tmp_path, OtherTask()).close()  # a first call refused before any run, say
+    store = Store.create(tmp_path, Wider())  # the task mended, under the same name
+    assert store.num_params == Wider().num_params and store.signature == Wider().signature
+    store.write_run(0, RunRecord(torch.zeros(2, store.num_params), torch.tensor([0, 1]),
+                                 {"test_loss": torch.zeros(2)}, {}, 0, {}))
+    store.close()
+    before = (tmp_path / STORE_FILE).read_bytes()
+    with pytest.raises(StoreError, match="another architecture of task 'other-test-task'"):
+        Store.create(tmp_path, OtherTask())
+    assert (tmp_path / STORE_FILE).read_bytes() == before and Store.open(tmp_path).run_ids() == [0]
+
+
 def test_open_errors_say_what_to_do(tmp_path):
     with pytest.raises(StoreError, match="does not exist.*learned-opt corpus"):
         Store.open(tmp_path / "missing")

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from learned_opt import DataNotFoundError, UnknownTaskError, tasks
+from learned_opt import DataError, DataNotFoundError, UnknownTaskError, tasks
 from learned_opt.errors import ConfigError
 from learned_opt.tasks.base import Task
 
@@ -95,6 +95,23 @@ def test_missing_data_root_says_what_to_do(tmp_path, monkeypatch):
         task.load_data(None)
     with pytest.raises(DataNotFoundError, match="MNIST not found under"):
         task.load_data(tmp_path)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda raw: raw.joinpath("train-images-idx3-ubyte").write_bytes(
+        raw.joinpath("train-images-idx3-ubyte").read_bytes()[:1_000_000]), "training split .*cannot be read"),
+    (lambda raw: raw.joinpath("train-labels-idx1-ubyte").write_bytes(b""), "training split .*cannot be read"),
+    (lambda raw: raw.joinpath("train-labels-idx1-ubyte").write_bytes(
+        raw.joinpath("t10k-labels-idx1-ubyte").read_bytes()), "60000 images but 10000 labels"),
+])
+def test_a_damaged_mnist_folder_says_which_split_and_what_to_do(mnist_root, tmp_path, damage, match):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in (mnist_root / "MNIST" / "raw").iterdir():
+        (raw / f.name).write_bytes(f.read_bytes())
+    damage(raw)
+    with pytest.raises(DataError, match=f"{match}.*replace the folder's files"):
+        tasks.get("mnist-mlp").load_data(tmp_path)
 
 
 def test_mnist_output_divergence_is_zero_for_the_same_network_and_differentiable(mnist_data):

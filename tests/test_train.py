@@ -334,8 +334,9 @@ def test_training_lowers_the_diffusion_loss(store_dir, tmp_path):
 def test_command_line_resume_takes_the_checkpoints_settings(store_dir, tmp_path, capsys):
     args = ["train", "--store", str(store_dir), "--out", str(tmp_path), "--steps", "4", "--batch-size", "4",
             "--warmup", "1", "--log-every", "2", "--checkpoint-every", "2", "--diffusion-steps", "50",
-            "--no-export", "--stop-after", "2"]
+            "--no-export", "--stop-after", "2", "--no-progress"]
     assert cli.main(args) == 0
+    assert "train:" not in capsys.readouterr().err  # no progress bar
     state = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)  # as written when --workers took any negative
     state["config"] = {**state["config"], "workers": -3}
     torch.save(state, tmp_path / CHECKPOINT_NAME)

@@ -61,6 +61,11 @@ def test_a_task_file_is_loaded_registered_and_found_again(tmp_path, mnist_root):
     (GOOD.replace('    name = "user-mnist-16"', '    name = "user-mnist-16"\n\n    def __init__(self):\n'
                   '        raise ValueError("no config file")'),
      "{path}:Mnist16", "raised when created: ValueError: no config file; fix its __init__"),
+    (GOOD.replace('name = "user-mnist-16"', 'name = "../../elsewhere"'), "{path}:Mnist16",
+     "is named '../../elsewhere': a task's name becomes a file name"),
+    (GOOD.replace('name = "user-mnist-16"', 'name = "user-broken-model"').replace(
+        "return nn.Sequential(", "raise RuntimeError('boom')\n        return nn.Sequential("), "{path}:Mnist16",
+     "build_model() raised RuntimeError: boom; fix it and run again"),
 ])
 def test_a_task_reference_that_cannot_be_loaded_is_one_line(tmp_path, capsys, body, ref, message):
     path = write(tmp_path, "t.py", body) if body else tmp_path / "missing.py"

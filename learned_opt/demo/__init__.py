@@ -5,7 +5,7 @@
 
 * a control task (``cartpole-mlp``, the default; needs no download): a fresh CartPole policy, one
   :meth:`GptOptimizer.generate` update, and PPO training the same init; the pole's angle over one
-  episode before and after, as ``demo_cartpole.png`` (see :mod:`learned_opt.demo.cartpole`).
+  episode before and after, as ``demo_cartpole-mlp.png`` (see :mod:`learned_opt.demo.cartpole`).
 * a supervised task (``mnist-mlp``, ``mnist-cnn``, your own): a fresh network, one update, then
   Adam and SGD training the same init.
 

@@ -8,8 +8,8 @@ measures the same return), then trains the *same* init with PPO (one run of the 
 demo's seed as the run's seed) for ``--ppo-env-steps`` environment steps, and reports the
 environment steps PPO needed to reach the update's return.
 
-It writes ``demo_cartpole.json`` (the numbers) and ``demo_cartpole.png``: the task's traced
-observation (:attr:`~learned_opt.tasks.ControlTask.traced_observation`; CartPole's pole angle)
+It writes ``demo_TASK.json`` (the numbers) and ``demo_TASK.png`` (``demo_cartpole-mlp.*``): the
+task's traced observation (:attr:`~learned_opt.tasks.ControlTask.traced_observation`; CartPole's pole angle)
 over the first evaluation episode for the random policy, the updated one and PPO's final one,
 with the task's ``traced_limit`` drawn where it has one (CartPole's ±12°), next to PPO's greedy
 return against environment steps. Nothing is downloaded: the environment is gymnasium's.
@@ -32,7 +32,6 @@ from ..fileio import atomic_write
 from .update import DemoConfig, one_update, save_result
 
 
-JSON_NAME, PNG_NAME = "demo_cartpole.json", "demo_cartpole.png"
 EPISODE = 0  # the evaluation episode drawn in the picture
 POLICIES = ("init", "update", "ppo")  # the rows of the table and the lines of the picture
 
@@ -47,7 +46,7 @@ def first_step_at_or_above(steps: Sequence[int], values: Sequence[float], target
 
 def run_control_demo(config: DemoConfig) -> dict:
     """Run the demo on ``config.task`` (a control task); returns the results (also written to
-    ``out/demo_cartpole.json``)."""
+    ``out/demo_TASK.json``)."""
     task = tasks.get(config.task)
     if task.kind != "control":
         raise ConfigError(f"the control demo needs a control task; {task.name} is a {task.kind} task")
@@ -95,7 +94,7 @@ def run_control_demo(config: DemoConfig) -> dict:
         },
         "config": asdict(config),
     }
-    return save_result(result, config.out, JSON_NAME, PNG_NAME, plot_control if config.plot else None)
+    return save_result(result, config.out, plot_control if config.plot else None)
 
 
 def format_control_table(result: dict) -> str:

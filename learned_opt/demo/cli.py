@@ -12,14 +12,13 @@ from ..errors import ConfigError
 from ..options import check_out_dir, check_plots, check_seed
 from ..pretrained import load_generator
 from . import mnist
-from .cartpole import JSON_NAME as CONTROL_JSON_NAME
 from .cartpole import format_cartpole_table, run_cartpole_demo
-from .update import DEFAULT_TASK, DemoConfig
+from .update import DEFAULT_TASK, DemoConfig, output_names
 
-# task kind -> (run the demo, format its table, the JSON it writes)
+# task kind -> (run the demo, format its table)
 DEMOS = {
-    "control": (run_cartpole_demo, format_cartpole_table, CONTROL_JSON_NAME),
-    "supervised": (mnist.run_supervised_demo, mnist.format_table, mnist.JSON_NAME),
+    "control": (run_cartpole_demo, format_cartpole_table),
+    "supervised": (mnist.run_supervised_demo, mnist.format_table),
 }
 
 
@@ -47,8 +46,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="dataset root for supervised tasks (default: $LEARNED_OPT_DATA)")
     parser.add_argument("--download", action="store_true", help="let torchvision download the dataset")
     parser.add_argument("--out", default="learned-opt-demo",
-                        help=f"folder for the PNG and JSON (default: learned-opt-demo; {CONTROL_JSON_NAME.split('.')[0]}.* or "
-                             f"{mnist.JSON_NAME.split('.')[0]}.*)")
+                        help="folder for the demo's JSON and PNG, demo_TASK.json and demo_TASK.png (default: "
+                             "learned-opt-demo)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init, the data order and the sampler")
     parser.add_argument("--steps", type=int, default=300, help="supervised: Adam and SGD steps (default: 300)")
     parser.add_argument("--eval-every", type=int, default=10, help="supervised: baseline test metrics every N steps")
@@ -75,11 +74,11 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed, steps=args.steps, eval_every=args.eval_every, ppo_env_steps=args.ppo_env_steps,
         sampling_steps=args.sampling_steps, method=args.method, plot=not args.no_plot,
     )
-    run, table, written = DEMOS[demo_kind(config.task)]
+    run, table = DEMOS[demo_kind(config.task)]
     # torch's threads fight any other busy process: on a shared machine a few threads are much faster
     print(f"torch uses {torch.get_num_threads()} CPU thread(s) (set OMP_NUM_THREADS, e.g. OMP_NUM_THREADS=1, "
           f"on a busy machine)")
     result = run(config)
     print(table(result))
-    print(f"wrote {Path(config.out) / written}" + (f" and {result['plot']}" if "plot" in result else ""))
+    print(f"wrote {Path(config.out) / output_names(result['task'])[0]}" + (f" and {result['plot']}" if "plot" in result else ""))
     return 0

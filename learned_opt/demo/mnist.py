@@ -1,5 +1,5 @@
 """The demo of a supervised task (``mnist-mlp``, or any :class:`~learned_opt.tasks.SupervisedTask`):
-one update next to Adam and SGD, its table and plot (``demo.json``, ``demo.png``)."""
+one update next to Adam and SGD, its table and plot (``demo_TASK.json``, ``demo_TASK.png``)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,11 @@ from ..errors import ConfigError
 from .baselines import BASELINES, first_step_at_or_below, train_baseline
 from .update import DemoConfig, one_update, save_result
 
-JSON_NAME, PNG_NAME = "demo.json", "demo.png"
 
 
 def run_supervised_demo(config: DemoConfig, data=None) -> dict:
     """Run the demo of ``config.task``, a supervised task; returns the results (also written to
-    ``out/demo.json``)."""
+    ``out/demo_TASK.json``)."""
     if config.steps < 1 or config.eval_every < 1:
         raise ConfigError("--steps and --eval-every must be >= 1")
     task = tasks.get(config.task)
@@ -44,7 +43,7 @@ def run_supervised_demo(config: DemoConfig, data=None) -> dict:
         "adam_matches_update_at": first_step_at_or_below(curves["adam"].steps, curves["adam"].test_loss, gen_loss),
         "config": asdict(config),
     }
-    return save_result(result, config.out, JSON_NAME, PNG_NAME, plot_demo if config.plot else None)
+    return save_result(result, config.out, plot_demo if config.plot else None)
 
 
 def format_table(result: dict) -> str:

@@ -84,9 +84,16 @@ def one_update(task: Task, data, config) -> tuple[Any, torch.nn.Module, Any, tor
     return generator, model, layout, init, report
 
 
-def save_result(result: dict, out: str | Path, json_name: str, png_name: str, plot: Callable[[dict, Path], Path] | None) -> dict:
-    """Write ``result`` as ``out/json_name`` (atomically) and, when ``plot`` is given, its picture as
-    ``out/png_name`` (recorded under ``result["plot"]``); returns ``result``."""
+def output_names(task: str) -> tuple[str, str]:
+    """The files the demo of the task named ``task`` writes: ``demo_TASK.json`` and ``demo_TASK.png``
+    (one folder holds the demos of several tasks side by side)."""
+    return f"demo_{task}.json", f"demo_{task}.png"
+
+
+def save_result(result: dict, out: str | Path, plot: Callable[[dict, Path], Path] | None) -> dict:
+    """Write ``result`` as ``out/demo_TASK.json`` (atomically) and, when ``plot`` is given, its picture
+    as ``out/demo_TASK.png`` (recorded under ``result["plot"]``); returns ``result``."""
+    json_name, png_name = output_names(result["task"])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2) + "\n"

@@ -24,6 +24,7 @@ dtype) raises :class:`~learned_opt.errors.NonFiniteStepError` and changes nothin
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch.optim import Optimizer
@@ -58,7 +59,12 @@ class LearnedOptimizer(Optimizer):
         _check_lr(lr)
         self.rule: LoadedRule = load_rule(weights)
         self._theta_cache: dict = {}
-        super().__init__(params, dict(lr=lr, step=0))
+        try:
+            super().__init__(params, dict(lr=lr, step=0))
+        except ConfigError:
+            raise
+        except ValueError as exc:  # torch's "optimizer got an empty parameter list"
+            raise ConfigError(f"{exc}: give LearnedOptimizer the model's parameters, e.g. model.parameters()") from None
 
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict) or "params" not in param_group:
@@ -131,7 +137,7 @@ class LearnedOptimizer(Optimizer):
                            for p in ps]
                 state = {"m": [m for m, _ in current], "v": [v for _, v in current]}
                 new_p, new_state = update(self._theta(device), ps, [p.grad for p in ps], state, step,
-                                          lr=group["lr"], num_tensors=num_tensors)
+                                          lr=float(group["lr"]), num_tensors=num_tensors)
                 updates.append((ps, step, new_p, new_state))
         _refuse_nonfinite(updates)
         for ps, step, new_p, new_state in updates:  # commit
@@ -227,5 +233,9 @@ def _usable(t: torch.Tensor, key: str) -> bool:
 
 
 def _check_lr(lr, error=ConfigError) -> None:
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+    """``error`` unless ``lr`` is a finite real number >= 0: a Python or NumPy number, or a one-element
+    real tensor, as torch's optimizers take."""
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.is_floating_point():
+        lr = lr.item()
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr < 0:
         raise error(f"Invalid learning rate: {lr!r}; lr multiplies the learned step and must be a finite number >= 0")

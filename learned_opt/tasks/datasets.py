@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..data import resolve_data_root
-from ..errors import DataNotFoundError
+from ..errors import DataError, DataNotFoundError
 from .supervised import ClassificationData
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
@@ -61,13 +61,23 @@ def _load(cls, what: str, root, download: bool, mean, std, expected: str) -> Cla
     root = resolve_data_root(root)
     splits = {}
     for train in (True, False):
+        split = "training" if train else "test"
+        unreadable = (f"{what}'s {split} split under {root / expected} cannot be read ({{}}): a file there is "
+                      f"damaged, truncated or of another split; replace the folder's files with intact ones")
         try:
             ds = cls(str(root), train=train, download=download)
-        except RuntimeError:  # torchvision: "Dataset not found. You can use download=True ..."
-            raise DataNotFoundError(
+        except RuntimeError as exc:
+            if "not found" not in str(exc).lower():  # the files are there, and torchvision failed to read them
+                raise DataError(unreadable.format(exc)) from None
+            raise DataNotFoundError(  # torchvision: "Dataset not found. You can use download=True ..."
                 f"{what} not found under {root} (expected {root / expected}): point --data-root or "
                 f"LEARNED_OPT_DATA at a folder holding {what} in torchvision's layout; nothing is downloaded "
                 f"unless asked (`learned-opt corpus --download`, or download=True in Python)"
             ) from None
-        splits[train] = tensors_from(ds, mean, std)
+        except (ValueError, OSError, EOFError, IndexError) as exc:  # e.g. an empty file
+            raise DataError(unreadable.format(f"{type(exc).__name__}: {exc}")) from None
+        x, y = tensors_from(ds, mean, std)
+        if len(x) != len(y):
+            raise DataError(unreadable.format(f"{len(x)} images but {len(y)} labels"))
+        splits[train] = x, y
     return ClassificationData(*splits[True], *splits[False])

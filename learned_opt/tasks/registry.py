@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..errors import ConfigError, UnknownTaskError
+from ..fileio import is_plain_name
 from .base import Task
 
 ENTRY_POINT_GROUP = "learned_opt.tasks"
@@ -145,6 +146,14 @@ def _instantiate(cls, ref: str) -> Task:
                                "fix its __init__ and run again") from None
     if not isinstance(getattr(task, "name", None), str) or not task.name:
         raise UnknownTaskError(f"task {ref!r} needs a class attribute name = '...'")
+    if not is_plain_name(task.name):  # it names the files made for the task (NAME.json, NAME.safetensors)
+        raise UnknownTaskError(f"task {ref!r} is named {task.name!r}: a task's name becomes a file name, so give "
+                               f"it one without '/', '\\' or NUL that does not start with '.'")
+    try:
+        task.signature  # noqa: B018 - builds the model (on the meta device): a broken build_model fails here
+    except Exception as exc:  # noqa: BLE001 - the user's model: say where it failed
+        raise UnknownTaskError(f"task {ref!r}: build_model() raised {type(exc).__name__}: {exc}; fix it and "
+                               f"run again") from None
     return task
 
 

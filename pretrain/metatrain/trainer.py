@@ -105,10 +105,11 @@ class MetaConfig:
         return OuterOptimizer(self.outer_optimizer, self.outer_lr, self.outer_weights)
 
     def settings(self) -> dict:
-        """What a resume compares: everything but the number of outer steps (of these, only
-        :data:`RESUMABLE` may differ)."""
+        """What a resume compares: everything but the number of outer steps and how often to
+        checkpoint (of these, only :data:`RESUMABLE` may differ)."""
         d = json.loads(json.dumps(asdict(self)))
         d.pop("outer_steps")
+        d.pop("checkpoint_every")  # bookkeeping: a resume may checkpoint as often as it likes
         if self.outer_weights != "self":  # the outer rule by its content: a path can come to hold other weights
             d["outer_weights_sha256"] = self._outer_sha256  # as loaded when the run was configured
         return d
@@ -144,6 +145,7 @@ def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
     if not isinstance(blob, dict) or blob.get("kind") != "lopt-meta-train" or blob.get("version") not in READABLE_VERSIONS:
         raise TrainingError(f"{path} is not a learned-opt meta-training checkpoint of version {CHECKPOINT_VERSION}")
     saved = json.loads(blob["settings"])
+    saved.pop("checkpoint_every", None)  # recorded before it was left out of the settings
     # written before these settings existed
     saved.setdefault("outer_loss", "mean")
     saved.setdefault("outer_optimizer", "adam")
@@ -230,6 +232,8 @@ def check_destination(out: str | Path, name: str, *, resume: bool, export: bool 
     if not is_plain_name(name):
         raise ConfigError(f"invalid learned-optimizer name {name!r}: use letters, digits, '-', '_' and '.'")
     check_out_dir(out)
+    if not resume and (Path(out) / "checkpoint.pt").exists():  # said before anything about its export
+        raise TrainingError(f"{Path(out) / 'checkpoint.pt'} exists: pass --resume to continue it, or choose a new --out")
     recorded = checkpoint_name(Path(out) / "checkpoint.pt") if resume and export else None
     if export and recorded not in (None, name):
         raise ConfigError(f"the checkpoint in {out} exports as {recorded!r}: pass --name {recorded} to resume it")

@@ -108,6 +108,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="fine-tune: start from this generator (registry name or manifest path) with its architecture, "
              "units and held-out runs; --preset, --tokens, --precondition and the schedule are then its own")
     add("--export-only", action="store_true", default=False, help="export the checkpoint in --out and exit")
+    add("--no-progress", dest="progress", action="store_false", default=S, help="no progress bar")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -121,6 +122,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         base = {k: v for k, v in load_checkpoint(ckpt)["config"].items() if k in {f.name for f in fields(TrainConfig)}}
         base.pop("stop_after", None)  # a stop is for one invocation, not for the job
         base.pop("workers", None)  # so is this machine's batch building: it never changes what the model sees
+        base.pop("progress", None)
         return TrainConfig(**{**base, **given})
     return TrainConfig(**given)
 

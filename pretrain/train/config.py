@@ -80,6 +80,7 @@ class TrainConfig:
     export: bool = True  # export the EMA generator when training reaches `steps`
     resume: bool = False  # continue the checkpoint in `out` (start fresh when there is none)
     init_from: str | None = None  # start from this generator's weights (registry name or manifest path): a fine-tune
+    progress: bool = True  # the progress bar (rank 0)
 
     def validate(self, world: int = 1) -> None:
         """Raise :class:`ConfigError` for values that cannot work."""
@@ -186,7 +187,7 @@ def check_batch_size(batch_size: int, num_params: int) -> None:
 # Settings a resumed job may change; every other field must equal the checkpoint's.
 RESUMABLE_CHANGES = frozenset(
     {"store", "out", "steps", "stop_after", "log_every", "eval_every", "eval_batches",
-     "checkpoint_every", "device", "amp", "workers", "name", "export", "resume", "layer_balance", "data_root"}
+     "checkpoint_every", "device", "amp", "workers", "name", "export", "resume", "layer_balance", "data_root", "progress"}
 )
 # Checked first and named in the error: they change what the model *is*.
 IDENTITY_FIELDS = ("init_from", "task", "metric", "preset", "chunk_size", "tokens", "diffusion_steps", "schedule", "precondition",

@@ -342,7 +342,7 @@ class Trainer:
         end = min(cfg.steps, cfg.stop_after or cfg.steps)
         zero = lambda: torch.zeros((), dtype=torch.float64, device=info.device)  # noqa: E731 (no sync per step)
         t_log, loss_sum, n_sum = time.perf_counter(), zero(), 0
-        with tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not info.is_main,
+        with tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", disable=not (info.is_main and cfg.progress),
                   dynamic_ncols=True) as bar:
             self.model.train()
             for batch in self.batches(end):

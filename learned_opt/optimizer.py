@@ -19,6 +19,7 @@ from .errors import ConfigError, GenerationError
 from .optimizer_checks import (
     check_architecture,
     check_base_kwargs,
+    check_updatable,
     check_args,
     check_chooser,
     check_prompt,
@@ -194,10 +195,7 @@ class GptOptimizer(torch.optim.Optimizer):
         device = tensors[0].device
         if any(t.device != device for t in tensors):
             raise ConfigError("all parameters must be on one device for GptOptimizer; move the model first")
-        odd = next((t for t in tensors if not t.is_floating_point()), None)
-        if odd is not None:  # a complex one would lose its imaginary part, an integer one cannot move
-            raise ConfigError(f"GptOptimizer updates real floating-point parameters; one is {odd.dtype} "
-                              f"(shape {list(odd.shape)}): leave it out of the parameters given")
+        check_updatable(tensors, names)
         if device.type == "meta":  # before the generator is moved there, which would empty it
             raise ConfigError("the parameters are on the meta device and hold no values to update: materialise "
                               "the model first (e.g. model.to_empty(device='cpu'), then initialise it)")

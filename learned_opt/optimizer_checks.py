@@ -142,6 +142,21 @@ def check_base_kwargs(base, base_kwargs: dict, own: list[str]) -> None:
             raise ConfigError(f"unknown option {key!r}: neither GptOptimizer nor its base {name} takes it{hint}")
 
 
+def check_updatable(tensors: list[torch.Tensor], names: list[str] | None) -> None:
+    """:class:`ConfigError` for a parameter an update cannot write: not real floating point (a
+    complex one would lose its imaginary part, an integer one cannot move), or a broadcast view
+    whose elements share memory (``expand``: stride 0)."""
+    for i, t in enumerate(tensors):
+        name = names[i] if names else f"parameter {i}"
+        if not t.is_floating_point():
+            raise ConfigError(f"GptOptimizer updates real floating-point parameters; {name} is {t.dtype} "
+                              f"(shape {list(t.shape)}): leave it out of the parameters given")
+        if any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape)):
+            raise ConfigError(f"{name} (shape {list(t.shape)}) is a broadcast view whose elements share "
+                              f"memory, so no update can write them apart: make it a parameter of its own, "
+                              f"e.g. nn.Parameter(t.clone())")
+
+
 def materialize(params) -> list:
     """A list of tensors, ``(name, tensor)`` pairs or group dicts; refuses duplicates, empties and
     unordered collections (the generator reads parameters in order)."""

@@ -342,8 +342,8 @@ def _build(manifest: dict, layout: Layout, header: dict, blob: bytes, where: str
         if sampling["guidance"] != 1.0 and not model.config.null_prompt:
             raise ValueError(f"its sampling guidance {sampling['guidance']:g} needs a null prompt (model_config.null_prompt)")
         normalization = Normalization(**manifest["normalization"])
-    except (TypeError, ValueError, KeyError, RuntimeError) as exc:
-        raise WeightsError(f"generator {where} does not match its manifest: {exc}") from None
+    except (TypeError, ValueError, KeyError, RuntimeError, ArithmeticError) as exc:  # e.g. an overflowing setting
+        raise WeightsError(f"generator {where} does not match its manifest: {type(exc).__name__}: {exc}") from None
     model.eval()
     model.requires_grad_(False)
     loaded = LoadedGenerator(manifest["name"], manifest, model, diffusion, normalization, digest)

@@ -511,3 +511,12 @@ def test_parameters_that_are_not_real_floating_point_are_refused(dtype):
     params = [p.detach().to(dtype) for p in toy_model().parameters()]
     with pytest.raises(ConfigError, match="real floating-point parameters"):
         GptOptimizer(params, tiny_generator())
+
+
+def test_a_broadcast_parameter_is_refused_with_what_to_do():
+    model = toy_model()
+    named = list(model.named_parameters())
+    name, first = named[0]
+    shared = torch.zeros(first.shape[-1]).expand(first.shape)  # stride 0: one row for all
+    with pytest.raises(ConfigError, match=f"{name} .* is a broadcast view .*nn.Parameter\\(t.clone\\(\\)\\)"):
+        GptOptimizer([(name, shared), *named[1:]], tiny_generator())

@@ -47,6 +47,7 @@ def _set(*keys, value):
         (_set("metric_range", value=[1, "x"]), "metric_range"),
         (_set("normalization", value={"param_scale": "x", "metric_lo": 0, "metric_hi": 1}), "normalization.param_scale"),
         (_set("model_config", "n_layers", value=2.5), "n_layers must be an integer"),
+        (_set("model_config", "metric_max_log2_frequency", value=10**30), "does not match its manifest: OverflowError"),
         (_set("diffusion_config", "num_steps", value=10**9), "num_steps must be an integer in"),
         (_set("num_params", value="abc"), "num_params must be an integer"),
         (_set("weights_sha256", value=5), "weights_sha256"),

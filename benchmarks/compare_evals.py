@@ -10,8 +10,9 @@ tenths of a point that two medians cannot separate can be told from noise. Print
 and writes ``compare.json`` beside the first result (or into ``--out``).
 
 ``--pool NEW2 NEW3 ...`` adds results of other samplers (or generators) on the same inits to the
-first, and compares the best of them per init, chosen by its test loss, with the second: an upper
-bound on what any pick among those samples (the generator's own ranking included) could gain:
+first, and compares the best of them per init, chosen by its test loss (``--by test_error``: by
+its test error), with the second: for the metric it is chosen by, an upper bound on what any pick
+among those samples (the generator's own ranking included) could gain:
 
     python benchmarks/compare_evals.py runs/g1 benchmarks/results/mnist-mix-cpu --pool runs/g3 runs/s20
 """
@@ -90,10 +91,11 @@ def main() -> None:
     parser.add_argument("new", help="an eval result (folder or eval.json)")
     parser.add_argument("old", help="the eval result to compare it with, on the same inits")
     parser.add_argument("--pool", nargs="+", default=[], metavar="EVAL",
-                        help="more results on the same inits: compare the best of them and NEW per init (by test loss)")
+                        help="more results on the same inits: compare the best of them and NEW per init")
+    parser.add_argument("--by", choices=METRICS, default="test_loss", help="what --pool's best is chosen by (default: test_loss)")
     parser.add_argument("--out", default=None, help="folder for compare.json (default: the new result's folder)")
     args = parser.parse_args()
-    new = best_of([load(p) for p in (args.new, *args.pool)]) if args.pool else load(args.new)
+    new = best_of([load(p) for p in (args.new, *args.pool)], args.by) if args.pool else load(args.new)
     result = compare(new, load(args.old))
     if args.pool:
         result["chosen"] = {o: new["chosen"].count(o) for o in dict.fromkeys(new["chosen"])}

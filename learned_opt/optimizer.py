@@ -208,7 +208,8 @@ class GptOptimizer(torch.optim.Optimizer):
         except (TypeError, ValueError) as exc:  # e.g. lr="x": torch's own message names no option
             given = ", ".join(f"{k}={v!r}" for k, v in base_kwargs.items()) or "no options"
             name = getattr(base, "__name__", type(base).__name__)
-            raise ConfigError(f"the base optimizer {name} refused {given}: {exc}") from exc
+            raise ConfigError(f"the base optimizer {name} could not be built with these parameters and {given}: "
+                              f"{exc}") from exc
         # Optimizer.__init__ sets up hooks and profiling; then share the base's groups and state.
         super().__init__(self.base.param_groups, self.base.defaults)
         self.param_groups = self.base.param_groups
@@ -359,6 +360,7 @@ class GptOptimizer(torch.optim.Optimizer):
         self._lock = threading.RLock()
         self.param_groups = self.base.param_groups
         self.state = self.base.state
+        self.__dict__.setdefault("_shapes", [p.shape for p in self.params])  # not pickled before it was checked
 
     def __repr__(self) -> str:
         c = self.counters

@@ -144,13 +144,16 @@ def check_base_kwargs(base, base_kwargs: dict, own: list[str]) -> None:
 
 def check_updatable(tensors: list[torch.Tensor], names: list[str] | None) -> None:
     """:class:`ConfigError` for a parameter an update cannot write: not real floating point (a
-    complex one would lose its imaginary part, an integer one cannot move), or a broadcast view
-    whose elements share memory (``expand``: stride 0)."""
+    complex one would lose its imaginary part, an integer one cannot move), not a leaf, or a
+    broadcast view whose elements share memory (``expand``: stride 0)."""
     for i, t in enumerate(tensors):
         name = names[i] if names else f"parameter {i}"
         if not t.is_floating_point():
             raise ConfigError(f"GptOptimizer updates real floating-point parameters; {name} is {t.dtype} "
                               f"(shape {list(t.shape)}): leave it out of the parameters given")
+        if not t.is_leaf:
+            raise ConfigError(f"{name} (shape {list(t.shape)}) is computed from other tensors, not a leaf that an "
+                              f"optimizer can update: pass the model's parameters (model.parameters())")
         if any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape)):
             raise ConfigError(f"{name} (shape {list(t.shape)}) is a broadcast view whose elements share "
                               f"memory, so no update can write them apart: make it a parameter of its own, "

@@ -63,13 +63,12 @@ from learned_opt.tasks import Task
 
 from .runfile import CHECKSUMS_KEY, METRIC_PREFIX, RunHeader, RunRecord, checksums, read_header, record_tensors
 from .store_lock import acquire_writer, check_writable, remove_stale_temp
-from .store_meta import STORE_FILE, STORE_FORMAT_VERSION, json_bytes, read_meta, replace_meta, write_settings
+from .store_meta import (DROPPED_DIR, RUNS_DIR, STORE_FILE, STORE_FORMAT_VERSION, holds_no_runs, json_bytes, read_meta,
+                         replace_meta, write_settings)
 from .store_stats import INDEX_FILE, cached_stats, write_index
 
 __all__ = ["METRIC_PREFIX", "STORE_FILE", "STORE_FORMAT_VERSION", "RunRecord", "Store"]
 
-RUNS_DIR = "runs"
-DROPPED_DIR = "dropped"
 _RUN_RE = re.compile(r"^run-(\d{8})\.safetensors$")
 _DROP_RE = re.compile(r"^run-(\d{8})\.json$")
 
@@ -120,7 +119,7 @@ class Store:
         if not (root / STORE_FILE).exists():
             if root.exists() and not root.is_dir():
                 raise StoreError(f"cannot create a store at {root}: it is a file; choose another --out folder")
-            if root.is_dir() and not _only_empty_store_folders(root):
+            if root.is_dir() and not holds_no_runs(root):
                 raise StoreError(
                     f"{root} is not empty and holds no {STORE_FILE}: choose a new or empty --out folder"
                 )
@@ -131,15 +130,7 @@ class Store:
                 raise StoreError(
                     f"cannot write a store at {root} ({exc.strerror or exc}): choose a writable --out folder"
                 ) from None
-        # whoever wrote store.json (this call, a killed earlier one, another process): same rules,
-        # except that a store of another architecture of this task holding no run yet (a first
-        # call refused before it wrote any, the task then mended) is taken over, under the lock
-        try:
-            store = cls._reopen_for(root, meta)
-        except StoreError:
-            if cls.open(root).task_name != task.name or not _only_empty_store_folders(root, (STORE_FILE, INDEX_FILE)):
-                raise
-            store = None
+        # whoever wrote store.json (this call, a killed earlier one, another process): same rules
         try:  # a resumed writer needs its folders even if someone removed an empty one
             for sub in (root / RUNS_DIR, root / DROPPED_DIR):
                 sub.mkdir(exist_ok=True)
@@ -147,11 +138,26 @@ class Store:
             raise StoreError(f"cannot write to the store at {root} ({exc.strerror or exc}): check permissions") from None
         check_writable(root, (RUNS_DIR, DROPPED_DIR))
         release = acquire_writer(root)
-        if store is None and _only_empty_store_folders(root, (STORE_FILE, INDEX_FILE)):
-            replace_meta(root, meta)
-        store = cls._reopen_for(root, meta)
+        try:
+            store = cls._reopen_for(root, meta)
+        except StoreError:
+            try:  # a store of this task holding no run yet (a first call refused before it wrote any)
+                store = cls._take_over(root, meta)
+            except BaseException:
+                release()
+                raise
         store._release = weakref.finalize(store, release)
         return store
+
+    @classmethod
+    def _take_over(cls, root: Path, meta: dict) -> "Store":
+        """Under the writer lock: ``root``'s store of ``meta``'s task, given ``meta`` if it holds no run."""
+        if cls.open(root).task_name == meta["task"] and holds_no_runs(root, (STORE_FILE, INDEX_FILE)):
+            try:
+                replace_meta(root, meta)
+            except OSError as exc:
+                raise StoreError(f"cannot write {root / STORE_FILE} ({exc.strerror or exc}): check permissions") from None
+        return cls._reopen_for(root, meta)
 
     def task(self, override: str | Task | None = None) -> Task:
         """The store's task: ``override`` (a ``--task``) if given, else the registered task of its
@@ -395,17 +401,6 @@ def _ids_in(folder: Path, pattern: re.Pattern) -> list[int]:
     except FileNotFoundError:
         return []
     return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
-
-
-def _only_empty_store_folders(root: Path, besides: tuple[str, ...] = ()) -> bool:
-    """Whether ``root`` holds nothing but hidden files and empty ``runs``/``dropped`` folders (what
-    a store creation killed before ``store.json`` was written leaves behind), and ``besides``."""
-    for p in root.iterdir():
-        if p.name.startswith(".") or p.name in besides:
-            continue
-        if p.name not in (RUNS_DIR, DROPPED_DIR) or not p.is_dir() or any(p.iterdir()):
-            return False
-    return True
 
 
 def _no_lock() -> None:

@@ -17,6 +17,8 @@ from learned_opt.fileio import atomic_write
 
 STORE_FORMAT_VERSION = 1
 STORE_FILE = "store.json"
+RUNS_DIR = "runs"
+DROPPED_DIR = "dropped"
 _META_LIMIT = 16 * 2**20  # bytes: a store.json is a few kilobytes
 
 
@@ -31,6 +33,17 @@ def write_settings(root: Path, settings: dict) -> dict:
     meta["settings"] = json.loads(json.dumps(settings))  # as it reads back: tuples become lists
     atomic_write(root / STORE_FILE, lambda tmp: tmp.write_bytes(json_bytes(meta)))
     return meta
+
+
+def holds_no_runs(root: Path, besides: tuple[str, ...] = ()) -> bool:
+    """Whether ``root`` holds nothing but hidden files and empty ``runs``/``dropped`` folders (what
+    a store creation killed before ``store.json`` was written leaves behind), and ``besides``."""
+    for p in root.iterdir():
+        if p.name.startswith(".") or p.name in besides:
+            continue
+        if p.name not in (RUNS_DIR, DROPPED_DIR) or not p.is_dir() or any(p.iterdir()):
+            return False
+    return True
 
 
 def replace_meta(root: Path, meta: dict) -> None:

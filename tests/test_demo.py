@@ -106,7 +106,7 @@ def test_demo_runs_end_to_end(mnist_root, tmp_path, capsys):
     assert torch.equal(torch.random.get_rng_state(), rng)  # the demo leaves the global RNG alone
     assert "random init" in printed and "Adam lr 1e-3" in printed and "SGD (G.pt recipe)" in printed
     assert (out / "demo_mnist-mlp.png").stat().st_size > 1000
-    assert not (out / "demo_cartpole-mlp.json").exists()  # the MNIST path, not CartPole's
+    assert sorted(p.name for p in out.iterdir()) == ["demo_mnist-mlp.json", "demo_mnist-mlp.png"]  # named by task
     result = json.loads((out / "demo_mnist-mlp.json").read_text())
     assert result["generator"]["name"] == "tiny-mnist"
     for o in ("adam", "sgd"):

@@ -44,14 +44,19 @@ def test_valid_configs(lr):
     assert opt.param_groups[0]["lr"] == lr and "LearnedOptimizer(" in repr(opt) and "lr=" in repr(opt)
 
 
-@pytest.mark.parametrize("lr", [np.float32(0.5), torch.tensor(0.5), np.int64(1)])
-def test_numpy_and_tensor_lrs_are_taken_as_torch_takes_them(lr):
-    model, loss = _problem()
-    opt = LearnedOptimizer(model.parameters(), weights=THETA, lr=lr)
-    before = [p.detach().clone() for p in model.parameters()]
-    loss().backward()
-    opt.step()
-    assert all(not torch.equal(p, b) and torch.isfinite(p).all() for p, b in zip(model.parameters(), before))
+@pytest.mark.parametrize("lr", [np.float32(0.5), torch.tensor(0.5), np.float64(0.5)])
+def test_numpy_and_tensor_lrs_are_taken_as_torch_takes_them(lr, tmp_path):
+    stepped = []
+    for rate in (0.5, lr):
+        model, loss = _problem()
+        opt = LearnedOptimizer([{"params": list(model.parameters())[:2]}], weights=THETA, lr=rate)
+        opt.add_param_group({"params": list(model.parameters())[2:], "lr": rate})
+        loss().backward()
+        opt.step()
+        stepped.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*stepped))
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")  # and the state loads as torch.load's safe mode reads it
+    opt.load_state_dict(torch.load(tmp_path / "opt.pt", weights_only=True))
 
 
 @pytest.mark.parametrize("lr", [-1.0, float("nan"), float("inf"), "1", True, torch.tensor([0.5, 1.0]),

@@ -136,7 +136,7 @@ def test_the_lock_survives_deepcopy_and_pickle():
 
 def test_an_optimizer_pickled_before_keep_if_met_unpickles_without_it():
     opt = GptOptimizer(toy_model().parameters(), tiny_generator(), lr=1e-2, sampling_steps=2)
-    del opt.keep_if_met, opt.counters["kept"]  # what such a pickle holds
+    del opt.keep_if_met, opt.counters["kept"], opt._shapes  # what such a pickle holds
     old = pickle.loads(pickle.dumps(opt))
     assert old.keep_if_met is False and old.counters["kept"] == 0
     assert not old.generate(metric=0.0).kept and "kept=" in repr(old)  # the best prompt is met; it samples
@@ -423,9 +423,10 @@ def test_adding_a_param_group_is_refused_with_what_to_do():
     assert len(opt.param_groups) == len(opt.base.param_groups) == groups
 
 
-@pytest.mark.parametrize("kwargs, match", [(dict(lr="x"), "base optimizer Adam refused lr='x': '<=' not supported"),
-                                           (dict(betas="ab"), "refused betas='ab'"),
-                                           (dict(lr=-1.0), "refused lr=-1.0: Invalid learning rate")])
+@pytest.mark.parametrize("kwargs, match", [(dict(lr="x"), "base optimizer Adam could not be built with these "
+                                                          "parameters and lr='x': '<=' not supported"),
+                                           (dict(betas="ab"), "and betas='ab'"),
+                                           (dict(lr=-1.0), "and lr=-1.0: Invalid learning rate")])
 def test_options_the_base_refuses_are_a_config_error_naming_them(kwargs, match):
     model = toy_model()
     before = snapshot(model)
@@ -511,6 +512,13 @@ def test_parameters_that_are_not_real_floating_point_are_refused(dtype):
     params = [p.detach().to(dtype) for p in toy_model().parameters()]
     with pytest.raises(ConfigError, match="real floating-point parameters"):
         GptOptimizer(params, tiny_generator())
+
+
+def test_a_tensor_that_is_not_a_leaf_is_refused_with_what_to_do():
+    named = list(toy_model().named_parameters())
+    name, first = named[0]
+    with pytest.raises(ConfigError, match=f"{name} .* is computed from other tensors.*model.parameters"):
+        GptOptimizer([(name, first * 2), *named[1:]], tiny_generator())
 
 
 def test_a_broadcast_parameter_is_refused_with_what_to_do():

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,6 +179,13 @@ def test_a_store_of_another_architecture_is_taken_over_only_while_it_holds_no_ru
     with pytest.raises(StoreError, match="another architecture of task 'other-test-task'"):
         Store.create(tmp_path, OtherTask())
     assert (tmp_path / STORE_FILE).read_bytes() == before and Store.open(tmp_path).run_ids() == [0]
+    with pytest.raises(StoreError, match="store of task 'other-test-task', not 'mnist-mlp'"):
+        Store.create(tmp_path, "mnist-mlp")
+    # the refusals let go of the writer lock: another process may write the store
+    code = "import sys; from pathlib import Path; from pretrain.store_lock import acquire_writer; acquire_writer(Path(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
 
 
 def test_open_errors_say_what_to_do(tmp_path):

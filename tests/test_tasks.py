@@ -102,7 +102,12 @@ def test_missing_data_root_says_what_to_do(tmp_path, monkeypatch):
         raw.joinpath("train-images-idx3-ubyte").read_bytes()[:1_000_000]), "training split .*cannot be read"),
     (lambda raw: raw.joinpath("train-labels-idx1-ubyte").write_bytes(b""), "training split .*cannot be read"),
     (lambda raw: raw.joinpath("train-labels-idx1-ubyte").write_bytes(
-        raw.joinpath("t10k-labels-idx1-ubyte").read_bytes()), "60000 images but 10000 labels"),
+        raw.joinpath("t10k-labels-idx1-ubyte").read_bytes()), "60000 images and 10000 labels, where it holds 60000"),
+    (lambda raw: [raw.joinpath(f"train-{k}").write_bytes(raw.joinpath(f"t10k-{k}").read_bytes())
+                  for k in ("images-idx3-ubyte", "labels-idx1-ubyte")], "10000 images and 10000 labels, where it holds 60000"),
+    (lambda raw: raw.joinpath("t10k-labels-idx1-ubyte").write_bytes(
+        raw.joinpath("t10k-labels-idx1-ubyte").read_bytes()[:-1] + bytes([200])), "test split .*labels from 0 to 200"),
+    (lambda raw: raw.joinpath("t10k-labels-idx1-ubyte").unlink(), "split .*cannot be read .*Dataset not found.*missing"),
 ])
 def test_a_damaged_mnist_folder_says_which_split_and_what_to_do(mnist_root, tmp_path, damage, match):
     raw = tmp_path / "MNIST" / "raw"
@@ -179,3 +184,13 @@ def test_a_control_task_without_a_matching_box_says_so():
         NoBox().matching_inputs(None)
     with pytest.raises(ConfigError, match="no inputs to match"):
         Task.matching_inputs(NoBox(), None)
+
+
+def test_cifar10_missing_is_not_found_and_a_damaged_copy_is_a_data_error(tmp_path):
+    task = tasks.get("cifar10-cnn")
+    with pytest.raises(DataNotFoundError, match="CIFAR-10 not found under"):
+        task.load_data(tmp_path)
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    (tmp_path / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"")  # torchvision: "not found or corrupted"
+    with pytest.raises(DataError, match="CIFAR-10's training split .*cannot be read .*replace the folder's files"):
+        task.load_data(tmp_path)

@@ -12,7 +12,6 @@ from .baselines import BASELINES, first_step_at_or_below, train_baseline
 from .update import DemoConfig, one_update, save_result
 
 
-
 def run_supervised_demo(config: DemoConfig, data=None) -> dict:
     """Run the demo of ``config.task``, a supervised task; returns the results (also written to
     ``out/demo_TASK.json``)."""

@@ -44,6 +44,9 @@ class GptConfig:
             raise ConfigError(f"GptConfig.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"GptConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        value = self.metric_max_log2_frequency  # frequencies up to pi * 2^value, in float32
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 64:
+            raise ConfigError(f"GptConfig.metric_max_log2_frequency must be a number in [0, 64], got {value!r}")
         if not (self.residual_std > 0 and math.isfinite(self.residual_std)):
             raise ConfigError(f"GptConfig.residual_std must be a positive number, got {self.residual_std!r}")
 

@@ -57,6 +57,7 @@ class LearnedOptimizer(Optimizer):
         if isinstance(params, (set, frozenset)):
             raise ConfigError(UNORDERED)
         _check_lr(lr)
+        lr = lr if isinstance(lr, torch.Tensor) else float(lr)  # a NumPy number would not load with weights_only
         self.rule: LoadedRule = load_rule(weights)
         self._theta_cache: dict = {}
         try:
@@ -91,6 +92,8 @@ class LearnedOptimizer(Optimizer):
             raise ConfigError("a parameter is listed twice (in one param group or in two); list each once")
         if "lr" in param_group:
             _check_lr(param_group["lr"])
+            if not isinstance(param_group["lr"], torch.Tensor):
+                param_group = {**param_group, "lr": float(param_group["lr"])}
         if "step" in param_group and (not isinstance(param_group["step"], int) or param_group["step"] < 0):
             raise ConfigError(f"a param group's step must be an integer >= 0, got {param_group['step']!r}")
         try:

@@ -46,7 +46,7 @@ def load_mnist(root: str | os.PathLike | None = None, *, download: bool = False)
     ``train_x [60000, 1, 28, 28]``, ``test_x [10000, 1, 28, 28]``."""
     from torchvision.datasets import MNIST  # imported lazily: only tasks with data need it
 
-    return _load(MNIST, "MNIST", root, download, MNIST_MEAN, MNIST_STD, f"{'MNIST'}/raw")
+    return _load(MNIST, "MNIST", root, download, MNIST_MEAN, MNIST_STD, "MNIST/raw", (60_000, 10_000))
 
 
 def load_cifar10(root: str | os.PathLike | None = None, *, download: bool = False) -> ClassificationData:
@@ -54,22 +54,26 @@ def load_cifar10(root: str | os.PathLike | None = None, *, download: bool = Fals
     ``train_x [50000, 3, 32, 32]``, ``test_x [10000, 3, 32, 32]``."""
     from torchvision.datasets import CIFAR10
 
-    return _load(CIFAR10, "CIFAR-10", root, download, CIFAR10_MEAN, CIFAR10_STD, "cifar-10-batches-py")
+    return _load(CIFAR10, "CIFAR-10", root, download, CIFAR10_MEAN, CIFAR10_STD, "cifar-10-batches-py", (50_000, 10_000))
 
 
-def _load(cls, what: str, root, download: bool, mean, std, expected: str) -> ClassificationData:
+def _load(cls, what: str, root, download: bool, mean, std, expected: str, sizes: tuple[int, int],
+          classes: int = 10) -> ClassificationData:
+    """``cls``'s two splits from ``root``: :class:`DataNotFoundError` when ``root / expected`` is not
+    there, :class:`DataError` when it is but a split cannot be read or is not what it should be
+    (``sizes`` examples, labels ``0 .. classes - 1``)."""
     root = resolve_data_root(root)
     splits = {}
-    for train in (True, False):
+    for train, size in zip((True, False), sizes):
         split = "training" if train else "test"
         unreadable = (f"{what}'s {split} split under {root / expected} cannot be read ({{}}): a file there is "
-                      f"damaged, truncated or of another split; replace the folder's files with intact ones")
+                      f"missing, damaged, truncated or of another split; replace the folder's files with intact ones")
         try:
             ds = cls(str(root), train=train, download=download)
-        except RuntimeError as exc:
-            if "not found" not in str(exc).lower():  # the files are there, and torchvision failed to read them
+        except RuntimeError as exc:  # torchvision: "Dataset not found", "... or corrupted", or a failed read
+            if (root / expected).is_dir() or "not found" not in str(exc).lower():
                 raise DataError(unreadable.format(exc)) from None
-            raise DataNotFoundError(  # torchvision: "Dataset not found. You can use download=True ..."
+            raise DataNotFoundError(
                 f"{what} not found under {root} (expected {root / expected}): point --data-root or "
                 f"LEARNED_OPT_DATA at a folder holding {what} in torchvision's layout; nothing is downloaded "
                 f"unless asked (`learned-opt corpus --download`, or download=True in Python)"
@@ -77,7 +81,9 @@ def _load(cls, what: str, root, download: bool, mean, std, expected: str) -> Cla
         except (ValueError, OSError, EOFError, IndexError) as exc:  # e.g. an empty file
             raise DataError(unreadable.format(f"{type(exc).__name__}: {exc}")) from None
         x, y = tensors_from(ds, mean, std)
-        if len(x) != len(y):
-            raise DataError(unreadable.format(f"{len(x)} images but {len(y)} labels"))
+        if len(x) != len(y) or len(x) != size:
+            raise DataError(unreadable.format(f"{len(x)} images and {len(y)} labels, where it holds {size}"))
+        if len(y) and not 0 <= int(y.min()) <= int(y.max()) < classes:
+            raise DataError(unreadable.format(f"labels from {int(y.min())} to {int(y.max())}, not 0 to {classes - 1}"))
         splits[train] = x, y
     return ClassificationData(*splits[True], *splits[False])

@@ -225,6 +225,12 @@ def plot_meta_loss(log_path: Path, png: Path) -> None:
         plt.close(fig)
 
 
+def refuse_a_fresh_start(ckpt: Path) -> None:
+    """:class:`TrainingError` when a run without ``--resume`` would start over ``ckpt``."""
+    if ckpt.exists():
+        raise TrainingError(f"{ckpt} exists: pass --resume to continue it, or choose a new --out")
+
+
 def check_destination(out: str | Path, name: str, *, resume: bool, export: bool = True) -> None:
     """Refuse an ``--out`` that cannot be a folder and a ``--name`` that cannot be a file in it, before
     any work (the weights are written after hours of meta-training), and weights there that this
@@ -232,8 +238,8 @@ def check_destination(out: str | Path, name: str, *, resume: bool, export: bool 
     if not is_plain_name(name):
         raise ConfigError(f"invalid learned-optimizer name {name!r}: use letters, digits, '-', '_' and '.'")
     check_out_dir(out)
-    if not resume and (Path(out) / "checkpoint.pt").exists():  # said before anything about its export
-        raise TrainingError(f"{Path(out) / 'checkpoint.pt'} exists: pass --resume to continue it, or choose a new --out")
+    if not resume:  # said before anything about its export
+        refuse_a_fresh_start(Path(out) / "checkpoint.pt")
     recorded = checkpoint_name(Path(out) / "checkpoint.pt") if resume and export else None
     if export and recorded not in (None, name):
         raise ConfigError(f"the checkpoint in {out} exports as {recorded!r}: pass --name {recorded} to resume it")
@@ -297,8 +303,7 @@ def _meta_train(config, data, out: Path, shard, info, *, resume, name, export, p
         s.unroll = part_of(s.unroll, shard) if s.unroll is not None else None
         on_main(info, lambda: truncate_log(log_path, s.outer_step, key="outer_step"), "trimming the log")
     else:
-        if ckpt.exists():
-            raise TrainingError(f"{ckpt} exists: pass --resume to continue it, or choose a new --out")
+        refuse_a_fresh_start(ckpt)  # again, under the folder's lock
         s = MetaState(hand_set_theta(config.hidden, seed=config.seed))
         on_main(info, lambda: log_path.write_text(""), "starting the log")
     bar = tqdm(total=config.outer_steps, initial=s.outer_step, disable=not progress, desc="meta-train")

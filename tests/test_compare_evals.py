@@ -60,6 +60,16 @@ def test_a_pool_is_its_best_result_per_init_by_test_loss(tmp_path):
     best = [29.0, 19.0, 26.0]  # a, c, a: each init's lowest test loss (here test_error / 30)
     assert row["mean_difference"] == pytest.approx(statistics.fmean(b - o for b, o in zip(best, [30.0, 20.0, 25.0])))
     assert result["chosen"] == {str(a): 2, str(c): 1} and "pool of 2" in done.stdout
+    # by test error where the test loss disagrees: c's first init has the lower error but the higher loss
+    data = json.loads((c / "eval.json").read_text())
+    data["one_step"]["after"].update(test_error=[28.0, 19.0, 27.0], test_loss=[9.0, 0.1, 9.0])
+    (c / "eval.json").write_text(json.dumps(data))
+    for by, first in (("test_loss", 29.0), ("test_error", 28.0)):
+        done = _run(str(a), str(old), "--pool", str(c), "--by", by, "--out", str(tmp_path / by))
+        assert done.returncode == 0, done.stderr
+        row = json.loads((tmp_path / by / "compare.json").read_text())["one_update"]["test_error"]
+        assert row["mean_difference"] == pytest.approx(statistics.fmean(
+            x - o for x, o in zip([first, 19.0, 26.0], [30.0, 20.0, 25.0])))
     other = _result(tmp_path / "other", "d" * 64, [1.0, 2.0, 3.0], [1, 2, 4])
     done = _run(str(a), str(old), "--pool", str(other))
     assert done.returncode != 0 and "other inits" in done.stderr

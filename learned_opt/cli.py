@@ -3,7 +3,8 @@
 Each subcommand lives in the module that does the work; that module exposes ``configure(parser)``
 (adds its arguments) and ``main(args) -> int``. Errors of the package's own type become a one-line
 message on stderr and exit code 2; running out of memory (sizes or counts too large for the machine)
-a one-line message and exit code 1; nothing else is swallowed.
+or failing to read or write a file (a full disk, a folder made read-only mid-job) a one-line
+message and exit code 1; nothing else is swallowed.
 """
 
 from __future__ import annotations
@@ -100,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"learned-opt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk, a folder made read-only mid-job: what was saved is kept
+        print(f"learned-opt {args.command}: error: {exc}: free space or fix permissions, then run the command "
+              f"again (jobs that checkpoint take --resume)", file=sys.stderr)
+        return 1
     except (MemoryError, RuntimeError) as exc:  # torch reports a failed allocation as a RuntimeError
         text = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__
         if not isinstance(exc, MemoryError) and not OUT_OF_MEMORY.search(str(exc)):

@@ -85,8 +85,9 @@ def check_export_target(out: str | os.PathLike, name: str, *, own: bool, source=
 
 
 def check_out_dir(path: str | os.PathLike, *, option: str = "--out") -> None:
-    """Refuse an output folder that exists as something other than a folder (or lies under a file),
-    and an empty name (which would write into the current folder)."""
+    """Refuse, before any work, an output folder that exists as something other than a folder (or
+    lies under a file) or cannot be written (nor made, in the folder above it), and an empty name
+    (which would write into the current folder)."""
     if not os.fspath(path).strip():
         raise ConfigError(f"{option} is empty: name a folder to write into (e.g. {option} runs/out)")
     path = Path(path)
@@ -95,6 +96,10 @@ def check_out_dir(path: str | os.PathLike, *, option: str = "--out") -> None:
             if not p.is_dir():
                 where = "exists and is not a folder" if p == path else f"lies under {p}, which is not a folder"
                 raise ConfigError(f"{option} {path} {where}: choose a folder to write into")
+            if not os.access(p, os.W_OK | os.X_OK):
+                where = "" if p == path else f" (nor can it be made in {p})"
+                raise ConfigError(f"{option} {path} cannot be written{where}: choose a folder you can write into, "
+                                  f"or fix its permissions")
             return
 
 

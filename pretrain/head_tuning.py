@@ -241,6 +241,8 @@ def tune_head(config: HeadTuneConfig) -> dict:
     }
     m = gen.manifest
     training = {**m.get("training", {}), "head_tuning": record}
+    for stale in ("head.json", "head.png"):  # an earlier run's report never sits beside this run's generator
+        (Path(config.out) / stale).unlink(missing_ok=True)
     written = save_generator(
         config.out, config.name or gen.name, gen.model, gen.diffusion.config, gen.normalization,
         task=m["task"], metric=metric, best_prompt=gen.best_prompt, metric_range=gen.metric_range, metric_direction=direction,

@@ -19,13 +19,11 @@ A run file is a plain safetensors file (no pickle) holding
 and JSON in the safetensors metadata: ``run_id``, ``seed``, ``hparams``, ``info``, ``task``, and
 ``checksums`` (the sha256 of each tensor's data, written with it; see :mod:`pretrain.runfile`).
 
-**Checksums.** A run's data is checked against its checksums the first time it is read in a
-process (metrics and steps when they are read, ``params`` when checkpoints are read), and
-:meth:`Store.verify_all` checks a whole store. A corrupt run is *refused*, not skipped: reading it
-raises :class:`StoreError` naming the file and saying to delete it and rerun ``learned-opt
-corpus``, which retrains exactly the missing runs (skipping it silently would change the
-train/validation split of every generator trained on the store). Run files written before
-checksums existed carry none and load unchecked.
+**Checksums.** A run's data is checked against its checksums the first time a process reads it,
+and :meth:`Store.verify_all` checks a whole store. A corrupt run is *refused*, not skipped (that
+would change the train/validation split of every generator trained on the store): a
+:class:`StoreError` names the file and says to delete it and rerun ``learned-opt corpus``, which
+retrains exactly the missing runs. Run files written before checksums existed load unchecked.
 
 **Writers.** :meth:`Store.create` is the way to open a store for adding runs: it creates
 ``store.json`` first (so a job killed while creating the store leaves a store a rerun resumes),
@@ -47,7 +45,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import weakref
 from pathlib import Path
 from typing import Sequence
@@ -63,14 +60,12 @@ from learned_opt.tasks import Task
 
 from .runfile import CHECKSUMS_KEY, METRIC_PREFIX, RunHeader, RunRecord, checksums, read_header, record_tensors
 from .store_lock import acquire_writer, check_writable, remove_stale_temp
-from .store_meta import (DROPPED_DIR, RUNS_DIR, STORE_FILE, STORE_FORMAT_VERSION, holds_no_runs, json_bytes, read_meta,
-                         replace_meta, write_settings)
+from .store_meta import (DROPPED_DIR, RUNS_DIR, STORE_FILE, STORE_FORMAT_VERSION, holds_no_runs, ids_in, json_bytes,
+                         read_meta, replace_meta, write_settings)
 from .store_stats import INDEX_FILE, cached_stats, write_index
 
 __all__ = ["METRIC_PREFIX", "STORE_FILE", "STORE_FORMAT_VERSION", "RunRecord", "Store"]
 
-_RUN_RE = re.compile(r"^run-(\d{8})\.safetensors$")
-_DROP_RE = re.compile(r"^run-(\d{8})\.json$")
 
 
 class Store:
@@ -228,11 +223,11 @@ class Store:
 
     def run_ids(self) -> list[int]:
         """Ids of the finished runs, sorted (temporary files of unfinished writes are ignored)."""
-        return _ids_in(self.root / RUNS_DIR, _RUN_RE)
+        return ids_in(self.root / RUNS_DIR, ".safetensors")
 
     def dropped_ids(self) -> list[int]:
         """Ids of the runs that were filtered out (non-finite or exploding weights), sorted."""
-        return _ids_in(self.root / DROPPED_DIR, _DROP_RE)
+        return ids_in(self.root / DROPPED_DIR, ".json")
 
     def __len__(self) -> int:
         return len(self.run_ids())
@@ -362,6 +357,10 @@ class Store:
         corrupt = {}
         for run_id in self.run_ids():
             self._headers.pop(run_id, None)
+            try:  # a file that cannot be opened is not corrupt
+                open(self.run_path(run_id), "rb").close()
+            except OSError as exc:
+                raise StoreError(f"cannot read {self.run_path(run_id)} ({exc.strerror or exc}): fix its permissions") from None
             try:
                 self._header(run_id).verify()
             except StoreError as exc:
@@ -393,14 +392,6 @@ class Store:
 
 
 # ---------------------------------------------------------------------- file helpers
-
-
-def _ids_in(folder: Path, pattern: re.Pattern) -> list[int]:
-    try:
-        names = os.listdir(folder)
-    except FileNotFoundError:
-        return []
-    return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
 
 
 def _no_lock() -> None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from pathlib import Path
 
 from learned_opt import jsoncheck
@@ -33,6 +35,16 @@ def write_settings(root: Path, settings: dict) -> dict:
     meta["settings"] = json.loads(json.dumps(settings))  # as it reads back: tuples become lists
     atomic_write(root / STORE_FILE, lambda tmp: tmp.write_bytes(json_bytes(meta)))
     return meta
+
+
+def ids_in(folder: Path, suffix: str) -> list[int]:
+    """The run ids of ``folder``'s ``run-XXXXXXXX{suffix}`` files, sorted (none when it is not there)."""
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return []
+    pattern = re.compile(rf"^run-(\d{{8}}){re.escape(suffix)}$")
+    return sorted(int(m.group(1)) for m in map(pattern.match, names) if m)
 
 
 def holds_no_runs(root: Path, besides: tuple[str, ...] = ()) -> bool:
@@ -62,7 +74,9 @@ def read_meta(root: Path) -> dict:
         return parse_meta(meta, path)
     except StoreError:
         raise
-    except (OSError, ValueError) as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+    except OSError as exc:  # there, but not readable: not a damaged description, so nothing to rebuild
+        raise StoreError(f"cannot read {path} ({exc.strerror or exc}): fix its permissions") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
         raise StoreError(f"{path} is not a valid store description ({exc}): rebuild the store") from None
 
 

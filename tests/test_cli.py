@@ -59,3 +59,32 @@ def test_running_out_of_memory_is_one_line_and_other_errors_propagate(monkeypatc
     monkeypatch.setattr(module, "main", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         cli.main(["eval", "--generator", "g", "--out", "o"])
+
+
+def test_a_file_that_cannot_be_written_mid_job_is_one_line(monkeypatch, capsys):
+    import importlib
+
+    def fail(args):
+        raise OSError(28, "No space left on device", "runs/x/.eval.json.tmp")
+
+    module = importlib.import_module(cli.COMMANDS["eval"][0])
+    monkeypatch.setattr(module, "main", fail)
+    assert cli.main(["eval", "--generator", "g", "--out", "o"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and "free space or fix permissions" in err
+
+
+@pytest.mark.parametrize("command", [["eval", "--generator", "mnist-mlp"], ["bench", "--generator", "mnist-mlp"],
+                                     ["tune-sampling", "--generator", "mnist-mlp"], ["tune-head", "--generator", "mnist-mlp"],
+                                     ["demo"]])
+def test_an_out_folder_that_cannot_be_written_is_refused_before_any_work(monkeypatch, capsys, tmp_path, command):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real(p, mode))
+    assert cli.main([*command, "--out", str(locked / "new")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot be written (nor can it be made in" in err, err
+    assert not (locked / "new").exists()

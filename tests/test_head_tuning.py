@@ -13,6 +13,7 @@ from test_self_ranking import ranking_generator
 from learned_opt import tasks
 from learned_opt.cli import main as cli_main
 from learned_opt.errors import ConfigError
+from learned_opt.pretrained import save_generator
 from learned_opt.pretrained import load_generator
 from pretrain.head_tuning import HeadTuneConfig, ranking_figures, train_head
 
@@ -195,3 +196,23 @@ def test_tune_head_never_writes_over_its_source_or_another_job_s_generator(tmp_p
     assert cli_main(argv) == 2  # past the export check, on to the data, which is missing
     err = capsys.readouterr().err
     assert "this job did not write" not in err and "no-data" in err, err
+
+
+def test_a_rerun_killed_before_its_report_leaves_no_earlier_report_beside_its_generator(mnist_root, tmp_path,
+                                                                                         monkeypatch):
+    manifest = save_tiny_mnist_generator(tmp_path / "gen", property_head=True)
+    out = tmp_path / "tuned"
+    argv = ["tune-head", "--generator", str(manifest), "--data-root", str(mnist_root), "--out", str(out),
+            "--groups", "4", "--samples", "2", "--check-groups", "2", "--epochs", "1", "--label-examples", "200",
+            "--name", "tuned", "--no-progress", "--no-plots"]
+    assert cli_main(argv) == 0 and json.loads((out / "head.json").read_text())["config"]["epochs"] == 1
+    import pretrain.head_tuning as head_tuning
+
+    def killed_after_the_generator(*args, **kwargs):
+        save_generator(*args, **kwargs)
+        raise KeyboardInterrupt  # the kill comes before the report is written
+
+    monkeypatch.setattr(head_tuning, "save_generator", killed_after_the_generator)
+    assert cli_main([*argv, "--epochs", "2"]) == 130  # the last --epochs is the one taken
+    assert json.loads((out / "tuned.json").read_text())["training"]["head_tuning"]["config"]["epochs"] == 2
+    assert not (out / "head.json").exists()  # not the first run's, beside the second's generator

@@ -301,3 +301,23 @@ def test_stats_cover_every_checkpoint_and_are_cached(tmp_path):
     assert json.loads((tmp_path / "index.json").read_text())["stats"] == stats
     store.write_run(2, make_record(k=2, seed=2))
     assert store.stats()["runs"] == 3  # the cache follows the set of runs
+
+
+def test_files_that_cannot_be_read_are_not_called_corrupt(tmp_path, monkeypatch):
+    store = Store.create(tmp_path, OtherTask())
+    store.write_run(0, RunRecord(torch.zeros(2, store.num_params), torch.tensor([0, 1]), {"test_loss": torch.zeros(2)},
+                                 {}, 0, {}))
+    store.close()
+    real_open, real_read = open, Path.read_bytes
+
+    def no_access(path, *args, **kwargs):
+        if str(path).endswith((STORE_FILE, ".safetensors")):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_access)
+    with pytest.raises(StoreError, match="cannot read .*run-00000000.safetensors .*Permission denied.*fix its permissions"):
+        Store.open(tmp_path).verify_all()
+    monkeypatch.setattr(Path, "read_bytes", lambda p: no_access(p) if p.name == STORE_FILE else real_read(p))
+    with pytest.raises(StoreError, match=f"cannot read .*{STORE_FILE} .*Permission denied.*fix its permissions"):
+        Store.open(tmp_path)

@@ -110,10 +110,32 @@ def test_a_save_that_fails_midway_keeps_the_previous_checkpoint(store_dir, tmp_p
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(outputs.torch, "save", half_save)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(TrainingError, match="cannot write .*No space left on device.*free space .*--resume"):
         train(tiny(store_dir, out, resume=True))
     assert file_hash(out / CHECKPOINT_NAME) == before
     assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == []
+    monkeypatch.undo()
+    # a temporary file that a kill mid-save left behind is removed when the job resumes
+    (out / ".checkpoint.pt.killed.tmp").write_bytes(b"half a checkpoint")
+    train(tiny(store_dir, out, resume=True, stop_after=4))
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")) == []
+
+
+def test_a_checkpoint_with_a_flipped_bit_is_refused_as_corrupt(store_dir, tmp_path):
+    out = tmp_path / "out"
+    train(tiny(store_dir, out, stop_after=2))
+    path = out / CHECKPOINT_NAME
+    blob = bytearray(path.read_bytes())
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:  # a byte inside the first tensor's record
+        info = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size > 16)
+    start = info.header_offset  # the local header: 30 bytes, then the name and an extra field of its own lengths
+    names, extra = int.from_bytes(blob[start + 26:start + 28], "little"), int.from_bytes(blob[start + 28:start + 30], "little")
+    blob[start + 30 + names + extra + 8] ^= 1
+    path.write_bytes(bytes(blob))
+    with pytest.raises(TrainingError, match="fails its checksum.*corrupt"):
+        train(tiny(store_dir, out, resume=True))
 
 
 @pytest.mark.distributed

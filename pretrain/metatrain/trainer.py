@@ -25,8 +25,8 @@ from learned_opt.lopt.weights import save_rule
 from learned_opt.options import check_export_target, check_out_dir, check_seed
 
 from pretrain.train.distributed import on_main, setup_distributed
-from pretrain.store_lock import acquire_writer
-from pretrain.train.outputs import append_jsonl, read_jsonl, truncate_log
+from pretrain.store_lock import acquire_writer, remove_stale_temp
+from pretrain.train.outputs import append_jsonl, atomic_torch_save, read_jsonl, torch_load_checked, truncate_log
 
 from .family import MnistMlpFamily
 from .outer import OUTER_OPTIMIZERS, OuterOptimizer
@@ -131,14 +131,16 @@ def save_checkpoint(path: Path, config: MetaConfig, s: MetaState, name: str) -> 
             "theta": s.theta, "adam": s.outer_state, "unroll": s.unroll.to_dict() if s.unroll else None,
             "outer_step": s.outer_step, "gen_state": s.gen_state, "seconds": s.seconds,
             "changes": json.dumps(s.changes), "name": name}
-    atomic_write(path, lambda p: torch.save(blob, p))
+    atomic_torch_save(blob, path)
 
 
 def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
+        blob = torch_load_checked(path)
     except FileNotFoundError:
         raise TrainingError(f"no meta-training checkpoint at {path}: start without --resume") from None
+    except OSError as exc:
+        raise TrainingError(f"cannot read {path} ({exc.strerror or exc}): fix its permissions") from None
     except Exception as exc:  # a corrupt file: pickle/zip errors of many kinds
         raise TrainingError(f"{path} is not a readable meta-training checkpoint ({str(exc)[:200]}): it cannot be "
                             f"resumed; move it aside to start again in this --out, or choose a new --out") from None
@@ -268,7 +270,9 @@ def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = Fals
                 Path(out).mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise TrainingError(f"cannot create {out} ({exc.strerror or exc}): choose a folder you can write") from None
-            return acquire_writer(Path(out), "the meta-training folder", TrainingError)
+            release = acquire_writer(Path(out), "the meta-training folder", TrainingError)
+            remove_stale_temp([Path(out)], older_than_s=0)  # what a job killed mid-save left (the lock is ours)
+            return release
 
         release = on_main(info, claim, "taking the meta-training folder")
         result = _meta_train(config, data, Path(out), shard, info, resume=resume, name=name, export=export,

@@ -27,7 +27,7 @@ from learned_opt.options import check_export_target, check_out_dir
 from learned_opt.pretrained import load_generator
 
 from ..dataset import PairBatch, PairSampler, Split, StepBatches, open_pairs, open_store, seeded_generator
-from ..store_lock import acquire_writer
+from ..store_lock import acquire_writer, remove_stale_temp
 from .config import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_NAME,
@@ -329,9 +329,14 @@ class Trainer:
         cfg, info = self.config, self.info
 
         def claim() -> None:
-            self.out.mkdir(parents=True, exist_ok=True)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise TrainingError(f"cannot create {self.out} ({exc.strerror or exc}): choose a folder you can "
+                                    f"write") from None
             # one job per folder: held until this trainer is gone or the process ends
             weakref.finalize(self, acquire_writer(self.out, "the training folder", TrainingError))
+            remove_stale_temp([self.out], older_than_s=0)  # what a job killed mid-save left (the lock is ours)
             if self.step > 0:
                 truncate_log(self.log_path, self.step)  # records written after the checkpoint
             else:

@@ -81,7 +81,8 @@ def best_of(results: list[dict], by: str = "test_loss") -> dict:
     after = {m: [results[j]["one_step"]["after"][m][i] for i, j in enumerate(chosen)]
              for m in METRICS if all(m in r["one_step"]["after"] for r in results)}
     outs = [r["config"]["out"] for r in results]
-    return {**first, "one_step": {"after": after}, "config": {"out": f"best of {len(results)} by {by}: {', '.join(outs)}"},
+    label = f"best of {len(results)} by {by}: {', '.join(outs)}"
+    return {**first, "one_step": {"after": after}, "config": {"out": label},
             "generator": {**first["generator"], "sha256": f"pool of {len(results)}"},
             "chosen": [outs[j] for j in chosen]}
 
@@ -92,7 +93,8 @@ def main() -> None:
     parser.add_argument("old", help="the eval result to compare it with, on the same inits")
     parser.add_argument("--pool", nargs="+", default=[], metavar="EVAL",
                         help="more results on the same inits: compare the best of them and NEW per init")
-    parser.add_argument("--by", choices=METRICS, default="test_loss", help="what --pool's best is chosen by (default: test_loss)")
+    parser.add_argument("--by", choices=METRICS, default="test_loss",
+                        help="what --pool's best is chosen by (default: test_loss)")
     parser.add_argument("--out", default=None, help="folder for compare.json (default: the new result's folder)")
     args = parser.parse_args()
     new = best_of([load(p) for p in (args.new, *args.pool)], args.by) if args.pool else load(args.new)

@@ -19,12 +19,12 @@ from .errors import ConfigError, GenerationError
 from .optimizer_checks import (
     check_architecture,
     check_base_kwargs,
-    check_updatable,
     check_args,
     check_chooser,
     check_prompt,
     check_sampling,
     check_step_size,
+    check_updatable,
     flat_params,
     materialize,
 )

@@ -67,7 +67,6 @@ from .store_stats import INDEX_FILE, cached_stats, write_index
 __all__ = ["METRIC_PREFIX", "STORE_FILE", "STORE_FORMAT_VERSION", "RunRecord", "Store"]
 
 
-
 class Store:
     """A checkpoint corpus on disk. Create with :meth:`create`, open with :meth:`open`."""
 
@@ -360,7 +359,8 @@ class Store:
             try:  # a file that cannot be opened is not corrupt
                 open(self.run_path(run_id), "rb").close()
             except OSError as exc:
-                raise StoreError(f"cannot read {self.run_path(run_id)} ({exc.strerror or exc}): fix its permissions") from None
+                raise StoreError(f"cannot read {self.run_path(run_id)} ({exc.strerror or exc}): "
+                                 f"fix its permissions") from None
             try:
                 self._header(run_id).verify()
             except StoreError as exc:

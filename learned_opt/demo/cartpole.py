@@ -9,8 +9,8 @@ demo's seed as the run's seed) for ``--ppo-env-steps`` environment steps, and re
 environment steps PPO needed to reach the update's return.
 
 It writes ``demo_TASK.json`` (the numbers) and ``demo_TASK.png`` (``demo_cartpole-mlp.*``): the
-task's traced observation (:attr:`~learned_opt.tasks.ControlTask.traced_observation`; CartPole's pole angle)
-over the first evaluation episode for the random policy, the updated one and PPO's final one,
+task's traced observation (:attr:`~learned_opt.tasks.ControlTask.traced_observation`; CartPole's
+pole angle) over the first evaluation episode for the random policy, the updated one and PPO's final one,
 with the task's ``traced_limit`` drawn where it has one (CartPole's ±12°), next to PPO's greedy
 return against environment steps. Nothing is downloaded: the environment is gymnasium's.
 """

@@ -80,5 +80,6 @@ def main(args: argparse.Namespace) -> int:
           f"on a busy machine)")
     result = run(config)
     print(table(result))
-    print(f"wrote {Path(config.out) / output_names(result['task'])[0]}" + (f" and {result['plot']}" if "plot" in result else ""))
+    written = Path(config.out) / output_names(result["task"])[0]
+    print(f"wrote {written}" + (f" and {result['plot']}" if "plot" in result else ""))
     return 0

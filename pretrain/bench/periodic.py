@@ -60,8 +60,8 @@ def run_periodic(config: BenchConfig, data=None) -> dict:
     prompt = parse_prompt(config.prompt)
     lo, hi = gen.metric_range
     if isinstance(prompt, float) and not lo <= prompt <= hi:
-        raise ConfigError(f"--prompt {prompt:g} is outside the {gen.metric_name} range [{lo:g}, {hi:g}] of generator {gen.name!r}: "
-                          f"give a value in it, or leave --prompt out for the generator's best prompt")
+        raise ConfigError(f"--prompt {prompt:g} is outside the {gen.metric_name} range [{lo:g}, {hi:g}] of generator "
+                          f"{gen.name!r}: give a value in it, or leave --prompt out for the generator's best prompt")
     device = torch.device(config.device)
     split = load_split(task, data, config.data_root, config.holdout, device)
     seeds = [config.seed + i for i in range(config.inits)]

@@ -59,14 +59,22 @@ def test_resume_with_other_settings_refused(tmp_path):
         meta_train(MetaConfig(outer_steps=4, **{**TINY, "holdout": 30}), _data(), tmp_path, resume=True, progress=False)
     with pytest.raises(TrainingError, match="--resume"):
         meta_train(MetaConfig(outer_steps=4, **TINY), _data(), tmp_path, progress=False)
-    with pytest.raises(TrainingError, match="no meta-training checkpoint"):
-        meta_train(MetaConfig(outer_steps=4, **TINY), _data(), tmp_path / "none", resume=True, progress=False)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     cut = tmp_path / "cut"
     cut.mkdir()
     (cut / "checkpoint.pt").write_bytes(before[: len(before) // 2])  # a copy cut short
     with pytest.raises(TrainingError, match="not a readable meta-training checkpoint.*move it aside"):
         meta_train(MetaConfig(outer_steps=4, **TINY), _data(), cut, resume=True, progress=False)
+
+
+def test_resume_with_no_checkpoint_yet_starts_afresh_but_never_over_weights_not_its_own(tmp_path):
+    fresh = meta_train(MetaConfig(outer_steps=2, **TINY), _data(), tmp_path / "a", progress=False)
+    resumed = meta_train(MetaConfig(outer_steps=2, **TINY), _data(), tmp_path / "b", resume=True, progress=False)
+    assert all(torch.equal(fresh[k], resumed[k]) for k in fresh)  # a preemptible job's first start
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "lopt.json").write_text("another job's\n")
+    with pytest.raises(ConfigError, match="holds weights that this job did not write"):
+        meta_train(MetaConfig(outer_steps=2, **TINY), _data(), tmp_path / "c", resume=True, progress=False)
 
 
 @pytest.mark.parametrize("bad", [dict(widths=()), dict(depths=()), dict(batch_sizes=()), dict(unroll=7),

@@ -33,7 +33,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="folder for the checkpoint, log.jsonl, meta_loss.png and weights")
     p.add_argument("--data-root", default=None, help="folder holding MNIST (default: $LEARNED_OPT_DATA)")
     p.add_argument("--name", default="lopt", help="name of the exported weights (default: lopt)")
-    p.add_argument("--resume", action="store_true", help="continue out/checkpoint.pt with the same settings")
+    p.add_argument("--resume", action="store_true",
+                   help="continue out/checkpoint.pt with the same settings (a fresh start if there is none)")
     p.add_argument("--outer-steps", type=int, default=d.outer_steps, help=f"ES updates of the rule (default: {d.outer_steps})")
     p.add_argument("--pairs", type=int, default=d.pairs, help=f"antithetic pairs (population = 2 x pairs; default: {d.pairs})")
     p.add_argument("--truncation", type=int, default=d.truncation, help=f"inner steps per truncation (default: {d.truncation})")

@@ -242,11 +242,12 @@ def check_destination(out: str | Path, name: str, *, resume: bool, export: bool 
     check_out_dir(out)
     if not resume:  # said before anything about its export
         refuse_a_fresh_start(Path(out) / "checkpoint.pt")
-    recorded = checkpoint_name(Path(out) / "checkpoint.pt") if resume and export else None
+    resuming = resume and (Path(out) / "checkpoint.pt").exists()  # else a fresh start
+    recorded = checkpoint_name(Path(out) / "checkpoint.pt") if resuming and export else None
     if export and recorded not in (None, name):
         raise ConfigError(f"the checkpoint in {out} exports as {recorded!r}: pass --name {recorded} to resume it")
     if export:  # a resumed job's earlier export is its own (older checkpoints record no name)
-        check_export_target(out, name, own=resume)
+        check_export_target(out, name, own=resuming)
 
 
 def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = False, name: str = "lopt",
@@ -298,7 +299,7 @@ def _meta_train(config, data, out: Path, shard, info, *, resume, name, export, p
     if outer.sha256 != config._outer_sha256:  # replaced since the config read it
         raise ConfigError(f"--outer-weights {config.outer_weights} changed while the run was being set up: run again")
     gen = torch.Generator().manual_seed(config.seed)
-    if resume:
+    if resume and ckpt.exists():
         s = load_checkpoint(ckpt, config)
         if s.outer_step > config.outer_steps:
             raise ConfigError(f"{ckpt} is at outer step {s.outer_step} already: pass --outer-steps "
@@ -306,8 +307,9 @@ def _meta_train(config, data, out: Path, shard, info, *, resume, name, export, p
         gen.set_state(s.gen_state)
         s.unroll = part_of(s.unroll, shard) if s.unroll is not None else None
         on_main(info, lambda: truncate_log(log_path, s.outer_step, key="outer_step"), "trimming the log")
-    else:
-        refuse_a_fresh_start(ckpt)  # again, under the folder's lock
+    else:  # --resume with no checkpoint yet starts afresh, as train's does (a preemptible job's first start)
+        if not resume:
+            refuse_a_fresh_start(ckpt)  # again, under the folder's lock
         s = MetaState(hand_set_theta(config.hidden, seed=config.seed))
         on_main(info, lambda: log_path.write_text(""), "starting the log")
     bar = tqdm(total=config.outer_steps, initial=s.outer_step, disable=not progress, desc="meta-train")

@@ -3,13 +3,14 @@
 Each subcommand lives in the module that does the work; that module exposes ``configure(parser)``
 (adds its arguments) and ``main(args) -> int``. Errors of the package's own type become a one-line
 message on stderr and exit code 2; running out of memory (sizes or counts too large for the machine)
-or failing to read or write a file (a full disk, a folder made read-only mid-job) a one-line
-message and exit code 1; nothing else is swallowed.
+or failing to write a file for a full disk or its permissions a one-line message and exit code 1;
+nothing else is swallowed.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import re
 import sys
@@ -102,8 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"learned-opt {args.command}: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # a full disk, a folder made read-only mid-job: what was saved is kept
-        print(f"learned-opt {args.command}: error: {exc}: free space or fix permissions, then run the command "
-              f"again (jobs that checkpoint take --resume)", file=sys.stderr)
+        todo = {errno.ENOSPC: "free space", errno.EDQUOT: "free space", errno.EFBIG: "free space",
+                errno.EACCES: "fix permissions", errno.EPERM: "fix permissions", errno.EROFS: "fix permissions"}
+        if exc.errno not in todo:
+            raise
+        print(f"learned-opt {args.command}: error: {exc}: {todo[exc.errno]}, then run the command again (jobs "
+              f"that checkpoint take --resume)", file=sys.stderr)
         return 1
     except (MemoryError, RuntimeError) as exc:  # torch reports a failed allocation as a RuntimeError
         text = str(exc).strip().splitlines()[-1][:200] if str(exc).strip() else type(exc).__name__

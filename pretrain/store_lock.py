@@ -115,16 +115,16 @@ def _nothing() -> None:
     return None
 
 
-def remove_stale_temp(folders, older_than_s: float) -> int:
-    """Remove the hidden ``.*.tmp`` files that killed writers left in ``folders`` (older than
-    ``older_than_s``); returns the count."""
+def remove_stale_temp(folders, older_than_s: float, pattern: str = ".*.tmp") -> int:
+    """Remove the hidden temporary files (``pattern``) that killed writers left in ``folders``
+    (older than ``older_than_s``), as far as they can be: best effort; returns the count."""
     removed, now = 0, time.time()
     for folder in folders:
-        for p in Path(folder).glob(".*.tmp"):
+        for p in Path(folder).glob(pattern):
             try:
-                if now - p.stat().st_mtime > older_than_s:
+                if p.is_file() and not p.is_symlink() and now - p.stat().st_mtime > older_than_s:
                     p.unlink()
                     removed += 1
-            except FileNotFoundError:
+            except OSError:  # gone already, or not ours to remove: left alone
                 pass
     return removed

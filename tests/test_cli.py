@@ -71,7 +71,14 @@ def test_a_file_that_cannot_be_written_mid_job_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(module, "main", fail)
     assert cli.main(["eval", "--generator", "g", "--out", "o"]) == 1
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "No space left on device" in err and "free space or fix permissions" in err
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and "free space, then run" in err
+
+    def bug(args):
+        raise FileNotFoundError(2, "No such file or directory", "a path a bug made up")
+
+    monkeypatch.setattr(module, "main", bug)
+    with pytest.raises(FileNotFoundError):  # not a full disk or a permission: a traceback, as any bug
+        cli.main(["eval", "--generator", "g", "--out", "o"])
 
 
 @pytest.mark.parametrize("command", [["eval", "--generator", "mnist-mlp"], ["bench", "--generator", "mnist-mlp"],

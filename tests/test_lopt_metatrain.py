@@ -67,10 +67,11 @@ def test_resume_with_other_settings_refused(tmp_path):
         meta_train(MetaConfig(outer_steps=4, **TINY), _data(), cut, resume=True, progress=False)
 
 
-def test_resume_with_no_checkpoint_yet_starts_afresh_but_never_over_weights_not_its_own(tmp_path):
+def test_resume_with_no_checkpoint_yet_starts_afresh_but_never_over_weights_not_its_own(tmp_path, capsys):
     fresh = meta_train(MetaConfig(outer_steps=2, **TINY), _data(), tmp_path / "a", progress=False)
     resumed = meta_train(MetaConfig(outer_steps=2, **TINY), _data(), tmp_path / "b", resume=True, progress=False)
     assert all(torch.equal(fresh[k], resumed[k]) for k in fresh)  # a preemptible job's first start
+    assert "no checkpoint in" in capsys.readouterr().err  # said, in case --out was mistyped
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "lopt.json").write_text("another job's\n")
     with pytest.raises(ConfigError, match="holds weights that this job did not write"):

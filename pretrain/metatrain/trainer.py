@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,7 +27,8 @@ from learned_opt.options import check_export_target, check_out_dir, check_seed
 
 from pretrain.train.distributed import on_main, setup_distributed
 from pretrain.store_lock import acquire_writer, remove_stale_temp
-from pretrain.train.outputs import append_jsonl, atomic_torch_save, read_jsonl, torch_load_checked, truncate_log
+from pretrain.train.outputs import (CHECKPOINT_TEMP, append_jsonl, atomic_torch_save, read_jsonl, torch_load_checked,
+                                    truncate_log)
 
 from .family import MnistMlpFamily
 from .outer import OUTER_OPTIMIZERS, OuterOptimizer
@@ -140,7 +142,7 @@ def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
     except FileNotFoundError:
         raise TrainingError(f"no meta-training checkpoint at {path}: start without --resume") from None
     except OSError as exc:
-        raise TrainingError(f"cannot read {path} ({exc.strerror or exc}): fix its permissions") from None
+        raise TrainingError(f"cannot read {path} ({exc.strerror or exc}): check that it is a file you may read") from None
     except Exception as exc:  # a corrupt file: pickle/zip errors of many kinds
         raise TrainingError(f"{path} is not a readable meta-training checkpoint ({str(exc)[:200]}): it cannot be "
                             f"resumed; move it aside to start again in this --out, or choose a new --out") from None
@@ -272,7 +274,7 @@ def meta_train(config: MetaConfig, data, out: str | Path, *, resume: bool = Fals
             except OSError as exc:
                 raise TrainingError(f"cannot create {out} ({exc.strerror or exc}): choose a folder you can write") from None
             release = acquire_writer(Path(out), "the meta-training folder", TrainingError)
-            remove_stale_temp([Path(out)], older_than_s=0)  # what a job killed mid-save left (the lock is ours)
+            remove_stale_temp([Path(out)], 0, CHECKPOINT_TEMP)  # what a job killed mid-save left (the lock is ours)
             return release
 
         release = on_main(info, claim, "taking the meta-training folder")
@@ -310,6 +312,8 @@ def _meta_train(config, data, out: Path, shard, info, *, resume, name, export, p
     else:  # --resume with no checkpoint yet starts afresh, as train's does (a preemptible job's first start)
         if not resume:
             refuse_a_fresh_start(ckpt)  # again, under the folder's lock
+        elif shard.is_main:  # a mistyped --out would otherwise start a long run afresh without a word
+            print(f"meta-train: no checkpoint in {out} yet: starting afresh", file=sys.stderr, flush=True)
         s = MetaState(hand_set_theta(config.hidden, seed=config.seed))
         on_main(info, lambda: log_path.write_text(""), "starting the log")
     bar = tqdm(total=config.outer_steps, initial=s.outer_step, disable=not progress, desc="meta-train")

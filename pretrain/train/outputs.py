@@ -15,24 +15,36 @@ from .config import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from .distributed import DistInfo
 
 
+CHECKPOINT_TEMP = ".checkpoint.pt.*.tmp"  # what a save killed midway leaves (the folder's own, under its lock)
+_SHORT_WRITE = ("PytorchStreamWriter", "file write failed", "inline_container", "unexpected pos")
+
+
 def atomic_torch_save(obj: dict, path: Path) -> None:
     """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it; a write that
     fails (a full disk, a folder made read-only) is a :class:`TrainingError` and leaves ``path`` as it was."""
     try:
         atomic_write(path, lambda tmp: torch.save(obj, tmp))
     except (OSError, RuntimeError) as exc:  # torch reports a short write as a RuntimeError
-        raise TrainingError(f"cannot write {path} ({type(exc).__name__}: {str(exc).strip().splitlines()[-1][:200]}): "
+        if isinstance(exc, RuntimeError) and not any(s in str(exc) for s in _SHORT_WRITE):
+            raise
+        lines = str(exc).strip().splitlines() or [""]
+        raise TrainingError(f"cannot write {path} ({type(exc).__name__}: {lines[-1][:200]}): "
                             f"free space or fix permissions, then run again with --resume") from None
 
 
 def torch_load_checked(path: Path, *, mmap: bool = False):
     """``torch.load(path, weights_only=True)`` of a file ``torch.save`` wrote, after checking its
     zip CRCs (torch does not, so a flipped bit would load): :class:`OSError` when the file cannot be
-    read (``FileNotFoundError`` when it is not there), any other exception when it is damaged."""
+    opened (``FileNotFoundError`` when it is not there), ``ValueError`` (or torch's own error) when
+    it is damaged."""
     import zipfile
 
-    with zipfile.ZipFile(path) as archive:
-        bad = archive.testzip()
+    with open(path, "rb") as fh:
+        try:
+            with zipfile.ZipFile(fh) as archive:
+                bad = archive.testzip()
+        except Exception as exc:  # noqa: BLE001 - a damaged archive fails in many ways, OSError among them
+            raise ValueError(f"not a readable zip archive ({type(exc).__name__}: {exc})") from None
     if bad is not None:
         raise ValueError(f"its record {bad} fails its checksum")
     return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -45,7 +57,7 @@ def load_checkpoint(path: Path) -> dict:
     except FileNotFoundError:
         raise TrainingError(f"no training checkpoint at {path}: train first, or point --out at a training run") from None
     except OSError as exc:
-        raise TrainingError(f"cannot read {path} ({exc.strerror or exc}): fix its permissions") from None
+        raise TrainingError(f"cannot read {path} ({exc.strerror or exc}): check that it is a file you may read") from None
     except Exception as exc:
         raise TrainingError(
             f"cannot read the training checkpoint {path} ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "

@@ -46,6 +46,7 @@ from .finetune import ADOPTED_FIELDS, adopt_source, explicit_settings, source_re
 from .model_setup import new_model
 from .optim import Ema, layer_weights, make_optimizer
 from .outputs import (
+    CHECKPOINT_TEMP,
     append_jsonl,
     atomic_torch_save,
     hardware_summary,
@@ -336,7 +337,7 @@ class Trainer:
                                     f"write") from None
             # one job per folder: held until this trainer is gone or the process ends
             weakref.finalize(self, acquire_writer(self.out, "the training folder", TrainingError))
-            remove_stale_temp([self.out], older_than_s=0)  # what a job killed mid-save left (the lock is ours)
+            remove_stale_temp([self.out], 0, CHECKPOINT_TEMP)  # what a job killed mid-save left (the lock is ours)
             if self.step > 0:
                 truncate_log(self.log_path, self.step)  # records written after the checkpoint
             else:

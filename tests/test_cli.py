@@ -36,49 +36,36 @@ def test_unknown_task_is_one_line_and_exit_code_2(capsys, tmp_path):
     assert code == 2 and len(err.splitlines()) == 1 and "unknown task 'nope'" in err
 
 
+def eval_raising(monkeypatch, error: BaseException) -> int:
+    """``learned-opt eval`` whose work raises ``error``: the CLI's exit code (or what it lets through)."""
+    import importlib
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(importlib.import_module(cli.COMMANDS["eval"][0]), "main", fail)
+    return cli.main(["eval", "--generator", "g", "--out", "o"])
+
+
 @pytest.mark.parametrize("error", [
     RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
                  "you tried to allocate 12499999999992 bytes."),
     MemoryError(),
 ])
 def test_running_out_of_memory_is_one_line_and_other_errors_propagate(monkeypatch, capsys, error):
-    import importlib
-
-    def fail(args):
-        raise error
-
-    module = importlib.import_module(cli.COMMANDS["eval"][0])
-    monkeypatch.setattr(module, "main", fail)
-    assert cli.main(["eval", "--generator", "g", "--out", "o"]) == 1
+    assert eval_raising(monkeypatch, error) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "out of memory" in err and "lower the sizes or counts" in err
-
-    def broken(args):
-        raise RuntimeError("a bug, not memory")
-
-    monkeypatch.setattr(module, "main", broken)
     with pytest.raises(RuntimeError, match="a bug"):
-        cli.main(["eval", "--generator", "g", "--out", "o"])
+        eval_raising(monkeypatch, RuntimeError("a bug, not memory"))
 
 
 def test_a_file_that_cannot_be_written_mid_job_is_one_line(monkeypatch, capsys):
-    import importlib
-
-    def fail(args):
-        raise OSError(28, "No space left on device", "runs/x/.eval.json.tmp")
-
-    module = importlib.import_module(cli.COMMANDS["eval"][0])
-    monkeypatch.setattr(module, "main", fail)
-    assert cli.main(["eval", "--generator", "g", "--out", "o"]) == 1
+    assert eval_raising(monkeypatch, OSError(28, "No space left on device", "runs/x/.eval.json.tmp")) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "No space left on device" in err and "free space, then run" in err
-
-    def bug(args):
-        raise FileNotFoundError(2, "No such file or directory", "a path a bug made up")
-
-    monkeypatch.setattr(module, "main", bug)
     with pytest.raises(FileNotFoundError):  # not a full disk or a permission: a traceback, as any bug
-        cli.main(["eval", "--generator", "g", "--out", "o"])
+        eval_raising(monkeypatch, FileNotFoundError(2, "No such file or directory", "a path a bug made up"))
 
 
 @pytest.mark.parametrize("command", [["eval", "--generator", "mnist-mlp"], ["bench", "--generator", "mnist-mlp"],

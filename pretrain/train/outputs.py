@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import zipfile
 from pathlib import Path
 
 import torch
@@ -37,8 +38,6 @@ def torch_load_checked(path: Path, *, mmap: bool = False):
     zip CRCs (torch does not, so a flipped bit would load): :class:`OSError` when the file cannot be
     opened (``FileNotFoundError`` when it is not there), ``ValueError`` (or torch's own error) when
     it is damaged."""
-    import zipfile
-
     with open(path, "rb") as fh:
         try:
             with zipfile.ZipFile(fh) as archive:

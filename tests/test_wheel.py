@@ -52,6 +52,7 @@ def test_wheel_ships_and_loads_generators(tmp_path):
     (wheel,) = (tmp_path / "dist").glob("learned_opt-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "learned_opt/weights/wheel-tiny.safetensors" in names and "learned_opt/weights/wheel-tiny.json" in names
+    assert "learned_opt/py.typed" in names  # PEP 561: type checkers read the package's annotations
 
     # A fresh virtual environment. Its dependencies (torch, safetensors, ...) come from this
     # environment's site-packages through a .pth file; .pth files inside that folder (such as an

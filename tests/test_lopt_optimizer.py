@@ -44,10 +44,10 @@ def test_valid_configs(lr):
     assert opt.param_groups[0]["lr"] == lr and "LearnedOptimizer(" in repr(opt) and "lr=" in repr(opt)
 
 
-@pytest.mark.parametrize("lr", [np.float32(0.5), torch.tensor(0.5), np.float64(0.5)])
+@pytest.mark.parametrize("lr", [np.float32(0.5), torch.tensor(0.5), np.float64(0.5), torch.tensor(1)])
 def test_numpy_and_tensor_lrs_are_taken_as_torch_takes_them(lr, tmp_path):
     stepped = []
-    for rate in (0.5, lr):
+    for rate in (float(lr), lr):
         model, loss = _problem()
         opt = LearnedOptimizer([{"params": list(model.parameters())[:2]}], weights=THETA, lr=rate)
         opt.add_param_group({"params": list(model.parameters())[2:], "lr": rate})
@@ -60,7 +60,8 @@ def test_numpy_and_tensor_lrs_are_taken_as_torch_takes_them(lr, tmp_path):
 
 
 @pytest.mark.parametrize("lr", [-1.0, float("nan"), float("inf"), "1", True, torch.tensor([0.5, 1.0]),
-                                torch.tensor(float("nan")), np.float32("inf")])
+                                torch.tensor(float("nan")), np.float32("inf"), torch.tensor(True),
+                                torch.tensor(1 + 0j)])
 def test_bad_lr(lr):
     model, _ = _problem()
     with pytest.raises(ConfigError, match="Invalid learning rate"):
@@ -436,7 +437,7 @@ def _unchanged(model, opt, before) -> bool:
             and [g["step"] for g in sd["param_groups"]] == [g["step"] for g in now["param_groups"]])
 
 
-@pytest.mark.parametrize("spoil", ["nan-grad", "inf-grad", "huge-lr", "nan-lr-set-later"])
+@pytest.mark.parametrize("spoil", ["nan-grad", "inf-grad", "huge-grad", "huge-lr", "nan-lr-set-later"])
 def test_a_step_that_would_write_nan_or_inf_raises_and_changes_nothing(spoil):
     from learned_opt import NonFiniteStepError
 
@@ -447,18 +448,25 @@ def test_a_step_that_would_write_nan_or_inf_raises_and_changes_nothing(spoil):
     opt.zero_grad()
     loss_fn().backward()
     grad = model[2].weight.grad
-    error = NonFiniteStepError
+    error, cause = NonFiniteStepError, None
     if spoil == "nan-grad":
         grad[0, 3] = float("nan")  # one element: the RMS features would spread it over the whole tensor
+        cause = "gradient holds NaN or Inf"
     elif spoil == "inf-grad":
         grad[0, 0] = float("inf")
+        cause = "gradient holds NaN or Inf"
+    elif spoil == "huge-grad":  # finite, but its square is not in float32
+        grad[0, 0] = 2e19
+        cause = "gradient is finite, but its largest element"
     elif spoil == "huge-lr":
         opt.param_groups[0]["lr"] = 1e300
+        cause = "lr is too large"
     else:
         opt.param_groups[0]["lr"] = float("nan")
         error = ConfigError
-    with pytest.raises(error, match="nothing was changed" if error is NonFiniteStepError else "learning rate"):
+    with pytest.raises(error, match="nothing was changed" if error is NonFiniteStepError else "learning rate") as info:
         opt.step()
+    assert cause is None or cause in str(info.value)
     assert _unchanged(model, opt, before)
 
 
@@ -473,6 +481,9 @@ def test_unordered_or_malformed_param_groups_are_refused():
     opt = LearnedOptimizer(params[:2], weights=THETA)
     with pytest.raises(ConfigError, match="a 'params' entry"):
         opt.add_param_group(params[2:])  # a list, not a group dict
+    for step in (True, -1, 1.0):  # its own state_dict would not load again
+        with pytest.raises(ConfigError, match="step must be an integer >= 0"):
+            opt.add_param_group({"params": params[2:], "step": step})
 
 
 @pytest.mark.parametrize("weights, match", [

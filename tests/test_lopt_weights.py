@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from learned_opt import LearnedOptimizer, list_pretrained, pretrained
-from learned_opt.errors import WeightsError
+from learned_opt.errors import OptimizerStateError, WeightsError
 from learned_opt.lopt import hand_set_theta, load_rule, save_rule
 from learned_opt.lopt import weights as lopt_weights
 
@@ -30,6 +30,29 @@ def test_round_trip(saved):
     assert load_rule(saved.with_suffix(".safetensors")).sha256 == rule.sha256 == m["weights_sha256"]
     w = torch.ones(3, requires_grad=True)
     assert LearnedOptimizer([w], weights=str(saved)).rule.sha256 == rule.sha256
+
+
+def test_the_same_weights_save_to_the_same_file(tmp_path):
+    theta = hand_set_theta(seed=3)
+    shas = {json.loads(save_rule(tmp_path / str(i), "lopt-test", theta, meta_training=META).read_text())["weights_sha256"]
+            for i in range(8)}
+    assert len(shas) == 1
+
+
+def test_a_state_loads_wherever_the_same_weights_do(saved):
+    """An optimizer's state names its weights by their content: the same weights from a file, from a
+    dict or from another save of them take it; other weights do not."""
+    model = torch.nn.Linear(3, 2)
+    opt = LearnedOptimizer(model.parameters(), weights=str(saved))
+    model(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    state = opt.state_dict()
+    for weights in (hand_set_theta(seed=3), load_rule(saved), str(saved)):
+        LearnedOptimizer(model.parameters(), weights=weights).load_state_dict(state)
+    legacy = {**state, "rule_sha256": load_rule(saved).sha256}  # as saved before: the file's sha256
+    LearnedOptimizer(model.parameters(), weights=str(saved)).load_state_dict(legacy)
+    with pytest.raises(OptimizerStateError, match="load the same weights first"):
+        LearnedOptimizer(model.parameters(), weights=hand_set_theta(seed=4)).load_state_dict(state)
 
 
 def test_registry_lists_both_kinds(saved, monkeypatch):

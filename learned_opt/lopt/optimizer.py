@@ -7,7 +7,8 @@ Usage contract (as any optimizer)::
     loss.backward(); opt.step(); opt.zero_grad()
 
 ``lr`` multiplies every step (1.0 is the step size the rule was meta-trained with, roughly
-Adam(1e-3)'s), so LR schedulers work as with any optimizer. The step counter lives in each param
+Adam(1e-3)'s), so LR schedulers work as with any optimizer (one that also cycles momentum, as
+``OneCycleLR`` does by default, needs ``cycle_momentum=False``: the rule has no momentum setting). The step counter lives in each param
 group (``group["step"]``, the steps the group has taken) and the momenta and each parameter's own
 step count in ``state``, so ``state_dict()`` needs no extra code and
 loads through ``torch.load(weights_only=True)``. ``step`` draws no random numbers.
@@ -94,7 +95,8 @@ class LearnedOptimizer(Optimizer):
             _check_lr(param_group["lr"])
             if not isinstance(param_group["lr"], torch.Tensor):
                 param_group = {**param_group, "lr": float(param_group["lr"])}
-        if "step" in param_group and (not isinstance(param_group["step"], int) or param_group["step"] < 0):
+        step = param_group.get("step", 0)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ConfigError(f"a param group's step must be an integer >= 0, got {param_group['step']!r}")
         try:
             super().add_param_group({**param_group, "params": params})
@@ -156,7 +158,7 @@ class LearnedOptimizer(Optimizer):
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
-        sd["rule_sha256"] = self.rule.sha256
+        sd["rule_sha256"] = self.rule.content_sha256
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -166,10 +168,10 @@ class LearnedOptimizer(Optimizer):
                 or not isinstance(state_dict.get("param_groups"), (list, tuple)):
             raise OptimizerStateError("not an optimizer state_dict (it needs a 'state' mapping and a 'param_groups' "
                                       "list); load one saved by LearnedOptimizer.state_dict()")
-        sha = state_dict.get("rule_sha256")
-        if sha is not None and sha != self.rule.sha256:
+        sha = state_dict.get("rule_sha256")  # the weights' content; states saved before: their file's sha256
+        if sha is not None and sha not in (self.rule.content_sha256, self.rule.sha256):
             raise OptimizerStateError(f"this state was saved with learned-optimizer weights {str(sha)[:12]}, this "
-                                      f"optimizer has {self.rule.sha256[:12]}; load the same weights first")
+                                      f"optimizer has {self.rule.content_sha256[:12]}; load the same weights first")
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups) or any(
                 not isinstance(a, dict) or not isinstance(a.get("params"), (list, tuple))
@@ -223,9 +225,22 @@ def _refuse_nonfinite(updates: list) -> None:
         for p, ok in zip(ps, finite):
             if not ok:
                 raise NonFiniteStepError(
-                    f"the learned step of a parameter of shape {list(p.shape)} ({p.dtype}) is not finite: its "
-                    f"gradient holds NaN or Inf, or lr is too large for its dtype; nothing was changed. Skip the "
-                    f"batch, lower lr, or clip or scale the gradients (GradScaler skips such steps)")
+                    f"the learned step of a parameter of shape {list(p.shape)} ({p.dtype}) is not finite: "
+                    f"{_cause(p)}; nothing was changed. Skip the batch, lower lr, or clip or scale the "
+                    f"gradients (GradScaler skips such steps)")
+
+
+def _cause(p: torch.Tensor) -> str:
+    """Why a parameter's step is not finite, as far as the parameter and its gradient tell."""
+    grad = p.grad
+    if not bool(torch.isfinite(p).all()):
+        return "the parameter itself holds NaN or Inf"
+    if not bool(torch.isfinite(grad).all()):
+        return "its gradient holds NaN or Inf"
+    largest = float(grad.detach().abs().max().float())
+    if largest ** 2 > torch.finfo(torch.float32).max:  # the rule's second moment is float32
+        return f"its gradient is finite, but its largest element ({largest:.3g}) squared exceeds float32's range"
+    return "lr is too large for its dtype"
 
 
 def _usable(t: torch.Tensor, key: str) -> bool:
@@ -237,8 +252,8 @@ def _usable(t: torch.Tensor, key: str) -> bool:
 
 def _check_lr(lr, error=ConfigError) -> None:
     """``error`` unless ``lr`` is a finite real number >= 0: a Python or NumPy number, or a one-element
-    real tensor, as torch's optimizers take."""
-    if isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.is_floating_point():
+    real tensor (floating-point or integer), as torch's optimizers take."""
+    if isinstance(lr, torch.Tensor) and lr.numel() == 1 and not lr.is_complex() and lr.dtype != torch.bool:
         lr = lr.item()
     if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr < 0:
         raise error(f"Invalid learning rate: {lr!r}; lr multiplies the learned step and must be a finite number >= 0")

@@ -14,6 +14,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -50,6 +51,13 @@ class LoadedRule:
     @property
     def hidden(self) -> tuple[int, ...]:
         return tuple(self.manifest.get("architecture", {}).get("hidden", ()))
+
+    @cached_property
+    def content_sha256(self) -> str:
+        """The sha256 of the weights themselves (names and float32 values), whatever file or dict
+        they came from: what an optimizer's ``state_dict`` records, so that a state loads wherever
+        the same weights do. (``sha256`` is the weights file's, which the manifest checks.)"""
+        return _theta_hash(self.theta)
 
 
 def rule_from_theta(theta: Mapping[str, torch.Tensor], name: str = "in-memory") -> LoadedRule:
@@ -121,7 +129,9 @@ def save_rule(out_dir: str | os.PathLike, name: str, theta: Mapping[str, torch.T
     weights_path, manifest_path = out / f"{name}.safetensors", out / f"{name}.json"
     manifest["weights_file"] = weights_path.name
     atomic_write_with_manifest(
-        weights_path, lambda p: save_file(tensors, str(p), metadata={"name": name, "kind": KIND}),
+        # one metadata entry: safetensors writes several in no fixed order, and the same weights would
+        # then get another file sha256 at each save (the manifest says what kind of file it is)
+        weights_path, lambda p: save_file(tensors, str(p), metadata={"name": name}),
         manifest_path, lambda staged: json.dumps({**manifest, "weights_sha256": sha256_file(staged)}, indent=2) + "\n")
     return manifest_path
 

@@ -270,3 +270,23 @@ def test_a_resume_whose_outer_rule_file_now_holds_other_weights_is_refused(tmp_p
     save_rule(tmp_path / "rule", "outer", hand_set_theta(), meta_training={"method": "hand-set"})
     with pytest.raises(ConfigError, match="changed while the run was being set up"):
         meta_train(configured, _data(), tmp_path / "n", progress=False, export=False)
+
+
+def test_a_cli_resume_takes_the_checkpoint_settings_that_are_not_given(tmp_path, mnist_root):
+    """`meta-train --resume` needs only what changes: the settings not given are the checkpoint's
+    (its planned --outer-steps too), and the run equals an uninterrupted one."""
+    from learned_opt.cli import main
+
+    tiny = ["--widths", "4", "--depths", "1", "--image-size", "7", "--pairs", "2", "--truncation", "2", "--unroll", "4",
+            "--outer-lr", "1e-3", "--seed", "5", "--no-progress", "--data-root", str(mnist_root)]
+    assert main(["meta-train", "--out", str(tmp_path / "whole"), "--outer-steps", "4", *tiny]) == 0
+    assert main(["meta-train", "--out", str(tmp_path / "part"), "--outer-steps", "2", *tiny]) == 0
+    assert main(["meta-train", "--out", str(tmp_path / "part"), "--resume", "--outer-steps", "4", "--no-progress",
+                 "--data-root", str(mnist_root)]) == 0
+    whole, part = (load_rule(tmp_path / d / "lopt.json") for d in ("whole", "part"))
+    assert part.content_sha256 == whole.content_sha256
+    assert part.manifest["meta_training"]["config"]["outer_lr"] == 1e-3 and "settings_changed" not in part.manifest["meta_training"]
+    # with nothing given, a resume runs to the planned total (here: already reached, so it exports)
+    assert main(["meta-train", "--out", str(tmp_path / "part"), "--resume", "--no-progress",
+                 "--data-root", str(mnist_root)]) == 0
+    assert load_rule(tmp_path / "part" / "lopt.json").content_sha256 == whole.content_sha256

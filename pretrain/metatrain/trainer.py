@@ -13,7 +13,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -132,8 +132,25 @@ def save_checkpoint(path: Path, config: MetaConfig, s: MetaState, name: str) -> 
     blob = {"version": CHECKPOINT_VERSION, "kind": "lopt-meta-train", "settings": json.dumps(config.settings()),
             "theta": s.theta, "adam": s.outer_state, "unroll": s.unroll.to_dict() if s.unroll else None,
             "outer_step": s.outer_step, "gen_state": s.gen_state, "seconds": s.seconds,
-            "changes": json.dumps(s.changes), "name": name}
+            "changes": json.dumps(s.changes), "name": name, "outer_steps": config.outer_steps}
     atomic_torch_save(blob, path)
+
+
+def resume_settings(path: Path) -> dict:
+    """The settings the checkpoint at ``path`` was written with, as :class:`MetaConfig` keywords, its
+    planned ``outer_steps`` included where recorded: what ``--resume`` starts from, before the options
+    given on the command line. Empty where there is no readable checkpoint (the resume then starts
+    afresh, or :func:`load_checkpoint` says what is wrong with it)."""
+    try:
+        blob = torch_load_checked(path)
+        saved = json.loads(blob["settings"])
+    except Exception:  # missing or damaged: said later, in load_checkpoint's words
+        return {}
+    names = {f.name for f in fields(MetaConfig)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
+    if isinstance(blob.get("outer_steps"), int) and not isinstance(blob["outer_steps"], bool):
+        kwargs["outer_steps"] = blob["outer_steps"]
+    return kwargs
 
 
 def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
@@ -170,7 +187,7 @@ def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
     if changed and config.outer_steps <= int(blob["outer_step"]):
         raise ConfigError(f"{path} is at outer step {blob['outer_step']}: no step would run with the new "
                           f"{_flags(changed)}; pass --outer-steps above it, "
-                          f"or the checkpoint's own values to export it")
+                          f"or leave {_flags(changed)} out to export it with the checkpoint's own")
     if changed:
         changes.append({"outer_step": int(blob["outer_step"]), **changed})
     theta = blob["theta"]

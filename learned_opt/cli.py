@@ -55,13 +55,13 @@ class OneLineParser(argparse.ArgumentParser):
     """A usage error in one line that points to the command's help, exit code 2 (argparse's own
     prints the whole usage first)."""
 
-    commands: dict[str, argparse.ArgumentParser]  # the top parser's subcommand parsers, by name
+    commands: dict[str, OneLineParser]  # the top parser's subcommand parsers, by name
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineParser:
     parser = OneLineParser(
         prog="learned-opt",
         description="Train networks with a generative model of neural-network checkpoints.",
@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
             if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
                 raise
             continue
-        p = sub.add_parser(name, help=help_text, description=plain_text(" ".join(module.__doc__.strip().split("\n\n")[0].split())))
+        doc = module.__doc__ or help_text  # python -OO strips docstrings
+        p = sub.add_parser(name, help=help_text, description=plain_text(" ".join(doc.strip().split("\n\n")[0].split())))
         module.configure(p)
         for action in p._actions:  # argparse keeps no public list; help texts may quote docstrings
             if action.help and action.help is not argparse.SUPPRESS:

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 
@@ -17,7 +19,7 @@ def agree(new: torch.Tensor | None, error: str | None, theta: torch.Tensor) -> t
         return new, error
     if not all_ranks(error is None, theta.device):
         return None, error or "the generator failed on another rank"
-    torch.distributed.broadcast(new, src=0)
+    torch.distributed.broadcast(cast(torch.Tensor, new), src=0)  # no rank failed: every rank drew its sample
     return new, None
 
 

@@ -28,7 +28,7 @@ import functools
 import math
 from dataclasses import dataclass
 from numbers import Real
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence, cast
 
 import torch
 import torch.nn.functional as F
@@ -93,7 +93,8 @@ def _check_steps(num_steps: int, steps: int, t_min: int, who: str) -> None:
 
 def check_temperature(value, where: str = "temperature") -> float:
     """``value`` as a float; :class:`ConfigError` unless it is a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and value >= 0):
+    # cast: any Real orders against numbers; typeshed's numbers.Real declares only __lt__ and __le__
+    if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and cast(float, value) >= 0):
         raise ConfigError(f"Invalid {where}: {value!r} (the scale of the sampling noise: a finite number >= 0; "
                           f"1 samples the model's distribution, 0 its deterministic path from x_T = 0)")
     return float(value)
@@ -309,16 +310,16 @@ class Diffusion:
         t_batch = torch.tensor(timesteps, dtype=torch.long, device=device)[:, None].expand(-1, shape[0])
 
         history = None  # DPM-Solver++(2M): the previous x0 prediction and step size
-        was_training = isinstance(model, nn.Module) and model.training
-        if was_training:
-            model.eval()
+        training = model if isinstance(model, nn.Module) and model.training else None  # back to training after
+        if training is not None:
+            training.eval()
         try:
             # A model may precompute what does not change between steps: model.condition(**cond)
             # returns an equivalent ``(x_t, t) -> x0`` (see Gpt.condition).
             if bool((torch.as_tensor(guidance) != 1.0).any()):
                 denoise = guided_denoiser(model, cond, guidance)
-            elif callable(getattr(model, "condition", None)):
-                denoise = model.condition(**cond)
+            elif callable(condition := getattr(model, "condition", None)):
+                denoise = condition(**cond)
             else:
                 denoise = functools.partial(model, **cond)
             for i, t in enumerate(tqdm(timesteps, desc=f"{method} sampling", disable=not progress, leave=False)):
@@ -333,8 +334,8 @@ class Diffusion:
                 else:
                     x = self._ddim_step(x, x0_hat, t, timesteps[i + 1], eta, randn)
         finally:
-            if was_training:
-                model.train()
+            if training is not None:
+                training.train()
         return x
 
     def _ddpm_step(self, x: torch.Tensor, x0_hat: torch.Tensor, t: int, randn) -> torch.Tensor:

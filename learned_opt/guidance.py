@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import math
 from numbers import Real
-from typing import Callable, Mapping
+from typing import Callable, Mapping, cast
 
 import torch
 
@@ -46,7 +46,8 @@ __all__ = ["check_guidance", "guided_denoiser", "tapered_scale"]
 
 def check_guidance(value, where: str = "guidance") -> float:
     """``value`` as a float; :class:`ConfigError` unless it is a finite number >= 0."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and value >= 0):
+    # cast: any Real orders against numbers; typeshed's numbers.Real declares only __lt__ and __le__
+    if isinstance(value, bool) or not isinstance(value, Real) or not (math.isfinite(value) and cast(float, value) >= 0):
         raise ConfigError(f"Invalid {where}: {value!r} (a guidance scale: a finite number >= 0; 1 is plain "
                           f"conditional sampling, above 1 follows the prompt more strongly)")
     return float(value)
@@ -90,8 +91,8 @@ def guided_denoiser(
     doubled = {k: torch.cat([v, v]) if isinstance(v, torch.Tensor) else v for k, v in cond.items()}
     keep = torch.zeros(b, dtype=torch.bool, device=tensors[0].device)
     doubled["drop_prompt"] = torch.cat([keep, ~keep])  # [2B]: the prompt kept, then dropped
-    if callable(getattr(model, "condition", None)):
-        both = model.condition(**doubled)
+    if callable(condition := getattr(model, "condition", None)):
+        both = condition(**doubled)
     else:
         both = functools.partial(model, **doubled)
 

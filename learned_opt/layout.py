@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence, cast
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ Signature = tuple[tuple[str, tuple[int, ...]], ...]
 SCHEMES = ("chunk", "neuron")
 
 
-def signature_of(source: nn.Module | Mapping[str, torch.Tensor] | Iterable) -> Signature:
+def signature_of(source: nn.Module | Mapping[str, torch.Tensor] | Iterable[tuple[str, Iterable[int]]]) -> Signature:
     """The architecture signature of a module, a name->tensor mapping, or ``(name, shape)`` pairs."""
     if isinstance(source, nn.Module):
         items = [(n, tuple(p.shape)) for n, p in source.named_parameters()]
@@ -132,9 +132,11 @@ class Layout:
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"Invalid chunk_size: {self.chunk_size} (must be >= 1 or None)")
         if self.scheme == "neuron":
-            if self.symmetry is None:  # derived: raises for anything but a chain of layers
-                object.__setattr__(self, "symmetry", chain_symmetry(self.signature))
-            self.symmetry.check(self.signature)
+            symmetry = self.symmetry
+            if symmetry is None:  # derived: raises for anything but a chain of layers
+                symmetry = chain_symmetry(self.signature)
+                object.__setattr__(self, "symmetry", symmetry)
+            symmetry.check(self.signature)
             object.__setattr__(self, "chunk_size", None)  # not used: equal layouts for any chunk_size
         else:
             object.__setattr__(self, "symmetry", None)  # not used: equal layouts with or without it
@@ -240,7 +242,7 @@ class Layout:
                     tokens.append(tuple(range(s, min(s + step, b))))
                     groups.append(len(groups))
             return tuple(tokens), tuple(groups)
-        sym = self.symmetry
+        sym = cast(Symmetry, self.symmetry)  # the neuron scheme's, never None (set in __post_init__)
         covered = torch.zeros(self.num_params, dtype=torch.bool)
         for g, group in enumerate(sym.groups):  # one token per unit: incoming slots (+ outgoing, last group)
             slots = group.incoming + (group.outgoing if g == len(sym.groups) - 1 else ())

@@ -9,6 +9,7 @@ import inspect
 import math
 from collections import Counter
 from numbers import Real
+from typing import cast
 
 import torch
 
@@ -107,7 +108,8 @@ def check_args(params, every, seed, metric_closure, prompt, max_update_ratio, mi
         raise ConfigError("metric_closure must be a callable that returns the generator's metric")
     if prompt is not None:
         check_prompt(prompt, "prompt", ConfigError)
-    if not (isinstance(max_update_ratio, Real) and max_update_ratio > 0):
+    # cast: any Real orders against numbers; typeshed's numbers.Real declares only __lt__ and __le__
+    if not (isinstance(max_update_ratio, Real) and cast(float, max_update_ratio) > 0):
         raise ConfigError(f"Invalid max_update_ratio: {max_update_ratio!r} (must be > 0; math.inf disables the bound)")
     check_min_improvement(min_improvement)
     for name, flag in (("guard", guard), ("keep_if_met", keep_if_met)):
@@ -120,7 +122,8 @@ def check_args(params, every, seed, metric_closure, prompt, max_update_ratio, mi
 
 def check_min_improvement(value, option: str = "min_improvement") -> None:
     """:class:`ConfigError`, naming ``option``, unless ``value`` is a number in [0, 1)."""
-    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= value < 1:
+    # cast: any Real orders against numbers; typeshed's numbers.Real declares only __lt__ and __le__
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0 <= cast(float, value) < 1:
         raise ConfigError(f"Invalid {option}: {value!r} (a share in [0, 1) of the current metric by which the guard "
                           f"asks an update to improve it; 0 accepts any update that is not worse)")
 

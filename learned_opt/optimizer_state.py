@@ -44,18 +44,18 @@ def load_state(opt, state_dict: Mapping) -> None:
     the pre-hooks on a copy, every check, then the base's state, the counters, the RNG and the post-hooks."""
     if not isinstance(state_dict, Mapping):
         raise _refuse(f"it is a {type(state_dict).__name__}, not the mapping state_dict() returns")
-    state_dict = copy.deepcopy(dict(state_dict))
+    loaded = copy.deepcopy(dict(state_dict))
     for pre_hook in opt._optimizer_load_state_dict_pre_hooks.values():
-        result = pre_hook(opt, state_dict)
+        result = pre_hook(opt, loaded)
         if result is not None:
-            state_dict = dict(result)
-    gpt = state_dict.pop("gpt", None)
-    counters, rng_state = check_state(opt, state_dict, gpt)  # OptimizerStateError; nothing changed yet
+            loaded = dict(result)
+    gpt = loaded.pop("gpt", None)
+    counters, rng_state = check_state(opt, loaded, gpt)  # OptimizerStateError; nothing changed yet
     # torch's load builds new groups and state and swaps them in, then runs the base class's
     # __setstate__ (Adam's reads every "step"): a failure there would leave them half loaded
     before = {"state": opt.base.state, "param_groups": opt.base.param_groups}
     try:
-        opt.base.load_state_dict(state_dict)
+        opt.base.load_state_dict(loaded)
     except BaseException as exc:
         opt.base.__dict__.update(before)
         if not isinstance(exc, Exception) or isinstance(exc, OptimizerStateError):  # the base's own refusal,
@@ -186,7 +186,7 @@ def _check_by_a_step(base: torch.optim.Optimizer, state_dict: dict) -> None:
         with torch.no_grad():
             for p in params:
                 p.grad = torch.zeros_like(p)
-        step(scratch, lambda: torch.zeros(()))
+        step(scratch, lambda: torch.zeros(()))  # type: ignore[arg-type, return-value]  # torch: loss as float
     except Exception as exc:
         raise _refuse(f"{type(base).__name__} could not take a step with it ({type(exc).__name__}: "
                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None

@@ -360,7 +360,7 @@ def list_pretrained() -> list[dict]:
     with a warning.
     """
     folder = _weights_dir()
-    out = []
+    out: list[dict] = []
     if not folder.is_dir():
         return out
     for entry in sorted(folder.iterdir(), key=lambda e: e.name):

@@ -10,7 +10,7 @@ import math
 import warnings
 from dataclasses import dataclass
 from numbers import Real
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, cast
 
 import torch
 
@@ -231,7 +231,7 @@ def call_metric(closure: Callable[[], MetricValue], params: list[torch.Tensor]) 
             for p, value, (grad, saved) in zip(params, values, grads):
                 p.copy_(value)  # weights it changed in place
                 if grad is not None:
-                    grad.copy_(saved)  # values the closure changed in place (backward, zero_grad)
+                    grad.copy_(cast(torch.Tensor, saved))  # values the closure changed in place (backward, zero_grad)
                 p.grad = grad  # a gradient it set to None or replaced
 
 

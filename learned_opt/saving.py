@@ -142,7 +142,7 @@ def build_manifest(
 def tokenisation(layout: Layout) -> dict:
     """The manifest's ``tokenisation``: the scheme, and for neuron tokens a unit symmetry that is not
     the one derived from the signature (a chain of layers derives its own)."""
-    tok = {"scheme": layout.scheme, "chunk_size": layout.chunk_size, "num_tokens": layout.num_tokens}
+    tok: dict[str, Any] = {"scheme": layout.scheme, "chunk_size": layout.chunk_size, "num_tokens": layout.num_tokens}
     if layout.symmetry is not None:
         try:
             derived = chain_symmetry(layout.signature)

@@ -48,6 +48,7 @@ def attempt(opt, closure, before: float, target: float, start: float) -> Generat
     samples, error = agree(samples, error, theta)
     if error is not None:
         return finish(False, error, failed=True)
+    assert samples is not None  # sample_candidates and agree give a sample or an error, never neither
     samples, checks = line_points(opt, theta, samples)  # [C·S, P] (each candidate at each step size), checked
     # every rank must measure the same candidates (the closure may hold collectives)
     ok = all_ranks_each([reason is None for _, reason in checks], theta.device)
@@ -63,6 +64,7 @@ def attempt(opt, closure, before: float, target: float, start: float) -> Generat
         chosen, predicted, error = rank_by_prediction(opt, samples, valid)
         if error is not None:
             return finish(False, error, failed=True)
+        assert chosen is not None  # rank_by_prediction gives a choice or an error, never neither
         pool = [chosen]
 
     backup = [p.detach().clone() for p in params]

@@ -35,7 +35,7 @@ from ``(seed, r)`` and all runs share the checkpoint steps drawn from ``seed``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 import torch
@@ -171,9 +171,9 @@ def train_ppo(
                           f"({shape.minibatches})")
     runs, e = init.shape[0], shape.envs
     hp = {k: _as_column(getattr(hparams, k), runs) for k in vars(hparams)}
-    for k, v in hp.items():
+    for name, v in hp.items():
         if v.numel() != runs:
-            raise ValueError(f"hyperparameter {k} has {v.numel()} values for {runs} runs")
+            raise ValueError(f"hyperparameter {name} has {v.numel()} values for {runs} runs")
     shared_steps = run_seeds is None
     if run_seeds is None:
         run_seeds = [stream_seed(seed, 100 + r) for r in range(runs)]
@@ -211,9 +211,9 @@ def train_ppo(
 
         saved = torch.empty(runs, save_rows.shape[1], init.shape[1])
         save_when: dict[int, list[tuple[int, int]]] = {}  # grad step -> [(run, slot)]
-        for r, row in enumerate(save_rows.tolist()):
+        for run, row in enumerate(save_rows.tolist()):
             for slot, step in enumerate(row):
-                save_when.setdefault(step, []).append((r, slot))
+                save_when.setdefault(step, []).append((run, slot))
         grad_step = 0
 
         def maybe_save():
@@ -230,7 +230,7 @@ def train_ppo(
         obs_np = _checked(task, task.reset_to(env, starts(everyone)))
         rows = torch.arange(runs)[:, None]
         prev_done = np.zeros(runs * e, dtype=bool)
-        finished_returns = [[] for _ in range(runs)]
+        finished_returns: list[list[float]] = [[] for _ in range(runs)]
         episode_return = np.zeros(runs * e)
         T = shape.horizon
         for _update in range(shape.updates):
@@ -315,7 +315,7 @@ def train_ppo(
                     per_sample = pg - ent_c * entropy + v_c * (v - ret) ** 2
                     loss = ((per_sample * w).sum(1) / count).sum()  # runs are independent
                     grads = torch.autograd.grad(loss, params)
-                    norm = torch.sqrt(sum(g.pow(2).sum(1) for g in grads))  # [R]
+                    norm = torch.sqrt(cast(torch.Tensor, sum(g.pow(2).sum(1) for g in grads)))  # [R], a sum of two
                     scale = (hp["max_grad_norm"] / (norm + 1e-6)).clamp(max=1.0)[:, None]
                     for opt, g in zip(opts, grads):
                         opt.step(g * scale)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, cast
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import ConfigError, GenerationError
 from ..lopt import LearnedOptimizer
 from ..recipes import ADAM, ADAM_BASELINE, LOPT, LOPT_BASELINE, SGD, SGD_BASELINE, cosine_lr
-from ..tasks import Task
+from ..tasks import SupervisedTask
 
 BASELINES = {"adam": ADAM_BASELINE, "sgd": SGD_BASELINE}  # the plain optimizers' recipes (the demo trains both)
 NAMED_RECIPES = {**BASELINES, "lopt": LOPT_BASELINE}  # every recipe a name stands for (--bases, --optimizers)
@@ -72,6 +72,7 @@ def make_optimizer(recipe: str | Recipe, params) -> tuple[torch.optim.Optimizer,
     """
     r = recipe_of(recipe)
     wd = r.get("weight_decay", 0.0)
+    opt: torch.optim.Optimizer
     if r["optimizer"] == LOPT:
         opt = LearnedOptimizer(params, weights=r.get("weights"), lr=r["lr"])
     elif r["optimizer"] == SGD:
@@ -86,7 +87,7 @@ def make_optimizer(recipe: str | Recipe, params) -> tuple[torch.optim.Optimizer,
 
 
 def train_baseline(
-    task: Task,
+    task: SupervisedTask,
     init: torch.Tensor,
     data,
     recipe: str | Recipe,
@@ -127,7 +128,7 @@ class BaselineRun:
     minibatch order), so two stages equal one.
     """
 
-    def __init__(self, task: Task, init: torch.Tensor, data, recipe: str | Recipe, *,
+    def __init__(self, task: SupervisedTask, init: torch.Tensor, data, recipe: str | Recipe, *,
                  seed: int | torch.Generator = 0,
                  wrap: Callable[[nn.Module, BaseFactory], torch.optim.Optimizer] | None = None,
                  on_step: Callable[[int, nn.Module, torch.optim.Optimizer], None] | None = None,
@@ -174,7 +175,7 @@ class BaselineRun:
                 if self._perm is not None and self.scheduler is not None:
                     self.scheduler.step()
                 self._perm, self._pos = torch.randperm(n, generator=self._order).to(self.device), 0
-            idx = self._perm[self._pos : self._pos + self.batch]
+            idx = cast(torch.Tensor, self._perm)[self._pos : self._pos + self.batch]
             self._pos += self.batch
             opt.zero_grad(set_to_none=True)
             loss = self.task.loss(model(x[idx]), y[idx])
@@ -189,7 +190,7 @@ class BaselineRun:
                 self.on_step(self.t, model, opt)
             if self.t in measured:
                 self._sync()
-                self._elapsed += time.perf_counter() - start
+                self._elapsed += time.perf_counter() - cast(float, start)  # None only after a break
                 start = None
                 if not (torch.isfinite(loss) and torch.isfinite(self.layout.flatten_module(model)).all()):
                     curve.diverged_at = self.t

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, cast
 
 import numpy as np
 import torch
@@ -29,6 +29,7 @@ from .. import tasks
 from ..baselines.ppo import PPOHparams, PPOShape, train_ppo
 from ..errors import ConfigError
 from ..fileio import atomic_write
+from ..tasks import ControlTask
 from .update import DemoConfig, one_update, save_result
 
 
@@ -47,7 +48,7 @@ def first_step_at_or_above(steps: Sequence[int], values: Sequence[float], target
 def run_control_demo(config: DemoConfig) -> dict:
     """Run the demo on ``config.task`` (a control task); returns the results (also written to
     ``out/demo_TASK.json``)."""
-    task = tasks.get(config.task)
+    task = cast(ControlTask, tasks.get(config.task))  # a control task: its kind is checked here
     if task.kind != "control":
         raise ConfigError(f"the control demo needs a control task; {task.name} is a {task.kind} task")
     hparams, shape = PPOHparams(), PPOShape(total_steps=config.ppo_env_steps)

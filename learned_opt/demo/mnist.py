@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import cast
 
 from .. import tasks
 from ..errors import ConfigError
+from ..tasks import SupervisedTask
 from .baselines import BASELINES, first_step_at_or_below, train_baseline
 from .update import DemoConfig, one_update, save_result
 
@@ -17,7 +19,7 @@ def run_supervised_demo(config: DemoConfig, data=None) -> dict:
     ``out/demo_TASK.json``)."""
     if config.steps < 1 or config.eval_every < 1:
         raise ConfigError("--steps and --eval-every must be >= 1")
-    task = tasks.get(config.task)
+    task = cast(SupervisedTask, tasks.get(config.task))  # a supervised task: run_demo chooses this demo by kind
     if data is None:  # first: without data there is nothing to show, whatever the generator
         data = task.load_data(config.data_root, download=config.download)
     generator, model, layout, init, report = one_update(task, data, config)

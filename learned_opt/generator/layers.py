@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,17 +17,20 @@ class TokenLinear(nn.Module):
     ``k`` uses group ``groups[k]``'s map; without ``groups`` every token has its own (``G = T``).
     """
 
+    groups: torch.Tensor | None  # a buffer: the map of each token [T], or None when no map is shared
+
     def __init__(self, num_tokens: int, in_features: int, out_features: int,
                  groups: tuple[int, ...] | None = None) -> None:
         super().__init__()
         shared = groups is not None and len(set(groups)) < len(groups)
-        num_maps = max(groups) + 1 if shared else num_tokens
+        num_maps = max(groups) + 1 if groups is not None and shared else num_tokens
         self.weight = nn.Parameter(torch.zeros(num_maps, in_features, out_features))
         self.bias = nn.Parameter(torch.zeros(num_maps, out_features))
         self.register_buffer("groups", torch.tensor(groups) if shared else None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.weight, self.bias
+        w: torch.Tensor = self.weight
+        b: torch.Tensor = self.bias
         if self.groups is not None:
             w, b = w.index_select(0, self.groups), b.index_select(0, self.groups)
         # [T, B, in] @ [T, in, out] + [T, 1, out] -> [T, B, out]
@@ -40,6 +45,8 @@ class TokenLinear(nn.Module):
 class ScalarEmbedding(nn.Module):
     """A scalar per sample -> one token: sinusoidal features at fixed frequencies, then an MLP."""
 
+    frequencies: torch.Tensor  # a buffer [F]
+
     def __init__(self, frequencies: torch.Tensor, d_model: int) -> None:
         super().__init__()
         self.register_buffer("frequencies", frequencies.float(), persistent=False)  # [F]
@@ -50,7 +57,7 @@ class ScalarEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         angles = x.float().unsqueeze(-1) * self.frequencies  # [B, F]
         features = torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)  # [B, 2F]
-        return self.mlp(features.to(self.mlp[0].weight.dtype))  # [B, D]
+        return self.mlp(features.to(cast(nn.Linear, self.mlp[0]).weight.dtype))  # [B, D]
 
 
 class Attention(nn.Module):

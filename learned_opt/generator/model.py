@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,17 @@ from .layers import Block, MetricHead, ScalarEmbedding, TokenLinear
 
 class Gpt(nn.Module):
     """G.pt: predicts clean parameters θ′ from (x_t, t, θ, l, l′). See :mod:`learned_opt.generator`."""
+
+    # buffers, registered in __init__ (the first three with precondition only, skip_basis with subspace_skip)
+    signal_rate: torch.Tensor
+    noise_rate: torch.Tensor
+    residual_scale: torch.Tensor
+    skip_basis: torch.Tensor
+    token_index: torch.Tensor
+    flat_index: torch.Tensor
+    token_group: torch.Tensor
+    pos_index: torch.Tensor
+    null_prompt: nn.Parameter | None  # a parameter, registered in __init__
 
     def __init__(self, layout: Layout, config: GptConfig, diffusion: DiffusionConfig | None = None) -> None:
         super().__init__()
@@ -102,8 +113,8 @@ class Gpt(nn.Module):
         for block in self.blocks:
             # GPT-2 style: shrink the residual branches' output projections with depth.
             std = 0.02 / math.sqrt(2 * self.config.n_layers)
-            nn.init.normal_(block.attn.proj.weight, std=std)
-            nn.init.normal_(block.mlp[2].weight, std=std)
+            nn.init.normal_(cast(Block, block).attn.proj.weight, std=std)
+            nn.init.normal_(cast(nn.Linear, cast(Block, block).mlp[2]).weight, std=std)
         self.decoder.weight.zero_()
         self.decoder.bias.zero_()
 

@@ -56,7 +56,7 @@ FEATURE_CONFIG = {
 def theta_shapes(hidden: Sequence[int] = HIDDEN) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the MLP's tensors: ``w{i}`` ``[in, out]`` and ``b{i}`` ``[out]``."""
     sizes = [NUM_FEATURES, *hidden, 2]
-    shapes = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         shapes[f"w{i}"], shapes[f"b{i}"] = (a, b), (b,)
     return shapes

@@ -233,6 +233,7 @@ def _refuse_nonfinite(updates: list) -> None:
 def _cause(p: torch.Tensor) -> str:
     """Why a parameter's step is not finite, as far as the parameter and its gradient tell."""
     grad = p.grad
+    assert grad is not None  # only parameters with a gradient are stepped
     if not bool(torch.isfinite(p).all()):
         return "the parameter itself holds NaN or Inf"
     if not bool(torch.isfinite(grad).all()):

@@ -70,8 +70,8 @@ def rule_from_theta(theta: Mapping[str, torch.Tensor], name: str = "in-memory") 
     except (TypeError, ValueError, RuntimeError) as exc:
         raise WeightsError(f"learned-optimizer weights {name} must map names to tensors ({exc})") from None
     n = sum(1 for k in theta if k.startswith("w"))
-    ws = [theta.get(f"w{i}") for i in range(n)]
-    hidden = [int(w.shape[1]) for w in ws[:-1]] if all(w is not None and w.dim() == 2 for w in ws) else []
+    ws = [theta[f"w{i}"] for i in range(n) if f"w{i}" in theta]
+    hidden = [int(w.shape[1]) for w in ws[:-1]] if len(ws) == n and all(w.dim() == 2 for w in ws) else []
     _check_theta(theta, hidden, name)
     manifest = {"kind": KIND, "name": name, "architecture": {"hidden": hidden}, "features": dict(FEATURE_CONFIG)}
     return LoadedRule(name, theta, manifest, _theta_hash(theta))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence, cast
 
 import torch
 from torch import nn
@@ -100,8 +100,8 @@ class Task(ABC):
         with torch.device("meta"):  # only the structure: the parameters come from ``flat``
             model = self.build_model()
         layout = self.layout()
-        if hasattr(model, "batched_forward"):
-            return model.batched_forward(layout.unflatten(flat), inputs)
+        if hasattr(model, "batched_forward"):  # a method: cast, as nn.Module types unknown attributes Tensor | Module
+            return cast(Any, model).batched_forward(layout.unflatten(flat), inputs)
         key = ("forward", inputs.device.type)
         if key not in self._cache:  # vmap turns a CPU convolution into a slower grouped one: measure
             self._cache[key] = fastest_forward(model, layout, flat[:2].detach(), inputs[:256])
@@ -239,7 +239,7 @@ def fastest_forward(model: nn.Module, layout: Layout, flat: torch.Tensor, x: tor
                     for f in flat:
                         torch.func.functional_call(model, layout.unflatten(f), (x,))
                 seconds[name] = time.perf_counter() - start
-    return min(seconds, key=seconds.get)
+    return min(seconds, key=seconds.__getitem__)
 
 
 def batched_forward(model: nn.Module, layout: Layout, flat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

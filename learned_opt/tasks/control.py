@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, EnvironmentStepError
+from ..recipes import PPORanges
 from .base import Metric, Task
 
 MATCHING_SEED = 2024  # the observations generator training may compare policies on
@@ -59,7 +60,7 @@ class ControlTask(Task):
     matching_box: Sequence[float] | None = None  # observations output matching may use: uniform in ±box
     metrics = {"return": Metric("return", "max", 500.0, "mean greedy return over fixed episodes")}
     default_metric = "return"
-    corpus_ranges = None  # a learned_opt.recipes.PPORanges, or None for the kind's defaults
+    corpus_ranges: PPORanges | None = None  # None for the kind's defaults
     solved_return: float | None = None  # the mean return at which the environment counts as solved, if it has one
     traced_observation = 0  # which observation entry rollout() traces (the control demo plots it)
     traced_label: str | None = None  # what that entry is (None: "observation <i>")

@@ -20,7 +20,7 @@ import importlib.util
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
+from typing import Callable, cast
 
 from ..errors import ConfigError, UnknownTaskError
 from ..fileio import is_plain_name
@@ -44,14 +44,15 @@ def _load_entry_points() -> None:
     """Register the tasks that installed packages declare (once; broken ones are skipped with the reason kept)."""
     if _REGISTRY.get("__entry_points_loaded__"):
         return
-    _REGISTRY["__entry_points_loaded__"] = lambda: None  # type: ignore[assignment]
+    _REGISTRY["__entry_points_loaded__"] = lambda: None  # type: ignore[assignment, return-value]  # a marker
     try:
         points = metadata.entry_points(group=ENTRY_POINT_GROUP)
     except Exception:  # noqa: BLE001 - a broken environment must not break the built-in tasks
         return
     for point in points:
         if point.name not in _REGISTRY:
-            _REGISTRY[point.name] = lambda p=point: _instantiate(p.load(), p.value)
+            # cast: mypy cannot infer a lambda with a default argument against Callable[[], Task]
+            _REGISTRY[point.name] = cast(Callable[[], Task], lambda p=point: _instantiate(p.load(), p.value))
             _SOURCES[point.name] = point.value
 
 
@@ -103,6 +104,7 @@ def _load_reference(ref: str) -> Task:
                 module = sys.modules[module_name]
             else:
                 spec = importlib.util.spec_from_file_location(module_name, path)
+                assert spec is not None and spec.loader is not None  # a .py file (checked above) always has both
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[module_name] = module
                 spec.loader.exec_module(module)

@@ -25,12 +25,13 @@ matching compares networks on) is the training data outside that holdout.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError
+from ..recipes import SupervisedRanges
 from .base import Metric, Task
 
 
@@ -61,8 +62,8 @@ class SupervisedTask(Task):
     train_loss_examples = 10_000  # the fixed slice of training data ``train_loss`` measures
     # per-channel {"mean": [...], "std": [...]} that load_data applies to pixel values in [0, 1]: a
     # generator's manifest records it, since its networks only work on inputs prepared the same way
-    input_normalization = None
-    corpus_ranges = None  # a learned_opt.recipes.SupervisedRanges, or None for the kind's defaults
+    input_normalization: Mapping[str, Sequence[float]] | None = None
+    corpus_ranges: SupervisedRanges | None = None  # None for the kind's defaults
 
     def validation_data(self, data: ClassificationData, holdout: int = 5000) -> ClassificationData:
         """The last ``holdout`` training examples in place of the test set (the ``test_*`` metrics

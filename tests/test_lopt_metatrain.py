@@ -272,13 +272,16 @@ def test_a_resume_whose_outer_rule_file_now_holds_other_weights_is_refused(tmp_p
         meta_train(configured, _data(), tmp_path / "n", progress=False, export=False)
 
 
+CLI_TINY = ["--widths", "4", "--depths", "1", "--image-size", "7", "--pairs", "2", "--truncation", "2", "--unroll", "4",
+            "--no-progress"]
+
+
 def test_a_cli_resume_takes_the_checkpoint_settings_that_are_not_given(tmp_path, mnist_root):
     """`meta-train --resume` needs only what changes: the settings not given are the checkpoint's
     (its planned --outer-steps too), and the run equals an uninterrupted one."""
     from learned_opt.cli import main
 
-    tiny = ["--widths", "4", "--depths", "1", "--image-size", "7", "--pairs", "2", "--truncation", "2", "--unroll", "4",
-            "--outer-lr", "1e-3", "--seed", "5", "--no-progress", "--data-root", str(mnist_root)]
+    tiny = [*CLI_TINY, "--outer-lr", "1e-3", "--seed", "5", "--data-root", str(mnist_root)]
     assert main(["meta-train", "--out", str(tmp_path / "whole"), "--outer-steps", "4", *tiny]) == 0
     assert main(["meta-train", "--out", str(tmp_path / "part"), "--outer-steps", "2", *tiny]) == 0
     assert main(["meta-train", "--out", str(tmp_path / "part"), "--resume", "--outer-steps", "4", "--no-progress",
@@ -290,3 +293,32 @@ def test_a_cli_resume_takes_the_checkpoint_settings_that_are_not_given(tmp_path,
     assert main(["meta-train", "--out", str(tmp_path / "part"), "--resume", "--no-progress",
                  "--data-root", str(mnist_root)]) == 0
     assert load_rule(tmp_path / "part" / "lopt.json").content_sha256 == whole.content_sha256
+
+
+def test_a_cli_resume_keeps_the_checkpoint_cadence_and_finds_the_outer_rule_from_anywhere(tmp_path, mnist_root,
+                                                                                          monkeypatch, capsys):
+    from learned_opt.cli import main
+    from learned_opt.lopt import hand_set_theta, save_rule
+    from pretrain.metatrain.trainer import resume_settings
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    save_rule(tmp_path / "a" / "rules", "outer", hand_set_theta(seed=1), meta_training={})
+    monkeypatch.chdir(tmp_path / "a")
+    data = ["--data-root", str(mnist_root)]
+    assert main(["meta-train", "--out", str(tmp_path / "run"), "--outer-steps", "2", "--checkpoint-every", "1",
+                 "--outer-optimizer", "learned", "--outer-weights", "rules/outer.json", *CLI_TINY, *data]) == 0
+    assert resume_settings(tmp_path / "run" / "checkpoint.pt")["checkpoint_every"] == 1
+    monkeypatch.chdir(tmp_path / "b")  # the outer rule's path was relative to a
+    assert main(["meta-train", "--out", str(tmp_path / "run"), "--resume", "--outer-steps", "3", "--no-progress",
+                 *data]) == 0
+    # another outer optimizer is another setting, named as such (not as an --outer-weights given alone)
+    assert main(["meta-train", "--out", str(tmp_path / "run"), "--resume", "--outer-steps", "4",
+                 "--outer-optimizer", "adam", "--no-progress", *data]) == 2
+    assert "cannot resume" in capsys.readouterr().err
+    # a damaged checkpoint is said to be damaged, whatever options come with it
+    ckpt = tmp_path / "run" / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    assert main(["meta-train", "--out", str(tmp_path / "run"), "--resume", "--unroll", "6", "--no-progress",
+                 *data]) == 2
+    assert "not a readable meta-training checkpoint" in capsys.readouterr().err

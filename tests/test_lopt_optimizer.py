@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from learned_opt import LearnedOptimizer
-from learned_opt.errors import ConfigError, LearnedOptError, OptimizerStateError, WeightsError
+from learned_opt.errors import ConfigError, LearnedOptError, NonFiniteStepError, OptimizerStateError, WeightsError
 from learned_opt.lopt import hand_set_theta, init_state, update
 
 THETA = hand_set_theta(noise=0.05)
@@ -468,6 +468,14 @@ def test_a_step_that_would_write_nan_or_inf_raises_and_changes_nothing(spoil):
         opt.step()
     assert cause is None or cause in str(info.value)
     assert _unchanged(model, opt, before)
+
+
+def test_a_float64_gradient_beyond_float32_is_named_as_it_is():
+    p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    p.grad = torch.tensor([1e39, 0.0, 0.0], dtype=torch.float64)
+    with pytest.raises(NonFiniteStepError, match=r"its largest element \(1e\+39\)"):
+        LearnedOptimizer([p], weights=THETA).step()
+    assert torch.equal(p.detach(), torch.zeros(3, dtype=torch.float64))
 
 
 def test_unordered_or_malformed_param_groups_are_refused():

@@ -170,8 +170,9 @@ class LearnedOptimizer(Optimizer):
                                       "list); load one saved by LearnedOptimizer.state_dict()")
         sha = state_dict.get("rule_sha256")  # the weights' content; states saved before: their file's sha256
         if sha is not None and sha not in (self.rule.content_sha256, self.rule.sha256):
-            raise OptimizerStateError(f"this state was saved with learned-optimizer weights {str(sha)[:12]}, this "
-                                      f"optimizer has {self.rule.content_sha256[:12]}; load the same weights first")
+            raise OptimizerStateError(f"this state was saved with other learned-optimizer weights than this "
+                                      f"optimizer's ({self.rule.name}): their sha256 is {str(sha)[:12]}, not "
+                                      f"{self.rule.content_sha256[:12]}; load the same weights first")
         groups = state_dict["param_groups"]
         if len(groups) != len(self.param_groups) or any(
                 not isinstance(a, dict) or not isinstance(a.get("params"), (list, tuple))
@@ -238,8 +239,8 @@ def _cause(p: torch.Tensor) -> str:
         return "the parameter itself holds NaN or Inf"
     if not bool(torch.isfinite(grad).all()):
         return "its gradient holds NaN or Inf"
-    largest = float(grad.detach().abs().max().float())
-    if largest ** 2 > torch.finfo(torch.float32).max:  # the rule's second moment is float32
+    largest = grad.detach().abs().max().item()  # in the gradient's own precision
+    if largest > math.sqrt(torch.finfo(torch.float32).max):  # the rule's second moment is float32
         return f"its gradient is finite, but its largest element ({largest:.3g}) squared exceeds float32's range"
     return "lr is too large for its dtype"
 

@@ -81,7 +81,11 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads must be between 1 and this machine's {cpus} CPUs, got {args.threads}")
     torch.set_num_threads(args.threads)
     given = {k: v for k, v in vars(args).items() if k in SETTINGS}
+    if os.path.isfile(given.get("outer_weights", "")):  # a file: by its absolute path, so a resume finds it anywhere
+        given["outer_weights"] = str(Path(given["outer_weights"]).resolve())
     saved = resume_settings(Path(args.out) / "checkpoint.pt") if args.resume else {}
+    if "outer_optimizer" in given:  # the saved outer rule goes with the saved outer optimizer
+        saved.pop("outer_weights", None)
     config = MetaConfig(**{**saved, **given})
     check_destination(args.out, args.name, resume=args.resume)
     data = config.family().load_data(args.data_root)

@@ -132,28 +132,13 @@ def save_checkpoint(path: Path, config: MetaConfig, s: MetaState, name: str) -> 
     blob = {"version": CHECKPOINT_VERSION, "kind": "lopt-meta-train", "settings": json.dumps(config.settings()),
             "theta": s.theta, "adam": s.outer_state, "unroll": s.unroll.to_dict() if s.unroll else None,
             "outer_step": s.outer_step, "gen_state": s.gen_state, "seconds": s.seconds,
-            "changes": json.dumps(s.changes), "name": name, "outer_steps": config.outer_steps}
+            "changes": json.dumps(s.changes), "name": name, "outer_steps": config.outer_steps,
+            "checkpoint_every": config.checkpoint_every}
     atomic_torch_save(blob, path)
 
 
-def resume_settings(path: Path) -> dict:
-    """The settings the checkpoint at ``path`` was written with, as :class:`MetaConfig` keywords, its
-    planned ``outer_steps`` included where recorded: what ``--resume`` starts from, before the options
-    given on the command line. Empty where there is no readable checkpoint (the resume then starts
-    afresh, or :func:`load_checkpoint` says what is wrong with it)."""
-    try:
-        blob = torch_load_checked(path)
-        saved = json.loads(blob["settings"])
-    except Exception:  # missing or damaged: said later, in load_checkpoint's words
-        return {}
-    names = {f.name for f in fields(MetaConfig)}
-    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in names}
-    if isinstance(blob.get("outer_steps"), int) and not isinstance(blob["outer_steps"], bool):
-        kwargs["outer_steps"] = blob["outer_steps"]
-    return kwargs
-
-
-def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
+def _read_checkpoint(path: Path) -> dict:
+    """The checkpoint at ``path``, checked to be one; :class:`TrainingError` saying what is wrong."""
     try:
         blob = torch_load_checked(path)
     except FileNotFoundError:
@@ -165,6 +150,27 @@ def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
                             f"resumed; move it aside to start again in this --out, or choose a new --out") from None
     if not isinstance(blob, dict) or blob.get("kind") != "lopt-meta-train" or blob.get("version") not in READABLE_VERSIONS:
         raise TrainingError(f"{path} is not a learned-opt meta-training checkpoint of version {CHECKPOINT_VERSION}")
+    return blob
+
+
+def resume_settings(path: Path) -> dict:
+    """The settings the checkpoint at ``path`` was written with, as :class:`MetaConfig` keywords, its
+    planned ``outer_steps`` and ``checkpoint_every`` included where recorded: what ``--resume``
+    starts from, before the options given on the command line. Empty where there is no checkpoint
+    (the resume starts afresh); :class:`TrainingError` for one that cannot be read."""
+    if not path.exists():
+        return {}
+    blob = _read_checkpoint(path)
+    names = {f.name for f in fields(MetaConfig)}
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(blob["settings"]).items() if k in names}
+    for key in ("outer_steps", "checkpoint_every"):  # bookkeeping, not settings: recorded beside them
+        if isinstance(blob.get(key), int) and not isinstance(blob[key], bool):
+            kwargs[key] = blob[key]
+    return kwargs
+
+
+def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
+    blob = _read_checkpoint(path)
     saved = json.loads(blob["settings"])
     saved.pop("checkpoint_every", None)  # recorded before it was left out of the settings
     # written before these settings existed
@@ -176,6 +182,8 @@ def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
     now = config.settings()
     if "outer_weights_sha256" in now:  # written before the outer rule's content was recorded: its path alone
         saved.setdefault("outer_weights_sha256", now["outer_weights_sha256"])
+    if saved.get("outer_weights_sha256") is not None and saved.get("outer_weights_sha256") == now.get("outer_weights_sha256"):
+        saved["outer_weights"] = now["outer_weights"]  # the same outer rule, by its content, wherever its file now is
     fixed = {k: v for k, v in saved.items() if k not in RESUMABLE}
     if fixed != {k: v for k, v in now.items() if k not in RESUMABLE}:
         diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items()

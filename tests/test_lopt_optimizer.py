@@ -528,3 +528,21 @@ def test_load_state_dict_refuses_state_the_next_step_cannot_use(spoil):
     with pytest.raises(OptimizerStateError, match="dense, real and finite"):
         opt.load_state_dict(sd)
     assert _unchanged(model, opt, before)
+
+
+@pytest.mark.parametrize("max_rows", [1, 7, 40])
+def test_the_mlp_in_passes_of_a_few_elements_gives_the_same_step(max_rows, monkeypatch):
+    """A step runs the rule's MLP over at most MAX_ROWS elements at a time (memory): tensors larger
+    than that in slices, smaller ones together. The result is the one pass's."""
+    from learned_opt.lopt import model as rule
+
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen) for s in ((5, 9), (3,), (0,), (17,), (2, 2))]
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    theta = hand_set_theta(noise=0.1)
+    one_pass = update(theta, params, grads, init_state(params), 3, lr=0.5)
+    monkeypatch.setattr(rule, "MAX_ROWS", max_rows)
+    passes = update(theta, params, grads, init_state(params), 3, lr=0.5)
+    for a, b in zip(one_pass[0], passes[0]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    assert not torch.equal(one_pass[0][0], params[0])  # it moved

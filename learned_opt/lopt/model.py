@@ -41,6 +41,7 @@ EPS = 1e-8
 STEP_MULT = 1e-3  # Metz 2020's step_mult: a unit direction moves a parameter by 1e-3
 EXP_MULT = 1e-2  # the log magnitude's multiplier
 HIDDEN = (32, 32)
+MAX_ROWS = 1 << 18  # elements per pass of the MLP: a larger model takes several, so a step's memory stays bounded
 NUM_NORMALISED = 3 + 2 * len(BETAS)  # p, g, g/sqrt(v), m_k, m_k/sqrt(v): divided by their RMS over the tensor
 NUM_ELEMENT_FEATURES = NUM_NORMALISED + len(BETAS)  # + m̂_k/sqrt(v̂), bias-corrected, not normalised
 NUM_FEATURES = NUM_ELEMENT_FEATURES + 1 + 2 * len(TIMESCALES) + 1  # + log(numel) + sinusoids + log(num tensors)
@@ -162,16 +163,28 @@ def update(
     modified in place.
 
     ``step`` is the index of this step (0 for the first); ``num_tensors`` (default ``len(params)``)
-    is the tensor count the rule is told. The first layer runs per tensor, the rest of the MLP once
-    over all tensors' elements concatenated; the result is :func:`mlp` on every element's full
-    feature vector. Computed in fp32 (a float64 parameter is updated in float64); new parameters take
+    is the tensor count the rule is told. The first layer runs per tensor, the rest of the MLP over
+    the tensors' elements concatenated, :data:`MAX_ROWS` elements at a time (a tensor larger than
+    that in slices), so that a step's memory beyond the new state does not grow with the model; the
+    result is :func:`mlp` on every element's full feature vector. Computed in fp32 (a float64 parameter is updated in float64); new parameters take
     each parameter's dtype.
     """
     if not params:
         return (), {"m": (), "v": ()}
     num_tensors = len(params) if num_tensors is None else num_tensors
     betas = torch.tensor(BETAS, dtype=torch.float32, device=params[0].device)
-    new_m, new_v, hidden = [], [], []
+    new_m, new_v, deltas = [], [], []
+    rows: list[torch.Tensor] = []  # first-layer outputs [n, hidden0] waiting for the rest of the MLP
+    pending = 0  # their elements
+
+    def rest_of_mlp() -> None:
+        nonlocal pending
+        if rows:
+            out = head(theta, torch.cat(rows) if len(rows) > 1 else rows[0])  # [n, 2]
+            deltas.append(out[:, 0] * torch.exp(EXP_MULT * out[:, 1]))
+            rows.clear()
+        pending = 0
+
     scalars = step_features(step, num_tensors, params[0].device)  # [S]
     corrections = bias_corrections(step, params[0].device)  # once per step, not per tensor
     # The first layer in parts: the per-element features of each tensor, and the per-tensor and
@@ -188,9 +201,17 @@ def update(
         new_m.append(m)
         new_v.append(v)
         f = features(p.float(), g, m, v, step, corrections)  # [F_e, n]
-        hidden.append(f.T @ w0[:NUM_ELEMENT_FEATURES] + (bias + tensor_features(p) @ size_row))  # [n, hidden0]
-    out = head(theta, torch.cat(hidden))  # [N, 2]
-    delta = out[:, 0] * torch.exp(EXP_MULT * out[:, 1]) * STEP_MULT * lr  # [N]
+        row_bias = bias + tensor_features(p) @ size_row  # [hidden0]
+        n = p.numel()
+        for lo in range(0, n, MAX_ROWS):
+            hi = min(lo + MAX_ROWS, n)
+            if pending + hi - lo > MAX_ROWS:
+                rest_of_mlp()
+            rows.append(f[:, lo:hi].T @ w0[:NUM_ELEMENT_FEATURES] + row_bias)  # [hi - lo, hidden0]
+            pending += hi - lo
+    rest_of_mlp()
+    directions = torch.cat(deltas) if deltas else torch.zeros(0, device=params[0].device)
+    delta = directions * STEP_MULT * lr  # [N]
     # in float32, or the parameter's own dtype where it is wider (float64 is not rounded)
     new_params = tuple(
         (p.to(wide) - d.view(p.shape).to(wide)).to(p.dtype)

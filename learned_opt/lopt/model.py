@@ -96,10 +96,22 @@ def init_state(params: Sequence[torch.Tensor]) -> dict[str, tuple[torch.Tensor, 
     }
 
 
-def _rms_normalise(x: torch.Tensor) -> torch.Tensor:
-    """``x`` ``[F, n]`` divided by each row's root mean square, clipped."""
-    rms = x.square().mean(dim=1, keepdim=True).add(EPS).sqrt()
-    return (x / rms).clamp(-CLIP, CLIP)
+def _raw_rows(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rsqrt: torch.Tensor):
+    """The features divided by their RMS over the tensor, one row at a time (``[1, n]`` each, in the
+    order of :data:`NUM_NORMALISED`): p, g, g/sqrt(v), each m_k, each m_k/sqrt(v)."""
+    yield p
+    yield g
+    yield g * rsqrt
+    for k in range(len(BETAS)):
+        yield m[k:k + 1]
+    for k in range(len(BETAS)):
+        yield m[k:k + 1] * rsqrt
+
+
+def _rms(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rsqrt: torch.Tensor) -> torch.Tensor:
+    """The root mean square over the tensor of each normalised feature, ``[NUM_NORMALISED, 1]``,
+    computed row by row, so that no more than one row of them is held at a time."""
+    return torch.cat([x.square().mean(dim=1, keepdim=True) for x in _raw_rows(p, g, m, rsqrt)]).add(EPS).sqrt()
 
 
 def bias_corrections(step, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,14 +128,29 @@ def features(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
     step ``step`` (0-based) updated the momenta ``m`` and ``v``; ``corrections`` is
     :func:`bias_corrections` of that step where the caller has it already."""
     n = p.numel()
-    m = m.reshape(len(BETAS), n)  # [K, n]
-    v = v.reshape(1, n)
+    flat = p.reshape(1, n), g.reshape(1, n), m.reshape(len(BETAS), n), v.reshape(1, n), None
+    return features_of(*flat, slice(None), bias_corrections(step, p.device) if corrections is None else corrections)
+
+
+def _flat(p, g, m, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``p`` and ``g`` ``[1, n]``, ``m`` ``[K, n]``, ``v`` ``[1, n]``, and, for a tensor of more than
+    :data:`MAX_ROWS` elements (whose features come a slice at a time), the normalising RMS ``[F, 1]``."""
+    n = p.numel()
+    p, g, m, v = p.reshape(1, n), g.reshape(1, n), m.reshape(len(BETAS), n), v.reshape(1, n)
+    return p, g, m, v, _rms(p, g, m, torch.rsqrt(v + EPS)) if n > MAX_ROWS else None
+
+
+def features_of(p, g, m, v, rms: torch.Tensor | None, rows: slice, corrections) -> torch.Tensor:
+    """:func:`features` of the elements ``rows`` of :func:`_flat`'s flattened tensors, normalised by
+    ``rms`` (None: by the RMS of these elements, which are then the whole tensor)."""
+    p, g, m, v = p[:, rows], g[:, rows], m[:, rows], v[:, rows]
     rsqrt = torch.rsqrt(v + EPS)
-    g = g.reshape(1, n)
-    raw = torch.cat([p.reshape(1, n), g, g * rsqrt, m, m * rsqrt])  # [NUM_NORMALISED, n]
-    bc_m, bc_v = bias_corrections(step, p.device) if corrections is None else corrections
+    bc_m, bc_v = corrections
     adam = (m / bc_m) * torch.rsqrt(v / bc_v + EPS)  # [K, n]
-    return torch.cat([_rms_normalise(raw), adam.clamp(-CLIP, CLIP)])
+    raw = torch.cat(list(_raw_rows(p, g, m, rsqrt)))  # [NUM_NORMALISED, n]
+    if rms is None:
+        rms = raw.square().mean(dim=1, keepdim=True).add(EPS).sqrt()
+    return torch.cat([(raw / rms).clamp(-CLIP, CLIP), adam.clamp(-CLIP, CLIP)])
 
 
 def tensor_features(p: torch.Tensor) -> torch.Tensor:
@@ -200,14 +227,15 @@ def update(
         v = BETA2 * v + (1 - BETA2) * g.square()
         new_m.append(m)
         new_v.append(v)
-        f = features(p.float(), g, m, v, step, corrections)  # [F_e, n]
+        flat = _flat(p.float(), g, m, v)  # the tensor's RMS first: its features then come a slice at a time
         row_bias = bias + tensor_features(p) @ size_row  # [hidden0]
         n = p.numel()
         for lo in range(0, n, MAX_ROWS):
             hi = min(lo + MAX_ROWS, n)
             if pending + hi - lo > MAX_ROWS:
                 rest_of_mlp()
-            rows.append(f[:, lo:hi].T @ w0[:NUM_ELEMENT_FEATURES] + row_bias)  # [hi - lo, hidden0]
+            f = features_of(*flat, slice(lo, hi), corrections)  # [F_e, hi - lo]
+            rows.append(f.T @ w0[:NUM_ELEMENT_FEATURES] + row_bias)  # [hi - lo, hidden0]
             pending += hi - lo
     rest_of_mlp()
     directions = torch.cat(deltas) if deltas else torch.zeros(0, device=params[0].device)

@@ -97,8 +97,9 @@ def init_state(params: Sequence[torch.Tensor]) -> dict[str, tuple[torch.Tensor, 
 
 
 def _raw_rows(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rsqrt: torch.Tensor):
-    """The features divided by their RMS over the tensor, one row at a time (``[1, n]`` each, in the
-    order of :data:`NUM_NORMALISED`): p, g, g/sqrt(v), each m_k, each m_k/sqrt(v)."""
+    """The features that are normalised by their RMS over the tensor, as they are before that, one
+    row at a time (``[1, n]`` each, :data:`NUM_NORMALISED` of them): p, g, g/sqrt(v), each m_k, each
+    m_k/sqrt(v)."""
     yield p
     yield g
     yield g * rsqrt
@@ -134,7 +135,8 @@ def features(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
 
 def _flat(p, g, m, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``p`` and ``g`` ``[1, n]``, ``m`` ``[K, n]``, ``v`` ``[1, n]``, and, for a tensor of more than
-    :data:`MAX_ROWS` elements (whose features come a slice at a time), the normalising RMS ``[F, 1]``."""
+    :data:`MAX_ROWS` elements (whose features come a slice at a time), the normalising RMS
+    ``[NUM_NORMALISED, 1]``, else None."""
     n = p.numel()
     p, g, m, v = p.reshape(1, n), g.reshape(1, n), m.reshape(len(BETAS), n), v.reshape(1, n)
     return p, g, m, v, _rms(p, g, m, torch.rsqrt(v + EPS)) if n > MAX_ROWS else None
@@ -192,8 +194,9 @@ def update(
     ``step`` is the index of this step (0 for the first); ``num_tensors`` (default ``len(params)``)
     is the tensor count the rule is told. The first layer runs per tensor, the rest of the MLP over
     the tensors' elements concatenated, :data:`MAX_ROWS` elements at a time (a tensor larger than
-    that in slices), so that a step's memory beyond the new state does not grow with the model; the
-    result is :func:`mlp` on every element's full feature vector. Computed in fp32 (a float64 parameter is updated in float64); new parameters take
+    that in slices), so that the MLP's activations take the same memory whatever the model's size;
+    the result is :func:`mlp` on every element's full feature vector (bit for bit as one pass where
+    the tensors have at most :data:`MAX_ROWS` elements in all; above, to float rounding). Computed in fp32 (a float64 parameter is updated in float64); new parameters take
     each parameter's dtype.
     """
     if not params:

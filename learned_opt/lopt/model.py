@@ -196,8 +196,8 @@ def update(
     the tensors' elements concatenated, :data:`MAX_ROWS` elements at a time (a tensor larger than
     that in slices), so that the MLP's activations take the same memory whatever the model's size;
     the result is :func:`mlp` on every element's full feature vector (bit for bit as one pass where
-    the tensors have at most :data:`MAX_ROWS` elements in all; above, to float rounding). Computed in fp32 (a float64 parameter is updated in float64); new parameters take
-    each parameter's dtype.
+    the tensors have at most :data:`MAX_ROWS` elements in all; above, to float rounding). Computed
+    in fp32 (a float64 parameter is updated in float64); new parameters take each parameter's dtype.
     """
     if not params:
         return (), {"m": (), "v": ()}

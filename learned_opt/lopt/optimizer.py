@@ -8,10 +8,10 @@ Usage contract (as any optimizer)::
 
 ``lr`` multiplies every step (1.0 is the step size the rule was meta-trained with, roughly
 Adam(1e-3)'s), so LR schedulers work as with any optimizer (one that also cycles momentum, as
-``OneCycleLR`` does by default, needs ``cycle_momentum=False``: the rule has no momentum setting). The step counter lives in each param
-group (``group["step"]``, the steps the group has taken) and the momenta and each parameter's own
-step count in ``state``, so ``state_dict()`` needs no extra code and
-loads through ``torch.load(weights_only=True)``. ``step`` draws no random numbers.
+``OneCycleLR`` does by default, needs ``cycle_momentum=False``: the rule has no momentum setting).
+The step counter lives in each param group (``group["step"]``, the steps the group has taken) and
+the momenta and each parameter's own step count in ``state``, so ``state_dict()`` needs no extra
+code and loads through ``torch.load(weights_only=True)``. ``step`` draws no random numbers.
 
 Behaviour at the edges, like Adam's: a parameter whose ``grad`` is None is not touched and its
 state, step count included, is not advanced; a zero gradient still moves a parameter (the momenta

@@ -14,8 +14,8 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from functools import cached_property
 from datetime import datetime, timezone
+from functools import cached_property
 from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping

@@ -43,7 +43,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", default="lopt", help="name of the exported weights (default: lopt)")
     p.add_argument("--resume", action="store_true",
                    help="continue out/checkpoint.pt (a fresh start if there is none); the settings not given take "
-                        "the checkpoint's values, --outer-steps its planned total")
+                        "the checkpoint's values, and --outer-steps and --checkpoint-every its own")
     p.add_argument("--outer-steps", type=int, default=S, help=f"ES updates of the rule (default: {d.outer_steps})")
     p.add_argument("--pairs", type=int, default=S, help=f"antithetic pairs (population = 2 x pairs; default: {d.pairs})")
     p.add_argument("--truncation", type=int, default=S, help=f"inner steps per truncation (default: {d.truncation})")
@@ -81,8 +81,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads must be between 1 and this machine's {cpus} CPUs, got {args.threads}")
     torch.set_num_threads(args.threads)
     given = {k: v for k, v in vars(args).items() if k in SETTINGS}
-    if os.path.isfile(given.get("outer_weights", "")):  # a file: by its absolute path, so a resume finds it anywhere
-        given["outer_weights"] = str(Path(given["outer_weights"]).resolve())
+    weights = Path(given.get("outer_weights", ""))
+    if (weights.suffix in (".json", ".safetensors") or len(weights.parts) > 1) and weights.is_file():
+        given["outer_weights"] = str(weights.resolve())  # a file (as load_rule reads it): found from anywhere
     saved = resume_settings(Path(args.out) / "checkpoint.pt") if args.resume else {}
     if "outer_optimizer" in given:  # the saved outer rule goes with the saved outer optimizer
         saved.pop("outer_weights", None)

@@ -180,10 +180,10 @@ def load_checkpoint(path: Path, config: MetaConfig) -> MetaState:
     saved.setdefault("pools", [1])
     saved.setdefault("max_params", 0)
     now = config.settings()
+    if saved.get("outer_weights_sha256") is not None and saved["outer_weights_sha256"] == now.get("outer_weights_sha256"):
+        saved["outer_weights"] = now["outer_weights"]  # the same outer rule, by its content, wherever its file now is
     if "outer_weights_sha256" in now:  # written before the outer rule's content was recorded: its path alone
         saved.setdefault("outer_weights_sha256", now["outer_weights_sha256"])
-    if saved.get("outer_weights_sha256") is not None and saved.get("outer_weights_sha256") == now.get("outer_weights_sha256"):
-        saved["outer_weights"] = now["outer_weights"]  # the same outer rule, by its content, wherever its file now is
     fixed = {k: v for k, v in saved.items() if k not in RESUMABLE}
     if fixed != {k: v for k, v in now.items() if k not in RESUMABLE}:
         diffs = [f"{k}: saved {saved.get(k)!r}, now {v!r}" for k, v in now.items()

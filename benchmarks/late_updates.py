@@ -58,22 +58,34 @@ def periodic_run(task, gen, split, init, seed: int, args) -> tuple[list[dict], f
     return updates, curve.test_loss[-1]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def periodic_parser(doc: str, inits: int) -> argparse.ArgumentParser:
+    """The options of the benchmarks that follow the periodic bench's Adam runs (this one and
+    ``late_proposals.py``)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--generator", default="mnist-mlp")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--inits", type=int, default=10)
+    parser.add_argument("--inits", type=int, default=inits)
     parser.add_argument("--steps", type=int, default=11_700)
     parser.add_argument("--every", type=int, default=100)
-    parser.add_argument("--step-size", type=lambda s: parse_floats(s, "--step-size"), default=(1.0,))
-    parser.add_argument("--min-improvement", type=float, default=0.0)
-    args = parser.parse_args()
+    return parser
 
+
+def periodic_setup(args) -> tuple:
+    """The generator, its task, the bench's split (the last 5,000 training images held out) and the
+    bench's init seeds."""
     gen = load_generator(args.generator)
     task = tasks.for_generator(gen, kind="supervised", what="this benchmark")
     split = load_split(task, None, args.data_root, 5000, torch.device("cpu"))
-    seeds = [3_000_000 + i for i in range(args.inits)]
+    return gen, task, split, [3_000_000 + i for i in range(args.inits)]
+
+
+def main() -> None:
+    parser = periodic_parser(__doc__, inits=10)
+    parser.add_argument("--step-size", type=lambda s: parse_floats(s, "--step-size"), default=(1.0,))
+    parser.add_argument("--min-improvement", type=float, default=0.0)
+    args = parser.parse_args()
+    gen, task, split, seeds = periodic_setup(args)
     runs = []
     print(f"step sizes {list(args.step_size)}, min_improvement {args.min_improvement:g}")
     print(f"{'seed':>8}  {'late accepted':>13}  {'held-out sum':>12}  {'test sum':>9}  {'train sum':>9}  "

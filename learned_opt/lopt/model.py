@@ -128,9 +128,8 @@ def features(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
     """Per-element features ``[NUM_ELEMENT_FEATURES, n]`` of one tensor (``n`` = its numel), after
     step ``step`` (0-based) updated the momenta ``m`` and ``v``; ``corrections`` is
     :func:`bias_corrections` of that step where the caller has it already."""
-    n = p.numel()
-    flat = p.reshape(1, n), g.reshape(1, n), m.reshape(len(BETAS), n), v.reshape(1, n), None
-    return features_of(*flat, slice(None), bias_corrections(step, p.device) if corrections is None else corrections)
+    return features_of(*_flat(p, g, m, v), slice(None),
+                       bias_corrections(step, p.device) if corrections is None else corrections)
 
 
 def _flat(p, g, m, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

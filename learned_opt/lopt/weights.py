@@ -204,6 +204,12 @@ def _is_rule(entry) -> bool:
         return False
 
 
+def names_a_file(source: str | os.PathLike) -> bool:
+    """Whether :func:`load_rule` reads ``source`` as a path (a manifest or weights file, or anything
+    with a folder in it) rather than as a registry name."""
+    return Path(source).suffix in (".json", ".safetensors") or "/" in str(source) or os.sep in str(source)
+
+
 def load_rule(source=None) -> LoadedRule:
     """A :class:`LoadedRule` from ``None`` (the shipped weights), a registry name, a manifest or
     weights path, a :class:`LoadedRule`, or a dict of MLP tensors."""
@@ -221,7 +227,7 @@ def load_rule(source=None) -> LoadedRule:
         raise WeightsError(f"cannot load learned-optimizer weights from {type(source).__name__}: pass None, "
                            "a registry name, a path to a .json manifest, or a dict of MLP tensors")
     path = Path(source)
-    if path.suffix in (".json", ".safetensors") or "/" in str(source) or os.sep in str(source):
+    if names_a_file(source):
         manifest_file, folder, where = path.with_suffix(".json"), path.with_suffix(".json").parent, str(path.with_suffix(".json"))
     else:
         folder = _weights_dir()

@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from learned_opt.errors import ConfigError
+from learned_opt.lopt.weights import names_a_file
 
 from .outer import OUTER_OPTIMIZERS
 from .trainer import MetaConfig, check_destination, meta_train, resume_settings
@@ -81,9 +82,9 @@ def main(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads must be between 1 and this machine's {cpus} CPUs, got {args.threads}")
     torch.set_num_threads(args.threads)
     given = {k: v for k, v in vars(args).items() if k in SETTINGS}
-    weights = Path(given.get("outer_weights", ""))
-    if (weights.suffix in (".json", ".safetensors") or len(weights.parts) > 1) and weights.is_file():
-        given["outer_weights"] = str(weights.resolve())  # a file (as load_rule reads it): found from anywhere
+    weights = given.get("outer_weights", "")
+    if names_a_file(weights) and Path(weights).is_file():
+        given["outer_weights"] = str(Path(weights).resolve())  # found from anywhere, as a resume may run
     saved = resume_settings(Path(args.out) / "checkpoint.pt") if args.resume else {}
     if "outer_optimizer" in given:  # the saved outer rule goes with the saved outer optimizer
         saved.pop("outer_weights", None)

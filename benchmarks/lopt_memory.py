@@ -1,6 +1,6 @@
 """Peak memory of one optimizer step: LearnedOptimizer against Adam, side by side.
 
-    OMP_NUM_THREADS=1 python benchmarks/lopt_memory.py --params 2000000
+    OMP_NUM_THREADS=1 python benchmarks/lopt_memory.py --params 2000000 20000000
 
 Each optimizer steps a fresh ``nn.Linear`` of about ``--params`` parameters in a process of its own
 (a process's peak resident memory only grows, so one process per measurement; Linux, which reports
@@ -41,14 +41,19 @@ def measure(kind: str, params: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--params", type=int, default=2_000_000)
+    parser.add_argument("--params", type=int, nargs="+", default=[2_000_000, 20_000_000],
+                        help="model sizes to measure, each in its own pair of processes")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    rows = [measure(kind, args.params) for kind in ("adam", "learned")]
-    for r in rows:
-        print(f"{r['optimizer']:>8}: {r['params']:,} parameters, its first step's peak is {r['peak_growth_bytes'] / 2**20:.0f} MiB above the memory before it"
-              f" ({r['bytes_per_param']:.0f} bytes per parameter)")
-    print(f"ratio learned / adam: {rows[1]['peak_growth_bytes'] / max(rows[0]['peak_growth_bytes'], 1):.1f}")
+    rows = []
+    for params in args.params:
+        pair = [measure(kind, params) for kind in ("adam", "learned")]
+        for r in pair:
+            print(f"{r['optimizer']:>8}: {r['params']:,} parameters, its first step's peak is "
+                  f"{r['peak_growth_bytes'] / 2**20:.0f} MiB above the memory before it ({r['bytes_per_param']:.0f} bytes "
+                  f"per parameter)")
+        print(f"ratio learned / adam: {pair[1]['peak_growth_bytes'] / max(pair[0]['peak_growth_bytes'], 1):.1f}")
+        rows += pair
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"command": " ".join(sys.argv), "rows": rows}, f, indent=1)

@@ -216,6 +216,29 @@ def test_state_dict_round_trip_equals_uninterrupted(tmp_path):
     assert sd.keys() == snapshot.keys() and sd["param_groups"] == snapshot["param_groups"]
 
 
+def test_a_state_of_strided_tensors_steps_as_its_contiguous_copy():
+    """A step writes the momenta in place: a loaded state whose tensors are transposed views (as
+    another program may save them) is stored contiguous and steps exactly as its contiguous copy."""
+    model, loss_fn = _problem()
+    opt = LearnedOptimizer(model.parameters(), weights=THETA)
+    _train(model, loss_fn, opt, 3)
+    sd = copy.deepcopy(opt.state_dict())
+    strided = copy.deepcopy(sd)
+    for s in strided["state"].values():
+        s.update({k: t.T.contiguous().T for k, t in s.items() if isinstance(t, torch.Tensor) and t.dim() == 2})
+    assert any(not t.is_contiguous() for s in strided["state"].values() for t in s.values()
+               if isinstance(t, torch.Tensor))
+    stepped = []
+    for state in (sd, strided):
+        twin, twin_loss = _problem()
+        twin.load_state_dict(model.state_dict())
+        opt2 = LearnedOptimizer(twin.parameters(), weights=THETA)
+        opt2.load_state_dict(state)
+        _train(twin, twin_loss, opt2, 2)
+        stepped.append([p.detach().clone() for p in twin.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*stepped))
+
+
 def test_load_state_dict_validates_before_changing():
     model, loss_fn = _problem()
     opt = LearnedOptimizer(model.parameters(), weights=THETA)

@@ -96,23 +96,17 @@ def init_state(params: Sequence[torch.Tensor]) -> dict[str, tuple[torch.Tensor, 
     }
 
 
-def _raw_rows(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rsqrt: torch.Tensor):
+def _raw_rows(p: torch.Tensor, g: torch.Tensor, m_row, rsqrt: torch.Tensor):
     """The features that are normalised by their RMS over the tensor, as they are before that, one
     row at a time (``[1, n]`` each, :data:`NUM_NORMALISED` of them): p, g, g/sqrt(v), each m_k, each
-    m_k/sqrt(v)."""
+    m_k/sqrt(v); ``m_row(k)`` gives m_k."""
     yield p
     yield g
     yield g * rsqrt
     for k in range(len(BETAS)):
-        yield m[k:k + 1]
+        yield m_row(k)
     for k in range(len(BETAS)):
-        yield m[k:k + 1] * rsqrt
-
-
-def _rms(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, rsqrt: torch.Tensor) -> torch.Tensor:
-    """The root mean square over the tensor of each normalised feature, ``[NUM_NORMALISED, 1]``,
-    computed row by row, so that no more than one row of them is held at a time."""
-    return torch.cat([x.square().mean(dim=1, keepdim=True) for x in _raw_rows(p, g, m, rsqrt)]).add(EPS).sqrt()
+        yield m_row(k) * rsqrt
 
 
 def bias_corrections(step, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,35 +117,60 @@ def bias_corrections(step, device) -> tuple[torch.Tensor, torch.Tensor]:
     return (1 - betas ** t).unsqueeze(1), 1 - torch.tensor(BETA2, device=device) ** t
 
 
+def moments(g: torch.Tensor, m, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The momenta ``[K, n]`` and second moment ``[1, n]`` after a step with gradient ``g``
+    (``[1, n]``, fp32) from ``m`` (``[K, n]``, or a sequence of K rows ``[1, n]``) and ``v`` ``[1, n]``."""
+    b = torch.tensor(BETAS, dtype=torch.float32, device=g.device).view(-1, 1)
+    m = m if isinstance(m, torch.Tensor) else torch.cat(list(m))
+    return b * m + (1 - b) * g, BETA2 * v + (1 - BETA2) * g.square()
+
+
 def features(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step=0, corrections=None
              ) -> torch.Tensor:
     """Per-element features ``[NUM_ELEMENT_FEATURES, n]`` of one tensor (``n`` = its numel), after
     step ``step`` (0-based) updated the momenta ``m`` and ``v``; ``corrections`` is
     :func:`bias_corrections` of that step where the caller has it already."""
-    return features_of(*_flat(p, g, m, v), slice(None),
+    n = p.numel()
+    return features_of(p.reshape(1, n), g.reshape(1, n), m.reshape(len(BETAS), n), v.reshape(1, n), None,
                        bias_corrections(step, p.device) if corrections is None else corrections)
 
 
-def _flat(p, g, m, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``p`` and ``g`` ``[1, n]``, ``m`` ``[K, n]``, ``v`` ``[1, n]``, and, for a tensor of more than
-    :data:`MAX_ROWS` elements (whose features come a slice at a time), the normalising RMS
-    ``[NUM_NORMALISED, 1]``, else None."""
-    n = p.numel()
-    p, g, m, v = p.reshape(1, n), g.reshape(1, n), m.reshape(len(BETAS), n), v.reshape(1, n)
-    return p, g, m, v, _rms(p, g, m, torch.rsqrt(v + EPS)) if n > MAX_ROWS else None
-
-
-def features_of(p, g, m, v, rms: torch.Tensor | None, rows: slice, corrections) -> torch.Tensor:
-    """:func:`features` of the elements ``rows`` of :func:`_flat`'s flattened tensors, normalised by
-    ``rms`` (None: by the RMS of these elements, which are then the whole tensor)."""
-    p, g, m, v = p[:, rows], g[:, rows], m[:, rows], v[:, rows]
+def features_of(p, g, m, v, rms: torch.Tensor | None, corrections) -> torch.Tensor:
+    """:func:`features` of flattened elements (``p``, ``g``, ``v`` ``[1, n]``, ``m`` ``[K, n]``, after
+    the step), normalised by ``rms`` ``[NUM_NORMALISED, 1]`` (None: by these elements' own RMS,
+    which is right where they are the whole tensor)."""
     rsqrt = torch.rsqrt(v + EPS)
     bc_m, bc_v = corrections
     adam = (m / bc_m) * torch.rsqrt(v / bc_v + EPS)  # [K, n]
-    raw = torch.cat(list(_raw_rows(p, g, m, rsqrt)))  # [NUM_NORMALISED, n]
+    raw = torch.cat(list(_raw_rows(p, g, lambda k: m[k:k + 1], rsqrt)))  # [NUM_NORMALISED, n]
     if rms is None:
         rms = raw.square().mean(dim=1, keepdim=True).add(EPS).sqrt()
     return torch.cat([(raw / rms).clamp(-CLIP, CLIP), adam.clamp(-CLIP, CLIP)])
+
+
+def _rows_of(m, n: int) -> list[torch.Tensor]:
+    """A tensor's momenta before the step, ``[K, *shape]`` or a sequence of K tensors, as K rows ``[1, n]``."""
+    return list(m.reshape(len(BETAS), n).split(1)) if isinstance(m, torch.Tensor) else [t.reshape(1, n) for t in m]
+
+
+def _slices(p: torch.Tensor, g: torch.Tensor, m: list[torch.Tensor], v: torch.Tensor, corrections):
+    """``(elements, features)`` of one flattened tensor before the step (``p``, ``g``, ``v`` ``[1, n]``,
+    ``m`` K rows), :data:`MAX_ROWS` elements at a time. A larger tensor's RMS comes first, from a
+    pass that holds one row of its features at a time (the new momenta are worked out again for
+    each slice: they are never held whole)."""
+    n = p.shape[1]
+    if n <= MAX_ROWS:
+        yield n, features_of(p, g, *moments(g, m, v), None, corrections)
+        return
+    new_v = BETA2 * v + (1 - BETA2) * g.square()
+    b = torch.tensor(BETAS, dtype=torch.float32, device=g.device).view(-1, 1)
+    rows = _raw_rows(p, g, lambda k: b[k:k + 1] * m[k] + (1 - b[k:k + 1]) * g, torch.rsqrt(new_v + EPS))
+    del new_v
+    rms = torch.cat([x.square().mean(dim=1, keepdim=True) for x in rows]).add(EPS).sqrt()
+    for lo in range(0, n, MAX_ROWS):
+        s = slice(lo, min(lo + MAX_ROWS, n))
+        yield s.stop - lo, features_of(p[:, s], g[:, s], *moments(g[:, s], [r[:, s] for r in m], v[:, s]), rms,
+                                       corrections)
 
 
 def tensor_features(p: torch.Tensor) -> torch.Tensor:
@@ -178,31 +197,31 @@ def head(theta: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
     return h
 
 
-def update(
+def step_deltas(
     theta: dict[str, torch.Tensor],
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
-    state: dict[str, Sequence[torch.Tensor]],
+    state: dict[str, Sequence],
     step,
     lr: float | torch.Tensor = 1.0,
     num_tensors: int | None = None,
-) -> tuple[tuple[torch.Tensor, ...], dict[str, tuple[torch.Tensor, ...]]]:
-    """One learned step of every tensor in ``params``: ``(new_params, new_state)``; nothing is
-    modified in place.
+) -> list[torch.Tensor]:
+    """Each tensor's learned step, flat fp32 ``[numel]`` (its new value is ``p - delta``), from the
+    momenta before the step: ``state["m"]`` holds per tensor ``[K, *shape]`` or a sequence of K
+    tensors of its shape, ``state["v"]`` one of its shape. Nothing is modified in place.
 
     ``step`` is the index of this step (0 for the first); ``num_tensors`` (default ``len(params)``)
     is the tensor count the rule is told. The first layer runs per tensor, the rest of the MLP over
     the tensors' elements concatenated, :data:`MAX_ROWS` elements at a time (a tensor larger than
-    that in slices), so that the MLP's activations take the same memory whatever the model's size;
-    the result is :func:`mlp` on every element's full feature vector (bit for bit as one pass where
-    the tensors have at most :data:`MAX_ROWS` elements in all; above, to float rounding). Computed
-    in fp32 (a float64 parameter is updated in float64); new parameters take each parameter's dtype.
+    that in slices, whose new momenta are never held whole), so that a step's memory beyond the
+    deltas is the same whatever the model's size; the result is :func:`mlp` on every element's
+    full feature vector (bit for bit as one pass where the tensors have at most :data:`MAX_ROWS`
+    elements in all; above, to float rounding).
     """
     if not params:
-        return (), {"m": (), "v": ()}
+        return []
     num_tensors = len(params) if num_tensors is None else num_tensors
-    betas = torch.tensor(BETAS, dtype=torch.float32, device=params[0].device)
-    new_m, new_v, deltas = [], [], []
+    deltas: list[torch.Tensor] = []
     rows: list[torch.Tensor] = []  # first-layer outputs [n, hidden0] waiting for the rest of the MLP
     pending = 0  # their elements
 
@@ -223,29 +242,43 @@ def update(
     size_row = w0[NUM_ELEMENT_FEATURES:NUM_ELEMENT_FEATURES + 1]  # [1, hidden0]
     bias = scalars @ w0[NUM_ELEMENT_FEATURES + 1:] + theta["b0"]  # [hidden0]
     for p, g, m, v in zip(params, grads, state["m"], state["v"]):
-        g = g.float()
-        b = betas.view(-1, *([1] * g.dim()))  # [K, 1, ...]
-        m = b * m + (1 - b) * g.unsqueeze(0)  # [K, *shape]
-        v = BETA2 * v + (1 - BETA2) * g.square()
-        new_m.append(m)
-        new_v.append(v)
-        flat = _flat(p.float(), g, m, v)  # the tensor's RMS first: its features then come a slice at a time
-        row_bias = bias + tensor_features(p) @ size_row  # [hidden0]
         n = p.numel()
-        for lo in range(0, n, MAX_ROWS):
-            hi = min(lo + MAX_ROWS, n)
-            if pending + hi - lo > MAX_ROWS:
+        row_bias = bias + tensor_features(p) @ size_row  # [hidden0]
+        for count, f in _slices(p.float().reshape(1, n), g.float().reshape(1, n), _rows_of(m, n), v.reshape(1, n),
+                                corrections):
+            if pending + count > MAX_ROWS:
                 rest_of_mlp()
-            f = features_of(*flat, slice(lo, hi), corrections)  # [F_e, hi - lo]
-            rows.append(f.T @ w0[:NUM_ELEMENT_FEATURES] + row_bias)  # [hi - lo, hidden0]
-            pending += hi - lo
+            rows.append(f.T @ w0[:NUM_ELEMENT_FEATURES] + row_bias)  # [count, hidden0]
+            pending += count
     rest_of_mlp()
     directions = torch.cat(deltas) if deltas else torch.zeros(0, device=params[0].device)
-    delta = directions * STEP_MULT * lr  # [N]
-    # in float32, or the parameter's own dtype where it is wider (float64 is not rounded)
-    new_params = tuple(
-        (p.to(wide) - d.view(p.shape).to(wide)).to(p.dtype)
-        for p, d in zip(params, delta.split([p.numel() for p in params]))
-        for wide in [torch.promote_types(p.dtype, torch.float32)]
-    )
-    return new_params, {"m": tuple(new_m), "v": tuple(new_v)}
+    return list((directions * STEP_MULT * lr).split([p.numel() for p in params]))
+
+
+def stepped(p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``p - delta`` in float32, or in the parameter's own dtype where it is wider (float64 is not
+    rounded), as ``p``'s dtype."""
+    wide = torch.promote_types(p.dtype, torch.float32)
+    return (p.to(wide) - delta.view(p.shape).to(wide)).to(p.dtype)
+
+
+def update(
+    theta: dict[str, torch.Tensor],
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    state: dict[str, Sequence[torch.Tensor]],
+    step,
+    lr: float | torch.Tensor = 1.0,
+    num_tensors: int | None = None,
+) -> tuple[tuple[torch.Tensor, ...], dict[str, tuple[torch.Tensor, ...]]]:
+    """One learned step of every tensor in ``params``: ``(new_params, new_state)``, with the state as
+    :func:`init_state` makes it; nothing is modified in place. Computed in fp32 (a float64 parameter
+    is updated in float64); new parameters take each parameter's dtype. :func:`step_deltas` says
+    what the arguments are and how the rule runs; this is the pure form meta-training vmaps.
+    """
+    deltas = step_deltas(theta, params, grads, state, step, lr, num_tensors)
+    new = [moments(g.float().reshape(1, -1), _rows_of(m, p.numel()), v.reshape(1, -1))
+           for p, g, m, v in zip(params, grads, state["m"], state["v"])]
+    return (tuple(stepped(p, d) for p, d in zip(params, deltas)),
+            {"m": tuple(m.view(len(BETAS), *p.shape) for (m, _), p in zip(new, params)),
+             "v": tuple(v.view(p.shape) for (_, v), p in zip(new, params))})

@@ -31,7 +31,7 @@ import torch
 from torch.optim import Optimizer
 
 from ..errors import ConfigError, NonFiniteStepError, OptimizerStateError
-from .model import BETAS, init_state, update
+from .model import BETAS, MAX_ROWS, moments, step_deltas, stepped
 from .weights import LoadedRule, load_rule
 
 # per-parameter state: one momentum per decay rate (shaped like the parameter, as Adam's
@@ -126,7 +126,7 @@ class LearnedOptimizer(Optimizer):
                               "torch.view_as_real(p) as a real parameter instead")
         # the rule is told the whole model's tensor count, as in meta-training, however it is grouped
         num_tensors = sum(len(group["params"]) for group in self.param_groups)
-        updates = []  # (parameters, their steps, new values, new momenta and v), one per group, device and step
+        steps = []  # (parameter, its state before the step, its step index, its delta), for every one stepped
         for group, _ in work:  # a group's lr may have been set after it was added
             _check_lr(group["lr"])
         for group, with_grad in work:
@@ -137,18 +137,19 @@ class LearnedOptimizer(Optimizer):
             # one vectorised pass per device and step: the rule's MLP runs once over all tensors' elements
             for device, step in dict.fromkeys((p.device, own[p]) for p in with_grad):
                 ps = [p for p in with_grad if p.device == device and own[p] == step]
-                fresh = iter(zip(*init_state([p for p in ps if not known[p]]).values()))  # lazily
-                current = [(torch.stack([known[p][k] for k in MOMENTA]), known[p]["v"]) if known[p] else next(fresh)
-                           for p in ps]
-                state = {"m": [m for m, _ in current], "v": [v for _, v in current]}
-                new_p, new_state = update(self._theta(device), ps, [p.grad for p in ps], state, step,
-                                          lr=float(group["lr"]), num_tensors=num_tensors)
-                updates.append((ps, step, new_p, new_state))
-        _refuse_nonfinite(updates)
-        for ps, step, new_p, new_state in updates:  # commit
-            torch._foreach_copy_(ps, list(new_p))
-            for p, m, v in zip(ps, new_state["m"], new_state["v"]):
-                self.state[p].update(zip(MOMENTA, m.unbind(0)), v=v, step=step + 1)
+                states = [known[p] or _fresh(p) for p in ps]
+                deltas = step_deltas(self._theta(device), ps, [p.grad for p in ps],
+                                     {"m": [[s[k] for k in MOMENTA] for s in states], "v": [s["v"] for s in states]},
+                                     step, lr=float(group["lr"]), num_tensors=num_tensors)
+                steps.extend(zip(ps, states, [step] * len(ps), deltas))
+        _refuse_nonfinite(steps)
+        for p, state, step, delta in steps:  # commit, a slice at a time: the new momenta are never held whole
+            for s, m, v in _new_moments(p, state):
+                for k, row in zip(MOMENTA, m):
+                    state[k].view(-1)[s] = row  # [elements]
+                state["v"].view(-1)[s] = v[0]
+            p.copy_(stepped(p, delta))
+            self.state[p].update(state, step=step + 1)
         for group, with_grad in work:
             if with_grad:
                 group["step"] += 1
@@ -204,7 +205,8 @@ class LearnedOptimizer(Optimizer):
         # saved float32 values again
         for pid, s in state_dict["state"].items():
             p = by_id[pid]
-            self.state[p].update({k: s[k].to(p.device, torch.float32, copy=True) for k in (*MOMENTA, "v")})
+            self.state[p].update({k: s[k].to(p.device, torch.float32, copy=True, memory_format=torch.contiguous_format)
+                                  for k in (*MOMENTA, "v")})  # contiguous: a step writes them in place
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "rule": self.rule, "_theta_cache": {}}
@@ -218,17 +220,33 @@ UNORDERED = ("a set of parameters has no order, and the state of one would load 
              "pass model.parameters() or a list")
 
 
-def _refuse_nonfinite(updates: list) -> None:
-    """:class:`NonFiniteStepError` naming the first parameter whose new value or state is not finite."""
-    for ps, _, new_p, new_state in updates:
-        tensors = [*new_p, *new_state["m"], *new_state["v"]]  # per parameter: its value, momenta and v
-        finite = torch.stack([torch.isfinite(t).all() for t in tensors]).view(3, len(ps)).all(0).tolist()  # one sync
-        for p, ok in zip(ps, finite):
-            if not ok:
-                raise NonFiniteStepError(
-                    f"the learned step of a parameter of shape {list(p.shape)} ({p.dtype}) is not finite: "
-                    f"{_cause(p)}; nothing was changed. Skip the batch, lower lr, or clip or scale the "
-                    f"gradients (GradScaler skips such steps)")
+def _fresh(p: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The state of a parameter before its first step: zero momenta and ``v``, float32, each of its shape."""
+    return {k: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for k in (*MOMENTA, "v")}
+
+
+def _new_moments(p: torch.Tensor, state: dict[str, torch.Tensor]):
+    """``(elements, new momenta [K, n], new v [1, n])`` of a parameter after its step, flattened,
+    :data:`~learned_opt.lopt.model.MAX_ROWS` elements at a time."""
+    n = p.numel()
+    g = p.grad.float().reshape(1, n)  # type: ignore[union-attr]  # only parameters with a gradient are stepped
+    m, v = [state[k].reshape(1, n) for k in MOMENTA], state["v"].reshape(1, n)
+    for lo in range(0, n, MAX_ROWS):
+        s = slice(lo, min(lo + MAX_ROWS, n))
+        yield (s, *moments(g[:, s], [r[:, s] for r in m], v[:, s]))
+
+
+def _refuse_nonfinite(steps: list) -> None:
+    """:class:`NonFiniteStepError` naming the first parameter whose new value or state is not finite
+    (each worked out and dropped again: nothing is written before every one is known to be finite)."""
+    for p, state, _, delta in steps:
+        finite = bool(torch.isfinite(stepped(p, delta)).all()) and all(
+            bool(torch.isfinite(m).all() and torch.isfinite(v).all()) for _, m, v in _new_moments(p, state))
+        if not finite:
+            raise NonFiniteStepError(
+                f"the learned step of a parameter of shape {list(p.shape)} ({p.dtype}) is not finite: "
+                f"{_cause(p)}; nothing was changed. Skip the batch, lower lr, or clip or scale the "
+                f"gradients (GradScaler skips such steps)")
 
 
 def _cause(p: torch.Tensor) -> str:

@@ -569,3 +569,51 @@ def test_the_mlp_in_passes_of_a_few_elements_gives_the_same_step(max_rows, monke
     for a, b in zip(one_pass[0], passes[0]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
     assert not torch.equal(one_pass[0][0], params[0])  # it moved
+
+
+def test_parameters_that_share_storage_step_from_the_values_before_the_step():
+    """Every new value is worked out before anything is written: of two parameters over one storage,
+    the one written last wins, computed from the values before the step (what update() gives)."""
+    gen = torch.Generator().manual_seed(0)
+    a = nn.Parameter(torch.randn(3, 3, generator=gen))
+    b = nn.Parameter(torch.empty(0))
+    b.data = a.data  # two Parameter objects, one storage
+    grads = [torch.randn(3, 3, generator=gen), torch.randn(3, 3, generator=gen)]
+    expected, _ = update(THETA, [a.detach().clone(), a.detach().clone()], grads, init_state([a, b]), 0, num_tensors=2)
+    opt = LearnedOptimizer([a, b], weights=THETA)
+    a.grad, b.grad = grads
+    opt.step()
+    assert torch.equal(a.detach(), expected[1]) and not torch.equal(expected[0], expected[1])
+
+
+def test_a_parameter_that_cannot_be_written_leaves_its_state_as_it_was():
+    """A parameter whose elements overlap (an expanded tensor) cannot take a copy: the step raises
+    before any momentum is written."""
+    source = nn.Parameter(torch.ones(3, 4))
+    first = LearnedOptimizer([source], weights=THETA)
+    source.grad = torch.ones(3, 4)
+    first.step()
+    p = nn.Parameter(torch.ones(3, 1).expand(3, 4))
+    opt = LearnedOptimizer([p], weights=THETA)
+    opt.load_state_dict(first.state_dict())
+    before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in opt.state[p].items()}
+    p.grad = torch.full((3, 4), 5.0)
+    with pytest.raises(RuntimeError):
+        opt.step()
+    assert all(torch.equal(v, opt.state[p][k]) if isinstance(v, torch.Tensor) else v == opt.state[p][k]
+               for k, v in before.items())
+    assert torch.equal(p.detach(), torch.ones(3, 4))
+
+
+def test_a_strided_state_set_from_outside_steps_as_its_contiguous_copy():
+    stepped = []
+    for strided in (False, True):
+        model, loss_fn = _problem()
+        opt = LearnedOptimizer(model.parameters(), weights=THETA)
+        _train(model, loss_fn, opt, 2)
+        if strided:
+            for st in opt.state.values():
+                st.update({k: t.T.contiguous().T for k, t in st.items() if isinstance(t, torch.Tensor) and t.dim() == 2})
+        _train(model, loss_fn, opt, 2)
+        stepped.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*stepped))

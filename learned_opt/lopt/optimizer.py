@@ -126,7 +126,7 @@ class LearnedOptimizer(Optimizer):
                               "torch.view_as_real(p) as a real parameter instead")
         # the rule is told the whole model's tensor count, as in meta-training, however it is grouped
         num_tensors = sum(len(group["params"]) for group in self.param_groups)
-        steps = []  # (parameter, its state before the step, its step index, its delta), for every one stepped
+        steps = []  # (parameter, its state before the step, its step index, its new value), for every one stepped
         for group, _ in work:  # a group's lr may have been set after it was added
             _check_lr(group["lr"])
         for group, with_grad in work:
@@ -141,14 +141,23 @@ class LearnedOptimizer(Optimizer):
                 deltas = step_deltas(self._theta(device), ps, [p.grad for p in ps],
                                      {"m": [[s[k] for k in MOMENTA] for s in states], "v": [s["v"] for s in states]},
                                      step, lr=float(group["lr"]), num_tensors=num_tensors)
-                steps.extend(zip(ps, states, [step] * len(ps), deltas))
+                # each new value takes its delta's place (a float32 parameter's, its very memory)
+                steps.extend(zip(ps, states, [step] * len(ps), map(_new_value, ps, deltas)))
+                del deltas
         _refuse_nonfinite(steps)
-        for p, state, step, delta in steps:  # commit, a slice at a time: the new momenta are never held whole
+        # commit: every parameter first (its new value was worked out from the values before the
+        # step, as for parameters that share storage it must be), then the momenta, in place, a
+        # slice at a time: the new momenta are never held whole
+        for p, _, _, new in steps:
+            p.copy_(new)
+        for p, state, step, _ in steps:
+            for k in (*MOMENTA, "v"):
+                if not state[k].is_contiguous():  # a state set from outside: written in place below
+                    state[k] = state[k].contiguous()
             for s, m, v in _new_moments(p, state):
                 for k, row in zip(MOMENTA, m):
                     state[k].view(-1)[s] = row  # [elements]
                 state["v"].view(-1)[s] = v[0]
-            p.copy_(stepped(p, delta))
             self.state[p].update(state, step=step + 1)
         for group, with_grad in work:
             if with_grad:
@@ -236,13 +245,27 @@ def _new_moments(p: torch.Tensor, state: dict[str, torch.Tensor]):
         yield (s, *moments(g[:, s], [r[:, s] for r in m], v[:, s]))
 
 
+def _new_value(p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``p``'s value after the step, :func:`~learned_opt.lopt.model.stepped`: written into
+    ``delta``'s memory where ``p`` is float32 (the same numbers, one tensor fewer)."""
+    if p.dtype != torch.float32:
+        return stepped(p, delta)
+    new = delta.view(p.shape)
+    return torch.sub(p, new, out=new)
+
+
 def _refuse_nonfinite(steps: list) -> None:
     """:class:`NonFiniteStepError` naming the first parameter whose new value or state is not finite
-    (each worked out and dropped again: nothing is written before every one is known to be finite)."""
-    for p, state, _, delta in steps:
-        finite = bool(torch.isfinite(stepped(p, delta)).all()) and all(
-            bool(torch.isfinite(m).all() and torch.isfinite(v).all()) for _, m, v in _new_moments(p, state))
-        if not finite:
+    (the new momenta are worked out a slice at a time and dropped again: nothing is written before
+    every one is known to be finite). One synchronisation per device."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for p, state, _, new in steps:
+        checks = [torch.isfinite(new).all()]
+        checks += [torch.isfinite(m).all() & torch.isfinite(v).all() for _, m, v in _new_moments(p, state)]
+        flags.setdefault(p.device, []).append(torch.stack(checks).all())
+    finite = {device: iter(torch.stack(f).tolist()) for device, f in flags.items()}
+    for p, *_ in steps:
+        if not next(finite[p.device]):
             raise NonFiniteStepError(
                 f"the learned step of a parameter of shape {list(p.shape)} ({p.dtype}) is not finite: "
                 f"{_cause(p)}; nothing was changed. Skip the batch, lower lr, or clip or scale the "

@@ -153,14 +153,27 @@ def _rows_of(m, n: int) -> list[torch.Tensor]:
     return list(m.reshape(len(BETAS), n).split(1)) if isinstance(m, torch.Tensor) else [t.reshape(1, n) for t in m]
 
 
-def _slices(p: torch.Tensor, g: torch.Tensor, m: list[torch.Tensor], v: torch.Tensor, corrections):
+def _slices(p: torch.Tensor, g: torch.Tensor, m: list[torch.Tensor], v: torch.Tensor, corrections,
+            finite: list | None):
     """``(elements, features)`` of one flattened tensor before the step (``p``, ``g``, ``v`` ``[1, n]``,
     ``m`` K rows), :data:`MAX_ROWS` elements at a time. A larger tensor's RMS comes first, from a
     pass that holds one row of its features at a time (the new momenta are worked out again for
-    each slice: they are never held whole)."""
+    each slice: they are never held whole). Once done, appends to ``finite`` (where given) whether
+    the new momenta and ``v`` are all finite, a 0-d bool tensor."""
+    flags = []
+    for s, new_m, new_v, rms in _new_slices(p, g, m, v):
+        if finite is not None:
+            flags.append(torch.isfinite(new_m).all() & torch.isfinite(new_v).all())
+        yield new_v.shape[1], features_of(p[:, s], g[:, s], new_m, new_v, rms, corrections)
+    if finite is not None:
+        finite.append(torch.stack(flags).all())
+
+
+def _new_slices(p, g, m, v):
+    """``(elements, new momenta, new v, rms)`` of :func:`_slices`, a slice at a time."""
     n = p.shape[1]
     if n <= MAX_ROWS:
-        yield n, features_of(p, g, *moments(g, m, v), None, corrections)
+        yield (slice(None), *moments(g, m, v), None)
         return
     new_v = BETA2 * v + (1 - BETA2) * g.square()
     b = torch.tensor(BETAS, dtype=torch.float32, device=g.device).view(-1, 1)
@@ -169,8 +182,7 @@ def _slices(p: torch.Tensor, g: torch.Tensor, m: list[torch.Tensor], v: torch.Te
     rms = torch.cat([x.square().mean(dim=1, keepdim=True) for x in rows]).add(EPS).sqrt()
     for lo in range(0, n, MAX_ROWS):
         s = slice(lo, min(lo + MAX_ROWS, n))
-        yield s.stop - lo, features_of(p[:, s], g[:, s], *moments(g[:, s], [r[:, s] for r in m], v[:, s]), rms,
-                                       corrections)
+        yield (s, *moments(g[:, s], [r[:, s] for r in m], v[:, s]), rms)
 
 
 def tensor_features(p: torch.Tensor) -> torch.Tensor:
@@ -205,6 +217,7 @@ def step_deltas(
     step,
     lr: float | torch.Tensor = 1.0,
     num_tensors: int | None = None,
+    finite: list | None = None,
 ) -> list[torch.Tensor]:
     """Each tensor's learned step, flat fp32 ``[numel]`` (its new value is ``p - delta``), from the
     momenta before the step: ``state["m"]`` holds per tensor ``[K, *shape]`` or a sequence of K
@@ -216,7 +229,8 @@ def step_deltas(
     that in slices, whose new momenta are never held whole), so that a step's memory beyond the
     deltas is the same whatever the model's size; the result is :func:`mlp` on every element's
     full feature vector (bit for bit as one pass where the tensors have at most :data:`MAX_ROWS`
-    elements in all; above, to float rounding).
+    elements in all; above, to float rounding). Where ``finite`` is a list, each tensor's new
+    momenta and ``v`` are checked on the way: a 0-d bool tensor per tensor, True where all are finite.
     """
     if not params:
         return []
@@ -245,7 +259,7 @@ def step_deltas(
         n = p.numel()
         row_bias = bias + tensor_features(p) @ size_row  # [hidden0]
         for count, f in _slices(p.float().reshape(1, n), g.float().reshape(1, n), _rows_of(m, n), v.reshape(1, n),
-                                corrections):
+                                corrections, finite):
             if pending + count > MAX_ROWS:
                 rest_of_mlp()
             rows.append(f.T @ w0[:NUM_ELEMENT_FEATURES] + row_bias)  # [count, hidden0]

@@ -126,7 +126,7 @@ class LearnedOptimizer(Optimizer):
                               "torch.view_as_real(p) as a real parameter instead")
         # the rule is told the whole model's tensor count, as in meta-training, however it is grouped
         num_tensors = sum(len(group["params"]) for group in self.param_groups)
-        steps = []  # (parameter, its state before the step, its step index, its new value), for every one stepped
+        steps = []  # (parameter, its state before, its step index, its new value, new state finite), per parameter
         for group, _ in work:  # a group's lr may have been set after it was added
             _check_lr(group["lr"])
         for group, with_grad in work:
@@ -138,19 +138,20 @@ class LearnedOptimizer(Optimizer):
             for device, step in dict.fromkeys((p.device, own[p]) for p in with_grad):
                 ps = [p for p in with_grad if p.device == device and own[p] == step]
                 states = [known[p] or _fresh(p) for p in ps]
+                finite: list[torch.Tensor] = []  # per parameter: its new momenta and v are finite
                 deltas = step_deltas(self._theta(device), ps, [p.grad for p in ps],
                                      {"m": [[s[k] for k in MOMENTA] for s in states], "v": [s["v"] for s in states]},
-                                     step, lr=float(group["lr"]), num_tensors=num_tensors)
+                                     step, lr=float(group["lr"]), num_tensors=num_tensors, finite=finite)
                 # each new value takes its delta's place (a float32 parameter's, its very memory)
-                steps.extend(zip(ps, states, [step] * len(ps), map(_new_value, ps, deltas)))
+                steps.extend(zip(ps, states, [step] * len(ps), map(_new_value, ps, deltas), finite))
                 del deltas
         _refuse_nonfinite(steps)
         # commit: every parameter first (its new value was worked out from the values before the
         # step, as for parameters that share storage it must be), then the momenta, in place, a
         # slice at a time: the new momenta are never held whole
-        for p, _, _, new in steps:
+        for p, _, _, new, _ in steps:
             p.copy_(new)
-        for p, state, step, _ in steps:
+        for p, state, step, _, _ in steps:
             for k in (*MOMENTA, "v"):
                 if not state[k].is_contiguous():  # a state set from outside: written in place below
                     state[k] = state[k].contiguous()
@@ -214,8 +215,7 @@ class LearnedOptimizer(Optimizer):
         # saved float32 values again
         for pid, s in state_dict["state"].items():
             p = by_id[pid]
-            self.state[p].update({k: s[k].to(p.device, torch.float32, copy=True, memory_format=torch.contiguous_format)
-                                  for k in (*MOMENTA, "v")})  # contiguous: a step writes them in place
+            self.state[p].update({k: s[k].to(p.device, torch.float32, copy=True) for k in (*MOMENTA, "v")})
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "rule": self.rule, "_theta_cache": {}}
@@ -256,13 +256,11 @@ def _new_value(p: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 def _refuse_nonfinite(steps: list) -> None:
     """:class:`NonFiniteStepError` naming the first parameter whose new value or state is not finite
-    (the new momenta are worked out a slice at a time and dropped again: nothing is written before
-    every one is known to be finite). One synchronisation per device."""
+    (the state's finiteness as :func:`~learned_opt.lopt.model.step_deltas` found it: nothing is
+    written before every one is known to be finite). One synchronisation per device."""
     flags: dict[torch.device, list[torch.Tensor]] = {}
-    for p, state, _, new in steps:
-        checks = [torch.isfinite(new).all()]
-        checks += [torch.isfinite(m).all() & torch.isfinite(v).all() for _, m, v in _new_moments(p, state)]
-        flags.setdefault(p.device, []).append(torch.stack(checks).all())
+    for p, _, _, new, state_finite in steps:
+        flags.setdefault(p.device, []).append(torch.isfinite(new).all() & state_finite)
     finite = {device: iter(torch.stack(f).tolist()) for device, f in flags.items()}
     for p, *_ in steps:
         if not next(finite[p.device]):
